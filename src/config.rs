@@ -1,0 +1,622 @@
+//! Runtime configuration: a serde struct with defaults, loadable from TOML, checked by
+//! [`Config::validate`].
+//!
+//! Durations are written the human way (`"500ms"`, `"30s"`, `"10m"`). Unknown fields are
+//! rejected so that a typo does not silently fall back to a default.
+//!
+//! ```
+//! let config = sidetrack::Config::from_toml_str(r#"
+//!     brokers = "localhost:9092"
+//!     group = "billing"
+//!     topics = ["orders"]
+//!
+//!     [retry]
+//!     tiers = [{ delay = "1s", attempts = 3 }, { delay = "30s", attempts = 2 }]
+//!
+//!     [consumer]            # raw librdkafka properties, passed through
+//!     "session.timeout.ms" = "10000"
+//! "#).unwrap();
+//! assert_eq!(config.retry.policy().unwrap().max_retries(), 5);
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::retry::{RetryPolicy, Tier, Topology};
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field holds a value that cannot work; `field` is its dotted path.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `retry.tiers[1].delay`.
+        field: String,
+        /// Why the value was rejected.
+        reason: String,
+    },
+    /// The TOML text could not be parsed into a [`Config`].
+    #[error("cannot parse configuration: {0}")]
+    Parse(String),
+    /// The configuration file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file that could not be read.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole runtime configuration.
+///
+/// Everything has a default except `brokers`, `group` and `topics`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Bootstrap servers, comma separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Consumer group of the main consumer. Also written into every envelope.
+    pub group: String,
+    /// Topics to consume. Each gets its own retry tier topics and dead-letter topic.
+    pub topics: Vec<String>,
+    /// Retry policy and retry topic naming.
+    pub retry: RetryConfig,
+    /// Dead-letter topic naming.
+    pub dead_letter: DeadLetterConfig,
+    /// Whether and how missing retry/DLQ topics are created at start.
+    pub provisioning: ProvisioningConfig,
+    /// How records are handed to retry and dead-letter topics.
+    pub handoff: HandoffConfig,
+    /// How long shutdown waits for in-flight handlers before abandoning them (their offsets are
+    /// then not stored, so they are delivered again after a restart).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Raw librdkafka properties for both consumers (main and retry). Properties that sidetrack
+    /// manages itself (`group.id`, `bootstrap.servers`, offset storing) are rejected.
+    pub consumer: BTreeMap<String, String>,
+    /// Raw librdkafka properties for the hand-off producer.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            brokers: String::new(),
+            group: String::new(),
+            topics: Vec::new(),
+            retry: RetryConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
+            provisioning: ProvisioningConfig::default(),
+            handoff: HandoffConfig::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Retry policy: either explicit tiers, or an exponential shorthand expanded into tiers.
+///
+/// Each tier is one topic with one fixed delay, so records in a tier become due in the order
+/// they were written (first-in-first-due). When neither `tiers` nor `exponential` is set the
+/// default is `1s × 3, 30s × 2, 10m × 1`. `tiers = []` disables retries: every failure goes to
+/// the dead-letter topic as `exhausted` (or `permanent`/`poison`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Explicit tiers, in order.
+    pub tiers: Option<Vec<Tier>>,
+    /// Exponential shorthand.
+    pub exponential: Option<ExponentialConfig>,
+    /// Retry topic name pattern; `{topic}`, `{group}` and `{delay}` are replaced
+    /// (`{delay}` is written compactly: `500ms`, `30s`, `1m30s`, `2h`).
+    pub topic: String,
+    /// Consumer group of the retry consumer; `{group}` is replaced. A separate group keeps the
+    /// retry consumer's rebalances from disturbing the main consumer.
+    pub group: String,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            tiers: None,
+            exponential: None,
+            topic: "{topic}.{group}.retry.{delay}".to_owned(),
+            group: "{group}.retry".to_owned(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Explicit tiers, with default topic naming.
+    pub fn tiers(tiers: impl IntoIterator<Item = Tier>) -> Self {
+        RetryConfig {
+            tiers: Some(tiers.into_iter().collect()),
+            ..RetryConfig::default()
+        }
+    }
+
+    /// The exponential shorthand, with default topic naming.
+    pub fn exponential(exponential: ExponentialConfig) -> Self {
+        RetryConfig {
+            exponential: Some(exponential),
+            ..RetryConfig::default()
+        }
+    }
+
+    /// No retries at all: every failure is dead-lettered.
+    pub fn disabled() -> Self {
+        Self::tiers([])
+    }
+
+    /// Resolves the configured policy (tiers, exponential shorthand or the default).
+    pub fn policy(&self) -> Result<RetryPolicy, ConfigError> {
+        match (&self.tiers, &self.exponential) {
+            (Some(_), Some(_)) => Err(ConfigError::invalid(
+                "retry",
+                "set either `tiers` or `exponential`, not both",
+            )),
+            (Some(tiers), None) => {
+                for (i, tier) in tiers.iter().enumerate() {
+                    if tier.delay.is_zero() {
+                        return Err(ConfigError::invalid(
+                            format!("retry.tiers[{i}].delay"),
+                            "must be greater than zero",
+                        ));
+                    }
+                    if tier.attempts == 0 {
+                        return Err(ConfigError::invalid(
+                            format!("retry.tiers[{i}].attempts"),
+                            "must be at least 1 (remove the tier instead)",
+                        ));
+                    }
+                    if let Some(j) = tiers[..i].iter().position(|t| t.delay == tier.delay) {
+                        return Err(ConfigError::invalid(
+                            format!("retry.tiers[{i}].delay"),
+                            format!(
+                                "same delay as retry.tiers[{j}]; each tier is its own topic, \
+                                 merge them by adding up their attempts"
+                            ),
+                        ));
+                    }
+                }
+                Ok(RetryPolicy::new(tiers.clone(), 0.0))
+            }
+            (None, Some(exp)) => exp.policy(),
+            (None, None) => Ok(RetryPolicy::default()),
+        }
+    }
+}
+
+/// Exponential backoff shorthand: delay `n` (0-based) is `initial × factor^n`, capped at
+/// `max_delay`, for `max_attempts` retries. Equal consecutive delays share one tier (one
+/// topic). `jitter` adds up to that fraction of the delay, at random, to each due time; it
+/// never makes a record due earlier than its tier's delay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExponentialConfig {
+    /// First retry delay.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Growth factor between retries (≥ 1).
+    pub factor: f64,
+    /// Upper bound on any delay.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Number of retries after the first delivery (the first delivery is not counted).
+    pub max_attempts: u32,
+    /// Extra random delay, as a fraction of the delay, in `[0, 1]`.
+    pub jitter: f64,
+}
+
+impl Default for ExponentialConfig {
+    fn default() -> Self {
+        ExponentialConfig {
+            initial: Duration::from_secs(1),
+            factor: 2.0,
+            max_delay: Duration::from_secs(600),
+            max_attempts: 5,
+            jitter: 0.1,
+        }
+    }
+}
+
+impl ExponentialConfig {
+    fn policy(&self) -> Result<RetryPolicy, ConfigError> {
+        let f = |name: &str| format!("retry.exponential.{name}");
+        if self.initial < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(f("initial"), "must be at least 1ms"));
+        }
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err(ConfigError::invalid(f("factor"), "must be a number ≥ 1"));
+        }
+        if self.max_delay < self.initial {
+            return Err(ConfigError::invalid(
+                f("max_delay"),
+                "must be at least `initial`",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                f("max_attempts"),
+                "must be at least 1 (use `tiers = []` to disable retries)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(ConfigError::invalid(f("jitter"), "must be within [0, 1]"));
+        }
+        Ok(RetryPolicy::new(
+            crate::retry::expand_exponential(
+                self.initial,
+                self.factor,
+                self.max_delay,
+                self.max_attempts,
+            ),
+            self.jitter,
+        ))
+    }
+}
+
+/// Dead-letter topic naming.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Dead-letter topic name pattern; `{topic}` and `{group}` are replaced.
+    pub topic: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            topic: "{topic}.{group}.dlq".to_owned(),
+        }
+    }
+}
+
+/// Creation of retry and dead-letter topics at start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// Create missing retry/DLQ topics (with the source topic's partition count). When false,
+    /// start-up fails with an error naming the missing topics.
+    pub auto_create: bool,
+    /// Replication factor for created topics; `-1` means the broker's default.
+    pub replication_factor: i32,
+    /// How long topic checks and creation may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        ProvisioningConfig {
+            auto_create: true,
+            replication_factor: -1,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The hand-off of a failed record to a retry or dead-letter topic.
+///
+/// A hand-off that fails is retried with exponential backoff between `backoff_initial` and
+/// `backoff_max`, forever, with the source partition paused: the source offset is never
+/// stored past a record that has not been durably handed off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffConfig {
+    /// How long one produce attempt may take before it counts as failed
+    /// (librdkafka `message.timeout.ms`).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First pause after a failed hand-off.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest pause between hand-off attempts.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig {
+            timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// librdkafka consumer properties that sidetrack sets itself; overriding them would break the
+/// no-loss guarantee or the topology.
+const MANAGED_CONSUMER_PROPS: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.offset.store",
+];
+const MANAGED_PRODUCER_PROPS: &[&str] = &["bootstrap.servers", "metadata.broker.list"];
+
+impl Config {
+    /// A configuration with defaults for everything but the three required fields.
+    pub fn new(
+        brokers: impl Into<String>,
+        group: impl Into<String>,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Config {
+            brokers: brokers.into(),
+            group: group.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            ..Config::default()
+        }
+    }
+
+    /// Parses TOML text. The result is not validated yet; see [`Config::validate`].
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Reads and parses a TOML file. The result is not validated yet.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Checks every field, including the topic names the patterns produce.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "brokers",
+                "must name at least one broker (host:port)",
+            ));
+        }
+        if self.group.trim().is_empty() {
+            return Err(ConfigError::invalid("group", "must not be empty"));
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                "topics",
+                "must list at least one topic to consume",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, topic) in self.topics.iter().enumerate() {
+            check_topic_name(topic).map_err(|r| ConfigError::invalid(format!("topics[{i}]"), r))?;
+            if !seen.insert(topic) {
+                return Err(ConfigError::invalid(
+                    format!("topics[{i}]"),
+                    format!("`{topic}` is listed twice"),
+                ));
+            }
+        }
+        let policy = self.retry.policy()?;
+        if !self.retry.group.contains("{group}") && self.retry.group.trim().is_empty() {
+            return Err(ConfigError::invalid("retry.group", "must not be empty"));
+        }
+        if self.retry.group.replace("{group}", &self.group) == self.group {
+            return Err(ConfigError::invalid(
+                "retry.group",
+                "must differ from `group`, so the two consumers do not share a group",
+            ));
+        }
+        // Building the topology renders every name and checks them for clashes.
+        Topology::new(self, &policy)?;
+        for (field, value) in [
+            ("handoff.timeout", self.handoff.timeout),
+            ("handoff.backoff_initial", self.handoff.backoff_initial),
+            ("handoff.backoff_max", self.handoff.backoff_max),
+            ("provisioning.timeout", self.provisioning.timeout),
+        ] {
+            if value < Duration::from_millis(1) {
+                return Err(ConfigError::invalid(field, "must be at least 1ms"));
+            }
+        }
+        if self.handoff.backoff_max < self.handoff.backoff_initial {
+            return Err(ConfigError::invalid(
+                "handoff.backoff_max",
+                "must be at least handoff.backoff_initial",
+            ));
+        }
+        if self.provisioning.replication_factor == 0 || self.provisioning.replication_factor < -1 {
+            return Err(ConfigError::invalid(
+                "provisioning.replication_factor",
+                "must be -1 (broker default) or at least 1",
+            ));
+        }
+        for key in self.consumer.keys() {
+            if MANAGED_CONSUMER_PROPS.contains(&key.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("consumer.\"{key}\""),
+                    "is managed by sidetrack (use the top-level fields instead)",
+                ));
+            }
+        }
+        for key in self.producer.keys() {
+            if MANAGED_PRODUCER_PROPS.contains(&key.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("producer.\"{key}\""),
+                    "is managed by sidetrack (use `brokers` instead)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kafka's own rule for topic names.
+pub(crate) fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name must not be empty".into());
+    }
+    if name.len() > 249 {
+        return Err(format!("`{name}` is longer than 249 characters"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a valid topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{name}` contains `{c}`; topic names use only a-z A-Z 0-9 . _ -"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        Config::new("localhost:9092", "billing", ["orders"])
+    }
+
+    fn field_of(err: ConfigError) -> String {
+        match err {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        base().validate().unwrap();
+        let policy = base().retry.policy().unwrap();
+        assert_eq!(policy.tiers().len(), 3);
+        assert_eq!(policy.max_retries(), 6);
+    }
+
+    #[test]
+    fn toml_with_tiers_and_raw_properties() {
+        let c = Config::from_toml_str(
+            r#"
+            brokers = "b:9092"
+            group = "g"
+            topics = ["t"]
+            shutdown_timeout = "5s"
+            [retry]
+            tiers = [{ delay = "1s", attempts = 3 }, { delay = "30s", attempts = 2 }, { delay = "10m", attempts = 1 }]
+            [consumer]
+            "session.timeout.ms" = "6000"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        let p = c.retry.policy().unwrap();
+        assert_eq!(
+            p.tiers()
+                .iter()
+                .map(|t| (t.delay.as_secs(), t.attempts))
+                .collect::<Vec<_>>(),
+            vec![(1, 3), (30, 2), (600, 1)]
+        );
+        assert_eq!(c.consumer["session.timeout.ms"], "6000");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let err = Config::from_toml_str("brokers = \"b\"\ngroupp = \"g\"").unwrap_err();
+        assert!(err.to_string().contains("groupp"), "{err}");
+        let err = Config::from_toml_str("[retry]\ntiers = [{ delay = \"1s\", atempts = 3 }]")
+            .unwrap_err();
+        assert!(err.to_string().contains("atempts"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_a_parse_error() {
+        let err = Config::from_toml_str("shutdown_timeout = \"soon\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let mut c = base();
+        c.brokers.clear();
+        assert_eq!(field_of(c.validate().unwrap_err()), "brokers");
+
+        let mut c = base();
+        c.topics = vec!["orders".into(), "bad topic".into()];
+        assert_eq!(field_of(c.validate().unwrap_err()), "topics[1]");
+
+        let mut c = base();
+        c.retry = RetryConfig::tiers([
+            Tier::new(Duration::from_secs(1), 2),
+            Tier::new(Duration::from_secs(1), 1),
+        ]);
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry.tiers[1].delay");
+
+        let mut c = base();
+        c.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(1), 0)]);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "retry.tiers[0].attempts"
+        );
+
+        let mut c = base();
+        c.retry.exponential = Some(ExponentialConfig::default());
+        c.retry.tiers = Some(vec![]);
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry");
+
+        let mut c = base();
+        c.retry = RetryConfig::exponential(ExponentialConfig {
+            factor: 0.5,
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "retry.exponential.factor"
+        );
+
+        let mut c = base();
+        c.retry.topic = "{topic}.retry".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry.topic");
+
+        let mut c = base();
+        c.consumer
+            .insert("enable.auto.offset.store".into(), "true".into());
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "consumer.\"enable.auto.offset.store\""
+        );
+
+        let mut c = base();
+        c.retry.group = "{group}".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry.group");
+
+        let mut c = base();
+        c.topics = vec!["a".into(), "b".into()];
+        c.dead_letter.topic = "all.dlq".into();
+        assert_eq!(field_of(c.validate().unwrap_err()), "dead_letter.topic");
+    }
+
+    #[test]
+    fn disabled_retries_validate() {
+        let mut c = base();
+        c.retry = RetryConfig::disabled();
+        c.validate().unwrap();
+        assert_eq!(c.retry.policy().unwrap().max_retries(), 0);
+    }
+}

@@ -1,0 +1,47 @@
+//! The dead-letter topic: why a record ends up there.
+//!
+//! A dead-letter record keeps the original key, payload and user headers byte for byte and
+//! carries the [`Envelope`](crate::Envelope) headers with `sidetrack-error-kind` set to the
+//! reason below. It is written only after the broker acknowledged it; the source offset is
+//! stored only then.
+
+use std::fmt;
+
+/// Why a record was dead-lettered. The header value is [`DeadLetterReason::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// The handler returned a permanent error.
+    Permanent,
+    /// The payload could not be decoded (a poison pill).
+    Poison,
+    /// Every retry failed.
+    Exhausted,
+    /// A record on a retry topic had a missing or corrupt envelope.
+    InvalidEnvelope,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in a stable order.
+    pub const ALL: [DeadLetterReason; 4] = [
+        DeadLetterReason::Permanent,
+        DeadLetterReason::Poison,
+        DeadLetterReason::Exhausted,
+        DeadLetterReason::InvalidEnvelope,
+    ];
+
+    /// The `sidetrack-error-kind` header value and metric label.
+    pub fn as_str(self) -> &'static str {
+        crate::retry::ErrorKind::from(self).as_str()
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

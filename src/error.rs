@@ -1,0 +1,50 @@
+use rdkafka::error::KafkaError;
+
+use crate::config::ConfigError;
+
+/// Everything that can stop a [`Runtime`](crate::Runtime) from starting or running.
+///
+/// Handler failures are not errors of the runtime: they become retries or dead letters.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; the message names the field.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// No handler was given to the builder.
+    #[error("no handler: call RuntimeBuilder::handler before build()")]
+    NoHandler,
+    /// A topic the runtime consumes from does not exist on the broker.
+    #[error("source topic `{0}` does not exist on the broker")]
+    SourceTopicMissing(String),
+    /// Retry or dead-letter topics are missing and creating them is not allowed.
+    #[error(
+        "missing topics: {}; create them with the source topic's partition count \
+         or set provisioning.auto_create = true",
+        .0.join(", ")
+    )]
+    MissingTopics(Vec<String>),
+    /// Creating a retry or dead-letter topic failed.
+    #[error("could not create topic `{topic}`: {reason}")]
+    TopicCreation {
+        /// The topic that could not be created.
+        topic: String,
+        /// What the broker (or the embedded cluster) said.
+        reason: String,
+    },
+    /// A librdkafka call failed; `context` says which step.
+    #[error("{context}: {source}")]
+    Kafka {
+        /// The step that failed, e.g. "creating the consumer".
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl Error {
+    pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> Error {
+        move |source| Error::Kafka { context, source }
+    }
+}

@@ -1,0 +1,204 @@
+//! The handler API: the [`Handler`] trait, the [`Message`] it receives, the
+//! [`HandlerError`] it returns, and [`handler_fn`] for plain async closures.
+//!
+//! ```
+//! use sidetrack::{handler_fn, HandlerError, Message, Context};
+//!
+//! let handler = handler_fn(|msg: Message, _cx: Context| async move {
+//!     let text = msg.payload_str()?;
+//!     if text.is_empty() {
+//!         return Err(HandlerError::permanent("empty order"));
+//!     }
+//!     Ok(())
+//! });
+//! # let _ = handler;
+//! ```
+//!
+//! Outcomes:
+//!
+//! | handler returns | what happens |
+//! |---|---|
+//! | `Ok(())` | the offset is stored |
+//! | retryable error (`?` on any error), or a panic | next retry tier, or DLQ `exhausted` |
+//! | [`HandlerError::permanent`] | DLQ `permanent` at once |
+//! | [`HandlerError::poison`], or a failed [`Message::json`] | DLQ `poison` at once |
+
+mod error;
+mod message;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{FailureKind, HandlerError, ResultExt};
+pub use message::{Header, Message};
+
+/// Handles one record.
+///
+/// Implement it with `async fn`:
+///
+/// ```
+/// use sidetrack::{Context, Handler, HandlerError, Message};
+///
+/// struct Audit;
+///
+/// impl Handler for Audit {
+///     async fn handle(&self, msg: &Message, cx: &Context) -> Result<(), HandlerError> {
+///         tracing::info!(group = cx.group(), offset = msg.offset(), "seen");
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// Records of one partition are handled one at a time, in order; partitions are handled in
+/// parallel, so the handler is shared (`&self`) and must be `Send + Sync`. A panic is caught
+/// and treated as a retryable failure with the panic message recorded.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `msg`. `Ok` stores its offset; an error sends it to a retry tier or the DLQ.
+    fn handle(
+        &self,
+        msg: &Message,
+        cx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A [`Handler`] made from an async closure; see [`handler_fn`].
+#[derive(Clone)]
+pub struct HandlerFn<F>(F);
+
+/// Makes a [`Handler`] from a closure taking an owned [`Message`] and [`Context`] (both cheap
+/// to clone) and returning a future.
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    HandlerFn(f)
+}
+
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(
+        &self,
+        msg: &Message,
+        cx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (self.0)(msg.clone(), cx.clone())
+    }
+}
+
+/// What the handler may want to know about the runtime around it.
+#[derive(Clone, Debug)]
+pub struct Context {
+    inner: Arc<ContextInner>,
+}
+
+#[derive(Debug)]
+struct ContextInner {
+    group: String,
+    shutdown: CancellationToken,
+}
+
+impl Context {
+    pub(crate) fn new(group: String, shutdown: CancellationToken) -> Self {
+        Context {
+            inner: Arc::new(ContextInner { group, shutdown }),
+        }
+    }
+
+    /// The consumer group (of the main consumer, also for retried records).
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    /// True once shutdown has begun. Long handlers may check it and return a retryable error
+    /// early: the record is then delivered again after restart.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Completes when shutdown begins, for use in `tokio::select!`.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancelled().await
+    }
+}
+
+/// Object-safe form of [`Handler`], so the runtime is not generic over the handler type.
+pub(crate) trait ErasedHandler: Send + Sync + 'static {
+    fn handle_boxed<'a>(
+        &'a self,
+        msg: &'a Message,
+        cx: &'a Context,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<H: Handler> ErasedHandler for H {
+    fn handle_boxed<'a>(
+        &'a self,
+        msg: &'a Message,
+        cx: &'a Context,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.handle(msg, cx))
+    }
+}
+
+/// Runs the handler, turning a panic into a retryable error.
+pub(crate) async fn invoke(
+    handler: &dyn ErasedHandler,
+    msg: &Message,
+    cx: &Context,
+) -> Result<(), HandlerError> {
+    // The handler is only borrowed; after a panic we do not touch any state it may have left
+    // half-updated, we only record the failure. Hence AssertUnwindSafe.
+    match AssertUnwindSafe(handler.handle_boxed(msg, cx))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(payload) => Err(HandlerError::panicked(&*payload)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Panics;
+    impl Handler for Panics {
+        async fn handle(&self, _msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+            panic!("kaboom")
+        }
+    }
+
+    #[tokio::test]
+    async fn panics_become_retryable_errors() {
+        let cx = Context::new("g".into(), CancellationToken::new());
+        let msg = Message::new("t", b"x".to_vec());
+        let err = invoke(&Panics, &msg, &cx).await.unwrap_err();
+        assert_eq!(err.kind(), FailureKind::Retryable);
+        assert_eq!(err.message(), "handler panicked: kaboom");
+    }
+
+    #[tokio::test]
+    async fn closures_are_handlers() {
+        let h = handler_fn(|m: Message, cx: Context| async move {
+            assert_eq!(cx.group(), "g");
+            m.json::<u32>().map(|_| ())
+        });
+        let cx = Context::new("g".into(), CancellationToken::new());
+        assert!(invoke(&h, &Message::new("t", b"7".to_vec()), &cx)
+            .await
+            .is_ok());
+        let err = invoke(&h, &Message::new("t", b"x".to_vec()), &cx)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), FailureKind::Poison);
+    }
+}

@@ -1,0 +1,65 @@
+//! # sidetrack
+//!
+//! A runtime for Kafka consumers. You implement one [`Handler`]; sidetrack runs it on a
+//! partition-aware, at-least-once consumer loop, moves failing records onto side **retry
+//! topics** with backoff so the records behind them keep flowing, and routes poison pills and
+//! exhausted records to a **dead-letter topic** (DLQ) with an envelope of headers that says
+//! where the record came from and why it failed.
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//! use sidetrack::{Config, Context, Handler, HandlerError, Message, Runtime};
+//!
+//! #[derive(Deserialize)]
+//! struct Order { id: String, amount_cents: i64 }
+//!
+//! struct Billing;
+//!
+//! impl Handler for Billing {
+//!     async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+//!         let order: Order = msg.json()?; // undecodable => poison => DLQ at once
+//!         if order.amount_cents < 0 {
+//!             return Err(HandlerError::permanent(format!("negative amount on {}", order.id)));
+//!         }
+//!         // `?` on an ordinary error means "retry me later".
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), sidetrack::Error> {
+//! let config = Config::from_toml_str(r#"
+//!     brokers = "localhost:9092"
+//!     group = "billing"
+//!     topics = ["orders"]
+//!     [retry]
+//!     tiers = [{ delay = "1s", attempts = 3 }, { delay = "30s", attempts = 2 }]
+//! "#)?;
+//! Runtime::builder(config)
+//!     .handler(Billing)
+//!     .shutdown_signal(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .build()?
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//!
+//! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
+//! [`retry`] (policy, topic names, envelope headers), [`dead_letter`], [`metrics`] and
+//! [`testing`] (an embedded broker and a broker-free handler harness).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dead_letter;
+mod error;
+pub mod handler;
+pub mod metrics;
+pub mod retry;
+pub mod runtime;
+pub mod testing;
+
+pub use config::Config;
+pub use dead_letter::DeadLetterReason;
+pub use error::Error;
+pub use handler::{handler_fn, Context, Handler, HandlerError, Header, Message, ResultExt};
+pub use retry::{Envelope, RetryPolicy, Tier};
+pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle, StatsSnapshot};

@@ -1,0 +1,228 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::config::{check_topic_name, Config, ConfigError};
+
+use super::RetryPolicy;
+
+/// One retry tier topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierTopic {
+    /// Topic name.
+    pub name: String,
+    /// The tier's delay.
+    pub delay: Duration,
+    /// Retries made from this tier.
+    pub attempts: u32,
+}
+
+/// The side topics that belong to one source topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTopology {
+    /// The source topic.
+    pub topic: String,
+    /// Its retry tiers, in order.
+    pub retry: Vec<TierTopic>,
+    /// Its dead-letter topic.
+    pub dead_letter: String,
+}
+
+/// Every topic name the runtime uses, rendered from the configured patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    group: String,
+    retry_group: String,
+    sources: Vec<SourceTopology>,
+    by_retry_topic: HashMap<String, (usize, usize)>,
+}
+
+impl Topology {
+    /// Renders the names for `config` and checks that they are valid and distinct.
+    pub fn new(config: &Config, policy: &RetryPolicy) -> Result<Self, ConfigError> {
+        let mut sources = Vec::with_capacity(config.topics.len());
+        let mut owner: HashMap<String, String> = config
+            .topics
+            .iter()
+            .map(|t| (t.clone(), "a source topic".to_owned()))
+            .collect();
+        let mut claim = |name: String, field: &str, what: String| -> Result<String, ConfigError> {
+            check_topic_name(&name).map_err(|r| ConfigError::invalid(field, r))?;
+            if let Some(other) = owner.get(&name) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("renders `{name}` for {what}, which is already {other}"),
+                ));
+            }
+            owner.insert(name.clone(), what);
+            Ok(name)
+        };
+        for topic in &config.topics {
+            let mut retry = Vec::with_capacity(policy.tiers().len());
+            for (i, tier) in policy.tiers().iter().enumerate() {
+                let name = render(&config.retry.topic, topic, &config.group, Some(tier.delay));
+                let name = claim(name, "retry.topic", format!("retry tier {i} of `{topic}`"))?;
+                retry.push(TierTopic {
+                    name,
+                    delay: tier.delay,
+                    attempts: tier.attempts,
+                });
+            }
+            let dead_letter = claim(
+                render(&config.dead_letter.topic, topic, &config.group, None),
+                "dead_letter.topic",
+                format!("the dead-letter topic of `{topic}`"),
+            )?;
+            sources.push(SourceTopology {
+                topic: topic.clone(),
+                retry,
+                dead_letter,
+            });
+        }
+        let by_retry_topic = sources
+            .iter()
+            .enumerate()
+            .flat_map(|(s, src)| {
+                src.retry
+                    .iter()
+                    .enumerate()
+                    .map(move |(t, tier)| (tier.name.clone(), (s, t)))
+            })
+            .collect();
+        Ok(Topology {
+            group: config.group.clone(),
+            retry_group: config.retry.group.replace("{group}", &config.group),
+            sources,
+            by_retry_topic,
+        })
+    }
+
+    /// The main consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The retry consumer's group.
+    pub fn retry_group(&self) -> &str {
+        &self.retry_group
+    }
+
+    /// Per source topic: its tiers and dead-letter topic.
+    pub fn sources(&self) -> &[SourceTopology] {
+        &self.sources
+    }
+
+    /// The source topology for `topic`, if it is a source topic.
+    pub fn source(&self, topic: &str) -> Option<&SourceTopology> {
+        self.sources.iter().find(|s| s.topic == topic)
+    }
+
+    /// For a retry topic: (index of its source, index of its tier).
+    pub fn locate_retry(&self, topic: &str) -> Option<(usize, usize)> {
+        self.by_retry_topic.get(topic).copied()
+    }
+
+    /// All retry tier topics of all sources.
+    pub fn retry_topics(&self) -> Vec<&str> {
+        self.sources
+            .iter()
+            .flat_map(|s| s.retry.iter().map(|t| t.name.as_str()))
+            .collect()
+    }
+
+    /// All retry and dead-letter topics, each with its source topic.
+    pub fn side_topics(&self) -> Vec<(&str, &str)> {
+        self.sources
+            .iter()
+            .flat_map(|s| {
+                s.retry
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .chain(std::iter::once(s.dead_letter.as_str()))
+                    .map(move |name| (name, s.topic.as_str()))
+            })
+            .collect()
+    }
+}
+
+fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> String {
+    let mut out = pattern.replace("{topic}", topic).replace("{group}", group);
+    if let Some(delay) = delay {
+        out = out.replace("{delay}", &format_delay(delay));
+    }
+    out
+}
+
+/// Writes a delay compactly and usably in a topic name: `500ms`, `30s`, `1m30s`, `2h`,
+/// `1s250ms`.
+pub fn format_delay(delay: Duration) -> String {
+    let total_ms = delay.as_millis();
+    if total_ms == 0 {
+        return "0s".to_owned();
+    }
+    let units = [(3_600_000u128, "h"), (60_000, "m"), (1_000, "s"), (1, "ms")];
+    let mut rest = total_ms;
+    let mut out = String::new();
+    for (size, unit) in units {
+        let n = rest / size;
+        if n > 0 {
+            out.push_str(&n.to_string());
+            out.push_str(unit);
+            rest -= n * size;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::retry::Tier;
+
+    #[test]
+    fn delays_are_compact() {
+        let ms = Duration::from_millis;
+        assert_eq!(format_delay(ms(500)), "500ms");
+        assert_eq!(format_delay(ms(30_000)), "30s");
+        assert_eq!(format_delay(ms(90_000)), "1m30s");
+        assert_eq!(format_delay(ms(7_200_000)), "2h");
+        assert_eq!(format_delay(ms(1_250)), "1s250ms");
+        assert_eq!(format_delay(ms(600_000)), "10m");
+    }
+
+    #[test]
+    fn default_names() {
+        let config = Config::new("b", "billing", ["orders"]);
+        let policy = config.retry.policy().unwrap();
+        let t = Topology::new(&config, &policy).unwrap();
+        assert_eq!(
+            t.retry_topics(),
+            vec![
+                "orders.billing.retry.1s",
+                "orders.billing.retry.30s",
+                "orders.billing.retry.10m"
+            ]
+        );
+        assert_eq!(t.sources()[0].dead_letter, "orders.billing.dlq");
+        assert_eq!(t.retry_group(), "billing.retry");
+        assert_eq!(t.locate_retry("orders.billing.retry.30s"), Some((0, 1)));
+        assert_eq!(t.locate_retry("orders"), None);
+        assert_eq!(t.side_topics().len(), 4);
+    }
+
+    #[test]
+    fn custom_patterns_and_clashes() {
+        let mut config = Config::new("b", "g", ["a", "b"]);
+        config.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(5), 1)]);
+        config.retry.topic = "retry-{topic}".into();
+        config.dead_letter.topic = "dlq-{topic}-{group}".into();
+        let policy = config.retry.policy().unwrap();
+        let t = Topology::new(&config, &policy).unwrap();
+        assert_eq!(t.retry_topics(), vec!["retry-a", "retry-b"]);
+        assert_eq!(t.sources()[1].dead_letter, "dlq-b-g");
+
+        config.dead_letter.topic = "retry-{topic}".into();
+        let err = Topology::new(&config, &policy).unwrap_err();
+        assert!(err.to_string().contains("dead_letter.topic"), "{err}");
+    }
+}

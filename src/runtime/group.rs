@@ -1,0 +1,280 @@
+//! One consumer group member (main or retry) and its partition tasks.
+//!
+//! librdkafka calls our rebalance hook on the thread that polls the consumer's main queue. On
+//! assign we split each new partition into its own queue and spawn its task; on revoke we tell
+//! the task to drop its queue at once and abandon its in-flight record (its offset is not
+//! stored; the new owner handles it again).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+
+use super::client::{consumer_config, forward_error, forward_log};
+use super::partition::PartitionTask;
+use super::Shared;
+
+pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// Which consumer this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Reads the source topics.
+    Main,
+    /// Reads the retry tier topics.
+    Retry,
+}
+
+struct Slot {
+    revoked: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The consumer's context: rebalance hook and the table of partition tasks.
+pub(crate) struct GroupContext {
+    role: Role,
+    shared: Arc<Shared>,
+    /// Set right after the consumer is wrapped in an `Arc`: splitting a partition queue needs
+    /// the `Arc`, but the rebalance hook only gets the inner `BaseConsumer`.
+    consumer: OnceLock<Weak<GroupConsumer>>,
+    slots: Mutex<HashMap<(String, i32), Slot>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GroupContext {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Slot>> {
+        // A panic while holding this lock can only come from our own code between two map
+        // operations; the map is still consistent, so keep going.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn assign(&self, topic: &str, partition: i32) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let Some(queue) = consumer.split_partition_queue(topic, partition) else {
+            tracing::error!(topic, partition, "cannot split partition queue");
+            return;
+        };
+        let revoked = CancellationToken::new();
+        let task = PartitionTask::new(
+            Arc::clone(&self.shared),
+            self.role,
+            Arc::clone(&consumer),
+            topic,
+            partition,
+            revoked.clone(),
+        );
+        let handle = self.runtime.spawn(task.run(queue));
+        let old = self.slots().insert(
+            (topic.to_owned(), partition),
+            Slot {
+                revoked,
+                task: handle,
+            },
+        );
+        if let Some(old) = old {
+            old.revoked.cancel();
+        }
+        tracing::info!(role = ?self.role, topic, partition, "partition assigned");
+    }
+
+    fn revoke(&self, topic: &str, partition: i32) {
+        if let Some(slot) = self.slots().remove(&(topic.to_owned(), partition)) {
+            slot.revoked.cancel();
+        }
+        tracing::info!(role = ?self.role, topic, partition, "partition revoked");
+    }
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        forward_log(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        forward_error(error, reason);
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(
+        &self,
+        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                for e in tpl.elements() {
+                    self.assign(e.topic(), e.partition());
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                for e in tpl.elements() {
+                    self.revoke(e.topic(), e.partition());
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!(role = ?self.role, error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        // A partition paused by a previous owner-task (hand-off failing, or a retry record not
+        // yet due) must not stay paused when it comes back to us.
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                let _ = base.resume(tpl);
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                tracing::trace!(role = ?self.role, count = offsets.count(), "offsets committed")
+            }
+            // Nothing new stored since the last commit.
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(role = ?self.role, error = %e, "offset commit failed; will retry")
+            }
+        }
+    }
+}
+
+/// A running group member.
+pub(crate) struct Group {
+    consumer: Arc<GroupConsumer>,
+    poller: JoinHandle<()>,
+    poller_stop: CancellationToken,
+}
+
+impl Group {
+    /// Creates the consumer, subscribes and starts serving its main queue.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        role: Role,
+        topics: &[String],
+    ) -> Result<Group, Error> {
+        let group_id = match role {
+            Role::Main => shared.topology.group(),
+            Role::Retry => shared.topology.retry_group(),
+        };
+        let context = GroupContext {
+            role,
+            shared: Arc::clone(shared),
+            consumer: OnceLock::new(),
+            slots: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let consumer: GroupConsumer = consumer_config(&shared.config, group_id)
+            .create_with_context(context)
+            .map_err(Error::kafka("creating the consumer"))?;
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topic_refs)
+            .map_err(Error::kafka("subscribing"))?;
+        let poller_stop = CancellationToken::new();
+        let poller = tokio::spawn(serve_main_queue(
+            Arc::clone(&consumer),
+            role,
+            poller_stop.clone(),
+        ));
+        Ok(Group {
+            consumer,
+            poller,
+            poller_stop,
+        })
+    }
+
+    /// The partitions this member currently owns.
+    pub(crate) fn assigned(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<_> = self.consumer.context().slots().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Waits for the partition tasks (which stop taking records once shutdown begins) up to
+    /// `timeout`, abandons the rest, commits stored offsets and leaves the group.
+    pub(crate) async fn stop(self, timeout: Duration) {
+        let ctx = self.consumer.context();
+        let slots: Vec<Slot> = ctx.slots().drain().map(|(_, s)| s).collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        for slot in slots {
+            let mut task = slot.task;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(role = ?ctx.role, "in-flight record abandoned at shutdown; it will be delivered again");
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let consumer = Arc::clone(&self.consumer);
+        let role = ctx.role;
+        let _ = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(())
+                | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+                Err(e) => tracing::warn!(?role, error = %e, "final commit failed"),
+            }
+        })
+        .await;
+        self.poller_stop.cancel();
+        let _ = self.poller.await;
+        // Dropping the consumer closes it: it leaves the group, which blocks for a moment.
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
+}
+
+/// Serves the consumer's main queue: rebalances, errors and the poll-interval clock. Records
+/// should never arrive here, since every partition is split off before it is fetched; if one
+/// does, we seek back to it so its partition task gets it, rather than skip it.
+async fn serve_main_queue(consumer: Arc<GroupConsumer>, role: Role, stop: CancellationToken) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            // Time out regularly so the consumer is polled even when idle.
+            r = tokio::time::timeout(Duration::from_secs(1), consumer.recv()) => r,
+        };
+        match next {
+            Err(_idle) => {}
+            Ok(Ok(msg)) => {
+                let (topic, partition, offset) =
+                    (msg.topic().to_owned(), msg.partition(), msg.offset());
+                drop(msg);
+                tracing::error!(
+                    ?role,
+                    topic,
+                    partition,
+                    offset,
+                    "record on the main queue; seeking back to it"
+                );
+                if let Err(e) = consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::error!(?role, topic, partition, error = %e, "seek failed");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(?role, error = %e, "consumer error");
+            }
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The runtime: a main consumer for the source topics and a retry consumer for the tier
+//! topics, each running one task per assigned partition, plus the hand-off producer.
+//!
+//! * Records of one partition are handled one at a time, in order; partitions in parallel.
+//! * An offset is stored only after a durable outcome: the handler succeeded, or the record
+//!   was acknowledged by the broker on a retry or dead-letter topic. If that hand-off fails the
+//!   partition is paused and the hand-off retried with backoff; the partition never moves past
+//!   the record. Stored offsets are committed by librdkafka's auto-commit (every second and
+//!   on revoke) and by a final commit at shutdown.
+//! * Retry tier partitions are paused until their head record is due.
+//! * Shutdown stops fetching, lets in-flight handlers finish (up to
+//!   [`Config::shutdown_timeout`], after which they are abandoned without storing their
+//!   offsets), commits, and leaves the groups.
+
+mod client;
+mod group;
+mod partition;
+mod provision;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dead_letter::DeadLetterReason;
+use crate::error::Error;
+use crate::handler::{Context, ErasedHandler, Handler};
+use crate::retry::{RetryPolicy, Topology};
+use crate::testing::EmbeddedCluster;
+
+use client::TracingContext;
+use group::{Group, Role};
+use provision::TopicCreator;
+
+/// Builds a [`Runtime`] from a [`Config`] and the things that live in code.
+pub struct RuntimeBuilder {
+    config: Config,
+    handler: Option<Arc<dyn ErasedHandler>>,
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    creator: TopicCreator,
+    consumer_overrides: Vec<(String, String)>,
+    producer_overrides: Vec<(String, String)>,
+}
+
+impl RuntimeBuilder {
+    /// The handler that processes every record.
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// A future that starts graceful shutdown when it completes, e.g.
+    /// `async { tokio::signal::ctrl_c().await.ok(); }`. Without one the runtime runs until
+    /// [`RuntimeHandle::shutdown`] is called.
+    pub fn shutdown_signal(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// Uses an [`EmbeddedCluster`]: its bootstrap address, and its own way of creating
+    /// topics (the mock broker has no CreateTopics API).
+    pub fn embedded(mut self, cluster: &EmbeddedCluster) -> Self {
+        self.config.brokers = cluster.bootstrap_servers().to_owned();
+        self.creator = TopicCreator::Embedded(cluster.clone());
+        self
+    }
+
+    /// A raw librdkafka property for both consumers, applied after the config's own.
+    pub fn consumer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.consumer_overrides.push((key.into(), value.into()));
+        self
+    }
+
+    /// A raw librdkafka property for the hand-off producer, applied after the config's own.
+    pub fn producer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_overrides.push((key.into(), value.into()));
+        self
+    }
+
+    /// Validates the configuration and builds the runtime. Nothing connects yet.
+    pub fn build(self) -> Result<Runtime, Error> {
+        let mut config = self.config;
+        config.consumer.extend(self.consumer_overrides);
+        config.producer.extend(self.producer_overrides);
+        config.validate()?;
+        let handler = self.handler.ok_or(Error::NoHandler)?;
+        let policy = config.retry.policy()?;
+        let topology = Topology::new(&config, &policy)?;
+        Ok(Runtime {
+            config,
+            policy,
+            topology,
+            handler,
+            shutdown: self.shutdown,
+            creator: self.creator,
+        })
+    }
+}
+
+/// A configured, not yet started runtime. See the [module docs](self) for its guarantees.
+pub struct Runtime {
+    config: Config,
+    policy: RetryPolicy,
+    topology: Topology,
+    handler: Arc<dyn ErasedHandler>,
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    creator: TopicCreator,
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder(config: Config) -> RuntimeBuilder {
+        RuntimeBuilder {
+            config,
+            handler: None,
+            shutdown: None,
+            creator: TopicCreator::Admin,
+            consumer_overrides: Vec::new(),
+            producer_overrides: Vec::new(),
+        }
+    }
+
+    /// The topic names this runtime uses.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Starts and runs until the shutdown signal, then shuts down gracefully.
+    pub async fn run(self) -> Result<(), Error> {
+        self.start().await?.wait().await.map(|_| ())
+    }
+
+    /// Checks (and creates) topics, joins the groups and starts consuming. Returns a handle to
+    /// observe and stop the running runtime.
+    pub async fn start(self) -> Result<RuntimeHandle, Error> {
+        crate::metrics::describe();
+        let partitions = provision::provision(&self.config, &self.topology, &self.creator).await?;
+        let producer: FutureProducer<TracingContext> = client::producer_config(&self.config)
+            .create_with_context(TracingContext)
+            .map_err(Error::kafka("creating the hand-off producer"))?;
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            cx: Context::new(self.config.group.clone(), shutdown.clone()),
+            stats: Stats::new(self.policy.tiers().len()),
+            config: self.config,
+            policy: self.policy,
+            topology: self.topology,
+            handler: self.handler,
+            producer,
+            partitions,
+            shutdown: shutdown.clone(),
+        });
+        let sources: Vec<String> = shared
+            .topology
+            .sources()
+            .iter()
+            .map(|s| s.topic.clone())
+            .collect();
+        let main = Group::start(&shared, Role::Main, &sources)?;
+        let retry_topics: Vec<String> = shared
+            .topology
+            .retry_topics()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let retry = if retry_topics.is_empty() {
+            None
+        } else {
+            Some(Group::start(&shared, Role::Retry, &retry_topics)?)
+        };
+        if let Some(signal) = self.shutdown {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = signal => {
+                        tracing::info!("shutdown signal received");
+                        token.cancel();
+                    }
+                    _ = token.cancelled() => {}
+                }
+            });
+        }
+        tracing::info!(
+            group = shared.topology.group(),
+            topics = ?sources,
+            retry_topics = ?retry_topics,
+            "sidetrack runtime started"
+        );
+        Ok(RuntimeHandle {
+            shared,
+            main,
+            retry,
+        })
+    }
+}
+
+/// A running runtime.
+pub struct RuntimeHandle {
+    shared: Arc<Shared>,
+    main: Group,
+    retry: Option<Group>,
+}
+
+impl RuntimeHandle {
+    /// Counters of what happened so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The topic names in use.
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    /// Source-topic partitions currently assigned to this instance, sorted.
+    pub fn assigned_partitions(&self) -> Vec<(String, i32)> {
+        self.main.assigned()
+    }
+
+    /// True once shutdown has been triggered (signal or [`RuntimeHandle::trigger_shutdown`]).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// Starts graceful shutdown without waiting for it; see [`RuntimeHandle::wait`].
+    pub fn trigger_shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Starts graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) -> Result<StatsSnapshot, Error> {
+        self.trigger_shutdown();
+        self.wait().await
+    }
+
+    /// Waits until shutdown is triggered (by the signal or [`RuntimeHandle::trigger_shutdown`]),
+    /// then stops fetching, finishes or abandons in-flight work, commits and leaves the groups.
+    pub async fn wait(self) -> Result<StatsSnapshot, Error> {
+        self.shared.shutdown.cancelled().await;
+        let timeout = self.shared.config.shutdown_timeout;
+        let retry = async {
+            if let Some(g) = self.retry {
+                g.stop(timeout).await;
+            }
+        };
+        tokio::join!(self.main.stop(timeout), retry);
+        let stats = self.shared.stats.snapshot();
+        let shared = self.shared;
+        // Every hand-off was awaited already; flushing is a formality, dropping a client
+        // blocks briefly, so both happen off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            let _ = shared.producer.flush(Duration::from_secs(5));
+            drop(shared);
+        })
+        .await;
+        tracing::info!(?stats, "sidetrack runtime stopped");
+        Ok(stats)
+    }
+}
+
+/// State shared by every partition task.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) topology: Topology,
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) producer: FutureProducer<TracingContext>,
+    /// Partition count of every source and side topic.
+    pub(crate) partitions: HashMap<String, i32>,
+    pub(crate) stats: Stats,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) cx: Context,
+}
+
+/// Live counters; read them through [`RuntimeHandle::stats`].
+pub(crate) struct Stats {
+    consumed: AtomicU64,
+    handled: AtomicU64,
+    retried: Vec<AtomicU64>,
+    dead_lettered: [AtomicU64; 4],
+    handoff_failures: AtomicU64,
+}
+
+impl Stats {
+    fn new(tiers: usize) -> Self {
+        Stats {
+            consumed: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            retried: (0..tiers).map(|_| AtomicU64::new(0)).collect(),
+            dead_lettered: Default::default(),
+            handoff_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn consumed(&self) {
+        self.consumed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn retried(&self, tier: usize) {
+        if let Some(c) = self.retried.get(tier) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub(crate) fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.dead_lettered[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn handoff_failed(&self) {
+        self.handoff_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            consumed: load(&self.consumed),
+            handled: load(&self.handled),
+            retried: self.retried.iter().map(load).collect(),
+            dead_lettered: DeadLetterReason::ALL
+                .iter()
+                .map(|r| (*r, load(&self.dead_lettered[r.index()])))
+                .collect(),
+            handoff_failures: load(&self.handoff_failures),
+        }
+    }
+}
+
+/// What a runtime did so far. Counts are of durable outcomes (a retry or dead letter counts
+/// once the broker acknowledged it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Records read, from source and retry topics.
+    pub consumed: u64,
+    /// Records whose handler succeeded (on any attempt).
+    pub handled: u64,
+    /// Records written to each retry tier, by tier index.
+    pub retried: Vec<u64>,
+    /// Records written to the dead-letter topic, by reason.
+    pub dead_lettered: Vec<(DeadLetterReason, u64)>,
+    /// Failed hand-off attempts (each was retried until it succeeded or was abandoned).
+    pub handoff_failures: u64,
+}
+
+impl StatsSnapshot {
+    /// Dead-lettered records for one reason.
+    pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+        self.dead_lettered
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+
+    /// Dead-lettered records, all reasons.
+    pub fn total_dead_lettered(&self) -> u64 {
+        self.dead_lettered.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Records written to any retry tier.
+    pub fn total_retried(&self) -> u64 {
+        self.retried.iter().sum()
+    }
+}

@@ -1,0 +1,392 @@
+//! The task that owns one assigned partition: handle each record, hand failures to a retry
+//! tier or the DLQ, and store the offset only after a durable outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Header as RdHeader, Headers, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
+use rdkafka::{Message as _, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::DeadLetterReason;
+use crate::handler::{invoke, Header, Message};
+use crate::metrics as m;
+use crate::retry::scheduler::{self, now_ms};
+use crate::retry::{next_envelope, Decision, Envelope, ErrorKind};
+
+use super::group::{GroupConsumer, GroupContext, Role};
+use super::Shared;
+
+/// The task was told to stop (shutdown or revoke) before the record had a durable outcome.
+/// Its offset is not stored.
+struct Abandoned;
+
+pub(crate) struct PartitionTask {
+    shared: Arc<Shared>,
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+    partition: i32,
+    /// Index of the source topic this partition belongs to.
+    source: usize,
+    /// Tier index, for retry topics.
+    tier: Option<usize>,
+    /// Cancelled on shutdown: finish the current record, take no new ones.
+    stop: CancellationToken,
+    /// Cancelled on revoke: drop the queue at once, abandon the current record.
+    revoked: CancellationToken,
+}
+
+impl PartitionTask {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        role: Role,
+        consumer: Arc<GroupConsumer>,
+        topic: &str,
+        partition: i32,
+        revoked: CancellationToken,
+    ) -> Self {
+        let (source, tier) = match role {
+            Role::Main => (
+                shared
+                    .topology
+                    .sources()
+                    .iter()
+                    .position(|s| s.topic == topic)
+                    .unwrap_or(0),
+                None,
+            ),
+            Role::Retry => {
+                let (s, t) = shared.topology.locate_retry(topic).unwrap_or((0, 0));
+                (s, Some(t))
+            }
+        };
+        PartitionTask {
+            stop: shared.shutdown.clone(),
+            shared,
+            consumer,
+            topic: topic.to_owned(),
+            partition,
+            source,
+            tier,
+            revoked,
+        }
+    }
+
+    pub(crate) async fn run(self, queue: StreamPartitionQueue<GroupContext>) {
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                _ = self.revoked.cancelled() => return,
+                r = queue.recv() => r,
+            };
+            let (offset, msg_or_invalid) = match received {
+                Ok(raw) => (raw.offset(), self.decode(&raw)),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
+                    continue;
+                }
+            };
+            let work = self.process(msg_or_invalid);
+            tokio::pin!(work);
+            let outcome = tokio::select! {
+                outcome = &mut work => outcome,
+                _ = self.revoked.cancelled() => {
+                    // Drop the queue now: a new queue for this partition may be split soon, and
+                    // an old handle alive beside it stops its wake-ups.
+                    drop(queue);
+                    let _ = work.await;
+                    return;
+                }
+            };
+            if outcome.is_err() {
+                return;
+            }
+            if let Err(e) = self
+                .consumer
+                .store_offset(&self.topic, self.partition, offset)
+            {
+                // Revoked in the meantime: the new owner gets the record again.
+                tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
+            }
+        }
+    }
+
+    /// Copies the record out of librdkafka's buffer and, on a retry topic, reads its envelope.
+    fn decode(&self, raw: &BorrowedMessage<'_>) -> Result<Message, Invalid> {
+        let shared = &self.shared;
+        shared.stats.consumed();
+        let key = raw.key().map(<[u8]>::to_vec);
+        let payload = raw.payload().map(<[u8]>::to_vec);
+        let bytes = key.as_ref().map_or(0, Vec::len) + payload.as_ref().map_or(0, Vec::len);
+        let source_topic = &shared.topology.sources()[self.source].topic;
+        metrics::counter!(m::RECORDS_CONSUMED, "topic" => source_topic.clone()).increment(1);
+        metrics::counter!(m::BYTES_CONSUMED, "topic" => source_topic.clone())
+            .increment(bytes as u64);
+        let mut headers: Vec<Header> = raw
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        key: h.key.to_owned(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let received = (self.topic.as_str(), self.partition, raw.offset());
+        let timestamp = raw.timestamp().to_millis();
+        let Some(tier) = self.tier else {
+            return Ok(Message::from_parts(
+                received, timestamp, key, payload, headers, None,
+            ));
+        };
+        let invalid = |reason: String, headers: Vec<Header>, key, payload| {
+            Err(Invalid {
+                msg: Message::from_parts(received, timestamp, key, payload, headers, None),
+                reason,
+            })
+        };
+        let (user, envelope) = match Envelope::split(&headers) {
+            Ok(split) => split,
+            Err(e) => return invalid(e.to_string(), headers, key, payload),
+        };
+        headers.truncate(user);
+        let max_retries = shared.policy.max_retries();
+        let problem = if envelope.group != shared.topology.group() {
+            Some(format!(
+                "envelope group `{}` is not this runtime's group `{}`",
+                envelope.group,
+                shared.topology.group()
+            ))
+        } else if envelope.original_topic != *source_topic {
+            Some(format!(
+                "envelope original topic `{}` does not belong to retry topic `{}`",
+                envelope.original_topic, self.topic
+            ))
+        } else if envelope.attempts == 0 || envelope.attempts > max_retries {
+            Some(format!(
+                "envelope attempt count {} is outside 1..={max_retries}",
+                envelope.attempts
+            ))
+        } else if envelope.error_kind != ErrorKind::Retryable {
+            Some(format!(
+                "envelope error kind `{}` on a retry topic",
+                envelope.error_kind
+            ))
+        } else {
+            scheduler::wait_for(envelope.due, now_ms(), shared.policy.max_due_delay(tier)).err()
+        };
+        match problem {
+            Some(reason) => invalid(reason, headers, key, payload),
+            None => Ok(Message::from_parts(
+                received,
+                timestamp,
+                key,
+                payload,
+                headers,
+                Some(envelope),
+            )),
+        }
+    }
+
+    async fn process(&self, decoded: Result<Message, Invalid>) -> Result<(), Abandoned> {
+        let msg = match decoded {
+            Ok(msg) => msg,
+            Err(Invalid { msg, reason }) => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
+                return self
+                    .hand_off(
+                        &msg,
+                        Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
+                        &reason,
+                    )
+                    .await;
+            }
+        };
+        if let Some(due) = msg.envelope().and_then(|e| e.due) {
+            self.wait_until_due(due).await?;
+        }
+        let shared = &self.shared;
+        let started = Instant::now();
+        let result = invoke(&*shared.handler, &msg, &shared.cx).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let topic = msg.topic().to_owned();
+        match result {
+            Ok(()) => {
+                metrics::histogram!(m::PROCESSING_SECONDS, "topic" => topic.clone(), "outcome" => "handled").record(elapsed);
+                metrics::counter!(m::RECORDS_HANDLED, "topic" => topic).increment(1);
+                shared.stats.handled();
+                Ok(())
+            }
+            Err(error) => {
+                let decision = shared.policy.decide(msg.attempt(), &error);
+                let outcome = match decision {
+                    Decision::Retry { .. } => "retry",
+                    Decision::DeadLetter(_) => "dead_letter",
+                };
+                metrics::histogram!(m::PROCESSING_SECONDS, "topic" => topic, "outcome" => outcome)
+                    .record(elapsed);
+                tracing::debug!(
+                    topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                    attempt = msg.attempt(), error = %error, ?decision, "handler failed"
+                );
+                self.hand_off(&msg, decision, error.message()).await
+            }
+        }
+    }
+
+    /// Sleeps until the record is due with its partition paused, so nothing is fetched (and
+    /// nothing polled) meanwhile.
+    async fn wait_until_due(&self, due: i64) -> Result<(), Abandoned> {
+        let now = now_ms();
+        if due <= now {
+            return Ok(());
+        }
+        let wait = Duration::from_millis((due - now) as u64);
+        self.set_paused(true);
+        let slept = tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = self.stop.cancelled() => false,
+            _ = self.revoked.cancelled() => false,
+        };
+        self.set_paused(false);
+        if slept {
+            Ok(())
+        } else {
+            Err(Abandoned)
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        let result = if paused {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(e) = result {
+            tracing::debug!(topic = %self.topic, partition = self.partition, paused, error = %e, "pause/resume failed");
+        }
+    }
+
+    /// Publishes the record to its retry tier or the DLQ and waits for the broker's ack,
+    /// retrying with backoff (partition paused) until it succeeds or the task is stopped.
+    async fn hand_off(
+        &self,
+        msg: &Message,
+        decision: Decision,
+        error: &str,
+    ) -> Result<(), Abandoned> {
+        let shared = &self.shared;
+        let source = &shared.topology.sources()[self.source];
+        let target = match decision {
+            Decision::Retry { tier, .. } => source.retry[tier].name.as_str(),
+            Decision::DeadLetter(_) => source.dead_letter.as_str(),
+        };
+        let envelope = next_envelope(
+            msg,
+            shared.topology.group(),
+            decision,
+            error,
+            &shared.policy,
+            now_ms(),
+            fastrand::f64(),
+        );
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers().len() + 11);
+        for h in msg.headers().iter().chain(envelope.to_headers().iter()) {
+            headers = headers.insert(RdHeader {
+                key: &h.key,
+                value: h.value.as_deref(),
+            });
+        }
+        // Same partition number as the original when the side topic has it: keeps a key's
+        // records together for per-key ordering later.
+        let partition = (msg.partition() < shared.partitions.get(target).copied().unwrap_or(0))
+            .then_some(msg.partition());
+
+        let mut backoff = shared.config.handoff.backoff_initial;
+        let mut paused = false;
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(target).headers(headers.clone());
+            if let Some(k) = msg.key() {
+                record = record.key(k);
+            }
+            if let Some(p) = msg.payload() {
+                record = record.payload(p);
+            }
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            let sent = shared
+                .producer
+                .send(record, Timeout::After(shared.config.handoff.timeout))
+                .await;
+            match sent {
+                Ok(_) => break,
+                // Revoked: the new owner will handle the record again; stop here.
+                Err(_) if self.revoked.is_cancelled() => return Err(Abandoned),
+                Err((e, _)) => {
+                    shared.stats.handoff_failed();
+                    metrics::counter!(m::HANDOFF_FAILURES, "topic" => source.topic.clone())
+                        .increment(1);
+                    tracing::warn!(
+                        target_topic = target, topic = msg.topic(), partition = msg.partition(),
+                        offset = msg.offset(), error = %e, retry_in = ?backoff,
+                        "hand-off failed; partition paused, retrying"
+                    );
+                    if !paused {
+                        self.set_paused(true);
+                        paused = true;
+                    }
+                    let go_on = tokio::select! {
+                        _ = tokio::time::sleep(backoff) => true,
+                        _ = self.stop.cancelled() => false,
+                        _ = self.revoked.cancelled() => false,
+                    };
+                    if !go_on {
+                        return Err(Abandoned);
+                    }
+                    backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
+                }
+            }
+        }
+        if paused {
+            self.set_paused(false);
+        }
+        match decision {
+            Decision::Retry { tier, .. } => {
+                shared.stats.retried(tier);
+                metrics::counter!(m::RETRIES_SCHEDULED, "topic" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
+                tracing::debug!(
+                    target_topic = target,
+                    topic = msg.topic(),
+                    offset = msg.offset(),
+                    attempt = msg.attempt(),
+                    "retry scheduled"
+                );
+            }
+            Decision::DeadLetter(reason) => {
+                shared.stats.dead_lettered(reason);
+                metrics::counter!(m::DEAD_LETTERED, "topic" => source.topic.clone(), "reason" => reason.as_str()).increment(1);
+                tracing::warn!(
+                    dlq = target, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                    attempts = msg.attempt(), %reason, error, "record dead-lettered"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A retry-topic record whose envelope cannot be trusted.
+struct Invalid {
+    msg: Message,
+    reason: String,
+}

@@ -1,0 +1,158 @@
+//! Start-up check of the topology: the source topics must exist; retry and dead-letter topics
+//! are created with the source topic's partition count when allowed, otherwise start-up fails
+//! naming them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::retry::Topology;
+use crate::testing::EmbeddedCluster;
+
+use super::client::{admin_config, TracingContext};
+
+/// How missing topics get created.
+#[derive(Clone)]
+pub(crate) enum TopicCreator {
+    /// Through the Kafka admin API.
+    Admin,
+    /// Directly in the embedded cluster, whose mock broker has no CreateTopics API.
+    Embedded(EmbeddedCluster),
+}
+
+/// Partition count of a topic, `None` if the broker does not know it.
+async fn partition_count(
+    admin: &Arc<AdminClient<TracingContext>>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, Error> {
+    let admin = Arc::clone(admin);
+    let topic = topic.to_owned();
+    // Metadata calls block; they are few and only at start-up.
+    tokio::task::spawn_blocking(move || {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(Error::kafka("fetching topic metadata"))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32))
+    })
+    .await
+    .unwrap_or(Ok(None))
+}
+
+/// Checks (and maybe creates) every topic; returns the partition count of each.
+pub(crate) async fn provision(
+    config: &Config,
+    topology: &Topology,
+    creator: &TopicCreator,
+) -> Result<HashMap<String, i32>, Error> {
+    let timeout = config.provisioning.timeout;
+    let admin: Arc<AdminClient<TracingContext>> = Arc::new(
+        admin_config(config)
+            .create_with_context(TracingContext)
+            .map_err(Error::kafka("creating the admin client"))?,
+    );
+
+    let mut counts = HashMap::new();
+    let mut missing: Vec<(String, i32)> = Vec::new();
+    let lookups: Vec<(String, Option<String>)> = topology
+        .sources()
+        .iter()
+        .map(|s| (s.topic.clone(), None))
+        .chain(
+            topology
+                .side_topics()
+                .into_iter()
+                .map(|(t, src)| (t.to_owned(), Some(src.to_owned()))),
+        )
+        .collect();
+    for (topic, source) in lookups {
+        let found = partition_count(&admin, &topic, timeout).await?;
+        match (found, source) {
+            (Some(n), _) => {
+                counts.insert(topic, n);
+            }
+            (None, None) => return Err(Error::SourceTopicMissing(topic)),
+            (None, Some(src)) => {
+                let n = counts.get(&src).copied().unwrap_or(1);
+                missing.push((topic, n));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(counts);
+    }
+    if !config.provisioning.auto_create {
+        return Err(Error::MissingTopics(
+            missing.into_iter().map(|(t, _)| t).collect(),
+        ));
+    }
+    for (topic, partitions) in &missing {
+        tracing::info!(topic, partitions, "creating missing topic");
+        match creator {
+            TopicCreator::Embedded(cluster) => {
+                cluster
+                    .create_topic(topic, *partitions)
+                    .map_err(|e| Error::TopicCreation {
+                        topic: topic.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            TopicCreator::Admin => {
+                let new = NewTopic::new(
+                    topic,
+                    *partitions,
+                    TopicReplication::Fixed(config.provisioning.replication_factor),
+                );
+                let opts = AdminOptions::new().operation_timeout(Some(timeout));
+                let results = admin
+                    .create_topics([&new], &opts)
+                    .await
+                    .map_err(Error::kafka("creating topics"))?;
+                for result in results {
+                    match result {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            return Err(Error::TopicCreation {
+                                topic: name,
+                                reason: code.to_string(),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Wait until the broker's metadata shows the new topics, so the consumers do not start
+    // with an unknown-topic subscription.
+    let deadline = Instant::now() + timeout;
+    for (topic, partitions) in missing {
+        loop {
+            let found = partition_count(&admin, &topic, Duration::from_secs(2)).await?;
+            if let Some(n) = found {
+                counts.insert(topic, n);
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::TopicCreation {
+                    topic,
+                    reason: format!(
+                        "created with {partitions} partitions but not visible in metadata"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(counts)
+}

@@ -1,0 +1,371 @@
+use std::ffi::{CStr, CString};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::bindings as rdsys;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header as RdHeader, Headers, OwnedHeaders};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+
+use crate::error::Error;
+use crate::handler::Header;
+use crate::retry::{Envelope, EnvelopeError};
+
+/// librdkafka's in-process mock Kafka cluster, listening on loopback.
+///
+/// Any Kafka client (this crate, `kcat`, …) can use [`EmbeddedCluster::bootstrap_servers`]
+/// while it is alive. Topics are created with [`EmbeddedCluster::create_topic`] (the mock has
+/// no CreateTopics API; [`RuntimeBuilder::embedded`](crate::RuntimeBuilder::embedded) makes
+/// the runtime use this method). Faults can be injected per request type. The cluster keeps
+/// about 5 MiB per partition. Cloning shares the same cluster; it stops when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct EmbeddedCluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mock: *mut rdsys::rd_kafka_mock_cluster_t,
+    bootstrap: String,
+    // The client handle the mock cluster belongs to; must outlive `mock`.
+    _owner: BaseProducer<Quiet>,
+}
+
+// SAFETY: librdkafka's mock cluster API is thread-safe: every call locks the cluster or posts
+// an operation to the mock cluster's own thread. The pointer is owned by `Inner` and destroyed
+// exactly once, in `Drop`, before the owning client handle.
+unsafe impl Send for Inner {}
+unsafe impl Sync for Inner {}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: created by rd_kafka_mock_cluster_new and not destroyed elsewhere.
+        unsafe { rdsys::rd_kafka_mock_cluster_destroy(self.mock) }
+    }
+}
+
+/// Silences the owner handle, which has no brokers of its own and would warn about it.
+struct Quiet;
+impl ClientContext for Quiet {
+    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
+}
+impl ProducerContext for Quiet {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+fn mock_err(context: &'static str, code: rdsys::rd_kafka_resp_err_t) -> Result<(), Error> {
+    if code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(Error::Kafka {
+            context,
+            source: KafkaError::MockCluster(code.into()),
+        })
+    }
+}
+
+impl EmbeddedCluster {
+    /// Starts a one-broker cluster.
+    pub fn start() -> Result<Self, Error> {
+        Self::with_brokers(1)
+    }
+
+    /// Starts a cluster of `brokers` brokers (ids 1..=brokers).
+    pub fn with_brokers(brokers: i32) -> Result<Self, Error> {
+        let owner: BaseProducer<Quiet> = ClientConfig::new()
+            .create_with_context(Quiet)
+            .map_err(Error::kafka("creating the embedded cluster's client"))?;
+        // SAFETY: `owner` is a valid client handle and outlives the cluster (see Inner).
+        let mock =
+            unsafe { rdsys::rd_kafka_mock_cluster_new(owner.client().native_ptr(), brokers) };
+        if mock.is_null() {
+            return Err(Error::Kafka {
+                context: "starting the embedded cluster",
+                source: KafkaError::MockCluster(rdkafka::types::RDKafkaErrorCode::Fail),
+            });
+        }
+        // SAFETY: `mock` is valid; the returned string is owned by the cluster.
+        let bootstrap = unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(mock)) }
+            .to_string_lossy()
+            .into_owned();
+        // The mock waits 3 s before the first rebalance of a group, like a real broker's
+        // group.initial.rebalance.delay.ms. Tests and demos do not need that wait.
+        // SAFETY: `mock` is valid.
+        unsafe { rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(mock, 0) };
+        Ok(EmbeddedCluster {
+            inner: Arc::new(Inner {
+                mock,
+                bootstrap,
+                _owner: owner,
+            }),
+        })
+    }
+
+    /// The `host:port` list to give clients.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.inner.bootstrap
+    }
+
+    /// Creates a topic (replication factor 1). Creating an existing topic is an error.
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), Error> {
+        let c_name = CString::new(name).map_err(|_| Error::TopicCreation {
+            topic: name.to_owned(),
+            reason: "name contains a NUL byte".to_owned(),
+        })?;
+        // SAFETY: valid cluster and NUL-terminated name.
+        let code = unsafe {
+            rdsys::rd_kafka_mock_topic_create(self.inner.mock, c_name.as_ptr(), partitions, 1)
+        };
+        mock_err("creating a topic on the embedded cluster", code)
+    }
+
+    /// Makes the next `errors.len()` requests of type `api` fail with these errors, in order,
+    /// whichever client sends them.
+    pub fn fail_requests(&self, api: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
+        // SAFETY: valid cluster; the array is read during the call only.
+        unsafe {
+            rdsys::rd_kafka_mock_push_request_errors_array(
+                self.inner.mock,
+                api as i16,
+                errors.len(),
+                errors.as_ptr(),
+            )
+        }
+    }
+
+    /// Removes errors queued by [`EmbeddedCluster::fail_requests`] for `api`.
+    pub fn clear_request_errors(&self, api: RDKafkaApiKey) {
+        // SAFETY: valid cluster.
+        unsafe { rdsys::rd_kafka_mock_clear_request_errors(self.inner.mock, api as i16) }
+    }
+
+    /// Takes broker `id` down (-1: all brokers): connections are closed and refused.
+    pub fn broker_down(&self, id: i32) -> Result<(), Error> {
+        // SAFETY: valid cluster.
+        mock_err("taking a broker down", unsafe {
+            rdsys::rd_kafka_mock_broker_set_down(self.inner.mock, id)
+        })
+    }
+
+    /// Brings broker `id` back up (-1: all brokers).
+    pub fn broker_up(&self, id: i32) -> Result<(), Error> {
+        // SAFETY: valid cluster.
+        mock_err("bringing a broker up", unsafe {
+            rdsys::rd_kafka_mock_broker_set_up(self.inner.mock, id)
+        })
+    }
+
+    /// A producer connected to this cluster (for test data).
+    pub fn producer(&self) -> Result<FutureProducer, Error> {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap_servers())
+            .set("linger.ms", "0")
+            .create()
+            .map_err(Error::kafka("creating a producer"))
+    }
+
+    /// Produces one record and waits for its acknowledgement. Returns (partition, offset).
+    pub async fn produce(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[Header],
+    ) -> Result<(i32, i64), Error> {
+        let mut hs = OwnedHeaders::new();
+        for h in headers {
+            hs = hs.insert(RdHeader {
+                key: &h.key,
+                value: h.value.as_deref(),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        producer
+            .send(record, Timeout::After(Duration::from_secs(10)))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| Error::Kafka {
+                context: "producing a test record",
+                source: e,
+            })
+    }
+
+    /// Reads every record currently in `topic`; see [`read_all`].
+    pub async fn read_all(&self, topic: &str) -> Result<Vec<Record>, Error> {
+        read_all(self.bootstrap_servers(), topic).await
+    }
+
+    /// The committed offset of `group` on `topic`/`partition` (`None` if nothing committed).
+    pub async fn committed_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, Error> {
+        let bootstrap = self.bootstrap_servers().to_owned();
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", &group)
+                .create()
+                .map_err(Error::kafka("creating an offset reader"))?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            let offset = {
+                let committed = consumer
+                    .committed_offsets(tpl, Duration::from_secs(10))
+                    .map_err(Error::kafka("reading committed offsets"))?;
+                // Read the value out and drop the list before the consumer: a list that
+                // outlives its consumer can hang the consumer's drop.
+                let offset = committed
+                    .find_partition(&topic, partition)
+                    .map(|e| e.offset());
+                drop(committed);
+                offset
+            };
+            Ok(match offset {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            })
+        })
+        .await
+        .unwrap_or(Ok(None))
+    }
+}
+
+/// Reads every record currently in `topic` (all partitions, from the low to the high
+/// watermark seen at the start) from any broker, sorted by partition and offset. Meant for
+/// tests and demos: it holds everything in memory.
+pub async fn read_all(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    match tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &topic)).await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn read_all_blocking(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "sidetrack-testing-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(Error::kafka("creating a reader"))?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(Error::kafka("reading metadata"))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0usize;
+    let mut highs = std::collections::HashMap::new();
+    for p in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(Error::kafka("reading watermarks"))?;
+        if high > low {
+            remaining += (high - low) as usize;
+            highs.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+                .map_err(Error::kafka("building assignment"))?;
+        }
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(Error::kafka("assigning partitions"))?;
+    drop(tpl);
+    let mut out = Vec::with_capacity(remaining);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < remaining && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if highs.get(&m.partition()).is_some_and(|h| m.offset() < *h) => {
+                out.push(Record {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| Header {
+                                    key: h.key.to_owned(),
+                                    value: h.value.map(<[u8]>::to_vec),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "reader error"),
+            Some(Ok(_)) | None => {}
+        }
+    }
+    out.sort_by_key(|r| (r.partition, r.offset));
+    Ok(out)
+}
+
+/// A record read back from a topic, e.g. from the dead-letter topic in a test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Timestamp, ms since the epoch.
+    pub timestamp: Option<i64>,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Payload bytes.
+    pub payload: Option<Vec<u8>>,
+    /// All headers, envelope included, in order.
+    pub headers: Vec<Header>,
+}
+
+impl Record {
+    /// The sidetrack envelope, and the user's headers before it.
+    pub fn envelope(&self) -> Result<(&[Header], Envelope), EnvelopeError> {
+        Envelope::split(&self.headers).map(|(n, e)| (&self.headers[..n], e))
+    }
+
+    /// The value of the last header named `key`, as text (envelope headers come last).
+    pub fn header_str(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+}

@@ -1,0 +1,215 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::dead_letter::DeadLetterReason;
+use crate::handler::{invoke, Context, ErasedHandler, Handler, Message};
+use crate::retry::{next_envelope, Decision, Envelope, RetryPolicy, Topology};
+
+/// What happened to one delivery in a [`TestRuntime`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler succeeded.
+    Handled,
+    /// The record would be written to retry tier `tier` (0-based), topic `topic`, due `delay`
+    /// later (without jitter).
+    Retry {
+        /// Tier index.
+        tier: usize,
+        /// Retry topic name.
+        topic: String,
+        /// Delay until due.
+        delay: Duration,
+    },
+    /// The record would be written to the dead-letter topic.
+    DeadLettered {
+        /// Why.
+        reason: DeadLetterReason,
+        /// The error text as the envelope would carry it.
+        error: String,
+    },
+}
+
+/// Runs a handler through the runtime's retry and dead-letter decisions, with no broker and
+/// no waiting: retries are delivered at once, with the envelope the runtime would write.
+pub struct TestRuntime {
+    handler: Arc<dyn ErasedHandler>,
+    config: Config,
+    policy: RetryPolicy,
+    cx: Context,
+}
+
+impl TestRuntime {
+    /// A harness with the default retry policy and group `test`.
+    pub fn new(handler: impl Handler) -> Self {
+        let config = Config::new("embedded", "test", ["test"]);
+        let policy = RetryPolicy::default();
+        Self::from_parts(Arc::new(handler), config, policy)
+    }
+
+    /// A harness using `config`'s group, retry policy and topic naming (`brokers` and
+    /// `topics` are not used).
+    pub fn with_config(handler: impl Handler, config: &Config) -> Result<Self, ConfigError> {
+        let policy = config.retry.policy()?;
+        Ok(Self::from_parts(Arc::new(handler), config.clone(), policy))
+    }
+
+    fn from_parts(handler: Arc<dyn ErasedHandler>, config: Config, policy: RetryPolicy) -> Self {
+        let cx = Context::new(config.group.clone(), CancellationToken::new());
+        TestRuntime {
+            handler,
+            config,
+            policy,
+            cx,
+        }
+    }
+
+    /// Delivers `msg` once (at its attempt number) and says what the runtime would do.
+    pub async fn deliver(&self, msg: &Message) -> Outcome {
+        match invoke(&*self.handler, msg, &self.cx).await {
+            Ok(()) => Outcome::Handled,
+            Err(e) => {
+                let decision = self.policy.decide(msg.attempt(), &e);
+                self.outcome(msg, decision, e.message())
+            }
+        }
+    }
+
+    /// Delivers `msg` and then every retry the runtime would make, until it is handled or
+    /// dead-lettered. Returns one outcome per attempt.
+    pub async fn deliver_until_done(&self, msg: Message) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        let mut msg = msg;
+        loop {
+            let (decision, error) = match invoke(&*self.handler, &msg, &self.cx).await {
+                Ok(()) => {
+                    outcomes.push(Outcome::Handled);
+                    return outcomes;
+                }
+                Err(e) => (
+                    self.policy.decide(msg.attempt(), &e),
+                    e.message().to_owned(),
+                ),
+            };
+            let outcome = self.outcome(&msg, decision, &error);
+            let Outcome::Retry { topic, .. } = &outcome else {
+                outcomes.push(outcome);
+                return outcomes;
+            };
+            // Round-trip the envelope through headers, as the retry consumer would read it.
+            let envelope = next_envelope(
+                &msg,
+                &self.config.group,
+                decision,
+                &error,
+                &self.policy,
+                0,
+                0.0,
+            );
+            let mut headers = msg.headers().to_vec();
+            headers.extend(envelope.to_headers());
+            let next = match Envelope::split(&headers) {
+                Ok((n, env)) => {
+                    headers.truncate(n);
+                    Message::from_parts(
+                        (topic, msg.partition(), msg.attempt() as i64),
+                        msg.timestamp(),
+                        msg.key().map(<[u8]>::to_vec),
+                        msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                        Some(env),
+                    )
+                }
+                Err(e) => {
+                    outcomes.push(Outcome::DeadLettered {
+                        reason: DeadLetterReason::InvalidEnvelope,
+                        error: e.to_string(),
+                    });
+                    return outcomes;
+                }
+            };
+            outcomes.push(outcome);
+            msg = next;
+        }
+    }
+
+    fn outcome(&self, msg: &Message, decision: Decision, error: &str) -> Outcome {
+        match decision {
+            Decision::Retry { tier, delay } => {
+                let mut config = self.config.clone();
+                config.topics = vec![msg.topic().to_owned()];
+                let topic = Topology::new(&config, &self.policy)
+                    .ok()
+                    .and_then(|t| t.sources().first().map(|s| s.retry[tier].name.clone()))
+                    .unwrap_or_default();
+                Outcome::Retry { tier, topic, delay }
+            }
+            Decision::DeadLetter(reason) => Outcome::DeadLettered {
+                reason,
+                error: crate::retry::truncate_error(error),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::handler::handler_fn;
+    use crate::retry::Tier;
+    use crate::HandlerError;
+
+    #[tokio::test]
+    async fn flaky_record_walks_the_tiers_then_succeeds() {
+        let rt = TestRuntime::new(handler_fn(|m: Message, _cx: Context| async move {
+            if m.attempt() <= 4 {
+                Err(HandlerError::retryable(format!(
+                    "attempt {} failed",
+                    m.attempt()
+                )))
+            } else {
+                Ok(())
+            }
+        }));
+        let outcomes = rt
+            .deliver_until_done(Message::new("orders", "x").with_header("h", "v"))
+            .await;
+        let tiers: Vec<_> = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Retry { tier, .. } => Some(*tier),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tiers, vec![Some(0), Some(0), Some(0), Some(1), None]);
+        assert_eq!(outcomes.last(), Some(&Outcome::Handled));
+        assert!(
+            matches!(&outcomes[0], Outcome::Retry { topic, .. } if topic == "orders.test.retry.1s")
+        );
+    }
+
+    #[tokio::test]
+    async fn always_failing_record_is_exhausted() {
+        let mut config = Config::new("b", "billing", ["orders"]);
+        config.retry = RetryConfig::tiers([Tier::new(Duration::from_millis(500), 2)]);
+        let rt = TestRuntime::with_config(
+            handler_fn(|_m: Message, _cx: Context| async { Err(HandlerError::retryable("down")) }),
+            &config,
+        )
+        .unwrap();
+        let outcomes = rt.deliver_until_done(Message::new("orders", "x")).await;
+        assert_eq!(outcomes.len(), 3);
+        assert_eq!(
+            outcomes[2],
+            Outcome::DeadLettered {
+                reason: DeadLetterReason::Exhausted,
+                error: "down".into()
+            }
+        );
+        assert!(matches!(&outcomes[0], Outcome::Retry { topic, delay, .. }
+            if topic == "orders.billing.retry.500ms" && *delay == Duration::from_millis(500)));
+    }
+}

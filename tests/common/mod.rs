@@ -1,0 +1,151 @@
+//! Helpers shared by the integration tests: an embedded cluster per test, a fast test config,
+//! and a handler that records every attempt.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sidetrack::config::RetryConfig;
+use sidetrack::testing::{wait_until, EmbeddedCluster};
+use sidetrack::{Config, Context, Handler, HandlerError, Message, Tier};
+
+pub const TOPIC: &str = "orders";
+pub const GROUP: &str = "billing";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,librdkafka=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A cluster with the source topic created.
+pub fn cluster(partitions: i32) -> EmbeddedCluster {
+    init_tracing();
+    let cluster = EmbeddedCluster::start().expect("embedded cluster");
+    cluster.create_topic(TOPIC, partitions).expect("topic");
+    cluster
+}
+
+/// Short tiers (200ms × 2, 500ms × 1) and consumer settings that make group joins quick.
+pub fn config() -> Config {
+    let mut c = Config::new("unused", GROUP, [TOPIC]);
+    c.retry = RetryConfig::tiers([
+        Tier::new(Duration::from_millis(200), 2),
+        Tier::new(Duration::from_millis(500), 1),
+    ]);
+    c.shutdown_timeout = Duration::from_secs(5);
+    c.handoff.timeout = Duration::from_millis(500);
+    c.handoff.backoff_initial = Duration::from_millis(50);
+    c.handoff.backoff_max = Duration::from_millis(200);
+    c.consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.consumer
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    c
+}
+
+/// One handler attempt as seen by [`Recorder`].
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub payload: String,
+    pub attempt: u32,
+    pub at_ms: i64,
+    pub due_ms: Option<i64>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+type Rule = dyn Fn(&Message) -> Result<(), HandlerError> + Send + Sync;
+
+/// Records every attempt; its behaviour per payload is given by `rule`.
+#[derive(Clone)]
+pub struct Recorder {
+    pub attempts: Arc<Mutex<Vec<Attempt>>>,
+    rule: Arc<Rule>,
+}
+
+impl Recorder {
+    pub fn new(
+        rule: impl Fn(&Message) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Self {
+        Recorder {
+            attempts: Arc::new(Mutex::new(Vec::new())),
+            rule: Arc::new(rule),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Attempt> {
+        self.attempts.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.attempts.lock().unwrap().len()
+    }
+
+    /// Payloads whose attempt ended in success, with how often.
+    pub fn by_payload(&self) -> HashMap<String, Vec<Attempt>> {
+        let mut m: HashMap<String, Vec<Attempt>> = HashMap::new();
+        for a in self.all() {
+            m.entry(a.payload.clone()).or_default().push(a);
+        }
+        m
+    }
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        self.attempts.lock().unwrap().push(Attempt {
+            payload: String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned(),
+            attempt: msg.attempt(),
+            at_ms: now,
+            due_ms: msg.envelope().and_then(|e| e.due),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        });
+        (self.rule)(msg)
+    }
+}
+
+/// Produces `payloads` to `TOPIC` (round-robin over partitions if `partitions` > 0).
+pub async fn produce_all(
+    cluster: &EmbeddedCluster,
+    payloads: &[String],
+    partitions: i32,
+) -> Vec<(i32, i64)> {
+    let producer = cluster.producer().unwrap();
+    let mut out = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        let part = (partitions > 0).then(|| i as i32 % partitions);
+        out.push(
+            cluster
+                .produce(
+                    &producer,
+                    TOPIC,
+                    part,
+                    Some(p.as_bytes()),
+                    Some(p.as_bytes()),
+                    &[],
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+pub async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    assert!(
+        wait_until(WAIT, || std::future::ready(cond())).await,
+        "timed out waiting for: {what}"
+    );
+}
