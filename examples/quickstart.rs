@@ -124,6 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let started = Instant::now();
@@ -212,20 +213,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "== sidetrack quickstart summary ({:.1}s) ==",
         started.elapsed().as_secs_f64()
     );
-    println!("records consumed (source + retry): {}", stats.consumed);
-    println!("handled:                           {}", stats.handled);
+    println!(
+        "{:<44}{}",
+        "records consumed (source + retry):", stats.consumed
+    );
+    println!("{:<44}{}", "handled:", stats.handled);
     for (name, n) in tiers.iter().zip(&stats.retried) {
         let label = format!("retried via {name}:");
-        println!("{label:<35}{n}");
+        println!("{label:<44}{n}");
     }
     for reason in DeadLetterReason::ALL {
         let label = format!("dead-lettered ({reason}):");
-        println!("{label:<35}{}", stats.dead_lettered(reason));
+        println!("{label:<44}{}", stats.dead_lettered(reason));
     }
-    println!(
-        "hand-off failures:                 {}",
-        stats.handoff_failures
-    );
+    println!("{:<44}{}", "hand-off failures:", stats.handoff_failures);
 
     let dead = read_all(&brokers, &dlq_topic).await?;
     if let Some(record) = dead

@@ -619,3 +619,145 @@ async fn invalid_config_and_missing_topics_fail_clearly() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_retries_on_one_partition_are_each_handled_once_in_order() {
+    let cluster = cluster(1);
+    let mut cfg = config();
+    cfg.retry = sidetrack::config::RetryConfig::tiers([sidetrack::Tier::new(
+        Duration::from_millis(300),
+        1,
+    )]);
+    // Every record fails its first attempt: the tier partition is paused and resumed for
+    // many head records in a row.
+    let recorder = Recorder::new(|m| {
+        if m.attempt() == 1 {
+            Err(HandlerError::retryable("first attempt fails"))
+        } else {
+            Ok(())
+        }
+    });
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let sent = payloads("r", 60);
+    produce_all(&cluster, &sent, 0).await;
+    wait_for("60 handled on retry", || rt.stats().handled == 60).await;
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(stats.retried, vec![60]);
+    let by = recorder.by_payload();
+    for p in &sent {
+        let attempts: Vec<u32> = by[p].iter().map(|a| a.attempt).collect();
+        assert_eq!(attempts, vec![1, 2], "{p}");
+        let retry = &by[p][1];
+        assert!(retry.at_ms >= retry.due_ms.unwrap(), "{p} handled early");
+    }
+    let retried_order: Vec<i64> = recorder
+        .all()
+        .into_iter()
+        .filter(|a| a.attempt == 2)
+        .map(|a| a.offset)
+        .collect();
+    let mut sorted = retried_order.clone();
+    sorted.sort();
+    assert_eq!(retried_order, sorted, "a tier is first-in-first-due");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let cluster = cluster(1);
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    // "slow" takes 1 s (well within the 5 s shutdown timeout); "stuck" never finishes.
+    let slow = sidetrack::handler_fn(move |m: sidetrack::Message, _cx| {
+        let flag = flag.clone();
+        async move {
+            flag.store(true, Ordering::SeqCst);
+            match m.payload() {
+                Some(b"slow") => tokio::time::sleep(Duration::from_secs(1)).await,
+                Some(b"stuck") => std::future::pending::<()>().await,
+                _ => {}
+            }
+            Ok(())
+        }
+    });
+    let mut cfg = config();
+    cfg.shutdown_timeout = Duration::from_millis(1500);
+    let rt = Runtime::builder(cfg.clone())
+        .embedded(&cluster)
+        .handler(slow)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let sent = produce_all(&cluster, &["slow".to_string()], 0).await;
+    wait_for("slow record started", || started.load(Ordering::SeqCst)).await;
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(
+        stats.handled, 1,
+        "in-flight record finished during shutdown"
+    );
+    assert_eq!(
+        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        Some(sent[0].1 + 1)
+    );
+
+    started.store(false, Ordering::SeqCst);
+    let flag = started.clone();
+    let stuck = sidetrack::handler_fn(move |m: sidetrack::Message, _cx| {
+        let flag = flag.clone();
+        async move {
+            flag.store(true, Ordering::SeqCst);
+            if m.payload() == Some(b"stuck") {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    });
+    let rt = Runtime::builder(cfg.clone())
+        .embedded(&cluster)
+        .handler(stuck)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let stuck_at = produce_all(&cluster, &["stuck".to_string()], 0).await[0].1;
+    wait_for("stuck record started", || started.load(Ordering::SeqCst)).await;
+    let begun = std::time::Instant::now();
+    let stats = rt.shutdown().await.unwrap();
+    assert!(
+        begun.elapsed() < Duration::from_secs(10),
+        "shutdown is bounded"
+    );
+    assert_eq!(stats.handled, 0);
+    assert_eq!(
+        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        Some(stuck_at),
+        "abandoned record is not committed"
+    );
+
+    // After a restart the abandoned record is delivered again.
+    let recorder = Recorder::new(|_| Ok(()));
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wait_for("abandoned record redelivered", || rt.stats().handled == 1).await;
+    rt.shutdown().await.unwrap();
+    let seen: Vec<String> = recorder.all().into_iter().map(|a| a.payload).collect();
+    assert_eq!(seen, vec!["stuck".to_string()]);
+}

@@ -56,6 +56,11 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
         // Measured on the embedded broker: the default 1 s backoff on a full fetch queue
         // throttles throughput badly; 10 ms keeps partitions fed.
         .set("fetch.queue.backoff.ms", "10")
+        // With one queue per partition these bounds apply per partition: prefetch at most
+        // 8 MiB or 10k records ahead of the handler (librdkafka's defaults are 64 MiB and
+        // 100k, per partition).
+        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "10000")
         .set_log_level(RDKafkaLogLevel::Info);
     for (k, v) in &config.consumer {
         c.set(k, v);
