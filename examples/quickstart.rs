@@ -44,6 +44,9 @@ struct Args {
     /// With a real broker: exit after this many seconds without traffic.
     #[arg(long, value_name = "SECS")]
     idle_exit: Option<u64>,
+    /// Serve Prometheus metrics here while running.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +157,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tier::new(Duration::from_secs(2), 1),
     ]);
     config.shutdown_timeout = Duration::from_secs(10);
+    config.metrics.listen = Some(args.metrics_listen);
+    config.metrics.lag_interval = Duration::from_secs(1);
 
     let produce = embedded.is_some() || args.produce_demo;
     let mut builder = Runtime::builder(config)
@@ -172,6 +177,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|t| t.name.clone())
         .collect();
     let handle = runtime.start().await?;
+    println!("metrics: http://{}/metrics", args.metrics_listen);
+    let consuming_since = Instant::now();
 
     if produce {
         produce_demo(&brokers, &args.topic, args.count).await?;
@@ -206,6 +213,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
     }
+    // Scrape our own endpoint before stopping, for the four signals below.
+    let consuming = consuming_since.elapsed().as_secs_f64();
+    let mut scraped = scrape(args.metrics_listen).unwrap_or_default();
+    if embedded.is_some() {
+        // Everything is handled; give the lag sampler (every 1 s) a moment to see it.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && total_lag(&scraped, &args.group) > 0.0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            scraped = scrape(args.metrics_listen).unwrap_or_default();
+        }
+    }
     let stats = handle.shutdown().await?;
 
     println!();
@@ -214,19 +232,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "{:<44}{}",
+        "{:<50}{}",
         "records consumed (source + retry):", stats.consumed
     );
-    println!("{:<44}{}", "handled:", stats.handled);
+    println!("{:<50}{}", "handled:", stats.handled);
     for (name, n) in tiers.iter().zip(&stats.retried) {
         let label = format!("retried via {name}:");
-        println!("{label:<44}{n}");
+        println!("{label:<50}{n}");
     }
     for reason in DeadLetterReason::ALL {
         let label = format!("dead-lettered ({reason}):");
-        println!("{label:<44}{}", stats.dead_lettered(reason));
+        println!("{label:<50}{}", stats.dead_lettered(reason));
     }
-    println!("{:<44}{}", "hand-off failures:", stats.handoff_failures);
+    println!("{:<50}{}", "hand-off failures:", stats.handoff_failures);
+
+    print_signals(&scraped, &args.group, &args.topic, &tiers, consuming);
 
     let dead = read_all(&brokers, &dlq_topic).await?;
     if let Some(record) = dead
@@ -257,6 +277,139 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// `GET /metrics` with a plain socket (the example needs no HTTP client).
+fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Sum of every max-lag gauge of our two groups.
+fn total_lag(text: &str, group: &str) -> f64 {
+    let retry_group = format!("{group}.retry");
+    text.lines()
+        .filter(|l| l.starts_with("sidetrack_consumer_max_lag{"))
+        .filter(|l| {
+            l.contains(&format!("group=\"{group}\""))
+                || l.contains(&format!("group=\"{retry_group}\""))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// The value of the first series named `name` whose labels include every `labels` pair.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(s, _)| {
+            s.split('{').next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// The four signals the platform watches: max offset lag, bytes/s, producer→consumer latency,
+/// consumer→processed latency.
+fn print_signals(text: &str, group: &str, topic: &str, tiers: &[String], seconds: f64) {
+    let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |s| format!("{:.3} ms", s * 1000.0));
+    println!();
+    println!("== the four signals (scraped from /metrics) ==");
+    let retry_group = format!("{group}.retry");
+    let mut lags = vec![format!(
+        "{topic}={}",
+        series(
+            text,
+            "sidetrack_consumer_max_lag",
+            &[("group", group), ("topic", topic)]
+        )
+        .unwrap_or(0.0)
+    )];
+    for t in tiers {
+        let lag = series(
+            text,
+            "sidetrack_consumer_max_lag",
+            &[("group", &retry_group), ("topic", t)],
+        );
+        lags.push(format!("{t}={}", lag.unwrap_or(0.0)));
+    }
+    println!(
+        "{:<50}{}",
+        "max offset lag (sampled every 1s):",
+        lags.join(", ")
+    );
+    let bytes = series(
+        text,
+        "sidetrack_bytes_consumed_total",
+        &[("group", group), ("topic", topic)],
+    )
+    .unwrap_or(0.0);
+    println!(
+        "{:<50}{:.0} B/s ({bytes:.0} bytes in {seconds:.1}s)",
+        format!("bytes consumed per second ({topic}):"),
+        bytes / seconds.max(0.001)
+    );
+    let q = |metric: &str, extra: (&str, &str), quantile: &str| {
+        series(text, metric, &[extra, ("quantile", quantile)])
+    };
+    let e2e = "sidetrack_end_to_end_latency_seconds";
+    println!(
+        "{:<50}p50 {}, p99 {}",
+        "producer→consumer latency:",
+        ms(series(
+            text,
+            e2e,
+            &[("topic", topic), ("from", "record"), ("quantile", "0.5")]
+        )),
+        ms(series(
+            text,
+            e2e,
+            &[("topic", topic), ("from", "record"), ("quantile", "0.99")]
+        )),
+    );
+    if let Some(first) = tiers.first() {
+        println!(
+            "{:<50}p50 {}, p99 {}",
+            "original→retry handled latency:",
+            ms(series(
+                text,
+                e2e,
+                &[("topic", first), ("from", "original"), ("quantile", "0.5")]
+            )),
+            ms(series(
+                text,
+                e2e,
+                &[("topic", first), ("from", "original"), ("quantile", "0.99")]
+            )),
+        );
+    }
+    for t in tiers {
+        let late = "sidetrack_retry_lateness_seconds";
+        println!(
+            "{:<50}p50 {}, p99 {}",
+            format!("retry lateness ({t}):"),
+            ms(series(text, late, &[("topic", t), ("quantile", "0.5")])),
+            ms(series(text, late, &[("topic", t), ("quantile", "0.99")])),
+        );
+    }
+    let proc = "sidetrack_processing_seconds";
+    println!(
+        "{:<50}p50 {}, p99 {}",
+        "consumer→processed latency (handled):",
+        ms(q(proc, ("source", topic), "0.5")),
+        ms(q(proc, ("source", topic), "0.99")),
+    );
 }
 
 /// The runtime stops on its own after Ctrl-C; the loop above then ends.

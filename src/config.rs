@@ -82,6 +82,10 @@ pub struct Config {
     pub provisioning: ProvisioningConfig,
     /// How records are handed to retry and dead-letter topics.
     pub handoff: HandoffConfig,
+    /// Metrics: an optional Prometheus endpoint and the lag sampling interval.
+    pub metrics: MetricsConfig,
+    /// Dead-letter alerts.
+    pub alerts: AlertsConfig,
     /// How long shutdown waits for in-flight handlers before abandoning them (their offsets are
     /// then not stored, so they are delivered again after a restart).
     #[serde(with = "humantime_serde")]
@@ -103,6 +107,8 @@ impl Default for Config {
             dead_letter: DeadLetterConfig::default(),
             provisioning: ProvisioningConfig::default(),
             handoff: HandoffConfig::default(),
+            metrics: MetricsConfig::default(),
+            alerts: AlertsConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
@@ -342,6 +348,64 @@ impl Default for HandoffConfig {
     }
 }
 
+/// Metrics settings. Metrics are always recorded through the `metrics` facade; these only
+/// control what sidetrack itself serves and samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus `/metrics` on this address (e.g. `"127.0.0.1:9464"`); installs the
+    /// process-wide recorder. Off by default: install your own recorder instead if you like.
+    /// Needs the `prometheus` feature (on by default).
+    pub listen: Option<std::net::SocketAddr>,
+    /// How often consumer lag is sampled (a watermark query per owned partition).
+    #[serde(with = "humantime_serde")]
+    pub lag_interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            lag_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Dead-letter alerts: one per (topic, group) and window, with a count, the first few records
+/// and the `sidetrack dlq` commands to inspect and replay them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Log each alert at WARN (target `sidetrack::alert`).
+    pub log: bool,
+    /// Also POST each alert to this webhook (JSON with a Slack-compatible `text`). Needs the
+    /// `webhook` feature.
+    pub webhook: Option<String>,
+    /// Aggregation window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Records shown per alert.
+    pub max_examples: usize,
+    /// Longest time one notifier call may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How the CLI is invoked in the commands an alert shows.
+    pub command: String,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            log: true,
+            webhook: None,
+            window: Duration::from_secs(60),
+            max_examples: 5,
+            timeout: Duration::from_secs(10),
+            command: "sidetrack".to_owned(),
+        }
+    }
+}
+
 /// librdkafka consumer properties that sidetrack sets itself; overriding them would break the
 /// no-loss guarantee or the topology.
 const MANAGED_CONSUMER_PROPS: &[&str] = &[
@@ -426,10 +490,31 @@ impl Config {
             ("handoff.backoff_initial", self.handoff.backoff_initial),
             ("handoff.backoff_max", self.handoff.backoff_max),
             ("provisioning.timeout", self.provisioning.timeout),
+            ("alerts.timeout", self.alerts.timeout),
         ] {
             if value < Duration::from_millis(1) {
                 return Err(ConfigError::invalid(field, "must be at least 1ms"));
             }
+        }
+        for (field, value) in [
+            ("metrics.lag_interval", self.metrics.lag_interval),
+            ("alerts.window", self.alerts.window),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(ConfigError::invalid(field, "must be at least 100ms"));
+            }
+        }
+        if self.alerts.webhook.is_some() && !cfg!(feature = "webhook") {
+            return Err(ConfigError::invalid(
+                "alerts.webhook",
+                "this build has no webhook support; enable the `webhook` feature",
+            ));
+        }
+        if self.metrics.listen.is_some() && !cfg!(feature = "prometheus") {
+            return Err(ConfigError::invalid(
+                "metrics.listen",
+                "this build has no Prometheus exporter; enable the `prometheus` feature",
+            ));
         }
         if self.handoff.backoff_max < self.handoff.backoff_initial {
             return Err(ConfigError::invalid(

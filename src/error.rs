@@ -32,6 +32,9 @@ pub enum Error {
         /// What the broker (or the embedded cluster) said.
         reason: String,
     },
+    /// The metrics exporter could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// A librdkafka call failed; `context` says which step.
     #[error("{context}: {source}")]
     Kafka {

@@ -41,10 +41,17 @@ impl ClientContext for TracingContext {
     }
 }
 
+/// `fetch.wait.max.ms` of the retry consumer: a resumed tier partition is refetched within
+/// one such long-poll, so it bounds how early a paused partition must be resumed.
+pub(crate) const RETRY_FETCH_WAIT_MS: u64 = 100;
+
 /// Settings of both consumers. Offsets are stored by us after a durable outcome and
 /// committed by librdkafka's auto-commit (also on revoke) and by a final commit at shutdown.
-pub(crate) fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
+pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> ClientConfig {
     let mut c = ClientConfig::new();
+    if retry {
+        c.set("fetch.wait.max.ms", RETRY_FETCH_WAIT_MS.to_string());
+    }
     c.set("bootstrap.servers", &config.brokers)
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::metrics::lag::{self, Progress};
 
 use super::client::{consumer_config, forward_error, forward_log};
 use super::partition::PartitionTask;
@@ -37,11 +38,13 @@ pub(crate) enum Role {
 struct Slot {
     revoked: CancellationToken,
     task: JoinHandle<()>,
+    progress: Arc<Progress>,
 }
 
 /// The consumer's context: rebalance hook and the table of partition tasks.
 pub(crate) struct GroupContext {
     role: Role,
+    group_id: String,
     shared: Arc<Shared>,
     /// Set right after the consumer is wrapped in an `Arc`: splitting a partition queue needs
     /// the `Arc`, but the rebalance hook only gets the inner `BaseConsumer`.
@@ -66,13 +69,16 @@ impl GroupContext {
             return;
         };
         let revoked = CancellationToken::new();
+        let progress = Progress::new();
         let task = PartitionTask::new(
             Arc::clone(&self.shared),
             self.role,
+            self.group_id.clone(),
             Arc::clone(&consumer),
             topic,
             partition,
             revoked.clone(),
+            Arc::clone(&progress),
         );
         let handle = self.runtime.spawn(task.run(queue));
         let old = self.slots().insert(
@@ -80,6 +86,7 @@ impl GroupContext {
             Slot {
                 revoked,
                 task: handle,
+                progress,
             },
         );
         if let Some(old) = old {
@@ -92,6 +99,7 @@ impl GroupContext {
         if let Some(slot) = self.slots().remove(&(topic.to_owned(), partition)) {
             slot.revoked.cancel();
         }
+        lag::forget(&self.group_id, topic, partition);
         tracing::info!(role = ?self.role, topic, partition, "partition revoked");
     }
 }
@@ -158,6 +166,8 @@ impl ConsumerContext for GroupContext {
 pub(crate) struct Group {
     consumer: Arc<GroupConsumer>,
     poller: JoinHandle<()>,
+    sampler: JoinHandle<()>,
+    /// Stops the main-queue poller and the lag sampler.
     poller_stop: CancellationToken,
 }
 
@@ -174,14 +184,16 @@ impl Group {
         };
         let context = GroupContext {
             role,
+            group_id: group_id.to_owned(),
             shared: Arc::clone(shared),
             consumer: OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
         };
-        let consumer: GroupConsumer = consumer_config(&shared.config, group_id)
-            .create_with_context(context)
-            .map_err(Error::kafka("creating the consumer"))?;
+        let consumer: GroupConsumer =
+            consumer_config(&shared.config, group_id, role == Role::Retry)
+                .create_with_context(context)
+                .map_err(Error::kafka("creating the consumer"))?;
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -194,9 +206,16 @@ impl Group {
             role,
             poller_stop.clone(),
         ));
+        let sampler = tokio::spawn(sample_lag(
+            Arc::clone(&consumer),
+            topics.to_vec(),
+            shared.config.metrics.lag_interval,
+            poller_stop.clone(),
+        ));
         Ok(Group {
             consumer,
             poller,
+            sampler,
             poller_stop,
         })
     }
@@ -234,9 +253,41 @@ impl Group {
         .await;
         self.poller_stop.cancel();
         let _ = self.poller.await;
+        let _ = self.sampler.await;
         // Dropping the consumer closes it: it leaves the group, which blocks for a moment.
         let consumer = self.consumer;
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
+}
+
+/// Samples consumer lag every `interval` on a blocking thread; see [`crate::metrics::lag`].
+async fn sample_lag(
+    consumer: Arc<GroupConsumer>,
+    topics: Vec<String>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let owned: Vec<_> = consumer
+            .context()
+            .slots()
+            .iter()
+            .map(|(k, s)| (k.clone(), Arc::clone(&s.progress)))
+            .collect();
+        let c = Arc::clone(&consumer);
+        let timeout = interval.min(Duration::from_secs(5));
+        let sampled = tokio::task::spawn_blocking(move || lag::sample(&*c, &owned, timeout)).await;
+        if let Ok(sampled) = sampled {
+            if !stop.is_cancelled() {
+                lag::publish(&consumer.context().group_id, &topics, &sampled);
+            }
+        }
     }
 }
 

@@ -28,7 +28,9 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dead_letter::DeadLetterReason;
+use crate::dead_letter::{
+    Alerts, DeadLetterNotifier, DeadLetterReason, ErasedNotifier, LogNotifier,
+};
 use crate::error::Error;
 use crate::handler::{Context, ErasedHandler, Handler};
 use crate::retry::{RetryPolicy, Topology};
@@ -46,6 +48,7 @@ pub struct RuntimeBuilder {
     creator: TopicCreator,
     consumer_overrides: Vec<(String, String)>,
     producer_overrides: Vec<(String, String)>,
+    notifiers: Vec<Arc<dyn ErasedNotifier>>,
 }
 
 impl RuntimeBuilder {
@@ -60,6 +63,13 @@ impl RuntimeBuilder {
     /// [`RuntimeHandle::shutdown`] is called.
     pub fn shutdown_signal(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
         self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// Adds a receiver of dead-letter alerts, besides the ones the config enables
+    /// (`alerts.log`, `alerts.webhook`).
+    pub fn dead_letter_notifier(mut self, notifier: impl DeadLetterNotifier) -> Self {
+        self.notifiers.push(Arc::new(notifier));
         self
     }
 
@@ -92,6 +102,16 @@ impl RuntimeBuilder {
         let handler = self.handler.ok_or(Error::NoHandler)?;
         let policy = config.retry.policy()?;
         let topology = Topology::new(&config, &policy)?;
+        let mut notifiers = self.notifiers;
+        if config.alerts.log {
+            notifiers.insert(0, Arc::new(LogNotifier));
+        }
+        #[cfg(feature = "webhook")]
+        if let Some(url) = &config.alerts.webhook {
+            notifiers.push(Arc::new(
+                crate::dead_letter::WebhookNotifier::new(url).timeout(config.alerts.timeout),
+            ));
+        }
         Ok(Runtime {
             config,
             policy,
@@ -99,6 +119,7 @@ impl RuntimeBuilder {
             handler,
             shutdown: self.shutdown,
             creator: self.creator,
+            notifiers,
         })
     }
 }
@@ -111,6 +132,7 @@ pub struct Runtime {
     handler: Arc<dyn ErasedHandler>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     creator: TopicCreator,
+    notifiers: Vec<Arc<dyn ErasedNotifier>>,
 }
 
 impl Runtime {
@@ -123,6 +145,7 @@ impl Runtime {
             creator: TopicCreator::Admin,
             consumer_overrides: Vec::new(),
             producer_overrides: Vec::new(),
+            notifiers: Vec::new(),
         }
     }
 
@@ -139,13 +162,26 @@ impl Runtime {
     /// Checks (and creates) topics, joins the groups and starts consuming. Returns a handle to
     /// observe and stop the running runtime.
     pub async fn start(self) -> Result<RuntimeHandle, Error> {
+        #[cfg(feature = "prometheus")]
+        if let Some(listen) = self.config.metrics.listen {
+            crate::metrics::install_prometheus(listen)?;
+            tracing::info!(%listen, "serving Prometheus metrics on /metrics");
+        }
         crate::metrics::describe();
         let partitions = provision::provision(&self.config, &self.topology, &self.creator).await?;
         let producer: FutureProducer<TracingContext> = client::producer_config(&self.config)
             .create_with_context(TracingContext)
             .map_err(Error::kafka("creating the hand-off producer"))?;
         let shutdown = CancellationToken::new();
+        let alerts = Arc::new(Alerts::new(
+            self.notifiers,
+            self.config.alerts.max_examples,
+            self.config.alerts.timeout,
+            self.config.brokers.clone(),
+            self.config.alerts.command.clone(),
+        ));
         let shared = Arc::new(Shared {
+            alerts,
             cx: Context::new(self.config.group.clone(), shutdown.clone()),
             stats: Stats::new(self.policy.tiers().len()),
             config: self.config,
@@ -192,10 +228,17 @@ impl Runtime {
             retry_topics = ?retry_topics,
             "sidetrack runtime started"
         );
+        let alerts_stop = CancellationToken::new();
+        let alerts_task = tokio::spawn(Arc::clone(&shared.alerts).run(
+            shared.config.group.clone(),
+            shared.config.alerts.window,
+            alerts_stop.clone(),
+        ));
         Ok(RuntimeHandle {
             shared,
             main,
             retry,
+            alerts: (alerts_task, alerts_stop),
         })
     }
 }
@@ -205,6 +248,7 @@ pub struct RuntimeHandle {
     shared: Arc<Shared>,
     main: Group,
     retry: Option<Group>,
+    alerts: (tokio::task::JoinHandle<()>, CancellationToken),
 }
 
 impl RuntimeHandle {
@@ -250,6 +294,10 @@ impl RuntimeHandle {
             }
         };
         tokio::join!(self.main.stop(timeout), retry);
+        // Last alert window: the records are on the DLQ already; give notifiers their timeout.
+        let (alerts_task, alerts_stop) = self.alerts;
+        alerts_stop.cancel();
+        let _ = alerts_task.await;
         let stats = self.shared.stats.snapshot();
         let shared = self.shared;
         // Every hand-off was awaited already; flushing is a formality, dropping a client
@@ -275,6 +323,7 @@ pub(crate) struct Shared {
     /// Partition count of every source and side topic.
     pub(crate) partitions: HashMap<String, i32>,
     pub(crate) stats: Stats,
+    pub(crate) alerts: Arc<Alerts>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) cx: Context,
 }

@@ -11,10 +11,12 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use rdkafka::{Message as _, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::dead_letter::DeadLetterReason;
+use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
 use crate::handler::{invoke, Header, Message};
 use crate::metrics as m;
+use crate::metrics::lag::Progress;
 use crate::retry::scheduler::{self, now_ms};
 use crate::retry::{next_envelope, Decision, Envelope, ErrorKind};
 
@@ -27,6 +29,10 @@ struct Abandoned;
 
 pub(crate) struct PartitionTask {
     shared: Arc<Shared>,
+    /// Consumer group of this consumer (main or retry), for metric labels.
+    group_id: String,
+    /// Next offset to handle, read by the lag sampler.
+    progress: Arc<Progress>,
     consumer: Arc<GroupConsumer>,
     topic: String,
     partition: i32,
@@ -41,13 +47,16 @@ pub(crate) struct PartitionTask {
 }
 
 impl PartitionTask {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shared: Arc<Shared>,
         role: Role,
+        group_id: String,
         consumer: Arc<GroupConsumer>,
         topic: &str,
         partition: i32,
         revoked: CancellationToken,
+        progress: Arc<Progress>,
     ) -> Self {
         let (source, tier) = match role {
             Role::Main => (
@@ -67,6 +76,8 @@ impl PartitionTask {
         PartitionTask {
             stop: shared.shutdown.clone(),
             shared,
+            group_id,
+            progress,
             consumer,
             topic: topic.to_owned(),
             partition,
@@ -91,7 +102,24 @@ impl PartitionTask {
                     continue;
                 }
             };
-            let work = self.process(msg_or_invalid);
+            self.progress.at(offset);
+            let span = tracing::debug_span!(
+                "record",
+                topic = %self.topic,
+                partition = self.partition,
+                offset,
+                attempt = tracing::field::Empty,
+                key_hash = tracing::field::Empty,
+            );
+            if !span.is_disabled() {
+                if let Ok(msg) = &msg_or_invalid {
+                    span.record("attempt", msg.attempt());
+                    if let Some(key) = msg.key() {
+                        span.record("key_hash", format!("{:016x}", key_hash(key)));
+                    }
+                }
+            }
+            let work = self.process(msg_or_invalid).instrument(span);
             tokio::pin!(work);
             let outcome = tokio::select! {
                 outcome = &mut work => outcome,
@@ -113,6 +141,7 @@ impl PartitionTask {
                 // Revoked in the meantime: the new owner gets the record again.
                 tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
             }
+            self.progress.at(offset + 1);
         }
     }
 
@@ -124,8 +153,9 @@ impl PartitionTask {
         let payload = raw.payload().map(<[u8]>::to_vec);
         let bytes = key.as_ref().map_or(0, Vec::len) + payload.as_ref().map_or(0, Vec::len);
         let source_topic = &shared.topology.sources()[self.source].topic;
-        metrics::counter!(m::RECORDS_CONSUMED, "topic" => source_topic.clone()).increment(1);
-        metrics::counter!(m::BYTES_CONSUMED, "topic" => source_topic.clone())
+        metrics::counter!(m::RECORDS_CONSUMED, "group" => self.group_id.clone(), "topic" => self.topic.clone())
+            .increment(1);
+        metrics::counter!(m::BYTES_CONSUMED, "group" => self.group_id.clone(), "topic" => self.topic.clone())
             .increment(bytes as u64);
         let mut headers: Vec<Header> = raw
             .headers()
@@ -140,6 +170,14 @@ impl PartitionTask {
             .unwrap_or_default();
         let received = (self.topic.as_str(), self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
+        let now = now_ms();
+        let e2e = |from: &'static str, ts: Option<i64>| {
+            if let Some(ts) = ts {
+                metrics::histogram!(m::END_TO_END_SECONDS, "topic" => self.topic.clone(), "from" => from)
+                    .record((now - ts).max(0) as f64 / 1000.0);
+            }
+        };
+        e2e("record", timestamp);
         let Some(tier) = self.tier else {
             return Ok(Message::from_parts(
                 received, timestamp, key, payload, headers, None,
@@ -208,18 +246,30 @@ impl PartitionTask {
                     .await;
             }
         };
-        if let Some(due) = msg.envelope().and_then(|e| e.due) {
-            self.wait_until_due(due).await?;
+        if let Some(envelope) = msg.envelope() {
+            if let Some(due) = envelope.due {
+                self.wait_until_due(due).await?;
+                metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => self.topic.clone())
+                    .record((now_ms() - due).max(0) as f64 / 1000.0);
+            }
+            // The whole cost of the retries so far: from the original record to this delivery.
+            if let Some(ts) = envelope.original_timestamp {
+                metrics::histogram!(m::END_TO_END_SECONDS, "topic" => self.topic.clone(), "from" => "original")
+                    .record((now_ms() - ts).max(0) as f64 / 1000.0);
+            }
         }
         let shared = &self.shared;
+        let in_flight = metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => self.group_id.clone());
+        in_flight.increment(1.0);
         let started = Instant::now();
         let result = invoke(&*shared.handler, &msg, &shared.cx).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let topic = msg.topic().to_owned();
+        in_flight.decrement(1.0);
+        let source = shared.topology.sources()[self.source].topic.clone();
         match result {
             Ok(()) => {
-                metrics::histogram!(m::PROCESSING_SECONDS, "topic" => topic.clone(), "outcome" => "handled").record(elapsed);
-                metrics::counter!(m::RECORDS_HANDLED, "topic" => topic).increment(1);
+                metrics::histogram!(m::PROCESSING_SECONDS, "source" => source.clone(), "outcome" => "handled").record(elapsed);
+                metrics::counter!(m::RECORDS_HANDLED, "source" => source).increment(1);
                 shared.stats.handled();
                 Ok(())
             }
@@ -229,7 +279,7 @@ impl PartitionTask {
                     Decision::Retry { .. } => "retry",
                     Decision::DeadLetter(_) => "dead_letter",
                 };
-                metrics::histogram!(m::PROCESSING_SECONDS, "topic" => topic, "outcome" => outcome)
+                metrics::histogram!(m::PROCESSING_SECONDS, "source" => source, "outcome" => outcome)
                     .record(elapsed);
                 tracing::debug!(
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
@@ -240,25 +290,39 @@ impl PartitionTask {
         }
     }
 
-    /// Sleeps until the record is due with its partition paused, so nothing is fetched (and
-    /// nothing polled) meanwhile.
+    /// Waits until the record is due. For longer waits the partition is paused, so nothing is
+    /// fetched (or polled) meanwhile, and resumed [`resume_ahead`] before the due time:
+    /// pausing drops librdkafka's prefetched records, and refetching them after a resume takes
+    /// up to one fetch long-poll, which would otherwise make every retry that late.
     async fn wait_until_due(&self, due: i64) -> Result<(), Abandoned> {
-        let now = now_ms();
-        if due <= now {
-            return Ok(());
-        }
-        let wait = Duration::from_millis((due - now) as u64);
-        self.set_paused(true);
-        let slept = tokio::select! {
-            _ = tokio::time::sleep(wait) => true,
-            _ = self.stop.cancelled() => false,
-            _ = self.revoked.cancelled() => false,
+        let due_at = |ms: i64| {
+            tokio::time::Instant::now()
+                + Duration::from_millis(ms.saturating_sub(now_ms()).max(0) as u64)
         };
-        self.set_paused(false);
-        if slept {
+        let ahead = resume_ahead(&self.shared.config);
+        let pause_until = due_at(due - ahead.as_millis() as i64);
+        let paused = pause_until > tokio::time::Instant::now();
+        if paused {
+            self.set_paused(true);
+            let slept = self.sleep_until(pause_until).await;
+            self.set_paused(false);
+            if !slept {
+                return Err(Abandoned);
+            }
+        }
+        if self.sleep_until(due_at(due)).await {
             Ok(())
         } else {
             Err(Abandoned)
+        }
+    }
+
+    /// Sleeps until `deadline`; false if the task was stopped or revoked first.
+    async fn sleep_until(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => true,
+            _ = self.stop.cancelled() => false,
+            _ = self.revoked.cancelled() => false,
         }
     }
 
@@ -270,6 +334,10 @@ impl PartitionTask {
         } else {
             self.consumer.resume(&tpl)
         };
+        // Counted whatever librdkafka answered: a revoked partition cannot be resumed, but it
+        // is no longer paused by us either.
+        metrics::gauge!(m::PARTITIONS_PAUSED, "group" => self.group_id.clone())
+            .increment(if paused { 1.0 } else { -1.0 });
         if let Err(e) = result {
             tracing::debug!(topic = %self.topic, partition = self.partition, paused, error = %e, "pause/resume failed");
         }
@@ -312,7 +380,7 @@ impl PartitionTask {
 
         let mut backoff = shared.config.handoff.backoff_initial;
         let mut paused = false;
-        loop {
+        let delivery = loop {
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(target).headers(headers.clone());
             if let Some(k) = msg.key() {
@@ -329,12 +397,17 @@ impl PartitionTask {
                 .send(record, Timeout::After(shared.config.handoff.timeout))
                 .await;
             match sent {
-                Ok(_) => break,
+                Ok(d) => break (d.partition, d.offset),
                 // Revoked: the new owner will handle the record again; stop here.
-                Err(_) if self.revoked.is_cancelled() => return Err(Abandoned),
+                Err(_) if self.revoked.is_cancelled() => {
+                    if paused {
+                        self.set_paused(false);
+                    }
+                    return Err(Abandoned);
+                }
                 Err((e, _)) => {
                     shared.stats.handoff_failed();
-                    metrics::counter!(m::HANDOFF_FAILURES, "topic" => source.topic.clone())
+                    metrics::counter!(m::HANDOFF_FAILURES, "source" => source.topic.clone())
                         .increment(1);
                     tracing::warn!(
                         target_topic = target, topic = msg.topic(), partition = msg.partition(),
@@ -351,19 +424,20 @@ impl PartitionTask {
                         _ = self.revoked.cancelled() => false,
                     };
                     if !go_on {
+                        self.set_paused(false);
                         return Err(Abandoned);
                     }
                     backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
                 }
             }
-        }
+        };
         if paused {
             self.set_paused(false);
         }
         match decision {
             Decision::Retry { tier, .. } => {
                 shared.stats.retried(tier);
-                metrics::counter!(m::RETRIES_SCHEDULED, "topic" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
+                metrics::counter!(m::RETRIES_SCHEDULED, "source" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
                 tracing::debug!(
                     target_topic = target,
                     topic = msg.topic(),
@@ -374,15 +448,46 @@ impl PartitionTask {
             }
             Decision::DeadLetter(reason) => {
                 shared.stats.dead_lettered(reason);
-                metrics::counter!(m::DEAD_LETTERED, "topic" => source.topic.clone(), "reason" => reason.as_str()).increment(1);
+                metrics::counter!(m::DEAD_LETTERED, "source" => source.topic.clone(), "reason" => reason.as_str()).increment(1);
                 tracing::warn!(
                     dlq = target, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                     attempts = msg.attempt(), %reason, error, "record dead-lettered"
                 );
+                shared.alerts.record(DeadLetterEvent {
+                    topic: &source.topic,
+                    dlq: target,
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    dlq_partition: delivery.0,
+                    dlq_offset: delivery.1,
+                    key: msg.key(),
+                    reason,
+                    attempts: msg.attempt(),
+                    error,
+                });
             }
         }
         Ok(())
     }
+}
+
+/// How long before a retry record is due its paused partition is resumed: the retry consumer's
+/// fetch long-poll (`fetch.wait.max.ms`, 100 ms unless overridden) plus room for a round trip.
+fn resume_ahead(config: &crate::Config) -> Duration {
+    let fetch_wait = config
+        .consumer
+        .get("fetch.wait.max.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(super::client::RETRY_FETCH_WAIT_MS);
+    Duration::from_millis(fetch_wait + 200)
+}
+
+/// A stable, non-reversible stand-in for a key in traces (keys may carry personal data).
+fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// A retry-topic record whose envelope cannot be trusted.

@@ -26,15 +26,25 @@ pub fn init_tracing() {
 
 /// A cluster with the source topic created.
 pub fn cluster(partitions: i32) -> EmbeddedCluster {
+    cluster_with(TOPIC, partitions)
+}
+
+/// A cluster with `topic` created.
+pub fn cluster_with(topic: &str, partitions: i32) -> EmbeddedCluster {
     init_tracing();
     let cluster = EmbeddedCluster::start().expect("embedded cluster");
-    cluster.create_topic(TOPIC, partitions).expect("topic");
+    cluster.create_topic(topic, partitions).expect("topic");
     cluster
 }
 
 /// Short tiers (200ms × 2, 500ms × 1) and consumer settings that make group joins quick.
 pub fn config() -> Config {
-    let mut c = Config::new("unused", GROUP, [TOPIC]);
+    config_for(TOPIC, GROUP)
+}
+
+/// [`config`] for another topic and group.
+pub fn config_for(topic: &str, group: &str) -> Config {
+    let mut c = Config::new("unused", group, [topic]);
     c.retry = RetryConfig::tiers([
         Tier::new(Duration::from_millis(200), 2),
         Tier::new(Duration::from_millis(500), 1),
@@ -122,6 +132,16 @@ pub async fn produce_all(
     payloads: &[String],
     partitions: i32,
 ) -> Vec<(i32, i64)> {
+    produce_to(cluster, TOPIC, payloads, partitions).await
+}
+
+/// Produces `payloads` (also used as keys) to `topic`.
+pub async fn produce_to(
+    cluster: &EmbeddedCluster,
+    topic: &str,
+    payloads: &[String],
+    partitions: i32,
+) -> Vec<(i32, i64)> {
     let producer = cluster.producer().unwrap();
     let mut out = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
@@ -130,7 +150,7 @@ pub async fn produce_all(
             cluster
                 .produce(
                     &producer,
-                    TOPIC,
+                    topic,
                     part,
                     Some(p.as_bytes()),
                     Some(p.as_bytes()),
@@ -148,4 +168,93 @@ pub async fn wait_for(what: &str, cond: impl Fn() -> bool) {
         wait_until(WAIT, || std::future::ready(cond())).await,
         "timed out waiting for: {what}"
     );
+}
+
+/// What a test HTTP server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ok,
+    ServerError,
+    /// Read the request, never answer.
+    Hang,
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 that stores each request body.
+pub async fn http_server(reply: Reply) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let store = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break String::from_utf8_lossy(&buf[end + 4..end + 4 + len])
+                                .into_owned();
+                        }
+                    }
+                };
+                store.lock().unwrap().push(body);
+                let status = match reply {
+                    Reply::Ok => "200 OK",
+                    Reply::ServerError => "500 Internal Server Error",
+                    Reply::Hang => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                };
+                let _ = sock
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// GET `path` from `addr`; returns the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    sock.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }

@@ -1,11 +1,20 @@
-//! The dead-letter topic: why a record ends up there.
+//! The dead-letter topic: why a record ends up there, and the alerts on-call receives.
 //!
 //! A dead-letter record keeps the original key, payload and user headers byte for byte and
 //! carries the [`Envelope`](crate::Envelope) headers with `sidetrack-error-kind` set to the
 //! reason below. It is written only after the broker acknowledged it; the source offset is
 //! stored only then.
 
+mod alert;
+#[cfg(feature = "webhook")]
+mod webhook;
+
 use std::fmt;
+
+pub(crate) use alert::{Alerts, DeadLetterEvent, ErasedNotifier};
+pub use alert::{DeadLetterAlert, DeadLetterExample, DeadLetterNotifier, LogNotifier, NotifyError};
+#[cfg(feature = "webhook")]
+pub use webhook::WebhookNotifier;
 
 /// Why a record was dead-lettered. The header value is [`DeadLetterReason::as_str`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,130 @@
+//! Metrics, recorded through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! Install any recorder in your binary (Prometheus, StatsD/Datadog, …), or set
+//! [`MetricsConfig::listen`](crate::config::MetricsConfig::listen) to have sidetrack serve a
+//! Prometheus `/metrics` endpoint itself. Without a recorder, recording costs next to nothing.
+//!
+//! Labels are of low cardinality: `group`, `topic` (a topic actually read: source or retry
+//! tier), `source` (the source topic), `tier` (retry tier index), `reason`
+//! ([`DeadLetterReason`](crate::DeadLetterReason)), `outcome` (`handled`, `retry`,
+//! `dead_letter`), and `partition` only on the per-partition lag gauge.
+//!
+//! The README's "Monitoring" section lists every metric with a suggested alert.
+
+#[cfg(feature = "prometheus")]
+mod exporter;
+pub(crate) mod lag;
+
+#[cfg(feature = "prometheus")]
+pub use exporter::install_prometheus;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+/// Offset lag of one partition: high watermark − next offset to handle. Labels: `group`,
+/// `topic`, `partition`. Measured with a watermark query, so it is right for paused partitions.
+pub const CONSUMER_LAG: &str = "sidetrack_consumer_lag";
+/// Largest [`CONSUMER_LAG`] over the partitions of a topic this instance owns (the
+/// `max_offset_lag` signal). Labels: `group`, `topic`.
+pub const CONSUMER_MAX_LAG: &str = "sidetrack_consumer_max_lag";
+/// Records read. Labels: `group`, `topic`.
+pub const RECORDS_CONSUMED: &str = "sidetrack_records_consumed_total";
+/// Key + payload bytes read; its rate is bytes/s. Labels: `group`, `topic`.
+pub const BYTES_CONSUMED: &str = "sidetrack_bytes_consumed_total";
+/// Latency from a record's timestamp. Labels: `topic`, `from`: `record` is receipt time −
+/// timestamp of the record read (producer → consumer); `original`, for retried records only,
+/// is the time the retry is handed to the handler − timestamp of the original record, so the
+/// cost of retries shows.
+pub const END_TO_END_SECONDS: &str = "sidetrack_end_to_end_latency_seconds";
+/// Handler time, by outcome. Labels: `source`, `outcome`.
+pub const PROCESSING_SECONDS: &str = "sidetrack_processing_seconds";
+/// Records whose handler succeeded. Labels: `source`.
+pub const RECORDS_HANDLED: &str = "sidetrack_records_handled_total";
+/// Records durably written to a retry tier. Labels: `source`, `tier`.
+pub const RETRIES_SCHEDULED: &str = "sidetrack_retries_scheduled_total";
+/// Records durably written to the dead-letter topic. Labels: `source`, `reason`.
+pub const DEAD_LETTERED: &str = "sidetrack_dead_lettered_total";
+/// Failed attempts to hand a record to a retry or dead-letter topic (each is retried).
+/// Labels: `source`.
+pub const HANDOFF_FAILURES: &str = "sidetrack_handoff_failures_total";
+/// Time a retried record was handled after its due time. Labels: `topic`.
+pub const RETRY_LATENESS_SECONDS: &str = "sidetrack_retry_lateness_seconds";
+/// Partitions paused right now (retry records not yet due, or a failing hand-off).
+/// Labels: `group`.
+pub const PARTITIONS_PAUSED: &str = "sidetrack_partitions_paused";
+/// Handler calls running right now. Labels: `group`.
+pub const RECORDS_IN_FLIGHT: &str = "sidetrack_records_in_flight";
+/// Dead-letter alerts a notifier failed to deliver (timeout or error). Labels: `notifier`.
+pub const ALERT_FAILURES: &str = "sidetrack_alert_failures_total";
+/// Dead-letter alerts delivered. Labels: `notifier`.
+pub const ALERTS_SENT: &str = "sidetrack_alerts_sent_total";
+
+/// Registers unit and help text for every metric. Called when a runtime starts.
+pub fn describe() {
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "High watermark minus the next offset to handle, per partition."
+    );
+    describe_gauge!(
+        CONSUMER_MAX_LAG,
+        Unit::Count,
+        "Largest partition lag of a topic on this instance."
+    );
+    describe_counter!(RECORDS_CONSUMED, Unit::Count, "Records read.");
+    describe_counter!(
+        BYTES_CONSUMED,
+        Unit::Bytes,
+        "Key and payload bytes read; rate() gives bytes/s."
+    );
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "Receipt time minus record timestamp (from=record) or original record timestamp (from=original)."
+    );
+    describe_histogram!(
+        PROCESSING_SECONDS,
+        Unit::Seconds,
+        "Time spent in the handler, by outcome."
+    );
+    describe_counter!(
+        RECORDS_HANDLED,
+        Unit::Count,
+        "Records whose handler succeeded."
+    );
+    describe_counter!(
+        RETRIES_SCHEDULED,
+        Unit::Count,
+        "Records acknowledged on a retry tier topic."
+    );
+    describe_counter!(
+        DEAD_LETTERED,
+        Unit::Count,
+        "Records acknowledged on the dead-letter topic."
+    );
+    describe_counter!(
+        HANDOFF_FAILURES,
+        Unit::Count,
+        "Failed produce attempts to a retry or dead-letter topic (retried until they succeed)."
+    );
+    describe_histogram!(
+        RETRY_LATENESS_SECONDS,
+        Unit::Seconds,
+        "How long after its due time a retried record was handled."
+    );
+    describe_gauge!(
+        PARTITIONS_PAUSED,
+        Unit::Count,
+        "Partitions paused right now."
+    );
+    describe_gauge!(
+        RECORDS_IN_FLIGHT,
+        Unit::Count,
+        "Handler calls running right now."
+    );
+    describe_counter!(
+        ALERT_FAILURES,
+        Unit::Count,
+        "Dead-letter alerts a notifier failed to deliver."
+    );
+    describe_counter!(ALERTS_SENT, Unit::Count, "Dead-letter alerts delivered.");
+}

@@ -1,0 +1,447 @@
+//! Metrics and dead-letter alerts. One global debugging recorder serves the whole binary, so
+//! every test uses its own topic and group and reads only its own labels.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
+use sidetrack::config::RetryConfig;
+use sidetrack::dead_letter::{DeadLetterAlert, DeadLetterNotifier, NotifyError};
+use sidetrack::metrics as m;
+use sidetrack::{HandlerError, Runtime, Tier};
+
+/// A recorder that keeps every value and can be read without resetting anything (the
+/// debugging recorder of metrics-util swaps values to zero on every snapshot).
+struct Recording(Registry<Key, AtomicStorage>);
+
+impl metrics::Recorder for Recording {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.0
+            .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.0
+            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.0
+            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+    }
+}
+
+fn recorder() -> &'static Recording {
+    static R: OnceLock<&'static Recording> = OnceLock::new();
+    R.get_or_init(|| {
+        let r: &'static Recording = Box::leak(Box::new(Recording(Registry::new(AtomicStorage))));
+        metrics::set_global_recorder(r).expect("no other recorder in this test binary");
+        r
+    })
+}
+
+fn snapshotter() -> &'static Recording {
+    recorder()
+}
+
+fn labels_match(key: &Key, want: &[(&str, &str)]) -> bool {
+    want.iter()
+        .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+}
+
+/// Sum of a counter over the series whose labels include `want`.
+fn counter(name: &str, want: &[(&str, &str)]) -> u64 {
+    recorder()
+        .0
+        .get_counter_handles()
+        .into_iter()
+        .filter(|(k, _)| k.name() == name && labels_match(k, want))
+        .map(|(_, v)| v.load(Ordering::SeqCst))
+        .sum()
+}
+
+fn gauge(name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    recorder()
+        .0
+        .get_gauge_handles()
+        .into_iter()
+        .find(|(k, _)| k.name() == name && labels_match(k, want))
+        .map(|(_, v)| f64::from_bits(v.load(Ordering::SeqCst)))
+}
+
+fn histogram(name: &str, want: &[(&str, &str)]) -> Vec<f64> {
+    recorder()
+        .0
+        .get_histogram_handles()
+        .into_iter()
+        .filter(|(k, _)| k.name() == name && labels_match(k, want))
+        .flat_map(|(_, v)| v.data())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_counters_match_the_records_sent() {
+    snapshotter();
+    let (topic, group) = ("obs-outcomes", "g-outcomes");
+    let cluster = cluster_with(topic, 2);
+    let recorder = Recorder::new(|m| match m.payload_str()? {
+        p if p.starts_with("perm") => Err(HandlerError::permanent("no")),
+        p if p.starts_with("flaky") && m.attempt() == 1 => Err(HandlerError::retryable("later")),
+        "not json" => m.json::<u32>().map(|_| ()),
+        _ => Ok(()),
+    });
+    let rt = Runtime::builder(config_for(topic, group))
+        .embedded(&cluster)
+        .handler(recorder)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut sent: Vec<String> = (0..10).map(|i| format!("ok-{i}")).collect();
+    sent.extend(["perm-1", "perm-2", "not json", "flaky-1", "flaky-2"].map(String::from));
+    produce_to(&cluster, topic, &sent, 2).await;
+    wait_for("all resolved", || {
+        let s = rt.stats();
+        s.handled == 12 && s.total_dead_lettered() == 3
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+
+    let src = [("source", topic)];
+    assert_eq!(counter(m::RECORDS_HANDLED, &src), 12);
+    assert_eq!(
+        counter(m::RETRIES_SCHEDULED, &[("source", topic), ("tier", "0")]),
+        2
+    );
+    assert_eq!(
+        counter(
+            m::DEAD_LETTERED,
+            &[("source", topic), ("reason", "permanent")]
+        ),
+        2
+    );
+    assert_eq!(
+        counter(m::DEAD_LETTERED, &[("source", topic), ("reason", "poison")]),
+        1
+    );
+    assert_eq!(counter(m::HANDOFF_FAILURES, &src), 0);
+    assert_eq!(
+        counter(m::RECORDS_CONSUMED, &[("group", group), ("topic", topic)]),
+        15
+    );
+    let retry_topic = format!("{topic}.{group}.retry.200ms");
+    assert_eq!(
+        counter(m::RECORDS_CONSUMED, &[("topic", retry_topic.as_str())]),
+        2
+    );
+    // Keys are the payloads: key + payload bytes.
+    let bytes: u64 = sent.iter().map(|p| 2 * p.len() as u64).sum();
+    assert_eq!(
+        counter(m::BYTES_CONSUMED, &[("group", group), ("topic", topic)]),
+        bytes
+    );
+    let processing = histogram(
+        m::PROCESSING_SECONDS,
+        &[("source", topic), ("outcome", "handled")],
+    );
+    assert_eq!(processing.len(), 12);
+    let lateness = histogram(
+        m::RETRY_LATENESS_SECONDS,
+        &[("topic", retry_topic.as_str())],
+    );
+    assert_eq!(lateness.len(), 2);
+    assert!(lateness.iter().all(|l| *l >= 0.0));
+    // Retried records also report latency from their original timestamp.
+    let original = histogram(
+        m::END_TO_END_SECONDS,
+        &[("topic", retry_topic.as_str()), ("from", "original")],
+    );
+    assert_eq!(original.len(), 2);
+    assert!(original.iter().all(|l| *l >= 0.2), "{original:?}");
+    assert_eq!(gauge(m::RECORDS_IN_FLIGHT, &[("group", group)]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_latency_counts_from_the_record_timestamp() {
+    snapshotter();
+    let (topic, group) = ("obs-e2e", "g-e2e");
+    let cluster = cluster_with(topic, 1);
+    let rt = Runtime::builder(config_for(topic, group))
+        .embedded(&cluster)
+        .handler(Recorder::new(|_| Ok(())))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .unwrap();
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 3_600_000;
+    producer
+        .send(
+            FutureRecord::<(), _>::to(topic)
+                .payload("old")
+                .timestamp(an_hour_ago),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    wait_for("handled", || rt.stats().handled == 1).await;
+    rt.shutdown().await.unwrap();
+    let e2e = histogram(
+        m::END_TO_END_SECONDS,
+        &[("topic", topic), ("from", "record")],
+    );
+    assert_eq!(e2e.len(), 1);
+    assert!(e2e[0] >= 3600.0, "end-to-end latency {}s", e2e[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_drains_to_zero_and_shows_records_behind_a_paused_retry_partition() {
+    snapshotter();
+    let (topic, group) = ("obs-lag", "g-lag");
+    let cluster = cluster_with(topic, 1);
+    let mut cfg = config_for(topic, group);
+    cfg.metrics.lag_interval = Duration::from_millis(200);
+    cfg.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(4), 1)]);
+    let recorder = Recorder::new(|m| match m.payload_str()? {
+        p if p.starts_with("slow") && m.attempt() == 1 => Err(HandlerError::retryable("later")),
+        p if p.starts_with("ok") => {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        }
+        _ => Ok(()),
+    });
+    // A backlog before start, handled slowly enough for the sampler to see it.
+    let ok: Vec<String> = (0..30).map(|i| format!("ok-{i}")).collect();
+    produce_to(&cluster, topic, &ok, 0).await;
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(recorder)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let part0 = [("group", group), ("topic", topic), ("partition", "0")];
+    wait_for("backlog visible as lag", || {
+        gauge(m::CONSUMER_LAG, &part0).is_some_and(|l| l > 0.0)
+    })
+    .await;
+    wait_for("backlog handled", || rt.stats().handled == 30).await;
+    wait_for("lag drained to 0", || {
+        gauge(m::CONSUMER_LAG, &part0) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        gauge(m::CONSUMER_MAX_LAG, &[("group", group), ("topic", topic)]),
+        Some(0.0)
+    );
+
+    // Five records go to the 4 s tier; its partition is paused on the first with four behind.
+    let slow: Vec<String> = (0..5).map(|i| format!("slow-{i}")).collect();
+    produce_to(&cluster, topic, &slow, 0).await;
+    let retry_topic = format!("{topic}.{group}.retry.4s");
+    let retry_group = format!("{group}.retry");
+    let retry = [
+        ("group", retry_group.as_str()),
+        ("topic", retry_topic.as_str()),
+    ];
+    wait_for("retry lag of 5 while paused", || {
+        gauge(m::CONSUMER_MAX_LAG, &retry) == Some(5.0)
+    })
+    .await;
+    assert_eq!(
+        gauge(m::PARTITIONS_PAUSED, &[("group", retry_group.as_str())]),
+        Some(1.0)
+    );
+    assert_eq!(rt.stats().handled, 30, "nothing handled before it is due");
+    wait_for("retries handled", || rt.stats().handled == 35).await;
+    wait_for("retry lag back to 0", || {
+        gauge(m::CONSUMER_MAX_LAG, &retry) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        gauge(m::PARTITIONS_PAUSED, &[("group", retry_group.as_str())]),
+        Some(0.0)
+    );
+    rt.shutdown().await.unwrap();
+}
+
+/// Collects alerts in memory.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<DeadLetterAlert>>>);
+
+impl DeadLetterNotifier for Collect {
+    fn name(&self) -> &str {
+        "collect"
+    }
+    async fn notify(&self, alert: &DeadLetterAlert) -> Result<(), NotifyError> {
+        self.0.lock().unwrap().push(alert.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_aggregated_into_one_alert_per_window() {
+    snapshotter();
+    let (topic, group) = ("obs-alert", "g-alert");
+    let cluster = cluster_with(topic, 1);
+    let collect = Collect::default();
+    let mut cfg = config_for(topic, group);
+    cfg.alerts.window = Duration::from_secs(600); // only the flush at shutdown fires
+    cfg.alerts.max_examples = 2;
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(Recorder::new(|m| match m.payload_str()? {
+            p if p.starts_with("bad") => Err(HandlerError::permanent(format!("{p} rejected"))),
+            _ => Ok(()),
+        }))
+        .dead_letter_notifier(collect.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let sent: Vec<String> = ["bad-1", "ok", "bad-2", "bad-3"].map(String::from).to_vec();
+    let positions = produce_to(&cluster, topic, &sent, 0).await;
+    wait_for("3 dead letters", || rt.stats().total_dead_lettered() == 3).await;
+    assert!(
+        collect.0.lock().unwrap().is_empty(),
+        "nothing before the window ends"
+    );
+    rt.shutdown().await.unwrap();
+    let alerts = collect.0.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert_eq!((a.topic.as_str(), a.group.as_str()), (topic, group));
+    assert_eq!(a.dead_letter_topic, format!("{topic}.{group}.dlq"));
+    assert_eq!(a.count, 3);
+    assert_eq!(a.by_reason, vec![("permanent".to_string(), 3)]);
+    assert_eq!(a.examples.len(), 2);
+    assert_eq!(a.examples[0].offset, positions[0].1);
+    assert_eq!(a.examples[0].key.as_deref(), Some("bad-1"));
+    assert_eq!(a.examples[0].error, "bad-1 rejected");
+    assert_eq!(a.examples[0].dlq_offset, 0);
+    assert!(a
+        .inspect_command
+        .contains(&format!("--topic {topic}.{group}.dlq")));
+    assert!(a.text().contains("3 records"));
+}
+
+#[cfg(feature = "webhook")]
+mod webhook {
+    use super::*;
+
+    fn dlq_config(topic: &str, group: &str, url: String) -> sidetrack::Config {
+        let mut cfg = config_for(topic, group);
+        cfg.alerts.webhook = Some(url);
+        cfg.alerts.log = false;
+        cfg
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn webhook_receives_one_aggregated_alert() {
+        snapshotter();
+        let (topic, group) = ("obs-hook", "g-hook");
+        let cluster = cluster_with(topic, 1);
+        let (addr, bodies) = http_server(Reply::Ok).await;
+        let mut cfg = dlq_config(topic, group, format!("http://{addr}/hook"));
+        cfg.alerts.window = Duration::from_secs(600);
+        let rt = Runtime::builder(cfg)
+            .embedded(&cluster)
+            .handler(Recorder::new(|_| Err(HandlerError::permanent("nope"))))
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let sent: Vec<String> = (0..4).map(|i| format!("k-{i}")).collect();
+        produce_to(&cluster, topic, &sent, 0).await;
+        wait_for("4 dead letters", || rt.stats().total_dead_lettered() == 4).await;
+        rt.shutdown().await.unwrap();
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 1, "one aggregated alert");
+        let json: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
+        assert!(json["text"].as_str().unwrap().contains("4 records"));
+        let a = &json["sidetrack"];
+        assert_eq!(a["count"], 4);
+        assert_eq!(a["topic"], topic);
+        assert_eq!(a["group"], group);
+        assert_eq!(a["examples"][0]["key"], "k-0");
+        assert_eq!(a["examples"][0]["reason"], "permanent");
+        assert_eq!(a["examples"][0]["error"], "nope");
+        assert!(a["replay_command"].as_str().unwrap().contains("dlq replay"));
+        assert_eq!(counter(m::ALERTS_SENT, &[("notifier", "webhook")]), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_or_hanging_webhooks_do_not_stall_consumption() {
+        snapshotter();
+        for (n, reply) in [Reply::ServerError, Reply::Hang].into_iter().enumerate() {
+            let (topic, group) = (format!("obs-hook-bad-{n}"), format!("g-hook-bad-{n}"));
+            let cluster = cluster_with(&topic, 1);
+            let (addr, bodies) = http_server(reply).await;
+            let mut cfg = dlq_config(&topic, &group, format!("http://{addr}/hook"));
+            cfg.alerts.window = Duration::from_millis(200);
+            cfg.alerts.timeout = Duration::from_secs(1);
+            let rt = Runtime::builder(cfg)
+                .embedded(&cluster)
+                .handler(Recorder::new(|m| match m.payload_str()? {
+                    p if p.starts_with("bad") => Err(HandlerError::permanent("nope")),
+                    _ => Ok(()),
+                }))
+                .build()
+                .unwrap()
+                .start()
+                .await
+                .unwrap();
+            produce_to(&cluster, &topic, &["bad-0".to_string()], 0).await;
+            wait_for("the webhook was called", || {
+                !bodies.lock().unwrap().is_empty()
+            })
+            .await;
+            // Consumption goes on while the webhook fails or hangs.
+            let more: Vec<String> = (0..50)
+                .map(|i| format!("ok-{i}"))
+                .chain(["bad-1".into()])
+                .collect();
+            produce_to(&cluster, &topic, &more, 0).await;
+            wait_for("later records handled", || {
+                let s = rt.stats();
+                s.handled == 50 && s.total_dead_lettered() == 2
+            })
+            .await;
+            let begun = std::time::Instant::now();
+            rt.shutdown().await.unwrap();
+            assert!(
+                begun.elapsed() < Duration::from_secs(10),
+                "{reply:?}: shutdown bounded"
+            );
+            wait_for("failure counted", || {
+                counter(m::ALERT_FAILURES, &[("notifier", "webhook")]) >= (n as u64 + 1)
+            })
+            .await;
+            // The DLQ holds both records regardless.
+            let dlq = cluster
+                .read_all(&format!("{topic}.{group}.dlq"))
+                .await
+                .unwrap();
+            assert_eq!(dlq.len(), 2, "{reply:?}");
+        }
+    }
+}
