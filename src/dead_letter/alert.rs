@@ -195,8 +195,6 @@ impl DeadLetterNotifier for LogNotifier {
             topic = %alert.topic,
             dlq = %alert.dead_letter_topic,
             count = alert.count,
-            inspect = %alert.inspect_command,
-            replay = %alert.replay_command,
             "{}",
             alert.text()
         );
