@@ -39,6 +39,7 @@ use crate::testing::EmbeddedCluster;
 use client::TracingContext;
 use group::{Group, Role};
 use provision::TopicCreator;
+pub use provision::{check_topics, TopicStatus};
 
 /// Builds a [`Runtime`] from a [`Config`] and the things that live in code.
 pub struct RuntimeBuilder {

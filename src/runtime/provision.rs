@@ -114,11 +114,17 @@ pub(crate) async fn provision(
                     *partitions,
                     TopicReplication::Fixed(config.provisioning.replication_factor),
                 );
-                let opts = AdminOptions::new().operation_timeout(Some(timeout));
-                let results = admin
-                    .create_topics([&new], &opts)
-                    .await
-                    .map_err(Error::kafka("creating topics"))?;
+                let opts = AdminOptions::new()
+                    .operation_timeout(Some(timeout))
+                    .request_timeout(Some(timeout));
+                let results =
+                    admin
+                        .create_topics([&new], &opts)
+                        .await
+                        .map_err(|e| Error::TopicCreation {
+                            topic: topic.clone(),
+                            reason: e.to_string(),
+                        })?;
                 for result in results {
                     match result {
                         Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -155,4 +161,63 @@ pub(crate) async fn provision(
         }
     }
     Ok(counts)
+}
+
+/// One topic of a runtime's topology, as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicStatus {
+    /// Topic name.
+    pub name: String,
+    /// Partition count, `None` if the topic does not exist.
+    pub partitions: Option<i32>,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// Checks every topic the runtime for `config` would use (sources, retry tiers, DLQs), in
+/// topology order. With `create`, missing retry and dead-letter topics are created as the
+/// runtime does at start (source partition count, `provisioning.replication_factor`).
+pub async fn check_topics(config: &Config, create: bool) -> Result<Vec<TopicStatus>, Error> {
+    config.validate()?;
+    let policy = config.retry.policy()?;
+    let topology = Topology::new(config, &policy)?;
+    let admin: Arc<AdminClient<TracingContext>> = Arc::new(
+        admin_config(config)
+            .create_with_context(TracingContext)
+            .map_err(Error::kafka("creating the admin client"))?,
+    );
+    let names: Vec<String> = topology
+        .sources()
+        .iter()
+        .flat_map(|s| {
+            std::iter::once(s.topic.clone())
+                .chain(s.retry.iter().map(|t| t.name.clone()))
+                .chain(std::iter::once(s.dead_letter.clone()))
+        })
+        .collect();
+    let mut before = Vec::with_capacity(names.len());
+    for name in &names {
+        before.push(partition_count(&admin, name, config.provisioning.timeout).await?);
+    }
+    drop(admin);
+    let after = if create && before.iter().any(Option::is_none) {
+        let mut c = config.clone();
+        c.provisioning.auto_create = true;
+        Some(provision(&c, &topology, &TopicCreator::Admin).await?)
+    } else {
+        None
+    };
+    Ok(names
+        .into_iter()
+        .zip(before)
+        .map(|(name, was)| {
+            let now = after.as_ref().and_then(|a| a.get(&name).copied()).or(was);
+            TopicStatus {
+                created: was.is_none() && now.is_some(),
+                partitions: now,
+                name,
+            }
+        })
+        .collect())
 }

@@ -7,17 +7,18 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header as RdHeader, Headers, OwnedHeaders};
+use rdkafka::message::{Header as RdHeader, OwnedHeaders};
 use rdkafka::producer::{
     BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
 };
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::dead_letter::{scan, Record, StartAt};
 use crate::error::Error;
 use crate::handler::Header;
-use crate::retry::{Envelope, EnvelopeError};
+use std::ops::ControlFlow;
 
 /// librdkafka's in-process mock Kafka cluster, listening on loopback.
 ///
@@ -267,105 +268,19 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error
 }
 
 fn read_all_blocking(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "sidetrack-testing-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(Error::kafka("creating a reader"))?;
-    let timeout = Duration::from_secs(10);
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(Error::kafka("reading metadata"))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0usize;
-    let mut highs = std::collections::HashMap::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(Error::kafka("reading watermarks"))?;
-        if high > low {
-            remaining += (high - low) as usize;
-            highs.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))
-                .map_err(Error::kafka("building assignment"))?;
-        }
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(Error::kafka("assigning partitions"))?;
-    drop(tpl);
-    let mut out = Vec::with_capacity(remaining);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < remaining && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) if highs.get(&m.partition()).is_some_and(|h| m.offset() < *h) => {
-                out.push(Record {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| Header {
-                                    key: h.key.to_owned(),
-                                    value: h.value.map(<[u8]>::to_vec),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
-            }
-            Some(Err(e)) => tracing::debug!(error = %e, "reader error"),
-            Some(Ok(_)) | None => {}
-        }
-    }
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let mut out = Vec::new();
+    scan(
+        &config,
+        topic,
+        &StartAt::Beginning,
+        Duration::from_secs(10),
+        |r| {
+            out.push(r);
+            ControlFlow::Continue(())
+        },
+    )?;
     out.sort_by_key(|r| (r.partition, r.offset));
     Ok(out)
-}
-
-/// A record read back from a topic, e.g. from the dead-letter topic in a test.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// Topic.
-    pub topic: String,
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-    /// Timestamp, ms since the epoch.
-    pub timestamp: Option<i64>,
-    /// Key bytes.
-    pub key: Option<Vec<u8>>,
-    /// Payload bytes.
-    pub payload: Option<Vec<u8>>,
-    /// All headers, envelope included, in order.
-    pub headers: Vec<Header>,
-}
-
-impl Record {
-    /// The sidetrack envelope, and the user's headers before it.
-    pub fn envelope(&self) -> Result<(&[Header], Envelope), EnvelopeError> {
-        Envelope::split(&self.headers).map(|(n, e)| (&self.headers[..n], e))
-    }
-
-    /// The value of the last header named `key`, as text (envelope headers come last).
-    pub fn header_str(&self, key: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|h| h.key == key)
-            .and_then(|h| h.value.as_deref())
-            .and_then(|v| std::str::from_utf8(v).ok())
-    }
 }

@@ -26,7 +26,8 @@
 mod embedded;
 mod harness;
 
-pub use embedded::{read_all, EmbeddedCluster, Record};
+pub use crate::dead_letter::Record;
+pub use embedded::{read_all, EmbeddedCluster};
 pub use harness::{Outcome, TestRuntime};
 
 use std::future::Future;

@@ -1,0 +1,348 @@
+//! `sidetrack`: the on-call tool for sidetrack's dead-letter and retry topics.
+//!
+//! Exit codes: 0 success, 1 other failure, 2 bad arguments or filters, 3 brokers unreachable,
+//! 4 unknown topic, 5 record not found.
+
+mod dlq;
+mod kafka;
+mod replay;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const AFTER_HELP: &str = "\
+Examples:
+  sidetrack dlq list --topic orders.billing.dlq --since 1h
+  sidetrack dlq show --topic orders.billing.dlq 0:42
+  sidetrack dlq replay --topic orders.billing.dlq --reason exhausted --dry-run
+  sidetrack topology --topic orders --group billing --create
+  sidetrack lag --group billing --topic orders
+
+Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 brokers unreachable, 4 unknown topic,
+5 record not found.";
+
+/// Inspect, filter and safely replay sidetrack dead-letter topics; show the retry topology and
+/// consumer lag.
+#[derive(Parser, Debug)]
+#[command(name = "sidetrack", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        global = true,
+        value_name = "HOST:PORT,.."
+    )]
+    brokers: Option<String>,
+    /// A librdkafka property for every client, like kcat (repeatable), e.g.
+    /// `-X security.protocol=SASL_SSL`.
+    #[arg(short = 'X', value_name = "KEY=VALUE", global = true)]
+    property: Vec<String>,
+    /// Give up on the brokers after this long.
+    #[arg(long, default_value = "10s", global = true, value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work with a dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Show the retry tiers and dead-letter topic a runtime uses; create missing ones.
+    Topology(TopologyArgs),
+    /// Per-partition lag of a group on its main, retry and dead-letter topics.
+    Lag(LagArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// One line per dead-lettered record: position, age, origin, attempts, reason, error, key.
+    List(ListArgs),
+    /// Everything about one record: envelope, user headers, key and payload.
+    Show(ShowArgs),
+    /// Put selected records back (original topic, first retry tier, or any topic).
+    ///
+    /// Writes nothing without --yes. Progress is kept under a consumer group of its own on the
+    /// dead-letter topic, so running the same replay again sends nothing new.
+    Replay(ReplayArgs),
+}
+
+/// Which records of the dead-letter topic to consider.
+#[derive(Args, Debug, Clone)]
+pub struct Filters {
+    /// The dead-letter topic, e.g. `orders.billing.dlq`.
+    #[arg(long)]
+    pub topic: String,
+    /// Only records dead-lettered at or after this time: a duration ago (`30m`, `2h`) or an
+    /// RFC 3339 time (`2026-11-25T15:40:00Z`).
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    pub since: Option<i64>,
+    /// Only records dead-lettered at or before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    pub until: Option<i64>,
+    /// Only records whose error contains this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub error_contains: Option<String>,
+    /// Only records dead-lettered for this reason.
+    #[arg(long, value_enum)]
+    pub reason: Option<Reason>,
+    /// Only records with exactly this key.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+/// A dead-letter reason, as written in `sidetrack-error-kind`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The handler said the failure is permanent.
+    Permanent,
+    /// All retries failed.
+    Exhausted,
+    /// A retry record had a missing or corrupt envelope.
+    InvalidEnvelope,
+    /// The payload could not be decoded.
+    Poison,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Permanent => "permanent",
+            Reason::Exhausted => "exhausted",
+            Reason::InvalidEnvelope => "invalid-envelope",
+            Reason::Poison => "poison",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    filters: Filters,
+    /// Show at most this many records.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Args, Debug)]
+struct ShowArgs {
+    /// The dead-letter topic.
+    #[arg(long)]
+    topic: String,
+    /// The record, as PARTITION:OFFSET (as printed by `dlq list`).
+    #[arg(value_parser = parse_position, value_name = "PARTITION:OFFSET")]
+    position: (i32, i64),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Where to: `original` (the topic the record came from), `first-retry` (its first retry
+    /// tier, with a fresh envelope), or a topic name.
+    #[arg(
+        long,
+        default_value = "original",
+        value_name = "original|first-retry|TOPIC"
+    )]
+    pub to: String,
+    /// Send at most this many records per second (`100/s` or `100`).
+    #[arg(long, value_parser = parse_rate, value_name = "N/s")]
+    pub rate: Option<f64>,
+    /// Replay at most this many records in this run.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print what would be sent; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Actually send. Without it, replay is a dry run.
+    #[arg(long)]
+    pub yes: bool,
+    /// Ignore saved progress and consider every record again.
+    #[arg(long)]
+    pub restart: bool,
+    /// Consumer group that keeps the progress (default: derived from the topic, filters and
+    /// target, so the same replay run twice sends nothing new).
+    #[arg(long, value_name = "GROUP")]
+    pub progress_group: Option<String>,
+    /// Runtime config (TOML) to find retry tier names for `--to first-retry`; without it the
+    /// tier with the shortest delay among `{topic}.{group}.retry.*` is used.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TopologyArgs {
+    /// Source topic (repeatable; default: the config's topics).
+    #[arg(long)]
+    topic: Vec<String>,
+    /// Consumer group (default: the config's group).
+    #[arg(long)]
+    group: Option<String>,
+    /// Runtime config (TOML) with the retry policy and naming patterns.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Create missing retry and dead-letter topics (source topic's partition count).
+    #[arg(long)]
+    create: bool,
+}
+
+#[derive(Args, Debug)]
+struct LagArgs {
+    /// The runtime's consumer group (its retry consumer is `GROUP.retry`).
+    #[arg(long)]
+    group: String,
+    /// Only this source topic (default: every topic the group has committed offsets on).
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad arguments or filters (2).
+    Usage(String),
+    /// Brokers unreachable (3).
+    Unreachable(String),
+    /// Unknown topic (4).
+    UnknownTopic(String),
+    /// Record not found (5).
+    NotFound(String),
+    /// Anything else (1).
+    Other(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Other(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unreachable(_) => 3,
+            Failure::UnknownTopic(_) => 4,
+            Failure::NotFound(_) => 5,
+        }
+    }
+    fn message(&self) -> &str {
+        match self {
+            Failure::Usage(m)
+            | Failure::Unreachable(m)
+            | Failure::UnknownTopic(m)
+            | Failure::NotFound(m)
+            | Failure::Other(m) => m,
+        }
+    }
+}
+
+impl From<sidetrack::Error> for Failure {
+    fn from(e: sidetrack::Error) -> Self {
+        match e {
+            sidetrack::Error::SourceTopicMissing(t) => {
+                Failure::UnknownTopic(format!("topic `{t}` does not exist"))
+            }
+            sidetrack::Error::Config(c) => Failure::Usage(c.to_string()),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 2m: {e}"))
+}
+
+/// A duration ago, or an RFC 3339 time; ms since the epoch.
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let now = std::time::SystemTime::now();
+        let t = now
+            .checked_sub(d)
+            .ok_or_else(|| format!("`{s}` is too far back"))?;
+        return Ok(ms(t));
+    }
+    humantime::parse_rfc3339_weak(s).map(ms).map_err(|_| {
+        format!("`{s}` is neither a duration (30m, 2h) nor an RFC 3339 time (2026-11-25T15:40:00Z)")
+    })
+}
+
+fn ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_position(s: &str) -> Result<(i32, i64), String> {
+    let (p, o) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not PARTITION:OFFSET"))?;
+    let p: i32 = p
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad partition in `{s}`"))?;
+    let o: i64 = o
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad offset in `{s}`"))?;
+    if p < 0 || o < 0 {
+        return Err(format!("`{s}`: partition and offset must not be negative"));
+    }
+    Ok((p, o))
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.strip_suffix("/s").unwrap_or(s);
+    match n.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("`{s}` is not a positive rate like 100/s")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message());
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let brokers = cli.brokers.clone().ok_or_else(|| {
+        Failure::Usage("no brokers: pass --brokers HOST:PORT or set KAFKA_BROKERS".into())
+    })?;
+    let kafka = kafka::Kafka::connect(&brokers, &cli.property, cli.timeout).await?;
+    match cli.command {
+        Command::Dlq(DlqCommand::List(a)) => {
+            dlq::list(&kafka, &a.filters, a.limit, a.format == Format::Json).await
+        }
+        Command::Dlq(DlqCommand::Show(a)) => dlq::show(&kafka, &a.topic, a.position).await,
+        Command::Dlq(DlqCommand::Replay(a)) => replay::replay(&kafka, &a).await,
+        Command::Topology(a) => {
+            report::topology(
+                &kafka,
+                &a.topic,
+                a.group.as_deref(),
+                a.config.as_deref(),
+                a.create,
+            )
+            .await
+        }
+        Command::Lag(a) => report::lag(&kafka, &a.group, a.topic.as_deref()).await,
+    }
+}

@@ -1,0 +1,196 @@
+//! `topology` and `lag`.
+
+use std::path::Path;
+
+use sidetrack::retry::Topology;
+use sidetrack::Config;
+
+use crate::kafka::Kafka;
+use crate::Failure;
+
+pub async fn topology(
+    kafka: &Kafka,
+    topics: &[String],
+    group: Option<&str>,
+    config_path: Option<&Path>,
+    create: bool,
+) -> Result<(), Failure> {
+    let mut config = match config_path {
+        Some(p) => Config::from_file(p).map_err(|e| Failure::Usage(e.to_string()))?,
+        None => Config::default(),
+    };
+    config.brokers = kafka.brokers.clone();
+    if !topics.is_empty() {
+        config.topics = topics.to_vec();
+    }
+    if let Some(g) = group {
+        config.group = g.to_owned();
+    }
+    if config.topics.is_empty() || config.group.is_empty() {
+        return Err(Failure::Usage(
+            "give --topic and --group, or a --config that sets them".into(),
+        ));
+    }
+    for (k, v) in kafka.config.config_map().iter() {
+        if *k != "bootstrap.servers" {
+            config.producer.insert(k.to_string(), v.to_string());
+        }
+    }
+    config.provisioning.timeout = kafka.timeout;
+    config
+        .validate()
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let policy = config
+        .retry
+        .policy()
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let topology = Topology::new(&config, &policy).map_err(|e| Failure::Usage(e.to_string()))?;
+    let status = sidetrack::runtime::check_topics(&config, create).await?;
+    let state = |name: &str| {
+        status
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| match (s.partitions, s.created) {
+                (Some(n), true) => format!("created ({n} partitions)"),
+                (Some(n), false) => format!("exists ({n} partitions)"),
+                (None, _) => "MISSING".to_owned(),
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "group `{}` (retry consumer group `{}`)",
+        topology.group(),
+        topology.retry_group()
+    );
+    let mut attempt = 1u32;
+    for s in topology.sources() {
+        println!();
+        println!("{:<16} {:<44} {}", "attempt 1", s.topic, state(&s.topic));
+        for (i, t) in s.retry.iter().enumerate() {
+            let first = attempt + 1;
+            attempt += t.attempts;
+            let attempts = if t.attempts == 1 {
+                format!("attempt {first}")
+            } else {
+                format!("attempts {first}-{attempt}")
+            };
+            println!(
+                "{:<16} {:<44} {}",
+                format!("tier {i}"),
+                t.name,
+                format!(
+                    "delay {}, {attempts}; {}",
+                    humantime::format_duration(t.delay),
+                    state(&t.name)
+                )
+            );
+        }
+        println!(
+            "{:<16} {:<44} {}",
+            "dead letters",
+            s.dead_letter,
+            format!(
+                "after attempt {attempt} or a permanent error; {}",
+                state(&s.dead_letter)
+            )
+        );
+        attempt = 1;
+    }
+    let missing: Vec<&str> = status
+        .iter()
+        .filter(|s| s.partitions.is_none())
+        .map(|s| s.name.as_str())
+        .collect();
+    if !missing.is_empty() && !create {
+        eprintln!(
+            "{} topic{} missing; run again with --create to create {}",
+            missing.len(),
+            if missing.len() == 1 { " is" } else { "s are" },
+            if missing.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(())
+}
+
+pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), Failure> {
+    let all = kafka.topic_names().await?;
+    let sources: Vec<String> = match topic {
+        Some(t) => {
+            kafka.partitions(t).await?;
+            vec![t.to_owned()]
+        }
+        None => {
+            // Every topic the group has committed offsets on, except its own side topics.
+            let mut found = Vec::new();
+            for t in all
+                .iter()
+                .filter(|t| !t.starts_with("__") && !t.contains(&format!(".{group}.")))
+            {
+                if !kafka.committed(group, t).await?.is_empty() {
+                    found.push(t.clone());
+                }
+            }
+            if found.is_empty() {
+                return Err(Failure::NotFound(format!(
+                    "group `{group}` has no committed offsets; pass --topic"
+                )));
+            }
+            found
+        }
+    };
+    let retry_group = format!("{group}.retry");
+    println!(
+        "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
+        "TOPIC", "PARTITION", "GROUP", "COMMITTED", "END", "LAG"
+    );
+    for source in &sources {
+        let prefix = format!("{source}.{group}.retry.");
+        let mut tiers: Vec<(std::time::Duration, &String)> = all
+            .iter()
+            .filter_map(|t| Some((humantime::parse_duration(t.strip_prefix(&prefix)?).ok()?, t)))
+            .collect();
+        tiers.sort();
+        let mut rows: Vec<(&str, &str)> = vec![(source.as_str(), group)];
+        rows.extend(
+            tiers
+                .iter()
+                .map(|(_, t)| (t.as_str(), retry_group.as_str())),
+        );
+        for (t, g) in rows {
+            let marks = kafka.watermarks(t).await?;
+            let committed = kafka.committed(g, t).await?;
+            let mut parts: Vec<_> = marks.into_iter().collect();
+            parts.sort();
+            for (p, (low, high)) in parts {
+                let c = committed.get(&p).copied();
+                let lag = high - c.unwrap_or(low).max(low);
+                println!(
+                    "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
+                    t,
+                    p,
+                    g,
+                    c.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    high,
+                    lag
+                );
+            }
+        }
+        let dlq = format!("{source}.{group}.dlq");
+        if all.contains(&dlq) {
+            let mut parts: Vec<_> = kafka.watermarks(&dlq).await?.into_iter().collect();
+            parts.sort();
+            for (p, (low, high)) in parts {
+                println!(
+                    "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
+                    dlq,
+                    p,
+                    "(dead letters)",
+                    "-",
+                    high,
+                    format!("{} held", high - low)
+                );
+            }
+        }
+    }
+    Ok(())
+}
