@@ -74,16 +74,13 @@ pub async fn topology(
             } else {
                 format!("attempts {first}-{attempt}")
             };
-            println!(
-                "{:<16} {:<44} {}",
-                format!("tier {i}"),
-                t.name,
-                format!(
-                    "delay {}, {attempts}; {}",
-                    humantime::format_duration(t.delay),
-                    state(&t.name)
-                )
+            let label = format!("tier {i}");
+            let what = format!(
+                "delay {}, {attempts}; {}",
+                humantime::format_duration(t.delay),
+                state(&t.name)
             );
+            println!("{label:<16} {:<44} {what}", t.name);
         }
         println!(
             "{:<16} {:<44} {}",
