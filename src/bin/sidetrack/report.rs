@@ -82,15 +82,11 @@ pub async fn topology(
             );
             println!("{label:<16} {:<44} {what}", t.name);
         }
-        println!(
-            "{:<16} {:<44} {}",
-            "dead letters",
-            s.dead_letter,
-            format!(
-                "after attempt {attempt} or a permanent error; {}",
-                state(&s.dead_letter)
-            )
+        let what = format!(
+            "after attempt {attempt} or a permanent error; {}",
+            state(&s.dead_letter)
         );
+        println!("{:<16} {:<44} {what}", "dead letters", s.dead_letter);
         attempt = 1;
     }
     let missing: Vec<&str> = status
