@@ -107,6 +107,9 @@ async fn produce_demo(
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        // One record per batch: Tansu 0.6 mis-reports watermarks and fetches from the middle
+        // of a multi-record batch (see the README's compatibility table).
+        .set("batch.num.messages", "1")
         .create()?;
     let mut pending = Vec::with_capacity(count);
     for i in 0..count {

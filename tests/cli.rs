@@ -436,3 +436,70 @@ async fn topology_creates_missing_topics_and_lag_reports_them() {
     assert!(out.contains("orders.billing.retry.200ms"), "{out}");
     assert!(out.contains("orders.billing.dlq"), "{out}");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let c = sidetrack::Config::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/billing.toml"
+    ))
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.retry.policy().unwrap().max_retries(), 3);
+}
+
+/// Collects alerts in memory.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<sidetrack::dead_letter::DeadLetterAlert>>>);
+
+impl sidetrack::dead_letter::DeadLetterNotifier for Collect {
+    fn name(&self) -> &str {
+        "collect"
+    }
+    async fn notify(
+        &self,
+        alert: &sidetrack::dead_letter::DeadLetterAlert,
+    ) -> Result<(), sidetrack::dead_letter::NotifyError> {
+        self.0.lock().unwrap().push(alert.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_in_an_alert_lists_exactly_its_records() {
+    let cluster = cluster(2);
+    let collect = Collect::default();
+    let mut cfg = config();
+    cfg.alerts.window = std::time::Duration::from_secs(600);
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(Recorder::new(|_| Err(HandlerError::permanent("rejected"))))
+        .dead_letter_notifier(collect.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let sent: Vec<String> = (0..7).map(|i| format!("r{i}")).collect();
+    produce_all(&cluster, &sent, 2).await;
+    wait_for("7 dead letters", || rt.stats().total_dead_lettered() == 7).await;
+    rt.shutdown().await.unwrap();
+    let alert = collect.0.lock().unwrap()[0].clone();
+    assert_eq!(alert.count, 7);
+    let words: Vec<&str> = alert.inspect_command.split_whitespace().collect();
+    assert_eq!(words[0], "sidetrack");
+    let mut args: Vec<&str> = words[1..].to_vec();
+    args.extend(["--format", "json"]);
+    let out = Command::cargo_bin("sidetrack")
+        .unwrap()
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 7, "{}", alert.inspect_command);
+}

@@ -229,6 +229,9 @@ pub(crate) struct DeadLetterEvent<'a> {
     pub(crate) offset: i64,
     pub(crate) dlq_partition: i32,
     pub(crate) dlq_offset: i64,
+    /// Timestamp of the DLQ record: the alert's time range must cover it, since the CLI
+    /// filters on it.
+    pub(crate) dlq_timestamp: Option<i64>,
     pub(crate) key: Option<&'a [u8]>,
     pub(crate) reason: DeadLetterReason,
     pub(crate) attempts: u32,
@@ -258,16 +261,16 @@ impl Alerts {
         if self.notifiers.is_empty() {
             return;
         }
-        let now = now_ms();
+        let at = event.dlq_timestamp.unwrap_or_else(now_ms);
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let b = buckets
             .entry((event.topic.to_owned(), event.dlq.to_owned()))
             .or_default();
-        if b.count == 0 {
-            b.first_at_ms = now;
+        if b.count == 0 || at < b.first_at_ms {
+            b.first_at_ms = at;
         }
         b.count += 1;
-        b.last_at_ms = now;
+        b.last_at_ms = b.last_at_ms.max(at);
         *b.by_reason.entry(event.reason).or_default() += 1;
         if b.examples.len() < self.max_examples {
             b.examples.push(DeadLetterExample {
@@ -400,6 +403,7 @@ mod tests {
             offset,
             dlq_partition: 1,
             dlq_offset: offset + 100,
+            dlq_timestamp: Some(1_700_000_000_000 + offset),
             key: Some(b"customer-7"),
             reason,
             attempts: 3,
@@ -423,6 +427,11 @@ mod tests {
         assert_eq!(out.len(), 1);
         let a = &out[0];
         assert_eq!(a.count, 3);
+        // The time range comes from the DLQ records' own timestamps (what the CLI filters on).
+        assert_eq!(
+            (a.first_at_ms, a.last_at_ms),
+            (1_700_000_000_001, 1_700_000_000_003)
+        );
         assert_eq!(a.examples.len(), 2);
         assert_eq!(
             a.by_reason,

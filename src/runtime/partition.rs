@@ -381,8 +381,12 @@ impl PartitionTask {
         let mut backoff = shared.config.handoff.backoff_initial;
         let mut paused = false;
         let delivery = loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(target).headers(headers.clone());
+            // Set explicitly (not left to the producer) so alerts know the exact timestamp the
+            // CLI's --since/--until filters will see.
+            let produced_at = now_ms();
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(target)
+                .headers(headers.clone())
+                .timestamp(produced_at);
             if let Some(k) = msg.key() {
                 record = record.key(k);
             }
@@ -397,7 +401,7 @@ impl PartitionTask {
                 .send(record, Timeout::After(shared.config.handoff.timeout))
                 .await;
             match sent {
-                Ok(d) => break (d.partition, d.offset),
+                Ok(d) => break (d.partition, d.offset, produced_at),
                 // Revoked: the new owner will handle the record again; stop here.
                 Err(_) if self.revoked.is_cancelled() => {
                     if paused {
@@ -460,6 +464,7 @@ impl PartitionTask {
                     offset: msg.offset(),
                     dlq_partition: delivery.0,
                     dlq_offset: delivery.1,
+                    dlq_timestamp: Some(delivery.2),
                     key: msg.key(),
                     reason,
                     attempts: msg.attempt(),

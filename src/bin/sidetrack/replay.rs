@@ -230,11 +230,18 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
         kafka.commit(&group, dlq, &scanned_to).await?;
     }
     bar.finish();
+    if total == 0 {
+        println!(
+            "replayed 0 records: nothing new in `{dlq}` matches{}; progress is kept under consumer group `{group}` (--restart to consider everything again)",
+            if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) },
+        );
+        return Ok(());
+    }
     let targets: std::collections::BTreeSet<&str> = plan.iter().map(|p| p.topic.as_str()).collect();
     println!(
         "replayed {total} record{} from `{dlq}` to {} (all acknowledged){}; progress saved under consumer group `{group}`",
         if total == 1 { "" } else { "s" },
-        if targets.is_empty() { "-".to_owned() } else { targets.into_iter().collect::<Vec<_>>().join(", ") },
+        targets.into_iter().collect::<Vec<_>>().join(", "),
         if skipped.is_empty() { String::new() } else { format!(", {} skipped", skipped.len()) },
     );
     for s in &skipped {

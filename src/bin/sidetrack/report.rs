@@ -156,7 +156,8 @@ pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), 
             parts.sort();
             for (p, (low, high)) in parts {
                 let c = committed.get(&p).copied();
-                let lag = high - c.unwrap_or(low).max(low);
+                // Clamped: a broker that under-reports its end offset must not show negative lag.
+                let lag = (high - c.unwrap_or(low).max(low)).max(0);
                 println!(
                     "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
                     t,
