@@ -30,15 +30,19 @@ pub enum DeadLetterReason {
     Exhausted,
     /// A record on a retry topic had a missing or corrupt envelope.
     InvalidEnvelope,
+    /// The record was too large for its retry or dead-letter topic; it was dead-lettered
+    /// without its payload, which stays readable at its original position while retained.
+    Oversized,
 }
 
 impl DeadLetterReason {
     /// Every reason, in a stable order.
-    pub const ALL: [DeadLetterReason; 4] = [
+    pub const ALL: [DeadLetterReason; 5] = [
         DeadLetterReason::Permanent,
         DeadLetterReason::Poison,
         DeadLetterReason::Exhausted,
         DeadLetterReason::InvalidEnvelope,
+        DeadLetterReason::Oversized,
     ];
 
     /// The `sidetrack-error-kind` header value and metric label.

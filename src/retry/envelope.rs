@@ -28,7 +28,7 @@ pub mod names {
     pub const FIRST_FAILURE: &str = "sidetrack-first-failure";
     /// Time at which the record becomes due (retry topics only).
     pub const DUE: &str = "sidetrack-due";
-    /// `retryable`, `permanent`, `poison`, `exhausted` or `invalid-envelope`.
+    /// `retryable`, `permanent`, `poison`, `exhausted`, `invalid-envelope` or `oversized`.
     pub const ERROR_KIND: &str = "sidetrack-error-kind";
     /// The last error, as text, truncated to [`MAX_ERROR_TEXT`](super::MAX_ERROR_TEXT) bytes.
     pub const ERROR: &str = "sidetrack-error";
@@ -55,6 +55,9 @@ pub enum ErrorKind {
     Exhausted,
     /// The record was on a retry topic with a missing or corrupt envelope.
     InvalidEnvelope,
+    /// The record (with its envelope) was too large for the retry or dead-letter topic; it
+    /// was dead-lettered without its payload (see the error text).
+    Oversized,
 }
 
 impl ErrorKind {
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Poison => "poison",
             ErrorKind::Exhausted => "exhausted",
             ErrorKind::InvalidEnvelope => "invalid-envelope",
+            ErrorKind::Oversized => "oversized",
         }
     }
 }
@@ -85,6 +89,7 @@ impl FromStr for ErrorKind {
             "poison" => ErrorKind::Poison,
             "exhausted" => ErrorKind::Exhausted,
             "invalid-envelope" => ErrorKind::InvalidEnvelope,
+            "oversized" => ErrorKind::Oversized,
             other => return Err(format!("unknown error kind `{other}`")),
         })
     }
@@ -97,6 +102,7 @@ impl From<DeadLetterReason> for ErrorKind {
             DeadLetterReason::Poison => ErrorKind::Poison,
             DeadLetterReason::Exhausted => ErrorKind::Exhausted,
             DeadLetterReason::InvalidEnvelope => ErrorKind::InvalidEnvelope,
+            DeadLetterReason::Oversized => ErrorKind::Oversized,
         }
     }
 }

@@ -334,7 +334,7 @@ pub(crate) struct Stats {
     consumed: AtomicU64,
     handled: AtomicU64,
     retried: Vec<AtomicU64>,
-    dead_lettered: [AtomicU64; 4],
+    dead_lettered: [AtomicU64; 5],
     handoff_failures: AtomicU64,
 }
 

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header as RdHeader, Headers, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{Message as _, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -345,6 +347,11 @@ impl PartitionTask {
 
     /// Publishes the record to its retry tier or the DLQ and waits for the broker's ack,
     /// retrying with backoff (partition paused) until it succeeds or the task is stopped.
+    ///
+    /// A record too large for the target (its envelope adds up to ~2 KiB) cannot succeed by
+    /// retrying: it is dead-lettered as `oversized` without its payload (and, if still too
+    /// large, without its user headers, then its key). The original stays readable at its
+    /// source position, which the envelope names.
     async fn hand_off(
         &self,
         msg: &Message,
@@ -353,91 +360,76 @@ impl PartitionTask {
     ) -> Result<(), Abandoned> {
         let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
-        let target = match decision {
+        let target_of = |d: Decision| match d {
             Decision::Retry { tier, .. } => source.retry[tier].name.as_str(),
             Decision::DeadLetter(_) => source.dead_letter.as_str(),
         };
-        let envelope = next_envelope(
-            msg,
-            shared.topology.group(),
-            decision,
-            error,
-            &shared.policy,
-            now_ms(),
-            fastrand::f64(),
-        );
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers().len() + 11);
-        for h in msg.headers().iter().chain(envelope.to_headers().iter()) {
-            headers = headers.insert(RdHeader {
-                key: &h.key,
-                value: h.value.as_deref(),
-            });
-        }
-        // Same partition number as the original when the side topic has it: keeps a key's
-        // records together for per-key ordering later.
-        let partition = (msg.partition() < shared.partitions.get(target).copied().unwrap_or(0))
-            .then_some(msg.partition());
-
-        let mut backoff = shared.config.handoff.backoff_initial;
-        let mut paused = false;
-        let delivery = loop {
-            // Set explicitly (not left to the producer) so alerts know the exact timestamp the
-            // CLI's --since/--until filters will see.
-            let produced_at = now_ms();
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(target)
-                .headers(headers.clone())
-                .timestamp(produced_at);
-            if let Some(k) = msg.key() {
-                record = record.key(k);
-            }
-            if let Some(p) = msg.payload() {
-                record = record.payload(p);
-            }
-            if let Some(p) = partition {
-                record = record.partition(p);
-            }
-            let sent = shared
-                .producer
-                .send(record, Timeout::After(shared.config.handoff.timeout))
-                .await;
-            match sent {
-                Ok(d) => break (d.partition, d.offset, produced_at),
-                // Revoked: the new owner will handle the record again; stop here.
-                Err(_) if self.revoked.is_cancelled() => {
-                    if paused {
-                        self.set_paused(false);
-                    }
-                    return Err(Abandoned);
-                }
-                Err((e, _)) => {
-                    shared.stats.handoff_failed();
-                    metrics::counter!(m::HANDOFF_FAILURES, "source" => source.topic.clone())
-                        .increment(1);
-                    tracing::warn!(
-                        target_topic = target, topic = msg.topic(), partition = msg.partition(),
-                        offset = msg.offset(), error = %e, retry_in = ?backoff,
-                        "hand-off failed; partition paused, retrying"
-                    );
-                    if !paused {
-                        self.set_paused(true);
-                        paused = true;
-                    }
-                    let go_on = tokio::select! {
-                        _ = tokio::time::sleep(backoff) => true,
-                        _ = self.stop.cancelled() => false,
-                        _ = self.revoked.cancelled() => false,
-                    };
-                    if !go_on {
-                        self.set_paused(false);
-                        return Err(Abandoned);
-                    }
-                    backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
-                }
+        let envelope_for = |d: Decision, error: &str| {
+            next_envelope(
+                msg,
+                shared.topology.group(),
+                d,
+                error,
+                &shared.policy,
+                now_ms(),
+                fastrand::f64(),
+            )
+        };
+        let mut decision = decision;
+        let mut error = error.to_owned();
+        let mut target = target_of(decision);
+        let envelope = envelope_for(decision, &error);
+        let mut delivery = match self
+            .send_durably(
+                target,
+                msg.key(),
+                msg.payload(),
+                msg.headers(),
+                &envelope,
+                msg,
+            )
+            .await?
+        {
+            Sent::Acked(d) => Some(d),
+            Sent::TooLarge(e) => {
+                let size = msg.payload().map_or(0, <[u8]>::len);
+                error = format!(
+                    "record too large for `{target}` ({size} payload bytes: {e}); dead-lettered without its payload, \
+                     the original stays at {}[{}]@{}; last error: {error}",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset()
+                );
+                decision = Decision::DeadLetter(DeadLetterReason::Oversized);
+                target = target_of(decision);
+                None
             }
         };
-        if paused {
-            self.set_paused(false);
+        if delivery.is_none() {
+            let envelope = envelope_for(decision, &error);
+            let attempts: [(Option<&[u8]>, &[Header]); 3] =
+                [(msg.key(), msg.headers()), (msg.key(), &[]), (None, &[])];
+            for (key, headers) in attempts {
+                if let Sent::Acked(d) = self
+                    .send_durably(target, key, None, headers, &envelope, msg)
+                    .await?
+                {
+                    delivery = Some(d);
+                    break;
+                }
+            }
         }
+        let Some(delivery) = delivery else {
+            // An envelope alone is a few KiB at most; a broker refusing that is misconfigured.
+            tracing::error!(
+                dlq = target,
+                topic = msg.topic(),
+                offset = msg.offset(),
+                "even an empty record with an envelope is too large for the dead-letter topic"
+            );
+            return Err(Abandoned);
+        };
+        let error = error.as_str();
         match decision {
             Decision::Retry { tier, .. } => {
                 shared.stats.retried(tier);
@@ -474,6 +466,102 @@ impl PartitionTask {
         }
         Ok(())
     }
+
+    /// Produces one record and waits for its ack, retrying failures with backoff while the
+    /// source partition is paused. Only "too large" is returned instead of retried.
+    async fn send_durably(
+        &self,
+        target: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        user_headers: &[Header],
+        envelope: &Envelope,
+        msg: &Message,
+    ) -> Result<Sent, Abandoned> {
+        let shared = &self.shared;
+        let mut headers = OwnedHeaders::new_with_capacity(user_headers.len() + 11);
+        for h in user_headers.iter().chain(envelope.to_headers().iter()) {
+            headers = headers.insert(RdHeader {
+                key: &h.key,
+                value: h.value.as_deref(),
+            });
+        }
+        // Same partition number as the original when the side topic has it: keeps a key's
+        // records together for per-key ordering later.
+        let partition = (msg.partition() < shared.partitions.get(target).copied().unwrap_or(0))
+            .then_some(msg.partition());
+        let mut backoff = shared.config.handoff.backoff_initial;
+        let mut paused = false;
+        let outcome = loop {
+            // Set explicitly (not left to the producer) so alerts know the exact timestamp the
+            // CLI's --since/--until filters will see.
+            let produced_at = now_ms();
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(target)
+                .headers(headers.clone())
+                .timestamp(produced_at);
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
+            let sent = shared
+                .producer
+                .send(record, Timeout::After(shared.config.handoff.timeout))
+                .await;
+            match sent {
+                Ok(d) => break Ok(Sent::Acked((d.partition, d.offset, produced_at))),
+                Err((e, _)) if is_too_large(&e) => break Ok(Sent::TooLarge(e)),
+                // Revoked: the new owner will handle the record again; stop here.
+                Err(_) if self.revoked.is_cancelled() => break Err(Abandoned),
+                Err((e, _)) => {
+                    shared.stats.handoff_failed();
+                    let source = &shared.topology.sources()[self.source].topic;
+                    metrics::counter!(m::HANDOFF_FAILURES, "source" => source.clone()).increment(1);
+                    tracing::warn!(
+                        target_topic = target, topic = msg.topic(), partition = msg.partition(),
+                        offset = msg.offset(), error = %e, retry_in = ?backoff,
+                        "hand-off failed; partition paused, retrying"
+                    );
+                    if !paused {
+                        self.set_paused(true);
+                        paused = true;
+                    }
+                    let go_on = tokio::select! {
+                        _ = tokio::time::sleep(backoff) => true,
+                        _ = self.stop.cancelled() => false,
+                        _ = self.revoked.cancelled() => false,
+                    };
+                    if !go_on {
+                        break Err(Abandoned);
+                    }
+                    backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
+                }
+            }
+        };
+        if paused {
+            self.set_paused(false);
+        }
+        outcome
+    }
+}
+
+/// Result of [`PartitionTask::send_durably`].
+enum Sent {
+    /// Acknowledged: (partition, offset, timestamp we set).
+    Acked((i32, i64, i64)),
+    /// The broker or librdkafka refused the record's size.
+    TooLarge(KafkaError),
+}
+
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
 }
 
 /// How long before a retry record is due its paused partition is resumed: the retry consumer's

@@ -108,6 +108,8 @@ pub enum Reason {
     InvalidEnvelope,
     /// The payload could not be decoded.
     Poison,
+    /// Too large for the retry/dead-letter topic; dead-lettered without its payload.
+    Oversized,
 }
 
 impl Reason {
@@ -117,6 +119,7 @@ impl Reason {
             Reason::Exhausted => "exhausted",
             Reason::InvalidEnvelope => "invalid-envelope",
             Reason::Poison => "poison",
+            Reason::Oversized => "oversized",
         }
     }
 }

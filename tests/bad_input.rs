@@ -1,0 +1,132 @@
+//! Bad input gets a clear outcome, never a crash, and the runtime keeps consuming after it.
+//! (Invalid JSON, forged or corrupt envelopes, colliding header names, a missing DLQ and an
+//! unwritable DLQ are covered in `runtime.rs`.)
+
+mod common;
+
+use common::*;
+use sidetrack::retry::headers as h;
+use sidetrack::{DeadLetterReason, HandlerError, Runtime};
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Order {
+    id: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
+    let cluster = cluster(1);
+    // The handler reads the key as text and the payload as JSON, as product code would; a
+    // record whose payload is "big" fails (retryable) so that its hand-off must carry it.
+    let recorder = Recorder::new(|m| {
+        m.key_str()?;
+        if m.payload().is_some_and(|p| p.len() > 100_000) {
+            return Err(HandlerError::retryable("downstream rejected a big one"));
+        }
+        m.json::<Order>()?;
+        Ok(())
+    });
+    // The side topics accept less than the source (as when a retry topic has a smaller
+    // max.message.bytes, or the envelope pushes a record over the broker's limit).
+    let mut cfg = config();
+    cfg.producer
+        .insert("message.max.bytes".into(), "100000".into());
+    let rt = Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let producer = cluster.producer().unwrap();
+    let good = |i: usize| format!("{{\"id\":\"good-{i}\"}}");
+    let big = vec![b'x'; 150_000];
+    let cases: Vec<(&str, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
+        (
+            "non-utf8-key",
+            Some(vec![0xff, 0xfe, 0x00]),
+            Some(good(0).into_bytes()),
+        ),
+        ("empty-payload", Some(b"k".to_vec()), Some(Vec::new())),
+        ("tombstone", Some(b"k".to_vec()), None),
+        ("near-max-size", Some(b"big".to_vec()), Some(big.clone())),
+    ];
+    let mut expected_handled = 0;
+    for (i, (name, key, payload)) in cases.iter().enumerate() {
+        cluster
+            .produce(
+                &producer,
+                TOPIC,
+                Some(0),
+                key.as_deref(),
+                payload.as_deref(),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let after = good(i + 1);
+        cluster
+            .produce(
+                &producer,
+                TOPIC,
+                Some(0),
+                Some(b"k"),
+                Some(after.as_bytes()),
+                &[],
+            )
+            .await
+            .unwrap();
+        expected_handled += 1;
+        wait_for(
+            &format!("{name}: dead-lettered, and the next record handled"),
+            || {
+                let s = rt.stats();
+                s.total_dead_lettered() == i as u64 + 1 && s.handled == expected_handled
+            },
+        )
+        .await;
+    }
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(stats.dead_lettered(DeadLetterReason::Poison), 3);
+    assert_eq!(stats.dead_lettered(DeadLetterReason::Oversized), 1);
+
+    let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+    assert_eq!(dlq.len(), 4);
+    let by_kind = |kind: &str| {
+        dlq.iter()
+            .filter(|r| r.header_str(h::ERROR_KIND) == Some(kind))
+            .count()
+    };
+    assert_eq!(by_kind("poison"), 3);
+    let errors: Vec<&str> = dlq
+        .iter()
+        .map(|r| r.header_str(h::ERROR).unwrap())
+        .collect();
+    assert!(errors[0].contains("key is not UTF-8"), "{errors:?}");
+    assert!(errors[1].contains("not a valid"), "{errors:?}");
+    assert!(errors[2].contains("tombstone"), "{errors:?}");
+    // The tombstone stays a tombstone on the DLQ.
+    assert_eq!(dlq[2].payload, None);
+
+    let oversized = &dlq[3];
+    assert_eq!(oversized.header_str(h::ERROR_KIND), Some("oversized"));
+    assert_eq!(oversized.payload, None, "payload dropped");
+    assert_eq!(oversized.key.as_deref(), Some(&b"big"[..]), "key kept");
+    let error = oversized.header_str(h::ERROR).unwrap();
+    assert!(error.contains("150000 payload bytes"), "{error}");
+    assert!(
+        error.contains("the original stays at orders[0]@"),
+        "{error}"
+    );
+    assert!(error.contains("downstream rejected a big one"), "{error}");
+    // Every good record was handled once.
+    let handled_good: Vec<String> = recorder
+        .all()
+        .into_iter()
+        .filter(|a| a.payload.contains("good-"))
+        .map(|a| a.payload)
+        .collect();
+    assert_eq!(handled_good.len(), 5, "{handled_good:?}");
+}
