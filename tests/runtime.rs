@@ -9,33 +9,27 @@ use common::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sidetrack::retry::headers as h;
 use sidetrack::testing::{wait_until, Record};
-use sidetrack::{DeadLetterReason, Error, HandlerError, Header, Runtime};
+use sidetrack::{DeadLetterReason, Error, HandlerError, Header};
 
 fn payloads(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-async fn dlq(cluster: &sidetrack::testing::EmbeddedCluster) -> Vec<Record> {
-    cluster.read_all("orders.billing.dlq").await.unwrap()
 }
 
 fn text(r: &Record) -> String {
     String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn success_commits_offsets() {
-    let cluster = cluster(2);
+async fn success_commits_offsets(cluster: Env) {
     let recorder = Recorder::new(|_| Ok(()));
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    let sent = produce_all(&cluster, &payloads("ok", 20), 2).await;
+    let sent = cluster.produce_all(&payloads("ok", 20), 2).await;
     wait_for("20 handled", || rt.stats().handled == 20).await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(stats.handled, 20);
@@ -48,15 +42,15 @@ async fn success_commits_offsets() {
             .map(|(_, o)| *o)
             .max()
             .unwrap();
-        let committed = cluster.committed_offset(GROUP, TOPIC, p).await.unwrap();
+        let committed = cluster
+            .committed_offset(cluster.group(), cluster.topic(), p)
+            .await;
         assert_eq!(committed, Some(last + 1), "partition {p}");
     }
     assert_eq!(recorder.count(), 20, "each record handled once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failure_is_retried_via_tier_topic_then_succeeds() {
-    let cluster = cluster(1);
+async fn transient_failure_is_retried_via_tier_topic_then_succeeds(cluster: Env) {
     // "flaky" fails on its first attempt by panicking, then succeeds.
     let recorder = Recorder::new(|m| {
         if m.payload() == Some(b"flaky") && m.attempt() == 1 {
@@ -64,15 +58,17 @@ async fn transient_failure_is_retried_via_tier_topic_then_succeeds() {
         }
         Ok(())
     });
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    produce_all(&cluster, &["flaky".to_string(), "fine".to_string()], 0).await;
+    cluster
+        .produce_all(&["flaky".to_string(), "fine".to_string()], 0)
+        .await;
     wait_for("both handled", || rt.stats().handled == 2).await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(stats.retried, vec![1, 0]);
@@ -83,10 +79,7 @@ async fn transient_failure_is_retried_via_tier_topic_then_succeeds() {
         .collect();
     assert_eq!(attempts, vec![1, 2]);
 
-    let tier = cluster
-        .read_all("orders.billing.retry.200ms")
-        .await
-        .unwrap();
+    let tier = cluster.read_all(&cluster.retry("200ms")).await;
     assert_eq!(tier.len(), 1);
     let (_, env) = tier[0].envelope().unwrap();
     assert_eq!(env.attempts, 1);
@@ -98,24 +91,29 @@ async fn transient_failure_is_retried_via_tier_topic_then_succeeds() {
         env.error
     );
     assert!(env.due.is_some());
-    assert!(dlq(&cluster).await.is_empty());
+    assert!(cluster.read_all(&cluster.dlq()).await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exhausted_retries_go_to_dlq_with_full_envelope() {
-    let cluster = cluster(1);
+async fn exhausted_retries_go_to_dlq_with_full_envelope(cluster: Env) {
     let recorder = Recorder::new(|_| Err(HandlerError::retryable("database unavailable")));
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    let producer = cluster.producer().unwrap();
+    let producer = cluster.producer();
     let (partition, offset) = cluster
-        .produce(&producer, TOPIC, Some(0), Some(b"k1"), Some(b"doomed"), &[])
+        .produce(
+            &producer,
+            cluster.topic(),
+            Some(0),
+            Some(b"k1"),
+            Some(b"doomed"),
+            &[],
+        )
         .await
         .unwrap();
     wait_for("dead-lettered", || rt.stats().total_dead_lettered() == 1).await;
@@ -125,11 +123,11 @@ async fn exhausted_retries_go_to_dlq_with_full_envelope() {
     assert_eq!(stats.dead_lettered(DeadLetterReason::Exhausted), 1);
     assert_eq!(recorder.count(), 4);
 
-    let records = dlq(&cluster).await;
+    let records = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(records.len(), 1);
     let r = &records[0];
     assert_eq!(r.header_str(h::VERSION), Some("1"));
-    assert_eq!(r.header_str(h::ORIGINAL_TOPIC), Some(TOPIC));
+    assert_eq!(r.header_str(h::ORIGINAL_TOPIC), Some(cluster.topic()));
     assert_eq!(
         r.header_str(h::ORIGINAL_PARTITION),
         Some(partition.to_string().as_str())
@@ -145,7 +143,7 @@ async fn exhausted_retries_go_to_dlq_with_full_envelope() {
             .unwrap()
             > 0
     );
-    assert_eq!(r.header_str(h::GROUP), Some(GROUP));
+    assert_eq!(r.header_str(h::GROUP), Some(cluster.group()));
     assert_eq!(r.header_str(h::ATTEMPTS), Some("4"));
     assert_eq!(r.header_str(h::ERROR_KIND), Some("exhausted"));
     assert_eq!(r.header_str(h::ERROR), Some("database unavailable"));
@@ -157,20 +155,20 @@ async fn exhausted_retries_go_to_dlq_with_full_envelope() {
     assert_eq!(r.headers.iter().filter(|x| x.key == h::VERSION).count(), 1);
     assert_eq!(r.key.as_deref(), Some(&b"k1"[..]));
     assert_eq!(
-        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await,
         Some(offset + 1)
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_and_undecodable_go_to_dlq_at_once() {
+async fn permanent_and_undecodable_go_to_dlq_at_once(cluster: Env) {
     #[derive(serde::Deserialize)]
     #[allow(dead_code)]
     struct Order {
         id: String,
         amount_cents: i64,
     }
-    let cluster = cluster(1);
     let recorder = Recorder::new(|m| {
         let order: Order = m.json()?;
         if order.amount_cents < 0 {
@@ -178,8 +176,8 @@ async fn permanent_and_undecodable_go_to_dlq_at_once() {
         }
         Ok(())
     });
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -191,7 +189,7 @@ async fn permanent_and_undecodable_go_to_dlq_at_once() {
         "{not json".to_string(),
         r#"{"id":"b","amount_cents":7}"#.to_string(),
     ];
-    produce_all(&cluster, &sent, 0).await;
+    cluster.produce_all(&sent, 0).await;
     wait_for("two dead letters and one success", || {
         let s = rt.stats();
         s.total_dead_lettered() == 2 && s.handled == 1
@@ -202,7 +200,7 @@ async fn permanent_and_undecodable_go_to_dlq_at_once() {
     assert_eq!(stats.dead_lettered(DeadLetterReason::Permanent), 1);
     assert_eq!(stats.dead_lettered(DeadLetterReason::Poison), 1);
     assert_eq!(recorder.count(), 3, "no record was tried twice");
-    let records = dlq(&cluster).await;
+    let records = cluster.read_all(&cluster.dlq()).await;
     let kinds: HashSet<(String, String)> = records
         .iter()
         .map(|r| (text(r), r.header_str(h::ERROR_KIND).unwrap().to_owned()))
@@ -214,10 +212,8 @@ async fn permanent_and_undecodable_go_to_dlq_at_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_record_does_not_delay_later_records_and_retries_are_never_early() {
-    let cluster = cluster(1);
-    let mut cfg = config();
+async fn failing_record_does_not_delay_later_records_and_retries_are_never_early(cluster: Env) {
+    let mut cfg = cluster.config();
     cfg.retry =
         sidetrack::config::RetryConfig::tiers([sidetrack::Tier::new(Duration::from_secs(2), 1)]);
     let recorder = Recorder::new(|m| {
@@ -226,8 +222,8 @@ async fn failing_record_does_not_delay_later_records_and_retries_are_never_early
         }
         Ok(())
     });
-    let rt = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg)
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -236,7 +232,7 @@ async fn failing_record_does_not_delay_later_records_and_retries_are_never_early
         .unwrap();
     let mut sent = vec!["first".to_string()];
     sent.extend(payloads("later", 10));
-    produce_all(&cluster, &sent, 0).await;
+    cluster.produce_all(&sent, 0).await;
     wait_for("all handled", || rt.stats().handled == 11).await;
     rt.shutdown().await.unwrap();
 
@@ -262,9 +258,7 @@ async fn failing_record_does_not_delay_later_records_and_retries_are_never_early
     assert_eq!(offsets, sorted);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte() {
-    let cluster = cluster(1);
+async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte(cluster: Env) {
     // Fails once (retryable) so the record crosses a retry topic, then permanently.
     let recorder = Recorder::new(|m| {
         if m.attempt() == 1 {
@@ -273,8 +267,8 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte() {
             Err(HandlerError::permanent("second"))
         }
     });
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -294,11 +288,11 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte() {
         Header::new(h::ATTEMPTS, b"user value".to_vec()),
         Header::new("empty", Vec::new()),
     ];
-    let producer = cluster.producer().unwrap();
+    let producer = cluster.producer();
     cluster
         .produce(
             &producer,
-            TOPIC,
+            cluster.topic(),
             Some(0),
             Some(key),
             Some(payload),
@@ -309,7 +303,7 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte() {
     wait_for("dead-lettered", || rt.stats().total_dead_lettered() == 1).await;
     rt.shutdown().await.unwrap();
 
-    let records = dlq(&cluster).await;
+    let records = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(records.len(), 1);
     let r = &records[0];
     assert_eq!(r.key.as_deref(), Some(key));
@@ -323,12 +317,10 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte() {
     assert_eq!(seen.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_resumes_from_committed_offsets() {
-    let cluster = cluster(2);
+async fn restart_resumes_from_committed_offsets(cluster: Env) {
     let first = Recorder::new(|_| Ok(()));
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(first.clone())
         .build()
         .unwrap()
@@ -336,15 +328,15 @@ async fn restart_resumes_from_committed_offsets() {
         .await
         .unwrap();
     let batch1 = payloads("one", 10);
-    produce_all(&cluster, &batch1, 2).await;
+    cluster.produce_all(&batch1, 2).await;
     wait_for("batch 1 handled", || rt.stats().handled == 10).await;
     rt.shutdown().await.unwrap();
 
     let batch2 = payloads("two", 10);
-    produce_all(&cluster, &batch2, 2).await;
+    cluster.produce_all(&batch2, 2).await;
     let second = Recorder::new(|_| Ok(()));
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(second.clone())
         .build()
         .unwrap()
@@ -365,13 +357,11 @@ async fn restart_resumes_from_committed_offsets() {
     assert_eq!(seen1, batch1.into_iter().collect::<HashSet<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_runtimes_in_one_group_split_partitions() {
-    let cluster = cluster(4);
+async fn two_runtimes_in_one_group_split_partitions(cluster: Env) {
     let (a, b) = (Recorder::new(|_| Ok(())), Recorder::new(|_| Ok(())));
     let start = |r: Recorder| {
-        Runtime::builder(config())
-            .embedded(&cluster)
+        cluster
+            .builder(cluster.config())
             .handler(r)
             .build()
             .unwrap()
@@ -388,7 +378,7 @@ async fn two_runtimes_in_one_group_split_partitions() {
     })
     .await;
     let sent = payloads("split", 200);
-    produce_all(&cluster, &sent, 4).await;
+    cluster.produce_all(&sent, 4).await;
     wait_for("200 handled in total", || {
         ra.stats().handled + rb.stats().handled == 200
     })
@@ -407,7 +397,11 @@ async fn two_runtimes_in_one_group_split_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
-    let cluster = cluster(1);
+    // Fault injection needs the embedded broker.
+    let cluster = Env::embedded(1);
+    let Broker::Embedded(mock) = cluster.broker.clone() else {
+        unreachable!()
+    };
     let recorder = Recorder::new(|m| {
         if m.payload() == Some(b"bad") {
             Err(HandlerError::permanent("rejected"))
@@ -415,8 +409,8 @@ async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
             Ok(())
         }
     });
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -424,24 +418,27 @@ async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
         .await
         .unwrap();
     // Warm up: the group is joined and a first offset committed.
-    let sent = produce_all(&cluster, &["warm".to_string()], 0).await;
+    let sent = cluster.produce_all(&["warm".to_string()], 0).await;
     let warm_offset = sent[0].1;
     wait_for("warm-up handled", || rt.stats().handled == 1).await;
 
-    let producer = cluster.producer().unwrap();
+    let producer = cluster.producer();
     let (_, bad_offset) = cluster
-        .produce(&producer, TOPIC, Some(0), None, Some(b"bad"), &[])
+        .produce(&producer, cluster.topic(), Some(0), None, Some(b"bad"), &[])
         .await
         .unwrap();
     // Every produce request fails from now on (the hand-off of "bad" included).
-    cluster.fail_requests(
+    mock.fail_requests(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500],
     );
     wait_for("hand-off failing", || rt.stats().handoff_failures >= 2).await;
     // Give auto-commit (1 s) a chance to commit anything it wrongly had.
     let committed_ok = wait_until(Duration::from_millis(2500), || async {
-        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap() > Some(bad_offset)
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await
+            > Some(bad_offset)
     })
     .await;
     assert!(
@@ -449,24 +446,38 @@ async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
         "offset committed past a record that was not handed off"
     );
     assert_eq!(rt.stats().total_dead_lettered(), 0);
-    assert!(cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap() >= Some(warm_offset + 1));
+    assert!(
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await
+            >= Some(warm_offset + 1)
+    );
 
-    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
     wait_for("dead-lettered after the fault cleared", || {
         rt.stats().total_dead_lettered() == 1
     })
     .await;
     let after = cluster
-        .produce(&producer, TOPIC, Some(0), None, Some(b"after"), &[])
+        .produce(
+            &producer,
+            cluster.topic(),
+            Some(0),
+            None,
+            Some(b"after"),
+            &[],
+        )
         .await
         .unwrap();
     wait_for("record after the fault handled", || rt.stats().handled == 2).await;
     rt.shutdown().await.unwrap();
     assert_eq!(
-        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await,
         Some(after.1 + 1)
     );
-    let records = dlq(&cluster).await;
+    let records = cluster.read_all(&cluster.dlq()).await;
     assert!(
         records.iter().any(|r| text(r) == "bad"),
         "the record reached the DLQ"
@@ -478,26 +489,24 @@ async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid() {
-    let cluster = cluster(1);
+async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid(cluster: Env) {
     let recorder = Recorder::new(|_| Ok(()));
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    let tier = "orders.billing.retry.200ms";
-    let producer = cluster.producer().unwrap();
+    let tier = &cluster.retry("200ms");
+    let producer = cluster.producer();
     let valid = sidetrack::Envelope {
-        original_topic: TOPIC.into(),
+        original_topic: cluster.topic().into(),
         original_partition: 0,
         original_offset: 0,
         original_timestamp: None,
-        group: GROUP.into(),
+        group: cluster.group().into(),
         attempts: 1,
         first_failure: 0,
         due: Some(0),
@@ -550,7 +559,7 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid() {
     rt.shutdown().await.unwrap();
     let handled: Vec<String> = recorder.all().into_iter().map(|a| a.payload).collect();
     assert_eq!(handled, vec!["valid".to_string()]);
-    let records = dlq(&cluster).await;
+    let records = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(records.len(), 7);
     for r in &records {
         assert_eq!(
@@ -565,28 +574,28 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid() {
 
 #[tokio::test]
 async fn invalid_config_and_missing_topics_fail_clearly() {
-    let cluster = cluster(1);
-    let mut cfg = config();
+    let cluster = Env::embedded(1);
+    let mut cfg = cluster.config();
     cfg.retry.tiers = Some(vec![sidetrack::Tier::new(Duration::ZERO, 1)]);
-    let err = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let err = cluster
+        .builder(cfg)
         .handler(Recorder::new(|_| Ok(())))
         .build()
         .err()
         .expect("zero delay rejected");
     assert!(err.to_string().contains("retry.tiers[0].delay"), "{err}");
 
-    let err = Runtime::builder(config())
-        .embedded(&cluster)
+    let err = cluster
+        .builder(cluster.config())
         .build()
         .err()
         .expect("no handler");
     assert!(matches!(err, Error::NoHandler));
 
-    let mut cfg = config();
+    let mut cfg = cluster.config();
     cfg.provisioning.auto_create = false;
-    let err = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let err = cluster
+        .builder(cfg)
         .handler(Recorder::new(|_| Ok(())))
         .build()
         .unwrap()
@@ -596,17 +605,17 @@ async fn invalid_config_and_missing_topics_fail_clearly() {
         .expect("missing topics");
     let text = err.to_string();
     for t in [
-        "orders.billing.retry.200ms",
-        "orders.billing.retry.500ms",
-        "orders.billing.dlq",
+        &cluster.retry("200ms"),
+        &cluster.retry("500ms"),
+        &cluster.dlq(),
     ] {
         assert!(text.contains(t), "{text}");
     }
 
-    let mut cfg = config();
+    let mut cfg = cluster.config();
     cfg.topics = vec!["nope".into()];
-    let err = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let err = cluster
+        .builder(cfg)
         .handler(Recorder::new(|_| Ok(())))
         .build()
         .unwrap()
@@ -620,10 +629,8 @@ async fn invalid_config_and_missing_topics_fail_clearly() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_retries_on_one_partition_are_each_handled_once_in_order() {
-    let cluster = cluster(1);
-    let mut cfg = config();
+async fn many_retries_on_one_partition_are_each_handled_once_in_order(cluster: Env) {
+    let mut cfg = cluster.config();
     cfg.retry = sidetrack::config::RetryConfig::tiers([sidetrack::Tier::new(
         Duration::from_millis(300),
         1,
@@ -637,8 +644,8 @@ async fn many_retries_on_one_partition_are_each_handled_once_in_order() {
             Ok(())
         }
     });
-    let rt = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg)
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -646,7 +653,7 @@ async fn many_retries_on_one_partition_are_each_handled_once_in_order() {
         .await
         .unwrap();
     let sent = payloads("r", 60);
-    produce_all(&cluster, &sent, 0).await;
+    cluster.produce_all(&sent, 0).await;
     wait_for("60 handled on retry", || rt.stats().handled == 60).await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(stats.retried, vec![60]);
@@ -668,12 +675,10 @@ async fn many_retries_on_one_partition_are_each_handled_once_in_order() {
     assert_eq!(retried_order, sorted, "a tier is first-in-first-due");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
+async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted(cluster: Env) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let cluster = cluster(1);
     let started = Arc::new(AtomicBool::new(false));
     let flag = started.clone();
     // "slow" takes 1 s (well within the 5 s shutdown timeout); "stuck" never finishes.
@@ -689,17 +694,17 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
             Ok(())
         }
     });
-    let mut cfg = config();
+    let mut cfg = cluster.config();
     cfg.shutdown_timeout = Duration::from_millis(1500);
-    let rt = Runtime::builder(cfg.clone())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg.clone())
         .handler(slow)
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    let sent = produce_all(&cluster, &["slow".to_string()], 0).await;
+    let sent = cluster.produce_all(&["slow".to_string()], 0).await;
     wait_for("slow record started", || started.load(Ordering::SeqCst)).await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(
@@ -707,7 +712,9 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
         "in-flight record finished during shutdown"
     );
     assert_eq!(
-        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await,
         Some(sent[0].1 + 1)
     );
 
@@ -723,15 +730,15 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
             Ok(())
         }
     });
-    let rt = Runtime::builder(cfg.clone())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg.clone())
         .handler(stuck)
         .build()
         .unwrap()
         .start()
         .await
         .unwrap();
-    let stuck_at = produce_all(&cluster, &["stuck".to_string()], 0).await[0].1;
+    let stuck_at = cluster.produce_all(&["stuck".to_string()], 0).await[0].1;
     wait_for("stuck record started", || started.load(Ordering::SeqCst)).await;
     let begun = std::time::Instant::now();
     let stats = rt.shutdown().await.unwrap();
@@ -741,15 +748,17 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
     );
     assert_eq!(stats.handled, 0);
     assert_eq!(
-        cluster.committed_offset(GROUP, TOPIC, 0).await.unwrap(),
+        cluster
+            .committed_offset(cluster.group(), cluster.topic(), 0)
+            .await,
         Some(stuck_at),
         "abandoned record is not committed"
     );
 
     // After a restart the abandoned record is delivered again.
     let recorder = Recorder::new(|_| Ok(()));
-    let rt = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg)
         .handler(recorder.clone())
         .build()
         .unwrap()
@@ -761,3 +770,55 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted() {
     let seen: Vec<String> = recorder.all().into_iter().map(|a| a.payload).collect();
     assert_eq!(seen, vec!["stuck".to_string()]);
 }
+
+on_both_brokers!(success_commits_offsets, 2, success_commits_offsets);
+on_both_brokers!(
+    transient_failure_is_retried_via_tier_topic_then_succeeds,
+    1,
+    transient_failure_is_retried_via_tier_topic_then_succeeds
+);
+on_both_brokers!(
+    exhausted_retries_go_to_dlq_with_full_envelope,
+    1,
+    exhausted_retries_go_to_dlq_with_full_envelope
+);
+on_both_brokers!(
+    permanent_and_undecodable_go_to_dlq_at_once,
+    1,
+    permanent_and_undecodable_go_to_dlq_at_once
+);
+on_both_brokers!(
+    failing_record_does_not_delay_later_records_and_retries_are_never_early,
+    1,
+    failing_record_does_not_delay_later_records_and_retries_are_never_early
+);
+on_both_brokers!(
+    key_payload_and_user_headers_survive_to_dlq_byte_for_byte,
+    1,
+    key_payload_and_user_headers_survive_to_dlq_byte_for_byte
+);
+on_both_brokers!(
+    restart_resumes_from_committed_offsets,
+    2,
+    restart_resumes_from_committed_offsets
+);
+on_both_brokers!(
+    two_runtimes_in_one_group_split_partitions,
+    4,
+    two_runtimes_in_one_group_split_partitions
+);
+on_both_brokers!(
+    corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid,
+    1,
+    corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid
+);
+on_both_brokers!(
+    many_retries_on_one_partition_are_each_handled_once_in_order,
+    1,
+    many_retries_on_one_partition_are_each_handled_once_in_order
+);
+on_both_brokers!(
+    shutdown_finishes_in_flight_work_or_abandons_it_uncommitted,
+    1,
+    shutdown_finishes_in_flight_work_or_abandons_it_uncommitted
+);

@@ -216,14 +216,27 @@ impl EmbeddedCluster {
         read_all(self.bootstrap_servers(), topic).await
     }
 
-    /// The committed offset of `group` on `topic`/`partition` (`None` if nothing committed).
+    /// The committed offset of `group`; see [`committed_offset`].
     pub async fn committed_offset(
         &self,
         group: &str,
         topic: &str,
         partition: i32,
     ) -> Result<Option<i64>, Error> {
-        let bootstrap = self.bootstrap_servers().to_owned();
+        committed_offset(self.bootstrap_servers(), group, topic, partition).await
+    }
+}
+
+/// The committed offset of `group` on `topic`/`partition` (`None` if nothing committed), on
+/// any broker.
+pub async fn committed_offset(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, Error> {
+    {
+        let bootstrap = bootstrap.to_owned();
         let (group, topic) = (group.to_owned(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = ClientConfig::new()

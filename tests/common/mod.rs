@@ -258,3 +258,272 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// Where a scenario runs: the embedded broker, or a real one from `SIDETRACK_TEST_BROKERS`.
+#[derive(Clone)]
+pub enum Broker {
+    Embedded(EmbeddedCluster),
+    Real(String),
+}
+
+/// One scenario's broker, topic and group. On a real broker (shared by every test of a run)
+/// names are made unique per test.
+#[derive(Clone)]
+pub struct Env {
+    pub broker: Broker,
+    topic: String,
+    group: String,
+}
+
+/// The real broker to test against, or a printed reason to skip.
+pub fn real_brokers() -> Option<String> {
+    match std::env::var("SIDETRACK_TEST_BROKERS") {
+        Ok(b) if !b.trim().is_empty() => Some(b),
+        _ => {
+            eprintln!("skipped on a real broker: SIDETRACK_TEST_BROKERS is not set (see .ci/run)");
+            None
+        }
+    }
+}
+
+impl Env {
+    pub fn embedded(partitions: i32) -> Env {
+        Env {
+            broker: Broker::Embedded(cluster(partitions)),
+            topic: TOPIC.into(),
+            group: GROUP.into(),
+        }
+    }
+
+    /// `None` (after printing why) when no real broker is configured.
+    pub async fn real(partitions: i32) -> Option<Env> {
+        init_tracing();
+        let brokers = real_brokers()?;
+        let unique = format!("{:08x}", fastrand_u32());
+        let env = Env {
+            broker: Broker::Real(brokers),
+            topic: format!("orders-{unique}"),
+            group: format!("billing-{unique}"),
+        };
+        env.create_topic(&env.topic.clone(), partitions).await;
+        Some(env)
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    pub fn dlq(&self) -> String {
+        format!("{}.{}.dlq", self.topic, self.group)
+    }
+    pub fn retry(&self, delay: &str) -> String {
+        format!("{}.{}.retry.{delay}", self.topic, self.group)
+    }
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.broker, Broker::Embedded(_))
+    }
+    pub fn bootstrap(&self) -> String {
+        match &self.broker {
+            Broker::Embedded(c) => c.bootstrap_servers().to_owned(),
+            Broker::Real(b) => b.clone(),
+        }
+    }
+
+    /// [`config`] for this scenario's topic and group.
+    pub fn config(&self) -> Config {
+        config_for(&self.topic, &self.group)
+    }
+
+    pub fn builder(&self, config: Config) -> sidetrack::RuntimeBuilder {
+        match &self.broker {
+            Broker::Embedded(c) => sidetrack::Runtime::builder(config).embedded(c),
+            Broker::Real(b) => {
+                let mut config = config;
+                config.brokers = b.clone();
+                // Tansu is slower to settle a group than the embedded broker.
+                config.provisioning.timeout = Duration::from_secs(30);
+                sidetrack::Runtime::builder(config)
+            }
+        }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match &self.broker {
+            Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
+            Broker::Real(b) => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                    rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", b)
+                        .create()
+                        .unwrap();
+                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let r = admin
+                    .create_topics(
+                        [&t],
+                        &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
+                    )
+                    .await
+                    .unwrap();
+                assert!(r[0].is_ok(), "creating {name}: {:?}", r[0]);
+                // Wait until the topic shows in metadata.
+                let b = b.clone();
+                let name = name.to_owned();
+                let ok = wait_until(WAIT, || {
+                    let (b, name) = (b.clone(), name.clone());
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                                .set("bootstrap.servers", &b)
+                                .create()
+                                .unwrap();
+                            use rdkafka::consumer::Consumer;
+                            c.fetch_metadata(Some(&name), Duration::from_secs(5))
+                                .map(|m| {
+                                    m.topics()
+                                        .iter()
+                                        .any(|t| t.name() == name && !t.partitions().is_empty())
+                                })
+                                .unwrap_or(false)
+                        })
+                        .await
+                        .unwrap_or(false)
+                    }
+                })
+                .await;
+                assert!(ok, "topic {name} never appeared");
+            }
+        }
+    }
+
+    /// A producer that sends each record in a batch of its own (Tansu cannot fetch from the
+    /// middle of a multi-record batch).
+    pub fn producer(&self) -> rdkafka::producer::FutureProducer {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("linger.ms", "0")
+            .set("batch.num.messages", "1")
+            .create()
+            .unwrap()
+    }
+
+    pub async fn produce(
+        &self,
+        producer: &rdkafka::producer::FutureProducer,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[sidetrack::Header],
+    ) -> Result<(i32, i64), sidetrack::Error> {
+        // The embedded helper works with any producer and broker.
+        produce_with(producer, topic, partition, key, payload, headers).await
+    }
+
+    /// Produces `payloads` (also used as keys) to the scenario's topic.
+    pub async fn produce_all(&self, payloads: &[String], partitions: i32) -> Vec<(i32, i64)> {
+        let producer = self.producer();
+        let mut out = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            let part = (partitions > 0).then(|| i as i32 % partitions);
+            out.push(
+                self.produce(
+                    &producer,
+                    &self.topic,
+                    part,
+                    Some(p.as_bytes()),
+                    Some(p.as_bytes()),
+                    &[],
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        out
+    }
+
+    pub async fn read_all(&self, topic: &str) -> Vec<sidetrack::testing::Record> {
+        sidetrack::testing::read_all(&self.bootstrap(), topic)
+            .await
+            .unwrap()
+    }
+
+    pub async fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
+        sidetrack::testing::committed_offset(&self.bootstrap(), group, topic, partition)
+            .await
+            .unwrap()
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish() as u32
+}
+
+/// Produces one record with any producer and waits for its ack.
+pub async fn produce_with(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &[sidetrack::Header],
+) -> Result<(i32, i64), sidetrack::Error> {
+    use rdkafka::message::{Header as RdHeader, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let mut hs = OwnedHeaders::new();
+    for h in headers {
+        hs = hs.insert(RdHeader {
+            key: &h.key,
+            value: h.value.as_deref(),
+        });
+    }
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| sidetrack::Error::Kafka {
+            context: "producing a test record",
+            source: e,
+        })
+}
+
+/// Runs a scenario body on the embedded broker and, when `SIDETRACK_TEST_BROKERS` is set, on
+/// that real broker: one test body, two back-ends.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($name:ident, $partitions:expr, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                $body(Env::embedded($partitions)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real_broker() {
+                if let Some(env) = Env::real($partitions).await {
+                    $body(env).await
+                }
+            }
+        }
+    };
+}
