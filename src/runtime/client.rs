@@ -63,6 +63,9 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         // Measured on the embedded broker: the default 1 s backoff on a full fetch queue
         // throttles throughput badly; 10 ms keeps partitions fed.
         .set("fetch.queue.backoff.ms", "10")
+        // librdkafka backs off reconnects up to 10 s; after a short broker outage that can
+        // outlast the group session and cost a rebalance (and duplicates). 1 s is plenty.
+        .set("reconnect.backoff.max.ms", "1000")
         // With one queue per partition these bounds apply per partition: prefetch at most
         // 8 MiB or 10k records ahead of the handler (librdkafka's defaults are 64 MiB and
         // 100k, per partition).
@@ -89,6 +92,7 @@ pub(crate) fn producer_config(config: &Config) -> ClientConfig {
         // A partition waits for its hand-off's ack before moving on, so lingering only adds
         // latency to every failure.
         .set("linger.ms", "1")
+        .set("reconnect.backoff.max.ms", "1000")
         .set("allow.auto.create.topics", "false")
         .set_log_level(RDKafkaLogLevel::Info);
     for (k, v) in &config.producer {

@@ -51,6 +51,12 @@ pub(crate) struct GroupContext {
     consumer: OnceLock<Weak<GroupConsumer>>,
     slots: Mutex<HashMap<(String, i32), Slot>>,
     runtime: tokio::runtime::Handle,
+    /// Set when a commit says this member is no longer in the group (unknown member, stale
+    /// generation): offsets stored now would never be committed, and the new owner would
+    /// handle those records again. Partition tasks take no new record until the next
+    /// rebalance or successful commit clears it.
+    fenced: std::sync::atomic::AtomicBool,
+    unfenced: tokio::sync::Notify,
 }
 
 impl GroupContext {
@@ -58,6 +64,30 @@ impl GroupContext {
         // A panic while holding this lock can only come from our own code between two map
         // operations; the map is still consistent, so keep going.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_fenced(&self, fenced: bool) {
+        let was = self
+            .fenced
+            .swap(fenced, std::sync::atomic::Ordering::SeqCst);
+        if was && !fenced {
+            self.unfenced.notify_waiters();
+            tracing::info!(role = ?self.role, "back in the group; taking records again");
+        } else if !was && fenced {
+            tracing::warn!(role = ?self.role, "no longer a group member (commit refused); holding records until the group is rejoined");
+        }
+    }
+
+    /// Waits while this member is fenced; see `fenced`.
+    pub(crate) async fn wait_unfenced(&self) {
+        loop {
+            let notified = self.unfenced.notified();
+            if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            // Also re-check now and then: a rejoin without a rebalance event is possible.
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
     }
 
     fn assign(&self, topic: &str, partition: i32) {
@@ -119,6 +149,7 @@ impl ConsumerContext for GroupContext {
         _base: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
+        self.set_fenced(false);
         match rebalance {
             Rebalance::Assign(tpl) => {
                 for e in tpl.elements() {
@@ -149,6 +180,14 @@ impl ConsumerContext for GroupContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        match &result {
+            Ok(()) => self.set_fenced(false),
+            Err(KafkaError::ConsumerCommit(
+                C::UnknownMemberId | C::IllegalGeneration | C::FencedInstanceId,
+            )) => self.set_fenced(true),
+            Err(_) => {}
+        }
         match result {
             Ok(()) => {
                 tracing::trace!(role = ?self.role, count = offsets.count(), "offsets committed")
@@ -189,6 +228,8 @@ impl Group {
             consumer: OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+            unfenced: tokio::sync::Notify::new(),
         };
         let consumer: GroupConsumer =
             consumer_config(&shared.config, group_id, role == Role::Retry)

@@ -95,7 +95,10 @@ impl PartitionTask {
                 biased;
                 _ = self.stop.cancelled() => return,
                 _ = self.revoked.cancelled() => return,
-                r = queue.recv() => r,
+                r = async {
+                    self.consumer.context().wait_unfenced().await;
+                    queue.recv().await
+                } => r,
             };
             let (offset, msg_or_invalid) = match received {
                 Ok(raw) => (raw.offset(), self.decode(&raw)),
