@@ -7,7 +7,6 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
 use crate::error::Error;
@@ -240,17 +239,7 @@ pub fn scan(
                     timestamp: m.timestamp().to_millis(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| Header {
-                                    key: h.key.to_owned(),
-                                    value: h.value.map(<[u8]>::to_vec),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: crate::handler::headers_of(&m),
                 };
                 if f(record).is_break() {
                     break;

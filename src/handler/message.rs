@@ -25,6 +25,35 @@ impl Header {
     }
 }
 
+/// Copies librdkafka's headers out of a record.
+pub(crate) fn headers_of<M: rdkafka::Message>(m: &M) -> Vec<Header> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    key: h.key.to_owned(),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Builds librdkafka headers from ours, in order.
+pub(crate) fn to_owned_headers<'a>(
+    headers: impl IntoIterator<Item = &'a Header>,
+) -> rdkafka::message::OwnedHeaders {
+    headers
+        .into_iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |hs, h| {
+            hs.insert(rdkafka::message::Header {
+                key: &h.key,
+                value: h.value.as_deref(),
+            })
+        })
+}
+
 /// A record as the handler sees it.
 ///
 /// `topic()`, `partition()`, `offset()` and `timestamp()` describe the **original** record,

@@ -35,6 +35,7 @@ use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{FailureKind, HandlerError, ResultExt};
+pub(crate) use message::{headers_of, to_owned_headers};
 pub use message::{Header, Message};
 
 /// Handles one record.

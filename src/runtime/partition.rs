@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header as RdHeader, Headers, OwnedHeaders};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
-use crate::handler::{invoke, Header, Message};
+use crate::handler::{headers_of, invoke, to_owned_headers, Header, Message};
 use crate::metrics as m;
 use crate::metrics::lag::Progress;
 use crate::retry::scheduler::{self, now_ms};
@@ -162,17 +162,7 @@ impl PartitionTask {
             .increment(1);
         metrics::counter!(m::BYTES_CONSUMED, "group" => self.group_id.clone(), "topic" => self.topic.clone())
             .increment(bytes as u64);
-        let mut headers: Vec<Header> = raw
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        key: h.key.to_owned(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut headers: Vec<Header> = headers_of(raw);
         let received = (self.topic.as_str(), self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
         let now = now_ms();
@@ -482,13 +472,8 @@ impl PartitionTask {
         msg: &Message,
     ) -> Result<Sent, Abandoned> {
         let shared = &self.shared;
-        let mut headers = OwnedHeaders::new_with_capacity(user_headers.len() + 11);
-        for h in user_headers.iter().chain(envelope.to_headers().iter()) {
-            headers = headers.insert(RdHeader {
-                key: &h.key,
-                value: h.value.as_deref(),
-            });
-        }
+        let envelope_headers = envelope.to_headers();
+        let headers = to_owned_headers(user_headers.iter().chain(&envelope_headers));
         // Same partition number as the original when the side topic has it: keeps a key's
         // records together for per-key ordering later.
         let partition = (msg.partition() < shared.partitions.get(target).copied().unwrap_or(0))

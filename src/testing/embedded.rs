@@ -7,7 +7,6 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header as RdHeader, OwnedHeaders};
 use rdkafka::producer::{
     BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
 };
@@ -174,7 +173,7 @@ impl EmbeddedCluster {
             .map_err(Error::kafka("creating a producer"))
     }
 
-    /// Produces one record and waits for its acknowledgement. Returns (partition, offset).
+    /// Produces one record; see [`produce`].
     pub async fn produce(
         &self,
         producer: &FutureProducer,
@@ -184,31 +183,7 @@ impl EmbeddedCluster {
         payload: Option<&[u8]>,
         headers: &[Header],
     ) -> Result<(i32, i64), Error> {
-        let mut hs = OwnedHeaders::new();
-        for h in headers {
-            hs = hs.insert(RdHeader {
-                key: &h.key,
-                value: h.value.as_deref(),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(p) = payload {
-            record = record.payload(p);
-        }
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
-        producer
-            .send(record, Timeout::After(Duration::from_secs(10)))
-            .await
-            .map(|d| (d.partition, d.offset))
-            .map_err(|(e, _)| Error::Kafka {
-                context: "producing a test record",
-                source: e,
-            })
+        produce(producer, topic, partition, key, payload, headers).await
     }
 
     /// Reads every record currently in `topic`; see [`read_all`].
@@ -266,6 +241,37 @@ pub async fn committed_offset(
         .await
         .unwrap_or(Ok(None))
     }
+}
+
+/// Produces one record with any producer, on any broker, and waits for its acknowledgement.
+/// Returns (partition, offset).
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &[Header],
+) -> Result<(i32, i64), Error> {
+    let mut record: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(topic).headers(crate::handler::to_owned_headers(headers));
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    producer
+        .send(record, Timeout::After(Duration::from_secs(10)))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| Error::Kafka {
+            context: "producing a test record",
+            source: e,
+        })
 }
 
 /// Reads every record currently in `topic` (all partitions, from the low to the high

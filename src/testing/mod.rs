@@ -27,7 +27,7 @@ mod embedded;
 mod harness;
 
 pub use crate::dead_letter::Record;
-pub use embedded::{committed_offset, read_all, EmbeddedCluster};
+pub use embedded::{committed_offset, produce, read_all, EmbeddedCluster};
 pub use harness::{Outcome, TestRuntime};
 
 use std::future::Future;

@@ -470,42 +470,7 @@ fn fastrand_u32() -> u32 {
 }
 
 /// Produces one record with any producer and waits for its ack.
-pub async fn produce_with(
-    producer: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    partition: Option<i32>,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-    headers: &[sidetrack::Header],
-) -> Result<(i32, i64), sidetrack::Error> {
-    use rdkafka::message::{Header as RdHeader, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
-    let mut hs = OwnedHeaders::new();
-    for h in headers {
-        hs = hs.insert(RdHeader {
-            key: &h.key,
-            value: h.value.as_deref(),
-        });
-    }
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
-    if let Some(k) = key {
-        record = record.key(k);
-    }
-    if let Some(p) = payload {
-        record = record.payload(p);
-    }
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map(|d| (d.partition, d.offset))
-        .map_err(|(e, _)| sidetrack::Error::Kafka {
-            context: "producing a test record",
-            source: e,
-        })
-}
+pub use sidetrack::testing::produce as produce_with;
 
 /// Runs a scenario body on the embedded broker and, when `SIDETRACK_TEST_BROKERS` is set, on
 /// that real broker: one test body, two back-ends.
