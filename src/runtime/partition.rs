@@ -35,6 +35,8 @@ pub(crate) struct PartitionTask {
     group_id: String,
     /// Next offset to handle, read by the lag sampler.
     progress: Arc<Progress>,
+    /// Metric handles registered once: the per-record path only increments them.
+    meters: Meters,
     consumer: Arc<GroupConsumer>,
     topic: String,
     partition: i32,
@@ -75,7 +77,9 @@ impl PartitionTask {
                 (s, Some(t))
             }
         };
+        let meters = Meters::new(&group_id, topic, &shared.topology.sources()[source].topic);
         PartitionTask {
+            meters,
             stop: shared.shutdown.clone(),
             shared,
             group_id,
@@ -158,21 +162,17 @@ impl PartitionTask {
         let payload = raw.payload().map(<[u8]>::to_vec);
         let bytes = key.as_ref().map_or(0, Vec::len) + payload.as_ref().map_or(0, Vec::len);
         let source_topic = &shared.topology.sources()[self.source].topic;
-        metrics::counter!(m::RECORDS_CONSUMED, "group" => self.group_id.clone(), "topic" => self.topic.clone())
-            .increment(1);
-        metrics::counter!(m::BYTES_CONSUMED, "group" => self.group_id.clone(), "topic" => self.topic.clone())
-            .increment(bytes as u64);
+        self.meters.consumed.increment(1);
+        self.meters.bytes.increment(bytes as u64);
         let mut headers: Vec<Header> = headers_of(raw);
         let received = (self.topic.as_str(), self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
         let now = now_ms();
-        let e2e = |from: &'static str, ts: Option<i64>| {
-            if let Some(ts) = ts {
-                metrics::histogram!(m::END_TO_END_SECONDS, "topic" => self.topic.clone(), "from" => from)
-                    .record((now - ts).max(0) as f64 / 1000.0);
-            }
-        };
-        e2e("record", timestamp);
+        if let Some(ts) = timestamp {
+            self.meters
+                .e2e_record
+                .record((now - ts).max(0) as f64 / 1000.0);
+        }
         let Some(tier) = self.tier else {
             return Ok(Message::from_parts(
                 received, timestamp, key, payload, headers, None,
@@ -244,38 +244,37 @@ impl PartitionTask {
         if let Some(envelope) = msg.envelope() {
             if let Some(due) = envelope.due {
                 self.wait_until_due(due).await?;
-                metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => self.topic.clone())
+                self.meters
+                    .lateness
                     .record((now_ms() - due).max(0) as f64 / 1000.0);
             }
             // The whole cost of the retries so far: from the original record to this delivery.
             if let Some(ts) = envelope.original_timestamp {
-                metrics::histogram!(m::END_TO_END_SECONDS, "topic" => self.topic.clone(), "from" => "original")
+                self.meters
+                    .e2e_original
                     .record((now_ms() - ts).max(0) as f64 / 1000.0);
             }
         }
         let shared = &self.shared;
-        let in_flight = metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => self.group_id.clone());
+        let in_flight = &self.meters.in_flight;
         in_flight.increment(1.0);
         let started = Instant::now();
         let result = invoke(&*shared.handler, &msg, &shared.cx).await;
         let elapsed = started.elapsed().as_secs_f64();
         in_flight.decrement(1.0);
-        let source = shared.topology.sources()[self.source].topic.clone();
         match result {
             Ok(()) => {
-                metrics::histogram!(m::PROCESSING_SECONDS, "source" => source.clone(), "outcome" => "handled").record(elapsed);
-                metrics::counter!(m::RECORDS_HANDLED, "source" => source).increment(1);
+                self.meters.processing_handled.record(elapsed);
+                self.meters.handled.increment(1);
                 shared.stats.handled();
                 Ok(())
             }
             Err(error) => {
                 let decision = shared.policy.decide(msg.attempt(), &error);
-                let outcome = match decision {
-                    Decision::Retry { .. } => "retry",
-                    Decision::DeadLetter(_) => "dead_letter",
-                };
-                metrics::histogram!(m::PROCESSING_SECONDS, "source" => source, "outcome" => outcome)
-                    .record(elapsed);
+                match decision {
+                    Decision::Retry { .. } => self.meters.processing_retry.record(elapsed),
+                    Decision::DeadLetter(_) => self.meters.processing_dead_letter.record(elapsed),
+                }
                 tracing::debug!(
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                     attempt = msg.attempt(), error = %error, ?decision, "handler failed"
@@ -534,6 +533,39 @@ impl PartitionTask {
             self.set_paused(false);
         }
         outcome
+    }
+}
+
+/// The metric handles of one partition task.
+struct Meters {
+    consumed: metrics::Counter,
+    bytes: metrics::Counter,
+    e2e_record: metrics::Histogram,
+    e2e_original: metrics::Histogram,
+    lateness: metrics::Histogram,
+    in_flight: metrics::Gauge,
+    processing_handled: metrics::Histogram,
+    processing_retry: metrics::Histogram,
+    processing_dead_letter: metrics::Histogram,
+    handled: metrics::Counter,
+}
+
+impl Meters {
+    fn new(group: &str, topic: &str, source: &str) -> Self {
+        let (g, t, s) = (group.to_owned(), topic.to_owned(), source.to_owned());
+        let processing = |outcome: &'static str| metrics::histogram!(m::PROCESSING_SECONDS, "source" => s.clone(), "outcome" => outcome);
+        Meters {
+            consumed: metrics::counter!(m::RECORDS_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
+            bytes: metrics::counter!(m::BYTES_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
+            e2e_record: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "record"),
+            e2e_original: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "original"),
+            lateness: metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => t),
+            in_flight: metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => g),
+            processing_handled: processing("handled"),
+            processing_retry: processing("retry"),
+            processing_dead_letter: processing("dead_letter"),
+            handled: metrics::counter!(m::RECORDS_HANDLED, "source" => s.clone()),
+        }
     }
 }
 
