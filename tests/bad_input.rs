@@ -35,11 +35,8 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
     let rt = Runtime::builder(cfg)
         .embedded(&cluster)
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let producer = cluster.producer().unwrap();
     let good = |i: usize| format!("{{\"id\":\"good-{i}\"}}");
     let big = vec![b'x'; 150_000];

@@ -51,11 +51,8 @@ async fn dead_lettered() -> (EmbeddedCluster, Vec<(i32, i64)>) {
             }
             m.json::<serde_json::Value>().map(|_| ())
         }))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let producer = cluster.producer().unwrap();
     let mut sent = Vec::new();
     for (key, payload, headers) in [
@@ -237,11 +234,8 @@ async fn replay_writes_only_with_yes_exactly_once_and_the_runtime_handles_it() {
     let rt = Runtime::builder(config())
         .embedded(&cluster)
         .handler(fixed.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     wait_for("replayed records handled", || rt.stats().handled == 2).await;
     rt.shutdown().await.unwrap();
     let seen: HashSet<String> = fixed.all().into_iter().map(|a| a.payload).collect();
@@ -288,11 +282,8 @@ async fn replay_to_first_retry_carries_a_fresh_envelope() {
     let rt = Runtime::builder(config())
         .embedded(&cluster)
         .handler(fixed.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     wait_for("retried record handled", || rt.stats().handled == 1).await;
     rt.shutdown().await.unwrap();
     let seen = fixed.all();
@@ -420,11 +411,8 @@ async fn topology_creates_missing_topics_and_lag_reports_them() {
     let rt = Runtime::builder(config())
         .embedded(&cluster)
         .handler(Recorder::new(|_| Ok(())))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     produce_all(&cluster, &["a".into(), "b".into(), "c".into()], 2).await;
     wait_for("handled", || rt.stats().handled == 3).await;
     rt.shutdown().await.unwrap();
@@ -448,23 +436,6 @@ fn the_example_config_is_valid() {
     assert_eq!(c.retry.policy().unwrap().max_retries(), 3);
 }
 
-/// Collects alerts in memory.
-#[derive(Clone, Default)]
-struct Collect(std::sync::Arc<std::sync::Mutex<Vec<sidetrack::dead_letter::DeadLetterAlert>>>);
-
-impl sidetrack::dead_letter::DeadLetterNotifier for Collect {
-    fn name(&self) -> &str {
-        "collect"
-    }
-    async fn notify(
-        &self,
-        alert: &sidetrack::dead_letter::DeadLetterAlert,
-    ) -> Result<(), sidetrack::dead_letter::NotifyError> {
-        self.0.lock().unwrap().push(alert.clone());
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_in_an_alert_lists_exactly_its_records() {
     let cluster = cluster(2);
@@ -475,11 +446,8 @@ async fn the_command_in_an_alert_lists_exactly_its_records() {
         .embedded(&cluster)
         .handler(Recorder::new(|_| Err(HandlerError::permanent("rejected"))))
         .dead_letter_notifier(collect.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let sent: Vec<String> = (0..7).map(|i| format!("r{i}")).collect();
     produce_all(&cluster, &sent, 2).await;
     wait_for("7 dead letters", || rt.stats().total_dead_lettered() == 7).await;

@@ -11,7 +11,6 @@ use common::*;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
 use metrics_util::registry::{AtomicStorage, Registry};
 use sidetrack::config::RetryConfig;
-use sidetrack::dead_letter::{DeadLetterAlert, DeadLetterNotifier, NotifyError};
 use sidetrack::metrics as m;
 use sidetrack::{HandlerError, Runtime, Tier};
 
@@ -99,11 +98,8 @@ async fn outcome_counters_match_the_records_sent() {
     let rt = Runtime::builder(config_for(topic, group))
         .embedded(&cluster)
         .handler(recorder)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let mut sent: Vec<String> = (0..10).map(|i| format!("ok-{i}")).collect();
     sent.extend(["perm-1", "perm-2", "not json", "flaky-1", "flaky-2"].map(String::from));
     produce_to(&cluster, topic, &sent, 2).await;
@@ -176,11 +172,8 @@ async fn end_to_end_latency_counts_from_the_record_timestamp() {
     let rt = Runtime::builder(config_for(topic, group))
         .embedded(&cluster)
         .handler(Recorder::new(|_| Ok(())))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", cluster.bootstrap_servers())
@@ -232,11 +225,8 @@ async fn lag_drains_to_zero_and_shows_records_behind_a_paused_retry_partition() 
     let rt = Runtime::builder(cfg)
         .embedded(&cluster)
         .handler(recorder)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let part0 = [("group", group), ("topic", topic), ("partition", "0")];
     wait_for("backlog visible as lag", || {
         gauge(m::CONSUMER_LAG, &part0).is_some_and(|l| l > 0.0)
@@ -282,20 +272,6 @@ async fn lag_drains_to_zero_and_shows_records_behind_a_paused_retry_partition() 
     rt.shutdown().await.unwrap();
 }
 
-/// Collects alerts in memory.
-#[derive(Clone, Default)]
-struct Collect(std::sync::Arc<std::sync::Mutex<Vec<DeadLetterAlert>>>);
-
-impl DeadLetterNotifier for Collect {
-    fn name(&self) -> &str {
-        "collect"
-    }
-    async fn notify(&self, alert: &DeadLetterAlert) -> Result<(), NotifyError> {
-        self.0.lock().unwrap().push(alert.clone());
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_aggregated_into_one_alert_per_window() {
     snapshotter();
@@ -312,11 +288,8 @@ async fn dead_letters_are_aggregated_into_one_alert_per_window() {
             _ => Ok(()),
         }))
         .dead_letter_notifier(collect.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let sent: Vec<String> = ["bad-1", "ok", "bad-2", "bad-3"].map(String::from).to_vec();
     let positions = produce_to(&cluster, topic, &sent, 0).await;
     wait_for("3 dead letters", || rt.stats().total_dead_lettered() == 3).await;
@@ -365,11 +338,8 @@ mod webhook {
         let rt = Runtime::builder(cfg)
             .embedded(&cluster)
             .handler(Recorder::new(|_| Err(HandlerError::permanent("nope"))))
-            .build()
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
+            .started()
+            .await;
         let sent: Vec<String> = (0..4).map(|i| format!("k-{i}")).collect();
         produce_to(&cluster, topic, &sent, 0).await;
         wait_for("4 dead letters", || rt.stats().total_dead_lettered() == 4).await;
@@ -405,11 +375,8 @@ mod webhook {
                     p if p.starts_with("bad") => Err(HandlerError::permanent("nope")),
                     _ => Ok(()),
                 }))
-                .build()
-                .unwrap()
-                .start()
-                .await
-                .unwrap();
+                .started()
+                .await;
             produce_to(&cluster, &topic, &["bad-0".to_string()], 0).await;
             wait_for("the webhook was called", || {
                 !bodies.lock().unwrap().is_empty()

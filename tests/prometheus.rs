@@ -25,11 +25,8 @@ async fn metrics_listen_serves_prometheus_text() {
             "bad" => Err(HandlerError::permanent("no")),
             _ => Ok(()),
         }))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     produce_to(&cluster, topic, &["a".into(), "b".into(), "bad".into()], 0).await;
     wait_for("resolved", || {
         rt.stats().handled == 2 && rt.stats().total_dead_lettered() == 1

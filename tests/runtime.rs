@@ -24,11 +24,8 @@ async fn success_commits_offsets(cluster: Env) {
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let sent = cluster.produce_all(&payloads("ok", 20), 2).await;
     wait_for("20 handled", || rt.stats().handled == 20).await;
     let stats = rt.shutdown().await.unwrap();
@@ -61,11 +58,8 @@ async fn transient_failure_is_retried_via_tier_topic_then_succeeds(cluster: Env)
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     cluster
         .produce_all(&["flaky".to_string(), "fine".to_string()], 0)
         .await;
@@ -99,11 +93,8 @@ async fn exhausted_retries_go_to_dlq_with_full_envelope(cluster: Env) {
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let producer = cluster.producer();
     let (partition, offset) = cluster
         .produce(
@@ -179,11 +170,8 @@ async fn permanent_and_undecodable_go_to_dlq_at_once(cluster: Env) {
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let sent = vec![
         r#"{"id":"a","amount_cents":-5}"#.to_string(),
         "{not json".to_string(),
@@ -225,11 +213,8 @@ async fn failing_record_does_not_delay_later_records_and_retries_are_never_early
     let rt = cluster
         .builder(cfg)
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let mut sent = vec!["first".to_string()];
     sent.extend(payloads("later", 10));
     cluster.produce_all(&sent, 0).await;
@@ -270,11 +255,8 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte(cluster: Env)
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let key: &[u8] = &[0xff, 0x00, 0xfe, b'k'];
     let payload: &[u8] = &[0x00, 0x9f, 0x92, 0x96, 0xff];
     let headers = vec![
@@ -322,11 +304,8 @@ async fn restart_resumes_from_committed_offsets(cluster: Env) {
     let rt = cluster
         .builder(cluster.config())
         .handler(first.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let batch1 = payloads("one", 10);
     cluster.produce_all(&batch1, 2).await;
     wait_for("batch 1 handled", || rt.stats().handled == 10).await;
@@ -338,11 +317,8 @@ async fn restart_resumes_from_committed_offsets(cluster: Env) {
     let rt = cluster
         .builder(cluster.config())
         .handler(second.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     wait_for("batch 2 handled", || rt.stats().handled == 10).await;
     rt.shutdown().await.unwrap();
 
@@ -412,11 +388,8 @@ async fn handoff_failure_keeps_offset_until_the_record_is_delivered() {
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     // Warm up: the group is joined and a first offset committed.
     let sent = cluster.produce_all(&["warm".to_string()], 0).await;
     let warm_offset = sent[0].1;
@@ -494,11 +467,8 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid(cluster
     let rt = cluster
         .builder(cluster.config())
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let tier = &cluster.retry("200ms");
     let producer = cluster.producer();
     let valid = sidetrack::Envelope {
@@ -647,11 +617,8 @@ async fn many_retries_on_one_partition_are_each_handled_once_in_order(cluster: E
     let rt = cluster
         .builder(cfg)
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     let sent = payloads("r", 60);
     cluster.produce_all(&sent, 0).await;
     wait_for("60 handled on retry", || rt.stats().handled == 60).await;
@@ -696,14 +663,7 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted(cluster: En
     });
     let mut cfg = cluster.config();
     cfg.shutdown_timeout = Duration::from_millis(1500);
-    let rt = cluster
-        .builder(cfg.clone())
-        .handler(slow)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let rt = cluster.builder(cfg.clone()).handler(slow).started().await;
     let sent = cluster.produce_all(&["slow".to_string()], 0).await;
     wait_for("slow record started", || started.load(Ordering::SeqCst)).await;
     let stats = rt.shutdown().await.unwrap();
@@ -730,14 +690,7 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted(cluster: En
             Ok(())
         }
     });
-    let rt = cluster
-        .builder(cfg.clone())
-        .handler(stuck)
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let rt = cluster.builder(cfg.clone()).handler(stuck).started().await;
     let stuck_at = cluster.produce_all(&["stuck".to_string()], 0).await[0].1;
     wait_for("stuck record started", || started.load(Ordering::SeqCst)).await;
     let begun = std::time::Instant::now();
@@ -760,11 +713,8 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted(cluster: En
     let rt = cluster
         .builder(cfg)
         .handler(recorder.clone())
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+        .started()
+        .await;
     wait_for("abandoned record redelivered", || rt.stats().handled == 1).await;
     rt.shutdown().await.unwrap();
     let seen: Vec<String> = recorder.all().into_iter().map(|a| a.payload).collect();

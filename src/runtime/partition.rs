@@ -77,7 +77,12 @@ impl PartitionTask {
                 (s, Some(t))
             }
         };
-        let meters = Meters::new(&group_id, topic, &shared.topology.sources()[source].topic);
+        let meters = Meters::new(
+            &group_id,
+            topic,
+            &shared.topology.sources()[source].topic,
+            tier.is_some(),
+        );
         PartitionTask {
             meters,
             stop: shared.shutdown.clone(),
@@ -244,17 +249,22 @@ impl PartitionTask {
         if let Some(envelope) = msg.envelope() {
             if let Some(due) = envelope.due {
                 self.wait_until_due(due).await?;
-                self.meters
-                    .lateness
-                    .record((now_ms() - due).max(0) as f64 / 1000.0);
             }
-            // The whole cost of the retries so far: from the original record to this delivery.
-            if let Some(ts) = envelope.original_timestamp {
-                self.meters
-                    .e2e_original
-                    .record((now_ms() - ts).max(0) as f64 / 1000.0);
+            // Only retry tier partitions read records with an envelope.
+            if let Some(meters) = &self.meters.retry {
+                let now = now_ms();
+                if let Some(due) = envelope.due {
+                    meters.lateness.record((now - due).max(0) as f64 / 1000.0);
+                }
+                // The whole cost of the retries so far: from the original record to here.
+                if let Some(ts) = envelope.original_timestamp {
+                    meters
+                        .e2e_original
+                        .record((now - ts).max(0) as f64 / 1000.0);
+                }
             }
         }
+
         let shared = &self.shared;
         let in_flight = &self.meters.in_flight;
         in_flight.increment(1.0);
@@ -536,13 +546,19 @@ impl PartitionTask {
     }
 }
 
+/// Metrics of records read from a retry tier.
+struct RetryMeters {
+    e2e_original: metrics::Histogram,
+    lateness: metrics::Histogram,
+}
+
 /// The metric handles of one partition task.
 struct Meters {
     consumed: metrics::Counter,
     bytes: metrics::Counter,
     e2e_record: metrics::Histogram,
-    e2e_original: metrics::Histogram,
-    lateness: metrics::Histogram,
+    /// Only on retry tier partitions.
+    retry: Option<RetryMeters>,
     in_flight: metrics::Gauge,
     processing_handled: metrics::Histogram,
     processing_retry: metrics::Histogram,
@@ -551,15 +567,17 @@ struct Meters {
 }
 
 impl Meters {
-    fn new(group: &str, topic: &str, source: &str) -> Self {
+    fn new(group: &str, topic: &str, source: &str, retry_tier: bool) -> Self {
         let (g, t, s) = (group.to_owned(), topic.to_owned(), source.to_owned());
         let processing = |outcome: &'static str| metrics::histogram!(m::PROCESSING_SECONDS, "source" => s.clone(), "outcome" => outcome);
         Meters {
             consumed: metrics::counter!(m::RECORDS_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
             bytes: metrics::counter!(m::BYTES_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
             e2e_record: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "record"),
-            e2e_original: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "original"),
-            lateness: metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => t),
+            retry: retry_tier.then(|| RetryMeters {
+                e2e_original: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "original"),
+                lateness: metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => t.clone()),
+            }),
             in_flight: metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => g),
             processing_handled: processing("handled"),
             processing_retry: processing("retry"),

@@ -142,20 +142,22 @@ pub async fn produce_to(
     payloads: &[String],
     partitions: i32,
 ) -> Vec<(i32, i64)> {
-    let producer = cluster.producer().unwrap();
-    let mut out = Vec::new();
+    produce_each(&cluster.producer().unwrap(), topic, payloads, partitions).await
+}
+
+/// Produces each payload (also its key), round-robin over `partitions` if > 0.
+pub async fn produce_each(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    payloads: &[String],
+    partitions: i32,
+) -> Vec<(i32, i64)> {
+    let mut out = Vec::with_capacity(payloads.len());
     for (i, p) in payloads.iter().enumerate() {
         let part = (partitions > 0).then(|| i as i32 % partitions);
+        let b = Some(p.as_bytes());
         out.push(
-            cluster
-                .produce(
-                    &producer,
-                    topic,
-                    part,
-                    Some(p.as_bytes()),
-                    Some(p.as_bytes()),
-                    &[],
-                )
+            sidetrack::testing::produce(producer, topic, part, b, b, &[])
                 .await
                 .unwrap(),
         );
@@ -257,6 +259,34 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// `builder.started().await`: build and start, panicking on a configuration or start error.
+pub trait StartExt {
+    fn started(self) -> impl std::future::Future<Output = sidetrack::RuntimeHandle>;
+}
+
+impl StartExt for sidetrack::RuntimeBuilder {
+    async fn started(self) -> sidetrack::RuntimeHandle {
+        self.build().unwrap().start().await.unwrap()
+    }
+}
+
+/// Collects dead-letter alerts in memory.
+#[derive(Clone, Default)]
+pub struct Collect(pub Arc<Mutex<Vec<sidetrack::dead_letter::DeadLetterAlert>>>);
+
+impl sidetrack::dead_letter::DeadLetterNotifier for Collect {
+    fn name(&self) -> &str {
+        "collect"
+    }
+    async fn notify(
+        &self,
+        alert: &sidetrack::dead_letter::DeadLetterAlert,
+    ) -> Result<(), sidetrack::dead_letter::NotifyError> {
+        self.0.lock().unwrap().push(alert.clone());
+        Ok(())
+    }
 }
 
 /// Where a scenario runs: the embedded broker, or a real one from `SIDETRACK_TEST_BROKERS`.
@@ -424,24 +454,7 @@ impl Env {
 
     /// Produces `payloads` (also used as keys) to the scenario's topic.
     pub async fn produce_all(&self, payloads: &[String], partitions: i32) -> Vec<(i32, i64)> {
-        let producer = self.producer();
-        let mut out = Vec::new();
-        for (i, p) in payloads.iter().enumerate() {
-            let part = (partitions > 0).then(|| i as i32 % partitions);
-            out.push(
-                self.produce(
-                    &producer,
-                    &self.topic,
-                    part,
-                    Some(p.as_bytes()),
-                    Some(p.as_bytes()),
-                    &[],
-                )
-                .await
-                .unwrap(),
-            );
-        }
-        out
+        produce_each(&self.producer(), &self.topic, payloads, partitions).await
     }
 
     pub async fn read_all(&self, topic: &str) -> Vec<sidetrack::testing::Record> {
