@@ -354,14 +354,27 @@ async fn two_runtimes_in_one_group_split_partitions(cluster: Env) {
     })
     .await;
     let sent = payloads("split", 200);
-    cluster.produce_all(&sent, 4).await;
+    let offsets = cluster.produce_all(&sent, 4).await;
     wait_for("200 handled in total", || {
         ra.stats().handled + rb.stats().handled == 200
     })
     .await;
+    // B's final commit lands while A's leaving rebalances the group: it is tried again
+    // rather than lost, so every partition is committed to its end.
     let (sa, sb) = (ra.shutdown().await.unwrap(), rb.shutdown().await.unwrap());
     assert_eq!(sa.handled, 100);
     assert_eq!(sb.handled, 100);
+    for p in 0..4 {
+        let end = offsets
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| o + 1)
+            .max();
+        let committed = cluster
+            .committed_offset(cluster.group(), cluster.topic(), p)
+            .await;
+        assert_eq!(committed, end, "partition {p} committed to its end");
+    }
     let union: HashSet<String> = a
         .all()
         .into_iter()

@@ -57,6 +57,8 @@ pub(crate) struct GroupContext {
     /// rebalance or successful commit clears it.
     fenced: std::sync::atomic::AtomicBool,
     unfenced: tokio::sync::Notify,
+    /// Set when the group member starts stopping; see [`Group::stop`].
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl GroupContext {
@@ -91,6 +93,10 @@ impl GroupContext {
     }
 
     fn assign(&self, topic: &str, partition: i32) {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::debug!(role = ?self.role, topic, partition, "partition assigned while closing; not started");
+            return;
+        }
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -230,6 +236,7 @@ impl Group {
             runtime: tokio::runtime::Handle::current(),
             fenced: std::sync::atomic::AtomicBool::new(false),
             unfenced: tokio::sync::Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         let consumer: GroupConsumer =
             consumer_config(&shared.config, group_id, role == Role::Retry)
@@ -270,35 +277,114 @@ impl Group {
 
     /// Waits for the partition tasks (which stop taking records once shutdown begins) up to
     /// `timeout`, abandons the rest, commits stored offsets and leaves the group.
+    ///
+    /// Every step that calls into librdkafka and may block runs on a thread of its own with a
+    /// deadline: closing a consumer while a rebalance lands can block forever inside
+    /// librdkafka (librdkafka #4884, #4041). A stuck close is logged and left behind on its
+    /// thread; the group notices the member is gone after its session timeout, as after a crash.
     pub(crate) async fn stop(self, timeout: Duration) {
         let ctx = self.consumer.context();
-        let slots: Vec<Slot> = ctx.slots().drain().map(|(_, s)| s).collect();
-        let deadline = tokio::time::Instant::now() + timeout;
-        for slot in slots {
-            let mut task = slot.task;
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                tracing::warn!(role = ?ctx.role, "in-flight record abandoned at shutdown; it will be delivered again");
-                task.abort();
-                let _ = task.await;
-            }
-        }
-        let consumer = Arc::clone(&self.consumer);
         let role = ctx.role;
-        let _ = tokio::task::spawn_blocking(move || {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(())
-                | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-                Err(e) => tracing::warn!(?role, error = %e, "final commit failed"),
-            }
-        })
-        .await;
+        // From here on a rebalance may still assign partitions to us, but no task is started
+        // for them: nothing would stop it, and it would keep the consumer alive.
+        ctx.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        finish_tasks(ctx, deadline).await;
+        self.final_commit(role).await;
         self.poller_stop.cancel();
         let _ = self.poller.await;
         let _ = self.sampler.await;
-        // Dropping the consumer closes it: it leaves the group, which blocks for a moment.
+        // A task started by a rebalance racing with `closing` sees the shutdown at once.
+        finish_tasks(ctx, tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        // Dropping the last handle closes the consumer: it revokes, commits and leaves the group.
         let consumer = self.consumer;
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if Arc::strong_count(&consumer) > 1 {
+            tracing::debug!(?role, "consumer still referenced at close");
+        }
+        if off_thread("close", CLOSE_TIMEOUT, move || drop(consumer))
+            .await
+            .is_none()
+        {
+            tracing::warn!(?role, timeout = ?CLOSE_TIMEOUT, "consumer close did not finish in time; leaving it behind (the group will time the member out)");
+        } else {
+            tracing::debug!(?role, "consumer closed");
+        }
     }
+
+    /// Commits the stored offsets. A commit refused because the group is rebalancing (another
+    /// member joined or left) is tried again once the poller has served the rebalance, until
+    /// [`CLOSE_TIMEOUT`]: every offset not committed here is a record handled twice later.
+    async fn final_commit(&self, role: Role) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        loop {
+            let consumer = Arc::clone(&self.consumer);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let committed = off_thread("commit", left, move || {
+                consumer.commit_consumer_state(CommitMode::Sync)
+            })
+            .await;
+            match committed {
+                Some(Ok(())) | Some(Err(KafkaError::ConsumerCommit(C::NoOffset))) => return,
+                Some(Err(KafkaError::ConsumerCommit(C::RebalanceInProgress)))
+                    if tokio::time::Instant::now() + Duration::from_millis(200) < deadline =>
+                {
+                    tracing::debug!(
+                        ?role,
+                        "final commit refused during a rebalance; trying again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(?role, error = %e, "final commit failed; records after the last commit will be delivered again");
+                    return;
+                }
+                None => {
+                    tracing::warn!(?role, timeout = ?CLOSE_TIMEOUT, "final commit did not answer in time");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How long a final commit or a consumer close may take before shutdown moves on.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits for every partition task until `deadline`, then aborts the rest (their in-flight
+/// record has no durable outcome, so its offset is not stored and it is delivered again).
+async fn finish_tasks(ctx: &GroupContext, deadline: tokio::time::Instant) {
+    let slots: Vec<Slot> = ctx.slots().drain().map(|(_, s)| s).collect();
+    for slot in slots {
+        let mut task = slot.task;
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!(role = ?ctx.role, "in-flight record abandoned at shutdown; it will be delivered again");
+            slot.revoked.cancel();
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Runs `f` on a thread of its own and waits for it up to `timeout`; `None` if it did not
+/// finish in time (the thread is then left to finish or block on its own). Not the blocking
+/// pool: the async runtime waits for its threads when it is dropped.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("sidetrack-{what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, what, "cannot start a thread");
+        return None;
+    }
+    tokio::time::timeout(timeout, rx).await.ok()?.ok()
 }
 
 /// Samples consumer lag every `interval` on a blocking thread; see [`crate::metrics::lag`].

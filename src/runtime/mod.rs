@@ -301,9 +301,9 @@ impl RuntimeHandle {
         let _ = alerts_task.await;
         let stats = self.shared.stats.snapshot();
         let shared = self.shared;
-        // Every hand-off was awaited already; flushing is a formality, dropping a client
-        // blocks briefly, so both happen off the async threads.
-        let _ = tokio::task::spawn_blocking(move || {
+        // Every hand-off was awaited already; flushing is a formality. Dropping the clients
+        // can block, so it happens on a thread of its own, with a deadline.
+        let _ = group::off_thread("flush", group::CLOSE_TIMEOUT, move || {
             use rdkafka::producer::Producer;
             let _ = shared.producer.flush(Duration::from_secs(5));
             drop(shared);

@@ -485,6 +485,14 @@ fn fastrand_u32() -> u32 {
 /// Produces one record with any producer and waits for its ack.
 pub use sidetrack::testing::produce as produce_with;
 
+/// A scenario that hangs fails with its name instead of stalling the whole test run.
+pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
+    const LIMIT: Duration = Duration::from_secs(300);
+    if tokio::time::timeout(LIMIT, scenario).await.is_err() {
+        panic!("scenario still running after {LIMIT:?}: hung");
+    }
+}
+
 /// Runs a scenario body on the embedded broker and, when `SIDETRACK_TEST_BROKERS` is set, on
 /// that real broker: one test body, two back-ends.
 #[macro_export]
@@ -494,12 +502,12 @@ macro_rules! on_both_brokers {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
-                $body(Env::embedded($partitions)).await
+                within_limit($body(Env::embedded($partitions))).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn real_broker() {
                 if let Some(env) = Env::real($partitions).await {
-                    $body(env).await
+                    within_limit($body(env)).await
                 }
             }
         }
