@@ -14,20 +14,48 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Next offset to handle for one partition; `-1` until the task has seen a record.
+/// Where one partition task is: the offset of the record it is on (`-1` until it has seen
+/// one), and the last offset the group committed for it (`-1` until known).
 #[derive(Debug)]
-pub(crate) struct Progress(AtomicI64);
+pub(crate) struct Progress {
+    at: AtomicI64,
+    committed: AtomicI64,
+}
 
 impl Progress {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Progress(AtomicI64::new(-1)))
+        Arc::new(Progress {
+            at: AtomicI64::new(-1),
+            committed: AtomicI64::new(-1),
+        })
     }
     /// The record at `offset` is now the one to finish.
     pub(crate) fn at(&self, offset: i64) {
-        self.0.store(offset, Ordering::Relaxed);
+        // The first record of an assignment sits at the committed position.
+        let _ = self
+            .committed
+            .compare_exchange(-1, offset, Ordering::Relaxed, Ordering::Relaxed);
+        self.at.store(offset, Ordering::Relaxed);
+    }
+    /// The group committed `offset` (the next record to handle) for this partition.
+    pub(crate) fn committed(&self, offset: i64) {
+        self.committed.fetch_max(offset, Ordering::Relaxed);
+    }
+    /// Records from the committed offset up to and including the one being handled: what the
+    /// partition's next owner handles again if this member loses it now.
+    pub(crate) fn uncommitted(&self) -> i64 {
+        let (at, committed) = (
+            self.at.load(Ordering::Relaxed),
+            self.committed.load(Ordering::Relaxed),
+        );
+        if at < 0 || committed < 0 {
+            0
+        } else {
+            (at + 1 - committed).max(0)
+        }
     }
     fn get(&self) -> Option<i64> {
-        let v = self.0.load(Ordering::Relaxed);
+        let v = self.at.load(Ordering::Relaxed);
         (v >= 0).then_some(v)
     }
 }

@@ -59,6 +59,9 @@ pub(crate) struct GroupContext {
     unfenced: tokio::sync::Notify,
     /// Set when the group member starts stopping; see [`Group::stop`].
     closing: std::sync::atomic::AtomicBool,
+    /// Revoked partitions whose handled records wait for the commit sent on revocation, with
+    /// how many records that is: if that commit fails, the next owner handles them again.
+    revoke_commits: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl GroupContext {
@@ -131,12 +134,26 @@ impl GroupContext {
         tracing::info!(role = ?self.role, topic, partition, "partition assigned");
     }
 
-    fn revoke(&self, topic: &str, partition: i32) {
-        if let Some(slot) = self.slots().remove(&(topic.to_owned(), partition)) {
+    fn revoke(&self, topic: &str, partition: i32, lost: bool) {
+        let slot = self.slots().remove(&(topic.to_owned(), partition));
+        let uncommitted = slot.as_ref().map_or(0, |s| s.progress.uncommitted());
+        if let Some(slot) = slot {
             slot.revoked.cancel();
         }
         lag::forget(&self.group_id, topic, partition);
-        tracing::info!(role = ?self.role, topic, partition, "partition revoked");
+        if lost && uncommitted > 0 {
+            // The session ran out (broker unreachable, or a stalled rebalance): nothing more
+            // can be committed, so the next owner handles these records again.
+            tracing::warn!(role = ?self.role, topic, partition, uncommitted, "partition lost; records handled since the last commit will be handled again");
+        } else {
+            if uncommitted > 0 && !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                self.revoke_commits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((topic.to_owned(), partition), uncommitted);
+            }
+            tracing::info!(role = ?self.role, topic, partition, uncommitted, "partition revoked");
+        }
     }
 }
 
@@ -152,7 +169,7 @@ impl ClientContext for GroupContext {
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(
         &self,
-        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
         self.set_fenced(false);
@@ -163,8 +180,19 @@ impl ConsumerContext for GroupContext {
                 }
             }
             Rebalance::Revoke(tpl) => {
+                let lost = base.assignment_lost();
                 for e in tpl.elements() {
-                    self.revoke(e.topic(), e.partition());
+                    self.revoke(e.topic(), e.partition(), lost);
+                }
+                // Commits refused while the group was rebalancing (a member joined, or one died
+                // and its session had not run out) leave handled records uncommitted; the next
+                // owner of these partitions would handle them again. The group is stable again
+                // now, so commit before letting them go. Async: this thread serves the group,
+                // and librdkafka waits for the commit before it completes the revocation.
+                if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(e) = base.commit_consumer_state(CommitMode::Async) {
+                        tracing::debug!(role = ?self.role, error = %e, "commit on revoke not sent");
+                    }
                 }
             }
             Rebalance::Error(e) => tracing::warn!(role = ?self.role, error = %e, "rebalance error"),
@@ -193,6 +221,34 @@ impl ConsumerContext for GroupContext {
                 C::UnknownMemberId | C::IllegalGeneration | C::FencedInstanceId,
             )) => self.set_fenced(true),
             Err(_) => {}
+        }
+        {
+            let mut pending = self
+                .revoke_commits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !pending.is_empty() {
+                for e in offsets.elements() {
+                    let key = (e.topic().to_owned(), e.partition());
+                    let Some(uncommitted) = pending.remove(&key) else {
+                        continue;
+                    };
+                    if let Err(err) = &result {
+                        tracing::warn!(role = ?self.role, topic = key.0, partition = key.1, uncommitted, error = %err, "commit on revocation failed; records handled since the last commit will be handled again");
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            let slots = self.slots();
+            for e in offsets.elements() {
+                if let (Offset::Offset(o), Some(slot)) = (
+                    e.offset(),
+                    slots.get(&(e.topic().to_owned(), e.partition())),
+                ) {
+                    slot.progress.committed(o);
+                }
+            }
         }
         match result {
             Ok(()) => {
@@ -237,6 +293,7 @@ impl Group {
             fenced: std::sync::atomic::AtomicBool::new(false),
             unfenced: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            revoke_commits: Mutex::new(HashMap::new()),
         };
         let consumer: GroupConsumer =
             consumer_config(&shared.config, group_id, role == Role::Retry)
