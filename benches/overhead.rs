@@ -1,27 +1,37 @@
-//! Framework overhead: sidetrack with a no-op handler against the fastest raw rdkafka loop
-//! (one split partition queue and one tokio task per partition), on the same pre-produced
-//! backlog in the same run.
+//! Framework overhead: sidetrack with a no-op handler against the fastest raw rdkafka loops on
+//! the same pre-produced backlog in the same run: split partition queues with one tokio task
+//! per partition, and a plain `BaseConsumer` poll loop. Then a handler that awaits 1 ms per
+//! record, to show partitions being handled in parallel.
 //!
 //! ```text
-//! cargo bench --bench overhead                       # 200,000 records of 100 bytes
-//! SIDETRACK_BENCH_RECORDS=1000000 cargo bench --bench overhead
+//! cargo bench --bench overhead                          # 1,000,000 records, 100 B and 1 KB
+//! SIDETRACK_BENCH_RECORDS=200000 cargo bench --bench overhead
+//! SIDETRACK_BENCH_BROKERS=127.0.0.1:9092 cargo bench --bench overhead
+//! SIDETRACK_BENCH_CONSUMER_PROPS=fetch.wait.max.ms=10 cargo bench --bench overhead
 //! ```
 //!
-//! Runs on the embedded broker (lz4, since it keeps only ~5 MiB per partition). Prints records/s
-//! for both and the ratio; asserts nothing.
+//! The raw loops get the runtime's prefetch bounds and the benchmark's consumer properties
+//! (`Bench::consumer_props`: `fetch.wait.max.ms=10` on the embedded broker), so both sides
+//! fetch alike.
+//!
+//! Rates are measured from 10 % to 100 % of the backlog (the group join and first fetches are
+//! left out). Prints figures and ratios; asserts nothing.
+
+mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{steady_rate, Bench};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext};
-use sidetrack::testing::EmbeddedCluster;
-use sidetrack::{handler_fn, Config, Context, HandlerError, Message, Runtime};
+use sidetrack::{handler_fn, Config, Context, HandlerError, Message};
 
-const TOPIC: &str = "bench";
 const PARTITIONS: i32 = 4;
+/// The benchmark's consumer properties, for the raw loops (the runtime gets them from
+/// `Bench::builder`).
+static PROPS: OnceLock<Vec<(String, String)>> = OnceLock::new();
 
 #[derive(Default)]
 struct SplitContext {
@@ -61,31 +71,25 @@ fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("fetch.queue.backoff.ms", "10")
         .set("partition.assignment.strategy", "cooperative-sticky");
+    // The same prefetch bounds as the runtime's consumers, so both read alike.
+    c.set("queued.max.messages.kbytes", "8192")
+        .set("queued.min.messages", "10000");
+    for (k, v) in PROPS.get().into_iter().flatten() {
+        c.set(k, v);
+    }
     c
 }
 
-/// Records per second from the first record seen to the last, polling `count`.
-async fn measure(n: u64, count: impl Fn() -> u64) -> f64 {
-    while count() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let started = Instant::now();
-    let first = count();
-    while count() < n {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    (n - first) as f64 / started.elapsed().as_secs_f64()
-}
-
-async fn raw(bootstrap: &str, n: u64) -> f64 {
+async fn raw_split(bootstrap: &str, topic: &str, n: u64) -> f64 {
     let context = SplitContext::default();
     let count = Arc::clone(&context.count);
-    let consumer: StreamConsumer<SplitContext> = consumer_config(bootstrap, "raw")
-        .create_with_context(context)
-        .expect("raw consumer");
+    let consumer: StreamConsumer<SplitContext> =
+        consumer_config(bootstrap, &format!("raw-{topic}"))
+            .create_with_context(context)
+            .expect("raw consumer");
     let consumer = Arc::new(consumer);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    consumer.subscribe(&[topic]).expect("subscribe");
     // The main queue must be served for rebalances to happen.
     let main = Arc::clone(&consumer);
     let poller = tokio::spawn(async move {
@@ -93,17 +97,46 @@ async fn raw(bootstrap: &str, n: u64) -> f64 {
             let _ = main.recv().await;
         }
     });
-    let rate = measure(n, || count.load(Ordering::Relaxed)).await;
+    let rate = steady_rate(n, || count.load(Ordering::Relaxed)).await;
     poller.abort();
     rate
 }
 
-async fn runtime(cluster: &EmbeddedCluster, n: u64) -> f64 {
-    let mut config = Config::new("embedded", "st", [TOPIC]);
+/// The plain loop: one thread polling one `BaseConsumer`.
+async fn raw_poll(bootstrap: &str, topic: &str, n: u64) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&count);
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        let consumer: BaseConsumer = consumer_config(&bootstrap, &format!("poll-{topic}"))
+            .create()
+            .expect("poll consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        while !stop2.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                drop(m);
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let rate = steady_rate(n, || count.load(Ordering::Relaxed)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    rate
+}
+
+/// sidetrack with a handler that awaits `work` per record.
+async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration) -> f64 {
+    let mut config = Config::new("", format!("st-{topic}"), [topic]);
     config.shutdown_timeout = Duration::from_secs(5);
-    let handle = Runtime::builder(config)
-        .embedded(cluster)
-        .handler(handler_fn(|_m: Message, _cx: Context| async {
+    let handle = bench
+        .builder(config)
+        .handler(handler_fn(move |_m: Message, _cx: Context| async move {
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
             Ok::<(), HandlerError>(())
         }))
         .build()
@@ -111,49 +144,53 @@ async fn runtime(cluster: &EmbeddedCluster, n: u64) -> f64 {
         .start()
         .await
         .expect("runtime");
-    let rate = measure(n, || handle.stats().handled).await;
+    let rate = steady_rate(n, || handle.stats().handled).await;
     let _ = handle.shutdown().await;
     rate
 }
 
 #[tokio::main]
 async fn main() {
-    let n: u64 = std::env::var("SIDETRACK_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let cluster = EmbeddedCluster::start().expect("embedded cluster");
-    cluster.create_topic(TOPIC, PARTITIONS).expect("topic");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("compression.type", "lz4")
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    let payload = [b'x'; 100];
-    let mut pending = Vec::with_capacity(10_000);
-    for i in 0..n {
-        let key = (i % 1024).to_string();
-        let rec = FutureRecord::to(TOPIC).key(&key).payload(&payload[..]);
-        match producer.send_result(rec) {
-            Ok(f) => pending.push(f),
-            Err((e, _)) => panic!("produce: {e}"),
-        }
-        if pending.len() == 10_000 {
-            for f in pending.drain(..) {
-                let _ = f.await;
-            }
-        }
+    let n = common::env_u64("SIDETRACK_BENCH_RECORDS", 1_000_000);
+    let bench = Bench::start();
+    let _ = PROPS.set(bench.consumer_props());
+    println!(
+        "overhead: {n} records, {PARTITIONS} partitions, {}, {} cores, consumer properties {:?}",
+        bench.broker_name(),
+        common::cores(),
+        bench.consumer_props()
+    );
+    for size in [100usize, 1024] {
+        let topic = bench.topic(&format!("overhead-{size}"));
+        bench.create_topic(&topic, PARTITIONS).await;
+        bench
+            .backlog(&topic, PARTITIONS, n, size, |_| Vec::new())
+            .await;
+        let split = raw_split(&bench.bootstrap, &topic, n).await;
+        let poll = raw_poll(&bench.bootstrap, &topic, n).await;
+        let st = sidetrack(&bench, &topic, n, Duration::ZERO).await;
+        let fastest = split.max(poll);
+        println!("  {size:>5} B  raw split-queue loop      {split:>10.0} records/s");
+        println!("  {size:>5} B  raw BaseConsumer poll     {poll:>10.0} records/s");
+        println!("  {size:>5} B  sidetrack, no-op handler  {st:>10.0} records/s");
+        println!(
+            "  {size:>5} B  ratio sidetrack/fastest raw {:>8.2}",
+            st / fastest
+        );
     }
-    for f in pending {
-        let _ = f.await;
+    // 1 ms of awaited work per record: one partition alone could do at most 1,000 records/s.
+    let m = common::env_u64("SIDETRACK_BENCH_SLOW_RECORDS", 8_000);
+    if m == 0 {
+        return;
     }
-    let cores = std::thread::available_parallelism().map_or(0, |c| c.get());
-    println!("overhead: {n} records of 100 bytes, {PARTITIONS} partitions, embedded broker, {cores} cores");
-    let raw_rate = raw(cluster.bootstrap_servers(), n).await;
-    println!("  raw split-queue loop      {raw_rate:>12.0} records/s");
-    let st_rate = runtime(&cluster, n).await;
-    println!("  sidetrack, no-op handler  {st_rate:>12.0} records/s");
-    println!("  ratio sidetrack/raw       {:>12.2}", st_rate / raw_rate);
+    let topic = bench.topic("overhead-slow");
+    bench.create_topic(&topic, PARTITIONS).await;
+    bench
+        .backlog(&topic, PARTITIONS, m, 100, |_| Vec::new())
+        .await;
+    let slow = sidetrack(&bench, &topic, m, Duration::from_millis(1)).await;
+    println!(
+        "  1 ms handler, {m} records: {slow:.0} records/s = {:.2}x one partition's ceiling of 1000/s ({PARTITIONS} partitions)",
+        slow / 1000.0
+    );
 }

@@ -85,6 +85,10 @@ impl GroupContext {
 
     /// Waits while this member is fenced; see `fenced`.
     pub(crate) async fn wait_unfenced(&self) {
+        // Per-record fast path: no waiter registered while we are in the group.
+        if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         loop {
             let notified = self.unfenced.notified();
             if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {

@@ -99,23 +99,31 @@ impl PartitionTask {
     }
 
     pub(crate) async fn run(self, queue: StreamPartitionQueue<GroupContext>) {
+        // Registered once, polled on every record: a fresh cancellation future per record
+        // takes the token's lock twice.
+        let stop = self.stop.clone();
+        let revoked = self.revoked.clone();
+        let stopped = stop.cancelled();
+        let revoked_wait = revoked.cancelled();
+        tokio::pin!(stopped, revoked_wait);
         loop {
             let received = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return,
-                _ = self.revoked.cancelled() => return,
+                _ = &mut stopped => return,
+                _ = &mut revoked_wait => return,
                 r = async {
                     self.consumer.context().wait_unfenced().await;
                     queue.recv().await
                 } => r,
             };
-            let (offset, msg_or_invalid) = match received {
-                Ok(raw) => (raw.offset(), self.decode(&raw)),
+            let raw = match received {
+                Ok(raw) => raw,
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
             };
+            let (offset, msg_or_invalid) = (raw.offset(), self.decode(&raw));
             self.progress.at(offset);
             let span = tracing::debug_span!(
                 "record",
@@ -137,7 +145,7 @@ impl PartitionTask {
             tokio::pin!(work);
             let outcome = tokio::select! {
                 outcome = &mut work => outcome,
-                _ = self.revoked.cancelled() => {
+                _ = &mut revoked_wait => {
                     // Drop the queue now: a new queue for this partition may be split soon, and
                     // an old handle alive beside it stops its wake-ups.
                     drop(queue);
@@ -148,10 +156,8 @@ impl PartitionTask {
             if outcome.is_err() {
                 return;
             }
-            if let Err(e) = self
-                .consumer
-                .store_offset(&self.topic, self.partition, offset)
-            {
+            // From the message itself: storing by topic name looks the topic up each time.
+            if let Err(e) = self.consumer.store_offset_from_message(&raw) {
                 // Revoked in the meantime: the new owner gets the record again.
                 tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
             }

@@ -1,0 +1,257 @@
+//! What every benchmark needs: a broker (the embedded one, or `SIDETRACK_BENCH_BROKERS`), a
+//! pre-produced backlog, steady-state rates, percentiles, CPU time and resident memory.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sidetrack::testing::EmbeddedCluster;
+use sidetrack::RuntimeBuilder;
+
+/// The broker a benchmark runs against.
+pub struct Bench {
+    /// Kept alive for the run when embedded.
+    pub embedded: Option<EmbeddedCluster>,
+    pub bootstrap: String,
+    /// Topic names get this suffix so runs against a real broker do not collide.
+    pub run_id: String,
+}
+
+impl Bench {
+    pub fn start() -> Bench {
+        let run_id = format!(
+            "{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
+        match std::env::var("SIDETRACK_BENCH_BROKERS") {
+            Ok(b) if !b.is_empty() => Bench {
+                embedded: None,
+                bootstrap: b,
+                run_id,
+            },
+            _ => {
+                let cluster = EmbeddedCluster::start().expect("embedded cluster");
+                Bench {
+                    bootstrap: cluster.bootstrap_servers().to_owned(),
+                    embedded: Some(cluster),
+                    run_id,
+                }
+            }
+        }
+    }
+
+    pub fn broker_name(&self) -> &'static str {
+        if self.embedded.is_some() {
+            "embedded broker"
+        } else {
+            "SIDETRACK_BENCH_BROKERS"
+        }
+    }
+
+    /// librdkafka consumer properties for every consumer of a benchmark, runtime and baselines
+    /// alike: `SIDETRACK_BENCH_CONSUMER_PROPS` (comma-separated `key=value`), else on the
+    /// embedded broker `fetch.wait.max.ms=10`: the mock broker ends a fetch long-poll only
+    /// when `fetch.wait.max.ms` runs out, not when records arrive, so with the default 500 ms
+    /// every consumer stalls up to half a second whenever its queue runs dry.
+    pub fn consumer_props(&self) -> Vec<(String, String)> {
+        let spec = match std::env::var("SIDETRACK_BENCH_CONSUMER_PROPS") {
+            Ok(v) => v,
+            Err(_) if self.embedded.is_some() => "fetch.wait.max.ms=10".to_owned(),
+            Err(_) => String::new(),
+        };
+        spec.split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect()
+    }
+
+    /// A fresh topic name for this run.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{name}-{}", self.run_id)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        if let Some(c) = &self.embedded {
+            c.create_topic(name, partitions).expect("create topic");
+            return;
+        }
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        admin
+            .create_topics([&topic], &AdminOptions::new())
+            .await
+            .expect("create topic");
+    }
+
+    /// A runtime builder wired to this broker (side topics created by the runtime on a real
+    /// broker, up front on the embedded one, which has no CreateTopics).
+    pub fn builder(&self, config: sidetrack::Config) -> RuntimeBuilder {
+        let mut config = config;
+        config.brokers = self.bootstrap.clone();
+        for (k, v) in self.consumer_props() {
+            config.consumer.insert(k, v);
+        }
+        let b = sidetrack::Runtime::builder(config);
+        match &self.embedded {
+            Some(c) => b.embedded(c),
+            None => b,
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            // The embedded broker keeps ~5 MiB per partition uncompressed.
+            .set("compression.type", "lz4")
+            .set("linger.ms", "20")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .expect("producer")
+    }
+
+    /// Produces `n` records of `size` bytes round-robin over `partitions`, key = i % 1024.
+    /// `payload(i)` may replace the filler bytes (its output is padded to `size`).
+    pub async fn backlog(
+        &self,
+        topic: &str,
+        partitions: i32,
+        n: u64,
+        size: usize,
+        payload: impl Fn(u64) -> Vec<u8>,
+    ) {
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(10_000);
+        for i in 0..n {
+            let key = (i % 1024).to_string();
+            let mut body = payload(i);
+            if body.len() < size {
+                body.resize(size, b'x');
+            }
+            let rec = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .partition((i % partitions as u64) as i32);
+            match producer.send_result(rec) {
+                Ok(f) => pending.push(f),
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+            if pending.len() == 10_000 {
+                for f in pending.drain(..) {
+                    let _ = f.await;
+                }
+            }
+        }
+        for f in pending {
+            let _ = f.await;
+        }
+    }
+}
+
+/// Records per second between 10 % and 100 % of `n` (the first 10 % absorb the group join
+/// and the first fetches).
+pub async fn steady_rate(n: u64, count: impl Fn() -> u64) -> f64 {
+    let from = n / 10;
+    while count() < from.max(1) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    let first = count();
+    while count() < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (n - first) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The `q` quantile (0..=1) of `v` (sorted in place).
+pub fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+/// CPU seconds (user + system) this process has used.
+pub fn cpu_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    let Some(rest) = s.rsplit(')').next() else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let parse = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (parse(11) + parse(12)) / tick
+}
+
+/// CPU seconds used by this process's threads whose name does not start with `prefix` (the
+/// embedded broker's thread is `rdk:mock`: it shares the process but is not the runtime).
+pub fn cpu_seconds_without(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let mut total = 0.0;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map_or("", |(n, _)| n);
+        if name.starts_with(prefix) {
+            continue;
+        }
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let parse = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (parse(11) + parse(12)) / 100.0;
+    }
+    total
+}
+
+/// Resident set size now, in MiB.
+pub fn rss_mib() -> f64 {
+    status_kib("VmRSS:") / 1024.0
+}
+
+fn status_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |c| c.get())
+}
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
