@@ -505,6 +505,11 @@ async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
     if let Some(mut bb) = b.take() {
         sigterm(&mut bb);
     }
+    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
+        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
+            let _ = std::fs::copy(entry.path(), Path::new(&keep).join(entry.file_name()));
+        }
+    }
     assert!(done, "not every record reached the ledger or the DLQ");
     assert!(status.success(), "final stop: {status}");
 
@@ -550,11 +555,6 @@ async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
         (crashes + 2) * owned,
         started.elapsed().as_secs_f64()
     );
-    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
-        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-            let _ = std::fs::copy(entry.path(), Path::new(&keep).join(entry.file_name()));
-        }
-    }
     if std::env::var("LEDGER_DEBUG").is_ok() {
         let mut first: HashMap<u64, (String, u128)> = HashMap::new();
         for l in &lines {
