@@ -191,8 +191,9 @@ impl ConsumerContext for GroupContext {
                 // Commits refused while the group was rebalancing (a member joined, or one died
                 // and its session had not run out) leave handled records uncommitted; the next
                 // owner of these partitions would handle them again. The group is stable again
-                // now, so commit before letting them go. Async: this thread serves the group,
-                // and librdkafka waits for the commit before it completes the revocation.
+                // now, so commit before letting them go. Async: this thread serves the group;
+                // the request is queued before the partitions are released, and the commit
+                // callback reports a failure (see `revoke_commits`).
                 if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                     if let Err(e) = base.commit_consumer_state(CommitMode::Async) {
                         tracing::debug!(role = ?self.role, error = %e, "commit on revoke not sent");
