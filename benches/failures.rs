@@ -86,13 +86,8 @@ fn config(bench: &Bench, topic: &str, group: &str) -> Config {
 /// Healthy records handled per second between 10 % of them and the end (or `WINDOW`).
 async fn throughput(bench: &Bench, topic: &str, group: &str, bad: Arc<Bad>, healthy: u64) -> f64 {
     let h = bench
-        .builder(config(bench, topic, group))
-        .handler(H(Arc::clone(&bad)))
-        .build()
-        .expect("config")
-        .start()
-        .await
-        .expect("runtime");
+        .start_runtime(config(bench, topic, group), H(Arc::clone(&bad)))
+        .await;
     let count = || bad.healthy.load(Ordering::Relaxed);
     while count() < healthy / 10 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -117,13 +112,8 @@ async fn latency(
     rate: u64,
 ) -> (f64, f64, f64) {
     let h = bench
-        .builder(config(bench, topic, group))
-        .handler(H(Arc::clone(&bad)))
-        .build()
-        .expect("config")
-        .start()
-        .await
-        .expect("runtime");
+        .start_runtime(config(bench, topic, group), H(Arc::clone(&bad)))
+        .await;
     // Let the group settle before the clock matters.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let producer = bench.producer();

@@ -26,16 +26,14 @@ async fn drain(bench: &Bench, topic: &str, seconds: u64) -> (f64, f64, f64, u64)
     let mut config = Config::new("", format!("mem-{topic}"), [topic]);
     config.shutdown_timeout = Duration::from_secs(2);
     let h = bench
-        .builder(config)
-        .handler(handler_fn(|_m: Message, _cx: Context| async {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            Ok::<(), HandlerError>(())
-        }))
-        .build()
-        .expect("config")
-        .start()
-        .await
-        .expect("runtime");
+        .start_runtime(
+            config,
+            handler_fn(|_m: Message, _cx: Context| async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<(), HandlerError>(())
+            }),
+        )
+        .await;
     let mut peak = before;
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {

@@ -132,18 +132,16 @@ async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration) -> f64 {
     let mut config = Config::new("", format!("st-{topic}"), [topic]);
     config.shutdown_timeout = Duration::from_secs(5);
     let handle = bench
-        .builder(config)
-        .handler(handler_fn(move |_m: Message, _cx: Context| async move {
-            if !work.is_zero() {
-                tokio::time::sleep(work).await;
-            }
-            Ok::<(), HandlerError>(())
-        }))
-        .build()
-        .expect("config")
-        .start()
-        .await
-        .expect("runtime");
+        .start_runtime(
+            config,
+            handler_fn(move |_m: Message, _cx: Context| async move {
+                if !work.is_zero() {
+                    tokio::time::sleep(work).await;
+                }
+                Ok::<(), HandlerError>(())
+            }),
+        )
+        .await;
     let rate = steady_rate(n, || handle.stats().handled).await;
     let _ = handle.shutdown().await;
     rate

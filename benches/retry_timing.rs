@@ -75,14 +75,7 @@ async fn main() {
         done: AtomicU64::new(0),
         lateness: Mutex::new(Vec::new()),
     });
-    let h = bench
-        .builder(config)
-        .handler(H(Arc::clone(&timing)))
-        .build()
-        .expect("config")
-        .start()
-        .await
-        .expect("runtime");
+    let h = bench.start_runtime(config, H(Arc::clone(&timing))).await;
     bench
         .backlog(&topic, PARTITIONS, n, 0, |i| i.to_string().into_bytes())
         .await;

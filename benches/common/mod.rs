@@ -93,7 +93,22 @@ impl Bench {
 
     /// A runtime builder wired to this broker (side topics created by the runtime on a real
     /// broker, up front on the embedded one, which has no CreateTopics).
-    pub fn builder(&self, config: sidetrack::Config) -> RuntimeBuilder {
+    /// Builds and starts a runtime on this broker with `handler`.
+    pub async fn start_runtime(
+        &self,
+        config: sidetrack::Config,
+        handler: impl sidetrack::Handler,
+    ) -> sidetrack::RuntimeHandle {
+        self.builder(config)
+            .handler(handler)
+            .build()
+            .expect("config")
+            .start()
+            .await
+            .expect("runtime")
+    }
+
+    fn builder(&self, config: sidetrack::Config) -> RuntimeBuilder {
         let mut config = config;
         config.brokers = self.bootstrap.clone();
         for (k, v) in self.consumer_props() {
