@@ -88,15 +88,8 @@ async fn throughput(bench: &Bench, topic: &str, group: &str, bad: Arc<Bad>, heal
     let h = bench
         .start_runtime(config(bench, topic, group), H(Arc::clone(&bad)))
         .await;
-    let count = || bad.healthy.load(Ordering::Relaxed);
-    while count() < healthy / 10 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let (t0, c0) = (Instant::now(), count());
-    while count() < healthy && t0.elapsed() < WINDOW {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let rate = (count() - c0) as f64 / t0.elapsed().as_secs_f64();
+    let rate =
+        common::steady_rate_within(healthy, WINDOW, || bad.healthy.load(Ordering::Relaxed)).await;
     let _ = h.shutdown().await;
     rate
 }
@@ -147,12 +140,9 @@ async fn main() {
     let n = common::env_u64("SIDETRACK_BENCH_RECORDS", 100_000);
     let paced = common::env_u64("SIDETRACK_BENCH_PACED", 5_000);
     let rate = common::env_u64("SIDETRACK_BENCH_RATE", 1_000);
-    let bench = Bench::start();
-    println!(
-        "failures: backlog of {n} records, then {paced} records paced at {rate}/s; {PARTITIONS} partitions, retry after {RETRY_DELAY:?}, {}, {} cores",
-        bench.broker_name(),
-        common::cores()
-    );
+    let bench = Bench::start(format_args!(
+        "failures: backlog of {n} records, then {paced} records paced at {rate}/s; {PARTITIONS} partitions, retry after {RETRY_DELAY:?}"
+    ));
     let mut base: Option<(f64, f64)> = None;
     for mode in [Mode::Sidetrack, Mode::Blocking] {
         let name = match mode {
@@ -164,8 +154,9 @@ async fn main() {
                 "{}-{pct}",
                 if mode == Mode::Sidetrack { "st" } else { "blk" }
             );
-            let topic = bench.topic(&format!("failures-{tag}"));
-            bench.create_topic(&topic, PARTITIONS).await;
+            let topic = bench
+                .fresh_topic(&format!("failures-{tag}"), PARTITIONS)
+                .await;
             bench
                 .backlog(&topic, PARTITIONS, n, 0, |i| i.to_string().into_bytes())
                 .await;
@@ -179,8 +170,9 @@ async fn main() {
             };
             let healthy = (0..n).filter(|i| every == 0 || i % every != 0).count() as u64;
             let tput = throughput(&bench, &topic, &format!("g-{tag}"), bad(every), healthy).await;
-            let live = bench.topic(&format!("failures-live-{tag}"));
-            bench.create_topic(&live, PARTITIONS).await;
+            let live = bench
+                .fresh_topic(&format!("failures-live-{tag}"), PARTITIONS)
+                .await;
             let (p50, p99, share) =
                 latency(&bench, &live, &format!("gl-{tag}"), bad(every), paced, rate).await;
             let (t0, p0) = *base.get_or_insert((tput, p99));

@@ -50,16 +50,12 @@ async fn drain(bench: &Bench, topic: &str, seconds: u64) -> (f64, f64, f64, u64)
 async fn main() {
     let big = common::env_u64("SIDETRACK_BENCH_RECORDS", 1_000_000);
     let seconds = common::env_u64("SIDETRACK_BENCH_SECONDS", 15);
-    let bench = Bench::start();
-    println!(
-        "memory: 1 ms handler draining {SIZE} B records for {seconds} s, {PARTITIONS} partitions, {}, {} cores",
-        bench.broker_name(),
-        common::cores()
-    );
+    let bench = Bench::start(format_args!(
+        "memory: 1 ms handler draining {SIZE} B records for {seconds} s, {PARTITIONS} partitions"
+    ));
     let mut first: Option<f64> = None;
     for n in [big / 5, big] {
-        let topic = bench.topic(&format!("memory-{n}"));
-        bench.create_topic(&topic, PARTITIONS).await;
+        let topic = bench.fresh_topic(&format!("memory-{n}"), PARTITIONS).await;
         bench
             .backlog(&topic, PARTITIONS, n, SIZE, |_| Vec::new())
             .await;

@@ -150,17 +150,14 @@ async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let n = common::env_u64("SIDETRACK_BENCH_RECORDS", 1_000_000);
-    let bench = Bench::start();
+    let bench = Bench::start(format_args!(
+        "overhead: {n} records, {PARTITIONS} partitions"
+    ));
     let _ = PROPS.set(bench.consumer_props());
-    println!(
-        "overhead: {n} records, {PARTITIONS} partitions, {}, {} cores, consumer properties {:?}",
-        bench.broker_name(),
-        common::cores(),
-        bench.consumer_props()
-    );
     for size in [100usize, 1024] {
-        let topic = bench.topic(&format!("overhead-{size}"));
-        bench.create_topic(&topic, PARTITIONS).await;
+        let topic = bench
+            .fresh_topic(&format!("overhead-{size}"), PARTITIONS)
+            .await;
         bench
             .backlog(&topic, PARTITIONS, n, size, |_| Vec::new())
             .await;
@@ -176,19 +173,26 @@ async fn main() {
             st / fastest
         );
     }
-    // 1 ms of awaited work per record: one partition alone could do at most 1,000 records/s.
+    // 1 ms of awaited work per record, on one partition and on four: how far partitions are
+    // handled in parallel.
     let m = common::env_u64("SIDETRACK_BENCH_SLOW_RECORDS", 8_000);
     if m == 0 {
         return;
     }
-    let topic = bench.topic("overhead-slow");
-    bench.create_topic(&topic, PARTITIONS).await;
-    bench
-        .backlog(&topic, PARTITIONS, m, 100, |_| Vec::new())
-        .await;
-    let slow = sidetrack(&bench, &topic, m, Duration::from_millis(1)).await;
+    let mut rates = Vec::new();
+    for (partitions, records) in [(1, m / PARTITIONS as u64), (PARTITIONS, m)] {
+        let topic = bench
+            .fresh_topic(&format!("overhead-slow-{partitions}"), partitions)
+            .await;
+        bench
+            .backlog(&topic, partitions, records, 100, |_| Vec::new())
+            .await;
+        rates.push(sidetrack(&bench, &topic, records, Duration::from_millis(1)).await);
+    }
     println!(
-        "  1 ms handler, {m} records: {slow:.0} records/s = {:.2}x one partition's ceiling of 1000/s ({PARTITIONS} partitions)",
-        slow / 1000.0
+        "  1 ms handler: 1 partition {:.0} records/s, {PARTITIONS} partitions {:.0} records/s = {:.2}x",
+        rates[0],
+        rates[1],
+        rates[1] / rates[0]
     );
 }

@@ -57,14 +57,10 @@ impl Handler for H {
 #[tokio::main]
 async fn main() {
     let n = common::env_u64("SIDETRACK_BENCH_RECORDS", 10_000);
-    let bench = Bench::start();
-    let topic = bench.topic("retry-timing");
-    bench.create_topic(&topic, PARTITIONS).await;
-    println!(
-        "retry timing: {n} records, tiers 5 s then 10 s, {PARTITIONS} partitions, {}, {} cores",
-        bench.broker_name(),
-        common::cores()
-    );
+    let bench = Bench::start(format_args!(
+        "retry timing: {n} records, tiers 5 s then 10 s, {PARTITIONS} partitions"
+    ));
+    let topic = bench.fresh_topic("retry-timing", PARTITIONS).await;
     let mut config = Config::new("", "timing", [topic.as_str()]);
     config.retry = RetryConfig::tiers([
         Tier::new(Duration::from_secs(5), 1),

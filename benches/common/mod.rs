@@ -21,7 +21,20 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn start() -> Bench {
+    /// Starts the broker and prints the benchmark's header line: `what`, then the broker, the
+    /// cores and the consumer properties every consumer of the run gets.
+    pub fn start(what: impl std::fmt::Display) -> Bench {
+        let bench = Bench::connect();
+        println!(
+            "{what}; {}, {} cores, consumer properties {:?}",
+            bench.broker_name(),
+            cores(),
+            bench.consumer_props()
+        );
+        bench
+    }
+
+    fn connect() -> Bench {
         let run_id = format!(
             "{}",
             std::time::SystemTime::now()
@@ -68,6 +81,13 @@ impl Bench {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect()
+    }
+
+    /// Creates a topic named `name` plus this run's suffix; returns its full name.
+    pub async fn fresh_topic(&self, name: &str, partitions: i32) -> String {
+        let topic = self.topic(name);
+        self.create_topic(&topic, partitions).await;
+        topic
     }
 
     /// A fresh topic name for this run.
@@ -173,16 +193,26 @@ impl Bench {
 /// Records per second between 10 % and 100 % of `n` (the first 10 % absorb the group join
 /// and the first fetches).
 pub async fn steady_rate(n: u64, count: impl Fn() -> u64) -> f64 {
+    steady_rate_within(n, Duration::MAX, count).await
+}
+
+/// [`steady_rate`], measured for at most `window` after 10 %. NaN when the records were all
+/// counted before the window opened (a backlog too small to measure).
+pub async fn steady_rate_within(n: u64, window: Duration, count: impl Fn() -> u64) -> f64 {
     let from = n / 10;
     while count() < from.max(1) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();
     let first = count();
-    while count() < n {
+    while count() < n && started.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    (n - first) as f64 / started.elapsed().as_secs_f64()
+    let counted = count().min(n) - first.min(n);
+    if counted == 0 {
+        return f64::NAN;
+    }
+    counted as f64 / started.elapsed().as_secs_f64()
 }
 
 /// The `q` quantile (0..=1) of `v` (sorted in place).
@@ -197,16 +227,10 @@ pub fn quantile(v: &mut [f64], q: f64) -> f64 {
 
 /// CPU seconds (user + system) this process has used.
 pub fn cpu_seconds() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    let Some(rest) = s.rsplit(')').next() else {
-        return f64::NAN;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = 100.0; // USER_HZ on Linux
-    let parse = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (parse(11) + parse(12)) / tick
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_cpu(&s))
+        .map_or(f64::NAN, |(_, cpu)| cpu)
 }
 
 /// CPU seconds used by this process's threads whose name does not start with `prefix` (the
@@ -215,26 +239,23 @@ pub fn cpu_seconds_without(prefix: &str) -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return f64::NAN;
     };
-    let mut total = 0.0;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let name = stat
-            .split_once('(')
-            .and_then(|(_, r)| r.rsplit_once(')'))
-            .map_or("", |(n, _)| n);
-        if name.starts_with(prefix) {
-            continue;
-        }
-        let Some(rest) = stat.rsplit(')').next() else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let parse = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        total += (parse(11) + parse(12)) / 100.0;
-    }
-    total
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|s| stat_cpu(&s))
+        .filter(|(name, _)| !name.starts_with(prefix))
+        .map(|(_, cpu)| cpu)
+        .sum()
+}
+
+/// The thread or process name and its CPU seconds (user + system) from a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Option<(String, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime, in clock ticks (USER_HZ, 100 on Linux).
+    Some((name, (field(11)? + field(12)?) / 100.0))
 }
 
 /// Resident set size now, in MiB.

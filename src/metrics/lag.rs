@@ -31,10 +31,14 @@ impl Progress {
     }
     /// The record at `offset` is now the one to finish.
     pub(crate) fn at(&self, offset: i64) {
-        // The first record of an assignment sits at the committed position.
-        let _ = self
-            .committed
-            .compare_exchange(-1, offset, Ordering::Relaxed, Ordering::Relaxed);
+        // The first record of an assignment sits at the committed position. Checked with a
+        // plain load first: this runs on every record, and a failing compare-exchange still
+        // takes the cache line exclusively.
+        if self.committed.load(Ordering::Relaxed) < 0 {
+            let _ =
+                self.committed
+                    .compare_exchange(-1, offset, Ordering::Relaxed, Ordering::Relaxed);
+        }
         self.at.store(offset, Ordering::Relaxed);
     }
     /// The group committed `offset` (the next record to handle) for this partition.

@@ -193,7 +193,8 @@ impl ConsumerContext for GroupContext {
                 // owner of these partitions would handle them again. The group is stable again
                 // now, so commit before letting them go. Async: this thread serves the group;
                 // the request is queued before the partitions are released, and the commit
-                // callback reports a failure (see `revoke_commits`).
+                // callback reports a failure (see `revoke_commits`). After a lost assignment the
+                // broker refuses it; those records were reported as lost above.
                 if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                     if let Err(e) = base.commit_consumer_state(CommitMode::Async) {
                         tracing::debug!(role = ?self.role, error = %e, "commit on revoke not sent");
