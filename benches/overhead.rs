@@ -1,13 +1,15 @@
 //! Framework overhead: sidetrack with a no-op handler against the fastest raw rdkafka loops on
 //! the same pre-produced backlog in the same run: split partition queues with one tokio task
-//! per partition, and a plain `BaseConsumer` poll loop. Then a handler that awaits 1 ms per
+//! per partition (as is, and doing what any at-least-once loop must: an owned copy of each
+//! record and an offset store after it), and a plain `BaseConsumer` poll loop. Then a handler that awaits 1 ms per
 //! record, to show partitions being handled in parallel.
 //!
 //! ```text
 //! cargo bench --bench overhead                          # 1,000,000 records, 100 B and 1 KB
-//! SIDETRACK_BENCH_RECORDS=200000 cargo bench --bench overhead
+//! SIDETRACK_BENCH_RECORDS=200000 SIDETRACK_BENCH_ROUNDS=1 cargo bench --bench overhead
 //! SIDETRACK_BENCH_BROKERS=127.0.0.1:9092 cargo bench --bench overhead
 //! SIDETRACK_BENCH_CONSUMER_PROPS=fetch.wait.max.ms=10 cargo bench --bench overhead
+//! SIDETRACK_BENCH_ONLY=sidetrack cargo bench --bench overhead   # one side alone (profiling)
 //! ```
 //!
 //! The raw loops get the runtime's prefetch bounds and the benchmark's consumer properties
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use common::{steady_rate, Bench};
+use common::{quantile, steady_rate, Bench};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientConfig, ClientContext};
 use sidetrack::{handler_fn, Config, Context, HandlerError, Message};
@@ -37,6 +39,9 @@ static PROPS: OnceLock<Vec<(String, String)>> = OnceLock::new();
 struct SplitContext {
     consumer: OnceLock<Weak<StreamConsumer<SplitContext>>>,
     count: Arc<AtomicU64>,
+    /// Do what any at-least-once loop must: take the record out of librdkafka's buffer (an
+    /// owned copy of key, payload and headers) and store its offset once it is handled.
+    at_least_once: bool,
 }
 
 impl ClientContext for SplitContext {}
@@ -52,8 +57,15 @@ impl ConsumerContext for SplitContext {
         for e in tpl.elements() {
             if let Some(queue) = consumer.split_partition_queue(e.topic(), e.partition()) {
                 let count = Arc::clone(&self.count);
+                let at_least_once = self.at_least_once;
+                let consumer = Arc::clone(&consumer);
                 tokio::spawn(async move {
                     while let Ok(m) = queue.recv().await {
+                        if at_least_once {
+                            let owned = m.detach();
+                            std::hint::black_box(&owned);
+                            let _ = consumer.store_offset_from_message(&m);
+                        }
                         drop(m);
                         count.fetch_add(1, Ordering::Relaxed);
                     }
@@ -69,6 +81,8 @@ fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The stored loop stores offsets itself, as the runtime does.
+        .set("enable.auto.offset.store", "false")
         .set("fetch.queue.backoff.ms", "10")
         .set("partition.assignment.strategy", "cooperative-sticky");
     // The same prefetch bounds as the runtime's consumers, so both read alike.
@@ -80,11 +94,14 @@ fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
     c
 }
 
-async fn raw_split(bootstrap: &str, topic: &str, n: u64) -> f64 {
-    let context = SplitContext::default();
+async fn raw_split(bootstrap: &str, topic: &str, n: u64, at_least_once: bool, round: u64) -> f64 {
+    let context = SplitContext {
+        at_least_once,
+        ..SplitContext::default()
+    };
     let count = Arc::clone(&context.count);
     let consumer: StreamConsumer<SplitContext> =
-        consumer_config(bootstrap, &format!("raw-{topic}"))
+        consumer_config(bootstrap, &format!("raw-{at_least_once}-{round}-{topic}"))
             .create_with_context(context)
             .expect("raw consumer");
     let consumer = Arc::new(consumer);
@@ -103,14 +120,14 @@ async fn raw_split(bootstrap: &str, topic: &str, n: u64) -> f64 {
 }
 
 /// The plain loop: one thread polling one `BaseConsumer`.
-async fn raw_poll(bootstrap: &str, topic: &str, n: u64) -> f64 {
+async fn raw_poll(bootstrap: &str, topic: &str, n: u64, round: u64) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&count);
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let thread = std::thread::spawn(move || {
-        let consumer: BaseConsumer = consumer_config(&bootstrap, &format!("poll-{topic}"))
+        let consumer: BaseConsumer = consumer_config(&bootstrap, &format!("poll-{round}-{topic}"))
             .create()
             .expect("poll consumer");
         consumer.subscribe(&[&topic]).expect("subscribe");
@@ -128,8 +145,8 @@ async fn raw_poll(bootstrap: &str, topic: &str, n: u64) -> f64 {
 }
 
 /// sidetrack with a handler that awaits `work` per record.
-async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration) -> f64 {
-    let mut config = Config::new("", format!("st-{topic}"), [topic]);
+async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration, round: u64) -> f64 {
+    let mut config = Config::new("", format!("st-{round}-{topic}"), [topic]);
     config.shutdown_timeout = Duration::from_secs(5);
     let handle = bench
         .start_runtime(
@@ -151,9 +168,11 @@ async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration) -> f64 {
 async fn main() {
     let n = common::env_u64("SIDETRACK_BENCH_RECORDS", 1_000_000);
     let bench = Bench::start(format_args!(
-        "overhead: {n} records, {PARTITIONS} partitions"
+        "overhead: {n} records, {PARTITIONS} partitions, median of {} rounds",
+        common::env_u64("SIDETRACK_BENCH_ROUNDS", 5).max(1)
     ));
     let _ = PROPS.set(bench.consumer_props());
+    let rounds = common::env_u64("SIDETRACK_BENCH_ROUNDS", 5).max(1);
     for size in [100usize, 1024] {
         let topic = bench
             .fresh_topic(&format!("overhead-{size}"), PARTITIONS)
@@ -161,16 +180,41 @@ async fn main() {
         bench
             .backlog(&topic, PARTITIONS, n, size, |_| Vec::new())
             .await;
-        let split = raw_split(&bench.bootstrap, &topic, n).await;
-        let poll = raw_poll(&bench.bootstrap, &topic, n).await;
-        let st = sidetrack(&bench, &topic, n, Duration::ZERO).await;
+        // SIDETRACK_BENCH_ONLY=split|stored|poll|sidetrack runs one side alone, for profiling it.
+        let only = std::env::var("SIDETRACK_BENCH_ONLY").unwrap_or_default();
+        let runs = |side: &str| only.is_empty() || only == side;
+        // Rounds interleave the sides, and each side's median is reported: on a shared
+        // machine one run of one side can be off by a third.
+        let (mut split, mut stored, mut poll, mut st) = (vec![], vec![], vec![], vec![]);
+        for round in 0..rounds {
+            let b = &bench.bootstrap;
+            if runs("split") {
+                split.push(raw_split(b, &topic, n, false, round).await);
+            }
+            if runs("stored") {
+                stored.push(raw_split(b, &topic, n, true, round).await);
+            }
+            if runs("poll") {
+                poll.push(raw_poll(b, &topic, n, round).await);
+            }
+            if runs("sidetrack") {
+                st.push(sidetrack(&bench, &topic, n, Duration::ZERO, round).await);
+            }
+        }
+        let [split, stored, poll, st] =
+            [&mut split, &mut stored, &mut poll, &mut st].map(|v| quantile(v, 0.5));
         let fastest = split.max(poll);
         println!("  {size:>5} B  raw split-queue loop      {split:>10.0} records/s");
+        println!("  {size:>5} B  raw split-queue, stored   {stored:>10.0} records/s (owned copy + offset store)");
         println!("  {size:>5} B  raw BaseConsumer poll     {poll:>10.0} records/s");
         println!("  {size:>5} B  sidetrack, no-op handler  {st:>10.0} records/s");
         println!(
             "  {size:>5} B  ratio sidetrack/fastest raw {:>8.2}",
             st / fastest
+        );
+        println!(
+            "  {size:>5} B  ratio sidetrack/raw stored  {:>8.2}",
+            st / stored
         );
     }
     // 1 ms of awaited work per record, on one partition and on four: how far partitions are
@@ -187,7 +231,7 @@ async fn main() {
         bench
             .backlog(&topic, partitions, records, 100, |_| Vec::new())
             .await;
-        rates.push(sidetrack(&bench, &topic, records, Duration::from_millis(1)).await);
+        rates.push(sidetrack(&bench, &topic, records, Duration::from_millis(1), 0).await);
     }
     println!(
         "  1 ms handler: 1 partition {:.0} records/s, {PARTITIONS} partitions {:.0} records/s = {:.2}x",

@@ -68,7 +68,8 @@ pub struct Message {
 
 #[derive(Clone, Debug)]
 struct Inner {
-    topic: String,
+    /// Shared with the partition task: no copy of the topic name per record.
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     timestamp: Option<i64>,
@@ -77,7 +78,7 @@ struct Inner {
     headers: Vec<Header>,
     attempt: u32,
     envelope: Option<Envelope>,
-    received_from: Option<(String, i32, i64)>,
+    received_from: Option<(Arc<str>, i32, i64)>,
 }
 
 impl std::fmt::Debug for Message {
@@ -100,7 +101,7 @@ impl Message {
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         Message {
             inner: Arc::new(Inner {
-                topic: topic.into(),
+                topic: Arc::from(topic.into()),
                 partition: 0,
                 offset: 0,
                 timestamp: None,
@@ -156,7 +157,7 @@ impl Message {
 
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
-        received: (&str, i32, i64),
+        received: (&Arc<str>, i32, i64),
         timestamp: Option<i64>,
         key: Option<Vec<u8>>,
         payload: Option<Vec<u8>>,
@@ -166,7 +167,7 @@ impl Message {
         let (topic, partition, offset) = received;
         let inner = match envelope {
             None => Inner {
-                topic: topic.to_owned(),
+                topic: Arc::clone(topic),
                 partition,
                 offset,
                 timestamp,
@@ -178,7 +179,7 @@ impl Message {
                 received_from: None,
             },
             Some(env) => Inner {
-                topic: env.original_topic.clone(),
+                topic: Arc::from(env.original_topic.as_str()),
                 partition: env.original_partition,
                 offset: env.original_offset,
                 timestamp: env.original_timestamp,
@@ -187,7 +188,7 @@ impl Message {
                 headers,
                 attempt: env.attempts.saturating_add(1),
                 envelope: Some(env),
-                received_from: Some((topic.to_owned(), partition, offset)),
+                received_from: Some((Arc::clone(topic), partition, offset)),
             },
         };
         Message {

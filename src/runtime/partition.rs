@@ -38,7 +38,8 @@ pub(crate) struct PartitionTask {
     /// Metric handles registered once: the per-record path only increments them.
     meters: Meters,
     consumer: Arc<GroupConsumer>,
-    topic: String,
+    /// Shared with every [`Message`] read here.
+    topic: Arc<str>,
     partition: i32,
     /// Index of the source topic this partition belongs to.
     source: usize,
@@ -90,7 +91,7 @@ impl PartitionTask {
             group_id,
             progress,
             consumer,
-            topic: topic.to_owned(),
+            topic: Arc::from(topic),
             partition,
             source,
             tier,
@@ -107,14 +108,25 @@ impl PartitionTask {
         let revoked_wait = revoked.cancelled();
         tokio::pin!(stopped, revoked_wait);
         loop {
-            let received = tokio::select! {
-                biased;
-                _ = &mut stopped => return,
-                _ = &mut revoked_wait => return,
-                r = async {
-                    self.consumer.context().wait_unfenced().await;
-                    queue.recv().await
-                } => r,
+            // Per record, the cheap checks first: a backlog keeps `recv` ready, so the
+            // cancellation futures below (a lock and a waiter registration each) are only
+            // polled when the queue is empty.
+            if stop.is_cancelled() || revoked.is_cancelled() {
+                return;
+            }
+            self.consumer.context().wait_unfenced().await;
+            let received = {
+                let next = queue.recv();
+                tokio::pin!(next);
+                match futures_util::poll!(next.as_mut()) {
+                    std::task::Poll::Ready(r) => r,
+                    std::task::Poll::Pending => tokio::select! {
+                        biased;
+                        _ = &mut stopped => return,
+                        _ = &mut revoked_wait => return,
+                        r = next => r,
+                    },
+                }
             };
             let raw = match received {
                 Ok(raw) => raw,
@@ -144,6 +156,8 @@ impl PartitionTask {
             let work = self.process(msg_or_invalid).instrument(span);
             tokio::pin!(work);
             let outcome = tokio::select! {
+                // Work first: a handler that finishes at once never polls the revoke waiter.
+                biased;
                 outcome = &mut work => outcome,
                 _ = &mut revoked_wait => {
                     // Drop the queue now: a new queue for this partition may be split soon, and
@@ -176,7 +190,7 @@ impl PartitionTask {
         self.meters.consumed.increment(1);
         self.meters.bytes.increment(bytes as u64);
         let mut headers: Vec<Header> = headers_of(raw);
-        let received = (self.topic.as_str(), self.partition, raw.offset());
+        let received = (&self.topic, self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
         let now = now_ms();
         if let Some(ts) = timestamp {

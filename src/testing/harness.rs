@@ -114,7 +114,11 @@ impl TestRuntime {
                 Ok((n, env)) => {
                     headers.truncate(n);
                     Message::from_parts(
-                        (topic, msg.partition(), msg.attempt() as i64),
+                        (
+                            &Arc::from(topic.as_str()),
+                            msg.partition(),
+                            msg.attempt() as i64,
+                        ),
                         msg.timestamp(),
                         msg.key().map(<[u8]>::to_vec),
                         msg.payload().map(<[u8]>::to_vec),
