@@ -7,6 +7,7 @@
 //! ```text
 //! cargo bench --bench failures
 //! SIDETRACK_BENCH_RECORDS=20000 SIDETRACK_BENCH_RATE=1000 cargo bench --bench failures
+//! SIDETRACK_BENCH_ONLY=sidetrack cargo bench --bench failures    # one side alone
 //! ```
 //!
 //! Prints figures and ratios; asserts nothing.
@@ -144,7 +145,17 @@ async fn main() {
         "failures: backlog of {n} records, then {paced} records paced at {rate}/s; {PARTITIONS} partitions, retry after {RETRY_DELAY:?}"
     ));
     let mut base: Option<(f64, f64)> = None;
+    // SIDETRACK_BENCH_ONLY=sidetrack|blocking runs one side alone, for profiling it.
+    let only = std::env::var("SIDETRACK_BENCH_ONLY").unwrap_or_default();
     for mode in [Mode::Sidetrack, Mode::Blocking] {
+        let side = if mode == Mode::Sidetrack {
+            "sidetrack"
+        } else {
+            "blocking"
+        };
+        if !only.is_empty() && only != side {
+            continue;
+        }
         let name = match mode {
             Mode::Sidetrack => "sidetrack (retry topic)",
             Mode::Blocking => "blocking in-place retry",

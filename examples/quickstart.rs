@@ -160,6 +160,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tier::new(Duration::from_secs(2), 1),
     ]);
     config.shutdown_timeout = Duration::from_secs(10);
+    if args.brokers.is_some() {
+        // Portable across brokers: Tansu 0.6 counts a multi-record batch as one offset, so
+        // hand-offs sent in one batch would not all be readable from its DLQ.
+        config
+            .producer
+            .insert("batch.num.messages".into(), "1".into());
+    }
     config.metrics.listen = Some(args.metrics_listen);
     config.metrics.lag_interval = Duration::from_secs(1);
 

@@ -510,6 +510,28 @@ async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
             let _ = std::fs::copy(entry.path(), Path::new(&keep).join(entry.file_name()));
         }
     }
+    if !done {
+        let ok: HashSet<u64> = read_ledger(&run.ledger())
+            .into_iter()
+            .map(|l| l.0)
+            .collect();
+        let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+        let dead: HashSet<u64> = dlq
+            .iter()
+            .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
+            .collect();
+        let mut per_partition: HashMap<i32, (usize, i64)> = HashMap::new();
+        for r in &dlq {
+            let e = per_partition.entry(r.partition).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(r.offset);
+        }
+        eprintln!(
+            "missing from the ledger: {:?}\nmissing from the DLQ: {:?}\nDLQ (records, last offset) per partition: {per_partition:?}",
+            expected_ok.difference(&ok).collect::<Vec<_>>(),
+            expected_dlq.difference(&dead).collect::<Vec<_>>(),
+        );
+    }
     assert!(done, "not every record reached the ledger or the DLQ");
     assert!(status.success(), "final stop: {status}");
 

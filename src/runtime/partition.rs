@@ -1,8 +1,14 @@
 //! The task that owns one assigned partition: handle each record, hand failures to a retry
 //! tier or the DLQ, and store the offset only after a durable outcome.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
@@ -29,6 +35,30 @@ use super::Shared;
 /// Its offset is not stored.
 struct Abandoned;
 
+/// What handling a record left to do.
+enum Step {
+    /// Handled: the offset may be stored once every earlier record is durable.
+    Done,
+    /// Failed: to be handed to a retry tier or the DLQ, with the error text.
+    HandOff(Message, Decision, String),
+}
+
+/// Offsets waiting for a durable outcome, in offset order: hand-offs waiting for the broker's
+/// acknowledgement, and records handled after them.
+type Pending<'a> =
+    FuturesOrdered<Pin<Box<dyn Future<Output = (i64, Result<(), Abandoned>)> + Send + 'a>>>;
+
+/// What the partition task does next.
+enum Next<'q> {
+    Record(Result<BorrowedMessage<'q>, KafkaError>),
+    Settled((i64, Result<(), Abandoned>)),
+    Stop,
+}
+
+/// At most this many offsets of one partition wait at a time (each pending hand-off holds its
+/// record in memory); then the partition takes no new record until the oldest is durable.
+pub(crate) const MAX_PENDING: usize = 64;
+
 pub(crate) struct PartitionTask {
     shared: Arc<Shared>,
     /// Consumer group of this consumer (main or retry), for metric labels.
@@ -49,6 +79,9 @@ pub(crate) struct PartitionTask {
     stop: CancellationToken,
     /// Cancelled on revoke: drop the queue at once, abandon the current record.
     revoked: CancellationToken,
+    /// Hand-offs of this partition being retried after a failure. While any is, the partition
+    /// is paused and takes no new record.
+    failing: AtomicUsize,
 }
 
 impl PartitionTask {
@@ -96,43 +129,91 @@ impl PartitionTask {
             source,
             tier,
             revoked,
+            failing: AtomicUsize::new(0),
         }
     }
 
+    /// Takes records one at a time, in offset order. A record that failed is handed to its
+    /// retry tier or the DLQ without waiting for the broker's acknowledgement: the next records
+    /// are handled meanwhile, up to [`MAX_PENDING`] offsets waiting. Offsets are still stored
+    /// strictly in order, each only once it and every record before it have a durable outcome.
+    /// While a hand-off is being retried after a failure, no new record is taken.
     pub(crate) async fn run(self, queue: StreamPartitionQueue<GroupContext>) {
-        // Registered once, polled on every record: a fresh cancellation future per record
-        // takes the token's lock twice.
+        // Registered once, polled only when the queue is empty: a fresh cancellation future
+        // per record takes the token's lock twice.
         let stop = self.stop.clone();
         let revoked = self.revoked.clone();
         let stopped = stop.cancelled();
         let revoked_wait = revoked.cancelled();
         tokio::pin!(stopped, revoked_wait);
+        let mut pending: Pending<'_> = FuturesOrdered::new();
         loop {
             // Per record, the cheap checks first: a backlog keeps `recv` ready, so the
-            // cancellation futures below (a lock and a waiter registration each) are only
-            // polled when the queue is empty.
-            if stop.is_cancelled() || revoked.is_cancelled() {
+            // cancellation futures are only polled when there is nothing else to do.
+            if revoked.is_cancelled() {
                 return;
             }
-            self.consumer.context().wait_unfenced().await;
-            let received = {
-                let next = queue.recv();
-                tokio::pin!(next);
-                match futures_util::poll!(next.as_mut()) {
-                    std::task::Poll::Ready(r) => r,
-                    std::task::Poll::Pending => tokio::select! {
+            if stop.is_cancelled() {
+                // Shutdown: the hand-offs already sent get their acknowledgement.
+                self.drain(&mut pending).await;
+                return;
+            }
+            // Settle the hand-offs that are done, in order, without waiting; storing the last
+            // of them covers the ones before.
+            let mut settled = None;
+            while !pending.is_empty() {
+                match futures_util::poll!(pending.next()) {
+                    Poll::Ready(Some((offset, Ok(())))) => settled = Some(offset),
+                    Poll::Ready(Some((_, Err(Abandoned)))) => {
+                        if let Some(offset) = settled {
+                            self.store(offset);
+                        }
+                        return;
+                    }
+                    _ => break,
+                }
+            }
+            if let Some(offset) = settled {
+                self.store(offset);
+            }
+            let take_more =
+                pending.len() < MAX_PENDING && self.failing.load(Ordering::Relaxed) == 0;
+            if take_more {
+                self.consumer.context().wait_unfenced().await;
+            }
+            let next = {
+                let recv = queue.recv();
+                tokio::pin!(recv);
+                let ready = if take_more {
+                    futures_util::poll!(recv.as_mut())
+                } else {
+                    Poll::Pending
+                };
+                match ready {
+                    Poll::Ready(r) => Next::Record(r),
+                    Poll::Pending => tokio::select! {
                         biased;
-                        _ = &mut stopped => return,
+                        _ = &mut stopped => Next::Stop,
                         _ = &mut revoked_wait => return,
-                        r = next => r,
+                        Some(settled) = pending.next(), if !pending.is_empty() => Next::Settled(settled),
+                        r = recv, if take_more => Next::Record(r),
                     },
                 }
             };
-            let raw = match received {
-                Ok(raw) => raw,
-                Err(e) => {
+            let raw = match next {
+                Next::Record(Ok(raw)) => raw,
+                Next::Record(Err(e)) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
+                }
+                Next::Settled((offset, Ok(()))) => {
+                    self.store(offset);
+                    continue;
+                }
+                Next::Settled((_, Err(Abandoned))) => return,
+                Next::Stop => {
+                    self.drain(&mut pending).await;
+                    return;
                 }
             };
             let (offset, msg_or_invalid) = (raw.offset(), self.decode(&raw));
@@ -155,27 +236,74 @@ impl PartitionTask {
             }
             let work = self.process(msg_or_invalid).instrument(span);
             tokio::pin!(work);
-            let outcome = tokio::select! {
-                // Work first: a handler that finishes at once never polls the revoke waiter.
-                biased;
-                outcome = &mut work => outcome,
-                _ = &mut revoked_wait => {
-                    // Drop the queue now: a new queue for this partition may be split soon, and
-                    // an old handle alive beside it stops its wake-ups.
-                    drop(queue);
-                    let _ = work.await;
-                    return;
+            // Earlier hand-offs keep settling while this record is handled.
+            let outcome = loop {
+                tokio::select! {
+                    // Work first: a handler that finishes at once polls nothing else.
+                    biased;
+                    outcome = &mut work => break outcome,
+                    Some((done, durable)) = pending.next(), if !pending.is_empty() => {
+                        match durable {
+                            Ok(()) => self.store(done),
+                            // Only a stop, a revoke or a DLQ refusing even an empty record
+                            // abandons a hand-off; nothing after it may be stored.
+                            Err(Abandoned) => return,
+                        }
+                    }
+                    _ = &mut revoked_wait => {
+                        // Drop the queue now: a new queue for this partition may be split
+                        // soon, and an old handle alive beside it stops its wake-ups.
+                        drop(queue);
+                        let _ = work.await;
+                        return;
+                    }
                 }
             };
-            if outcome.is_err() {
-                return;
-            }
-            // From the message itself: storing by topic name looks the topic up each time.
-            if let Err(e) = self.consumer.store_offset_from_message(&raw) {
-                // Revoked in the meantime: the new owner gets the record again.
-                tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
+            match outcome {
+                Err(Abandoned) => {
+                    if !revoked.is_cancelled() {
+                        self.drain(&mut pending).await;
+                    }
+                    return;
+                }
+                Ok(Step::Done) if pending.is_empty() => {
+                    // From the message itself: storing by topic name looks the topic up each
+                    // time.
+                    if let Err(e) = self.consumer.store_offset_from_message(&raw) {
+                        // Revoked in the meantime: the new owner gets the record again.
+                        tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
+                    }
+                }
+                Ok(Step::Done) => pending.push_back(Box::pin(std::future::ready((offset, Ok(()))))),
+                Ok(Step::HandOff(msg, decision, error)) => {
+                    let this = &self;
+                    pending.push_back(Box::pin(async move {
+                        (offset, this.hand_off(&msg, decision, &error).await)
+                    }));
+                }
             }
             self.progress.at(offset + 1);
+        }
+    }
+
+    /// Waits for the pending hand-offs, storing offsets in order, until one is abandoned.
+    async fn drain(&self, pending: &mut Pending<'_>) {
+        while let Some((offset, durable)) = pending.next().await {
+            if durable.is_err() {
+                return;
+            }
+            self.store(offset);
+        }
+    }
+
+    /// Stores `offset` as handled (by topic name: the message is gone by now).
+    fn store(&self, offset: i64) {
+        if let Err(e) = self
+            .consumer
+            .store_offset(&self.topic, self.partition, offset)
+        {
+            // Revoked in the meantime: the new owner gets the record again.
+            tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
         }
     }
 
@@ -252,18 +380,16 @@ impl PartitionTask {
         }
     }
 
-    async fn process(&self, decoded: Result<Message, Invalid>) -> Result<(), Abandoned> {
+    async fn process(&self, decoded: Result<Message, Invalid>) -> Result<Step, Abandoned> {
         let msg = match decoded {
             Ok(msg) => msg,
             Err(Invalid { msg, reason }) => {
                 tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
-                return self
-                    .hand_off(
-                        &msg,
-                        Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
-                        &reason,
-                    )
-                    .await;
+                return Ok(Step::HandOff(
+                    msg,
+                    Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
+                    reason,
+                ));
             }
         };
         if let Some(envelope) = msg.envelope() {
@@ -297,7 +423,7 @@ impl PartitionTask {
                 self.meters.processing_handled.record(elapsed);
                 self.meters.handled.increment(1);
                 shared.stats.handled();
-                Ok(())
+                Ok(Step::Done)
             }
             Err(error) => {
                 let decision = shared.policy.decide(msg.attempt(), &error);
@@ -309,7 +435,7 @@ impl PartitionTask {
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                     attempt = msg.attempt(), error = %error, ?decision, "handler failed"
                 );
-                self.hand_off(&msg, decision, error.message()).await
+                Ok(Step::HandOff(msg, decision, error.message().to_owned()))
             }
         }
     }
@@ -468,7 +594,8 @@ impl PartitionTask {
                 shared.stats.dead_lettered(reason);
                 metrics::counter!(m::DEAD_LETTERED, "source" => source.topic.clone(), "reason" => reason.as_str()).increment(1);
                 tracing::warn!(
-                    dlq = target, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+                    dlq = target, dlq_partition = delivery.0, dlq_offset = delivery.1,
+                    topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                     attempts = msg.attempt(), %reason, error, "record dead-lettered"
                 );
                 shared.alerts.record(DeadLetterEvent {
@@ -529,37 +656,51 @@ impl PartitionTask {
                 .producer
                 .send(record, Timeout::After(shared.config.handoff.timeout))
                 .await;
-            match sent {
-                Ok(d) => break Ok(Sent::Acked((d.partition, d.offset, produced_at))),
+            let failure = match sent {
+                Ok(d) if d.offset >= 0 => {
+                    break Ok(Sent::Acked((d.partition, d.offset, produced_at)))
+                }
+                // An ack without an offset. librdkafka's idempotent producer reports some
+                // deliveries so (a batch the broker called a duplicate, for one). Seen on the
+                // embedded broker with several hand-offs in flight during produce errors, and
+                // that record was in no log. Sending again costs at most a duplicate on the
+                // side topic; trusting it lost the record.
+                Ok(d) => format!(
+                    "acknowledged without an offset (partition {}, offset {}); not trusted",
+                    d.partition, d.offset
+                ),
                 Err((e, _)) if is_too_large(&e) => break Ok(Sent::TooLarge(e)),
                 // Revoked: the new owner will handle the record again; stop here.
                 Err(_) if self.revoked.is_cancelled() => break Err(Abandoned),
-                Err((e, _)) => {
-                    shared.stats.handoff_failed();
-                    let source = &shared.topology.sources()[self.source].topic;
-                    metrics::counter!(m::HANDOFF_FAILURES, "source" => source.clone()).increment(1);
-                    tracing::warn!(
-                        target_topic = target, topic = msg.topic(), partition = msg.partition(),
-                        offset = msg.offset(), error = %e, retry_in = ?backoff,
-                        "hand-off failed; partition paused, retrying"
-                    );
-                    if !paused {
-                        self.set_paused(true);
-                        paused = true;
-                    }
-                    let go_on = tokio::select! {
-                        _ = tokio::time::sleep(backoff) => true,
-                        _ = self.stop.cancelled() => false,
-                        _ = self.revoked.cancelled() => false,
-                    };
-                    if !go_on {
-                        break Err(Abandoned);
-                    }
-                    backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
+                Err((e, _)) => e.to_string(),
+            };
+            shared.stats.handoff_failed();
+            let source = &shared.topology.sources()[self.source].topic;
+            metrics::counter!(m::HANDOFF_FAILURES, "source" => source.clone()).increment(1);
+            tracing::warn!(
+                target_topic = target, topic = msg.topic(), partition = msg.partition(),
+                offset = msg.offset(), error = %failure, retry_in = ?backoff,
+                "hand-off failed; partition paused, retrying"
+            );
+            if !paused {
+                paused = true;
+                // The first failing hand-off pauses the partition; others may be failing
+                // beside it.
+                if self.failing.fetch_add(1, Ordering::SeqCst) == 0 {
+                    self.set_paused(true);
                 }
             }
+            let go_on = tokio::select! {
+                _ = tokio::time::sleep(backoff) => true,
+                _ = self.stop.cancelled() => false,
+                _ = self.revoked.cancelled() => false,
+            };
+            if !go_on {
+                break Err(Abandoned);
+            }
+            backoff = (backoff * 2).min(shared.config.handoff.backoff_max);
         };
-        if paused {
+        if paused && self.failing.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.set_paused(false);
         }
         outcome
