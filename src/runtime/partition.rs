@@ -460,6 +460,12 @@ impl PartitionTask {
                 return Err(Abandoned);
             }
         }
+        // Due already: no timer at all. Tokio's timer rounds up to the next millisecond tick,
+        // and a burst of records due within the same few milliseconds would otherwise wait
+        // for one tick each, in turn (measured: p50 lateness 667 ms on a 10k burst).
+        if due <= now_ms() {
+            return Ok(());
+        }
         if self.sleep_until(due_at(due)).await {
             Ok(())
         } else {
