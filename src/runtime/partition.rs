@@ -1,6 +1,7 @@
 //! The task that owns one assigned partition: handle each record, hand failures to a retry
 //! tier or the DLQ, and store the offset only after a durable outcome.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,10 +44,48 @@ enum Step {
     HandOff(Message, Decision, String),
 }
 
-/// Offsets waiting for a durable outcome, in offset order: hand-offs waiting for the broker's
-/// acknowledgement, and records handled after them.
-type Pending<'a> =
-    FuturesOrdered<Pin<Box<dyn Future<Output = (i64, Result<(), Abandoned>)> + Send + 'a>>>;
+/// A hand-off in flight: resolves to the record's offset and whether it is durable.
+type HandOffFuture<'a> = Pin<Box<dyn Future<Output = (i64, Result<(), Abandoned>)> + Send + 'a>>;
+
+/// Hand-offs waiting for the broker's acknowledgement, in offset order, and how far records
+/// after them were handled.
+struct Pending<'a> {
+    sends: FuturesOrdered<HandOffFuture<'a>>,
+    /// Offsets of `sends`, in the same order.
+    offsets: VecDeque<i64>,
+    /// The last offset handled (or handed off).
+    through: i64,
+}
+
+impl<'a> Pending<'a> {
+    fn new() -> Self {
+        Pending {
+            sends: FuturesOrdered::new(),
+            offsets: VecDeque::new(),
+            through: -1,
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+    fn len(&self) -> usize {
+        self.offsets.len()
+    }
+    fn hand_off(&mut self, offset: i64, send: HandOffFuture<'a>) {
+        self.sends.push_back(send);
+        self.offsets.push_back(offset);
+        self.through = offset;
+    }
+    fn handled(&mut self, offset: i64) {
+        self.through = offset;
+    }
+    /// The oldest hand-off is durable: the offset that may now be stored (everything up to
+    /// the next hand-off still waiting, or up to the last record handled).
+    fn settled(&mut self) -> i64 {
+        self.offsets.pop_front();
+        self.offsets.front().map_or(self.through, |next| next - 1)
+    }
+}
 
 /// What the partition task does next.
 enum Next<'q> {
@@ -55,7 +94,7 @@ enum Next<'q> {
     Stop,
 }
 
-/// At most this many offsets of one partition wait at a time (each pending hand-off holds its
+/// At most this many hand-offs of one partition wait for their ack at a time (each holds its
 /// record in memory); then the partition takes no new record until the oldest is durable.
 pub(crate) const MAX_PENDING: usize = 64;
 
@@ -135,7 +174,7 @@ impl PartitionTask {
 
     /// Takes records one at a time, in offset order. A record that failed is handed to its
     /// retry tier or the DLQ without waiting for the broker's acknowledgement: the next records
-    /// are handled meanwhile, up to [`MAX_PENDING`] offsets waiting. Offsets are still stored
+    /// are handled meanwhile, up to [`MAX_PENDING`] hand-offs waiting. Offsets are still stored
     /// strictly in order, each only once it and every record before it have a durable outcome.
     /// While a hand-off is being retried after a failure, no new record is taken.
     pub(crate) async fn run(self, queue: StreamPartitionQueue<GroupContext>) {
@@ -146,7 +185,7 @@ impl PartitionTask {
         let stopped = stop.cancelled();
         let revoked_wait = revoked.cancelled();
         tokio::pin!(stopped, revoked_wait);
-        let mut pending: Pending<'_> = FuturesOrdered::new();
+        let mut pending = Pending::new();
         loop {
             // Per record, the cheap checks first: a backlog keeps `recv` ready, so the
             // cancellation futures are only polled when there is nothing else to do.
@@ -162,8 +201,8 @@ impl PartitionTask {
             // of them covers the ones before.
             let mut settled = None;
             while !pending.is_empty() {
-                match futures_util::poll!(pending.next()) {
-                    Poll::Ready(Some((offset, Ok(())))) => settled = Some(offset),
+                match futures_util::poll!(pending.sends.next()) {
+                    Poll::Ready(Some((_, Ok(())))) => settled = Some(pending.settled()),
                     Poll::Ready(Some((_, Err(Abandoned)))) => {
                         if let Some(offset) = settled {
                             self.store(offset);
@@ -195,7 +234,7 @@ impl PartitionTask {
                         biased;
                         _ = &mut stopped => Next::Stop,
                         _ = &mut revoked_wait => return,
-                        Some(settled) = pending.next(), if !pending.is_empty() => Next::Settled(settled),
+                        Some(settled) = pending.sends.next(), if !pending.is_empty() => Next::Settled(settled),
                         r = recv, if take_more => Next::Record(r),
                     },
                 }
@@ -206,8 +245,8 @@ impl PartitionTask {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
-                Next::Settled((offset, Ok(()))) => {
-                    self.store(offset);
+                Next::Settled((_, Ok(()))) => {
+                    self.store(pending.settled());
                     continue;
                 }
                 Next::Settled((_, Err(Abandoned))) => return,
@@ -242,9 +281,9 @@ impl PartitionTask {
                     // Work first: a handler that finishes at once polls nothing else.
                     biased;
                     outcome = &mut work => break outcome,
-                    Some((done, durable)) = pending.next(), if !pending.is_empty() => {
+                    Some((_, durable)) = pending.sends.next(), if !pending.is_empty() => {
                         match durable {
-                            Ok(()) => self.store(done),
+                            Ok(()) => self.store(pending.settled()),
                             // Only a stop, a revoke or a DLQ refusing even an empty record
                             // abandons a hand-off; nothing after it may be stored.
                             Err(Abandoned) => return,
@@ -274,12 +313,16 @@ impl PartitionTask {
                         tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored");
                     }
                 }
-                Ok(Step::Done) => pending.push_back(Box::pin(std::future::ready((offset, Ok(()))))),
+                // Stored once the hand-offs before it are durable.
+                Ok(Step::Done) => pending.handled(offset),
                 Ok(Step::HandOff(msg, decision, error)) => {
                     let this = &self;
-                    pending.push_back(Box::pin(async move {
-                        (offset, this.hand_off(&msg, decision, &error).await)
-                    }));
+                    pending.hand_off(
+                        offset,
+                        Box::pin(
+                            async move { (offset, this.hand_off(&msg, decision, &error).await) },
+                        ),
+                    );
                 }
             }
             self.progress.at(offset + 1);
@@ -288,11 +331,11 @@ impl PartitionTask {
 
     /// Waits for the pending hand-offs, storing offsets in order, until one is abandoned.
     async fn drain(&self, pending: &mut Pending<'_>) {
-        while let Some((offset, durable)) = pending.next().await {
+        while let Some((_, durable)) = pending.sends.next().await {
             if durable.is_err() {
                 return;
             }
-            self.store(offset);
+            self.store(pending.settled());
         }
     }
 
