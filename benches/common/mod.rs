@@ -22,14 +22,16 @@ pub struct Bench {
 
 impl Bench {
     /// Starts the broker and prints the benchmark's header line: `what`, then the broker, the
-    /// cores and the consumer properties every consumer of the run gets.
+    /// cores, the consumer properties every consumer of the run gets and the hand-off
+    /// producer's.
     pub fn start(what: impl std::fmt::Display) -> Bench {
         let bench = Bench::connect();
         println!(
-            "{what}; {}, {} cores, consumer properties {:?}",
+            "{what}; {}, {} cores, consumer properties {:?}, hand-off producer properties {:?}",
             bench.broker_name(),
             cores(),
-            bench.consumer_props()
+            bench.consumer_props(),
+            bench.producer_props()
         );
         bench
     }
@@ -77,10 +79,15 @@ impl Bench {
             Err(_) if self.embedded.is_some() => "fetch.wait.max.ms=10".to_owned(),
             Err(_) => String::new(),
         };
-        spec.split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .collect()
+        parse_props(&spec)
+    }
+
+    /// librdkafka properties for the runtime's hand-off producer:
+    /// `SIDETRACK_BENCH_PRODUCER_PROPS` (comma-separated `key=value`), else none. On Tansu use
+    /// `batch.num.messages=1`: it counts a multi-record batch as one offset, and hand-offs sent
+    /// in one batch would not all be readable from the retry topics.
+    pub fn producer_props(&self) -> Vec<(String, String)> {
+        parse_props(&std::env::var("SIDETRACK_BENCH_PRODUCER_PROPS").unwrap_or_default())
     }
 
     /// Creates a topic named `name` plus this run's suffix; returns its full name.
@@ -133,6 +140,9 @@ impl Bench {
         config.brokers = self.bootstrap.clone();
         for (k, v) in self.consumer_props() {
             config.consumer.insert(k, v);
+        }
+        for (k, v) in self.producer_props() {
+            config.producer.insert(k, v);
         }
         let b = sidetrack::Runtime::builder(config);
         match &self.embedded {
@@ -290,4 +300,12 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Comma-separated `key=value` pairs.
+fn parse_props(spec: &str) -> Vec<(String, String)> {
+    spec.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
