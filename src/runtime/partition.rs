@@ -836,3 +836,43 @@ struct Invalid {
     msg: Message,
     reason: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(offset: i64) -> HandOffFuture<'static> {
+        Box::pin(std::future::ready((offset, Ok(()))))
+    }
+
+    /// The offset stored after each hand-off settles never passes a hand-off still waiting.
+    #[test]
+    fn settled_hand_offs_store_up_to_the_next_waiting_one() {
+        let mut p = Pending::new();
+        p.handled(9);
+        p.hand_off(10, acked(10));
+        p.handled(11);
+        p.handled(12);
+        p.hand_off(13, acked(13));
+        p.handled(14);
+        assert_eq!(p.len(), 2);
+        // 10 is durable; 13 is not yet: store through 12.
+        assert_eq!(p.settled(), 12);
+        assert_eq!(p.len(), 1);
+        p.handled(15);
+        // 13 is durable and nothing waits: store through the last record handled.
+        assert_eq!(p.settled(), 15);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn back_to_back_hand_offs_store_one_at_a_time() {
+        let mut p = Pending::new();
+        p.hand_off(3, acked(3));
+        p.hand_off(4, acked(4));
+        p.hand_off(5, acked(5));
+        assert_eq!(p.settled(), 3);
+        assert_eq!(p.settled(), 4);
+        assert_eq!(p.settled(), 5);
+    }
+}
