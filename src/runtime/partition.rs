@@ -44,8 +44,8 @@ enum Step {
     HandOff(Message, Decision, String),
 }
 
-/// A hand-off in flight: resolves to the record's offset and whether it is durable.
-type HandOffFuture<'a> = Pin<Box<dyn Future<Output = (i64, Result<(), Abandoned>)> + Send + 'a>>;
+/// A hand-off in flight: resolves once the record is durable on its side topic, or abandoned.
+type HandOffFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Send + 'a>>;
 
 /// Hand-offs waiting for the broker's acknowledgement, in offset order, and how far records
 /// after them were handled.
@@ -90,13 +90,13 @@ impl<'a> Pending<'a> {
 /// What the partition task does next.
 enum Next<'q> {
     Record(Result<BorrowedMessage<'q>, KafkaError>),
-    Settled((i64, Result<(), Abandoned>)),
+    Settled(Result<(), Abandoned>),
     Stop,
 }
 
 /// At most this many hand-offs of one partition wait for their ack at a time (each holds its
 /// record in memory); then the partition takes no new record until the oldest is durable.
-pub(crate) const MAX_PENDING: usize = 64;
+const MAX_PENDING: usize = 64;
 
 pub(crate) struct PartitionTask {
     shared: Arc<Shared>,
@@ -202,8 +202,8 @@ impl PartitionTask {
             let mut settled = None;
             while !pending.is_empty() {
                 match futures_util::poll!(pending.sends.next()) {
-                    Poll::Ready(Some((_, Ok(())))) => settled = Some(pending.settled()),
-                    Poll::Ready(Some((_, Err(Abandoned)))) => {
+                    Poll::Ready(Some(Ok(()))) => settled = Some(pending.settled()),
+                    Poll::Ready(Some(Err(Abandoned))) => {
                         if let Some(offset) = settled {
                             self.store(offset);
                         }
@@ -245,11 +245,11 @@ impl PartitionTask {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
-                Next::Settled((_, Ok(()))) => {
+                Next::Settled(Ok(())) => {
                     self.store(pending.settled());
                     continue;
                 }
-                Next::Settled((_, Err(Abandoned))) => return,
+                Next::Settled(Err(Abandoned)) => return,
                 Next::Stop => {
                     self.drain(&mut pending).await;
                     return;
@@ -281,7 +281,7 @@ impl PartitionTask {
                     // Work first: a handler that finishes at once polls nothing else.
                     biased;
                     outcome = &mut work => break outcome,
-                    Some((_, durable)) = pending.sends.next(), if !pending.is_empty() => {
+                    Some(durable) = pending.sends.next(), if !pending.is_empty() => {
                         match durable {
                             Ok(()) => self.store(pending.settled()),
                             // Only a stop, a revoke or a DLQ refusing even an empty record
@@ -319,9 +319,7 @@ impl PartitionTask {
                     let this = &self;
                     pending.hand_off(
                         offset,
-                        Box::pin(
-                            async move { (offset, this.hand_off(&msg, decision, &error).await) },
-                        ),
+                        Box::pin(async move { this.hand_off(&msg, decision, &error).await }),
                     );
                 }
             }
@@ -331,7 +329,7 @@ impl PartitionTask {
 
     /// Waits for the pending hand-offs, storing offsets in order, until one is abandoned.
     async fn drain(&self, pending: &mut Pending<'_>) {
-        while let Some((_, durable)) = pending.sends.next().await {
+        while let Some(durable) = pending.sends.next().await {
             if durable.is_err() {
                 return;
             }
@@ -841,8 +839,8 @@ struct Invalid {
 mod tests {
     use super::*;
 
-    fn acked(offset: i64) -> HandOffFuture<'static> {
-        Box::pin(std::future::ready((offset, Ok(()))))
+    fn acked() -> HandOffFuture<'static> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     /// The offset stored after each hand-off settles never passes a hand-off still waiting.
@@ -850,10 +848,10 @@ mod tests {
     fn settled_hand_offs_store_up_to_the_next_waiting_one() {
         let mut p = Pending::new();
         p.handled(9);
-        p.hand_off(10, acked(10));
+        p.hand_off(10, acked());
         p.handled(11);
         p.handled(12);
-        p.hand_off(13, acked(13));
+        p.hand_off(13, acked());
         p.handled(14);
         assert_eq!(p.len(), 2);
         // 10 is durable; 13 is not yet: store through 12.
@@ -868,9 +866,9 @@ mod tests {
     #[test]
     fn back_to_back_hand_offs_store_one_at_a_time() {
         let mut p = Pending::new();
-        p.hand_off(3, acked(3));
-        p.hand_off(4, acked(4));
-        p.hand_off(5, acked(5));
+        p.hand_off(3, acked());
+        p.hand_off(4, acked());
+        p.hand_off(5, acked());
         assert_eq!(p.settled(), 3);
         assert_eq!(p.settled(), 4);
         assert_eq!(p.settled(), 5);
