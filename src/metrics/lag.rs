@@ -20,6 +20,9 @@ use rdkafka::{Offset, TopicPartitionList};
 pub(crate) struct Progress {
     at: AtomicI64,
     committed: AtomicI64,
+    /// Offset of the oldest hand-off still waiting for its acknowledgement (`-1`: none).
+    /// Nothing from there on is stored yet.
+    waiting_from: AtomicI64,
 }
 
 impl Progress {
@@ -27,6 +30,7 @@ impl Progress {
         Arc::new(Progress {
             at: AtomicI64::new(-1),
             committed: AtomicI64::new(-1),
+            waiting_from: AtomicI64::new(-1),
         })
     }
     /// The record at `offset` is now the one to finish.
@@ -44,6 +48,25 @@ impl Progress {
     /// The group committed `offset` (the next record to handle) for this partition.
     pub(crate) fn committed(&self, offset: i64) {
         self.committed.fetch_max(offset, Ordering::Relaxed);
+    }
+    /// The oldest hand-off still waiting is at `offset` (`None`: none waits).
+    pub(crate) fn waiting_from(&self, offset: Option<i64>) {
+        self.waiting_from
+            .store(offset.unwrap_or(-1), Ordering::Relaxed);
+    }
+    /// Records taken from the oldest waiting hand-off on, not counting the one being handled:
+    /// not stored, so handled again by the next owner even if the commit at revocation
+    /// succeeds.
+    pub(crate) fn unstored(&self) -> i64 {
+        let (at, from) = (
+            self.at.load(Ordering::Relaxed),
+            self.waiting_from.load(Ordering::Relaxed),
+        );
+        if from < 0 || at < 0 {
+            0
+        } else {
+            (at - from).max(0)
+        }
     }
     /// Records from the committed offset up to and including the one being handled: what the
     /// partition's next owner handles again if this member loses it now.

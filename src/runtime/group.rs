@@ -141,6 +141,7 @@ impl GroupContext {
     fn revoke(&self, topic: &str, partition: i32, lost: bool) {
         let slot = self.slots().remove(&(topic.to_owned(), partition));
         let uncommitted = slot.as_ref().map_or(0, |s| s.progress.uncommitted());
+        let unstored = slot.as_ref().map_or(0, |s| s.progress.unstored());
         if let Some(slot) = slot {
             slot.revoked.cancel();
         }
@@ -157,6 +158,14 @@ impl GroupContext {
                     .insert((topic.to_owned(), partition), uncommitted);
             }
             tracing::info!(role = ?self.role, topic, partition, uncommitted, "partition revoked");
+            if unstored > 0 {
+                // Hand-offs still waiting are dropped, and the records from the oldest one on
+                // were never stored: the commit sent now cannot cover them.
+                tracing::info!(
+                    role = ?self.role, topic, partition, uncommitted = unstored,
+                    "partition revoked with hand-offs waiting; records from the oldest on will be handled again"
+                );
+            }
         }
     }
 }

@@ -51,6 +51,9 @@ type HandOffFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Se
 /// after them were handled.
 struct Pending<'a> {
     sends: FuturesOrdered<HandOffFuture<'a>>,
+    /// Told where the oldest waiting hand-off is, for the count of records a revocation
+    /// leaves to the next owner.
+    progress: Arc<Progress>,
     /// Offsets of `sends`, in the same order.
     offsets: VecDeque<i64>,
     /// The last offset handled (or handed off).
@@ -58,9 +61,10 @@ struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    fn new() -> Self {
+    fn new(progress: Arc<Progress>) -> Self {
         Pending {
             sends: FuturesOrdered::new(),
+            progress,
             offsets: VecDeque::new(),
             through: -1,
         }
@@ -73,6 +77,9 @@ impl<'a> Pending<'a> {
     }
     fn hand_off(&mut self, offset: i64, send: HandOffFuture<'a>) {
         self.sends.push_back(send);
+        if self.offsets.is_empty() {
+            self.progress.waiting_from(Some(offset));
+        }
         self.offsets.push_back(offset);
         self.through = offset;
     }
@@ -83,7 +90,9 @@ impl<'a> Pending<'a> {
     /// the next hand-off still waiting, or up to the last record handled).
     fn settled(&mut self) -> i64 {
         self.offsets.pop_front();
-        self.offsets.front().map_or(self.through, |next| next - 1)
+        let next = self.offsets.front().copied();
+        self.progress.waiting_from(next);
+        next.map_or(self.through, |next| next - 1)
     }
 }
 
@@ -185,7 +194,7 @@ impl PartitionTask {
         let stopped = stop.cancelled();
         let revoked_wait = revoked.cancelled();
         tokio::pin!(stopped, revoked_wait);
-        let mut pending = Pending::new();
+        let mut pending = Pending::new(Arc::clone(&self.progress));
         loop {
             // Per record, the cheap checks first: a backlog keeps `recv` ready, so the
             // cancellation futures are only polled when there is nothing else to do.
@@ -846,7 +855,7 @@ mod tests {
     /// The offset stored after each hand-off settles never passes a hand-off still waiting.
     #[test]
     fn settled_hand_offs_store_up_to_the_next_waiting_one() {
-        let mut p = Pending::new();
+        let mut p = Pending::new(Progress::new());
         p.handled(9);
         p.hand_off(10, acked());
         p.handled(11);
@@ -865,7 +874,7 @@ mod tests {
 
     #[test]
     fn back_to_back_hand_offs_store_one_at_a_time() {
-        let mut p = Pending::new();
+        let mut p = Pending::new(Progress::new());
         p.hand_off(3, acked());
         p.hand_off(4, acked());
         p.hand_off(5, acked());
