@@ -58,28 +58,20 @@ impl Progress {
     /// not stored, so handled again by the next owner even if the commit at revocation
     /// succeeds.
     pub(crate) fn unstored(&self) -> i64 {
-        let (at, from) = (
-            self.at.load(Ordering::Relaxed),
-            self.waiting_from.load(Ordering::Relaxed),
-        );
-        if from < 0 || at < 0 {
-            0
-        } else {
-            (at - from).max(0)
-        }
+        self.since(&self.waiting_from).map_or(0, |d| d.max(0))
     }
     /// Records from the committed offset up to and including the one being handled: what the
     /// partition's next owner handles again if this member loses it now.
     pub(crate) fn uncommitted(&self) -> i64 {
-        let (at, committed) = (
+        self.since(&self.committed).map_or(0, |d| (d + 1).max(0))
+    }
+    /// How far the task is past `start` (`None` while either is unknown, `-1`).
+    fn since(&self, start: &AtomicI64) -> Option<i64> {
+        let (at, start) = (
             self.at.load(Ordering::Relaxed),
-            self.committed.load(Ordering::Relaxed),
+            start.load(Ordering::Relaxed),
         );
-        if at < 0 || committed < 0 {
-            0
-        } else {
-            (at + 1 - committed).max(0)
-        }
+        (at >= 0 && start >= 0).then_some(at - start)
     }
     fn get(&self) -> Option<i64> {
         let v = self.at.load(Ordering::Relaxed);

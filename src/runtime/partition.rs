@@ -10,6 +10,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
@@ -86,20 +87,25 @@ impl<'a> Pending<'a> {
     fn handled(&mut self, offset: i64) {
         self.through = offset;
     }
-    /// The oldest hand-off is durable: the offset that may now be stored (everything up to
-    /// the next hand-off still waiting, or up to the last record handled).
-    fn settled(&mut self) -> i64 {
+    /// Waits for the oldest hand-off (`None`: none waits). Once it is durable, the offset
+    /// that may now be stored: everything up to the next hand-off still waiting, or up to the
+    /// last record handled. Cancel-safe: nothing changes until the hand-off has resolved.
+    async fn next(&mut self) -> Option<Result<i64, Abandoned>> {
+        if let Err(Abandoned) = self.sends.next().await? {
+            return Some(Err(Abandoned));
+        }
         self.offsets.pop_front();
         let next = self.offsets.front().copied();
         self.progress.waiting_from(next);
-        next.map_or(self.through, |next| next - 1)
+        Some(Ok(next.map_or(self.through, |next| next - 1)))
     }
 }
 
 /// What the partition task does next.
 enum Next<'q> {
     Record(Result<BorrowedMessage<'q>, KafkaError>),
-    Settled(Result<(), Abandoned>),
+    /// The oldest hand-off resolved: the offset to store now, or abandoned.
+    Settled(Result<i64, Abandoned>),
     Stop,
 }
 
@@ -210,9 +216,9 @@ impl PartitionTask {
             // of them covers the ones before.
             let mut settled = None;
             while !pending.is_empty() {
-                match futures_util::poll!(pending.sends.next()) {
-                    Poll::Ready(Some(Ok(()))) => settled = Some(pending.settled()),
-                    Poll::Ready(Some(Err(Abandoned))) => {
+                match pending.next().now_or_never() {
+                    Some(Some(Ok(offset))) => settled = Some(offset),
+                    Some(Some(Err(Abandoned))) => {
                         if let Some(offset) = settled {
                             self.store(offset);
                         }
@@ -243,7 +249,7 @@ impl PartitionTask {
                         biased;
                         _ = &mut stopped => Next::Stop,
                         _ = &mut revoked_wait => return,
-                        Some(settled) = pending.sends.next(), if !pending.is_empty() => Next::Settled(settled),
+                        Some(settled) = pending.next(), if !pending.is_empty() => Next::Settled(settled),
                         r = recv, if take_more => Next::Record(r),
                     },
                 }
@@ -254,8 +260,8 @@ impl PartitionTask {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
-                Next::Settled(Ok(())) => {
-                    self.store(pending.settled());
+                Next::Settled(Ok(offset)) => {
+                    self.store(offset);
                     continue;
                 }
                 Next::Settled(Err(Abandoned)) => return,
@@ -290,9 +296,9 @@ impl PartitionTask {
                     // Work first: a handler that finishes at once polls nothing else.
                     biased;
                     outcome = &mut work => break outcome,
-                    Some(durable) = pending.sends.next(), if !pending.is_empty() => {
-                        match durable {
-                            Ok(()) => self.store(pending.settled()),
+                    Some(settled) = pending.next(), if !pending.is_empty() => {
+                        match settled {
+                            Ok(offset) => self.store(offset),
                             // Only a stop, a revoke or a DLQ refusing even an empty record
                             // abandons a hand-off; nothing after it may be stored.
                             Err(Abandoned) => return,
@@ -338,11 +344,8 @@ impl PartitionTask {
 
     /// Waits for the pending hand-offs, storing offsets in order, until one is abandoned.
     async fn drain(&self, pending: &mut Pending<'_>) {
-        while let Some(durable) = pending.sends.next().await {
-            if durable.is_err() {
-                return;
-            }
-            self.store(pending.settled());
+        while let Some(Ok(offset)) = pending.next().await {
+            self.store(offset);
         }
     }
 
@@ -852,9 +855,13 @@ mod tests {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn abandoned() -> HandOffFuture<'static> {
+        Box::pin(std::future::ready(Err(Abandoned)))
+    }
+
     /// The offset stored after each hand-off settles never passes a hand-off still waiting.
-    #[test]
-    fn settled_hand_offs_store_up_to_the_next_waiting_one() {
+    #[tokio::test]
+    async fn settled_hand_offs_store_up_to_the_next_waiting_one() {
         let mut p = Pending::new(Progress::new());
         p.handled(9);
         p.hand_off(10, acked());
@@ -864,22 +871,37 @@ mod tests {
         p.handled(14);
         assert_eq!(p.len(), 2);
         // 10 is durable; 13 is not yet: store through 12.
-        assert_eq!(p.settled(), 12);
+        assert!(matches!(p.next().await, Some(Ok(12))));
         assert_eq!(p.len(), 1);
         p.handled(15);
         // 13 is durable and nothing waits: store through the last record handled.
-        assert_eq!(p.settled(), 15);
+        assert!(matches!(p.next().await, Some(Ok(15))));
         assert!(p.is_empty());
+        assert!(p.next().await.is_none());
     }
 
-    #[test]
-    fn back_to_back_hand_offs_store_one_at_a_time() {
+    #[tokio::test]
+    async fn back_to_back_hand_offs_store_one_at_a_time() {
         let mut p = Pending::new(Progress::new());
         p.hand_off(3, acked());
         p.hand_off(4, acked());
         p.hand_off(5, acked());
-        assert_eq!(p.settled(), 3);
-        assert_eq!(p.settled(), 4);
-        assert_eq!(p.settled(), 5);
+        for expected in 3..=5 {
+            assert!(matches!(p.next().await, Some(Ok(o)) if o == expected));
+        }
+    }
+
+    /// An abandoned hand-off stores nothing, and the records behind it stay unstored.
+    #[tokio::test]
+    async fn an_abandoned_hand_off_stores_nothing() {
+        let progress = Progress::new();
+        let mut p = Pending::new(Arc::clone(&progress));
+        progress.at(7);
+        p.hand_off(7, abandoned());
+        p.handled(8);
+        progress.at(9);
+        assert!(matches!(p.next().await, Some(Err(Abandoned))));
+        // What a revocation now reports as to be handled again: 7 and 8.
+        assert_eq!(progress.unstored(), 2);
     }
 }
