@@ -283,7 +283,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .as_deref()
                 .map(String::from_utf8_lossy)
                 .unwrap_or("(null)".into());
-            println!("  {:<30} {}", h.key, value);
+            println!("  {:<30} {}", h.key_lossy(), value);
         }
     }
     Ok(())

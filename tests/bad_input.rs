@@ -126,3 +126,46 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
         .collect();
     assert_eq!(handled_good.len(), 5, "{handled_good:?}");
 }
+
+/// A header name that is not UTF-8 is legal on the wire. rdkafka's header iterator panics on
+/// it; the runtime reads headers as bytes, hands the record to the handler, and carries the
+/// header byte for byte to the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte() {
+    let cluster = cluster(1);
+    let recorder = Recorder::new(|m| {
+        if m.header([0xff, 0xfe, b'n']).is_some() {
+            return Err(HandlerError::permanent("saw the binary header"));
+        }
+        Ok(())
+    });
+    let rt = Runtime::builder(config())
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let producer = cluster.producer().unwrap();
+    let headers = [
+        sidetrack::Header::new(vec![0xff, 0xfe, b'n'], vec![0x00, 0x9f]),
+        sidetrack::Header::null(vec![0xc3]),
+        sidetrack::Header::new("plain", "text"),
+    ];
+    cluster
+        .produce(&producer, TOPIC, Some(0), Some(b"k"), Some(b"x"), &headers)
+        .await
+        .unwrap();
+    cluster
+        .produce(&producer, TOPIC, Some(0), Some(b"k"), Some(b"after"), &[])
+        .await
+        .unwrap();
+    wait_for("dead-lettered, and the next record handled", || {
+        let s = rt.stats();
+        s.total_dead_lettered() == 1 && s.handled == 1
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].user_headers(), &headers[..], "user headers byte for byte");
+    assert_eq!(dlq[0].header_str(h::ERROR), Some("saw the binary header"));
+}

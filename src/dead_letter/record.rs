@@ -78,7 +78,7 @@ impl Record {
         self.headers
             .iter()
             .rev()
-            .find(|h| h.key == key)
+            .find(|h| h.is(key))
             .and_then(|h| h.value.as_deref())
     }
 
@@ -87,7 +87,11 @@ impl Record {
         match Envelope::split(&self.headers) {
             Ok((_, e)) => Provenance::Sidetrack(e),
             Err(err) => {
-                if self.headers.iter().any(|h| h.key.starts_with("kafka_dlt-")) {
+                if self
+                    .headers
+                    .iter()
+                    .any(|h| h.key.starts_with(b"kafka_dlt-"))
+                {
                     Provenance::Spring(self.spring())
                 } else {
                     Provenance::Unknown(err)

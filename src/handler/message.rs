@@ -4,55 +4,7 @@ use serde::de::DeserializeOwned;
 
 use crate::retry::Envelope;
 
-use super::HandlerError;
-
-/// One record header. Kafka header values may be null.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    /// Header name.
-    pub key: String,
-    /// Header value, `None` for a null value.
-    pub value: Option<Vec<u8>>,
-}
-
-impl Header {
-    /// A header with a non-null value.
-    pub fn new(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
-        Header {
-            key: key.into(),
-            value: Some(value.into()),
-        }
-    }
-}
-
-/// Copies librdkafka's headers out of a record.
-pub(crate) fn headers_of<M: rdkafka::Message>(m: &M) -> Vec<Header> {
-    use rdkafka::message::Headers;
-    m.headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| Header {
-                    key: h.key.to_owned(),
-                    value: h.value.map(<[u8]>::to_vec),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Builds librdkafka headers from ours, in order.
-pub(crate) fn to_owned_headers<'a>(
-    headers: impl IntoIterator<Item = &'a Header>,
-) -> rdkafka::message::OwnedHeaders {
-    headers
-        .into_iter()
-        .fold(rdkafka::message::OwnedHeaders::new(), |hs, h| {
-            hs.insert(rdkafka::message::Header {
-                key: &h.key,
-                value: h.value.as_deref(),
-            })
-        })
-}
+use super::{Header, HandlerError};
 
 /// A record as the handler sees it.
 ///
@@ -133,7 +85,7 @@ impl Message {
     }
 
     /// Adds a header.
-    pub fn with_header(self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    pub fn with_header(self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         self.edit(|i| i.headers.push(Header::new(key, value)))
     }
 
@@ -281,8 +233,10 @@ impl Message {
         &self.inner.headers
     }
 
-    /// The value of the first user header named `key` (`Some(None)` for a null value).
-    pub fn header(&self, key: &str) -> Option<Option<&[u8]>> {
+    /// The value of the first user header named `key` (`Some(None)` for a null value). `key`
+    /// may be text or bytes.
+    pub fn header(&self, key: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
+        let key = key.as_ref();
         self.inner
             .headers
             .iter()

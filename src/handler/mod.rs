@@ -24,6 +24,7 @@
 //! | [`HandlerError::poison`], or a failed [`Message::json`] | DLQ `poison` at once |
 
 mod error;
+mod header;
 mod message;
 
 use std::future::Future;
@@ -35,8 +36,11 @@ use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{FailureKind, HandlerError, ResultExt};
-pub(crate) use message::{headers_of, to_owned_headers};
-pub use message::{Header, Message};
+pub use header::Header;
+pub(crate) use header::headers_of;
+pub use header::to_owned_headers as rdkafka_headers;
+pub(crate) use header::to_owned_headers;
+pub use message::Message;
 
 /// Handles one record.
 ///

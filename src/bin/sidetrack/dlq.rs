@@ -310,7 +310,7 @@ pub fn describe(r: &Record) -> String {
     let user: Vec<&Header> = r
         .user_headers()
         .iter()
-        .filter(|h| !h.key.starts_with("kafka_dlt-"))
+        .filter(|h| !h.key.starts_with(b"kafka_dlt-"))
         .collect();
     out += &format!("user headers ({}):\n", user.len());
     for h in user {
@@ -319,7 +319,7 @@ pub fn describe(r: &Record) -> String {
             .as_deref()
             .map(preview)
             .unwrap_or_else(|| "(null)".into());
-        out += &format!("  {:<18} {v}\n", h.key);
+        out += &format!("  {:<18} {v}\n", preview(&h.key));
     }
     out += &format!(
         "key: {}\n",

@@ -10,7 +10,6 @@ use std::hash::{Hash, Hasher};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Header as RdHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::retry::{format_delay, ErrorKind};
@@ -107,7 +106,7 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
         let mut headers: Vec<Header> = record
             .user_headers()
             .iter()
-            .filter(|h| ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM].contains(&h.key.as_str()))
+            .filter(|h| ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM].iter().any(|n| h.is(n)))
             .cloned()
             .collect();
         headers.push(Header::new(REPLAY_ID, replay_id.clone()));
@@ -180,13 +179,7 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
                 let due = started + Duration::from_secs_f64(sent as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
             }
-            let mut hs = OwnedHeaders::new_with_capacity(p.headers.len());
-            for h in &p.headers {
-                hs = hs.insert(RdHeader {
-                    key: &h.key,
-                    value: h.value.as_deref(),
-                });
-            }
+            let hs = sidetrack::handler::rdkafka_headers(&p.headers);
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&p.topic).headers(hs);
             if let Some(k) = p.record.key.as_deref() {
                 rec = rec.key(k);
