@@ -90,10 +90,15 @@ pub struct Config {
     /// then not stored, so they are delivered again after a restart).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Raw librdkafka properties for both consumers (main and retry). Properties that sidetrack
-    /// manages itself (`group.id`, `bootstrap.servers`, offset storing) are rejected.
+    /// Raw librdkafka properties for both consumers (main and retry). Properties that would void
+    /// a guarantee (`group.id`, `bootstrap.servers`, offset storing and committing) are
+    /// rejected by [`Config::validate`] with the reason. `auto.offset.reset` applies to the main
+    /// consumer only: the retry consumer always starts from the earliest offset.
     pub consumer: BTreeMap<String, String>,
-    /// Raw librdkafka properties for the hand-off producer.
+    /// Raw librdkafka properties for the hand-off producer. Properties that would void a
+    /// guarantee (`acks` other than `all`, `enable.idempotence=false`, timeouts that
+    /// `handoff.timeout` sets, transactions) are rejected by [`Config::validate`] with the
+    /// reason.
     pub producer: BTreeMap<String, String>,
 }
 
@@ -178,7 +183,28 @@ impl RetryConfig {
                 "set either `tiers` or `exponential`, not both",
             )),
             (Some(tiers), None) => {
+                if tiers.len() > MAX_TIERS {
+                    return Err(ConfigError::invalid(
+                        "retry.tiers",
+                        format!("at most {MAX_TIERS} tiers (each is a topic)"),
+                    ));
+                }
+                let total = tiers
+                    .iter()
+                    .fold(0u64, |n, t| n.saturating_add(u64::from(t.attempts)));
+                if total > u64::from(MAX_RETRIES) {
+                    return Err(ConfigError::invalid(
+                        "retry.tiers",
+                        format!("at most {MAX_RETRIES} retries in total, not {total}"),
+                    ));
+                }
                 for (i, tier) in tiers.iter().enumerate() {
+                    if tier.delay > MAX_TIER_DELAY {
+                        return Err(ConfigError::invalid(
+                            format!("retry.tiers[{i}].delay"),
+                            "must be at most 365d",
+                        ));
+                    }
                     if tier.delay.is_zero() {
                         return Err(ConfigError::invalid(
                             format!("retry.tiers[{i}].delay"),
@@ -250,6 +276,15 @@ impl ExponentialConfig {
         }
         if !(self.factor.is_finite() && self.factor >= 1.0) {
             return Err(ConfigError::invalid(f("factor"), "must be a number ≥ 1"));
+        }
+        if self.max_delay > MAX_TIER_DELAY {
+            return Err(ConfigError::invalid(f("max_delay"), "must be at most 365d"));
+        }
+        if self.max_attempts > MAX_RETRIES {
+            return Err(ConfigError::invalid(
+                f("max_attempts"),
+                format!("must be at most {MAX_RETRIES}"),
+            ));
         }
         if self.max_delay < self.initial {
             return Err(ConfigError::invalid(
@@ -406,15 +441,140 @@ impl Default for AlertsConfig {
     }
 }
 
-/// librdkafka consumer properties that sidetrack sets itself; overriding them would break the
-/// no-loss guarantee or the topology.
-const MANAGED_CONSUMER_PROPS: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "group.id",
-    "enable.auto.offset.store",
+/// A librdkafka property sidetrack sets itself, and why another value is refused.
+struct Managed {
+    key: &'static str,
+    /// The only value accepted (compared trimmed, case-insensitively); `None`: never set by
+    /// hand.
+    keeps: Option<&'static [&'static str]>,
+    why: &'static str,
+}
+
+const fn managed(key: &'static str, why: &'static str) -> Managed {
+    Managed {
+        key,
+        keeps: None,
+        why,
+    }
+}
+
+const fn keeps(key: &'static str, values: &'static [&'static str], why: &'static str) -> Managed {
+    Managed {
+        key,
+        keeps: Some(values),
+        why,
+    }
+}
+
+/// Consumer properties that would void a guarantee. `auto.offset.reset` is not here: the main
+/// consumer takes the user's choice, the retry consumer always reads from the earliest offset
+/// (a record waiting in a tier across a restart must not be skipped).
+const MANAGED_CONSUMER_PROPS: &[Managed] = &[
+    managed("bootstrap.servers", "use the top-level `brokers`"),
+    managed("metadata.broker.list", "use the top-level `brokers`"),
+    managed("group.id", "use the top-level `group` (and `retry.group`)"),
+    keeps(
+        "enable.auto.offset.store",
+        &["false"],
+        "sidetrack stores an offset only after the record has a durable outcome; librdkafka \
+         storing it on delivery would commit records that were never handled",
+    ),
+    keeps(
+        "enable.auto.commit",
+        &["true"],
+        "the offsets sidetrack stores are committed by auto-commit (tune it with \
+         `auto.commit.interval.ms`); without it nothing is committed until shutdown, and a \
+         crash hands everything handled since the start to the next owner",
+    ),
+    keeps(
+        "enable.partition.eof",
+        &["false"],
+        "partition tasks read records, not end-of-partition events",
+    ),
 ];
-const MANAGED_PRODUCER_PROPS: &[&str] = &["bootstrap.servers", "metadata.broker.list"];
+
+/// Producer properties of the hand-off producer that would void a guarantee.
+const MANAGED_PRODUCER_PROPS: &[Managed] = &[
+    managed("bootstrap.servers", "use the top-level `brokers`"),
+    managed("metadata.broker.list", "use the top-level `brokers`"),
+    keeps(
+        "acks",
+        &["all", "-1"],
+        "a retry or dead letter counts as durable, and its source offset is stored, only once \
+         every in-sync replica has it; with fewer acknowledgements it can be lost with a broker",
+    ),
+    keeps(
+        "request.required.acks",
+        &["all", "-1"],
+        "a retry or dead letter counts as durable, and its source offset is stored, only once \
+         every in-sync replica has it; with fewer acknowledgements it can be lost with a broker",
+    ),
+    keeps(
+        "enable.idempotence",
+        &["true"],
+        "hand-offs are resent after failures; without idempotence a resend can duplicate or \
+         reorder records on the side topics, and an acknowledgement of a record in no log \
+         cannot be told apart",
+    ),
+    managed("message.timeout.ms", "set `handoff.timeout` instead"),
+    managed("delivery.timeout.ms", "set `handoff.timeout` instead"),
+    managed(
+        "transactional.id",
+        "hand-offs are acknowledged one by one, not in transactions",
+    ),
+];
+
+/// The first property of `props` that a managed rule refuses, as a config error.
+fn check_managed(
+    section: &str,
+    props: &BTreeMap<String, String>,
+    rules: &[Managed],
+) -> Result<(), ConfigError> {
+    for (key, value) in props {
+        let Some(rule) = rules.iter().find(|r| r.key == key.trim()) else {
+            continue;
+        };
+        let value = value.trim();
+        match rule.keeps {
+            Some(ok) if ok.iter().any(|v| v.eq_ignore_ascii_case(value)) => {}
+            Some(ok) => {
+                return Err(ConfigError::invalid(
+                    format!("{section}.\"{key}\""),
+                    format!("must stay \"{}\": {}", ok[0], rule.why),
+                ))
+            }
+            None => {
+                return Err(ConfigError::invalid(
+                    format!("{section}.\"{key}\""),
+                    format!("is managed by sidetrack: {}", rule.why),
+                ))
+            }
+        }
+    }
+    if section == "producer" {
+        if let Some(v) = props.get("max.in.flight.requests.per.connection") {
+            if !matches!(v.trim().parse::<u32>(), Ok(1..=5)) {
+                return Err(ConfigError::invalid(
+                    "producer.\"max.in.flight.requests.per.connection\"",
+                    "must be 1 to 5: the idempotent producer keeps order and avoids duplicates \
+                     only within that bound",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest retry delay a tier may have: a retry topic must keep its records that long, and
+/// delays beyond it are typos more often than plans.
+pub const MAX_TIER_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most retries a policy may make in total.
+pub const MAX_RETRIES: u32 = 1000;
+/// Most tiers a policy may have (each is a topic per source topic).
+pub const MAX_TIERS: usize = 32;
 
 impl Config {
     /// A configuration with defaults for everything but the three required fields.
@@ -504,6 +664,40 @@ impl Config {
                 return Err(ConfigError::invalid(field, "must be at least 100ms"));
             }
         }
+        // Upper bounds: librdkafka takes at most 2^31-1 ms for a timeout, and deadlines are
+        // computed by adding these to the clock, which must not overflow.
+        for (field, value, max, text) in [
+            ("handoff.timeout", self.handoff.timeout, DAY * 24, "24d"),
+            (
+                "handoff.backoff_initial",
+                self.handoff.backoff_initial,
+                HOUR,
+                "1h",
+            ),
+            ("handoff.backoff_max", self.handoff.backoff_max, HOUR, "1h"),
+            (
+                "provisioning.timeout",
+                self.provisioning.timeout,
+                HOUR,
+                "1h",
+            ),
+            ("alerts.timeout", self.alerts.timeout, HOUR, "1h"),
+            ("shutdown_timeout", self.shutdown_timeout, DAY, "24h"),
+            (
+                "metrics.lag_interval",
+                self.metrics.lag_interval,
+                DAY,
+                "24h",
+            ),
+            ("alerts.window", self.alerts.window, DAY, "24h"),
+        ] {
+            if value > max {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be at most {text}"),
+                ));
+            }
+        }
         if self.alerts.webhook.is_some() && !cfg!(feature = "webhook") {
             return Err(ConfigError::invalid(
                 "alerts.webhook",
@@ -528,22 +722,8 @@ impl Config {
                 "must be -1 (broker default) or at least 1",
             ));
         }
-        for key in self.consumer.keys() {
-            if MANAGED_CONSUMER_PROPS.contains(&key.as_str()) {
-                return Err(ConfigError::invalid(
-                    format!("consumer.\"{key}\""),
-                    "is managed by sidetrack (use the top-level fields instead)",
-                ));
-            }
-        }
-        for key in self.producer.keys() {
-            if MANAGED_PRODUCER_PROPS.contains(&key.as_str()) {
-                return Err(ConfigError::invalid(
-                    format!("producer.\"{key}\""),
-                    "is managed by sidetrack (use `brokers` instead)",
-                ));
-            }
-        }
+        check_managed("consumer", &self.consumer, MANAGED_CONSUMER_PROPS)?;
+        check_managed("producer", &self.producer, MANAGED_PRODUCER_PROPS)?;
         Ok(())
     }
 }
@@ -695,6 +875,171 @@ mod tests {
         c.topics = vec!["a".into(), "b".into()];
         c.dead_letter.topic = "all.dlq".into();
         assert_eq!(field_of(c.validate().unwrap_err()), "dead_letter.topic");
+    }
+
+    fn reason_of(err: ConfigError) -> String {
+        match err {
+            ConfigError::Invalid { field, reason } => format!("{field}: {reason}"),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    /// Properties that would void a guarantee are refused with the reason; the values
+    /// sidetrack sets itself are accepted.
+    #[test]
+    fn managed_properties_are_refused_with_their_reason() {
+        let refused = |section: &str, key: &str, value: &str| {
+            let mut c = base();
+            let props = if section == "consumer" {
+                &mut c.consumer
+            } else {
+                &mut c.producer
+            };
+            props.insert(key.into(), value.into());
+            reason_of(c.validate().unwrap_err())
+        };
+        let r = refused("producer", "acks", "0");
+        assert!(
+            r.starts_with("producer.\"acks\": must stay \"all\": "),
+            "{r}"
+        );
+        assert!(refused("producer", "acks", "1").contains("in-sync replica"));
+        assert!(refused("producer", "enable.idempotence", "false").contains("must stay \"true\""));
+        assert!(refused("producer", "transactional.id", "x").contains("is managed"));
+        assert!(refused("producer", "message.timeout.ms", "5").contains("handoff.timeout"));
+        assert!(
+            refused("producer", "max.in.flight.requests.per.connection", "6").contains("1 to 5")
+        );
+        assert!(refused("consumer", "enable.auto.commit", "false").contains("must stay \"true\""));
+        assert!(refused("consumer", "enable.auto.offset.store", "true").contains("durable"));
+        assert!(refused("consumer", "group.id", "x").contains("`group`"));
+
+        let mut c = base();
+        c.producer.insert("acks".into(), "ALL".into());
+        c.producer
+            .insert("enable.idempotence".into(), "true".into());
+        c.producer
+            .insert("max.in.flight.requests.per.connection".into(), "1".into());
+        c.producer.insert("compression.type".into(), "lz4".into());
+        c.consumer
+            .insert("enable.auto.commit".into(), "true".into());
+        // A legitimate choice for the source topics; the retry consumer ignores it.
+        c.consumer
+            .insert("auto.offset.reset".into(), "latest".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_they_overflow() {
+        let mut c = base();
+        c.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(400 * 24 * 3600), 1)]);
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry.tiers[0].delay");
+        let mut c = base();
+        c.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(1), u32::MAX)]);
+        assert_eq!(field_of(c.validate().unwrap_err()), "retry.tiers");
+        let mut c = base();
+        c.retry = RetryConfig::exponential(ExponentialConfig {
+            max_attempts: u32::MAX,
+            ..Default::default()
+        });
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "retry.exponential.max_attempts"
+        );
+        let mut c = base();
+        c.shutdown_timeout = Duration::MAX;
+        assert_eq!(field_of(c.validate().unwrap_err()), "shutdown_timeout");
+        let mut c = base();
+        c.handoff.timeout = Duration::from_secs(30 * 24 * 3600);
+        assert_eq!(field_of(c.validate().unwrap_err()), "handoff.timeout");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn duration_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9]{1,25}(ns|us|ms|s|m|h|d|w|y)",
+                "[0-9a-z .]{0,12}",
+                Just("18446744073709551615s".to_owned()),
+                Just("584942417355y".to_owned()),
+            ]
+        }
+
+        fn number_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|n| format!("{n:?}")),
+                Just("nan".to_owned()),
+                Just("inf".to_owned()),
+            ]
+        }
+
+        proptest! {
+            /// Any text: parsed or refused with a reason, never a panic.
+            #[test]
+            fn any_text_parses_or_is_refused(text in "\\PC{0,300}") {
+                if let Ok(c) = Config::from_toml_str(&text) {
+                    let _ = c.validate();
+                }
+            }
+
+            /// Any durations and numbers in every field that takes them: validated (and the
+            /// policy resolved) or refused with a reason, never a panic or an overflow.
+            #[test]
+            fn any_values_validate_or_are_refused(
+                d in proptest::collection::vec(duration_text(), 12),
+                n in proptest::collection::vec(number_text(), 4),
+                attempts in any::<u32>(),
+            ) {
+                let text = format!(
+                    r#"
+                    brokers = "b:9092"
+                    group = "g"
+                    topics = ["t"]
+                    shutdown_timeout = "{}"
+                    [retry]
+                    exponential = {{ initial = "{}", factor = {}, max_delay = "{}", max_attempts = {attempts}, jitter = {} }}
+                    [handoff]
+                    timeout = "{}"
+                    backoff_initial = "{}"
+                    backoff_max = "{}"
+                    [metrics]
+                    lag_interval = "{}"
+                    [alerts]
+                    window = "{}"
+                    timeout = "{}"
+                    "#,
+                    d[0], d[1], n[0], d[2], n[1], d[3], d[4], d[5], d[6], d[7], d[8],
+                );
+                if let Ok(c) = Config::from_toml_str(&text) {
+                    if c.validate().is_ok() {
+                        let policy = c.retry.policy().unwrap();
+                        for tier in 0..policy.tiers().len() {
+                            let _ = policy.max_due_delay(tier);
+                        }
+                    }
+                }
+                let tiers = format!(
+                    r#"
+                    brokers = "b:9092"
+                    group = "g"
+                    topics = ["t"]
+                    [retry]
+                    tiers = [{{ delay = "{}", attempts = {attempts} }}, {{ delay = "{}", attempts = 1 }}]
+                    "#,
+                    d[9], d[10],
+                );
+                if let Ok(c) = Config::from_toml_str(&tiers) {
+                    if c.validate().is_ok() {
+                        let policy = c.retry.policy().unwrap();
+                        prop_assert!(policy.max_retries() <= MAX_RETRIES);
+                        let _ = policy.max_due_delay(0);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

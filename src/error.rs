@@ -35,6 +35,17 @@ pub enum Error {
     /// The metrics exporter could not be installed.
     #[error("metrics: {0}")]
     Metrics(String),
+    /// A Kafka client hit a fatal error that sidetrack could not recover from (a fatal
+    /// consumer error, or a hand-off producer that keeps failing fatally after being
+    /// replaced). The runtime shut down; records without a durable outcome are delivered
+    /// again after a restart.
+    #[error("fatal error of the {client}: {reason}")]
+    Fatal {
+        /// Which client: `consumer (main)`, `consumer (retry)` or `hand-off producer`.
+        client: &'static str,
+        /// librdkafka's description of the error.
+        reason: String,
+    },
     /// A librdkafka call failed; `context` says which step.
     #[error("{context}: {source}")]
     Kafka {

@@ -80,17 +80,21 @@ impl HandlerError {
     }
 
     pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".to_owned());
         HandlerError {
             kind: FailureKind::Retryable,
-            message: format!("handler panicked: {what}"),
+            message: format!("handler panicked: {}", panic_text(payload)),
             retry_after: None,
         }
     }
+}
+
+/// The message of a panic payload (`&str` or `String`), for reports.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 impl fmt::Display for HandlerError {

@@ -35,11 +35,12 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use error::panic_text;
 pub use error::{FailureKind, HandlerError, ResultExt};
-pub use header::Header;
 pub(crate) use header::headers_of;
 pub use header::to_owned_headers as rdkafka_headers;
 pub(crate) use header::to_owned_headers;
+pub use header::Header;
 pub use message::Message;
 
 /// Handles one record.
@@ -161,11 +162,15 @@ pub(crate) async fn invoke(
     cx: &Context,
 ) -> Result<(), HandlerError> {
     // The handler is only borrowed; after a panic we do not touch any state it may have left
-    // half-updated, we only record the failure. Hence AssertUnwindSafe.
-    match AssertUnwindSafe(handler.handle_boxed(msg, cx))
-        .catch_unwind()
-        .await
+    // half-updated, we only record the failure. Hence AssertUnwindSafe. Two places can panic:
+    // creating the future (a `handler_fn` closure, or an `fn handle() -> impl Future` that
+    // works before its `async move`), and polling it.
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle_boxed(msg, cx)))
     {
+        Ok(future) => future,
+        Err(payload) => return Err(HandlerError::panicked(&*payload)),
+    };
+    match AssertUnwindSafe(future).catch_unwind().await {
         Ok(result) => result,
         Err(payload) => Err(HandlerError::panicked(&*payload)),
     }
@@ -189,6 +194,48 @@ mod tests {
         let err = invoke(&Panics, &msg, &cx).await.unwrap_err();
         assert_eq!(err.kind(), FailureKind::Retryable);
         assert_eq!(err.message(), "handler panicked: kaboom");
+    }
+
+    /// A closure that panics before it returns its future (the synchronous part).
+    #[tokio::test]
+    async fn panics_before_the_future_exists_are_caught_too() {
+        let h = handler_fn(|m: Message, _cx: Context| {
+            assert!(m.payload() != Some(b"boom"), "sync boom");
+            async move { Ok(()) }
+        });
+        let cx = Context::new("g".into(), CancellationToken::new());
+        let err = invoke(&h, &Message::new("t", b"boom".to_vec()), &cx)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), FailureKind::Retryable);
+        assert!(err.message().contains("sync boom"), "{}", err.message());
+
+        struct Eager;
+        impl Handler for Eager {
+            #[allow(clippy::manual_async_fn)]
+            fn handle(
+                &self,
+                msg: &Message,
+                _cx: &Context,
+            ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+                let n: u32 = std::str::from_utf8(msg.payload().unwrap_or_default())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                async move {
+                    let _ = n;
+                    Ok(())
+                }
+            }
+        }
+        let err = invoke(&Eager, &Message::new("t", b"not a number".to_vec()), &cx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().starts_with("handler panicked"),
+            "{}",
+            err.message()
+        );
     }
 
     #[tokio::test]

@@ -23,6 +23,11 @@ pub(crate) struct Progress {
     /// Offset of the oldest hand-off still waiting for its acknowledgement (`-1`: none).
     /// Nothing from there on is stored yet.
     waiting_from: AtomicI64,
+    /// The next offset to handle as far as stored offsets go (`-1`: nothing stored yet): where
+    /// a restarted task starts again.
+    stored: AtomicI64,
+    /// The first offset taken in this assignment (`-1`: none yet).
+    first: AtomicI64,
 }
 
 impl Progress {
@@ -31,14 +36,32 @@ impl Progress {
             at: AtomicI64::new(-1),
             committed: AtomicI64::new(-1),
             waiting_from: AtomicI64::new(-1),
+            stored: AtomicI64::new(-1),
+            first: AtomicI64::new(-1),
         })
+    }
+    /// The record at `offset` (and everything before it) is stored as handled.
+    pub(crate) fn stored(&self, offset: i64) {
+        self.stored
+            .fetch_max(offset.saturating_add(1), Ordering::Relaxed);
+    }
+    /// Where a task restarted for this partition starts: one past the last stored record, or
+    /// the first record taken in this assignment; `None` if no record was taken yet (the
+    /// consumer's position is then still right).
+    pub(crate) fn restart_from(&self) -> Option<i64> {
+        let stored = self.stored.load(Ordering::Relaxed);
+        let first = self.first.load(Ordering::Relaxed);
+        (stored >= 0 || first >= 0).then_some(stored.max(first))
     }
     /// The record at `offset` is now the one to finish.
     pub(crate) fn at(&self, offset: i64) {
         // The first record of an assignment sits at the committed position. Checked with a
         // plain load first: this runs on every record, and a failing compare-exchange still
         // takes the cache line exclusively.
-        if self.committed.load(Ordering::Relaxed) < 0 {
+        if self.first.load(Ordering::Relaxed) < 0 {
+            let _ = self
+                .first
+                .compare_exchange(-1, offset, Ordering::Relaxed, Ordering::Relaxed);
             let _ =
                 self.committed
                     .compare_exchange(-1, offset, Ordering::Relaxed, Ordering::Relaxed);
@@ -63,7 +86,8 @@ impl Progress {
     /// Records from the committed offset up to and including the one being handled: what the
     /// partition's next owner handles again if this member loses it now.
     pub(crate) fn uncommitted(&self) -> i64 {
-        self.since(&self.committed).map_or(0, |d| (d + 1).max(0))
+        self.since(&self.committed)
+            .map_or(0, |d| d.saturating_add(1).max(0))
     }
     /// How far the task is past `start` (`None` while either is unknown, `-1`).
     fn since(&self, start: &AtomicI64) -> Option<i64> {
@@ -71,7 +95,7 @@ impl Progress {
             self.at.load(Ordering::Relaxed),
             start.load(Ordering::Relaxed),
         );
-        (at >= 0 && start >= 0).then_some(at - start)
+        (at >= 0 && start >= 0).then_some(at.saturating_sub(start))
     }
     fn get(&self) -> Option<i64> {
         let v = self.at.load(Ordering::Relaxed);
@@ -116,7 +140,7 @@ pub(crate) fn sample<C: ConsumerContext, K: Consumer<C>>(
     for ((topic, p), from) in next {
         if let Ok((low, high)) = consumer.fetch_watermarks(&topic, p, timeout) {
             let start = if from < 0 { low } else { from.max(low) };
-            lag.insert((topic, p), (high - start).max(0));
+            lag.insert((topic, p), high.saturating_sub(start).max(0));
         }
     }
     lag

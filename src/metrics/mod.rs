@@ -53,6 +53,13 @@ pub const RETRY_LATENESS_SECONDS: &str = "sidetrack_retry_lateness_seconds";
 pub const PARTITIONS_PAUSED: &str = "sidetrack_partitions_paused";
 /// Handler calls running right now. Labels: `group`.
 pub const RECORDS_IN_FLIGHT: &str = "sidetrack_records_in_flight";
+/// Partition tasks that ended unexpectedly (a panic outside the handler, or an error the
+/// task cannot get past) and were restarted by their supervisor. Labels: `group`, `topic`.
+pub const PARTITION_TASK_FAILURES: &str = "sidetrack_partition_task_failures_total";
+/// Fatal errors raised by a Kafka client (`client` = `producer` or `consumer`). A fatal
+/// producer error replaces the hand-off producer; a fatal consumer error stops the runtime with
+/// an error.
+pub const CLIENT_FATAL_ERRORS: &str = "sidetrack_client_fatal_errors_total";
 /// Dead-letter alerts a notifier failed to deliver (timeout or error). Labels: `notifier`.
 pub const ALERT_FAILURES: &str = "sidetrack_alert_failures_total";
 /// Dead-letter alerts delivered. Labels: `notifier`.
@@ -120,6 +127,16 @@ pub fn describe() {
         RECORDS_IN_FLIGHT,
         Unit::Count,
         "Handler calls running right now."
+    );
+    describe_counter!(
+        PARTITION_TASK_FAILURES,
+        Unit::Count,
+        "Partition tasks that ended unexpectedly and were restarted."
+    );
+    describe_counter!(
+        CLIENT_FATAL_ERRORS,
+        Unit::Count,
+        "Fatal errors raised by a Kafka client."
     );
     describe_counter!(
         ALERT_FAILURES,

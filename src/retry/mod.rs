@@ -11,6 +11,7 @@
 //! Every tier is its own topic with one fixed delay, so records become due in the order they
 //! were written. The retry consumer pauses a tier partition until its head record is due.
 
+pub(crate) mod decode;
 mod envelope;
 mod policy;
 pub(crate) mod scheduler;
@@ -44,7 +45,7 @@ pub(crate) fn next_envelope(
     let (error_kind, due) = match decision {
         Decision::Retry { delay, .. } => (
             ErrorKind::Retryable,
-            Some(now_ms + jittered(delay, policy.jitter(), unit).as_millis() as i64),
+            Some(now_ms.saturating_add(scheduler::millis(jittered(delay, policy.jitter(), unit)))),
         ),
         Decision::DeadLetter(reason) => (reason.into(), None),
     };

@@ -68,7 +68,11 @@ impl RetryPolicy {
     pub fn new(tiers: Vec<Tier>, jitter: f64) -> Self {
         RetryPolicy {
             tiers,
-            jitter: jitter.clamp(0.0, 1.0),
+            jitter: if jitter.is_nan() {
+                0.0
+            } else {
+                jitter.clamp(0.0, 1.0)
+            },
         }
     }
 
@@ -84,7 +88,9 @@ impl RetryPolicy {
 
     /// Total number of retries over all tiers.
     pub fn max_retries(&self) -> u32 {
-        self.tiers.iter().map(|t| t.attempts).sum()
+        self.tiers
+            .iter()
+            .fold(0u32, |n, t| n.saturating_add(t.attempts))
     }
 
     /// Tier used for retry number `retry` (1-based), or `None` once retries are exhausted.
@@ -94,7 +100,7 @@ impl RetryPolicy {
         }
         let mut last = 0u32;
         for (i, tier) in self.tiers.iter().enumerate() {
-            last += tier.attempts;
+            last = last.saturating_add(tier.attempts);
             if retry <= last {
                 return Some(i);
             }
@@ -105,8 +111,10 @@ impl RetryPolicy {
     /// Decides the fate of a record after its attempt number `attempt` (1-based) failed.
     ///
     /// A delay asked for by the handler picks the first tier whose delay is at least that long
-    /// (the longest tier if none is) and is capped at that tier's delay, so that every tier
-    /// stays first-in-first-due. It does not change how many attempts are left.
+    /// (the longest tier if none is) and is capped at that tier's delay. A tier is read in
+    /// order, so a record due sooner than its tier's delay waits behind the records written
+    /// before it: never early, possibly late by their wait. It does not change how many
+    /// attempts are left.
     pub fn decide(&self, attempt: u32, error: &HandlerError) -> Decision {
         match error.kind() {
             FailureKind::Permanent => return Decision::DeadLetter(DeadLetterReason::Permanent),
@@ -140,7 +148,7 @@ impl RetryPolicy {
     pub fn max_due_delay(&self, tier: usize) -> Duration {
         self.tiers
             .get(tier)
-            .map(|t| t.delay.mul_f64(1.0 + self.jitter))
+            .map(|t| jittered(t.delay, self.jitter, 1.0))
             .unwrap_or_default()
     }
 }
@@ -170,9 +178,12 @@ pub fn expand_exponential(
 
 /// Adds jitter to a delay: `delay × (1 + jitter × unit)`, with `unit` a random number in
 /// `[0, 1)`. Never shortens the delay, so a record is never due before its tier's delay.
+/// Saturates at `Duration::MAX` and treats a NaN jitter or unit as 0, so no input panics.
 pub fn jittered(delay: Duration, jitter: f64, unit: f64) -> Duration {
-    let extra = (jitter.clamp(0.0, 1.0) * unit.clamp(0.0, 1.0)).max(0.0);
-    delay + delay.mul_f64(extra)
+    let fraction = |x: f64| if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+    let extra = fraction(jitter) * fraction(unit);
+    let added = Duration::try_from_secs_f64(delay.as_secs_f64() * extra).unwrap_or(Duration::MAX);
+    delay.saturating_add(added)
 }
 
 #[cfg(test)]

@@ -75,6 +75,12 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
     for (k, v) in &config.consumer {
         c.set(k, v);
     }
+    if retry {
+        // A record waiting in a tier across a restart has no committed offset yet on a
+        // brand-new tier partition: `latest` would skip it for ever. The user's choice applies
+        // to the source topics only.
+        c.set("auto.offset.reset", "earliest");
+    }
     c
 }
 

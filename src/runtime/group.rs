@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::metrics::lag::{self, Progress};
 
 use super::client::{consumer_config, forward_error, forward_log};
-use super::partition::PartitionTask;
+use super::supervisor::Supervisor;
 use super::Shared;
 
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
@@ -37,8 +37,11 @@ pub(crate) enum Role {
 
 struct Slot {
     revoked: CancellationToken,
+    /// The partition's supervisor (which runs the partition task).
     task: JoinHandle<()>,
     progress: Arc<Progress>,
+    /// Cancelled when the supervisor has ended.
+    finished: CancellationToken,
 }
 
 /// The consumer's context: rebalance hook and the table of partition tasks.
@@ -50,6 +53,9 @@ pub(crate) struct GroupContext {
     /// the `Arc`, but the rebalance hook only gets the inner `BaseConsumer`.
     consumer: OnceLock<Weak<GroupConsumer>>,
     slots: Mutex<HashMap<(String, i32), Slot>>,
+    /// Revoked partitions whose task may still be finishing a handler call: a new task for
+    /// the same partition waits for it (see [`Supervisor::previous`]).
+    retiring: Mutex<HashMap<(String, i32), CancellationToken>>,
     runtime: tokio::runtime::Handle,
     /// Set when a commit says this member is no longer in the group (unknown member, stale
     /// generation): offsets stored now would never be committed, and the new owner would
@@ -83,20 +89,54 @@ impl GroupContext {
         }
     }
 
-    /// Waits while this member is fenced; see `fenced`.
-    pub(crate) async fn wait_unfenced(&self) {
+    /// Waits while this member is fenced (see `fenced`); false if `stop` or `revoked` was
+    /// cancelled first.
+    pub(crate) async fn wait_unfenced(
+        &self,
+        stop: &CancellationToken,
+        revoked: &CancellationToken,
+    ) -> bool {
         // Per-record fast path: no waiter registered while we are in the group.
         if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
+            return true;
         }
         loop {
             let notified = self.unfenced.notified();
             if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
+                return true;
             }
             // Also re-check now and then: a rejoin without a rebalance event is possible.
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_millis(200), notified) => {}
+                _ = stop.cancelled() => return false,
+                _ = revoked.cancelled() => return false,
+            }
         }
+    }
+
+    /// Stops the runtime if the consumer hit a fatal error (e.g. this static member was fenced
+    /// by another instance with the same `group.instance.id`): the consumer cannot go on, and
+    /// a healthy-looking process that consumes nothing is the worst outcome. librdkafka
+    /// reports such an error with the underlying code, as a client error or as a consumer
+    /// error; only the client knows it was fatal, so it is asked (errors are rare).
+    fn stop_if_fatal(&self, consumer: &GroupConsumer) -> bool {
+        let Some((code, text)) = consumer.client().fatal_error() else {
+            return false;
+        };
+        if self.shared.shutdown.is_cancelled() {
+            return true;
+        }
+        let detail = format!("{code:?}: {text}");
+        metrics::counter!(crate::metrics::CLIENT_FATAL_ERRORS, "client" => "consumer").increment(1);
+        tracing::error!(role = ?self.role, reason = %detail, "fatal consumer error; the runtime stops");
+        self.shared.fail(Error::Fatal {
+            client: match self.role {
+                Role::Main => "consumer (main)",
+                Role::Retry => "consumer (retry)",
+            },
+            reason: detail,
+        });
+        true
     }
 
     fn assign(&self, topic: &str, partition: i32) {
@@ -111,30 +151,49 @@ impl GroupContext {
             tracing::error!(topic, partition, "cannot split partition queue");
             return;
         };
+        let key = (topic.to_owned(), partition);
         let revoked = CancellationToken::new();
         let progress = Progress::new();
-        let task = PartitionTask::new(
-            Arc::clone(&self.shared),
-            self.role,
-            self.group_id.clone(),
-            Arc::clone(&consumer),
-            topic,
+        let finished = CancellationToken::new();
+        let mut slots = self.slots();
+        // The previous task of this partition, if it may still be running: revoked earlier
+        // (and finishing its handler call), or still in the table (assigned twice).
+        let previous = match slots.remove(&key) {
+            Some(old) => {
+                old.revoked.cancel();
+                Some(old.finished)
+            }
+            None => self
+                .retiring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key),
+        }
+        .filter(|t| !t.is_cancelled());
+        let supervisor = Supervisor {
+            shared: Arc::clone(&self.shared),
+            role: self.role,
+            group_id: self.group_id.clone(),
+            consumer: Arc::clone(&consumer),
+            topic: topic.to_owned(),
             partition,
-            revoked.clone(),
-            Arc::clone(&progress),
-        );
-        let handle = self.runtime.spawn(task.run(queue));
-        let old = self.slots().insert(
-            (topic.to_owned(), partition),
+            revoked: revoked.clone(),
+            progress: Arc::clone(&progress),
+            queue,
+            previous,
+            finished: finished.clone(),
+        };
+        let handle = self.runtime.spawn(supervisor.run());
+        slots.insert(
+            key,
             Slot {
                 revoked,
                 task: handle,
                 progress,
+                finished,
             },
         );
-        if let Some(old) = old {
-            old.revoked.cancel();
-        }
+        drop(slots);
         tracing::info!(role = ?self.role, topic, partition, "partition assigned");
     }
 
@@ -144,6 +203,12 @@ impl GroupContext {
         let unstored = slot.as_ref().map_or(0, |s| s.progress.unstored());
         if let Some(slot) = slot {
             slot.revoked.cancel();
+            if !slot.finished.is_cancelled() {
+                self.retiring
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((topic.to_owned(), partition), slot.finished);
+            }
         }
         lag::forget(&self.group_id, topic, partition);
         if lost && uncommitted > 0 {
@@ -175,7 +240,14 @@ impl ClientContext for GroupContext {
         forward_log(level, fac, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        forward_error(error, reason);
+        let fatal = self
+            .consumer
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|c| self.stop_if_fatal(&c));
+        if !fatal {
+            forward_error(error, reason);
+        }
     }
 }
 
@@ -304,6 +376,7 @@ impl Group {
             shared: Arc::clone(shared),
             consumer: OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
+            retiring: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
             fenced: std::sync::atomic::AtomicBool::new(false),
             unfenced: tokio::sync::Notify::new(),
@@ -523,7 +596,9 @@ async fn serve_main_queue(consumer: Arc<GroupConsumer>, role: Role, stop: Cancel
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(?role, error = %e, "consumer error");
+                if !consumer.context().stop_if_fatal(&consumer) {
+                    tracing::warn!(?role, error = %e, "consumer error");
+                }
             }
         }
     }

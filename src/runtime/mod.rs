@@ -14,8 +14,11 @@
 
 mod client;
 mod group;
+mod handoff;
 mod partition;
+mod pause;
 mod provision;
+mod supervisor;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -36,8 +38,8 @@ use crate::handler::{Context, ErasedHandler, Handler};
 use crate::retry::{RetryPolicy, Topology};
 use crate::testing::EmbeddedCluster;
 
-use client::TracingContext;
 use group::{Group, Role};
+use handoff::HandoffProducer;
 use provision::TopicCreator;
 pub use provision::{check_topics, TopicStatus};
 
@@ -76,8 +78,19 @@ impl RuntimeBuilder {
 
     /// Uses an [`EmbeddedCluster`]: its bootstrap address, and its own way of creating
     /// topics (the mock broker has no CreateTopics API).
+    ///
+    /// The hand-off producer then sends one request at a time per broker
+    /// (`max.in.flight.requests.per.connection=1`): the mock broker does not check idempotent
+    /// sequence numbers for non-transactional producers, so with several requests in flight a
+    /// failed batch can be acknowledged implicitly by a later one and be in no log — an
+    /// acknowledgement Kafka itself never gives. One request at a time keeps the embedded
+    /// broker honest about what was written.
     pub fn embedded(mut self, cluster: &EmbeddedCluster) -> Self {
         self.config.brokers = cluster.bootstrap_servers().to_owned();
+        self.config
+            .producer
+            .entry("max.in.flight.requests.per.connection".to_owned())
+            .or_insert_with(|| "1".to_owned());
         self.creator = TopicCreator::Embedded(cluster.clone());
         self
     }
@@ -155,7 +168,9 @@ impl Runtime {
         &self.topology
     }
 
-    /// Starts and runs until the shutdown signal, then shuts down gracefully.
+    /// Starts and runs until the shutdown signal, then shuts down gracefully. Returns an
+    /// error if the runtime could not start, or stopped because of a fatal client error
+    /// ([`Error::Fatal`]) — never a healthy-looking process that does nothing.
     pub async fn run(self) -> Result<(), Error> {
         self.start().await?.wait().await.map(|_| ())
     }
@@ -170,9 +185,7 @@ impl Runtime {
         }
         crate::metrics::describe();
         let partitions = provision::provision(&self.config, &self.topology, &self.creator).await?;
-        let producer: FutureProducer<TracingContext> = client::producer_config(&self.config)
-            .create_with_context(TracingContext)
-            .map_err(Error::kafka("creating the hand-off producer"))?;
+        let producer = HandoffProducer::new(client::producer_config(&self.config))?;
         let shutdown = CancellationToken::new();
         let alerts = Arc::new(Alerts::new(
             self.notifiers,
@@ -192,6 +205,7 @@ impl Runtime {
             producer,
             partitions,
             shutdown: shutdown.clone(),
+            fatal: std::sync::Mutex::new(None),
         });
         let sources: Vec<String> = shared
             .topology
@@ -284,8 +298,10 @@ impl RuntimeHandle {
         self.wait().await
     }
 
-    /// Waits until shutdown is triggered (by the signal or [`RuntimeHandle::trigger_shutdown`]),
-    /// then stops fetching, finishes or abandons in-flight work, commits and leaves the groups.
+    /// Waits until shutdown is triggered (by the signal, [`RuntimeHandle::trigger_shutdown`]
+    /// or a fatal client error), then stops fetching, finishes or abandons in-flight work,
+    /// commits and leaves the groups. A fatal client error is returned as [`Error::Fatal`]
+    /// after that graceful stop.
     pub async fn wait(self) -> Result<StatsSnapshot, Error> {
         self.shared.shutdown.cancelled().await;
         let timeout = self.shared.config.shutdown_timeout;
@@ -303,12 +319,20 @@ impl RuntimeHandle {
         let shared = self.shared;
         // Every hand-off was awaited already; flushing is a formality. Dropping the clients
         // can block, so it happens on a thread of its own, with a deadline.
+        let fatal = shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let _ = group::off_thread("flush", group::CLOSE_TIMEOUT, move || {
-            use rdkafka::producer::Producer;
-            let _ = shared.producer.flush(Duration::from_secs(5));
+            shared.producer.flush(Duration::from_secs(5));
             drop(shared);
         })
         .await;
+        if let Some(error) = fatal {
+            tracing::error!(?stats, %error, "sidetrack runtime stopped by a fatal error");
+            return Err(error);
+        }
         tracing::info!(?stats, "sidetrack runtime stopped");
         Ok(stats)
     }
@@ -320,13 +344,30 @@ pub(crate) struct Shared {
     pub(crate) policy: RetryPolicy,
     pub(crate) topology: Topology,
     pub(crate) handler: Arc<dyn ErasedHandler>,
-    pub(crate) producer: FutureProducer<TracingContext>,
+    pub(crate) producer: HandoffProducer,
     /// Partition count of every source and side topic.
     pub(crate) partitions: HashMap<String, i32>,
     pub(crate) stats: Stats,
     pub(crate) alerts: Arc<Alerts>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) cx: Context,
+    /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
+    pub(crate) fatal: std::sync::Mutex<Option<Error>>,
+}
+
+impl Shared {
+    /// Stops the runtime because of `error`, which [`RuntimeHandle::wait`] returns once the
+    /// graceful stop is done. The first error wins.
+    pub(crate) fn fail(&self, error: Error) {
+        {
+            let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+            if fatal.is_none() {
+                tracing::error!(%error, "sidetrack runtime stopping");
+                *fatal = Some(error);
+            }
+        }
+        self.shutdown.cancel();
+    }
 }
 
 /// Live counters; read them through [`RuntimeHandle::stats`].

@@ -1,0 +1,87 @@
+//! Pausing one partition for as long as any reason to pause it lasts.
+//!
+//! librdkafka's pause is a flag, not a count: a retry record waiting for its due time and a
+//! hand-off failing beside it would resume each other's pause. Every reason takes a
+//! [`PauseHold`]; the partition is paused when the first one is taken and resumed when the last
+//! one is dropped. Dropping the holds (also when a task is revoked, stopped or panics) keeps the
+//! `sidetrack_partitions_paused` gauge true.
+
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::TopicPartitionList;
+
+use super::group::GroupConsumer;
+use crate::metrics as m;
+
+/// The pause state of one partition.
+pub(crate) struct Pause {
+    consumer: Arc<GroupConsumer>,
+    topic: Arc<str>,
+    partition: i32,
+    gauge: metrics::Gauge,
+    /// Reasons to stay paused right now. A mutex, not an atomic: pausing or resuming must
+    /// happen in the same order as the count changes.
+    holds: Mutex<u32>,
+}
+
+/// One reason to keep a partition paused; see [`Pause::hold`].
+pub(crate) struct PauseHold<'a>(&'a Pause);
+
+impl Pause {
+    pub(crate) fn new(
+        consumer: Arc<GroupConsumer>,
+        topic: Arc<str>,
+        partition: i32,
+        group: &str,
+    ) -> Self {
+        Pause {
+            consumer,
+            topic,
+            partition,
+            gauge: metrics::gauge!(m::PARTITIONS_PAUSED, "group" => group.to_owned()),
+            holds: Mutex::new(0),
+        }
+    }
+
+    /// Pauses the partition (if it is not paused already) until the returned hold, and every
+    /// other one, is dropped.
+    pub(crate) fn hold(&self) -> PauseHold<'_> {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        if *holds == 0 {
+            self.set(true);
+        }
+        *holds = holds.saturating_add(1);
+        PauseHold(self)
+    }
+
+    fn release(&self) {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        *holds = holds.saturating_sub(1);
+        if *holds == 0 {
+            self.set(false);
+        }
+    }
+
+    fn set(&self, paused: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        let result = if paused {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        // Counted whatever librdkafka answered: a revoked partition cannot be resumed, but it
+        // is no longer paused by us either.
+        self.gauge.increment(if paused { 1.0 } else { -1.0 });
+        if let Err(e) = result {
+            tracing::debug!(topic = %self.topic, partition = self.partition, paused, error = %e, "pause/resume failed");
+        }
+    }
+}
+
+impl Drop for PauseHold<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}

@@ -1,0 +1,770 @@
+//! Faults that used to leave a partition without progress while the process looked healthy:
+//! extreme numbers, fatal client errors, partition tasks that end unexpectedly, client
+//! properties that void a guarantee, pauses that resumed each other, a partition revoked and
+//! assigned back while its handler still ran, and clock skew between instances.
+//!
+//! One global recorder serves the whole binary (metrics are process-wide), so every test uses
+//! its own topic and group and reads only its own labels. The recorder can also be told to
+//! panic inside the runtime, outside the handler, to stand in for a bug in a partition task.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
+use rdkafka::producer::FutureRecord;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sidetrack::config::RetryConfig;
+use sidetrack::metrics as m;
+use sidetrack::retry::headers as h;
+use sidetrack::{Context, DeadLetterReason, Error, Handler, HandlerError, Message, Tier};
+
+// ------------------------------------------------------------------ recorder
+
+/// Keeps every value; a counter registered under a trapped (name, source) panics on its first
+/// `n` increments.
+struct Recording {
+    registry: Registry<Key, AtomicStorage>,
+    traps: Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
+}
+
+struct Trap {
+    inner: Arc<AtomicU64>,
+    left: Arc<AtomicUsize>,
+}
+
+impl CounterFn for Trap {
+    fn increment(&self, value: u64) {
+        if self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("injected fault in the partition task (a bug outside the handler)");
+        }
+        self.inner.fetch_add(value, Ordering::SeqCst);
+    }
+    fn absolute(&self, value: u64) {
+        self.inner.store(value, Ordering::SeqCst);
+    }
+}
+
+impl metrics::Recorder for Recording {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let inner = self.registry.get_or_create_counter(key, Arc::clone);
+        let source = key
+            .labels()
+            .find(|l| l.key() == "source")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        let trap = self
+            .traps
+            .lock()
+            .unwrap()
+            .get(&(key.name().to_owned(), source))
+            .cloned();
+        match trap {
+            Some(left) => Counter::from_arc(Arc::new(Trap { inner, left })),
+            None => Counter::from_arc(inner),
+        }
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.registry
+            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.registry
+            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+    }
+}
+
+fn recorder() -> &'static Recording {
+    static R: OnceLock<&'static Recording> = OnceLock::new();
+    R.get_or_init(|| {
+        let r: &'static Recording = Box::leak(Box::new(Recording {
+            registry: Registry::new(AtomicStorage),
+            traps: Mutex::new(HashMap::new()),
+        }));
+        metrics::set_global_recorder(r).expect("no other recorder in this test binary");
+        r
+    })
+}
+
+fn labels_match(key: &Key, want: &[(&str, &str)]) -> bool {
+    want.iter()
+        .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+}
+
+fn counter(name: &str, want: &[(&str, &str)]) -> u64 {
+    recorder()
+        .registry
+        .get_counter_handles()
+        .into_iter()
+        .filter(|(k, _)| k.name() == name && labels_match(k, want))
+        .map(|(_, v)| v.load(Ordering::SeqCst))
+        .sum()
+}
+
+fn gauge(name: &str, want: &[(&str, &str)]) -> f64 {
+    recorder()
+        .registry
+        .get_gauge_handles()
+        .into_iter()
+        .filter(|(k, _)| k.name() == name && labels_match(k, want))
+        .map(|(_, v)| f64::from_bits(v.load(Ordering::SeqCst)))
+        .sum()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A scenario on its own topic and group (metrics are process-wide).
+fn unique(name: &str, partitions: i32) -> (sidetrack::testing::EmbeddedCluster, sidetrack::Config) {
+    let cluster = cluster_with(name, partitions);
+    let config = config_for(name, &format!("{name}-g"));
+    (cluster, config)
+}
+
+// ------------------------------------------------------------------ extreme numbers
+
+/// CreateTime `i64::MIN` and `i64::MAX` on source records: end-to-end latency arithmetic used
+/// to overflow (a panic in debug builds). Both records are handled, fail once, are retried
+/// (the retry path computes latency from the original timestamp) and handled.
+async fn extreme_timestamps_are_handled(env: Env) {
+    recorder();
+    let recorder = Recorder::new(|m| {
+        if m.attempt() == 1 {
+            return Err(HandlerError::retryable("once"));
+        }
+        Ok(())
+    });
+    let rt = env
+        .builder(env.config())
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let producer = env.producer();
+    for (ts, name) in [(i64::MIN, "min"), (i64::MAX, "max"), (0, "zero")] {
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(env.topic())
+            .payload(name.as_bytes())
+            .key(name.as_bytes())
+            .partition(0)
+            .timestamp(ts);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    wait_for("three records handled on their second attempt", || {
+        rt.stats().handled == 3
+    })
+    .await;
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(stats.total_retried(), 3);
+    assert_eq!(stats.total_dead_lettered(), 0);
+}
+on_both_brokers!(extreme_timestamps, 1, extreme_timestamps_are_handled);
+
+/// The writer's clock runs an hour ahead: its retry record's timestamp and due time are both
+/// an hour in our future. Checked against the reader's clock, that used to be "further ahead
+/// than the tier can schedule" and every retry went to the DLQ as `invalid-envelope`; waiting
+/// by the reader's clock would hold it for an hour. Checked against the record's own timestamp
+/// it is a 200 ms retry.
+async fn a_fast_writer_clock_neither_dead_letters_nor_delays(env: Env) {
+    let recorder = Recorder::new(|_| Ok(()));
+    let rt = env
+        .builder(env.config())
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let skew = 3_600_000;
+    let written = now_ms() + skew;
+    let envelope = sidetrack::Envelope {
+        original_topic: env.topic().into(),
+        original_partition: 0,
+        original_offset: 0,
+        original_timestamp: Some(written - 1000),
+        group: env.group().into(),
+        attempts: 1,
+        first_failure: written,
+        due: Some(written + 200),
+        error_kind: sidetrack::retry::ErrorKind::Retryable,
+        error: "x".into(),
+    };
+    let producer = env.producer();
+    let tier = env.retry("200ms");
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&tier)
+        .payload(&b"skewed"[..])
+        .partition(0)
+        .timestamp(written)
+        .headers(sidetrack::handler::rdkafka_headers(&envelope.to_headers()));
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    wait_for("the skewed retry handled", || rt.stats().handled == 1).await;
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(stats.dead_lettered(DeadLetterReason::InvalidEnvelope), 0);
+    assert_eq!(recorder.all()[0].attempt, 2);
+}
+on_both_brokers!(
+    fast_writer_clock,
+    1,
+    a_fast_writer_clock_neither_dead_letters_nor_delays
+);
+
+// ------------------------------------------------------------------ fatal client errors
+
+/// Fails the first attempt of every record once `armed`; the test injects broker errors while
+/// the handler holds.
+#[derive(Clone)]
+struct FailWhenReleased {
+    release: Arc<tokio::sync::Semaphore>,
+    attempts: Arc<AtomicUsize>,
+    permanent: bool,
+}
+
+impl FailWhenReleased {
+    /// Fails the first attempt (retryable), once released.
+    fn new() -> Self {
+        FailWhenReleased {
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+            attempts: Arc::new(AtomicUsize::new(0)),
+            permanent: false,
+        }
+    }
+    /// Fails every record permanently, once released.
+    fn permanent() -> Self {
+        FailWhenReleased {
+            permanent: true,
+            ..Self::new()
+        }
+    }
+}
+
+impl Handler for FailWhenReleased {
+    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.permanent {
+            let _ = self.release.acquire().await.map(|p| p.forget());
+            return Err(HandlerError::permanent("to the DLQ"));
+        }
+        if msg.attempt() == 1 {
+            let _ = self.release.acquire().await.map(|p| p.forget());
+            return Err(HandlerError::retryable("first attempt fails"));
+        }
+        Ok(())
+    }
+}
+
+/// One OUT_OF_ORDER_SEQUENCE_NUMBER answer to a hand-off puts the idempotent producer into a
+/// fatal state: every later send failed with "Fatal" for ever, partitions paused and backed
+/// off endlessly. Now the producer is replaced at once and the waiting hand-off sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_replaces_the_producer_and_the_hand_off_goes_through() {
+    recorder();
+    let (cluster, config) = unique("fatal-once", 1);
+    let handler = FailWhenReleased::new();
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(handler.clone())
+        .started()
+        .await;
+    let producer = cluster.producer().unwrap();
+    cluster
+        .produce(&producer, "fatal-once", Some(0), None, Some(b"r"), &[])
+        .await
+        .unwrap();
+    wait_for("the record in the handler", || {
+        handler.attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    cluster.fail_requests(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    handler.release.add_permits(1);
+    wait_for("retried and handled", || rt.stats().handled == 1).await;
+    assert!(
+        counter(m::CLIENT_FATAL_ERRORS, &[("client", "producer")]) >= 1,
+        "the fatal error was seen and counted"
+    );
+    assert!(!rt.is_shutting_down(), "one fatal error is recovered from");
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(stats.total_retried(), 1);
+    assert_eq!(
+        cluster
+            .committed_offset("fatal-once-g", "fatal-once", 0)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+/// A producer that fails fatally again after every replacement cannot be helped by another
+/// one: the runtime stops on its own and `wait()` returns the cause, instead of a process that
+/// looks healthy and does nothing. The record's offset is not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_keeps_failing_fatally_stops_the_runtime_with_the_cause() {
+    recorder();
+    let (cluster, config) = unique("fatal-always", 1);
+    let handler = FailWhenReleased::new();
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(handler.clone())
+        .started()
+        .await;
+    let producer = cluster.producer().unwrap();
+    cluster
+        .produce(&producer, "fatal-always", Some(0), None, Some(b"r"), &[])
+        .await
+        .unwrap();
+    wait_for("the record in the handler", || {
+        handler.attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    cluster.fail_requests(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 50],
+    );
+    handler.release.add_permits(1);
+    let ended = tokio::time::timeout(WAIT, rt.wait())
+        .await
+        .expect("the runtime stops on its own");
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    match ended {
+        Err(Error::Fatal { client, reason }) => {
+            assert_eq!(client, "hand-off producer");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+    let committed = cluster
+        .committed_offset("fatal-always-g", "fatal-always", 0)
+        .await
+        .unwrap();
+    assert!(committed.unwrap_or(0) < 1, "not committed: {committed:?}");
+}
+
+// ------------------------------------------------------------------ supervision
+
+/// A panic in the partition task outside the handler (here: in a metrics call right after the
+/// handler succeeded) used to end the task silently: the partition stayed assigned with nobody
+/// reading it. Now its supervisor logs it, counts it, and restarts the task from the last
+/// stored offset: the record is handled again (at least once) and the records after it flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_task_that_panics_is_restarted_from_the_last_stored_offset() {
+    let rec = recorder();
+    let topic = "supervised-panic";
+    rec.traps.lock().unwrap().insert(
+        (m::RECORDS_HANDLED.to_owned(), topic.to_owned()),
+        Arc::new(AtomicUsize::new(2)),
+    );
+    let (cluster, config) = unique(topic, 1);
+    let recorder = Recorder::new(|_| Ok(()));
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let payloads: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    produce_to(&cluster, topic, &payloads, 1).await;
+    wait_for("every record handled", || {
+        let seen: std::collections::HashSet<String> =
+            recorder.all().into_iter().map(|a| a.payload).collect();
+        seen.len() == 10
+    })
+    .await;
+    assert_eq!(
+        counter(
+            m::PARTITION_TASK_FAILURES,
+            &[("topic", topic), ("group", "supervised-panic-g")]
+        ),
+        2,
+        "two injected panics, two restarts"
+    );
+    rt.shutdown().await.unwrap();
+    // The first record was handled three times (two panics after its handler succeeded);
+    // nothing was skipped and everything is committed.
+    let first = recorder.all().iter().filter(|a| a.payload == "p0").count();
+    assert_eq!(first, 3);
+    assert_eq!(
+        cluster
+            .committed_offset("supervised-panic-g", topic, 0)
+            .await
+            .unwrap(),
+        Some(10)
+    );
+}
+
+/// A DLQ that refuses even an empty record with its envelope (here the producer's
+/// message.max.bytes is smaller than the envelope of a long error) used to end the partition
+/// task for good. Now the failure is reported and counted, the task is restarted with backoff
+/// (the record is tried again, not skipped), and the other partitions keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_keeps_failing_is_restarted_with_backoff_not_skipped() {
+    recorder();
+    let topic = "supervised-dlq";
+    let (cluster, mut config) = unique(topic, 2);
+    config
+        .producer
+        .insert("message.max.bytes".into(), "1000".into());
+    let recorder = Recorder::new(|m| {
+        if m.payload() == Some(b"poison") {
+            return Err(HandlerError::permanent("x".repeat(2000)));
+        }
+        Ok(())
+    });
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let producer = cluster.producer().unwrap();
+    cluster
+        .produce(&producer, topic, Some(0), None, Some(b"poison"), &[])
+        .await
+        .unwrap();
+    wait_for("the partition task failed and was restarted twice", || {
+        counter(m::PARTITION_TASK_FAILURES, &[("topic", topic)]) >= 2
+    })
+    .await;
+    let tries = recorder
+        .all()
+        .iter()
+        .filter(|a| a.payload == "poison")
+        .count();
+    assert!(
+        tries >= 2,
+        "the record is tried again after a restart: {tries}"
+    );
+    // The other partition is not held up.
+    let payloads: Vec<String> = (0..5).map(|i| format!("ok{i}")).collect();
+    for p in &payloads {
+        cluster
+            .produce(&producer, topic, Some(1), None, Some(p.as_bytes()), &[])
+            .await
+            .unwrap();
+    }
+    wait_for("the healthy partition flows", || rt.stats().handled == 5).await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(
+        cluster
+            .committed_offset("supervised-dlq-g", topic, 0)
+            .await
+            .unwrap(),
+        None,
+        "nothing past the record is committed"
+    );
+}
+
+// ------------------------------------------------------------------ managed properties
+
+/// `auto.offset.reset = latest` is a legitimate choice for the source topics, but it also
+/// applied to the retry consumer: a record waiting in a tier across a restart, on a tier
+/// partition with no committed offset yet, was never read again. The retry consumer now
+/// always starts from the earliest offset.
+async fn a_retry_waiting_across_a_restart_is_not_skipped(env: Env) {
+    let mut config = env.config();
+    config.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(5), 1)]);
+    let first = Recorder::new(|_| Err(HandlerError::retryable("not yet")));
+    let rt = env
+        .builder(config.clone())
+        .handler(first.clone())
+        .started()
+        .await;
+    env.produce_all(&["wait".into()], 1).await;
+    wait_for("handed off to the 5 s tier", || {
+        rt.stats().total_retried() == 1
+    })
+    .await;
+    // Stop before it is due: nothing on the tier partition is committed.
+    rt.shutdown().await.unwrap();
+    assert_eq!(first.count(), 1, "stopped before the retry was due");
+    // The second instance prefers `latest` for its source topics.
+    config
+        .consumer
+        .insert("auto.offset.reset".into(), "latest".into());
+    let second = Recorder::new(|_| Ok(()));
+    let rt = env.builder(config).handler(second.clone()).started().await;
+    wait_for("the waiting retry handled after the restart", || {
+        rt.stats().handled == 1
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(second.all()[0].attempt, 2);
+}
+on_both_brokers!(
+    retry_across_restart,
+    1,
+    a_retry_waiting_across_a_restart_is_not_skipped
+);
+
+// ------------------------------------------------------------------ pauses
+
+/// A hand-off failing when its partition is revoked used to leave +1 in
+/// `sidetrack_partitions_paused` for ever (the README's suggested alert fires on it). Pauses
+/// are now counted holds released on every way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_mid_backoff_leaves_no_pause_behind() {
+    recorder();
+    let topic = "paused-revoke";
+    let group = "paused-revoke-g";
+    let (cluster, config) = unique(topic, 2);
+    let handler = FailWhenReleased::permanent();
+    let a = sidetrack::Runtime::builder(config.clone())
+        .embedded(&cluster)
+        .handler(handler.clone())
+        .started()
+        .await;
+    wait_for("both partitions on the first instance", || {
+        a.assigned_partitions().len() == 2
+    })
+    .await;
+    let producer = cluster.producer().unwrap();
+    for p in 0..2 {
+        cluster
+            .produce(&producer, topic, Some(p), None, Some(b"x"), &[])
+            .await
+            .unwrap();
+    }
+    wait_for("both records in the handler", || {
+        handler.attempts.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    cluster.fail_requests(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2000],
+    );
+    handler.release.add_permits(1000);
+    wait_for("both partitions paused by failing hand-offs", || {
+        gauge(m::PARTITIONS_PAUSED, &[("group", group)]) == 2.0
+    })
+    .await;
+    // A second instance joins: the first one loses a partition while its hand-off backs off.
+    let b = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(handler.clone())
+        .started()
+        .await;
+    wait_for("partitions split between the two", || {
+        a.assigned_partitions().len() == 1 && b.assigned_partitions().len() == 1
+    })
+    .await;
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    wait_for("both records dead-lettered", || {
+        a.stats().total_dead_lettered() + b.stats().total_dead_lettered() >= 2
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_eq!(
+        gauge(m::PARTITIONS_PAUSED, &[("group", group)]),
+        0.0,
+        "no pause left behind"
+    );
+}
+
+// ------------------------------------------------------------------ revoke and assign back
+
+/// Counts handler calls in progress per record in one instance; every call waits for the
+/// gate.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    active: Arc<Mutex<HashMap<String, usize>>>,
+    most: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Gated {
+    fn new(gate: Arc<tokio::sync::Semaphore>) -> Self {
+        Gated {
+            gate,
+            active: Arc::default(),
+            most: Arc::default(),
+            calls: Arc::default(),
+        }
+    }
+}
+
+impl Handler for Gated {
+    async fn handle(&self, msg: &Message, cx: &Context) -> Result<(), HandlerError> {
+        let id = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+        {
+            let mut active = self.active.lock().unwrap();
+            let n = active.entry(id.clone()).or_default();
+            *n += 1;
+            self.most.fetch_max(*n, Ordering::SeqCst);
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // No shutdown shortcut: a call still waiting at shutdown is abandoned, so its record
+        // has no durable outcome and goes back to the partition's next owner.
+        let _ = cx;
+        drop(self.gate.acquire().await);
+        *self.active.lock().unwrap().get_mut(&id).unwrap() -= 1;
+        Ok(())
+    }
+}
+
+/// A partition revoked from an instance and assigned back to it while its old task was still
+/// in a handler call used to have one record in two handler calls at once in that instance
+/// (the new task re-read from the committed offset). The new task now waits for the old one.
+async fn a_partition_assigned_back_waits_for_its_previous_task(env: Env) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let in_a = Gated::new(Arc::clone(&gate));
+    let mut config = env.config();
+    config.shutdown_timeout = Duration::from_millis(500);
+    let a = env
+        .builder(config.clone())
+        .handler(in_a.clone())
+        .started()
+        .await;
+    wait_for("both partitions on A", || {
+        a.assigned_partitions().len() == 2
+    })
+    .await;
+    env.produce_all(&["r0".into(), "r1".into()], 2).await;
+    wait_for("both records in A's handler", || {
+        in_a.calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // B joins and takes one partition; A's task for it is revoked mid-call.
+    let in_b = Gated::new(Arc::new(tokio::sync::Semaphore::new(0)));
+    // B's call never ends: B's shutdown abandons it, without a durable outcome.
+    let b = env.builder(config).handler(in_b.clone()).started().await;
+    wait_for("one partition moved to B", || {
+        a.assigned_partitions().len() == 1 && b.assigned_partitions().len() == 1
+    })
+    .await;
+    // B leaves (abandoning its call): the partition comes back to A while A's old call for
+    // that record still waits at the gate.
+    b.shutdown().await.unwrap();
+    wait_for("both partitions back on A", || {
+        a.assigned_partitions().len() == 2
+    })
+    .await;
+    gate.add_permits(1000);
+    // The record that moved is taken again by A's new task, once its old call has ended.
+    wait_for("A's new task handled the record that came back", || {
+        in_a.calls.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    assert_eq!(
+        in_a.most.load(Ordering::SeqCst),
+        1,
+        "a record was in two handler calls at once in one instance"
+    );
+}
+on_both_brokers!(
+    assigned_back,
+    2,
+    a_partition_assigned_back_waits_for_its_previous_task
+);
+
+#[test]
+fn dead_letter_reason_header_names_are_stable() {
+    // A guard that the header constants used above are the envelope's.
+    assert_eq!(h::ERROR_KIND, "sidetrack-error-kind");
+}
+
+/// Two instances configured with the same `group.instance.id` (static membership): the newer
+/// one fences the older, whose consumer then has a fatal error and can never consume again.
+/// The fenced runtime stops on its own and `wait()` names the cause.
+async fn a_fenced_static_member_stops_with_the_cause(env: Env) {
+    let mut config = env.config();
+    config
+        .consumer
+        .insert("group.instance.id".into(), "static-1".into());
+    let a = env
+        .builder(config.clone())
+        .handler(Recorder::new(|_| Ok(())))
+        .started()
+        .await;
+    wait_for("A has the partition", || {
+        !a.assigned_partitions().is_empty()
+    })
+    .await;
+    let b = env
+        .builder(config)
+        .handler(Recorder::new(|_| Ok(())))
+        .started()
+        .await;
+    let ended = tokio::time::timeout(WAIT, a.wait())
+        .await
+        .expect("the fenced runtime stops on its own");
+    match ended {
+        Err(Error::Fatal { client, reason }) => {
+            assert!(client.starts_with("consumer"), "{client}");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("expected a fatal consumer error, got {other:?}"),
+    }
+    b.shutdown().await.unwrap();
+}
+
+/// The real brokers fence a duplicate static member themselves; the mock broker does not, so
+/// on it the broker's answer is injected: FENCED_INSTANCE_ID on a heartbeat.
+mod fenced_static_member {
+    use super::*;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded() {
+        recorder();
+        within_limit(async {
+            let env = Env::embedded(1);
+            let Broker::Embedded(cluster) = &env.broker else {
+                unreachable!()
+            };
+            let mut config = env.config();
+            config
+                .consumer
+                .insert("group.instance.id".into(), "static-1".into());
+            let a = env
+                .builder(config)
+                .handler(Recorder::new(|_| Ok(())))
+                .started()
+                .await;
+            wait_for("A has the partition", || {
+                !a.assigned_partitions().is_empty()
+            })
+            .await;
+            cluster.fail_requests(
+                RDKafkaApiKey::Heartbeat,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID; 4],
+            );
+            let ended = tokio::time::timeout(WAIT, a.wait())
+                .await
+                .expect("the fenced runtime stops on its own");
+            match ended {
+                Err(Error::Fatal { client, reason }) => {
+                    assert!(client.starts_with("consumer"), "{client}");
+                    assert!(reason.contains("Fenced"), "{reason}");
+                }
+                other => panic!("expected a fatal consumer error, got {other:?}"),
+            }
+            assert!(counter(m::CLIENT_FATAL_ERRORS, &[("client", "consumer")]) >= 1);
+        })
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn real_broker() {
+        if let Some(env) = Env::real(1).await {
+            within_limit(a_fenced_static_member_stops_with_the_cause(env)).await
+        }
+    }
+}
