@@ -658,6 +658,17 @@ async fn a_partition_assigned_back_waits_for_its_previous_task(env: Env) {
         a.assigned_partitions().len() == 2
     })
     .await;
+    // Watch for a second call of the moved record in A while the first still waits at the
+    // gate: before the fix it came within one fetch. Nothing to wait for when all is well, so
+    // the window simply ends.
+    let overlapped = sidetrack::testing::wait_until(Duration::from_secs(5), || {
+        std::future::ready(in_a.most.load(Ordering::SeqCst) > 1)
+    })
+    .await;
+    assert!(
+        !overlapped,
+        "a record was in two handler calls at once in one instance"
+    );
     gate.add_permits(1000);
     // The record that moved is taken again by A's new task, once its old call has ended.
     wait_for("A's new task handled the record that came back", || {
