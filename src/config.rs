@@ -90,6 +90,20 @@ pub struct Config {
     /// then not stored, so they are delivered again after a restart).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Which records of one partition may be handled at the same time; the same for source
+    /// and retry tier partitions. See [`Ordering`].
+    pub ordering: Ordering,
+    /// Handler calls at once per partition in `key` and `unordered` ordering (ignored for
+    /// `partition`, which runs one).
+    pub max_in_flight: usize,
+    /// Records per partition that may wait behind a record of the same key (`key` ordering).
+    /// When it is full the partition takes no new record until one starts.
+    pub max_waiting: usize,
+    /// Records per partition that may be taken past the oldest one still without a durable
+    /// outcome (in a handler call, waiting, or its hand-off not acknowledged). It bounds memory
+    /// and the records handled again after a crash; when it is reached the partition takes no
+    /// new record until the oldest is done.
+    pub max_ahead: usize,
     /// Raw librdkafka properties for both consumers (main and retry). Properties that would void
     /// a guarantee (`group.id`, `bootstrap.servers`, offset storing and committing) are
     /// rejected by [`Config::validate`] with the reason. `auto.offset.reset` applies to the main
@@ -115,8 +129,45 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             alerts: AlertsConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
+            ordering: Ordering::Partition,
+            max_in_flight: 64,
+            max_waiting: 1024,
+            max_ahead: 10_000,
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Which records of one partition may be handled at the same time.
+///
+/// Whatever the mode, offsets are committed only up to the contiguous frontier: one past the
+/// last record of the longest prefix of the partition whose records all have a durable outcome
+/// (handled, or acknowledged on a retry tier or the DLQ). Nothing past a record still in flight
+/// is committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Ordering {
+    /// One record at a time per partition, in offset order (the default).
+    #[default]
+    Partition,
+    /// Records with the same key one at a time, in offset order; records with different keys
+    /// concurrently, up to `max_in_flight` per partition. A record without a key is a key of
+    /// its own. A failing record leaves for its retry tier without holding back the later
+    /// records of its key (they are not parked behind it).
+    Key,
+    /// Any record concurrently with any other, up to `max_in_flight` per partition.
+    Unordered,
+}
+
+impl Ordering {
+    /// The config value (`partition`, `key`, `unordered`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ordering::Partition => "partition",
+            Ordering::Key => "key",
+            Ordering::Unordered => "unordered",
         }
     }
 }
@@ -573,6 +624,10 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TIER_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most retries a policy may make in total.
 pub const MAX_RETRIES: u32 = 1000;
+/// Most handler calls at once per partition.
+pub const MAX_IN_FLIGHT: usize = 10_000;
+/// Most records waiting or ahead of the frontier per partition.
+pub const MAX_QUEUED: usize = 1_000_000;
 /// Most tiers a policy may have (each is a topic per source topic).
 pub const MAX_TIERS: usize = 32;
 
@@ -720,6 +775,24 @@ impl Config {
             return Err(ConfigError::invalid(
                 "provisioning.replication_factor",
                 "must be -1 (broker default) or at least 1",
+            ));
+        }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.max_in_flight) {
+            return Err(ConfigError::invalid(
+                "max_in_flight",
+                format!("must be 1 to {MAX_IN_FLIGHT}"),
+            ));
+        }
+        if self.max_waiting > MAX_QUEUED {
+            return Err(ConfigError::invalid(
+                "max_waiting",
+                format!("must be at most {MAX_QUEUED}"),
+            ));
+        }
+        if !(1..=MAX_QUEUED).contains(&self.max_ahead) {
+            return Err(ConfigError::invalid(
+                "max_ahead",
+                format!("must be 1 to {MAX_QUEUED}"),
             ));
         }
         check_managed("consumer", &self.consumer, MANAGED_CONSUMER_PROPS)?;

@@ -12,38 +12,106 @@ use super::{HandlerError, Header};
 /// also when it is being retried from a retry topic, so they make a stable identity for
 /// idempotency. Where the record was actually read from is [`Message::received_from`].
 ///
-/// Cloning is cheap (the record is shared).
-#[derive(Clone)]
+/// The runtime hands the handler a view of librdkafka's own buffer: reading the key, payload
+/// and headers copies nothing. Cloning a message copies the key and payload once (the clone
+/// owns its bytes and may outlive the handler call); cloning a clone is cheap.
 pub struct Message {
-    inner: Arc<Inner>,
-}
-
-#[derive(Clone, Debug)]
-struct Inner {
     /// Shared with the partition task: no copy of the topic name per record.
     topic: Arc<str>,
     partition: i32,
     offset: i64,
     timestamp: Option<i64>,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    headers: Vec<Header>,
+    key: Bytes,
+    payload: Bytes,
+    /// `None` when the record has no user headers (no allocation).
+    headers: Option<Arc<[Header]>>,
     attempt: u32,
-    envelope: Option<Envelope>,
+    envelope: Option<Arc<Envelope>>,
     received_from: Option<(Arc<str>, i32, i64)>,
+}
+
+// SAFETY: the only non-thread-safe parts are the raw pointers of `Bytes::Borrowed`, which point
+// into a librdkafka message buffer that is immutable and, by the contract of
+// `Message::from_consumed`, outlives the message. Reading immutable bytes from several threads
+// is safe.
+unsafe impl Send for Message {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Message {}
+
+/// Key or payload bytes.
+enum Bytes {
+    Null,
+    /// Inside a consumed librdkafka message that the runtime keeps alive for longer than the
+    /// message (see `Message::from_consumed`).
+    Borrowed {
+        ptr: *const u8,
+        len: usize,
+    },
+    Owned(Arc<[u8]>),
+}
+
+impl Bytes {
+    fn of(bytes: Option<Vec<u8>>) -> Self {
+        bytes.map_or(Bytes::Null, |b| Bytes::Owned(Arc::from(b)))
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        match self {
+            Bytes::Null => None,
+            // SAFETY: see `Message::from_consumed`: the buffer outlives the message.
+            Bytes::Borrowed { ptr, len } => Some(unsafe { std::slice::from_raw_parts(*ptr, *len) }),
+            Bytes::Owned(b) => Some(b),
+        }
+    }
+
+    /// Bytes that own their data (a copy of borrowed ones).
+    fn owned(&self) -> Self {
+        match self {
+            Bytes::Null => Bytes::Null,
+            Bytes::Borrowed { .. } => Bytes::Owned(Arc::from(self.get().unwrap_or_default())),
+            Bytes::Owned(b) => Bytes::Owned(Arc::clone(b)),
+        }
+    }
+
+    fn borrowed(bytes: Option<&[u8]>) -> Self {
+        match bytes {
+            None => Bytes::Null,
+            Some(b) => Bytes::Borrowed {
+                ptr: b.as_ptr(),
+                len: b.len(),
+            },
+        }
+    }
+}
+
+impl Clone for Message {
+    /// The clone owns its key and payload (copied from librdkafka's buffer the first time).
+    fn clone(&self) -> Self {
+        Message {
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            key: self.key.owned(),
+            payload: self.payload.owned(),
+            headers: self.headers.clone(),
+            attempt: self.attempt,
+            envelope: self.envelope.clone(),
+            received_from: self.received_from.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let i = &self.inner;
         f.debug_struct("Message")
-            .field("topic", &i.topic)
-            .field("partition", &i.partition)
-            .field("offset", &i.offset)
-            .field("attempt", &i.attempt)
-            .field("key_len", &i.key.as_ref().map(Vec::len))
-            .field("payload_len", &i.payload.as_ref().map(Vec::len))
-            .field("headers", &i.headers.len())
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("attempt", &self.attempt)
+            .field("key_len", &self.key().map(<[u8]>::len))
+            .field("payload_len", &self.payload().map(<[u8]>::len))
+            .field("headers", &self.headers().len())
             .finish()
     }
 }
@@ -52,18 +120,16 @@ impl Message {
     /// A message for tests: partition 0, offset 0, attempt 1, no key, no headers.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         Message {
-            inner: Arc::new(Inner {
-                topic: Arc::from(topic.into()),
-                partition: 0,
-                offset: 0,
-                timestamp: None,
-                key: None,
-                payload: Some(payload.into()),
-                headers: Vec::new(),
-                attempt: 1,
-                envelope: None,
-                received_from: None,
-            }),
+            topic: Arc::from(topic.into()),
+            partition: 0,
+            offset: 0,
+            timestamp: None,
+            key: Bytes::Null,
+            payload: Bytes::of(Some(payload.into())),
+            headers: None,
+            attempt: 1,
+            envelope: None,
+            received_from: None,
         }
     }
 
@@ -74,51 +140,59 @@ impl Message {
         Self::new(topic, bytes)
     }
 
-    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Self {
-        f(Arc::make_mut(&mut self.inner));
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Bytes::of(Some(key.into()));
         self
     }
 
-    /// Sets the key.
-    pub fn with_key(self, key: impl Into<Vec<u8>>) -> Self {
-        self.edit(|i| i.key = Some(key.into()))
-    }
-
     /// Adds a header.
-    pub fn with_header(self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        self.edit(|i| i.headers.push(Header::new(key, value)))
+    pub fn with_header(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        let mut headers = self.headers().to_vec();
+        headers.push(Header::new(key, value));
+        self.headers = Some(Arc::from(headers));
+        self
     }
 
     /// Sets partition and offset.
-    pub fn with_position(self, partition: i32, offset: i64) -> Self {
-        self.edit(|i| {
-            i.partition = partition;
-            i.offset = offset;
-        })
+    pub fn with_position(mut self, partition: i32, offset: i64) -> Self {
+        self.partition = partition;
+        self.offset = offset;
+        self
     }
 
     /// Sets the timestamp (ms since the epoch).
-    pub fn with_timestamp(self, timestamp_ms: i64) -> Self {
-        self.edit(|i| i.timestamp = Some(timestamp_ms))
+    pub fn with_timestamp(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp = Some(timestamp_ms);
+        self
     }
 
     /// Removes the payload (a tombstone).
-    pub fn without_payload(self) -> Self {
-        self.edit(|i| i.payload = None)
+    pub fn without_payload(mut self) -> Self {
+        self.payload = Bytes::Null;
+        self
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn from_parts(
+    /// A message over a consumed record's own bytes (nothing copied).
+    ///
+    /// # Safety
+    /// `key` and `payload` must stay valid and unchanged for as long as the returned message
+    /// (not its clones, which own their bytes) is alive: the runtime keeps the librdkafka
+    /// message they belong to alive for longer than this message, and lends the message to
+    /// the handler only by reference.
+    pub(crate) unsafe fn from_consumed(
         received: (&Arc<str>, i32, i64),
         timestamp: Option<i64>,
-        key: Option<Vec<u8>>,
-        payload: Option<Vec<u8>>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
         headers: Vec<Header>,
         envelope: Option<Envelope>,
     ) -> Self {
         let (topic, partition, offset) = received;
-        let inner = match envelope {
-            None => Inner {
+        let headers = (!headers.is_empty()).then(|| Arc::from(headers));
+        let (key, payload) = (Bytes::borrowed(key), Bytes::borrowed(payload));
+        match envelope {
+            None => Message {
                 topic: Arc::clone(topic),
                 partition,
                 offset,
@@ -130,7 +204,7 @@ impl Message {
                 envelope: None,
                 received_from: None,
             },
-            Some(env) => Inner {
+            Some(env) => Message {
                 topic: Arc::from(env.original_topic.as_str()),
                 partition: env.original_partition,
                 offset: env.original_offset,
@@ -139,57 +213,54 @@ impl Message {
                 payload,
                 headers,
                 attempt: env.attempts.saturating_add(1),
-                envelope: Some(env),
+                envelope: Some(Arc::new(env)),
                 received_from: Some((Arc::clone(topic), partition, offset)),
             },
-        };
-        Message {
-            inner: Arc::new(inner),
         }
     }
 
     /// Original topic.
     pub fn topic(&self) -> &str {
-        &self.inner.topic
+        &self.topic
     }
 
     /// Original partition.
     pub fn partition(&self) -> i32 {
-        self.inner.partition
+        self.partition
     }
 
     /// Original offset.
     pub fn offset(&self) -> i64 {
-        self.inner.offset
+        self.offset
     }
 
     /// Original timestamp, ms since the Unix epoch, if the record had one.
     pub fn timestamp(&self) -> Option<i64> {
-        self.inner.timestamp
+        self.timestamp
     }
 
     /// Where this delivery was read from: the original coordinates on the first attempt, a
     /// retry topic's on later ones.
     pub fn received_from(&self) -> (&str, i32, i64) {
-        match &self.inner.received_from {
+        match &self.received_from {
             Some((t, p, o)) => (t, *p, *o),
-            None => (&self.inner.topic, self.inner.partition, self.inner.offset),
+            None => (&self.topic, self.partition, self.offset),
         }
     }
 
     /// Attempt number, 1 on the first delivery.
     pub fn attempt(&self) -> u32 {
-        self.inner.attempt
+        self.attempt
     }
 
     /// The envelope of a retried record (`None` on the first attempt).
     pub fn envelope(&self) -> Option<&Envelope> {
-        self.inner.envelope.as_ref()
+        self.envelope.as_deref()
     }
 
     /// The key bytes.
     pub fn key(&self) -> Option<&[u8]> {
-        self.inner.key.as_deref()
+        self.key.get()
     }
 
     /// The key as UTF-8; a key that is not UTF-8 is a poison error.
@@ -202,7 +273,7 @@ impl Message {
 
     /// The payload bytes (`None` for a tombstone).
     pub fn payload(&self) -> Option<&[u8]> {
-        self.inner.payload.as_deref()
+        self.payload.get()
     }
 
     /// The payload as UTF-8; a missing or non-UTF-8 payload is a poison error.
@@ -230,15 +301,14 @@ impl Message {
 
     /// The user's headers, in order, byte for byte (envelope headers are not included).
     pub fn headers(&self) -> &[Header] {
-        &self.inner.headers
+        self.headers.as_deref().unwrap_or(&[])
     }
 
     /// The value of the first user header named `key` (`Some(None)` for a null value). `key`
     /// may be text or bytes.
     pub fn header(&self, key: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
         let key = key.as_ref();
-        self.inner
-            .headers
+        self.headers()
             .iter()
             .find(|h| h.key == key)
             .map(|h| h.value.as_deref())

@@ -155,6 +155,25 @@ impl<H: Handler> ErasedHandler for H {
     }
 }
 
+/// Runs a handler of a known type (static dispatch, no boxing), turning a panic into a
+/// retryable error: both a panic while the future is created and one while it runs.
+pub(crate) fn invoke_static<'a, H: Handler>(
+    handler: &'a H,
+    msg: &'a Message,
+    cx: &'a Context,
+) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
+    let created = std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(msg, cx)));
+    async move {
+        match created {
+            Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
+                Ok(result) => result,
+                Err(payload) => Err(HandlerError::panicked(&*payload)),
+            },
+            Err(payload) => Err(HandlerError::panicked(&*payload)),
+        }
+    }
+}
+
 /// Runs the handler, turning a panic into a retryable error.
 pub(crate) async fn invoke(
     handler: &dyn ErasedHandler,

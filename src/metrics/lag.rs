@@ -28,6 +28,10 @@ pub(crate) struct Progress {
     stored: AtomicI64,
     /// The first offset taken in this assignment (`-1`: none yet).
     first: AtomicI64,
+    /// The last offset of the durable prefix (`-1`: none yet), published by the task as the
+    /// frontier moves; the rebalance hook stores it before the partition is let go (the task
+    /// stores in batches).
+    durable: AtomicI64,
 }
 
 impl Progress {
@@ -38,7 +42,17 @@ impl Progress {
             waiting_from: AtomicI64::new(-1),
             stored: AtomicI64::new(-1),
             first: AtomicI64::new(-1),
+            durable: AtomicI64::new(-1),
         })
+    }
+    /// Everything up to and including `offset` has a durable outcome.
+    pub(crate) fn durable_through(&self, offset: i64) {
+        self.durable.store(offset, Ordering::Relaxed);
+    }
+    /// The last offset of the durable prefix, if any.
+    pub(crate) fn durable(&self) -> Option<i64> {
+        let d = self.durable.load(Ordering::Relaxed);
+        (d >= 0).then_some(d)
     }
     /// The record at `offset` (and everything before it) is stored as handled.
     pub(crate) fn stored(&self, offset: i64) {

@@ -53,6 +53,16 @@ pub const RETRY_LATENESS_SECONDS: &str = "sidetrack_retry_lateness_seconds";
 pub const PARTITIONS_PAUSED: &str = "sidetrack_partitions_paused";
 /// Handler calls running right now. Labels: `group`.
 pub const RECORDS_IN_FLIGHT: &str = "sidetrack_records_in_flight";
+/// Handler calls running right now in one partition (at most `max_in_flight`; 1 in
+/// `partition` ordering). Labels: `group`, `topic`, `partition`.
+pub const PARTITION_IN_FLIGHT: &str = "sidetrack_partition_in_flight";
+/// Records of one partition waiting behind a record of the same key (`key` ordering).
+/// Labels: `group`, `topic`, `partition`.
+pub const PARTITION_WAITING: &str = "sidetrack_partition_waiting";
+/// Records of one partition with a durable outcome but past the committed frontier, because an
+/// earlier record is still in flight (or its hand-off unacknowledged). Labels: `group`,
+/// `topic`, `partition`.
+pub const PARTITION_FRONTIER_LAG: &str = "sidetrack_partition_frontier_lag";
 /// Partition tasks that ended unexpectedly (a panic outside the handler, or an error the
 /// task cannot get past) and were restarted by their supervisor. Labels: `group`, `topic`.
 pub const PARTITION_TASK_FAILURES: &str = "sidetrack_partition_task_failures_total";
@@ -127,6 +137,21 @@ pub fn describe() {
         RECORDS_IN_FLIGHT,
         Unit::Count,
         "Handler calls running right now."
+    );
+    describe_gauge!(
+        PARTITION_IN_FLIGHT,
+        Unit::Count,
+        "Handler calls running now in one partition."
+    );
+    describe_gauge!(
+        PARTITION_WAITING,
+        Unit::Count,
+        "Records waiting behind a record of the same key in one partition."
+    );
+    describe_gauge!(
+        PARTITION_FRONTIER_LAG,
+        Unit::Count,
+        "Records done but past the committed frontier of one partition."
     );
     describe_counter!(
         PARTITION_TASK_FAILURES,

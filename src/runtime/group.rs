@@ -197,8 +197,25 @@ impl GroupContext {
         tracing::info!(role = ?self.role, topic, partition, "partition assigned");
     }
 
-    fn revoke(&self, topic: &str, partition: i32, lost: bool) {
+    fn revoke(
+        &self,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        lost: bool,
+    ) {
         let slot = self.slots().remove(&(topic.to_owned(), partition));
+        if !lost {
+            // The task stores its frontier in batches; store the latest one now, while the
+            // partition is still ours, so the commit sent below covers it.
+            if let Some(durable) = slot.as_ref().and_then(|s| s.progress.durable()) {
+                if base.store_offset(topic, partition, durable).is_ok() {
+                    if let Some(s) = &slot {
+                        s.progress.stored(durable);
+                    }
+                }
+            }
+        }
         let uncommitted = slot.as_ref().map_or(0, |s| s.progress.uncommitted());
         let unstored = slot.as_ref().map_or(0, |s| s.progress.unstored());
         if let Some(slot) = slot {
@@ -267,7 +284,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Revoke(tpl) => {
                 let lost = base.assignment_lost();
                 for e in tpl.elements() {
-                    self.revoke(e.topic(), e.partition(), lost);
+                    self.revoke(base, e.topic(), e.partition(), lost);
                 }
                 // Commits refused while the group was rebalancing (a member joined, or one died
                 // and its session had not run out) leave handled records uncommitted; the next

@@ -1,15 +1,14 @@
 //! The hand-off of a failed record to its retry tier or the dead-letter topic: the shared
-//! producer (rebuilt after a fatal error), sending until the broker acknowledges, and the
-//! pipeline of hand-offs waiting for their acknowledgement, in offset order.
+//! producer (rebuilt after a fatal error) and sending until the broker acknowledges. Hand-offs
+//! are pipelined: the partition goes on while up to [`MAX_PENDING`] of them wait for their
+//! acknowledgement, and the frontier (see [`super::frontier`]) keeps the stored offset before
+//! every one still waiting.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
@@ -20,69 +19,11 @@ use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
 use crate::error::Error;
 use crate::handler::{to_owned_headers, Header, Message};
 use crate::metrics as m;
-use crate::metrics::lag::Progress;
 use crate::retry::scheduler::now_ms;
 use crate::retry::{next_envelope, Decision, Envelope};
 
 use super::client::TracingContext;
 use super::partition::{Abandoned, PartitionTask};
-
-/// A hand-off in flight: resolves once the record is durable on its side topic, or abandoned.
-pub(crate) type HandOffFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Send + 'a>>;
-
-/// Hand-offs waiting for the broker's acknowledgement, in offset order, and how far records
-/// after them were handled.
-pub(crate) struct Pending<'a> {
-    sends: FuturesOrdered<HandOffFuture<'a>>,
-    /// Told where the oldest waiting hand-off is, for the count of records a revocation
-    /// leaves to the next owner.
-    progress: Arc<Progress>,
-    /// Offsets of `sends`, in the same order.
-    offsets: VecDeque<i64>,
-    /// The last offset handled (or handed off).
-    through: i64,
-}
-
-impl<'a> Pending<'a> {
-    pub(crate) fn new(progress: Arc<Progress>) -> Self {
-        Pending {
-            sends: FuturesOrdered::new(),
-            progress,
-            offsets: VecDeque::new(),
-            through: -1,
-        }
-    }
-    pub(crate) fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
-    }
-    pub(crate) fn len(&self) -> usize {
-        self.offsets.len()
-    }
-    pub(crate) fn hand_off(&mut self, offset: i64, send: HandOffFuture<'a>) {
-        self.sends.push_back(send);
-        if self.offsets.is_empty() {
-            self.progress.waiting_from(Some(offset));
-        }
-        self.offsets.push_back(offset);
-        self.through = offset;
-    }
-    pub(crate) fn handled(&mut self, offset: i64) {
-        self.through = offset;
-    }
-    /// Waits for the oldest hand-off (`None`: none waits). Once it is durable, the offset
-    /// that may now be stored: everything up to the next hand-off still waiting, or up to the
-    /// last record handled. Cancel-safe: nothing changes until the hand-off has resolved.
-    pub(crate) async fn next(&mut self) -> Option<Result<i64, Abandoned>> {
-        if let Err(abandoned) = self.sends.next().await? {
-            return Some(Err(abandoned));
-        }
-        self.offsets.pop_front();
-        let next = self.offsets.front().copied();
-        self.progress.waiting_from(next);
-        Some(Ok(next.map_or(self.through, |next| next - 1)))
-    }
-}
 
 /// At most this many hand-offs of one partition wait for their ack at a time (each holds its
 /// record in memory); then the partition takes no new record until the oldest is durable.
@@ -422,61 +363,3 @@ impl PartitionTask {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn acked() -> HandOffFuture<'static> {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn abandoned() -> HandOffFuture<'static> {
-        Box::pin(std::future::ready(Err(Abandoned::Told)))
-    }
-
-    /// The offset stored after each hand-off settles never passes a hand-off still waiting.
-    #[tokio::test]
-    async fn settled_hand_offs_store_up_to_the_next_waiting_one() {
-        let mut p = Pending::new(Progress::new());
-        p.handled(9);
-        p.hand_off(10, acked());
-        p.handled(11);
-        p.handled(12);
-        p.hand_off(13, acked());
-        p.handled(14);
-        assert_eq!(p.len(), 2);
-        // 10 is durable; 13 is not yet: store through 12.
-        assert!(matches!(p.next().await, Some(Ok(12))));
-        assert_eq!(p.len(), 1);
-        p.handled(15);
-        // 13 is durable and nothing waits: store through the last record handled.
-        assert!(matches!(p.next().await, Some(Ok(15))));
-        assert!(p.is_empty());
-        assert!(p.next().await.is_none());
-    }
-
-    #[tokio::test]
-    async fn back_to_back_hand_offs_store_one_at_a_time() {
-        let mut p = Pending::new(Progress::new());
-        p.hand_off(3, acked());
-        p.hand_off(4, acked());
-        p.hand_off(5, acked());
-        for expected in 3..=5 {
-            assert!(matches!(p.next().await, Some(Ok(o)) if o == expected));
-        }
-    }
-
-    /// An abandoned hand-off stores nothing, and the records behind it stay unstored.
-    #[tokio::test]
-    async fn an_abandoned_hand_off_stores_nothing() {
-        let progress = Progress::new();
-        let mut p = Pending::new(Arc::clone(&progress));
-        progress.at(7);
-        p.hand_off(7, abandoned());
-        p.handled(8);
-        progress.at(9);
-        assert!(matches!(p.next().await, Some(Err(Abandoned::Told))));
-        // What a revocation now reports as to be handled again: 7 and 8.
-        assert_eq!(progress.unstored(), 2);
-    }
-}

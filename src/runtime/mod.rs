@@ -13,11 +13,13 @@
 //!   offsets), commits, and leaves the groups.
 
 mod client;
+mod frontier;
 mod group;
 mod handoff;
 mod partition;
 mod pause;
 mod provision;
+mod scheduler;
 mod supervisor;
 
 use std::collections::HashMap;
@@ -34,19 +36,20 @@ use crate::dead_letter::{
     Alerts, DeadLetterNotifier, DeadLetterReason, ErasedNotifier, LogNotifier,
 };
 use crate::error::Error;
-use crate::handler::{Context, ErasedHandler, Handler};
+use crate::handler::{Context, Handler};
 use crate::retry::{RetryPolicy, Topology};
 use crate::testing::EmbeddedCluster;
 
 use group::{Group, Role};
 use handoff::HandoffProducer;
+use partition::RunPartition;
 use provision::TopicCreator;
 pub use provision::{check_topics, TopicStatus};
 
 /// Builds a [`Runtime`] from a [`Config`] and the things that live in code.
 pub struct RuntimeBuilder {
     config: Config,
-    handler: Option<Arc<dyn ErasedHandler>>,
+    handler: Option<Arc<dyn RunPartition>>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     creator: TopicCreator,
     consumer_overrides: Vec<(String, String)>,
@@ -143,7 +146,7 @@ pub struct Runtime {
     config: Config,
     policy: RetryPolicy,
     topology: Topology,
-    handler: Arc<dyn ErasedHandler>,
+    handler: Arc<dyn RunPartition>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     creator: TopicCreator,
     notifiers: Vec<Arc<dyn ErasedNotifier>>,
@@ -343,7 +346,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) policy: RetryPolicy,
     pub(crate) topology: Topology,
-    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) handler: Arc<dyn RunPartition>,
     pub(crate) producer: HandoffProducer,
     /// Partition count of every source and side topic.
     pub(crate) partitions: HashMap<String, i32>,
@@ -390,11 +393,11 @@ impl Stats {
         }
     }
 
-    pub(crate) fn consumed(&self) {
-        self.consumed.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn consumed(&self, n: u64) {
+        self.consumed.fetch_add(n, Ordering::Relaxed);
     }
-    pub(crate) fn handled(&self) {
-        self.handled.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn handled(&self, n: u64) {
+        self.handled.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn retried(&self, tier: usize) {
         if let Some(c) = self.retried.get(tier) {

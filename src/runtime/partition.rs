@@ -1,12 +1,25 @@
 //! The task that owns one assigned partition: take its records in offset order, run the
-//! handler, hand failures to a retry tier or the DLQ (see [`super::handoff`]), and store the
-//! offset only after a durable outcome.
+//! handler on them — one at a time (`partition` ordering) or concurrently (`key`,
+//! `unordered`; which records may start is decided by [`super::scheduler`]) — hand failures to
+//! a retry tier or the DLQ (see [`super::handoff`]), and store the offset of the contiguous
+//! frontier of durable outcomes (see [`super::frontier`]).
+//!
+//! The per-record path is kept lean: the handler is called through static dispatch (the
+//! handler type is erased once per task, not per record), it reads the record in librdkafka's
+//! own buffer (nothing is copied unless the record is kept), offsets and counters are flushed
+//! in batches (when the queue runs dry, and every [`FLUSH_EVERY`] records), the wall clock is
+//! read once per batch and the handler's duration is sampled for handlers that finish without
+//! waiting.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -17,18 +30,48 @@ use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::Ordering as RecordOrdering;
 use crate::dead_letter::DeadLetterReason;
-use crate::handler::{headers_of, invoke, Header, Message};
+use crate::handler::{headers_of, invoke_static, Handler, Message};
 use crate::metrics as m;
 use crate::metrics::lag::Progress;
 use crate::retry::decode::{read_retry_envelope, Expected};
 use crate::retry::scheduler::{self, elapsed_secs, now_ms};
 use crate::retry::Decision;
 
+use super::frontier::{Frontier, Seq};
 use super::group::{GroupConsumer, GroupContext, Role};
-use super::handoff::{Pending, MAX_PENDING};
+use super::handoff::MAX_PENDING;
 use super::pause::{Pause, PauseHold};
+use super::scheduler::{key_hash, Scheduler};
 use super::Shared;
+
+/// Offsets are stored, and batched counters flushed, at least this often (in records) while
+/// the queue never runs dry; always when it does. Only stored offsets are committed, so
+/// storing the highest durable one in batches is as safe as storing each.
+const FLUSH_EVERY: u32 = 256;
+/// One in this many handler calls that finish without waiting is timed (the others cost no
+/// clock reads); calls that wait are always timed.
+const SAMPLE_EVERY: u32 = 16;
+
+/// The handler, erased once per partition task: the record loop itself is compiled for the
+/// concrete handler type, so calling the handler costs no boxing per record.
+pub(crate) trait RunPartition: Send + Sync + 'static {
+    fn run<'a>(&'a self, task: PartitionTask, queue: Arc<Queue>) -> BoxFuture<'a, End>;
+}
+
+impl<H: Handler> RunPartition for H {
+    fn run<'a>(&'a self, task: PartitionTask, queue: Arc<Queue>) -> BoxFuture<'a, End> {
+        Box::pin(async move {
+            match task.ordering {
+                RecordOrdering::Partition => task.run_sequential(self, queue).await,
+                _ => task.run_concurrent(self, queue).await,
+            }
+        })
+    }
+}
+
+pub(crate) type Queue = StreamPartitionQueue<GroupContext>;
 
 /// Why a piece of work ended without a durable outcome. Its offset is not stored.
 #[derive(Debug)]
@@ -51,30 +94,54 @@ pub(crate) enum End {
 }
 
 /// What handling a record left to do.
-enum Step {
-    /// Handled: the offset may be stored once every earlier record is durable.
+pub(crate) enum Step {
+    /// Handled: durable.
     Done,
     /// Failed: to be handed to a retry tier or the DLQ, with the error text.
     HandOff(Message, Decision, String),
 }
 
-/// What the partition task does next.
-enum Next<'q> {
-    Record(Result<BorrowedMessage<'q>, KafkaError>),
-    /// The oldest hand-off resolved: the offset to store now, or abandoned.
-    Settled(Result<i64, Abandoned>),
-    Stop,
+/// A consumed librdkafka message whose lifetime is no longer tied to the queue borrow.
+///
+/// It must not outlive the consumer (its client handle). The partition task guarantees it:
+/// every message it takes lives in the task's own futures, and the task holds an `Arc` of the
+/// consumer until they are all dropped (the consumer is closed only after its tasks ended).
+pub(crate) type Raw = BorrowedMessage<'static>;
+
+fn detach(raw: BorrowedMessage<'_>) -> Raw {
+    // SAFETY: see `Raw`. A `BorrowedMessage` is a pointer into a librdkafka event it keeps
+    // alive itself (an `Arc`); its lifetime only stands for the client it came from.
+    unsafe { std::mem::transmute::<BorrowedMessage<'_>, Raw>(raw) }
+}
+
+/// A record taken from the partition.
+pub(crate) struct Taken {
+    seq: Seq,
+    /// Its key's identity for `key` ordering.
+    key: Option<u64>,
+    /// Views into `raw`: declared (and so dropped) before it.
+    decoded: Result<Decoded, Invalid>,
+    raw: Raw,
+}
+
+/// A record whose handler call (or due-time wait) ended.
+pub(crate) struct Finished {
+    seq: Seq,
+    key: Option<u64>,
+    /// Views into `raw`: declared (and so dropped) before it.
+    outcome: Result<Step, Abandoned>,
+    raw: Raw,
 }
 
 /// A decoded record: the message and, on a retry tier, when it is due and the retry record's
 /// own timestamp (the writer's clock; see [`scheduler::wait_for`]).
-struct Decoded {
+pub(crate) struct Decoded {
     msg: Message,
     due: Option<(i64, Option<i64>)>,
 }
 
 /// A retry-topic record whose envelope cannot be trusted.
-struct Invalid {
+pub(crate) struct Invalid {
     msg: Message,
     reason: String,
 }
@@ -92,9 +159,22 @@ impl Drop for Failing<'_> {
     }
 }
 
+/// Counts kept locally and published in batches (see [`FLUSH_EVERY`]).
+#[derive(Default)]
+struct Batch {
+    consumed: u64,
+    bytes: u64,
+    handled: u64,
+    /// Records taken since the last flush.
+    since_flush: u32,
+    /// The wall clock, read once per batch (end-to-end latency, due checks).
+    now: i64,
+}
+
 pub(crate) struct PartitionTask {
     pub(super) shared: Arc<Shared>,
-    /// Next offset to handle, read by the lag sampler.
+    /// Next offset to handle and the durable frontier, read by the lag sampler and the
+    /// rebalance hook.
     progress: Arc<Progress>,
     /// Metric handles registered once: the per-record path only increments them.
     meters: Meters,
@@ -106,6 +186,7 @@ pub(crate) struct PartitionTask {
     pub(super) source: usize,
     /// Tier index, for retry topics.
     tier: Option<usize>,
+    ordering: RecordOrdering,
     /// Cancelled on shutdown: finish the current record, take no new ones.
     pub(super) stop: CancellationToken,
     /// Cancelled on revoke: drop the queue at once, abandon the current record.
@@ -113,8 +194,13 @@ pub(crate) struct PartitionTask {
     /// Hand-offs of this partition being retried after a failure. While any is, the partition
     /// is paused and takes no new record.
     failing: AtomicUsize,
+    /// Retry records waiting for their due time; while one does, no later record is taken (a
+    /// tier is first-in-first-due, the later ones are not due earlier).
+    waiting_due: AtomicUsize,
     /// Pause holds of this partition (failing hand-offs, retry records not yet due).
     pause: Pause,
+    /// Handler calls so far, for sampling their duration.
+    calls: AtomicU32,
 }
 
 impl PartitionTask {
@@ -147,6 +233,7 @@ impl PartitionTask {
         let meters = Meters::new(
             group_id,
             topic,
+            partition,
             &shared.topology.sources()[source].topic,
             tier.is_some(),
         );
@@ -154,14 +241,10 @@ impl PartitionTask {
         PartitionTask {
             meters,
             stop: shared.shutdown.clone(),
+            ordering: shared.config.ordering,
             shared,
             progress,
-            pause: Pause::new(
-                Arc::clone(&consumer),
-                Arc::clone(&topic),
-                partition,
-                group_id,
-            ),
+            pause: Pause::new(Arc::clone(&consumer), Arc::clone(&topic), partition, group_id),
             consumer,
             topic,
             partition,
@@ -169,119 +252,103 @@ impl PartitionTask {
             tier,
             revoked,
             failing: AtomicUsize::new(0),
+            waiting_due: AtomicUsize::new(0),
+            calls: AtomicU32::new(0),
         }
     }
 
-    /// Takes records one at a time, in offset order. A record that failed is handed to its
-    /// retry tier or the DLQ without waiting for the broker's acknowledgement: the next records
-    /// are handled meanwhile, up to [`MAX_PENDING`] hand-offs waiting. Offsets are still stored
-    /// strictly in order, each only once it and every record before it have a durable outcome.
-    /// While a hand-off is being retried after a failure, no new record is taken.
-    pub(crate) async fn run(self, queue: Arc<StreamPartitionQueue<GroupContext>>) -> End {
-        // Registered once, polled only when the queue is empty: a fresh cancellation future
-        // per record takes the token's lock twice.
+    /// `partition` ordering: records one at a time, in offset order. A record that failed is
+    /// handed to its retry tier or the DLQ without waiting for the broker's acknowledgement:
+    /// the next records are handled meanwhile, up to [`MAX_PENDING`] hand-offs waiting.
+    async fn run_sequential<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
         let stop = self.stop.clone();
         let revoked = self.revoked.clone();
-        let stopped = stop.cancelled();
-        let revoked_wait = revoked.cancelled();
-        tokio::pin!(stopped, revoked_wait);
-        let mut pending = Pending::new(Arc::clone(&self.progress));
+        // Registered once, polled only when the queue is empty: a fresh cancellation future
+        // per record takes the token's lock twice.
+        let mut stopped = pin!(stop.cancelled());
+        let mut revoked_wait = pin!(revoked.cancelled());
+        let mut frontier = Frontier::default();
+        let mut handoffs = FuturesUnordered::new();
+        let mut batch = Batch {
+            now: now_ms(),
+            ..Batch::default()
+        };
+        let mut queue = Some(queue);
         loop {
-            // Per record, the cheap checks first: a backlog keeps `recv` ready, so the
-            // cancellation futures are only polled when there is nothing else to do.
             if revoked.is_cancelled() {
                 return End::Revoked;
             }
             if stop.is_cancelled() {
-                // Shutdown: the hand-offs already sent get their acknowledgement.
-                return self.drain(&mut pending).await;
+                return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
             }
-            // Settle the hand-offs that are done, in order, without waiting; storing the last
-            // of them covers the ones before.
-            let mut settled = None;
-            while !pending.is_empty() {
-                match pending.next().now_or_never() {
-                    Some(Some(Ok(offset))) => settled = Some(offset),
-                    Some(Some(Err(abandoned))) => {
-                        if let Some(offset) = settled {
-                            self.store(offset);
-                        }
-                        return self.end(abandoned);
-                    }
-                    _ => break,
-                }
+            if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
+                return end;
             }
-            if let Some(offset) = settled {
-                self.store(offset);
+            if batch.since_flush >= FLUSH_EVERY {
+                self.flush(&mut frontier, &mut batch, 0, 0);
             }
-            let take_more =
-                pending.len() < MAX_PENDING && self.failing.load(Ordering::Relaxed) == 0;
-            if take_more && !self.consumer.context().wait_unfenced(&stop, &revoked).await {
+            let take_more = self.has_room(&frontier, handoffs.len());
+            if take_more
+                && !self
+                    .consumer
+                    .context()
+                    .wait_unfenced(&stop, &revoked)
+                    .await
+            {
                 continue;
             }
+            let Some(q) = queue.as_deref() else {
+                return End::Revoked;
+            };
             let next = {
-                let recv = queue.recv();
-                tokio::pin!(recv);
+                let mut recv = pin!(q.recv());
                 let ready = if take_more {
                     futures_util::poll!(recv.as_mut())
                 } else {
                     Poll::Pending
                 };
                 match ready {
-                    Poll::Ready(r) => Next::Record(r),
-                    Poll::Pending => tokio::select! {
-                        biased;
-                        _ = &mut stopped => Next::Stop,
-                        _ = &mut revoked_wait => return End::Revoked,
-                        Some(settled) = pending.next(), if !pending.is_empty() => Next::Settled(settled),
-                        r = recv, if take_more => Next::Record(r),
-                    },
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => {
+                        // Nothing to do right now: publish what the batch did, then wait.
+                        self.flush(&mut frontier, &mut batch, 0, 0);
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopped => None,
+                            _ = &mut revoked_wait => return End::Revoked,
+                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            r = recv, if take_more => {
+                                batch.now = now_ms();
+                                Some(r)
+                            }
+                        }
+                    }
                 }
             };
             let raw = match next {
-                Next::Record(Ok(raw)) => raw,
-                Next::Record(Err(e)) => {
+                None => return self.drain(&mut handoffs, &mut frontier, &mut batch).await,
+                Some(Ok(raw)) => raw,
+                Some(Err(e)) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
-                Next::Settled(Ok(offset)) => {
-                    self.store(offset);
-                    continue;
-                }
-                Next::Settled(Err(abandoned)) => return self.end(abandoned),
-                Next::Stop => return self.drain(&mut pending).await,
             };
-            let (offset, decoded) = (raw.offset(), self.decode(&raw));
-            self.progress.at(offset);
-            let span = tracing::debug_span!(
-                "record",
-                topic = %self.topic,
-                partition = self.partition,
-                offset,
-                attempt = tracing::field::Empty,
-                key_hash = tracing::field::Empty,
-            );
-            if !span.is_disabled() {
-                if let Ok(d) = &decoded {
-                    span.record("attempt", d.msg.attempt());
-                    if let Some(key) = d.msg.key() {
-                        span.record("key_hash", format!("{:016x}", key_hash(key)));
-                    }
-                }
-            }
-            let work = self.process(decoded).instrument(span);
-            tokio::pin!(work);
+            let taken = self.take(detach(raw), &mut frontier, &mut batch);
+            let mut work = pin!(self.process(handler, taken));
             // Earlier hand-offs keep settling while this record is handled.
-            let outcome = loop {
+            let finished = loop {
                 tokio::select! {
                     // Work first: a handler that finishes at once polls nothing else.
                     biased;
-                    outcome = &mut work => break outcome,
-                    Some(settled) = pending.next(), if !pending.is_empty() => {
-                        match settled {
-                            Ok(offset) => self.store(offset),
-                            // Nothing after an abandoned hand-off may be stored.
-                            Err(abandoned) => return self.end(abandoned),
+                    finished = &mut work => break finished,
+                    Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                        if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                            return end;
                         }
                     }
                     _ = &mut revoked_wait => {
@@ -289,42 +356,272 @@ impl PartitionTask {
                         // soon, and an old handle alive beside it stops its wake-ups. The
                         // next owner in this process waits for this task to end before it
                         // takes a record, so the record is never in two handler calls at once.
-                        drop(queue);
+                        queue = None;
                         let _ = work.await;
                         return End::Revoked;
                     }
                 }
             };
-            match outcome {
-                Err(abandoned) => {
-                    if matches!(abandoned, Abandoned::Told) && !revoked.is_cancelled() {
-                        return self.drain(&mut pending).await;
-                    }
-                    return self.end(abandoned);
+            if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
+                if matches!(end, End::Stopped) {
+                    return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
                 }
-                Ok(Step::Done) if pending.is_empty() => {
-                    // From the message itself: storing by topic name looks the topic up each
-                    // time.
-                    match self.consumer.store_offset_from_message(&raw) {
-                        Ok(()) => self.progress.stored(offset),
-                        // Revoked in the meantime: the new owner gets the record again.
-                        Err(e) => {
-                            tracing::debug!(topic = %self.topic, partition = self.partition, offset, error = %e, "offset not stored")
+                return end;
+            }
+        }
+    }
+
+    /// `key` and `unordered` ordering: up to `max_in_flight` handler calls at once; in `key`
+    /// ordering the records of one key one at a time, in offset order.
+    async fn run_concurrent<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
+        let stop = self.stop.clone();
+        let revoked = self.revoked.clone();
+        let mut stopped = pin!(stop.cancelled());
+        let mut revoked_wait = pin!(revoked.cancelled());
+        let config = &self.shared.config;
+        let mut scheduler = Scheduler::new(
+            self.ordering == RecordOrdering::Key,
+            config.max_in_flight,
+            config.max_waiting,
+        );
+        let mut frontier = Frontier::default();
+        let mut running = FuturesUnordered::new();
+        let mut handoffs = FuturesUnordered::new();
+        let mut batch = Batch {
+            now: now_ms(),
+            ..Batch::default()
+        };
+        loop {
+            if revoked.is_cancelled() {
+                // The queue goes at once (see `run_sequential`); handler calls in progress are
+                // finished, nothing more is stored (the partition is no longer ours).
+                drop(queue);
+                while running.next().await.is_some() {}
+                return End::Revoked;
+            }
+            if stop.is_cancelled() {
+                // Shutdown: the handler calls in progress finish (records waiting behind a
+                // busy key are not started), then the hand-offs sent are acknowledged.
+                while let Some(finished) = running.next().await {
+                    if let Err(end) =
+                        self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
+                    {
+                        if !matches!(end, End::Stopped) {
+                            self.flush(&mut frontier, &mut batch, 0, 0);
+                            return end;
                         }
                     }
                 }
-                // Stored once the hand-offs before it are durable.
-                Ok(Step::Done) => pending.handled(offset),
-                Ok(Step::HandOff(msg, decision, error)) => {
-                    let this = &self;
-                    pending.hand_off(
-                        offset,
-                        Box::pin(async move { this.hand_off(&msg, decision, &error).await }),
-                    );
+                return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
+            }
+            // Completions first, without waiting: they free room for new records.
+            while let Some(Some(finished)) = running.next().now_or_never() {
+                let key = finished.key;
+                if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
+                {
+                    if matches!(end, End::Stopped) {
+                        break;
+                    }
+                    return end;
+                }
+                if let Some(next) = scheduler.finish(key) {
+                    running.push(self.process(handler, next));
                 }
             }
-            self.progress.at(offset.saturating_add(1));
+            if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
+                return end;
+            }
+            if batch.since_flush >= FLUSH_EVERY {
+                self.flush(&mut frontier, &mut batch, scheduler.in_flight(), scheduler.waiting());
+            }
+            let take_more = scheduler.has_room()
+                && self.has_room(&frontier, handoffs.len())
+                && self.waiting_due.load(Ordering::Relaxed) == 0;
+            if take_more
+                && !self
+                    .consumer
+                    .context()
+                    .wait_unfenced(&stop, &revoked)
+                    .await
+            {
+                continue;
+            }
+            let next = {
+                let mut recv = pin!(queue.recv());
+                let ready = if take_more {
+                    futures_util::poll!(recv.as_mut())
+                } else {
+                    Poll::Pending
+                };
+                match ready {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => {
+                        self.flush(&mut frontier, &mut batch, scheduler.in_flight(), scheduler.waiting());
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopped => continue,
+                            _ = &mut revoked_wait => continue,
+                            Some(finished) = running.next(), if !running.is_empty() => {
+                                let key = finished.key;
+                                if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
+                                    if !matches!(end, End::Stopped) {
+                                        return end;
+                                    }
+                                }
+                                if let Some(next) = scheduler.finish(key) {
+                                    running.push(self.process(handler, next));
+                                }
+                                continue;
+                            }
+                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            r = recv, if take_more => {
+                                batch.now = now_ms();
+                                Some(r)
+                            }
+                        }
+                    }
+                }
+            };
+            let raw = match next {
+                None => continue,
+                Some(Ok(raw)) => raw,
+                Some(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
+                    continue;
+                }
+            };
+            let taken = self.take(detach(raw), &mut frontier, &mut batch);
+            if let Some(start) = scheduler.offer(taken.key, taken) {
+                running.push(self.process(handler, start));
+            }
         }
+    }
+
+    /// Whether the partition may take another record: room for hand-offs, no hand-off
+    /// failing, and not too far past the oldest record without a durable outcome.
+    fn has_room(&self, frontier: &Frontier, handoffs: usize) -> bool {
+        handoffs < MAX_PENDING
+            && self.failing.load(Ordering::Relaxed) == 0
+            && frontier.window() < self.shared.config.max_ahead
+    }
+
+    /// Takes a record: its place in the frontier, its key, and what it decodes to.
+    fn take(&self, raw: Raw, frontier: &mut Frontier, batch: &mut Batch) -> Taken {
+        let offset = raw.offset();
+        self.progress.at(offset);
+        let seq = frontier.take(offset);
+        batch.since_flush += 1;
+        let key = (self.ordering == RecordOrdering::Key)
+            .then(|| raw.key().map(key_hash))
+            .flatten();
+        let decoded = self.decode(&raw, batch);
+        Taken {
+            seq,
+            key,
+            decoded,
+            raw,
+        }
+    }
+
+    /// What to do with a finished record: durable, or handed off. `Err(End::Stopped)` when
+    /// the record was abandoned because the task is stopping (the caller drains).
+    fn finished<'a>(
+        &'a self,
+        finished: Finished,
+        frontier: &mut Frontier,
+        batch: &mut Batch,
+        handoffs: &mut FuturesUnordered<HandOffFuture<'a>>,
+    ) -> Result<(), End> {
+        let Finished {
+            seq, outcome, raw, ..
+        } = finished;
+        match outcome {
+            Ok(Step::Done) => {
+                batch.handled += 1;
+                self.durable(seq, frontier);
+                Ok(())
+            }
+            Ok(Step::HandOff(msg, decision, error)) => {
+                handoffs.push(Box::pin(async move {
+                    let settled = self.hand_off(&msg, decision, &error).await;
+                    // The message's views into librdkafka's buffer go before the buffer.
+                    drop(msg);
+                    drop(raw);
+                    (seq, settled)
+                }));
+                Ok(())
+            }
+            Err(Abandoned::Failed(reason)) => Err(End::Failed(reason)),
+            Err(Abandoned::Told) if self.revoked.is_cancelled() => Err(End::Revoked),
+            Err(Abandoned::Told) => Err(End::Stopped),
+        }
+    }
+
+    /// Settles the hand-offs that are done, without waiting.
+    fn settle(
+        &self,
+        handoffs: &mut FuturesUnordered<HandOffFuture<'_>>,
+        frontier: &mut Frontier,
+    ) -> Result<(), End> {
+        while let Some(Some((seq, settled))) = handoffs.next().now_or_never() {
+            self.settled(seq, settled, frontier)?;
+        }
+        Ok(())
+    }
+
+    /// A hand-off resolved: durable, or the task ends.
+    fn settled(
+        &self,
+        seq: Seq,
+        settled: Result<(), Abandoned>,
+        frontier: &mut Frontier,
+    ) -> Result<(), End> {
+        match settled {
+            Ok(()) => {
+                self.durable(seq, frontier);
+                Ok(())
+            }
+            // Nothing past an abandoned hand-off may be stored: the frontier stays before it.
+            Err(abandoned) => Err(self.end(abandoned)),
+        }
+    }
+
+    fn durable(&self, seq: Seq, frontier: &mut Frontier) {
+        if frontier.durable(seq) {
+            if let Some(through) = frontier.through() {
+                // Published at once for the rebalance hook, which stores it before the
+                // partition is let go; the store itself is batched.
+                self.progress.durable_through(through);
+            }
+        }
+    }
+
+    /// Stores the frontier if it moved and publishes the batch's counts and gauges.
+    fn flush(&self, frontier: &mut Frontier, batch: &mut Batch, in_flight: usize, waiting: usize) {
+        batch.now = now_ms();
+        if let Some(offset) = frontier.take_store() {
+            self.store(offset);
+        }
+        let stats = &self.shared.stats;
+        if batch.consumed > 0 {
+            stats.consumed(batch.consumed);
+            self.meters.consumed.increment(batch.consumed);
+            self.meters.bytes.increment(batch.bytes);
+        }
+        if batch.handled > 0 {
+            stats.handled(batch.handled);
+            self.meters.handled.increment(batch.handled);
+        }
+        self.meters.publish(in_flight, waiting, frontier.durable_ahead());
+        batch.consumed = 0;
+        batch.bytes = 0;
+        batch.handled = 0;
+        batch.since_flush = 0;
     }
 
     /// How the task ends after `abandoned`.
@@ -336,18 +633,25 @@ impl PartitionTask {
         }
     }
 
-    /// Waits for the pending hand-offs, storing offsets in order, until one is abandoned.
-    async fn drain(&self, pending: &mut Pending<'_>) -> End {
-        while let Some(settled) = pending.next().await {
-            match settled {
-                Ok(offset) => self.store(offset),
-                Err(abandoned) => return self.end(abandoned),
+    /// Shutdown: waits for the hand-offs sent, storing the frontier as it moves. Bounded by
+    /// the group's shutdown deadline, which aborts the task.
+    async fn drain(
+        &self,
+        handoffs: &mut FuturesUnordered<HandOffFuture<'_>>,
+        frontier: &mut Frontier,
+        batch: &mut Batch,
+    ) -> End {
+        while let Some((seq, settled)) = handoffs.next().await {
+            if let Err(end) = self.settled(seq, settled, frontier) {
+                self.flush(frontier, batch, 0, 0);
+                return end;
             }
         }
+        self.flush(frontier, batch, 0, 0);
         End::Stopped
     }
 
-    /// Stores `offset` as handled (by topic name: the message is gone by now).
+    /// Stores `offset` as handled.
     fn store(&self, offset: i64) {
         match self
             .consumer
@@ -370,28 +674,30 @@ impl PartitionTask {
         }
     }
 
-    /// Copies the record out of librdkafka's buffer and, on a retry topic, reads its envelope.
-    fn decode(&self, raw: &BorrowedMessage<'_>) -> Result<Decoded, Invalid> {
-        let shared = &self.shared;
-        shared.stats.consumed();
-        let key = raw.key().map(<[u8]>::to_vec);
-        let payload = raw.payload().map(<[u8]>::to_vec);
-        let bytes = key.as_ref().map_or(0, Vec::len) + payload.as_ref().map_or(0, Vec::len);
-        self.meters.consumed.increment(1);
-        self.meters.bytes.increment(bytes as u64);
-        let mut headers: Vec<Header> = headers_of(raw);
+    /// Reads the record in librdkafka's buffer and, on a retry topic, its envelope.
+    fn decode(&self, raw: &Raw, batch: &mut Batch) -> Result<Decoded, Invalid> {
+        let (key, payload) = (raw.key(), raw.payload());
+        batch.consumed += 1;
+        batch.bytes += (key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len)) as u64;
+        let mut headers = headers_of(raw);
         let received = (&self.topic, self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
-        let now = now_ms();
         if let Some(ts) = timestamp {
-            self.meters.e2e_record.record(elapsed_secs(ts, now));
+            self.meters.e2e_record.record(elapsed_secs(ts, batch.now));
         }
+        // SAFETY (every `from_consumed` below): the views point into `raw`, which the record's
+        // `Taken`/`Finished`/hand-off future keeps alive, declared after the message so that
+        // it is dropped after it; the handler only gets the message by reference, and its
+        // clones own their bytes.
         let Some(tier) = self.tier else {
             return Ok(Decoded {
-                msg: Message::from_parts(received, timestamp, key, payload, headers, None),
+                msg: unsafe {
+                    Message::from_consumed(received, timestamp, key, payload, headers, None)
+                },
                 due: None,
             });
         };
+        let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
         let expected = Expected {
             group: shared.topology.group(),
@@ -400,30 +706,82 @@ impl PartitionTask {
             max_retries: shared.policy.max_retries(),
             max_due_delay: shared.policy.max_due_delay(tier),
         };
-        match read_retry_envelope(&headers, timestamp, now, &expected) {
+        match read_retry_envelope(&headers, timestamp, batch.now, &expected) {
             Ok((user, envelope)) => {
                 headers.truncate(user);
                 let due = envelope.due.map(|due| (due, timestamp));
                 Ok(Decoded {
-                    msg: Message::from_parts(
-                        received,
-                        timestamp,
-                        key,
-                        payload,
-                        headers,
-                        Some(envelope),
-                    ),
+                    msg: unsafe {
+                        Message::from_consumed(
+                            received,
+                            timestamp,
+                            key,
+                            payload,
+                            headers,
+                            Some(envelope),
+                        )
+                    },
                     due,
                 })
             }
             Err(reason) => Err(Invalid {
-                msg: Message::from_parts(received, timestamp, key, payload, headers, None),
+                msg: unsafe {
+                    Message::from_consumed(received, timestamp, key, payload, headers, None)
+                },
                 reason,
             }),
         }
     }
 
-    async fn process(&self, decoded: Result<Decoded, Invalid>) -> Result<Step, Abandoned> {
+    /// Runs one record: waits until it is due (retry tiers), calls the handler, decides what
+    /// comes next.
+    fn process<'a, H: Handler>(
+        &'a self,
+        handler: &'a H,
+        taken: Taken,
+    ) -> impl Future<Output = Finished> + Send + 'a {
+        let Taken {
+            seq,
+            key,
+            decoded,
+            raw,
+        } = taken;
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::debug_span!(
+                "record",
+                topic = %self.topic,
+                partition = self.partition,
+                offset = raw.offset(),
+                attempt = tracing::field::Empty,
+                key_hash = tracing::field::Empty,
+            );
+            if let Ok(d) = &decoded {
+                span.record("attempt", d.msg.attempt());
+                if let Some(key) = d.msg.key() {
+                    span.record("key_hash", format!("{:016x}", key_hash(key)));
+                }
+            }
+            span
+        } else {
+            tracing::Span::none()
+        };
+        async move {
+            let outcome = self.outcome(handler, decoded).await;
+            Finished {
+                seq,
+                key,
+                outcome,
+                raw,
+            }
+        }
+        .instrument(span)
+    }
+
+    async fn outcome<H: Handler>(
+        &self,
+        handler: &H,
+        decoded: Result<Decoded, Invalid>,
+    ) -> Result<Step, Abandoned> {
         let (msg, due) = match decoded {
             Ok(Decoded { msg, due }) => (msg, due),
             Err(Invalid { msg, reason }) => {
@@ -447,26 +805,37 @@ impl PartitionTask {
                 }
             }
         }
-
         let shared = &self.shared;
-        let in_flight = &self.meters.in_flight;
-        in_flight.increment(1.0);
-        let started = Instant::now();
-        let result = invoke(&*shared.handler, &msg, &shared.cx).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        in_flight.decrement(1.0);
+        let sampled = self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            % SAMPLE_EVERY
+            == 0;
+        let started = sampled.then(Instant::now);
+        let mut call = pin!(invoke_static(handler, &msg, &shared.cx));
+        let (result, elapsed) = match futures_util::poll!(call.as_mut()) {
+            Poll::Ready(result) => (result, started.map(|s| s.elapsed())),
+            Poll::Pending => {
+                let started = started.unwrap_or_else(Instant::now);
+                let result = call.await;
+                (result, Some(started.elapsed()))
+            }
+        };
+        let elapsed = elapsed.map(|d| d.as_secs_f64());
         match result {
             Ok(()) => {
-                self.meters.processing_handled.record(elapsed);
-                self.meters.handled.increment(1);
-                shared.stats.handled();
+                if let Some(e) = elapsed {
+                    self.meters.processing_handled.record(e);
+                }
                 Ok(Step::Done)
             }
             Err(error) => {
                 let decision = shared.policy.decide(msg.attempt(), &error);
-                match decision {
-                    Decision::Retry { .. } => self.meters.processing_retry.record(elapsed),
-                    Decision::DeadLetter(_) => self.meters.processing_dead_letter.record(elapsed),
+                if let Some(e) = elapsed {
+                    match decision {
+                        Decision::Retry { .. } => self.meters.processing_retry.record(e),
+                        Decision::DeadLetter(_) => self.meters.processing_dead_letter.record(e),
+                    }
                 }
                 tracing::debug!(
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
@@ -481,7 +850,7 @@ impl PartitionTask {
     /// partition is paused, so nothing is fetched (or polled) meanwhile, and resumed
     /// [`resume_ahead`] before the due time: pausing drops librdkafka's prefetched records, and
     /// refetching them after a resume takes up to one fetch long-poll, which would otherwise
-    /// make every retry that late.
+    /// make every retry that late. No later record is taken meanwhile.
     async fn wait_until_due(&self, due: i64, written_at: Option<i64>) -> Result<(), Abandoned> {
         let wait = scheduler::wait_for(due, written_at, now_ms());
         // Due already: no timer at all. Tokio's timer rounds up to the next millisecond tick,
@@ -490,6 +859,8 @@ impl PartitionTask {
         if wait.is_zero() {
             return Ok(());
         }
+        self.waiting_due.fetch_add(1, Ordering::SeqCst);
+        let _waiting = DecrementOnDrop(&self.waiting_due);
         let start = tokio::time::Instant::now();
         let ahead = resume_ahead(&self.shared.config);
         if let Some(paused_for) = wait.checked_sub(ahead).filter(|d| !d.is_zero()) {
@@ -515,6 +886,18 @@ impl PartitionTask {
     }
 }
 
+/// A hand-off in flight: the record's sequence number and whether it became durable.
+pub(crate) type HandOffFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = (Seq, Result<(), Abandoned>)> + Send + 'a>>;
+
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Metrics of records read from a retry tier.
 struct RetryMeters {
     e2e_original: metrics::Histogram,
@@ -529,6 +912,11 @@ struct Meters {
     /// Only on retry tier partitions.
     retry: Option<RetryMeters>,
     in_flight: metrics::Gauge,
+    partition_in_flight: metrics::Gauge,
+    partition_waiting: metrics::Gauge,
+    partition_frontier_lag: metrics::Gauge,
+    /// What was last added to the group's in-flight gauge.
+    published_in_flight: std::sync::atomic::AtomicI64,
     processing_handled: metrics::Histogram,
     processing_retry: metrics::Histogram,
     processing_dead_letter: metrics::Histogram,
@@ -536,9 +924,11 @@ struct Meters {
 }
 
 impl Meters {
-    fn new(group: &str, topic: &str, source: &str, retry_tier: bool) -> Self {
+    fn new(group: &str, topic: &str, partition: i32, source: &str, retry_tier: bool) -> Self {
         let (g, t, s) = (group.to_owned(), topic.to_owned(), source.to_owned());
+        let p = partition.to_string();
         let processing = |outcome: &'static str| metrics::histogram!(m::PROCESSING_SECONDS, "source" => s.clone(), "outcome" => outcome);
+        let per_partition = |name: &'static str| metrics::gauge!(name, "group" => g.clone(), "topic" => t.clone(), "partition" => p.clone());
         Meters {
             consumed: metrics::counter!(m::RECORDS_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
             bytes: metrics::counter!(m::BYTES_CONSUMED, "group" => g.clone(), "topic" => t.clone()),
@@ -547,12 +937,35 @@ impl Meters {
                 e2e_original: metrics::histogram!(m::END_TO_END_SECONDS, "topic" => t.clone(), "from" => "original"),
                 lateness: metrics::histogram!(m::RETRY_LATENESS_SECONDS, "topic" => t.clone()),
             }),
+            partition_in_flight: per_partition(m::PARTITION_IN_FLIGHT),
+            partition_waiting: per_partition(m::PARTITION_WAITING),
+            partition_frontier_lag: per_partition(m::PARTITION_FRONTIER_LAG),
             in_flight: metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => g),
+            published_in_flight: std::sync::atomic::AtomicI64::new(0),
             processing_handled: processing("handled"),
             processing_retry: processing("retry"),
             processing_dead_letter: processing("dead_letter"),
             handled: metrics::counter!(m::RECORDS_HANDLED, "source" => s.clone()),
         }
+    }
+
+    /// Sets the per-partition gauges, and moves the group's in-flight gauge by the change.
+    fn publish(&self, in_flight: usize, waiting: usize, frontier_lag: usize) {
+        let now = in_flight as i64;
+        let before = self.published_in_flight.swap(now, Ordering::Relaxed);
+        if now != before {
+            self.in_flight.increment((now - before) as f64);
+        }
+        self.partition_in_flight.set(in_flight as f64);
+        self.partition_waiting.set(waiting as f64);
+        self.partition_frontier_lag.set(frontier_lag as f64);
+    }
+}
+
+impl Drop for Meters {
+    /// A task that ends leaves nothing in flight behind in the gauges.
+    fn drop(&mut self) {
+        self.publish(0, 0, 0);
     }
 }
 
@@ -565,12 +978,4 @@ fn resume_ahead(config: &crate::Config) -> Duration {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(super::client::RETRY_FETCH_WAIT_MS);
     Duration::from_millis(fetch_wait.saturating_add(200))
-}
-
-/// A stable, non-reversible stand-in for a key in traces (keys may carry personal data).
-fn key_hash(key: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
 }

@@ -78,7 +78,7 @@ impl Supervisor {
                 self.revoked.clone(),
                 Arc::clone(&self.progress),
             );
-            let run = AssertUnwindSafe(task.run(q)).catch_unwind();
+            let run = AssertUnwindSafe(self.shared.handler.run(task, q)).catch_unwind();
             tokio::pin!(run);
             let ended = tokio::select! {
                 ended = &mut run => ended,
