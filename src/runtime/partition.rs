@@ -251,8 +251,11 @@ impl PartitionTask {
                 Next::Settled(Err(abandoned)) => return self.end(abandoned),
                 Next::Stop => return self.drain(&mut pending).await,
             };
-            let (offset, decoded) = (raw.offset(), self.decode(&raw));
+            // Marked as taken before anything that could fail: a task restarted after a panic
+            // in decoding starts again from this record, not after it.
+            let offset = raw.offset();
             self.progress.at(offset);
+            let decoded = self.decode(&raw);
             let span = tracing::debug_span!(
                 "record",
                 topic = %self.topic,
@@ -449,12 +452,11 @@ impl PartitionTask {
         }
 
         let shared = &self.shared;
-        let in_flight = &self.meters.in_flight;
-        in_flight.increment(1.0);
+        // Decremented however the call ends (also when it is abandoned at shutdown).
+        let _in_flight = InFlight::new(&self.meters.in_flight);
         let started = Instant::now();
         let result = invoke(&*shared.handler, &msg, &shared.cx).await;
         let elapsed = started.elapsed().as_secs_f64();
-        in_flight.decrement(1.0);
         match result {
             Ok(()) => {
                 self.meters.processing_handled.record(elapsed);
@@ -553,6 +555,22 @@ impl Meters {
             processing_dead_letter: processing("dead_letter"),
             handled: metrics::counter!(m::RECORDS_HANDLED, "source" => s.clone()),
         }
+    }
+}
+
+/// One handler call counted in the in-flight gauge for as long as it lives.
+struct InFlight<'a>(&'a metrics::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
