@@ -521,6 +521,10 @@ const fn keeps(key: &'static str, values: &'static [&'static str], why: &'static
 /// consumer takes the user's choice, the retry consumer always reads from the earliest offset
 /// (a record waiting in a tier across a restart must not be skipped).
 const MANAGED_CONSUMER_PROPS: &[Managed] = &[
+    managed(
+        "offset.store.method",
+        "offsets are stored in the group coordinator, as sidetrack commits them",
+    ),
     managed("bootstrap.servers", "use the top-level `brokers`"),
     managed("metadata.broker.list", "use the top-level `brokers`"),
     managed("group.id", "use the top-level `group` (and `retry.group`)"),
@@ -575,6 +579,20 @@ const MANAGED_PRODUCER_PROPS: &[Managed] = &[
     ),
 ];
 
+/// The property librdkafka will set for `key`: without surrounding blanks, without the
+/// `topic.` prefix (librdkafka applies `topic.x` to the default topic configuration, where
+/// `x` lives, so both spellings set the same property), and with aliases resolved.
+pub(crate) fn canonical_property(key: &str) -> &str {
+    let key = key.trim();
+    let key = key.strip_prefix("topic.").unwrap_or(key);
+    match key {
+        "max.in.flight" => "max.in.flight.requests.per.connection",
+        "request.required.acks" => "acks",
+        "auto.commit.enable" => "enable.auto.commit",
+        other => other,
+    }
+}
+
 /// The first property of `props` that a managed rule refuses, as a config error.
 fn check_managed(
     section: &str,
@@ -582,7 +600,8 @@ fn check_managed(
     rules: &[Managed],
 ) -> Result<(), ConfigError> {
     for (key, value) in props {
-        let Some(rule) = rules.iter().find(|r| r.key == key.trim()) else {
+        let name = canonical_property(key);
+        let Some(rule) = rules.iter().find(|r| r.key == name) else {
             continue;
         };
         let value = value.trim();
@@ -602,15 +621,31 @@ fn check_managed(
             }
         }
     }
-    if section == "producer" {
-        if let Some(v) = props.get("max.in.flight.requests.per.connection") {
-            if !matches!(v.trim().parse::<u32>(), Ok(1..=5)) {
-                return Err(ConfigError::invalid(
-                    "producer.\"max.in.flight.requests.per.connection\"",
+    for (key, value) in props {
+        let bad = |reason: &str| {
+            Err(ConfigError::invalid(
+                format!("{section}.\"{key}\""),
+                reason.to_owned(),
+            ))
+        };
+        match (section, canonical_property(key)) {
+            ("producer", "max.in.flight.requests.per.connection")
+                if !matches!(value.trim().parse::<u32>(), Ok(1..=5)) =>
+            {
+                return bad(
                     "must be 1 to 5: the idempotent producer keeps order and avoids duplicates \
                      only within that bound",
-                ));
+                )
             }
+            ("consumer", "auto.commit.interval.ms")
+                if !matches!(value.trim().parse::<u32>(), Ok(1..)) =>
+            {
+                return bad(
+                    "must be at least 1: 0 switches the periodic commit of stored offsets off, \
+                     and a crash would hand everything handled since the start to the next owner",
+                )
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -9,9 +9,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::*;
@@ -21,13 +21,12 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sidetrack::config::RetryConfig;
 use sidetrack::metrics as m;
-use sidetrack::retry::headers as h;
 use sidetrack::{Context, DeadLetterReason, Error, Handler, HandlerError, Message, Tier};
 
 // ------------------------------------------------------------------ recorder
 
-/// Keeps every value; a counter registered under a trapped (name, source) panics on its first
-/// `n` increments.
+/// Keeps every value; a counter registered under a trapped (name, `source` or `topic` label)
+/// panics on its first `n` increments.
 struct Recording {
     registry: Registry<Key, AtomicStorage>,
     traps: Mutex<HashMap<(String, String), Arc<AtomicUsize>>>,
@@ -60,17 +59,17 @@ impl metrics::Recorder for Recording {
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         let inner = self.registry.get_or_create_counter(key, Arc::clone);
-        let source = key
+        // Trapped by (name, value of its `source` or `topic` label).
+        let trap = key
             .labels()
-            .find(|l| l.key() == "source")
-            .map(|l| l.value().to_owned())
-            .unwrap_or_default();
-        let trap = self
-            .traps
-            .lock()
-            .unwrap()
-            .get(&(key.name().to_owned(), source))
-            .cloned();
+            .filter(|l| l.key() == "source" || l.key() == "topic")
+            .find_map(|l| {
+                self.traps
+                    .lock()
+                    .unwrap()
+                    .get(&(key.name().to_owned(), l.value().to_owned()))
+                    .cloned()
+            });
         match trap {
             Some(left) => Counter::from_arc(Arc::new(Trap { inner, left })),
             None => Counter::from_arc(inner),
@@ -132,6 +131,7 @@ fn now_ms() -> i64 {
 
 /// A scenario on its own topic and group (metrics are process-wide).
 fn unique(name: &str, partitions: i32) -> (sidetrack::testing::EmbeddedCluster, sidetrack::Config) {
+    recorder();
     let cluster = cluster_with(name, partitions);
     let config = config_for(name, &format!("{name}-g"));
     (cluster, config)
@@ -581,8 +581,8 @@ async fn a_revocation_mid_backoff_leaves_no_pause_behind() {
 
 // ------------------------------------------------------------------ revoke and assign back
 
-/// Counts handler calls in progress per record in one instance; every call waits for the
-/// gate.
+/// Counts handler calls in progress per record in one instance; every call waits at an async
+/// gate (it yields while it waits).
 #[derive(Clone)]
 struct Gated {
     gate: Arc<tokio::sync::Semaphore>,
@@ -600,10 +600,16 @@ impl Gated {
             calls: Arc::default(),
         }
     }
+    fn closed() -> Self {
+        Self::new(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+    fn running(&self) -> usize {
+        self.active.lock().unwrap().values().sum()
+    }
 }
 
 impl Handler for Gated {
-    async fn handle(&self, msg: &Message, cx: &Context) -> Result<(), HandlerError> {
+    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
         let id = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
         {
             let mut active = self.active.lock().unwrap();
@@ -612,11 +618,17 @@ impl Handler for Gated {
             self.most.fetch_max(*n, Ordering::SeqCst);
         }
         self.calls.fetch_add(1, Ordering::SeqCst);
-        // No shutdown shortcut: a call still waiting at shutdown is abandoned, so its record
-        // has no durable outcome and goes back to the partition's next owner.
-        let _ = cx;
+        // Decrements also when the call is abandoned (its future dropped).
+        struct Done(Arc<Mutex<HashMap<String, usize>>>, String);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                if let Some(n) = self.0.lock().unwrap().get_mut(&self.1) {
+                    *n -= 1;
+                }
+            }
+        }
+        let _done = Done(Arc::clone(&self.active), id);
         drop(self.gate.acquire().await);
-        *self.active.lock().unwrap().get_mut(&id).unwrap() -= 1;
         Ok(())
     }
 }
@@ -687,12 +699,6 @@ on_both_brokers!(
     2,
     a_partition_assigned_back_waits_for_its_previous_task
 );
-
-#[test]
-fn dead_letter_reason_header_names_are_stable() {
-    // A guard that the header constants used above are the envelope's.
-    assert_eq!(h::ERROR_KIND, "sidetrack-error-kind");
-}
 
 /// Two instances configured with the same `group.instance.id` (static membership): the newer
 /// one fences the older, whose consumer then has a fatal error and can never consume again.
@@ -778,4 +784,402 @@ mod fenced_static_member {
             within_limit(a_fenced_static_member_stops_with_the_cause(env)).await
         }
     }
+}
+
+// ------------------------------------------------------------------ found by review
+// An adversarial review of the first version of this hardening found each of these; every
+// test failed on that version.
+
+/// Starts a member with `handler` on `topic` (two partitions), produces one record to each
+/// partition and waits until both records are in its handler (`calls` counts the calls).
+async fn two_calls_in(
+    cluster: &sidetrack::testing::EmbeddedCluster,
+    config: &sidetrack::Config,
+    topic: &str,
+    handler: impl Handler,
+    calls: impl Fn() -> usize,
+) -> sidetrack::RuntimeHandle {
+    let a = sidetrack::Runtime::builder(config.clone())
+        .embedded(cluster)
+        .handler(handler)
+        .started()
+        .await;
+    wait_for("both partitions on A", || {
+        a.assigned_partitions().len() == 2
+    })
+    .await;
+    produce_to(cluster, topic, &payloads("r", 2), 2).await;
+    wait_for("both records in A's handler", || calls() == 2).await;
+    a
+}
+
+/// Starts a member B with `handler` and waits until it has one of A's two partitions.
+async fn join_and_take_one(
+    cluster: &sidetrack::testing::EmbeddedCluster,
+    config: &sidetrack::Config,
+    a: &sidetrack::RuntimeHandle,
+    handler: impl Handler,
+) -> sidetrack::RuntimeHandle {
+    let b = sidetrack::Runtime::builder(config.clone())
+        .embedded(cluster)
+        .handler(handler)
+        .started()
+        .await;
+    wait_for("one partition moved to B", || {
+        a.assigned_partitions().len() == 1 && b.assigned_partitions().len() == 1
+    })
+    .await;
+    b
+}
+
+fn payloads(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// A gate a thread can block on (a synchronous call inside a handler).
+#[derive(Clone, Default)]
+struct BlockingGate(Arc<(Mutex<bool>, Condvar)>);
+
+impl BlockingGate {
+    fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+    }
+    fn open(&self) {
+        let (open, cv) = &*self.0;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}
+
+// ------------------------------------------------------------------ 1. loss: a panic before `progress.at`
+
+/// A panic in the partition task outside the handler is supposed to restart the task "from
+/// the last stored offset" without skipping anything. `Progress::restart_from` returns `None`
+/// ("no record was taken yet, the consumer's position is still right") when nothing was stored
+/// and `progress.at()` was never called. But the task calls `progress.at(offset)` only after
+/// `decode()` (partition.rs:254-255): a panic inside `decode` (here a metrics call, as in the
+/// hardening tests; any bug there does the same) on the first record of an assignment happens
+/// after librdkafka handed that record out and before it was marked as taken. The supervisor
+/// then restarts without a seek, the new task reads the next record from the queue, handles it
+/// and stores its offset: the first record is never handled and its offset is committed past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_decoding_the_first_record_does_not_skip_it() {
+    let topic = "rv-first-panic";
+    let group = "rv-first-panic-g";
+    let (cluster, config) = unique(topic, 1);
+    recorder().traps.lock().unwrap().insert(
+        (m::RECORDS_CONSUMED.to_owned(), topic.to_owned()),
+        Arc::new(AtomicUsize::new(1)),
+    );
+    let rec = Recorder::new(|_| Ok(()));
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(rec.clone())
+        .started()
+        .await;
+    produce_to(&cluster, topic, &payloads("p", 3), 1).await;
+    wait_for("the task failed once and was restarted", || {
+        counter(m::PARTITION_TASK_FAILURES, &[("topic", topic)]) >= 1
+    })
+    .await;
+    wait_for("the last record handled", || {
+        rec.all().iter().any(|a| a.payload == "p2")
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    let committed = cluster.committed_offset(group, topic, 0).await.unwrap();
+    let seen: HashSet<String> = rec.all().into_iter().map(|a| a.payload).collect();
+    assert!(
+        seen.contains("p0"),
+        "record 0 was never handled, yet the committed offset is {committed:?}; handled: {seen:?}"
+    );
+}
+
+// ------------------------------------------------------------------ 2. wrong outcome: a long hand-off outage
+
+/// The due time is checked against the retry record's own timestamp: it must lie in
+/// `timestamp − 60 s ..= timestamp + tier delay + 60 s` (scheduler.rs `check_due`). But
+/// `hand_off` computes the envelope (and its due time) once, before the first send
+/// (handoff.rs:247), while `send_durably` stamps every *attempt* with a fresh `now_ms()`
+/// (handoff.rs:361). A hand-off that keeps failing for longer than the tier delay + 60 s (a
+/// broker or retry-topic outage of a minute) is finally written with a timestamp more than
+/// 60 s after its own due time: the retry consumer takes the genuine retry for a forged one
+/// and dead-letters it as `invalid-envelope` instead of retrying it.
+///
+/// Takes ~70 s: the outage has to outlast the 60 s slack (`DUE_SLACK`, a constant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sent_after_a_minute_long_outage_is_retried_not_dead_lettered() {
+    let topic = "rv-long-outage";
+    let (cluster, config) = unique(topic, 1);
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::clone(&release);
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&attempts);
+    let handler = sidetrack::handler_fn(move |msg: Message, _cx: Context| {
+        let gate = Arc::clone(&gate);
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().unwrap().push(msg.attempt());
+            if msg.attempt() == 1 {
+                drop(gate.acquire().await);
+                return Err(HandlerError::retryable("fails once"));
+            }
+            Ok(())
+        }
+    });
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(handler)
+        .started()
+        .await;
+    produce_to(&cluster, topic, &["r".to_owned()], 1).await;
+    wait_for("the record in the handler", || {
+        attempts.lock().unwrap().len() == 1
+    })
+    .await;
+    // The retry tier cannot be written to for 65 s (every Produce fails with a retriable
+    // error); the group itself stays healthy.
+    cluster.fail_requests(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20_000],
+    );
+    release.add_permits(1);
+    wait_for("the hand-off failing", || rt.stats().handoff_failures > 0).await;
+    // The outage itself (the scenario), not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    wait_for("the record retried or dead-lettered", || {
+        let s = rt.stats();
+        s.handled + s.total_dead_lettered() >= 1
+    })
+    .await;
+    let stats = rt.shutdown().await.unwrap();
+    assert_eq!(
+        stats.dead_lettered(DeadLetterReason::InvalidEnvelope),
+        0,
+        "a genuine retry was dead-lettered as forged: {stats:?}"
+    );
+    assert_eq!(stats.handled, 1, "{stats:?}");
+    assert_eq!(*attempts.lock().unwrap(), vec![1, 2]);
+}
+
+// ------------------------------------------------------------------ 3. config: auto-commit switched off
+
+/// `enable.auto.commit=false` is refused because "without it nothing is committed until
+/// shutdown, and a crash hands everything handled since the start to the next owner". librdkafka
+/// also switches the periodic commit off with `auto.commit.interval.ms=0` ("0 = disable",
+/// rdkafka_conf.c; the timer is only started when it is > 0, rdkafka_cgrp.c:552): the same
+/// effect, accepted.
+#[test]
+fn switching_auto_commit_off_through_its_interval_is_refused() {
+    let mut c = sidetrack::Config::new("localhost:9092", "billing", ["orders"]);
+    c.consumer
+        .insert("auto.commit.interval.ms".into(), "0".into());
+    assert!(
+        c.validate().is_err(),
+        "auto.commit.interval.ms=0 disables auto-commit and was accepted"
+    );
+}
+
+// ------------------------------------------------------------------ 4. stall: shutdown leaves a retiring task running
+
+/// A partition revoked while its handler call still runs is kept in `retiring` (its
+/// supervisor's `JoinHandle` is dropped). `Group::stop` waits for and aborts only the tasks in
+/// `slots`, never the retiring ones; such a task keeps an `Arc` of the consumer (and of
+/// `Shared`), so the "close" in `stop` only drops one reference: the consumer is not closed and
+/// does not leave the group. `run()` returns while (a) that handler call still runs, past
+/// `shutdown_timeout`, and (b) the member stays in the group holding its other partitions
+/// until librdkafka's `max.poll.interval.ms` (5 min by default) runs out: for that long
+/// nobody handles them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_leave_a_revoked_call_running_and_the_member_in_the_group() {
+    let topic = "rv-retiring-shutdown";
+    let (cluster, mut config) = unique(topic, 2);
+    config.shutdown_timeout = Duration::from_millis(500);
+    let in_a = Gated::closed();
+    let a = two_calls_in(&cluster, &config, topic, in_a.clone(), || {
+        in_a.calls.load(Ordering::SeqCst)
+    })
+    .await;
+    // B joins and takes one partition: A's task for it is revoked mid-call (retiring).
+    let in_b = Recorder::new(|_| Ok(()));
+    let b = join_and_take_one(&cluster, &config, &a, in_b.clone()).await;
+    let stays = a.assigned_partitions()[0].1;
+    // A stops: its remaining call is abandoned after shutdown_timeout, so the record of the
+    // partition A keeps belongs to B next.
+    a.shutdown().await.unwrap();
+    let still_running = in_a.running();
+    let taken_over = sidetrack::testing::wait_until(WAIT, || {
+        std::future::ready(in_b.all().iter().any(|x| x.partition == stays))
+    })
+    .await;
+    in_a.gate.add_permits(1000);
+    b.shutdown().await.unwrap();
+    assert!(
+        taken_over,
+        "{WAIT:?} after A's graceful shutdown, partition {stays} was still A's (A never left \
+         the group); A handler calls still running after run() returned: {still_running}"
+    );
+    assert_eq!(
+        still_running, 0,
+        "a handler call of A still ran after its shutdown had returned"
+    );
+}
+
+// ------------------------------------------------------------------ 5. double run: a partition moved twice
+
+/// "When a partition comes back to the same process while its old task is still in a handler
+/// call, the new task waits for the old one to end." The wait is one link deep: the new
+/// supervisor takes the old one's `finished` token out of `retiring`. If the partition moves
+/// away again while the new supervisor is still waiting, `revoke` puts the *waiting*
+/// supervisor's token into `retiring`, and that supervisor ends at once (its wait selects on
+/// `revoked`). When the partition comes back a second time, the third task finds an ended
+/// predecessor and starts, while the first task's handler call is still running: the record
+/// is in two handler calls at once in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moved_away_twice_still_waits_for_its_first_task() {
+    let topic = "rv-moved-twice";
+    let (cluster, mut config) = unique(topic, 2);
+    config.shutdown_timeout = Duration::from_millis(500);
+    let in_a = Gated::closed();
+    let a = two_calls_in(&cluster, &config, topic, in_a.clone(), || {
+        in_a.calls.load(Ordering::SeqCst)
+    })
+    .await;
+    // Each round a new member joins (takes one partition; its call never ends, so nothing is
+    // committed) and leaves again (the partition comes back to A). With two partitions, by
+    // the third round one of them has moved away a second time.
+    let mut overlapped = false;
+    for round in 1..=3 {
+        let b = join_and_take_one(&cluster, &config, &a, Gated::closed()).await;
+        b.shutdown().await.unwrap();
+        wait_for(&format!("round {round}: both partitions back on A"), || {
+            a.assigned_partitions().len() == 2
+        })
+        .await;
+        // Nothing to wait for when all is well, so the window simply ends.
+        overlapped = sidetrack::testing::wait_until(Duration::from_secs(5), || {
+            std::future::ready(in_a.most.load(Ordering::SeqCst) > 1)
+        })
+        .await;
+        if overlapped {
+            eprintln!("overlap seen in round {round}");
+            break;
+        }
+    }
+    in_a.gate.add_permits(1000);
+    a.shutdown().await.unwrap();
+    assert!(
+        !overlapped,
+        "a record was in two handler calls at once in one instance"
+    );
+}
+
+// ------------------------------------------------------------------ 6. stall: a blocking handler across revoke and assign back
+
+/// A handler that makes a synchronous call (`tokio::task::block_in_place`, the documented way
+/// to block inside a multi-threaded runtime; plain blocking does the same) cannot see a
+/// revocation until the call returns, so its task keeps its handle of the partition queue. If
+/// the partition comes back to this process meanwhile, `assign` splits a new handle of the
+/// same librdkafka queue for the new task. When the old task ends it drops its handle, and
+/// rdkafka's `StreamPartitionQueue::drop` disables the queue's wake-up callback, which the
+/// queue shares with the new handle (`rd_kafka_queue_cb_event_enable` sets it on the
+/// underlying queue; the project's own notes, pitfall 2). The new task is never woken for a
+/// record again: the partition is assigned, healthy-looking, and silent for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_assigned_back_during_a_blocking_call_keeps_flowing() {
+    let topic = "rv-blocking-back";
+    let (cluster, mut config) = unique(topic, 2);
+    config.shutdown_timeout = Duration::from_millis(500);
+    let gate = BlockingGate::default();
+    let blocking = Arc::new(AtomicBool::new(true));
+    let seen = Arc::new(Mutex::new(Vec::<(i32, String)>::new()));
+    let handler = {
+        let (gate, blocking, seen) = (gate.clone(), Arc::clone(&blocking), Arc::clone(&seen));
+        sidetrack::handler_fn(move |msg: Message, _cx: Context| {
+            let (gate, blocking, seen) = (gate.clone(), Arc::clone(&blocking), Arc::clone(&seen));
+            async move {
+                let id = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+                seen.lock().unwrap().push((msg.partition(), id));
+                if blocking.load(Ordering::SeqCst) {
+                    // A synchronous call that takes a while (a blocking client library).
+                    tokio::task::block_in_place(|| gate.wait());
+                }
+                Ok(())
+            }
+        })
+    };
+    let a = two_calls_in(&cluster, &config, topic, handler, || {
+        seen.lock().unwrap().len()
+    })
+    .await;
+    // B joins (takes one partition) and leaves again (it comes back to A) while A's calls
+    // still block.
+    let b = join_and_take_one(&cluster, &config, &a, Recorder::new(|_| Ok(()))).await;
+    b.shutdown().await.unwrap();
+    wait_for("both partitions back on A", || {
+        a.assigned_partitions().len() == 2
+    })
+    .await;
+    // The blocking calls return; from now on the handler does not block.
+    blocking.store(false, Ordering::SeqCst);
+    gate.open();
+    let fresh = payloads("n", 10);
+    produce_to(&cluster, topic, &fresh, 2).await;
+    let handled = sidetrack::testing::wait_until(WAIT, || {
+        let got: HashSet<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect();
+        std::future::ready(fresh.iter().all(|p| got.contains(p)))
+    })
+    .await;
+    let got: HashSet<(i32, String)> = seen.lock().unwrap().iter().cloned().collect();
+    let missing: Vec<&String> = fresh
+        .iter()
+        .filter(|p| !got.iter().any(|(_, q)| q == *p))
+        .collect();
+    a.shutdown().await.unwrap();
+    assert!(
+        handled,
+        "records produced after the partition came back were never handled: {missing:?}"
+    );
+}
+
+// ------------------------------------------------------------------ 7. leak: in-flight gauge
+
+/// `sidetrack_records_in_flight` is incremented before the handler call and decremented after
+/// it (partition.rs:453-457), with no guard: a call abandoned at shutdown (its future dropped
+/// by `finish_tasks`' abort) leaves +1 for ever in this process. (Older than the reviewed
+/// commits; the pause gauge got a guard in them, this one did not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_leaves_no_in_flight_count_behind() {
+    let topic = "rv-in-flight";
+    let group = "rv-in-flight-g";
+    let (cluster, mut config) = unique(topic, 1);
+    config.shutdown_timeout = Duration::from_millis(300);
+    let in_a = Gated::closed();
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(in_a.clone())
+        .started()
+        .await;
+    produce_to(&cluster, topic, &payloads("r", 1), 1).await;
+    wait_for("the record in the handler", || {
+        gauge(m::RECORDS_IN_FLIGHT, &[("group", group)]) == 1.0
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(in_a.running(), 0, "the call was abandoned");
+    assert_eq!(
+        gauge(m::RECORDS_IN_FLIGHT, &[("group", group)]),
+        0.0,
+        "in-flight gauge left behind by an abandoned call"
+    );
 }

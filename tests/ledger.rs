@@ -147,6 +147,14 @@ fn ledger_worker() {
         config.retry = retry_config();
         config.shutdown_timeout = Duration::from_secs(5);
         config.provisioning.auto_create = false;
+        // The workers reach the embedded broker by its address, not through
+        // `RuntimeBuilder::embedded`, so they set what it sets: the mock broker does not check
+        // idempotent sequence numbers, and with several produce requests in flight a failed
+        // batch can be acknowledged implicitly by a later one and be in no log (a record
+        // lost here that Kafka would have kept). One request at a time keeps it honest.
+        config
+            .producer
+            .insert("max.in.flight.requests.per.connection".into(), "1".into());
         config.consumer.insert(
             "auto.commit.interval.ms".into(),
             COMMIT_INTERVAL_MS.to_string(),

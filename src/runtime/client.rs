@@ -73,6 +73,11 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         .set("queued.min.messages", "10000")
         .set_log_level(RDKafkaLogLevel::Info);
     for (k, v) in &config.consumer {
+        // Applied to the main consumer only, under any spelling (librdkafka's `topic.` prefix
+        // sets the same property, and the configuration map is applied in no fixed order).
+        if retry && crate::config::canonical_property(k) == "auto.offset.reset" {
+            continue;
+        }
         c.set(k, v);
     }
     if retry {
@@ -119,4 +124,69 @@ pub(crate) fn admin_config(config: &Config) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// Review (adversarial): the guarantees "the retry consumer always reads a tier from its
+/// earliest offset" and "`message.timeout.ms` is set by `handoff.timeout`" can be voided by
+/// spelling the property with librdkafka's `topic.` prefix.
+#[cfg(test)]
+mod review {
+    use super::*;
+
+    /// What librdkafka resolves `key` to, for 32 configs built by `build` (rdkafka's
+    /// `ClientConfig` is a `HashMap`, applied in a random order per instance).
+    fn resolved(build: impl Fn() -> ClientConfig, key: &str) -> Vec<String> {
+        (0..32)
+            .map(|_| build().create_native_config().unwrap().get(key).unwrap())
+            .collect()
+    }
+
+    /// librdkafka strips a `topic.` prefix and sets the default topic config
+    /// (`rd_kafka_topic_conf_set`, rdkafka_conf.c:2576), where `auto.offset.reset` lives. So
+    /// `consumer."topic.auto.offset.reset" = "latest"` (accepted by `validate`) and the
+    /// `auto.offset.reset = earliest` forced on the retry consumer are two keys of rdkafka's
+    /// `ClientConfig`: whichever is applied last wins, so about every other retry consumer
+    /// starts a brand-new tier partition at `latest` and skips the retries waiting in it (the
+    /// scenario of hardening.rs `a_retry_waiting_across_a_restart_is_not_skipped`).
+    #[test]
+    fn a_topic_prefixed_offset_reset_does_not_reach_the_retry_consumer() {
+        let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+        config
+            .consumer
+            .insert("topic.auto.offset.reset".into(), "latest".into());
+        if config.validate().is_err() {
+            return; // refused: fine too
+        }
+        let got = resolved(
+            || consumer_config(&config, "billing-retry", true),
+            "auto.offset.reset",
+        );
+        let latest = got.iter().filter(|v| *v != "smallest").count();
+        assert_eq!(
+            latest, 0,
+            "{latest} of 32 retry consumers would start at `latest`: {got:?}"
+        );
+    }
+
+    /// The same prefix gets past the managed producer timeout: `handoff.timeout` is meant to be
+    /// the only way to set `message.timeout.ms` ("set `handoff.timeout` instead"), but
+    /// `producer."topic.message.timeout.ms" = "0"` (no timeout at all: a send to a broker that
+    /// never answers waits for ever) is accepted and wins about every other time.
+    #[test]
+    fn a_topic_prefixed_message_timeout_does_not_reach_the_hand_off_producer() {
+        let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+        config
+            .producer
+            .insert("topic.message.timeout.ms".into(), "0".into());
+        if config.validate().is_err() {
+            return; // refused: fine too
+        }
+        let want = config.handoff.timeout.as_millis().to_string();
+        let got = resolved(|| producer_config(&config), "message.timeout.ms");
+        let overridden = got.iter().filter(|v| **v != want).count();
+        assert_eq!(
+            overridden, 0,
+            "{overridden} of 32 hand-off producers would not use handoff.timeout ({want} ms): {got:?}"
+        );
+    }
 }

@@ -37,12 +37,15 @@ pub(crate) enum Role {
 
 struct Slot {
     revoked: CancellationToken,
-    /// The partition's supervisor (which runs the partition task).
+    /// The partition's supervisor (which runs the partition task). It ends only after its
+    /// predecessor for the same partition in this process has ended.
     task: JoinHandle<()>,
     progress: Arc<Progress>,
-    /// Cancelled when the supervisor has ended.
-    finished: CancellationToken,
 }
+
+/// A partition queue handle, one per partition for the life of the consumer while any task
+/// holds it.
+type Queue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<GroupContext>;
 
 /// The consumer's context: rebalance hook and the table of partition tasks.
 pub(crate) struct GroupContext {
@@ -53,9 +56,16 @@ pub(crate) struct GroupContext {
     /// the `Arc`, but the rebalance hook only gets the inner `BaseConsumer`.
     consumer: OnceLock<Weak<GroupConsumer>>,
     slots: Mutex<HashMap<(String, i32), Slot>>,
-    /// Revoked partitions whose task may still be finishing a handler call: a new task for
-    /// the same partition waits for it (see [`Supervisor::previous`]).
-    retiring: Mutex<HashMap<(String, i32), CancellationToken>>,
+    /// Revoked partitions whose supervisor may still be finishing a handler call: a new one
+    /// for the same partition waits for it (see [`Supervisor::previous`]), and shutdown waits
+    /// for the rest.
+    retiring: Mutex<HashMap<(String, i32), JoinHandle<()>>>,
+    /// The queue handle of each partition. A second handle on the same librdkafka queue
+    /// disables the first one's wake-ups when either is dropped, so a partition assigned back
+    /// while its previous task still holds its handle (a handler call blocking its thread)
+    /// gets that same handle again. Cleared before the consumer closes (each handle holds the
+    /// consumer).
+    queues: Mutex<HashMap<(String, i32), Arc<Queue>>>,
     runtime: tokio::runtime::Handle,
     /// Set when a commit says this member is no longer in the group (unknown member, stale
     /// generation): offsets stored now would never be committed, and the new owner would
@@ -147,21 +157,35 @@ impl GroupContext {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
         };
-        let Some(queue) = consumer.split_partition_queue(topic, partition) else {
-            tracing::error!(topic, partition, "cannot split partition queue");
-            return;
-        };
         let key = (topic.to_owned(), partition);
+        let queue = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            match queues.get(&key) {
+                // Still held by the previous task: share it (see `queues`).
+                Some(q) if Arc::strong_count(q) > 1 => Arc::clone(q),
+                _ => {
+                    // Only we hold it: drop it before splitting anew, so that the new
+                    // handle's wake-ups are the ones enabled.
+                    queues.remove(&key);
+                    let Some(q) = consumer.split_partition_queue(topic, partition) else {
+                        tracing::error!(topic, partition, "cannot split partition queue");
+                        return;
+                    };
+                    let q = Arc::new(q);
+                    queues.insert(key.clone(), Arc::clone(&q));
+                    q
+                }
+            }
+        };
         let revoked = CancellationToken::new();
         let progress = Progress::new();
-        let finished = CancellationToken::new();
         let mut slots = self.slots();
-        // The previous task of this partition, if it may still be running: revoked earlier
-        // (and finishing its handler call), or still in the table (assigned twice).
+        // The previous supervisor of this partition, if it may still be running: revoked
+        // earlier (and finishing its handler call), or still in the table (assigned twice).
         let previous = match slots.remove(&key) {
             Some(old) => {
                 old.revoked.cancel();
-                Some(old.finished)
+                Some(old.task)
             }
             None => self
                 .retiring
@@ -169,7 +193,7 @@ impl GroupContext {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key),
         }
-        .filter(|t| !t.is_cancelled());
+        .filter(|t| !t.is_finished());
         let supervisor = Supervisor {
             shared: Arc::clone(&self.shared),
             role: self.role,
@@ -181,7 +205,6 @@ impl GroupContext {
             progress: Arc::clone(&progress),
             queue,
             previous,
-            finished: finished.clone(),
         };
         let handle = self.runtime.spawn(supervisor.run());
         slots.insert(
@@ -190,7 +213,6 @@ impl GroupContext {
                 revoked,
                 task: handle,
                 progress,
-                finished,
             },
         );
         drop(slots);
@@ -220,11 +242,11 @@ impl GroupContext {
         let unstored = slot.as_ref().map_or(0, |s| s.progress.unstored());
         if let Some(slot) = slot {
             slot.revoked.cancel();
-            if !slot.finished.is_cancelled() {
+            if !slot.task.is_finished() {
                 self.retiring
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert((topic.to_owned(), partition), slot.finished);
+                    .insert((topic.to_owned(), partition), slot.task);
             }
         }
         lag::forget(&self.group_id, topic, partition);
@@ -394,6 +416,7 @@ impl Group {
             consumer: OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             retiring: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
             fenced: std::sync::atomic::AtomicBool::new(false),
             unfenced: tokio::sync::Notify::new(),
@@ -458,6 +481,8 @@ impl Group {
         let _ = self.sampler.await;
         // A task started by a rebalance racing with `closing` sees the shutdown at once.
         finish_tasks(ctx, tokio::time::Instant::now() + Duration::from_secs(1)).await;
+        // Each queue handle holds the consumer: let them go, so the close below is the last.
+        ctx.queues.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // Dropping the last handle closes the consumer: it revokes, commits and leaves the group.
         let consumer = self.consumer;
         if Arc::strong_count(&consumer) > 1 {
@@ -517,11 +542,25 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// record has no durable outcome, so its offset is not stored and it is delivered again).
 async fn finish_tasks(ctx: &GroupContext, deadline: tokio::time::Instant) {
     let slots: Vec<Slot> = ctx.slots().drain().map(|(_, s)| s).collect();
-    for slot in slots {
-        let mut task = slot.task;
+    // Revoked partitions whose handler call is still running are waited for too: the member
+    // must not leave with work going on (and the consumer must not close under it).
+    let retiring: Vec<JoinHandle<()>> = ctx
+        .retiring
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .map(|(_, t)| t)
+        .collect();
+    let tasks = slots
+        .into_iter()
+        .map(|s| (Some(s.revoked), s.task))
+        .chain(retiring.into_iter().map(|t| (None, t)));
+    for (revoked, mut task) in tasks {
         if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             tracing::warn!(role = ?ctx.role, "in-flight record abandoned at shutdown; it will be delivered again");
-            slot.revoked.cancel();
+            if let Some(revoked) = revoked {
+                revoked.cancel();
+            }
             task.abort();
             let _ = task.await;
         }

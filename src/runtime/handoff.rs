@@ -171,28 +171,33 @@ impl PartitionTask {
             Decision::Retry { tier, .. } => source.retry[tier].name.as_str(),
             Decision::DeadLetter(_) => source.dead_letter.as_str(),
         };
+        // One clock reading for the envelope and the record's timestamp, kept across resends:
+        // a retry tier checks the due time against the record's own timestamp, and a resend
+        // after an outage must not look like a due time from the past.
         let envelope_for = |d: Decision, error: &str| {
-            next_envelope(
+            let now = now_ms();
+            let envelope = next_envelope(
                 msg,
                 shared.topology.group(),
                 d,
                 error,
                 &shared.policy,
-                now_ms(),
+                now,
                 fastrand::f64(),
-            )
+            );
+            (envelope, now)
         };
         let mut decision = decision;
         let mut error = error.to_owned();
         let mut target = target_of(decision);
-        let envelope = envelope_for(decision, &error);
+        let (envelope, written_at) = envelope_for(decision, &error);
         let mut delivery = match self
             .send_durably(
                 target,
                 msg.key(),
                 msg.payload(),
                 msg.headers(),
-                &envelope,
+                (&envelope, written_at),
                 msg,
             )
             .await?
@@ -213,12 +218,12 @@ impl PartitionTask {
             }
         };
         if delivery.is_none() {
-            let envelope = envelope_for(decision, &error);
+            let (envelope, written_at) = envelope_for(decision, &error);
             let attempts: [(Option<&[u8]>, &[Header]); 3] =
                 [(msg.key(), msg.headers()), (msg.key(), &[]), (None, &[])];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self
-                    .send_durably(target, key, None, headers, &envelope, msg)
+                    .send_durably(target, key, None, headers, (&envelope, written_at), msg)
                     .await?
                 {
                     delivery = Some(d);
@@ -275,14 +280,15 @@ impl PartitionTask {
     }
 
     /// Produces one record and waits for its ack, retrying failures with backoff while the
-    /// source partition is paused. Only "too large" is returned instead of retried.
+    /// source partition is paused. Only "too large" is returned instead of retried. Every
+    /// attempt carries `written_at` as its timestamp, the time the envelope was made.
     async fn send_durably(
         &self,
         target: &str,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         user_headers: &[Header],
-        envelope: &Envelope,
+        (envelope, written_at): (&Envelope, i64),
         msg: &Message,
     ) -> Result<Sent, Abandoned> {
         let shared = &self.shared;
@@ -299,7 +305,7 @@ impl PartitionTask {
             // Set explicitly (not left to the producer) so alerts know the exact timestamp the
             // CLI's --since/--until filters will see, and so a retry tier can check its due
             // time against the writer's own clock.
-            let produced_at = now_ms();
+            let produced_at = written_at;
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(target)
                 .headers(headers.clone())
                 .timestamp(produced_at);

@@ -90,10 +90,13 @@ impl RuntimeBuilder {
     /// broker honest about what was written.
     pub fn embedded(mut self, cluster: &EmbeddedCluster) -> Self {
         self.config.brokers = cluster.bootstrap_servers().to_owned();
-        self.config
-            .producer
-            .entry("max.in.flight.requests.per.connection".to_owned())
-            .or_insert_with(|| "1".to_owned());
+        self.config.producer.retain(|k, _| {
+            crate::config::canonical_property(k) != "max.in.flight.requests.per.connection"
+        });
+        self.config.producer.insert(
+            "max.in.flight.requests.per.connection".to_owned(),
+            "1".to_owned(),
+        );
         self.creator = TopicCreator::Embedded(cluster.clone());
         self
     }

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::panic_text;
@@ -36,30 +37,50 @@ pub(crate) struct Supervisor {
     pub(crate) partition: i32,
     pub(crate) revoked: CancellationToken,
     pub(crate) progress: Arc<Progress>,
-    pub(crate) queue: StreamPartitionQueue<GroupContext>,
-    /// Cancelled when this partition's previous task in this process has ended (it may still
-    /// be finishing a handler call after a revoke): a record must never be in two handler
-    /// calls at once.
-    pub(crate) previous: Option<CancellationToken>,
-    /// Cancelled when this supervisor ends, however it ends.
-    pub(crate) finished: CancellationToken,
+    pub(crate) queue: Arc<StreamPartitionQueue<GroupContext>>,
+    /// This partition's previous supervisor in this process, if it may still be running (it
+    /// may be finishing a handler call after a revoke): a record must never be in two handler
+    /// calls at once, so nothing starts before it ends.
+    pub(crate) previous: Option<JoinHandle<()>>,
+}
+
+/// While a partition assigned back waits for its previous task, a warning this often.
+const WAIT_WARNING: Duration = Duration::from_secs(30);
+
+/// Aborts the task when dropped (a supervisor aborted at shutdown takes its predecessor along).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Supervisor {
-    pub(crate) async fn run(self) {
-        let _finished = self.finished.clone().drop_guard();
+    pub(crate) async fn run(mut self) {
         let stop = self.shared.shutdown.clone();
-        let mut queue = Some(Arc::new(self.queue));
-        if let Some(previous) = &self.previous {
-            if !previous.is_cancelled() {
-                tracing::debug!(topic = %self.topic, partition = self.partition, "waiting for this partition's previous task to finish");
-                tokio::select! {
-                    _ = previous.cancelled() => {}
-                    _ = self.revoked.cancelled() => return,
-                    _ = stop.cancelled() => return,
-                }
+        if let Some(previous) = self.previous.take() {
+            // Waited for even if this partition is revoked again or the runtime stops
+            // meanwhile: this supervisor's end must mean that no handler call of this
+            // partition is running in this process, for the next one that waits for it (and
+            // for shutdown, which aborts this one, and with it the previous, at its deadline).
+            let mut previous = AbortOnDrop(previous);
+            let mut waited = Duration::ZERO;
+            while tokio::time::timeout(WAIT_WARNING, &mut previous.0)
+                .await
+                .is_err()
+            {
+                waited += WAIT_WARNING;
+                tracing::warn!(
+                    topic = %self.topic, partition = self.partition, ?waited,
+                    "partition assigned back is waiting for its previous task's handler call to end"
+                );
+            }
+            if self.revoked.is_cancelled() || stop.is_cancelled() {
+                return;
             }
         }
+        let mut queue = Some(Arc::clone(&self.queue));
         let failures_metric = metrics::counter!(m::PARTITION_TASK_FAILURES, "group" => self.group_id.clone(), "topic" => self.topic.clone());
         let mut backoff = FIRST_RESTART_BACKOFF;
         let mut consecutive = 0u32;
