@@ -1,8 +1,10 @@
-//! Framework overhead: sidetrack with a no-op handler against the fastest raw rdkafka loops on
-//! the same pre-produced backlog in the same run: split partition queues with one tokio task
-//! per partition (as is, and doing what any at-least-once loop must: an owned copy of each
-//! record and an offset store after it), and a plain `BaseConsumer` poll loop. Then a handler that awaits 1 ms per
-//! record, to show partitions being handled in parallel.
+//! Framework overhead: sidetrack with a no-op handler, in each ordering, against the fastest
+//! raw rdkafka loops on the same pre-produced backlog in the same run: split partition queues
+//! with one tokio task per partition (as is, and doing what any at-least-once loop must: an
+//! owned copy of each record and an offset store after it), and a plain `BaseConsumer` poll
+//! loop. Then a handler that awaits 1 ms per record (an I/O-bound handler), 4 partitions,
+//! 1,024 keys, in `partition` ordering and in `key` and `unordered` ordering with 64 and 256
+//! handler calls in flight per partition.
 //!
 //! ```text
 //! cargo bench --bench overhead                          # 1,000,000 records, 100 B and 1 KB
@@ -28,7 +30,8 @@ use std::time::Duration;
 use common::{quantile, steady_rate, Bench};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientConfig, ClientContext};
-use sidetrack::{handler_fn, Config, Context, HandlerError, Message};
+use sidetrack::config::Ordering as RecordOrdering;
+use sidetrack::{Config, Context, Handler, HandlerError, Message};
 
 const PARTITIONS: i32 = 4;
 /// The benchmark's consumer properties, for the raw loops (the runtime gets them from
@@ -144,21 +147,36 @@ async fn raw_poll(bootstrap: &str, topic: &str, n: u64, round: u64) -> f64 {
     rate
 }
 
-/// sidetrack with a handler that awaits `work` per record.
-async fn sidetrack(bench: &Bench, topic: &str, n: u64, work: Duration, round: u64) -> f64 {
-    let mut config = Config::new("", format!("st-{round}-{topic}"), [topic]);
+/// A handler that awaits `0` per record (nothing at all when zero).
+struct Work(Duration);
+
+impl Handler for Work {
+    async fn handle(&self, _msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        if !self.0.is_zero() {
+            tokio::time::sleep(self.0).await;
+        }
+        Ok(())
+    }
+}
+
+/// sidetrack with a handler that awaits `work` per record, in `mode`.
+async fn sidetrack(
+    bench: &Bench,
+    topic: &str,
+    n: u64,
+    work: Duration,
+    round: u64,
+    (ordering, max_in_flight): (RecordOrdering, usize),
+) -> f64 {
+    let mut config = Config::new(
+        "",
+        format!("st-{round}-{}-{max_in_flight}-{topic}", ordering.as_str()),
+        [topic],
+    );
     config.shutdown_timeout = Duration::from_secs(5);
-    let handle = bench
-        .start_runtime(
-            config,
-            handler_fn(move |_m: Message, _cx: Context| async move {
-                if !work.is_zero() {
-                    tokio::time::sleep(work).await;
-                }
-                Ok::<(), HandlerError>(())
-            }),
-        )
-        .await;
+    config.ordering = ordering;
+    config.max_in_flight = max_in_flight;
+    let handle = bench.start_runtime(config, Work(work)).await;
     let rate = steady_rate(n, || handle.stats().handled).await;
     let _ = handle.shutdown().await;
     rate
@@ -185,7 +203,13 @@ async fn main() {
         let runs = |side: &str| only.is_empty() || only == side;
         // Rounds interleave the sides, and each side's median is reported: on a shared
         // machine one run of one side can be off by a third.
-        let (mut split, mut stored, mut poll, mut st) = (vec![], vec![], vec![], vec![]);
+        let (mut split, mut stored, mut poll) = (vec![], vec![], vec![]);
+        let modes = [
+            (RecordOrdering::Partition, 1),
+            (RecordOrdering::Key, 64),
+            (RecordOrdering::Unordered, 64),
+        ];
+        let mut st: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         for round in 0..rounds {
             let b = &bench.bootstrap;
             if runs("split") {
@@ -197,46 +221,61 @@ async fn main() {
             if runs("poll") {
                 poll.push(raw_poll(b, &topic, n, round).await);
             }
-            if runs("sidetrack") {
-                st.push(sidetrack(&bench, &topic, n, Duration::ZERO, round).await);
+            for (i, mode) in modes.iter().enumerate() {
+                if runs("sidetrack") || runs(mode.0.as_str()) {
+                    st[i].push(sidetrack(&bench, &topic, n, Duration::ZERO, round, *mode).await);
+                }
             }
         }
-        let [split, stored, poll, st] =
-            [&mut split, &mut stored, &mut poll, &mut st].map(|v| quantile(v, 0.5));
+        let [split, stored, poll] = [&mut split, &mut stored, &mut poll].map(|v| quantile(v, 0.5));
         let fastest = split.max(poll);
         println!("  {size:>5} B  raw split-queue loop      {split:>10.0} records/s");
         println!("  {size:>5} B  raw split-queue, stored   {stored:>10.0} records/s (owned copy + offset store)");
         println!("  {size:>5} B  raw BaseConsumer poll     {poll:>10.0} records/s");
-        println!("  {size:>5} B  sidetrack, no-op handler  {st:>10.0} records/s");
-        println!(
-            "  {size:>5} B  ratio sidetrack/fastest raw {:>8.2}",
-            st / fastest
-        );
-        println!(
-            "  {size:>5} B  ratio sidetrack/raw stored  {:>8.2}",
-            st / stored
-        );
+        for ((ordering, in_flight), rates) in modes.iter().zip(&mut st) {
+            let rate = quantile(rates, 0.5);
+            let name = format!("{}/{in_flight}", ordering.as_str());
+            println!(
+                "  {size:>5} B  sidetrack {name:<13} {rate:>10.0} records/s, {:.2} of the fastest raw loop, {:.2} of the stored loop",
+                rate / fastest,
+                rate / stored
+            );
+        }
     }
-    // 1 ms of awaited work per record, on one partition and on four: how far partitions are
-    // handled in parallel.
-    let m = common::env_u64("SIDETRACK_BENCH_SLOW_RECORDS", 8_000);
-    if m == 0 {
+    // 1 ms of awaited work per record (an I/O-bound handler), 4 partitions, 1,024 keys: one
+    // record at a time per partition, against key-ordered and unordered concurrency.
+    let slow = common::env_u64("SIDETRACK_BENCH_SLOW_RECORDS", 300_000);
+    if slow == 0 {
         return;
     }
-    let mut rates = Vec::new();
-    for (partitions, records) in [(1, m / PARTITIONS as u64), (PARTITIONS, m)] {
+    let work = Duration::from_millis(1);
+    let mut base = f64::NAN;
+    for (mode, records) in [
+        ((RecordOrdering::Partition, 1), 8_000.min(slow)),
+        ((RecordOrdering::Key, 64), slow),
+        ((RecordOrdering::Key, 256), slow),
+        ((RecordOrdering::Unordered, 64), slow),
+        ((RecordOrdering::Unordered, 256), slow),
+    ] {
+        let name = format!("{}/{}", mode.0.as_str(), mode.1);
         let topic = bench
-            .fresh_topic(&format!("overhead-slow-{partitions}"), partitions)
+            .fresh_topic(
+                &format!("overhead-slow-{}-{}", mode.0.as_str(), mode.1),
+                PARTITIONS,
+            )
             .await;
         bench
-            .backlog(&topic, partitions, records, 100, |_| Vec::new())
+            .backlog(&topic, PARTITIONS, records, 100, |_| Vec::new())
             .await;
-        rates.push(sidetrack(&bench, &topic, records, Duration::from_millis(1), 0).await);
+        let rate = sidetrack(&bench, &topic, records, work, 0, mode).await;
+        if mode.0 == RecordOrdering::Partition {
+            base = rate;
+            println!("  1 ms handler, {PARTITIONS} partitions, 1,024 keys: {name:<13} {rate:>10.0} records/s ({records} records)");
+        } else {
+            println!(
+                "  1 ms handler, {PARTITIONS} partitions, 1,024 keys: {name:<13} {rate:>10.0} records/s ({records} records), {:.1}x partition ordering",
+                rate / base
+            );
+        }
     }
-    println!(
-        "  1 ms handler: 1 partition {:.0} records/s, {PARTITIONS} partitions {:.0} records/s = {:.2}x",
-        rates[0],
-        rates[1],
-        rates[1] / rates[0]
-    );
 }

@@ -147,6 +147,9 @@ fn ledger_worker() {
         config.retry = retry_config();
         config.shutdown_timeout = Duration::from_secs(5);
         config.provisioning.auto_create = false;
+        if std::env::var("LW_ORDERING").as_deref() == Ok("key") {
+            config.ordering = sidetrack::config::Ordering::Key;
+        }
         // The workers reach the embedded broker by its address, not through
         // `RuntimeBuilder::embedded`, so they set what it sets: the mock broker does not check
         // idempotent sequence numbers, and with several produce requests in flight a failed
@@ -193,6 +196,9 @@ struct Run {
     brokers: String,
     seed: u64,
     healthy: bool,
+    /// `key` runs the workers with `ordering = "key"` (every record has a key of its own, so
+    /// up to `max_in_flight` records per partition are in handler calls at once).
+    ordering: &'static str,
 }
 
 impl Run {
@@ -240,6 +246,7 @@ impl Run {
         .env("LW_LEDGER", self.ledger())
         .env("LW_SEED", self.seed.to_string())
         .env("LW_INSTANCE", instance)
+        .env("LW_ORDERING", self.ordering)
         .env(
             "LW_LOGFILE",
             self.dir.path().join(format!("{instance}.log")),
@@ -346,6 +353,7 @@ fn prepare(partitions: i32) -> (sidetrack::testing::EmbeddedCluster, Run) {
         brokers: cluster.bootstrap_servers().to_owned(),
         seed,
         healthy: false,
+        ordering: "partition",
     };
     (cluster, run)
 }
@@ -404,11 +412,23 @@ async fn commits_resumed(cluster: &sidetrack::testing::EmbeddedCluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
+    ledger("partition").await
+}
+
+/// The same ledger with `ordering = "key"`: many records per partition in handler calls at
+/// once, finishing out of order, across the same crashes, rebalances and faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_in_key_ordering() {
+    ledger("key").await
+}
+
+async fn ledger(ordering: &'static str) {
     let n: u64 = std::env::var("SIDETRACK_LEDGER_RECORDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4000);
-    let (cluster, run) = prepare(PARTITIONS);
+    let (cluster, mut run) = prepare(PARTITIONS);
+    run.ordering = ordering;
     produce_ids(&cluster, n, Some(run.seed)).await;
     let fates: HashMap<u64, Fate> = (0..n).map(|id| (id, fate(run.seed, id))).collect();
     let expected_dlq: HashSet<u64> = fates
@@ -580,7 +600,7 @@ async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
     let revoke_share = run.uncommitted_at_revocations();
     let bound = crash_share + revoke_share + (crashes + 2) * owned;
     println!(
-        "ledger: records={n} seed={} crashes(SIGKILL)={crashes} faults=[{}] ok={} dead-lettered={} lost={} duplicates={duplicates} bound={bound} (uncommitted at each kill {uncommitted:?}, at revocations {revoke_share}, in flight {}) in {:.1}s",
+        "ledger: ordering={ordering} records={n} seed={} crashes(SIGKILL)={crashes} faults=[{}] ok={} dead-lettered={} lost={} duplicates={duplicates} bound={bound} (uncommitted at each kill {uncommitted:?}, at revocations {revoke_share}, in flight {}) in {:.1}s",
         run.seed,
         faults.join(", "),
         expected_ok.len(),

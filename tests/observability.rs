@@ -143,11 +143,13 @@ async fn outcome_counters_match_the_records_sent() {
         counter(m::BYTES_CONSUMED, &[("group", group), ("topic", topic)]),
         bytes
     );
+    // Handlers that return without waiting are timed one call in 16 (no clock reads for the
+    // others); these return at once.
     let processing = histogram(
         m::PROCESSING_SECONDS,
         &[("source", topic), ("outcome", "handled")],
     );
-    assert_eq!(processing.len(), 12);
+    assert!((1..=12).contains(&processing.len()), "{}", processing.len());
     let lateness = histogram(
         m::RETRY_LATENESS_SECONDS,
         &[("topic", retry_topic.as_str())],

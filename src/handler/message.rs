@@ -188,9 +188,40 @@ impl Message {
         headers: Vec<Header>,
         envelope: Option<Envelope>,
     ) -> Self {
+        let (key, payload) = (Bytes::borrowed(key), Bytes::borrowed(payload));
+        Self::build(received, timestamp, key, payload, headers, envelope)
+    }
+
+    /// A message that owns its bytes, read from `received` (a retry topic when `envelope` is
+    /// given).
+    pub(crate) fn from_parts(
+        received: (&Arc<str>, i32, i64),
+        timestamp: Option<i64>,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        headers: Vec<Header>,
+        envelope: Option<Envelope>,
+    ) -> Self {
+        Self::build(
+            received,
+            timestamp,
+            Bytes::of(key),
+            Bytes::of(payload),
+            headers,
+            envelope,
+        )
+    }
+
+    fn build(
+        received: (&Arc<str>, i32, i64),
+        timestamp: Option<i64>,
+        key: Bytes,
+        payload: Bytes,
+        headers: Vec<Header>,
+        envelope: Option<Envelope>,
+    ) -> Self {
         let (topic, partition, offset) = received;
         let headers = (!headers.is_empty()).then(|| Arc::from(headers));
-        let (key, payload) = (Bytes::borrowed(key), Bytes::borrowed(payload));
         match envelope {
             None => Message {
                 topic: Arc::clone(topic),

@@ -20,9 +20,6 @@ use rdkafka::{Offset, TopicPartitionList};
 pub(crate) struct Progress {
     at: AtomicI64,
     committed: AtomicI64,
-    /// Offset of the oldest hand-off still waiting for its acknowledgement (`-1`: none).
-    /// Nothing from there on is stored yet.
-    waiting_from: AtomicI64,
     /// The next offset to handle as far as stored offsets go (`-1`: nothing stored yet): where
     /// a restarted task starts again.
     stored: AtomicI64,
@@ -39,7 +36,6 @@ impl Progress {
         Arc::new(Progress {
             at: AtomicI64::new(-1),
             committed: AtomicI64::new(-1),
-            waiting_from: AtomicI64::new(-1),
             stored: AtomicI64::new(-1),
             first: AtomicI64::new(-1),
             durable: AtomicI64::new(-1),
@@ -86,16 +82,21 @@ impl Progress {
     pub(crate) fn committed(&self, offset: i64) {
         self.committed.fetch_max(offset, Ordering::Relaxed);
     }
-    /// The oldest hand-off still waiting is at `offset` (`None`: none waits).
-    pub(crate) fn waiting_from(&self, offset: Option<i64>) {
-        self.waiting_from
-            .store(offset.unwrap_or(-1), Ordering::Relaxed);
-    }
-    /// Records taken from the oldest waiting hand-off on, not counting the one being handled:
-    /// not stored, so handled again by the next owner even if the commit at revocation
-    /// succeeds.
+    /// Records taken past the durable frontier, not counting the one being handled: never
+    /// stored, so handled again by the next owner even if the commit at revocation succeeds.
     pub(crate) fn unstored(&self) -> i64 {
-        self.since(&self.waiting_from).map_or(0, |d| d.max(0))
+        let at = self.at.load(Ordering::Relaxed);
+        let durable = self.durable.load(Ordering::Relaxed);
+        let first = self.first.load(Ordering::Relaxed);
+        let base = if durable >= 0 {
+            durable.saturating_add(1)
+        } else {
+            first
+        };
+        if at < 0 || base < 0 {
+            return 0;
+        }
+        at.saturating_sub(base).max(0)
     }
     /// Records from the committed offset up to and including the one being handled: what the
     /// partition's next owner handles again if this member loses it now.
@@ -111,7 +112,13 @@ impl Progress {
         );
         (at >= 0 && start >= 0).then_some(at.saturating_sub(start))
     }
+    /// The next offset to handle, for lag: one past the durable frontier (records in a handler
+    /// call, waiting, or handed off but unacknowledged still count), or the record taken.
     fn get(&self) -> Option<i64> {
+        let durable = self.durable.load(Ordering::Relaxed);
+        if durable >= 0 {
+            return Some(durable.saturating_add(1));
+        }
         let v = self.at.load(Ordering::Relaxed);
         (v >= 0).then_some(v)
     }

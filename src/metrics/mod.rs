@@ -35,7 +35,9 @@ pub const BYTES_CONSUMED: &str = "sidetrack_bytes_consumed_total";
 /// is the time the retry is handed to the handler − timestamp of the original record, so the
 /// cost of retries shows.
 pub const END_TO_END_SECONDS: &str = "sidetrack_end_to_end_latency_seconds";
-/// Handler time, by outcome. Labels: `source`, `outcome`.
+/// Handler time, by outcome. Labels: `source`, `outcome`. A handler call that waits (returns
+/// `Pending` at least once) is always timed; of the calls that return at once, one in 16 is
+/// (the others cost no clock reads).
 pub const PROCESSING_SECONDS: &str = "sidetrack_processing_seconds";
 /// Records whose handler succeeded. Labels: `source`.
 pub const RECORDS_HANDLED: &str = "sidetrack_records_handled_total";

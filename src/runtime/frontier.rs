@@ -88,11 +88,6 @@ impl Frontier {
         self.through
     }
 
-    /// The oldest offset taken without a durable outcome.
-    pub(crate) fn oldest_open(&self) -> Option<i64> {
-        self.window.front().map(|(o, _)| *o)
-    }
-
     /// Records taken and not behind the frontier (open or durable ahead of it).
     pub(crate) fn window(&self) -> usize {
         self.window.len()
@@ -102,11 +97,6 @@ impl Frontier {
     /// earlier record is still open.
     pub(crate) fn durable_ahead(&self) -> usize {
         self.durable_ahead
-    }
-
-    /// Taken records without a durable outcome.
-    pub(crate) fn open(&self) -> usize {
-        self.window.len() - self.durable_ahead
     }
 }
 
@@ -123,7 +113,6 @@ mod tests {
         // 41 finishes before 40: nothing may be stored yet.
         assert!(!f.durable(s[1]));
         assert_eq!(f.take_store(), None);
-        assert_eq!(f.oldest_open(), Some(40));
         assert!(f.durable(s[0]));
         assert_eq!(f.take_store(), Some(41));
         assert_eq!(f.take_store(), None, "stored once");
@@ -133,7 +122,7 @@ mod tests {
         }
         assert_eq!(f.through(), Some(41));
         assert_eq!(f.durable_ahead(), 3);
-        assert_eq!(f.open(), 2);
+        assert_eq!(f.window(), 5);
         assert!(f.durable(s[2]));
         assert_eq!(f.take_store(), Some(44));
         assert!(f.durable(s[5]));

@@ -263,11 +263,12 @@ impl GroupContext {
             }
             tracing::info!(role = ?self.role, topic, partition, uncommitted, "partition revoked");
             if unstored > 0 {
-                // Hand-offs still waiting are dropped, and the records from the oldest one on
-                // were never stored: the commit sent now cannot cover them.
+                // Records past the durable frontier (in a handler call, waiting behind a key,
+                // or their hand-off unacknowledged) were never stored: the commit sent now
+                // cannot cover them.
                 tracing::info!(
                     role = ?self.role, topic, partition, uncommitted = unstored,
-                    "partition revoked with hand-offs waiting; records from the oldest on will be handled again"
+                    "partition revoked with records not yet durable; those past the frontier will be handled again"
                 );
             }
         }

@@ -24,7 +24,6 @@ use futures_util::FutureExt;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -244,7 +243,12 @@ impl PartitionTask {
             ordering: shared.config.ordering,
             shared,
             progress,
-            pause: Pause::new(Arc::clone(&consumer), Arc::clone(&topic), partition, group_id),
+            pause: Pause::new(
+                Arc::clone(&consumer),
+                Arc::clone(&topic),
+                partition,
+                group_id,
+            ),
             consumer,
             topic,
             partition,
@@ -288,13 +292,7 @@ impl PartitionTask {
                 self.flush(&mut frontier, &mut batch, 0, 0);
             }
             let take_more = self.has_room(&frontier, handoffs.len());
-            if take_more
-                && !self
-                    .consumer
-                    .context()
-                    .wait_unfenced(&stop, &revoked)
-                    .await
-            {
+            if take_more && !self.consumer.context().wait_unfenced(&stop, &revoked).await {
                 continue;
             }
             let Some(q) = queue.as_deref() else {
@@ -340,25 +338,35 @@ impl PartitionTask {
             };
             let taken = self.take(detach(raw), &mut frontier, &mut batch);
             let mut work = pin!(self.process(handler, taken));
+            // A handler that finishes at once costs nothing more; one that waits shows in the
+            // in-flight gauges while it does.
+            let first = futures_util::poll!(work.as_mut());
+            if first.is_pending() {
+                self.meters.publish(1, 0, frontier.durable_ahead());
+            }
             // Earlier hand-offs keep settling while this record is handled.
-            let finished = loop {
-                tokio::select! {
-                    // Work first: a handler that finishes at once polls nothing else.
-                    biased;
-                    finished = &mut work => break finished,
-                    Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
-                        if let Err(end) = self.settled(seq, settled, &mut frontier) {
-                            return end;
+            let finished = if let Poll::Ready(finished) = first {
+                finished
+            } else {
+                loop {
+                    tokio::select! {
+                        // Work first: a handler that finishes at once polls nothing else.
+                        biased;
+                        finished = &mut work => break finished,
+                        Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                            if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                return end;
+                            }
                         }
-                    }
-                    _ = &mut revoked_wait => {
-                        // Drop the queue now: a new queue for this partition may be split
-                        // soon, and an old handle alive beside it stops its wake-ups. The
-                        // next owner in this process waits for this task to end before it
-                        // takes a record, so the record is never in two handler calls at once.
-                        queue = None;
-                        let _ = work.await;
-                        return End::Revoked;
+                        _ = &mut revoked_wait => {
+                            // Drop the queue now: a new queue for this partition may be split
+                            // soon, and an old handle alive beside it stops its wake-ups. The
+                            // next owner in this process waits for this task to end before it
+                            // takes a record, so the record is never in two handler calls at once.
+                            drop(queue.take());
+                            let _ = work.await;
+                            return End::Revoked;
+                        }
                     }
                 }
             };
@@ -432,18 +440,17 @@ impl PartitionTask {
                 return end;
             }
             if batch.since_flush >= FLUSH_EVERY {
-                self.flush(&mut frontier, &mut batch, scheduler.in_flight(), scheduler.waiting());
+                self.flush(
+                    &mut frontier,
+                    &mut batch,
+                    scheduler.in_flight(),
+                    scheduler.waiting(),
+                );
             }
             let take_more = scheduler.has_room()
                 && self.has_room(&frontier, handoffs.len())
                 && self.waiting_due.load(Ordering::Relaxed) == 0;
-            if take_more
-                && !self
-                    .consumer
-                    .context()
-                    .wait_unfenced(&stop, &revoked)
-                    .await
-            {
+            if take_more && !self.consumer.context().wait_unfenced(&stop, &revoked).await {
                 continue;
             }
             let next = {
@@ -456,7 +463,12 @@ impl PartitionTask {
                 match ready {
                     Poll::Ready(r) => Some(r),
                     Poll::Pending => {
-                        self.flush(&mut frontier, &mut batch, scheduler.in_flight(), scheduler.waiting());
+                        self.flush(
+                            &mut frontier,
+                            &mut batch,
+                            scheduler.in_flight(),
+                            scheduler.waiting(),
+                        );
                         tokio::select! {
                             biased;
                             _ = &mut stopped => continue,
@@ -617,7 +629,8 @@ impl PartitionTask {
             stats.handled(batch.handled);
             self.meters.handled.increment(batch.handled);
         }
-        self.meters.publish(in_flight, waiting, frontier.durable_ahead());
+        self.meters
+            .publish(in_flight, waiting, frontier.durable_ahead());
         batch.consumed = 0;
         batch.bytes = 0;
         batch.handled = 0;
@@ -806,19 +819,17 @@ impl PartitionTask {
             }
         }
         let shared = &self.shared;
-        let sampled = self
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            % SAMPLE_EVERY
-            == 0;
+        let sampled = self.calls.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0;
         let started = sampled.then(Instant::now);
-        let mut call = pin!(invoke_static(handler, &msg, &shared.cx));
-        let (result, elapsed) = match futures_util::poll!(call.as_mut()) {
-            Poll::Ready(result) => (result, started.map(|s| s.elapsed())),
-            Poll::Pending => {
-                let started = started.unwrap_or_else(Instant::now);
-                let result = call.await;
-                (result, Some(started.elapsed()))
+        let (result, elapsed) = {
+            let mut call = pin!(invoke_static(handler, &msg, &shared.cx));
+            match futures_util::poll!(call.as_mut()) {
+                Poll::Ready(result) => (result, started.map(|s| s.elapsed())),
+                Poll::Pending => {
+                    let started = started.unwrap_or_else(Instant::now);
+                    let result = call.await;
+                    (result, Some(started.elapsed()))
+                }
             }
         };
         let elapsed = elapsed.map(|d| d.as_secs_f64());
