@@ -62,10 +62,19 @@ impl Header {
 
 /// Copies the headers of a consumed record. Never panics, whatever the bytes.
 pub(crate) fn headers_of(m: &BorrowedMessage<'_>) -> Vec<Header> {
+    // SAFETY: `m.ptr()` is a valid message for the lifetime of `m`.
+    unsafe { headers_of_ptr(m.ptr()) }
+}
+
+/// [`headers_of`] for a message pointer.
+///
+/// # Safety
+/// `m` must be a valid consumed librdkafka message for the duration of the call.
+pub(crate) unsafe fn headers_of_ptr(m: *mut rdsys::rd_kafka_message_t) -> Vec<Header> {
     let mut hdrs: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: `m.ptr()` is a valid message for the lifetime of `m`; the headers it returns are
-    // owned by the message and only read below, while `m` is borrowed.
-    let err = unsafe { rdsys::rd_kafka_message_headers(m.ptr(), &mut hdrs) };
+    // SAFETY: see the contract; the headers it returns are owned by the message and only read
+    // below.
+    let err = unsafe { rdsys::rd_kafka_message_headers(m, &mut hdrs) };
     if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
         // No headers (NOENT), or librdkafka could not parse them.
         return Vec::new();

@@ -1,5 +1,6 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use rdkafka::bindings as rdsys;
 use serde::de::DeserializeOwned;
 
 use crate::retry::Envelope;
@@ -23,17 +24,25 @@ pub struct Message {
     timestamp: Option<i64>,
     key: Bytes,
     payload: Bytes,
-    /// `None` when the record has no user headers (no allocation).
-    headers: Option<Arc<[Header]>>,
+    /// The user's headers, read from `raw` on first use (most handlers never ask: reading
+    /// costs librdkafka an allocation per record). `None` when there are none.
+    headers: OnceLock<Option<Arc<[Header]>>>,
+    /// The consumed librdkafka message the headers are read from; null once they are.
+    raw: *mut rdsys::rd_kafka_message_t,
     attempt: u32,
-    envelope: Option<Arc<Envelope>>,
-    received_from: Option<(Arc<str>, i32, i64)>,
+    /// Envelope and where it was read from, for a retried record (boxed: most are not).
+    retry: Option<Arc<Retried>>,
 }
 
-// SAFETY: the only non-thread-safe parts are the raw pointers of `Bytes::Borrowed`, which point
-// into a librdkafka message buffer that is immutable and, by the contract of
-// `Message::from_consumed`, outlives the message. Reading immutable bytes from several threads
-// is safe.
+struct Retried {
+    envelope: Envelope,
+    received_from: (Arc<str>, i32, i64),
+}
+
+// SAFETY: the only non-thread-safe parts are the raw pointers of `Bytes::Borrowed` and `raw`,
+// which point into a librdkafka message that, by the contract of `Message::from_consumed`,
+// outlives the message. Its key and payload are immutable; its headers are parsed by librdkafka
+// at most once, under `OnceLock` (one thread at a time).
 unsafe impl Send for Message {}
 // SAFETY: see `Send`.
 unsafe impl Sync for Message {}
@@ -94,10 +103,10 @@ impl Clone for Message {
             timestamp: self.timestamp,
             key: self.key.owned(),
             payload: self.payload.owned(),
-            headers: self.headers.clone(),
+            headers: OnceLock::from(self.header_list().clone()),
+            raw: std::ptr::null_mut(),
             attempt: self.attempt,
-            envelope: self.envelope.clone(),
-            received_from: self.received_from.clone(),
+            retry: self.retry.clone(),
         }
     }
 }
@@ -126,10 +135,10 @@ impl Message {
             timestamp: None,
             key: Bytes::Null,
             payload: Bytes::of(Some(payload.into())),
-            headers: None,
+            headers: OnceLock::from(None),
+            raw: std::ptr::null_mut(),
             attempt: 1,
-            envelope: None,
-            received_from: None,
+            retry: None,
         }
     }
 
@@ -150,7 +159,8 @@ impl Message {
     pub fn with_header(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         let mut headers = self.headers().to_vec();
         headers.push(Header::new(key, value));
-        self.headers = Some(Arc::from(headers));
+        self.headers = OnceLock::from(Some(Arc::from(headers)));
+        self.raw = std::ptr::null_mut();
         self
     }
 
@@ -173,23 +183,31 @@ impl Message {
         self
     }
 
-    /// A message over a consumed record's own bytes (nothing copied).
+    /// A message over a consumed record's own bytes (nothing copied). `headers`: the user's
+    /// headers when the caller read them already (retry tiers), else they are read from `raw`
+    /// when first asked for.
     ///
     /// # Safety
-    /// `key` and `payload` must stay valid and unchanged for as long as the returned message
-    /// (not its clones, which own their bytes) is alive: the runtime keeps the librdkafka
-    /// message they belong to alive for longer than this message, and lends the message to
-    /// the handler only by reference.
+    /// `raw`, `key` and `payload` (which must belong to `raw`) must stay valid and unchanged
+    /// for as long as the returned message (not its clones, which own their bytes) is alive:
+    /// the runtime keeps the librdkafka message alive for longer than this message, and lends
+    /// the message to the handler only by reference.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn from_consumed(
+        raw: *mut rdsys::rd_kafka_message_t,
         received: (&Arc<str>, i32, i64),
         timestamp: Option<i64>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: Vec<Header>,
+        headers: Option<Vec<Header>>,
         envelope: Option<Envelope>,
     ) -> Self {
         let (key, payload) = (Bytes::borrowed(key), Bytes::borrowed(payload));
-        Self::build(received, timestamp, key, payload, headers, envelope)
+        let mut msg = Self::build(received, timestamp, key, payload, headers, envelope);
+        if msg.headers.get().is_none() {
+            msg.raw = raw;
+        }
+        msg
     }
 
     /// A message that owns its bytes, read from `received` (a retry topic when `envelope` is
@@ -207,7 +225,7 @@ impl Message {
             timestamp,
             Bytes::of(key),
             Bytes::of(payload),
-            headers,
+            Some(headers),
             envelope,
         )
     }
@@ -217,11 +235,14 @@ impl Message {
         timestamp: Option<i64>,
         key: Bytes,
         payload: Bytes,
-        headers: Vec<Header>,
+        headers: Option<Vec<Header>>,
         envelope: Option<Envelope>,
     ) -> Self {
         let (topic, partition, offset) = received;
-        let headers = (!headers.is_empty()).then(|| Arc::from(headers));
+        let headers = match headers {
+            Some(h) => OnceLock::from((!h.is_empty()).then(|| Arc::from(h))),
+            None => OnceLock::new(),
+        };
         match envelope {
             None => Message {
                 topic: Arc::clone(topic),
@@ -231,9 +252,9 @@ impl Message {
                 key,
                 payload,
                 headers,
+                raw: std::ptr::null_mut(),
                 attempt: 1,
-                envelope: None,
-                received_from: None,
+                retry: None,
             },
             Some(env) => Message {
                 topic: Arc::from(env.original_topic.as_str()),
@@ -243,11 +264,26 @@ impl Message {
                 key,
                 payload,
                 headers,
+                raw: std::ptr::null_mut(),
                 attempt: env.attempts.saturating_add(1),
-                envelope: Some(Arc::new(env)),
-                received_from: Some((Arc::clone(topic), partition, offset)),
+                retry: Some(Arc::new(Retried {
+                    envelope: env,
+                    received_from: (Arc::clone(topic), partition, offset),
+                })),
             },
         }
+    }
+
+    /// The headers, read from librdkafka's message the first time.
+    fn header_list(&self) -> &Option<Arc<[Header]>> {
+        self.headers.get_or_init(|| {
+            if self.raw.is_null() {
+                return None;
+            }
+            // SAFETY: `raw` outlives this message (see `from_consumed`).
+            let headers = unsafe { super::headers_of_ptr(self.raw) };
+            (!headers.is_empty()).then(|| Arc::from(headers))
+        })
     }
 
     /// Original topic.
@@ -273,8 +309,8 @@ impl Message {
     /// Where this delivery was read from: the original coordinates on the first attempt, a
     /// retry topic's on later ones.
     pub fn received_from(&self) -> (&str, i32, i64) {
-        match &self.received_from {
-            Some((t, p, o)) => (t, *p, *o),
+        match &self.retry {
+            Some(r) => (&r.received_from.0, r.received_from.1, r.received_from.2),
             None => (&self.topic, self.partition, self.offset),
         }
     }
@@ -286,7 +322,7 @@ impl Message {
 
     /// The envelope of a retried record (`None` on the first attempt).
     pub fn envelope(&self) -> Option<&Envelope> {
-        self.envelope.as_deref()
+        self.retry.as_deref().map(|r| &r.envelope)
     }
 
     /// The key bytes.
@@ -332,7 +368,7 @@ impl Message {
 
     /// The user's headers, in order, byte for byte (envelope headers are not included).
     pub fn headers(&self) -> &[Header] {
-        self.headers.as_deref().unwrap_or(&[])
+        self.header_list().as_deref().unwrap_or(&[])
     }
 
     /// The value of the first user header named `key` (`Some(None)` for a null value). `key`

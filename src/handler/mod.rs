@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use error::panic_text;
 pub use error::{FailureKind, HandlerError, ResultExt};
-pub(crate) use header::headers_of;
+pub(crate) use header::{headers_of, headers_of_ptr};
 pub use header::to_owned_headers as rdkafka_headers;
 pub(crate) use header::to_owned_headers;
 pub use header::Header;

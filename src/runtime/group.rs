@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::metrics::lag::{self, Progress};
 
 use super::client::{consumer_config, forward_error, forward_log};
+use super::signal::Signal;
 use super::supervisor::Supervisor;
 use super::Shared;
 
@@ -36,7 +37,7 @@ pub(crate) enum Role {
 }
 
 struct Slot {
-    revoked: CancellationToken,
+    revoked: Signal,
     /// The partition's supervisor (which runs the partition task). It ends only after its
     /// predecessor for the same partition in this process has ended.
     task: JoinHandle<()>,
@@ -99,12 +100,17 @@ impl GroupContext {
         }
     }
 
+    /// Whether this member is fenced right now (see `fenced`); one atomic load.
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits while this member is fenced (see `fenced`); false if `stop` or `revoked` was
     /// cancelled first.
     pub(crate) async fn wait_unfenced(
         &self,
-        stop: &CancellationToken,
-        revoked: &CancellationToken,
+        stop: &Signal,
+        revoked: &Signal,
     ) -> bool {
         // Per-record fast path: no waiter registered while we are in the group.
         if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
@@ -177,7 +183,7 @@ impl GroupContext {
                 }
             }
         };
-        let revoked = CancellationToken::new();
+        let revoked = Signal::new();
         let progress = Progress::new();
         let mut slots = self.slots();
         // The previous supervisor of this partition, if it may still be running: revoked

@@ -20,6 +20,7 @@ mod partition;
 mod pause;
 mod provision;
 mod scheduler;
+mod signal;
 mod supervisor;
 
 use std::collections::HashMap;
@@ -192,7 +193,7 @@ impl Runtime {
         crate::metrics::describe();
         let partitions = provision::provision(&self.config, &self.topology, &self.creator).await?;
         let producer = HandoffProducer::new(client::producer_config(&self.config))?;
-        let shutdown = CancellationToken::new();
+        let shutdown = signal::Signal::new();
         let alerts = Arc::new(Alerts::new(
             self.notifiers,
             self.config.alerts.max_examples,
@@ -202,7 +203,7 @@ impl Runtime {
         ));
         let shared = Arc::new(Shared {
             alerts,
-            cx: Context::new(self.config.group.clone(), shutdown.clone()),
+            cx: Context::new(self.config.group.clone(), shutdown.token().clone()),
             stats: Stats::new(self.policy.tiers().len()),
             config: self.config,
             policy: self.policy,
@@ -355,7 +356,7 @@ pub(crate) struct Shared {
     pub(crate) partitions: HashMap<String, i32>,
     pub(crate) stats: Stats,
     pub(crate) alerts: Arc<Alerts>,
-    pub(crate) shutdown: CancellationToken,
+    pub(crate) shutdown: signal::Signal,
     pub(crate) cx: Context,
     /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
     pub(crate) fatal: std::sync::Mutex<Option<Error>>,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
@@ -26,7 +26,7 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message as _;
-use tokio_util::sync::CancellationToken;
+use super::signal::Signal;
 use tracing::Instrument;
 
 use crate::config::Ordering as RecordOrdering;
@@ -187,9 +187,9 @@ pub(crate) struct PartitionTask {
     tier: Option<usize>,
     ordering: RecordOrdering,
     /// Cancelled on shutdown: finish the current record, take no new ones.
-    pub(super) stop: CancellationToken,
+    pub(super) stop: Signal,
     /// Cancelled on revoke: drop the queue at once, abandon the current record.
-    pub(super) revoked: CancellationToken,
+    pub(super) revoked: Signal,
     /// Hand-offs of this partition being retried after a failure. While any is, the partition
     /// is paused and takes no new record.
     failing: AtomicUsize,
@@ -211,7 +211,7 @@ impl PartitionTask {
         consumer: Arc<GroupConsumer>,
         topic: &str,
         partition: i32,
-        revoked: CancellationToken,
+        revoked: Signal,
         progress: Arc<Progress>,
     ) -> Self {
         let (source, tier) = match role {
@@ -292,7 +292,8 @@ impl PartitionTask {
                 self.flush(&mut frontier, &mut batch, 0, 0);
             }
             let take_more = self.has_room(&frontier, handoffs.len());
-            if take_more && !self.consumer.context().wait_unfenced(&stop, &revoked).await {
+            let ctx = self.consumer.context();
+            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
                 continue;
             }
             let Some(q) = queue.as_deref() else {
@@ -450,7 +451,8 @@ impl PartitionTask {
             let take_more = scheduler.has_room()
                 && self.has_room(&frontier, handoffs.len())
                 && self.waiting_due.load(Ordering::Relaxed) == 0;
-            if take_more && !self.consumer.context().wait_unfenced(&stop, &revoked).await {
+            let ctx = self.consumer.context();
+            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
                 continue;
             }
             let next = {
@@ -580,7 +582,10 @@ impl PartitionTask {
         handoffs: &mut FuturesUnordered<HandOffFuture<'_>>,
         frontier: &mut Frontier,
     ) -> Result<(), End> {
-        while let Some(Some((seq, settled))) = handoffs.next().now_or_never() {
+        while !handoffs.is_empty() {
+            let Some(Some((seq, settled))) = handoffs.next().now_or_never() else {
+                break;
+            };
             self.settled(seq, settled, frontier)?;
         }
         Ok(())
@@ -692,7 +697,6 @@ impl PartitionTask {
         let (key, payload) = (raw.key(), raw.payload());
         batch.consumed += 1;
         batch.bytes += (key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len)) as u64;
-        let mut headers = headers_of(raw);
         let received = (&self.topic, self.partition, raw.offset());
         let timestamp = raw.timestamp().to_millis();
         if let Some(ts) = timestamp {
@@ -705,11 +709,12 @@ impl PartitionTask {
         let Some(tier) = self.tier else {
             return Ok(Decoded {
                 msg: unsafe {
-                    Message::from_consumed(received, timestamp, key, payload, headers, None)
+                    Message::from_consumed(raw.ptr(), received, timestamp, key, payload, None, None)
                 },
                 due: None,
             });
         };
+        let mut headers = headers_of(raw);
         let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
         let expected = Expected {
@@ -726,11 +731,12 @@ impl PartitionTask {
                 Ok(Decoded {
                     msg: unsafe {
                         Message::from_consumed(
+                            raw.ptr(),
                             received,
                             timestamp,
                             key,
                             payload,
-                            headers,
+                            Some(headers),
                             Some(envelope),
                         )
                     },
@@ -739,7 +745,15 @@ impl PartitionTask {
             }
             Err(reason) => Err(Invalid {
                 msg: unsafe {
-                    Message::from_consumed(received, timestamp, key, payload, headers, None)
+                    Message::from_consumed(
+                        raw.ptr(),
+                        received,
+                        timestamp,
+                        key,
+                        payload,
+                        Some(headers),
+                        None,
+                    )
                 },
                 reason,
             }),
@@ -759,7 +773,9 @@ impl PartitionTask {
             decoded,
             raw,
         } = taken;
-        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+        // A span only when someone listens: wrapping every record's future in a disabled span
+        // still costs an enter and an exit per poll.
+        let span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
             let span = tracing::debug_span!(
                 "record",
                 topic = %self.topic,
@@ -775,10 +791,8 @@ impl PartitionTask {
                 }
             }
             span
-        } else {
-            tracing::Span::none()
-        };
-        async move {
+        });
+        let run = async move {
             let outcome = self.outcome(handler, decoded).await;
             Finished {
                 seq,
@@ -786,8 +800,11 @@ impl PartitionTask {
                 outcome,
                 raw,
             }
+        };
+        match span {
+            Some(span) => Either::Left(run.instrument(span)),
+            None => Either::Right(run),
         }
-        .instrument(span)
     }
 
     async fn outcome<H: Handler>(
@@ -807,7 +824,10 @@ impl PartitionTask {
             }
         };
         if let Some((due, written_at)) = due {
-            self.wait_until_due(due, written_at).await?;
+            // Boxed: the wait (timers and cancellation futures) is large, and only retried
+            // records need it; inline it would make every record's future that large, and it
+            // is moved a few times per record.
+            Box::pin(self.wait_until_due(due, written_at)).await?;
             // Only retry tier partitions read records with an envelope.
             if let Some(meters) = &self.meters.retry {
                 let now = now_ms();

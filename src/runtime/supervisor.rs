@@ -12,7 +12,7 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use super::signal::Signal;
 
 use crate::handler::panic_text;
 use crate::metrics as m;
@@ -35,7 +35,7 @@ pub(crate) struct Supervisor {
     pub(crate) consumer: Arc<GroupConsumer>,
     pub(crate) topic: String,
     pub(crate) partition: i32,
-    pub(crate) revoked: CancellationToken,
+    pub(crate) revoked: Signal,
     pub(crate) progress: Arc<Progress>,
     pub(crate) queue: Arc<StreamPartitionQueue<GroupContext>>,
     /// This partition's previous supervisor in this process, if it may still be running (it
