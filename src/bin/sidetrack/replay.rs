@@ -243,7 +243,8 @@ struct Sender<'a> {
     sent: usize,
     skipped: usize,
     targets: BTreeSet<String>,
-    started: Instant,
+    /// With `--rate`: when the next record may go.
+    next_send: Instant,
     bar: Progress,
 }
 
@@ -297,7 +298,7 @@ impl<'a> Sender<'a> {
             sent: 0,
             skipped: 0,
             targets: BTreeSet::new(),
-            started: Instant::now(),
+            next_send: Instant::now(),
             bar: Progress::new(),
         })
     }
@@ -349,7 +350,7 @@ impl<'a> Sender<'a> {
         // The first record's wait comes before the ownership check, so a revocation during
         // the wait stops this batch.
         if let Some(rate) = self.args.rate {
-            tokio::time::sleep_until(self.due(rate, self.sent).into()).await;
+            pace(&mut self.next_send, rate).await;
         }
         if let Err(why) = member.check() {
             // Sending stops here. The newcomer owns only some partitions: it refuses and leaves,
@@ -365,10 +366,25 @@ impl<'a> Sender<'a> {
             }
             eprintln!("every partition of the DLQ is this replay's again; going on");
         }
+        // Belt and braces for brokers that hand a partition to a newcomer without making its
+        // owner rejoin first (seen on Tansu 0.6 with a 2-partition DLQ: the newcomer got one
+        // partition, the owner was never told and kept both): the group's progress must still
+        // be what this run left there. At worst each side sends one batch before it notices.
+        let parts: Vec<i32> = self.saved.keys().copied().collect();
+        let theirs = member.committed(&parts).await?;
+        if theirs != self.group_committed {
+            return Err(Failure::Other(format!(
+                "another replay saved progress under consumer group `{}` meanwhile (up to {}); stopping; {} record{} sent by this run",
+                self.group,
+                positions(&theirs),
+                self.sent,
+                if self.sent == 1 { "" } else { "s" },
+            )));
+        }
         let mut pending = Vec::with_capacity(self.batch.len());
         for (i, p) in self.batch.iter().enumerate() {
             if let (Some(rate), true) = (self.args.rate, i > 0) {
-                tokio::time::sleep_until(self.due(rate, self.sent + i).into()).await;
+                pace(&mut self.next_send, rate).await;
             }
             let hs = sidetrack::handler::rdkafka_headers(&p.headers);
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&p.topic).headers(hs);
@@ -416,10 +432,6 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
-    fn due(&self, rate: f64, n: usize) -> Instant {
-        self.started + Duration::from_secs_f64(n as f64 / rate)
-    }
-
     async fn finish(mut self, dlq: &str, end: HashMap<i32, i64>) -> Result<(), Failure> {
         let group = self.group;
         let skipped = if self.skipped == 0 {
@@ -462,6 +474,18 @@ impl<'a> Sender<'a> {
         );
         Ok(())
     }
+}
+
+/// Waits for the next send at `rate` per second. Time lost elsewhere (a pause while another
+/// replay was in the group, a slow acknowledgement) is not made up with a burst.
+async fn pace(next: &mut Instant, rate: f64) {
+    tokio::time::sleep_until((*next).into()).await;
+    *next = next_send(*next, Instant::now(), rate);
+}
+
+/// When the record after one sent at `now` (due at `due`) may go.
+fn next_send(due: Instant, now: Instant, rate: f64) -> Instant {
+    now.max(due) + Duration::from_secs_f64(1.0 / rate)
 }
 
 /// `0:12, 1:40`.
@@ -717,6 +741,17 @@ impl Progress {
 mod tests {
     use super::*;
     use crate::{Filters, Reason, TimeArg};
+
+    #[test]
+    fn pacing_does_not_make_up_for_lost_time_with_a_burst() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_send(t0, t0, 10.0), t0 + ms(100));
+        // Sent a little late: the next one keeps the spacing.
+        assert_eq!(next_send(t0, t0 + ms(30), 10.0), t0 + ms(130));
+        // After a 5 s pause the next record waits its 100 ms like any other.
+        assert_eq!(next_send(t0, t0 + ms(5_000), 10.0), t0 + ms(5_100));
+    }
 
     #[test]
     fn fnv1a64_matches_the_reference_vectors() {
