@@ -384,7 +384,7 @@ impl Member {
                     if !told && begun.elapsed() > Duration::from_secs(3) {
                         told = true;
                         eprintln!(
-                            "joining progress group `{}` (a replay that stopped without leaving it holds it for up to {})…",
+                            "waiting to join progress group `{}`: another replay of this selection is running, or one that stopped without leaving holds it for up to {}…",
                             member.group,
                             humantime::format_duration(session)
                         );
