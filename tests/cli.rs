@@ -889,47 +889,20 @@ async fn oversized_dead_letters_are_replayed_from_their_original_or_skipped() {
     .await
     .unwrap();
     let producer = cluster.producer().unwrap();
-    let oversized = |at: (&'static str, i32, i64)| envelope(ErrorKind::Oversized, at);
-    // 0: the original is there.
-    dead_letter(
-        &producer,
-        Some(0),
-        b"big-key",
-        None,
-        &[],
-        &oversized((TOPIC, 0, original.1)),
-    )
-    .await;
-    // 1: past the end of the source partition.
-    dead_letter(
-        &producer,
-        Some(0),
-        b"big-key",
-        None,
-        &[],
-        &oversized((TOPIC, 0, 999)),
-    )
-    .await;
-    // 2: a topic that does not exist.
-    dead_letter(
-        &producer,
-        Some(0),
-        b"k2",
-        None,
-        &[],
-        &oversized(("gone", 0, 0)),
-    )
-    .await;
-    // 3: the position holds another record (its key differs).
-    dead_letter(
-        &producer,
-        Some(0),
-        b"big-key",
-        None,
-        &[],
-        &oversized((TOPIC, 0, 0)),
-    )
-    .await;
+    let cases: [(&[u8], _); 4] = [
+        // 0: the original is there.
+        (b"big-key", (TOPIC, 0, original.1)),
+        // 1: past the end of the source partition.
+        (b"big-key", (TOPIC, 0, 999)),
+        // 2: a topic that does not exist.
+        (b"k2", ("gone", 0, 0)),
+        // 3: the position holds another record (its key differs).
+        (b"big-key", (TOPIC, 0, 0)),
+    ];
+    for (key, at) in cases {
+        let env = envelope(ErrorKind::Oversized, at);
+        dead_letter(&producer, Some(0), key, None, &[], &env).await;
+    }
     let before = cluster.read_all(TOPIC).await.unwrap().len();
 
     let (code, dry, err) = run(&cluster, &["dlq", "replay", "--topic", DLQ]);
@@ -1002,8 +975,13 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
             .await
             .unwrap();
     }
+    // Envelopes naming topics no broker can have.
+    for bad in ["", "no such/topic"] {
+        let env = envelope(ErrorKind::Permanent, (bad, 0, 7));
+        dead_letter(&producer, Some(0), b"bad", Some(b"p"), &[], &env).await;
+    }
     let rows = json_rows(&cluster, &[]);
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 6);
     let (code, table, err) = run(&cluster, &["dlq", "list", "--topic", DLQ]);
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("0:3"), "{table}");
@@ -1017,6 +995,15 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
     let (code, out, err) = run(&cluster, &["dlq", "replay", "--topic", DLQ, "--yes"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("replayed 4 records"), "{out}");
+    assert!(out.contains("2 skipped"), "{out}");
+    assert!(
+        err.contains("skipped 0:4 its target `` is not a legal topic name"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped 0:5 its target `no such/topic` is not a legal topic name"),
+        "{err}"
+    );
     let back = cluster.read_all(TOPIC).await.unwrap();
     assert_eq!(back.len(), 4);
     assert!(back.iter().all(|r| r.headers[0] == odd), "{back:?}");

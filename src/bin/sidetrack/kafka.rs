@@ -120,22 +120,7 @@ impl Kafka {
         let (topic, timeout) = (topic.to_owned(), self.timeout);
         blocking(move || {
             let c: BaseConsumer = config.create().map_err(other)?;
-            let mut tpl = TopicPartitionList::new();
-            for p in parts {
-                tpl.add_partition(&topic, p);
-            }
-            let got = c.committed_offsets(tpl, timeout).map_err(other)?;
-            let map = got
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect();
-            // Dropped before the consumer: a list outliving it can hang its drop.
-            drop(got);
-            Ok(map)
+            committed_of(&c, &topic, &parts, timeout)
         })
         .await
     }
@@ -251,8 +236,10 @@ struct Flags {
     assigns: u32,
     /// Revocations (or losses) of partitions: another member joined, or this one was dropped.
     revokes: u32,
-    /// A rebalance or group error.
+    /// A rebalance error: this member cannot be trusted with the group any more.
     error: Option<String>,
+    /// The last error polling the member (shown if joining takes too long).
+    poll_error: Option<String>,
 }
 
 impl MemberState {
@@ -349,12 +336,7 @@ impl Member {
                             match consumer.poll(Duration::from_millis(100)) {
                                 // Paused on assignment: nothing is expected; drop it if so.
                                 Some(Ok(_)) | None => {}
-                                Some(Err(e)) => {
-                                    let mut f = state.flags();
-                                    if f.assigns == 0 {
-                                        f.error = Some(e.to_string());
-                                    }
-                                }
+                                Some(Err(e)) => state.flags().poll_error = Some(e.to_string()),
                             }
                         }
                     })
@@ -381,6 +363,12 @@ impl Member {
             {
                 let mut f = member.state.flags();
                 while f.assigns == 0 {
+                    if let Some(e) = &f.error {
+                        return Err(Failure::Other(format!(
+                            "joining progress group `{}` failed: {e}; nothing was sent",
+                            member.group
+                        )));
+                    }
                     if !told && begun.elapsed() > Duration::from_secs(3) {
                         told = true;
                         eprintln!(
@@ -395,7 +383,7 @@ impl Member {
                             "could not join progress group `{}` within {}{}; nothing was sent",
                             member.group,
                             humantime::format_duration(within),
-                            f.error
+                            f.poll_error
                                 .as_deref()
                                 .map(|e| format!(" (last error: {e})"))
                                 .unwrap_or_default()
@@ -447,24 +435,7 @@ impl Member {
     pub async fn committed(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, Failure> {
         let consumer = self.consumer()?;
         let (topic, timeout, parts) = (self.topic.clone(), self.timeout, partitions.to_vec());
-        blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for p in parts {
-                tpl.add_partition(&topic, p);
-            }
-            let got = consumer.committed_offsets(tpl, timeout).map_err(other)?;
-            let map = got
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect();
-            drop(got);
-            Ok(map)
-        })
-        .await
+        blocking(move || committed_of(&consumer, &topic, &parts, timeout)).await
     }
 
     /// Whether this member still owns every partition it was given; if not, why this replay
@@ -599,6 +570,31 @@ impl Drop for Member {
         // The last reference: closing leaves the group (a revocation with no batch in flight).
         drop(self.consumer.take());
     }
+}
+
+/// Committed offsets of `c`'s group on `topic` (partitions without one are absent).
+fn committed_of<C: ConsumerContext>(
+    c: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> Result<HashMap<i32, i64>, Failure> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let got = c.committed_offsets(tpl, timeout).map_err(other)?;
+    let map = got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect();
+    // Dropped before the consumer: a list outliving it can hang its drop.
+    drop(got);
+    Ok(map)
 }
 
 fn other(e: impl std::fmt::Display) -> Failure {

@@ -512,6 +512,13 @@ async fn plan_one(
             Ok(t) => t,
             Err(why) => return Ok(Err(why)),
         };
+    // Names come from envelopes (any bytes): ask the broker only about legal ones.
+    if !legal_topic(&topic) {
+        return Ok(Err(format!(
+            "its target `{}` is not a legal topic name",
+            topic.escape_debug()
+        )));
+    }
     let count = match plan.partitions.get(&topic) {
         Some(n) => *n,
         None => {
@@ -534,6 +541,12 @@ async fn plan_one(
     // payload) the original's, read back from where the envelope says it is.
     let (key, payload, user) = match record.provenance() {
         Provenance::Sidetrack(e) if e.error_kind == ErrorKind::Oversized => {
+            if !legal_topic(&e.original_topic) {
+                return Ok(Err(format!(
+                    "oversized: its original topic `{}` is not a legal topic name",
+                    e.original_topic.escape_debug()
+                )));
+            }
             let at = format!(
                 "{}[{}]@{}",
                 e.original_topic, e.original_partition, e.original_offset
@@ -599,6 +612,16 @@ async fn plan_one(
         payload,
         headers,
     }))
+}
+
+/// Kafka's rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn legal_topic(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The topic a record goes to and, for a retry tier, its fresh envelope.
@@ -751,6 +774,15 @@ mod tests {
         assert_eq!(next_send(t0, t0 + ms(30), 10.0), t0 + ms(130));
         // After a 5 s pause the next record waits its 100 ms like any other.
         assert_eq!(next_send(t0, t0 + ms(5_000), 10.0), t0 + ms(5_100));
+    }
+
+    #[test]
+    fn only_legal_topic_names_reach_the_broker() {
+        assert!(legal_topic("orders.billing-retry_1"));
+        assert!(legal_topic(&"a".repeat(249)));
+        for bad in ["", ".", "..", "a b", "a/b", "ü", "a\0b", &"a".repeat(250)] {
+            assert!(!legal_topic(bad), "{bad:?}");
+        }
     }
 
     #[test]
