@@ -39,6 +39,21 @@ fn json_rows(cluster: &EmbeddedCluster, extra: &[&str]) -> Vec<serde_json::Value
     serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("list --format json parses")
 }
 
+/// Runs the CLI with `args` exactly (an alert's command line); returns stdout of a success.
+fn succeed(args: &[&str]) -> Vec<u8> {
+    let out = Command::cargo_bin("sidetrack")
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A DLQ with three records dead-lettered by the runtime: two permanent, one poison.
 async fn dead_lettered() -> (EmbeddedCluster, Vec<(i32, i64)>) {
     let cluster = cluster(1);
@@ -461,17 +476,7 @@ async fn the_command_in_an_alert_lists_exactly_its_records() {
         assert_eq!(words[0], "sidetrack");
         let mut args: Vec<&str> = words[1..].to_vec();
         args.extend(["--format", "json"]);
-        let out = Command::cargo_bin("sidetrack")
-            .unwrap()
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&succeed(&args)).unwrap();
         assert_eq!(rows.len() as u64, alert.count, "{}", alert.inspect_command);
     }
 }
@@ -531,16 +536,7 @@ async fn the_replay_commands_of_a_window_replay_its_records_once() {
             .filter(|w| *w != "--dry-run")
             .collect();
         args.push("--yes");
-        let out = Command::cargo_bin("sidetrack")
-            .unwrap()
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(&args);
     }
     assert_each_replayed_once(&cluster).await;
 }
