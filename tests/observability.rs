@@ -293,27 +293,53 @@ async fn dead_letters_are_aggregated_into_one_alert_per_window() {
     let sent: Vec<String> = ["bad-1", "ok", "bad-2", "bad-3"].map(String::from).to_vec();
     let positions = produce_to(&cluster, topic, &sent, 0).await;
     wait_for("3 dead letters", || rt.stats().total_dead_lettered() == 3).await;
-    assert!(
-        collect.0.lock().unwrap().is_empty(),
-        "nothing before the window ends"
-    );
+    let checked = now_ms();
+    // Windows are epoch-aligned: one that ended (plus the grace: the hand-off timeout and a
+    // second) before this point may already have been sent; no other.
+    let grace = 1_500;
+    for a in collect.0.lock().unwrap().iter() {
+        assert!(a.window_end_ms + 1 + grace <= checked, "sent early: {a:?}");
+    }
     rt.shutdown().await.unwrap();
     let alerts = collect.0.lock().unwrap().clone();
-    assert_eq!(alerts.len(), 1);
+    // One alert per window the DLQ records' timestamps fall in: almost always one, two when
+    // the records straddle a 10-minute boundary.
+    let dlq = cluster
+        .read_all(&format!("{topic}.{group}.dlq"))
+        .await
+        .unwrap();
+    let windows: std::collections::BTreeSet<i64> = dlq
+        .iter()
+        .map(|r| r.timestamp.unwrap().div_euclid(600_000))
+        .collect();
+    assert_eq!(alerts.len(), windows.len(), "{alerts:?}");
+    assert_eq!(alerts.iter().map(|a| a.count).sum::<u64>(), 3);
     let a = &alerts[0];
     assert_eq!((a.topic.as_str(), a.group.as_str()), (topic, group));
     assert_eq!(a.dead_letter_topic, format!("{topic}.{group}.dlq"));
-    assert_eq!(a.count, 3);
-    assert_eq!(a.by_reason, vec![("permanent".to_string(), 3)]);
-    assert_eq!(a.examples.len(), 2);
+    assert_eq!(a.window_start_ms, windows.first().unwrap() * 600_000);
+    assert_eq!(a.window_end_ms, a.window_start_ms + 600_000 - 1);
+    assert!(!a.follow_up);
     assert_eq!(a.examples[0].offset, positions[0].1);
     assert_eq!(a.examples[0].key.as_deref(), Some("bad-1"));
     assert_eq!(a.examples[0].error, "bad-1 rejected");
-    assert_eq!(a.examples[0].dlq_offset, 0);
+    assert_eq!(a.examples[0].dlq_offset, Some(0));
     assert!(a
         .inspect_command
         .contains(&format!("--topic {topic}.{group}.dlq")));
-    assert!(a.text().contains("3 records"));
+    if windows.len() == 1 {
+        assert_eq!(a.count, 3);
+        assert_eq!(a.by_reason, vec![("permanent".to_string(), 3)]);
+        assert_eq!(a.examples.len(), 2);
+        assert!(a.text().contains("3 records"));
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 #[cfg(feature = "webhook")]
@@ -345,18 +371,32 @@ mod webhook {
         wait_for("4 dead letters", || rt.stats().total_dead_lettered() == 4).await;
         rt.shutdown().await.unwrap();
         let bodies = bodies.lock().unwrap().clone();
-        assert_eq!(bodies.len(), 1, "one aggregated alert");
-        let json: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
-        assert!(json["text"].as_str().unwrap().contains("4 records"));
+        // One aggregated alert per 10-minute window: two if the records straddle a boundary.
+        assert!(matches!(bodies.len(), 1 | 2), "{bodies:?}");
+        let json: Vec<serde_json::Value> = bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect();
+        let total: u64 = json
+            .iter()
+            .map(|j| j["sidetrack"]["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 4);
+        let json = &json[0];
+        if bodies.len() == 1 {
+            assert!(json["text"].as_str().unwrap().contains("4 records"));
+        }
         let a = &json["sidetrack"];
-        assert_eq!(a["count"], 4);
         assert_eq!(a["topic"], topic);
         assert_eq!(a["group"], group);
         assert_eq!(a["examples"][0]["key"], "k-0");
         assert_eq!(a["examples"][0]["reason"], "permanent");
         assert_eq!(a["examples"][0]["error"], "nope");
         assert!(a["replay_command"].as_str().unwrap().contains("dlq replay"));
-        assert_eq!(counter(m::ALERTS_SENT, &[("notifier", "webhook")]), 1);
+        assert_eq!(
+            counter(m::ALERTS_SENT, &[("notifier", "webhook")]),
+            bodies.len() as u64
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
