@@ -166,6 +166,10 @@ async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte() {
     rt.shutdown().await.unwrap();
     let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
     assert_eq!(dlq.len(), 1);
-    assert_eq!(dlq[0].user_headers(), &headers[..], "user headers byte for byte");
+    assert_eq!(
+        dlq[0].user_headers(),
+        &headers[..],
+        "user headers byte for byte"
+    );
     assert_eq!(dlq[0].header_str(h::ERROR), Some("saw the binary header"));
 }

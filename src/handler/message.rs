@@ -4,7 +4,7 @@ use serde::de::DeserializeOwned;
 
 use crate::retry::Envelope;
 
-use super::{Header, HandlerError};
+use super::{HandlerError, Header};
 
 /// A record as the handler sees it.
 ///

@@ -36,10 +36,10 @@ use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{FailureKind, HandlerError, ResultExt};
-pub use header::Header;
 pub(crate) use header::headers_of;
 pub use header::to_owned_headers as rdkafka_headers;
 pub(crate) use header::to_owned_headers;
+pub use header::Header;
 pub use message::Message;
 
 /// Handles one record.

@@ -194,10 +194,7 @@ impl Envelope {
                 )));
             }
             if !seen.insert(h.key.as_slice()) {
-                return Err(corrupt(format!(
-                    "header `{}` appears twice",
-                    h.key_lossy()
-                )));
+                return Err(corrupt(format!("header `{}` appears twice", h.key_lossy())));
             }
         }
         let get = |name: &str| -> Result<Option<&str>, EnvelopeError> {

@@ -106,7 +106,11 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
         let mut headers: Vec<Header> = record
             .user_headers()
             .iter()
-            .filter(|h| ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM].iter().any(|n| h.is(n)))
+            .filter(|h| {
+                ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM]
+                    .iter()
+                    .any(|n| h.is(n))
+            })
             .cloned()
             .collect();
         headers.push(Header::new(REPLAY_ID, replay_id.clone()));
