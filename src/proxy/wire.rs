@@ -181,7 +181,12 @@ pub fn decode_v2(
             let Some(v) = v else { return Ok(None) };
             match format {
                 // `null` already became `None`; anything else is written as its JSON text.
-                Format::Json => Ok(Some(v.get().as_bytes().to_vec())),
+                Format::Json => {
+                    check_depth(v.get()).map_err(|m| {
+                        ApiError::new(ErrorKind::MalformedJson, format!("{}: {m}", at(what)))
+                    })?;
+                    Ok(Some(v.get().as_bytes().to_vec()))
+                }
                 Format::Binary => {
                     let s: Cow<'_, str> = serde_json::from_str(v.get()).map_err(|_| {
                         ApiError::new(
@@ -244,6 +249,40 @@ pub fn decode_v2(
         });
     }
     Ok(out)
+}
+
+/// Deepest nesting of arrays and objects accepted in a JSON key or value: serde_json's own
+/// limit, so whatever the proxy writes, a consumer using serde_json can read. (serde_json does
+/// not apply its limit to the raw values the proxy keeps as text.)
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Checks the nesting depth of valid JSON text without recursion.
+fn check_depth(json: &str) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A partition number: an integer in `[0, 2^31)`, nothing else (no fraction, no exponent).
@@ -392,7 +431,12 @@ pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V
             return Ok((None, Some(kind)));
         };
         let bytes = match kind {
-            V3Type::Json => raw.get().as_bytes().to_vec(),
+            V3Type::Json => {
+                check_depth(raw.get()).map_err(|m| {
+                    ApiError::new(ErrorKind::MalformedJson, format!("{what}.data: {m}"))
+                })?;
+                raw.get().as_bytes().to_vec()
+            }
             V3Type::Binary | V3Type::String => {
                 let s: Cow<'_, str> = serde_json::from_str(raw.get()).map_err(|_| {
                     ApiError::new(
@@ -544,7 +588,7 @@ mod tests {
     }
 
     fn kind(body: &[u8], f: Format) -> ErrorKind {
-        decode_v2(body, f, None).unwrap_err().kind
+        decode_v2(body, f, None).map(|r| r.len()).unwrap_err().kind
     }
 
     #[test]
@@ -583,15 +627,24 @@ mod tests {
                 "{p}: {k:?}"
             );
         }
-        let deep = format!(
-            "{{\"records\":[{{\"value\":{}{}}}]}}",
-            "[".repeat(10_000),
-            "]".repeat(10_000)
+        let deep = |n: usize| {
+            format!(
+                "{{\"records\":[{{\"value\":{}{}}}]}}",
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        for n in [10_000, MAX_JSON_DEPTH + 1] {
+            let r = decode_v2(deep(n).as_bytes(), Format::Json, None);
+            assert_eq!(r.map_err(|e| e.kind).err(), Some(ErrorKind::MalformedJson));
+        }
+        assert!(decode_v2(deep(MAX_JSON_DEPTH).as_bytes(), Format::Json, None).is_ok());
+        // Brackets inside strings (and escaped quotes) do not count.
+        let in_string = format!(
+            "{{\"records\":[{{\"value\":\"{}\\\"\"}}]}}",
+            "[".repeat(500)
         );
-        assert_eq!(
-            kind(deep.as_bytes(), Format::Json),
-            ErrorKind::MalformedJson
-        );
+        assert!(decode_v2(in_string.as_bytes(), Format::Json, None).is_ok());
         assert_eq!(
             kind(
                 br#"{"records":[{"value":1,"headers":[{"key":"a\u0000b","value":null}]}]}"#,
@@ -784,7 +837,10 @@ mod tests {
         #[test]
         fn path_partitions(s in ".{0,14}") {
             match partition_from_path(&s) {
-                Ok(p) => prop_assert_eq!(p.to_string().trim_start_matches('0'), s.trim_start_matches('0')),
+                Ok(p) => {
+                    let text = p.to_string();
+                    prop_assert_eq!(text.trim_start_matches('0'), s.trim_start_matches('0'));
+                }
                 Err(e) => prop_assert_eq!(e.kind, ErrorKind::InvalidPartition),
             }
         }
