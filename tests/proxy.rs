@@ -80,7 +80,10 @@ async fn produce_and_read_back(broker: Broker) {
 
     // v3 single record.
     let clusters = get(&proxy, "/v3/clusters").await.json();
-    let cluster = clusters["data"][0]["cluster_id"].as_str().unwrap().to_owned();
+    let cluster = clusters["data"][0]["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(cluster, proxy.cluster_id());
     let v3 = json!({"partition_id": 0, "key": {"type": "STRING", "data": "v3-key"},
         "value": {"type": "JSON", "data": {"v": 3}},
@@ -111,7 +114,10 @@ async fn produce_and_read_back(broker: Broker) {
     let (p, o) = json_offsets[0].unwrap();
     let r = at(p, o);
     assert_eq!(r.key.as_deref(), Some(&b"\"k1\""[..]));
-    assert_eq!(r.payload.as_deref(), Some(&br#"{"amount":5,"items":[1,2]}"#[..]));
+    assert_eq!(
+        r.payload.as_deref(),
+        Some(&br#"{"amount":5,"items":[1,2]}"#[..])
+    );
     assert_eq!(header(r, "trace"), Some(&b"\x00\xffabc"[..]));
     let (p, o) = json_offsets[1].unwrap();
     assert_eq!(at(p, o).payload.as_deref(), Some(&br#"[1,"two"]"#[..]));
@@ -120,7 +126,10 @@ async fn produce_and_read_back(broker: Broker) {
     let r = at(bin_p, bin_o);
     assert_eq!(r.key.as_deref(), Some(&b"\x01\x02"[..]));
     assert_eq!(r.payload.as_deref(), Some(&b"\xde\xad\xbe\xef"[..]));
-    assert_eq!(at(plain.0, plain.1).payload.as_deref(), Some(&b"\"plain\""[..]));
+    assert_eq!(
+        at(plain.0, plain.1).payload.as_deref(),
+        Some(&b"\"plain\""[..])
+    );
     let r = at(0, v3a["offset"].as_i64());
     assert_eq!(r.key.as_deref(), Some(&b"v3-key"[..]));
     assert_eq!(r.payload.as_deref(), Some(&br#"{"v":3}"#[..]));
@@ -171,17 +180,33 @@ async fn client_errors(broker: Broker) {
     ];
     for (what, path, headers, body, status, code) in cases {
         let a = request(addr, "POST", &path, &headers, body).await.unwrap();
-        assert_eq!(a.status.as_u16(), status, "{what}: {}", String::from_utf8_lossy(&a.body));
-        assert_eq!(a.code(), Some(code), "{what}: {}", String::from_utf8_lossy(&a.body));
-        assert!(a.json()["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
+        assert_eq!(
+            a.status.as_u16(),
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(
+            a.code(),
+            Some(code),
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert!(
+            a.json()["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
     }
     // Wrong method on a route.
-    let a = request(addr, "GET", &path, &[], Bytes::new()).await.unwrap();
+    let a = request(addr, "GET", &path, &[], Bytes::new())
+        .await
+        .unwrap();
     assert_eq!((a.status.as_u16(), a.code()), (405, Some(40501)));
     // A body larger than the limit without Content-Length (chunked) is cut off too.
-    let chunks = futures_util::stream::iter(
-        (0..40).map(|_| Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b' '; 100])))),
-    );
+    let chunks =
+        futures_util::stream::iter((0..40).map(|_| {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b' '; 100])))
+        }));
     let a = request_streamed(addr, &path, http_body_util::StreamBody::new(chunks)).await;
     assert_eq!((a.0, a.1), (413, Some(41301)));
     // Nothing of all that was written.
@@ -197,9 +222,10 @@ where
 {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::post(path)
         .header("host", addr.to_string())
@@ -278,13 +304,26 @@ async fn partial_failure(broker: Broker) {
     assert_eq!(a.status.as_u16(), 413, "{:?}", a.json());
     assert_eq!(a.code(), Some(41302));
     let offsets = a.offsets();
-    assert!(offsets[0].is_some() && offsets[1].is_some(), "{:?}", a.json());
-    assert!(offsets[2].is_none() && offsets[3].is_none(), "{:?}", a.json());
+    assert!(
+        offsets[0].is_some() && offsets[1].is_some(),
+        "{:?}",
+        a.json()
+    );
+    assert!(
+        offsets[2].is_none() && offsets[3].is_none(),
+        "{:?}",
+        a.json()
+    );
     let entries = a.json()["offsets"].as_array().unwrap().clone();
     assert_eq!(entries[2]["error_code"], 41302);
     assert!(entries[3]["error"].as_str().unwrap().contains("not sent"));
     // The client retries exactly the failed one it can fix, and the one not sent.
-    let a = post_json(&proxy, &topic, json!({"records": [{"value": "c"}, {"value": "d"}]})).await;
+    let a = post_json(
+        &proxy,
+        &topic,
+        json!({"records": [{"value": "c"}, {"value": "d"}]}),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::OK);
     let payloads: Vec<String> = broker
         .read_all(&topic)
@@ -303,7 +342,10 @@ async fn idempotency_key(broker: Broker) {
     let topic = broker.topic("orders", 2).await;
     let proxy = broker.start(ProxyConfig::default()).await;
     let addr = proxy.local_addr();
-    let body = serde_json::to_vec(&json!({"records": [{"key": "a", "value": 1}, {"key": "b", "value": 2}]})).unwrap();
+    let body = serde_json::to_vec(
+        &json!({"records": [{"key": "a", "value": 1}, {"key": "b", "value": 2}]}),
+    )
+    .unwrap();
     let path = format!("/topics/{topic}");
     let send = |key: &'static str, body: Vec<u8>| {
         let path = path.clone();
@@ -332,7 +374,10 @@ async fn idempotency_key(broker: Broker) {
     let mut idx: Vec<&[u8]> = records
         .iter()
         .map(|r| {
-            assert_eq!(header(r, "sidetrack-idempotency-key"), Some(&b"order-77"[..]));
+            assert_eq!(
+                header(r, "sidetrack-idempotency-key"),
+                Some(&b"order-77"[..])
+            );
             header(r, "sidetrack-idempotency-record").unwrap()
         })
         .collect();
@@ -406,10 +451,17 @@ async fn shutdown_under_load(broker: Broker) {
     let records = broker.read_all(&topic).await;
     let by_pos: HashMap<(i32, i64), &[u8]> = records
         .iter()
-        .map(|r| ((r.partition, r.offset), r.key.as_deref().unwrap_or_default()))
+        .map(|r| {
+            (
+                (r.partition, r.offset),
+                r.key.as_deref().unwrap_or_default(),
+            )
+        })
         .collect();
     for (id, p, o) in &acked {
-        let key = by_pos.get(&(*p, *o)).unwrap_or_else(|| panic!("{id} acknowledged at {p}:{o} but not there"));
+        let key = by_pos
+            .get(&(*p, *o))
+            .unwrap_or_else(|| panic!("{id} acknowledged at {p}:{o} but not there"));
         assert_eq!(*key, format!("\"{id}\"").as_bytes(), "at {p}:{o}");
     }
     let mut seen = HashSet::new();
@@ -433,29 +485,61 @@ async fn broker_down_is_503_then_200() {
             ..ProxyConfig::default()
         };
         let proxy = broker.start(config).await;
-        assert_eq!(post_json(&proxy, &topic, json!({"records": [{"value": "before"}]})).await.status, StatusCode::OK);
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": "before"}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
         cluster.broker_down(-1).unwrap();
         let a = post_json(&proxy, &topic, json!({"records": [{"value": "during"}]})).await;
-        assert_eq!((a.status.as_u16(), a.code()), (503, Some(50301)), "{:?}", a.json());
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (503, Some(50301)),
+            "{:?}",
+            a.json()
+        );
         assert!(a.headers.get("retry-after").is_some());
         assert!(a.offsets()[0].is_none());
         assert!(
-            wait_until(WAIT, || async { get(&proxy, "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE }).await,
+            wait_until(WAIT, || async {
+                get(&proxy, "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE
+            })
+            .await,
             "readyz turns red"
         );
         cluster.broker_up(-1).unwrap();
         assert!(
             wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": "after"}]})).await.status == StatusCode::OK
+                post_json(&proxy, &topic, json!({"records": [{"value": "after"}]}))
+                    .await
+                    .status
+                    == StatusCode::OK
             })
             .await,
             "200 once the broker is back"
         );
         // Readiness is cached for a second.
-        assert!(wait_until(WAIT, || async { get(&proxy, "/readyz").await.status == StatusCode::OK }).await);
-        let payloads: Vec<Vec<u8>> = broker.read_all(&topic).await.into_iter().filter_map(|r| r.payload).collect();
-        assert_eq!(payloads.first().map(Vec::as_slice), Some(&b"\"before\""[..]));
-        assert!(!payloads.iter().any(|p| p == b"\"during\""), "a 503'd record was not written");
+        assert!(
+            wait_until(WAIT, || async {
+                get(&proxy, "/readyz").await.status == StatusCode::OK
+            })
+            .await
+        );
+        let payloads: Vec<Vec<u8>> = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter_map(|r| r.payload)
+            .collect();
+        assert_eq!(
+            payloads.first().map(Vec::as_slice),
+            Some(&b"\"before\""[..])
+        );
+        assert!(
+            !payloads.iter().any(|p| p == b"\"during\""),
+            "a 503'd record was not written"
+        );
         proxy.shutdown().await;
     })
     .await
@@ -474,25 +558,57 @@ async fn broker_errors_map_to_statuses() {
             ..ProxyConfig::default()
         };
         let proxy = broker.start(config).await;
-        assert_eq!(post_json(&proxy, &topic, json!({"records": [{"value": 0}]})).await.status, StatusCode::OK);
-        cluster.fail_requests(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500]);
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500],
+        );
         let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
-        assert_eq!((a.status.as_u16(), a.code()), (503, Some(50301)), "{:?}", a.json());
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (503, Some(50301)),
+            "{:?}",
+            a.json()
+        );
         cluster.clear_request_errors(RDKafkaApiKey::Produce);
-        cluster.fail_requests(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
         let a = post_json(&proxy, &topic, json!({"records": [{"value": 3}]})).await;
-        assert_eq!((a.status.as_u16(), a.code()), (413, Some(41302)), "{:?}", a.json());
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (413, Some(41302)),
+            "{:?}",
+            a.json()
+        );
         assert!(
             wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": 4}]})).await.status == StatusCode::OK
+                post_json(&proxy, &topic, json!({"records": [{"value": 4}]}))
+                    .await
+                    .status
+                    == StatusCode::OK
             })
             .await
         );
         // Last: librdkafka remembers a topic it was refused on and refuses later sends to it
         // locally until its next metadata refresh (40303 as well).
-        cluster.fail_requests(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED]);
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
         let a = post_json(&proxy, &topic, json!({"records": [{"value": 2}]})).await;
-        assert_eq!((a.status.as_u16(), a.code()), (403, Some(40303)), "{:?}", a.json());
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (403, Some(40303)),
+            "{:?}",
+            a.json()
+        );
         proxy.shutdown().await;
     })
     .await
@@ -529,27 +645,46 @@ async fn saturation_is_429() {
             .await
             .unwrap();
         // Warm the metadata cache, then take the broker away.
-        assert_eq!(post_json(&proxy, &topic, json!({"records": [{"value": 0}]})).await.status, StatusCode::OK);
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
         cluster.broker_down(-1).unwrap();
         let ten = json!({"records": (0..10).map(|i| json!({"value": i})).collect::<Vec<_>>()});
         let handle = tokio::spawn({
             let addr = proxy.local_addr();
             let topic = topic.clone();
             async move {
-                request(addr, "POST", &format!("/topics/{topic}"), &[("content-type", JSON_V2)], serde_json::to_vec(&ten).unwrap())
-                    .await
-                    .unwrap()
+                request(
+                    addr,
+                    "POST",
+                    &format!("/topics/{topic}"),
+                    &[("content-type", JSON_V2)],
+                    serde_json::to_vec(&ten).unwrap(),
+                )
+                .await
+                .unwrap()
             }
         });
         admitted.notified().await;
         let a = post_json(&proxy, &topic, json!({"records": [{"value": "more"}]})).await;
-        assert_eq!((a.status.as_u16(), a.code()), (429, Some(42901)), "{:?}", a.json());
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (429, Some(42901)),
+            "{:?}",
+            a.json()
+        );
         assert_eq!(a.headers.get("retry-after").unwrap(), "1");
         assert_eq!(handle.await.unwrap().status.as_u16(), 503);
         cluster.broker_up(-1).unwrap();
         assert!(
             wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": "later"}]})).await.status == StatusCode::OK
+                post_json(&proxy, &topic, json!({"records": [{"value": "later"}]}))
+                    .await
+                    .status
+                    == StatusCode::OK
             })
             .await
         );
@@ -567,10 +702,9 @@ async fn rules_reject_add_headers_and_pick_partitions() {
         let proxy = broker
             .proxy(ProxyConfig::default())
             .rule(|req: &RequestInfo<'_>, r: &mut ProduceRecord| {
-                let tenant = req
-                    .headers
-                    .get("x-tenant")
-                    .ok_or_else(|| Rejection::new("send X-Tenant").with_status(StatusCode::FORBIDDEN))?;
+                let tenant = req.headers.get("x-tenant").ok_or_else(|| {
+                    Rejection::new("send X-Tenant").with_status(StatusCode::FORBIDDEN)
+                })?;
                 r.headers.push(Header::new("tenant", tenant.as_bytes()));
                 r.partition = Some(3);
                 Ok(())
@@ -582,12 +716,29 @@ async fn rules_reject_add_headers_and_pick_partitions() {
             .unwrap();
         let addr = proxy.local_addr();
         let body = r#"{"records":[{"value":1},{"value":2}]}"#;
-        let a = request(addr, "POST", &format!("/topics/{topic}"), &[("content-type", JSON_V2)], body).await.unwrap();
+        let a = request(
+            addr,
+            "POST",
+            &format!("/topics/{topic}"),
+            &[("content-type", JSON_V2)],
+            body,
+        )
+        .await
+        .unwrap();
         assert_eq!((a.status.as_u16(), a.code()), (403, Some(42208)));
-        assert!(a.json()["message"].as_str().unwrap().contains("send X-Tenant"));
-        let a = request(addr, "POST", &format!("/topics/{topic}"), &[("content-type", JSON_V2), ("x-tenant", "acme")], body)
-            .await
-            .unwrap();
+        assert!(a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("send X-Tenant"));
+        let a = request(
+            addr,
+            "POST",
+            &format!("/topics/{topic}"),
+            &[("content-type", JSON_V2), ("x-tenant", "acme")],
+            body,
+        )
+        .await
+        .unwrap();
         assert_eq!(a.status, StatusCode::OK);
         let records = broker.read_all(&topic).await;
         assert_eq!(records.len(), 2);
@@ -650,7 +801,13 @@ async fn hostile_requests_get_4xx() {
         let raw = |head: Vec<u8>, body: Vec<u8>| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let mut req = head;
-            req.extend_from_slice(format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
+            req.extend_from_slice(
+                format!(
+                    "content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
             req.extend_from_slice(&body);
             s.write_all(&req).await.unwrap();
             let mut out = Vec::new();
@@ -658,7 +815,9 @@ async fn hostile_requests_get_4xx() {
             String::from_utf8_lossy(&out).into_owned()
         };
         let head = |extra: &[u8]| {
-            let mut h = format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\n").into_bytes();
+            let mut h =
+                format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\n")
+                    .into_bytes();
             h.extend_from_slice(extra);
             h
         };
@@ -670,7 +829,11 @@ async fn hostile_requests_get_4xx() {
         assert!(r.starts_with("HTTP/1.1 200"), "no auth configured: {r}");
         let r = raw(head(b""), vec![0xff, 0x00, 0x7b, 0xc3]).await;
         assert!(r.starts_with("HTTP/1.1 422"), "{r}");
-        let r = raw(b"POST /topics/%ff%fe HTTP/1.1\r\nhost: x\r\n".to_vec(), one.clone()).await;
+        let r = raw(
+            b"POST /topics/%ff%fe HTTP/1.1\r\nhost: x\r\n".to_vec(),
+            one.clone(),
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
         assert_eq!(get(&proxy, "/healthz").await.status, StatusCode::OK);
         proxy.shutdown().await;
@@ -699,31 +862,50 @@ async fn tls_listener() {
         let proxy = broker.start(config).await;
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(rustls_pki_types::CertificateDer::from_pem_file(data.join("proxy-test-ca.pem")).unwrap())
+            .add(
+                rustls_pki_types::CertificateDer::from_pem_file(data.join("proxy-test-ca.pem"))
+                    .unwrap(),
+            )
             .unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let tcp = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
-        let tls = connector
-            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
             .await
             .unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        let tls = connector
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         let req = hyper::Request::post(format!("/topics/{topic}"))
             .header("host", "localhost")
             .header("content-type", JSON_V2)
-            .body(http_body_util::Full::new(Bytes::from_static(br#"{"records":[{"value":"secret"}]}"#)))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                br#"{"records":[{"value":"secret"}]}"#,
+            )))
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let _ = resp.into_body().collect().await.unwrap();
         // Plain HTTP to the TLS port gets no answer.
-        assert!(request(proxy.local_addr(), "GET", "/healthz", &[], Bytes::new()).await.is_err());
+        assert!(
+            request(proxy.local_addr(), "GET", "/healthz", &[], Bytes::new())
+                .await
+                .is_err()
+        );
         assert_eq!(broker.read_all(&topic).await.len(), 1);
         proxy.shutdown().await;
     })

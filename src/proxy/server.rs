@@ -579,18 +579,47 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             return Err(too_large());
         }
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut first: Option<Bytes> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                ErrorKind::MalformedJson,
+                format!("could not read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let have = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if have + data.len() > limit {
+            linger(&mut body).await;
+            return Err(too_large());
         }
-        Err(e) => Err(ApiError::new(
-            ErrorKind::MalformedJson,
-            format!("could not read the request body: {e}"),
-        )),
+        // One frame (the usual case) is kept as is; more are copied together.
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+}
+
+/// Reads (and drops) a little more of a body refused as too large, so that the client, which
+/// may still be sending, reads the 413 instead of a connection reset. Bounded: 64 KiB, 100 ms.
+async fn linger(body: &mut Body) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut extra = 0usize;
+    while extra < 64 * 1024 {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => extra += frame.data_ref().map_or(0, Bytes::len),
+            _ => break,
+        }
     }
 }
 

@@ -106,7 +106,8 @@ impl Broker {
                             c.fetch_metadata(Some(&name), Duration::from_secs(5))
                                 .map(|m| {
                                     m.topics().iter().any(|t| {
-                                        t.name() == name && t.partitions().len() as i32 == partitions
+                                        t.name() == name
+                                            && t.partitions().len() as i32 == partitions
                                     })
                                 })
                                 .unwrap_or(false)
@@ -220,7 +221,9 @@ pub async fn request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
