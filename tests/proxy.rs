@@ -151,7 +151,9 @@ async fn client_errors(broker: Broker) {
     let addr = proxy.local_addr();
     let path = format!("/topics/{topic}");
     let one = r#"{"records":[{"value":1}]}"#;
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Bytes, u16, u64)> = vec![
+    // (what, path, request headers, body, expected status, expected error_code)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Bytes, u16, u64);
+    let cases: Vec<Case<'_>> = vec![
         ("no content type", path.clone(), vec![], one.into(), 415, 41501),
         ("form", path.clone(), vec![("content-type", "application/x-www-form-urlencoded")], one.into(), 415, 41501),
         ("avro", path.clone(), vec![("content-type", "application/vnd.kafka.avro.v2+json")], one.into(), 415, 41502),
@@ -175,7 +177,7 @@ async fn client_errors(broker: Broker) {
         ("retry topic", "/topics/orders.billing.retry.1s".into(), vec![("content-type", JSON_V2)], one.into(), 403, 40302),
         ("internal topic", "/topics/__consumer_offsets".into(), vec![("content-type", JSON_V2)], one.into(), 403, 40302),
         ("body too large", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{{\"value\":\"{}\"}}]}}", "x".repeat(2000)).into(), 413, 41301),
-        ("more records than can ever be admitted", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{}]}}", vec!["{\"value\":1}"; 6].join(",")).into(), 413, 41303),
+        ("more records than can ever be admitted", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{}]}}", ["{\"value\":1}"; 6].join(",")).into(), 413, 41303),
         ("bad idempotency key", path.clone(), vec![("content-type", JSON_V2), ("idempotency-key", "has space")], one.into(), 400, 40001),
     ];
     for (what, path, headers, body, status, code) in cases {

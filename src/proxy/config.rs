@@ -90,7 +90,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             brokers: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(1),
             request_timeout: Duration::from_secs(10),
             max_in_flight_records: 50_000,
             max_in_flight_bytes: 64 * 1024 * 1024,

@@ -498,6 +498,9 @@ fn v2_body(outcomes: &[Outcome], worst: Option<&ApiError>) -> Bytes {
     Bytes::from(serde_json::to_vec(&resp).unwrap_or_default())
 }
 
+/// What a v3 key or value was sent as, and its size in bytes.
+type V3Sent = Option<(V3Type, usize)>;
+
 #[derive(Serialize)]
 struct V3Data {
     #[serde(rename = "type")]
@@ -521,7 +524,7 @@ fn v3_body(
     app: &App,
     topic: &str,
     outcomes: &[Outcome],
-    types: (Option<(V3Type, usize)>, Option<(V3Type, usize)>),
+    types: (V3Sent, V3Sent),
     worst: Option<&ApiError>,
 ) -> Bytes {
     let bytes = match (outcomes.first(), worst) {
@@ -807,11 +810,11 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                #[allow(clippy::clone_on_copy)] // a Copy placeholder without `proxy-tls`
                 let (router, closing, tls) = (router.clone(), closing.clone(), tls.clone());
                 conns.spawn(async move {
                     let io: Box<dyn Io> = match tls {
                         None => Box::new(stream),
-                        #[allow(unreachable_patterns, clippy::useless_conversion)]
                         Some(acceptor) => match accept_tls(acceptor, stream).await {
                             Some(s) => s,
                             None => return,
