@@ -511,16 +511,7 @@ async fn broker_down_is_503_then_200() {
             "readyz turns red"
         );
         cluster.broker_up(-1).unwrap();
-        assert!(
-            wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": "after"}]}))
-                    .await
-                    .status
-                    == StatusCode::OK
-            })
-            .await,
-            "200 once the broker is back"
-        );
+        eventually_ok(&proxy, &topic, json!("after")).await;
         // Readiness is cached for a second.
         assert!(
             wait_until(WAIT, || async {
@@ -589,15 +580,7 @@ async fn broker_errors_map_to_statuses() {
             "{:?}",
             a.json()
         );
-        assert!(
-            wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": 4}]}))
-                    .await
-                    .status
-                    == StatusCode::OK
-            })
-            .await
-        );
+        eventually_ok(&proxy, &topic, json!(4)).await;
         // Last: librdkafka remembers a topic it was refused on and refuses later sends to it
         // locally until its next metadata refresh (40303 as well).
         cluster.fail_requests(
@@ -624,28 +607,12 @@ async fn saturation_is_429() {
         let broker = Broker::embedded();
         let cluster = broker.cluster().unwrap().clone();
         let topic = broker.topic("orders", 1).await;
-        let admitted = Arc::new(tokio::sync::Notify::new());
-        let signal = admitted.clone();
         let config = ProxyConfig {
             request_timeout: Duration::from_secs(3),
             max_in_flight_records: 10,
             ..ProxyConfig::default()
         };
-        let proxy = broker
-            .proxy(config)
-            // The rule runs right before admission (with the topic's metadata cached, no await
-            // lies between them): the last record of a 10-record request means it is in.
-            .rule(move |req: &RequestInfo<'_>, _: &mut ProduceRecord| {
-                if req.index == 9 {
-                    signal.notify_one();
-                }
-                Ok(())
-            })
-            .build()
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
+        let proxy = broker.start(config).await;
         // Warm the metadata cache, then take the broker away.
         assert_eq!(
             post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
@@ -670,7 +637,14 @@ async fn saturation_is_429() {
                 .unwrap()
             }
         });
-        admitted.notified().await;
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.in_flight().0;
+                async move { n == 10 }
+            })
+            .await,
+            "the 10-record request is admitted"
+        );
         let a = post_json(&proxy, &topic, json!({"records": [{"value": "more"}]})).await;
         assert_eq!(
             (a.status.as_u16(), a.code()),
@@ -681,15 +655,7 @@ async fn saturation_is_429() {
         assert_eq!(a.headers.get("retry-after").unwrap(), "1");
         assert_eq!(handle.await.unwrap().status.as_u16(), 503);
         cluster.broker_up(-1).unwrap();
-        assert!(
-            wait_until(WAIT, || async {
-                post_json(&proxy, &topic, json!({"records": [{"value": "later"}]}))
-                    .await
-                    .status
-                    == StatusCode::OK
-            })
-            .await
-        );
+        eventually_ok(&proxy, &topic, json!("later")).await;
         proxy.shutdown().await;
     })
     .await
@@ -782,6 +748,20 @@ async fn operations_endpoints() {
         assert!(request(proxy_addr_closed(), "GET", "/healthz", &[], Bytes::new()).await.is_err());
     })
     .await
+}
+
+/// Posts `{"records":[{"value": value}]}` until it is answered 200 (a broker coming back).
+async fn eventually_ok(
+    proxy: &sidetrack::proxy::ProxyHandle,
+    topic: &str,
+    value: serde_json::Value,
+) {
+    let ok = wait_until(WAIT, || {
+        let body = json!({"records": [{"value": value.clone()}]});
+        async move { post_json(proxy, topic, body).await.status == StatusCode::OK }
+    })
+    .await;
+    assert!(ok, "no 200 within {WAIT:?}");
 }
 
 fn proxy_addr_closed() -> std::net::SocketAddr {

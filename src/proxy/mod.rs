@@ -173,6 +173,7 @@ pub struct ProxyHandle {
     cluster_id: String,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    producer: Arc<producer::SharedProducer>,
     _embedded: Option<EmbeddedCluster>,
 }
 
@@ -229,7 +230,7 @@ impl Proxy {
         };
         let app = Arc::new(server::App::new(
             config,
-            producer,
+            producer.clone(),
             access,
             std::mem::take(&mut builder.rules),
             cluster_id.clone(),
@@ -243,6 +244,7 @@ impl Proxy {
             cluster_id,
             stop,
             task,
+            producer,
             _embedded: builder.embedded.take(),
         })
     }
@@ -270,6 +272,12 @@ impl ProxyHandle {
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Records and bytes admitted and not yet acknowledged or failed (what
+    /// `max_in_flight_records` and `max_in_flight_bytes` bound).
+    pub fn in_flight(&self) -> (usize, usize) {
+        self.producer.in_flight()
     }
 
     /// The cluster id named by `GET /v3/clusters`.

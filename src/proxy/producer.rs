@@ -187,6 +187,14 @@ impl SharedProducer {
         })
     }
 
+    /// Records and bytes admitted and not yet settled.
+    pub(crate) fn in_flight(&self) -> (usize, usize) {
+        (
+            self.max_records - self.records.available_permits().min(self.max_records),
+            self.max_bytes - self.bytes.available_permits().min(self.max_bytes),
+        )
+    }
+
     /// Whether librdkafka reported a fatal error (the producer is unusable).
     pub(crate) fn is_fatal(&self) -> bool {
         self.fatal.load(Ordering::Relaxed)
@@ -355,6 +363,11 @@ impl SharedProducer {
             let started = Instant::now();
             let mut futures = Vec::with_capacity(records.len());
             let mut refused: Option<ApiError> = None;
+            // Records without a timestamp get the time they were queued (what librdkafka
+            // would give them), set here so the answer can tell it.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             // Enqueue every record before awaiting any: they keep their order within a
             // partition, and librdkafka batches them (with other requests' records).
             for r in &records {
@@ -374,11 +387,10 @@ impl SharedProducer {
                 if let Some(p) = r.partition {
                     rec = rec.partition(p);
                 }
-                if let Some(t) = r.timestamp {
-                    rec = rec.timestamp(t);
-                }
+                let created = r.timestamp.unwrap_or(now_ms);
+                rec = rec.timestamp(created);
                 match this.producer.send_result(rec) {
-                    Ok(f) => futures.push(Ok(f)),
+                    Ok(f) => futures.push(Ok((f, created))),
                     Err((e, _)) => {
                         // Later records are not sent: sending them would let them overtake
                         // this one if the client retries it.
@@ -397,11 +409,18 @@ impl SharedProducer {
             for f in futures {
                 out.push(match f {
                     Err((partition, error)) => Outcome::Failed { partition, error },
-                    Ok(f) => match f.await {
+                    Ok((f, created)) => match f.await {
                         Ok(Ok(d)) => Outcome::Acked {
                             partition: d.partition,
                             offset: (d.offset >= 0).then_some(d.offset),
-                            timestamp: d.timestamp.to_millis(),
+                            // The broker's time on a LogAppendTime topic (the embedded broker
+                            // reports a made-up one, before 2001), else the record's.
+                            timestamp: match d.timestamp {
+                                rdkafka::Timestamp::LogAppendTime(t) if t > 1_000_000_000_000 => {
+                                    Some(t)
+                                }
+                                _ => Some(created),
+                            },
                         },
                         Ok(Err((e, msg))) => {
                             use rdkafka::Message as _;
