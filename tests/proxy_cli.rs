@@ -36,7 +36,9 @@ async fn proxy_without_brokers_starts_the_embedded_broker() {
         });
         let mut said_embedded = false;
         let url = loop {
-            let line = rx.recv_timeout(WAIT).expect("the proxy says where it listens");
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("the proxy says where it listens");
             said_embedded |= line.contains("started an embedded broker");
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_owned();
@@ -67,7 +69,10 @@ async fn proxy_without_brokers_starts_the_embedded_broker() {
         }
         let status = child.wait().unwrap();
         assert!(status.success(), "{status:?}");
-        assert!(lines.iter().any(|l| l.contains("shutting down")), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains("shutting down")),
+            "{lines:?}"
+        );
     })
     .await
 }
@@ -76,7 +81,11 @@ async fn proxy_without_brokers_starts_the_embedded_broker() {
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, "[proxy]\nbrokers = \"127.0.0.1:1\"\n[proxy.producer]\nacks = \"1\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[proxy]\nbrokers = \"127.0.0.1:1\"\n[proxy.producer]\nacks = \"1\"\n",
+    )
+    .unwrap();
     let out = sidetrack()
         .args(["proxy", "--config", path.to_str().unwrap()])
         .output()
@@ -85,7 +94,13 @@ fn config_errors_name_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("proxy.producer.\"acks\""), "{err}");
     let out = sidetrack()
-        .args(["proxy", "-X", "enable.idempotence=false", "--brokers", "127.0.0.1:1"])
+        .args([
+            "proxy",
+            "-X",
+            "enable.idempotence=false",
+            "--brokers",
+            "127.0.0.1:1",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -375,9 +375,12 @@ impl SharedProducer {
                     futures.push(Err((r.partition, e.clone())));
                     continue;
                 }
-                let headers = crate::handler::rdkafka_headers(&r.headers);
-                let mut rec: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&topic).headers(headers);
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
+                // No header list at all for a record without headers: librdkafka allocates
+                // one per record otherwise.
+                if !r.headers.is_empty() {
+                    rec = rec.headers(crate::handler::rdkafka_headers(&r.headers));
+                }
                 if let Some(k) = &r.key {
                     rec = rec.key(k.as_slice());
                 }
