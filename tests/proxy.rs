@@ -893,3 +893,38 @@ async fn tls_listener() {
     })
     .await
 }
+
+/// Bodies being read are bounded too: a slow chunked upload holding the whole body budget
+/// makes the next request 429 at once; when it is gone, requests are read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let config = ProxyConfig {
+            max_body_bytes: 1024,
+            max_buffered_bytes: 1024,
+            ..ProxyConfig::default()
+        };
+        let proxy = broker.start(config).await;
+        // A chunked body (no Content-Length: it reserves max_body_bytes) that never ends.
+        let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+        slow.write_all(
+            format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"rec\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let saw_429 = wait_until(WAIT, || async {
+            let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
+            a.status.as_u16() == 429 && a.code() == Some(42901)
+        })
+        .await;
+        assert!(saw_429, "a request is refused while the budget is taken");
+        drop(slow);
+        eventually_ok(&proxy, &topic, json!("after")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}

@@ -54,6 +54,12 @@ pub struct ProxyConfig {
     pub max_in_flight_bytes: usize,
     /// Largest request body; a larger one is answered 413 before it is read.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies being read or decoded at once, over all requests (each request
+    /// reserves its `Content-Length`, or `max_body_bytes` without one); beyond it, 429 at once.
+    /// With the in-flight bounds this caps the memory requests can hold.
+    pub max_buffered_bytes: usize,
+    /// Open client connections; beyond it new connections wait in the listen backlog.
+    pub max_connections: usize,
     /// How long topic metadata (partition counts) is trusted before it is looked up again.
     #[serde(with = "humantime_serde")]
     pub metadata_max_age: Duration,
@@ -95,6 +101,8 @@ impl Default for ProxyConfig {
             max_in_flight_records: 50_000,
             max_in_flight_bytes: 64 * 1024 * 1024,
             max_body_bytes: 4 * 1024 * 1024,
+            max_buffered_bytes: 128 * 1024 * 1024,
+            max_connections: 10_000,
             metadata_max_age: Duration::from_secs(30),
             metadata_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
@@ -292,8 +300,19 @@ impl ProxyConfig {
         if self.max_in_flight_bytes < 1024 || self.max_in_flight_bytes > (i32::MAX as usize) {
             return bad("max_in_flight_bytes", "must be within 1 KiB..2 GiB");
         }
-        if self.max_body_bytes < 64 {
-            return bad("max_body_bytes", "must be at least 64 bytes");
+        if self.max_body_bytes < 64 || self.max_body_bytes > (u32::MAX as usize) {
+            return bad("max_body_bytes", "must be within 64 bytes..4 GiB");
+        }
+        if self.max_buffered_bytes < self.max_body_bytes
+            || self.max_buffered_bytes > (u32::MAX as usize)
+        {
+            return bad(
+                "max_buffered_bytes",
+                "must be at least max_body_bytes and below 4 GiB",
+            );
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
         }
         if self.idempotency.max_keys == 0 {
             return bad("idempotency.max_keys", "must be at least 1");

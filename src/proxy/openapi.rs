@@ -18,7 +18,7 @@ pub const DOCUMENT: &str = r##"{
           {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "A retry with the same key and request within the window gets the first answer (per instance)."}
         ],
         "requestBody": {"$ref": "#/components/requestBodies/V2Produce"},
-        "responses": {"$ref": "#/components/x-produce-responses"}
+        "responses": {"200": {"description": "Every record acknowledged (acks=all)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Response"}}}}, "default": {"description": "Not every record was acknowledged (the status of the worst failure; `offsets` says which were), or the request was refused as a whole (ErrorBody)", "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/V2Response"}, {"$ref": "#/components/schemas/ErrorBody"}]}}}}}
       }
     },
     "/topics/{topic}/partitions/{partition}": {
@@ -30,7 +30,7 @@ pub const DOCUMENT: &str = r##"{
           {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}}
         ],
         "requestBody": {"$ref": "#/components/requestBodies/V2Produce"},
-        "responses": {"$ref": "#/components/x-produce-responses"}
+        "responses": {"200": {"description": "Every record acknowledged (acks=all)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Response"}}}}, "default": {"description": "Not every record was acknowledged (the status of the worst failure; `offsets` says which were), or the request was refused as a whole (ErrorBody)", "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/V2Response"}, {"$ref": "#/components/schemas/ErrorBody"}]}}}}}
       }
     },
     "/v3/clusters": {
@@ -74,10 +74,6 @@ pub const DOCUMENT: &str = r##"{
           "application/vnd.kafka.binary.v2+json": {"schema": {"$ref": "#/components/schemas/V2Body"}}
         }
       }
-    },
-    "x-produce-responses": {
-      "200": {"description": "Every record acknowledged (acks=all)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2Response"}}}},
-      "default": {"description": "Not every record was acknowledged (the status of the worst failure; `offsets` says which were), or the request was refused as a whole (ErrorBody)", "content": {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/V2Response"}, {"$ref": "#/components/schemas/ErrorBody"}]}}}}
     },
     "responses": {
       "Error": {"description": "Refused or failed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
@@ -150,7 +146,7 @@ pub const DOCUMENT: &str = r##"{
         "type": "object",
         "required": ["error_code", "message"],
         "properties": {
-          "error_code": {"type": "integer", "enum": [40001, 40101, 40301, 40302, 40303, 40401, 40402, 40403, 40404, 40501, 40901, 41301, 41302, 41303, 41501, 41502, 42201, 42202, 42203, 42204, 42205, 42206, 42207, 42208, 42901, 50001, 50002, 50301, 50302]},
+          "error_code": {"type": "integer", "enum": [40001, 40101, 40301, 40302, 40303, 40401, 40402, 40403, 40404, 40501, 40801, 40901, 41301, 41302, 41303, 41501, 41502, 42201, 42202, 42203, 42204, 42205, 42206, 42207, 42208, 42901, 50001, 50002, 50301, 50302]},
           "message": {"type": "string"}
         }
       }

@@ -41,6 +41,8 @@ pub(crate) struct App {
     pub(crate) rules: Vec<Arc<dyn RecordRule>>,
     pub(crate) cluster_id: String,
     pub(crate) shutting_down: AtomicBool,
+    /// Bytes of bodies being read or decoded (`max_buffered_bytes`).
+    buffered: Arc<tokio::sync::Semaphore>,
     pub(crate) prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -57,6 +59,7 @@ impl App {
     ) -> Self {
         let idempotency = Idempotency::new(config.idempotency.window, config.idempotency.max_keys);
         App {
+            buffered: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
             config,
             producer,
             access,
@@ -330,7 +333,32 @@ async fn produce_inner(
         }
     };
     let key = idempotency::idempotency_key(&parts.headers)?;
-    let body = read_body(body, &parts.headers, app.config.max_body_bytes).await?;
+    // Reserve the body's size (or the most it may be) before reading it: bodies in memory are
+    // bounded by `max_buffered_bytes`, like records by `max_in_flight_*`.
+    let limit = app.config.max_body_bytes;
+    let reserve = content_length(&parts.headers).map_or(limit, |n| n.min(limit as u64) as usize);
+    let _buffered = app
+        .buffered
+        .clone()
+        .try_acquire_many_owned(u32::try_from(reserve.max(1)).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            ApiError::new(
+                ErrorKind::Saturated,
+                "the proxy is reading as many request bodies as it may hold; retry after Retry-After seconds",
+            )
+        })?;
+    // A body trickling in would hold its reservation forever.
+    let body = tokio::time::timeout(
+        app.config.request_timeout,
+        read_body(body, &parts.headers, limit),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            ErrorKind::BodyTimeout,
+            "the request body did not arrive within request_timeout",
+        )
+    })??;
     let mut v3_types = (None, None);
     let mut records = match (&shape, format) {
         (Shape::V2 { partition }, Some(f)) => wire::decode_v2(&body, f, *partition)?,
@@ -573,11 +601,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             format!("the body is larger than max_body_bytes ({limit})"),
         )
     };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
+    if let Some(len) = content_length(headers) {
         if len > limit as u64 {
             return Err(too_large());
         }
@@ -611,6 +635,13 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
         }
     }
     Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// Reads (and drops) a little more of a body refused as too large, so that the client, which
@@ -795,7 +826,17 @@ pub(crate) async fn serve(
     let router = router(app.clone());
     let mut conns = JoinSet::new();
     let closing = CancellationToken::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
     loop {
+        // At `max_connections`, stop accepting until one closes (the kernel's backlog holds
+        // the rest).
+        let slot = tokio::select! {
+            _ = stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -813,6 +854,7 @@ pub(crate) async fn serve(
                 #[allow(clippy::clone_on_copy)] // a Copy placeholder without `proxy-tls`
                 let (router, closing, tls) = (router.clone(), closing.clone(), tls.clone());
                 conns.spawn(async move {
+                    let _slot = slot;
                     let io: Box<dyn Io> = match tls {
                         None => Box::new(stream),
                         Some(acceptor) => match accept_tls(acceptor, stream).await {
@@ -893,7 +935,12 @@ async fn serve_connection(
                 )
             }
         });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Slow clients may not hold a connection open without sending a request head.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     NotFound,
     /// 405 40501: the route exists, the method does not.
     MethodNotAllowed,
+    /// 408 40801: the body did not arrive within `request_timeout`.
+    BodyTimeout,
     /// 409 40901: a request with the same `Idempotency-Key` is still running.
     IdempotencyInProgress,
     /// 413 41301: the body is larger than `max_body_bytes`.
@@ -86,6 +88,7 @@ impl ErrorKind {
             Forbidden | TopicRefused | BrokerForbidden => StatusCode::FORBIDDEN,
             UnknownTopic | UnknownPartition | UnknownCluster | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             IdempotencyInProgress => StatusCode::CONFLICT,
             BodyTooLarge | RecordTooLarge | RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType | SchemaFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -111,6 +114,7 @@ impl ErrorKind {
             UnknownCluster => 40403,
             NotFound => 40404,
             MethodNotAllowed => 40501,
+            BodyTimeout => 40801,
             IdempotencyInProgress => 40901,
             BodyTooLarge => 41301,
             RecordTooLarge => 41302,
@@ -166,6 +170,7 @@ impl ErrorKind {
             UnknownCluster => "unknown_cluster",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
+            BodyTimeout => "body_timeout",
             IdempotencyInProgress => "idempotency_in_progress",
             BodyTooLarge => "body_too_large",
             RecordTooLarge => "record_too_large",
@@ -200,6 +205,7 @@ impl ErrorKind {
         ErrorKind::UnknownCluster,
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
+        ErrorKind::BodyTimeout,
         ErrorKind::IdempotencyInProgress,
         ErrorKind::BodyTooLarge,
         ErrorKind::RecordTooLarge,
