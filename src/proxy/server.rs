@@ -337,7 +337,7 @@ async fn produce_inner(
     // bounded by `max_buffered_bytes`, like records by `max_in_flight_*`.
     let limit = app.config.max_body_bytes;
     let reserve = content_length(&parts.headers).map_or(limit, |n| n.min(limit as u64) as usize);
-    let _buffered = app
+    let buffered = app
         .buffered
         .clone()
         .try_acquire_many_owned(u32::try_from(reserve.max(1)).unwrap_or(u32::MAX))
@@ -403,7 +403,9 @@ async fn produce_inner(
             }
         }
     };
+    // The body is decoded: its reservation ends here; the records are bounded by admission.
     drop(body);
+    drop(buffered);
     for (index, r) in records.iter_mut().enumerate() {
         let info = RequestInfo {
             topic,
