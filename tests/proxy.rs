@@ -581,6 +581,25 @@ async fn broker_errors_map_to_statuses() {
             a.json()
         );
         eventually_ok(&proxy, &topic, json!(4)).await;
+        for (err, status, code) in [
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD, 422, 42207),
+            (
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUIRED_ACKS,
+                500,
+                50001,
+            ),
+        ] {
+            cluster.fail_requests(RDKafkaApiKey::Produce, &[err]);
+            let a = post_json(&proxy, &topic, json!({"records": [{"value": 5}]})).await;
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (status, Some(code)),
+                "{err:?}: {:?}",
+                a.json()
+            );
+            assert!(a.headers.get("retry-after").is_none());
+            eventually_ok(&proxy, &topic, json!(6)).await;
+        }
         // Last: librdkafka remembers a topic it was refused on and refuses later sends to it
         // locally until its next metadata refresh (40303 as well).
         cluster.fail_requests(
@@ -924,6 +943,101 @@ async fn buffered_bodies_are_bounded() {
         assert!(saw_429, "a request is refused while the budget is taken");
         drop(slow);
         eventually_ok(&proxy, &topic, json!("after")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A body that does not arrive within request_timeout: 408, and its reservation is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        };
+        let proxy = broker.start(config).await;
+        let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+        slow.write_all(
+            format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\ncontent-length: 100\r\n\r\n{{\"rec")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(WAIT, slow.read(&mut out)).await.unwrap().unwrap();
+        let text = String::from_utf8_lossy(&out[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("40801"), "{text}");
+        eventually_ok(&proxy, &topic, json!("after")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// While a request with an Idempotency-Key runs, its retry is 409 with Retry-After; once the
+/// first failed with nothing written, the key is free and the retry is produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_in_progress_is_409() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let cluster = broker.cluster().unwrap().clone();
+        let topic = broker.topic("orders", 1).await;
+        let config = ProxyConfig {
+            request_timeout: Duration::from_secs(2),
+            ..ProxyConfig::default()
+        };
+        let proxy = broker.start(config).await;
+        eventually_ok(&proxy, &topic, json!("warm")).await;
+        cluster.broker_down(-1).unwrap();
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let body = r#"{"records":[{"value":"once"}]}"#;
+        let send = || {
+            let path = path.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", JSON_V2), ("idempotency-key", "k-409")],
+                    body,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let first = tokio::spawn(send());
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.in_flight().0;
+                async move { n == 1 }
+            })
+            .await
+        );
+        let a = send().await;
+        assert_eq!((a.status.as_u16(), a.code()), (409, Some(40901)));
+        assert!(a.headers.get("retry-after").is_some());
+        assert_eq!(first.await.unwrap().status.as_u16(), 503);
+        cluster.broker_up(-1).unwrap();
+        let ok = wait_until(WAIT, || async { send().await.status == StatusCode::OK }).await;
+        assert!(ok, "the key is free again after a 503 that wrote nothing");
+        let values: Vec<Vec<u8>> = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter_map(|r| r.payload)
+            .collect();
+        assert_eq!(
+            values
+                .iter()
+                .filter(|v| v.as_slice() == b"\"once\"")
+                .count(),
+            1
+        );
         proxy.shutdown().await;
     })
     .await
