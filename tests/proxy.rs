@@ -1042,3 +1042,54 @@ async fn idempotency_key_in_progress_is_409() {
     })
     .await
 }
+
+/// A partition added after the count was cached is seen within about a second (on a broker
+/// with CreatePartitions: kfake; the embedded broker and Tansu 0.6 have none).
+async fn added_partitions_are_seen(broker: Broker) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    if broker.cluster().is_some() {
+        eprintln!("skipped on the embedded broker: it cannot add partitions");
+        return;
+    }
+    let topic = broker.topic("grow", 1).await;
+    let proxy = broker.start(ProxyConfig::default()).await;
+    let to = |p: i32| {
+        let path = format!("/topics/{topic}/partitions/{p}");
+        let addr = proxy.local_addr();
+        async move {
+            request(
+                addr,
+                "POST",
+                &path,
+                &[("content-type", JSON_V2)],
+                r#"{"records":[{"value":1}]}"#,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(to(0).await.status, StatusCode::OK);
+    assert_eq!(to(1).await.code(), Some(40402));
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let r = match admin
+        .create_partitions([&NewPartitions::new(&topic, 2)], &AdminOptions::new())
+        .await
+    {
+        Err(rdkafka::error::KafkaError::AdminOp(
+            rdkafka::types::RDKafkaErrorCode::UnsupportedFeature,
+        )) => {
+            eprintln!("skipped: this broker has no CreatePartitions API (Tansu 0.6)");
+            proxy.shutdown().await;
+            return;
+        }
+        other => other.unwrap(),
+    };
+    assert!(r[0].is_ok(), "{r:?}");
+    let ok = wait_until(WAIT, || async { to(1).await.status == StatusCode::OK }).await;
+    assert!(ok, "partition 1 becomes writable through the proxy");
+    proxy.shutdown().await;
+}
+on_all_brokers!(added_partitions_are_seen_, added_partitions_are_seen);

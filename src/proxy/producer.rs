@@ -242,11 +242,17 @@ impl SharedProducer {
     }
 
     /// Partition count of `topic`, from the cache or the broker (at most `metadata_timeout`).
-    pub(crate) async fn partitions(&self, topic: &str) -> Result<i32, ApiError> {
+    /// `max_age` overrides `metadata_max_age` for this lookup (e.g. 1 s to see a partition
+    /// just added, without letting a client force a lookup per request).
+    pub(crate) async fn partitions(
+        &self,
+        topic: &str,
+        max_age: Option<Duration>,
+    ) -> Result<i32, ApiError> {
         let cached = self.known.lock().ok().and_then(|k| k.get(topic).cloned());
         let fresh = |k: &Known| {
             let ttl = if k.partitions.is_some() {
-                self.metadata_max_age
+                max_age.unwrap_or(self.metadata_max_age)
             } else {
                 NEGATIVE_TTL
             };

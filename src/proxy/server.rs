@@ -424,7 +424,18 @@ async fn produce_inner(
                 .push(Header::new(idempotency::RECORD_HEADER, index.to_string()));
         }
     }
-    let partitions = app.producer.partitions(topic).await?;
+    let mut partitions = app.producer.partitions(topic, None).await?;
+    if records
+        .iter()
+        .any(|r| r.partition.is_some_and(|p| p >= partitions))
+    {
+        // Partitions may have been added since the count was cached: look again (at most
+        // once a second per topic) before answering 404.
+        partitions = app
+            .producer
+            .partitions(topic, Some(Duration::from_secs(1)))
+            .await?;
+    }
     let topic: Arc<str> = Arc::from(topic);
     note.topic = Some(topic.clone());
     if let Some((i, p)) = records
