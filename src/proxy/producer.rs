@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -60,6 +63,72 @@ impl ClientContext for ProxyContext {
     }
 }
 
+impl ProducerContext for ProxyContext {
+    type DeliveryOpaque = Box<Slot>;
+
+    /// Runs on the producer's polling thread, once per record: settles the record in its
+    /// request's batch, and wakes the request when it was the last one.
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: Box<Slot>) {
+        let outcome = match result {
+            Ok(m) => Outcome::Acked {
+                partition: m.partition(),
+                offset: (m.offset() >= 0).then_some(m.offset()),
+                // The broker's time on a LogAppendTime topic (the embedded broker reports a
+                // made-up one, before 2001), else the record's.
+                timestamp: match m.timestamp() {
+                    rdkafka::Timestamp::LogAppendTime(t) if t > 1_000_000_000_000 => Some(t),
+                    _ => Some(slot.created),
+                },
+            },
+            Err((e, m)) => {
+                let p = m.partition();
+                Outcome::Failed {
+                    partition: (p >= 0).then_some(p),
+                    error: ApiError::new(ErrorKind::of_kafka(e), e.to_string()),
+                }
+            }
+        };
+        slot.batch.settle(slot.index, outcome);
+    }
+}
+
+/// One request's records in the producer. Holds the request's admission: the in-flight
+/// bounds are released when the last record is settled (the batch is dropped with the last
+/// slot), also when the client has hung up meanwhile.
+struct Batch {
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+    /// Records not settled yet, plus one while records are still being queued.
+    remaining: std::sync::atomic::AtomicUsize,
+    done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    _admission: Admission,
+}
+
+impl Batch {
+    fn settle(&self, index: usize, outcome: Outcome) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            if let Some(o) = outcomes.get_mut(index) {
+                *o = Some(outcome);
+            }
+        }
+        self.release();
+    }
+
+    fn release(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// The delivery opaque of one record: its batch and index.
+pub(crate) struct Slot {
+    batch: Arc<Batch>,
+    index: usize,
+    created: i64,
+}
+
 /// Where one record ended.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Outcome {
@@ -106,7 +175,7 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 const MAX_KNOWN: usize = 10_000;
 
 pub(crate) struct SharedProducer {
-    producer: FutureProducer<ProxyContext>,
+    producer: Arc<ThreadedProducer<ProxyContext>>,
     records: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_records: usize,
@@ -170,9 +239,9 @@ impl SharedProducer {
 
     pub(crate) fn new(config: &ProxyConfig, client: &ClientConfig) -> Result<Self, KafkaError> {
         let fatal = Arc::new(AtomicBool::new(false));
-        let producer = client.create_with_context(ProxyContext {
+        let producer = Arc::new(client.create_with_context(ProxyContext {
             fatal: fatal.clone(),
-        })?;
+        })?);
         Ok(SharedProducer {
             producer,
             records: Arc::new(Semaphore::new(config.max_in_flight_records)),
@@ -353,117 +422,105 @@ impl SharedProducer {
             .flatten()
     }
 
-    /// Produces `records` to `topic` in order and waits for every one to be settled. The work
-    /// runs on its own task, which holds `admission` until the last delivery report: a client
-    /// that hangs up does not release the in-flight bound early.
+    /// Produces `records` to `topic` in order and waits for every one to be settled (or
+    /// `deadline`, a safety net past librdkafka's own `message.timeout.ms`). Every record is
+    /// queued before any is awaited, so they keep their order within a partition; the request
+    /// is woken once, by the last delivery report.
     pub(crate) async fn produce(
-        self: &Arc<Self>,
+        &self,
         topic: Arc<str>,
         records: Vec<ProduceRecord>,
         admission: Admission,
+        deadline: Duration,
     ) -> Vec<Outcome> {
-        let this = self.clone();
+        let started = Instant::now();
         let n = records.len();
-        let task = tokio::spawn(async move {
-            let _admission = admission;
-            let started = Instant::now();
-            let mut futures = Vec::with_capacity(records.len());
-            let mut refused: Option<ApiError> = None;
-            // Records without a timestamp get the time they were queued (what librdkafka
-            // would give them), set here so the answer can tell it.
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-            // Enqueue every record before awaiting any: they keep their order within a
-            // partition, and librdkafka batches them (with other requests' records).
-            for r in &records {
-                if let Some(e) = &refused {
-                    futures.push(Err((r.partition, e.clone())));
-                    continue;
-                }
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic);
-                // No header list at all for a record without headers: librdkafka allocates
-                // one per record otherwise.
-                if !r.headers.is_empty() {
-                    rec = rec.headers(crate::handler::rdkafka_headers(&r.headers));
-                }
-                if let Some(k) = &r.key {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(v) = &r.value {
-                    rec = rec.payload(v.as_slice());
-                }
-                if let Some(p) = r.partition {
-                    rec = rec.partition(p);
-                }
-                let created = r.timestamp.unwrap_or(now_ms);
-                rec = rec.timestamp(created);
-                match this.producer.send_result(rec) {
-                    Ok(f) => futures.push(Ok((f, created))),
-                    Err((e, _)) => {
-                        // Later records are not sent: sending them would let them overtake
-                        // this one if the client retries it.
-                        let err =
-                            ApiError::new(ErrorKind::of_kafka(&e), format!("not queued: {e}"));
-                        let later = ApiError::new(
-                            err.kind,
-                            "not sent: an earlier record of this request could not be queued",
-                        );
-                        futures.push(Err((r.partition, err)));
-                        refused = Some(later);
-                    }
-                }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let batch = Arc::new(Batch {
+            outcomes: Mutex::new(vec![None; n]),
+            remaining: std::sync::atomic::AtomicUsize::new(1),
+            done: Mutex::new(Some(tx)),
+            _admission: admission,
+        });
+        // Records without a timestamp get the time they were queued (what librdkafka would
+        // give them), set here so the answer can tell it.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut local: Vec<Option<Outcome>> = vec![None; n];
+        let mut refused: Option<ApiError> = None;
+        for (index, r) in records.iter().enumerate() {
+            if let Some(e) = &refused {
+                local[index] = Some(Outcome::Failed {
+                    partition: r.partition,
+                    error: e.clone(),
+                });
+                continue;
             }
-            let mut out = Vec::with_capacity(futures.len());
-            for f in futures {
-                out.push(match f {
-                    Err((partition, error)) => Outcome::Failed { partition, error },
-                    Ok((f, created)) => match f.await {
-                        Ok(Ok(d)) => Outcome::Acked {
-                            partition: d.partition,
-                            offset: (d.offset >= 0).then_some(d.offset),
-                            // The broker's time on a LogAppendTime topic (the embedded broker
-                            // reports a made-up one, before 2001), else the record's.
-                            timestamp: match d.timestamp {
-                                rdkafka::Timestamp::LogAppendTime(t) if t > 1_000_000_000_000 => {
-                                    Some(t)
-                                }
-                                _ => Some(created),
-                            },
-                        },
-                        Ok(Err((e, msg))) => {
-                            use rdkafka::Message as _;
-                            let p = msg.partition();
-                            Outcome::Failed {
-                                partition: (p >= 0).then_some(p),
-                                error: ApiError::new(ErrorKind::of_kafka(&e), e.to_string()),
-                            }
-                        }
-                        Err(_canceled) => Outcome::Failed {
-                            partition: None,
-                            error: ApiError::new(
-                                ErrorKind::ShuttingDown,
-                                "the producer was closed before the record was acknowledged",
-                            ),
-                        },
-                    },
+            let created = r.timestamp.unwrap_or(now_ms);
+            let slot = Box::new(Slot {
+                batch: batch.clone(),
+                index,
+                created,
+            });
+            let mut rec: BaseRecord<'_, [u8], [u8], Box<Slot>> =
+                BaseRecord::with_opaque_to(&topic, slot).timestamp(created);
+            // No header list at all for a record without headers: librdkafka allocates one
+            // per record otherwise.
+            if !r.headers.is_empty() {
+                rec = rec.headers(crate::handler::rdkafka_headers(&r.headers));
+            }
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                rec = rec.payload(v.as_slice());
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p);
+            }
+            batch.remaining.fetch_add(1, Ordering::AcqRel);
+            if let Err((e, _record)) = self.producer.send(rec) {
+                // Not queued: no delivery report will come for it. Later records are not
+                // sent: they would overtake this one if the client retries it.
+                batch.remaining.fetch_sub(1, Ordering::AcqRel);
+                let err = ApiError::new(ErrorKind::of_kafka(&e), format!("not queued: {e}"));
+                refused = Some(ApiError::new(
+                    err.kind,
+                    "not sent: an earlier record of this request could not be queued",
+                ));
+                local[index] = Some(Outcome::Failed {
+                    partition: r.partition,
+                    error: err,
                 });
             }
-            metrics::histogram!(m::PROXY_PRODUCE_SECONDS).record(started.elapsed().as_secs_f64());
-            out
-        });
-        match task.await {
-            Ok(out) => out,
-            Err(e) => {
-                tracing::error!(error = %e, "produce task failed");
-                (0..n)
-                    .map(|_| Outcome::Failed {
-                        partition: None,
-                        error: ApiError::new(ErrorKind::Internal, "the produce task failed"),
-                    })
-                    .collect()
-            }
         }
+        drop(records);
+        // The queueing is over: from here the last delivery report completes the batch.
+        batch.release();
+        if tokio::time::timeout(deadline, rx).await.is_err() {
+            tracing::error!(
+                records = n,
+                "no delivery report within the deadline; answering 500 for the records without one"
+            );
+        }
+        let settled = batch
+            .outcomes
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default();
+        drop(batch);
+        metrics::histogram!(m::PROXY_PRODUCE_SECONDS).record(started.elapsed().as_secs_f64());
+        local
+            .into_iter()
+            .zip(settled.into_iter().chain(std::iter::repeat(None)))
+            .map(|(l, s)| {
+                l.or(s).unwrap_or_else(|| Outcome::Failed {
+                    partition: None,
+                    error: ApiError::new(ErrorKind::Internal, "no delivery report for this record"),
+                })
+            })
+            .collect()
     }
 
     /// Waits up to `timeout` for every queued record to be settled.

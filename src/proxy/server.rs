@@ -463,7 +463,12 @@ async fn produce_inner(
     let admission = app.producer.admit(records.len(), bytes)?;
     let outcomes = app
         .producer
-        .produce(topic.clone(), records, admission)
+        .produce(
+            topic.clone(),
+            records,
+            admission,
+            app.config.request_timeout + Duration::from_secs(10),
+        )
         .await;
     note.acked = outcomes
         .iter()
