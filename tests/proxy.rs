@@ -479,14 +479,11 @@ on_all_brokers!(shutdown_under_load_, shutdown_under_load);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_is_503_then_200() {
     within_limit(async {
-        let broker = Broker::embedded();
-        let cluster = broker.cluster().unwrap().clone();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             request_timeout: Duration::from_millis(1500),
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
         assert_eq!(
             post_json(&proxy, &topic, json!({"records": [{"value": "before"}]}))
                 .await
@@ -543,14 +540,11 @@ async fn broker_down_is_503_then_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_errors_map_to_statuses() {
     within_limit(async {
-        let broker = Broker::embedded();
-        let cluster = broker.cluster().unwrap().clone();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             request_timeout: Duration::from_millis(1000),
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (_broker, cluster, topic, proxy) = embedded_with(1, config).await;
         assert_eq!(
             post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
                 .await
@@ -623,15 +617,12 @@ async fn broker_errors_map_to_statuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_is_429() {
     within_limit(async {
-        let broker = Broker::embedded();
-        let cluster = broker.cluster().unwrap().clone();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             request_timeout: Duration::from_secs(3),
             max_in_flight_records: 10,
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (_broker, cluster, topic, proxy) = embedded_with(1, config).await;
         // Warm the metadata cache, then take the broker away.
         assert_eq!(
             post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
@@ -767,6 +758,23 @@ async fn operations_endpoints() {
         assert!(request(proxy_addr_closed(), "GET", "/healthz", &[], Bytes::new()).await.is_err());
     })
     .await
+}
+
+/// An embedded broker with topic `orders` of `partitions` partitions, and a proxy on it.
+async fn embedded_with(
+    partitions: i32,
+    config: ProxyConfig,
+) -> (
+    Broker,
+    sidetrack::testing::EmbeddedCluster,
+    String,
+    sidetrack::proxy::ProxyHandle,
+) {
+    let broker = Broker::embedded();
+    let cluster = broker.cluster().unwrap().clone();
+    let topic = broker.topic("orders", partitions).await;
+    let proxy = broker.start(config).await;
+    (broker, cluster, topic, proxy)
 }
 
 /// Posts `{"records":[{"value": value}]}` until it is answered 200 (a broker coming back).
@@ -919,14 +927,12 @@ async fn tls_listener() {
 async fn buffered_bodies_are_bounded() {
     use tokio::io::AsyncWriteExt;
     within_limit(async {
-        let broker = Broker::embedded();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             max_body_bytes: 1024,
             max_buffered_bytes: 1024,
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
         // A chunked body (no Content-Length: it reserves max_body_bytes) that never ends.
         let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
         slow.write_all(
@@ -953,13 +959,11 @@ async fn buffered_bodies_are_bounded() {
 async fn slow_body_is_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     within_limit(async {
-        let broker = Broker::embedded();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             request_timeout: Duration::from_millis(500),
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
         let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
         slow.write_all(
             format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\ncontent-length: 100\r\n\r\n{{\"rec")
@@ -983,14 +987,11 @@ async fn slow_body_is_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_in_progress_is_409() {
     within_limit(async {
-        let broker = Broker::embedded();
-        let cluster = broker.cluster().unwrap().clone();
-        let topic = broker.topic("orders", 1).await;
         let config = ProxyConfig {
             request_timeout: Duration::from_secs(2),
             ..ProxyConfig::default()
         };
-        let proxy = broker.start(config).await;
+        let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
         eventually_ok(&proxy, &topic, json!("warm")).await;
         cluster.broker_down(-1).unwrap();
         let addr = proxy.local_addr();
