@@ -930,6 +930,9 @@ async fn buffered_bodies_are_bounded() {
         let config = ProxyConfig {
             max_body_bytes: 1024,
             max_buffered_bytes: 1024,
+            // Longer than the wait below: the slow upload must hold its reservation
+            // throughout, however loaded the machine (its 408 would free it).
+            request_timeout: Duration::from_secs(120),
             ..ProxyConfig::default()
         };
         let (_broker, _, topic, proxy) = embedded_with(1, config).await;
@@ -941,12 +944,17 @@ async fn buffered_bodies_are_bounded() {
         )
         .await
         .unwrap();
-        let saw_429 = wait_until(WAIT, || async {
-            let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
-            a.status.as_u16() == 429 && a.code() == Some(42901)
-        })
-        .await;
-        assert!(saw_429, "a request is refused while the budget is taken");
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.buffered_bytes();
+                async move { n == 1024 }
+            })
+            .await,
+            "the slow upload reserves max_body_bytes"
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
+        assert_eq!((a.status.as_u16(), a.code()), (429, Some(42901)), "{:?}", a.json());
+        assert!(a.headers.get("retry-after").is_some());
         drop(slow);
         eventually_ok(&proxy, &topic, json!("after")).await;
         proxy.shutdown().await;

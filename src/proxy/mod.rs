@@ -174,6 +174,7 @@ pub struct ProxyHandle {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     producer: Arc<producer::SharedProducer>,
+    buffered: (Arc<tokio::sync::Semaphore>, usize),
     _embedded: Option<EmbeddedCluster>,
 }
 
@@ -236,6 +237,7 @@ impl Proxy {
             cluster_id.clone(),
             prometheus,
         ));
+        let buffered = (app.buffered.clone(), app.config.max_buffered_bytes);
         let stop = CancellationToken::new();
         let task = tokio::spawn(server::serve(listener, app, tls, stop.clone()));
         tracing::info!(%addr, cluster_id, "proxy listening");
@@ -245,6 +247,7 @@ impl Proxy {
             stop,
             task,
             producer,
+            buffered,
             _embedded: builder.embedded.take(),
         })
     }
@@ -278,6 +281,13 @@ impl ProxyHandle {
     /// `max_in_flight_records` and `max_in_flight_bytes` bound).
     pub fn in_flight(&self) -> (usize, usize) {
         self.producer.in_flight()
+    }
+
+    /// Bytes of request bodies reserved now (being read or decoded; what `max_buffered_bytes`
+    /// bounds).
+    pub fn buffered_bytes(&self) -> usize {
+        let (sem, max) = &self.buffered;
+        max - sem.available_permits().min(*max)
     }
 
     /// The cluster id named by `GET /v3/clusters`.

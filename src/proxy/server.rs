@@ -42,7 +42,7 @@ pub(crate) struct App {
     pub(crate) cluster_id: String,
     pub(crate) shutting_down: AtomicBool,
     /// Bytes of bodies being read or decoded (`max_buffered_bytes`).
-    buffered: Arc<tokio::sync::Semaphore>,
+    pub(crate) buffered: Arc<tokio::sync::Semaphore>,
     pub(crate) prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
