@@ -60,8 +60,8 @@ pub use openapi::DOCUMENT as OPENAPI;
 pub use rules::{RecordRule, Rejection, RequestInfo};
 pub use status::{ApiError, ErrorKind};
 pub use wire::{
-    decode_v2, decode_v3, format_of, ErrorBody, Format, OffsetEntry, ProduceRecord, V2Response,
-    V3Type, RESERVED_HEADER_PREFIX,
+    decode_v2, decode_v2_capped, decode_v3, format_of, ErrorBody, Format, OffsetEntry,
+    ProduceRecord, V2Response, V3Type, RESERVED_HEADER_PREFIX,
 };
 
 use crate::config::ConfigError;

@@ -361,7 +361,9 @@ async fn produce_inner(
     })??;
     let mut v3_types = (None, None);
     let mut records = match (&shape, format) {
-        (Shape::V2 { partition }, Some(f)) => wire::decode_v2(&body, f, *partition)?,
+        (Shape::V2 { partition }, Some(f)) => {
+            wire::decode_v2_capped(&body, f, *partition, app.config.max_in_flight_records)?
+        }
         _ => {
             let (r, kt, vt) = wire::decode_v3(&body)?;
             v3_types = (kt, vt);

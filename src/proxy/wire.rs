@@ -124,8 +124,10 @@ fn json_error(e: serde_json::Error) -> ApiError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Body<'a> {
+    // Kept as text and parsed by `records_capped`, which stops at the record cap instead of
+    // allocating whatever count a body spells out (`{}` is 2 bytes, a record ~100).
     #[serde(borrow)]
-    records: Vec<V2Record<'a>>,
+    records: &'a RawValue,
     // Schema fields of the Avro/Protobuf formats, meaningless for JSON and binary: accepted
     // and ignored, as Confluent's proxy does.
     #[serde(default, rename = "key_schema")]
@@ -136,6 +138,53 @@ struct V2Body<'a> {
     _key_schema_id: serde::de::IgnoredAny,
     #[serde(default, rename = "value_schema_id")]
     _value_schema_id: serde::de::IgnoredAny,
+}
+
+struct V2Records<'a> {
+    records: Vec<V2Record<'a>>,
+}
+
+/// Parses the `records` array, stopping at `cap` elements.
+fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiError> {
+    use serde::de::{Deserializer as _, SeqAccess, Visitor};
+    struct Capped<'c> {
+        cap: usize,
+        over: &'c std::cell::Cell<bool>,
+    }
+    impl<'de> Visitor<'de> for Capped<'_> {
+        type Value = Vec<V2Record<'de>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of records")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(r) = seq.next_element()? {
+                if out.len() == self.cap {
+                    self.over.set(true);
+                    return Err(serde::de::Error::custom("too many records"));
+                }
+                out.push(r);
+            }
+            Ok(out)
+        }
+    }
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let res = (&mut de).deserialize_seq(Capped { cap, over: &over });
+    match res {
+        Ok(v) => Ok(v),
+        Err(_) if over.get() => Err(ApiError::new(
+            ErrorKind::RequestTooLarge,
+            format!("more than {cap} records (max_in_flight_records) can never be admitted; split the request"),
+        )),
+        Err(e) => Err(ApiError::new(
+            match e.classify() {
+                serde_json::error::Category::Data => ErrorKind::InvalidRequest,
+                _ => ErrorKind::MalformedJson,
+            },
+            format!("request body: records: {e}"),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -167,7 +216,20 @@ pub fn decode_v2(
     format: Format,
     path_partition: Option<i32>,
 ) -> Result<Vec<ProduceRecord>, ApiError> {
-    let parsed: V2Body<'_> = serde_json::from_slice(body).map_err(json_error)?;
+    decode_v2_capped(body, format, path_partition, usize::MAX)
+}
+
+/// [`decode_v2`], refusing (413 41303) a body with more than `max_records` records before
+/// allocating them.
+pub fn decode_v2_capped(
+    body: &[u8],
+    format: Format,
+    path_partition: Option<i32>,
+    max_records: usize,
+) -> Result<Vec<ProduceRecord>, ApiError> {
+    let body: V2Body<'_> = serde_json::from_slice(body).map_err(json_error)?;
+    let records = records_capped(body.records, max_records)?;
+    let parsed = V2Records { records };
     if parsed.records.is_empty() {
         return Err(ApiError::new(
             ErrorKind::InvalidRequest,
@@ -656,6 +718,24 @@ mod tests {
             kind(br#"{"records":[{"value":1,"headers":[{"key":"Sidetrack-Idempotency-Key","value":null}]}]}"#, Format::Json),
             ErrorKind::InvalidHeader
         );
+    }
+
+    #[test]
+    fn record_count_is_capped_before_allocating() {
+        let body = format!("{{\"records\":[{}]}}", vec!["{}"; 100].join(","));
+        assert_eq!(
+            decode_v2_capped(body.as_bytes(), Format::Json, None, 100)
+                .unwrap()
+                .len(),
+            100
+        );
+        let e = decode_v2_capped(body.as_bytes(), Format::Json, None, 99).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::RequestTooLarge);
+        // Other errors inside the array keep their codes.
+        let e = decode_v2_capped(br#"{"records":[{"x":1}]}"#, Format::Json, None, 9).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        let e = decode_v2_capped(br#"{"records":{}}"#, Format::Json, None, 9).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
     }
 
     #[test]
