@@ -251,7 +251,9 @@ impl ErrorKind {
             C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
                 ErrorKind::BrokerForbidden
             }
-            C::InvalidRecord | C::InvalidTimestamp | C::InvalidMessage => ErrorKind::InvalidRecord,
+            C::InvalidRecord | C::InvalidTimestamp | C::InvalidMessage | C::PolicyViolation => {
+                ErrorKind::InvalidRecord
+            }
             C::PurgeQueue | C::PurgeInflight => ErrorKind::ShuttingDown,
             C::MessageTimedOut
             | C::RequestTimedOut
@@ -271,17 +273,10 @@ impl ErrorKind {
             | C::OutOfOrderSequenceNumber
             | C::UnknownProducerId
             | C::ThrottlingQuotaExceeded
-            | C::PolicyViolation
             | C::OperationTimedOut
             | C::TimedOutQueue
             | C::Retry
-            | C::WaitCache => {
-                if code == C::PolicyViolation {
-                    ErrorKind::InvalidRecord
-                } else {
-                    ErrorKind::Unavailable
-                }
-            }
+            | C::WaitCache => ErrorKind::Unavailable,
             _ => ErrorKind::Kafka,
         }
     }
