@@ -1102,3 +1102,48 @@ async fn added_partitions_are_seen(broker: Broker) {
     proxy.shutdown().await;
 }
 on_all_brokers!(added_partitions_are_seen_, added_partitions_are_seen);
+
+/// HTTP/2 (prior knowledge, as a gRPC-style client or a service mesh sends it): several
+/// concurrent streams on one connection, each answered with its own offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams() {
+    use http_body_util::BodyExt;
+    within_limit(async {
+        let (broker, _, topic, proxy) = embedded_with(2, ProxyConfig::default()).await;
+        let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut streams = Vec::new();
+        for i in 0..10 {
+            let mut sender = sender.clone();
+            let uri = format!("http://{}/topics/{topic}", proxy.local_addr());
+            streams.push(tokio::spawn(async move {
+                let req = hyper::Request::post(uri)
+                    .header("content-type", JSON_V2)
+                    .body(http_body_util::Full::new(Bytes::from(format!(
+                        r#"{{"records":[{{"value":{i}}}]}}"#
+                    ))))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.version(), hyper::Version::HTTP_2);
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, body)
+            }));
+        }
+        for s in streams {
+            let (status, body) = s.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        }
+        assert_eq!(broker.read_all(&topic).await.len(), 10);
+        proxy.shutdown().await;
+    })
+    .await
+}
