@@ -5,6 +5,8 @@
 
 mod dlq;
 mod kafka;
+#[cfg(feature = "proxy")]
+mod proxy;
 mod replay;
 mod report;
 
@@ -21,6 +23,7 @@ Examples:
   sidetrack dlq replay --topic orders.billing.dlq --reason exhausted --dry-run
   sidetrack topology --topic orders --group billing --create
   sidetrack lag --group billing --topic orders
+  sidetrack proxy --listen 0.0.0.0:8082 --config proxy.toml
 
 Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 brokers unreachable, 4 unknown topic,
 5 record not found.";
@@ -58,6 +61,10 @@ enum Command {
     Topology(TopologyArgs),
     /// Per-partition lag of a group on its main, retry and dead-letter topics.
     Lag(LagArgs),
+    /// Serve the HTTP produce proxy (Confluent REST v2 compatible). Without --brokers or
+    /// KAFKA_BROKERS it starts an embedded broker with a demo topic.
+    #[cfg(feature = "proxy")]
+    Proxy(proxy::ProxyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -375,6 +382,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // The proxy needs no brokers (it starts an embedded one), so it is dispatched first.
+    #[cfg(feature = "proxy")]
+    let cli = match cli.command {
+        Command::Proxy(args) => return proxy::run(cli.brokers, &cli.property, args).await,
+        command => Cli { command, ..cli },
+    };
     let brokers = cli.brokers.clone().ok_or_else(|| {
         Failure::Usage("no brokers: pass --brokers HOST:PORT or set KAFKA_BROKERS".into())
     })?;
@@ -396,6 +409,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
         }
         Command::Lag(a) => report::lag(&kafka, &a.group, a.topic.as_deref()).await,
+        #[cfg(feature = "proxy")]
+        Command::Proxy(_) => Err(Failure::Other("the proxy is dispatched above".into())),
     }
 }
 
