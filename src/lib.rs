@@ -53,6 +53,8 @@ pub mod dead_letter;
 mod error;
 pub mod handler;
 pub mod metrics;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod retry;
 pub mod runtime;
 pub mod testing;

@@ -1,4 +1,5 @@
-//! Bad input gets a clear outcome, never a crash, and the runtime keeps consuming after it.
+//! Bad input gets a clear outcome, never a crash, and the runtime keeps consuming after it, on
+//! every back end (bytes a real protocol implementation stores and returns, not only the mock).
 //! (Invalid JSON, forged or corrupt envelopes, colliding header names, a missing DLQ and an
 //! unwritable DLQ are covered in `runtime.rs`.)
 
@@ -6,7 +7,7 @@ mod common;
 
 use common::*;
 use sidetrack::retry::headers as h;
-use sidetrack::{DeadLetterReason, HandlerError, Runtime};
+use sidetrack::{DeadLetterReason, HandlerError};
 
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
@@ -14,9 +15,7 @@ struct Order {
     id: String,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
-    let cluster = cluster(1);
+async fn each_bad_record_gets_its_reason_and_later_records_still_flow(cluster: Env) {
     // The handler reads the key as text and the payload as JSON, as product code would; a
     // record whose payload is "big" fails (retryable) so that its hand-off must carry it.
     let recorder = Recorder::new(|m| {
@@ -29,15 +28,15 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
     });
     // The side topics accept less than the source (as when a retry topic has a smaller
     // max.message.bytes, or the envelope pushes a record over the broker's limit).
-    let mut cfg = config();
+    let mut cfg = cluster.config();
     cfg.producer
         .insert("message.max.bytes".into(), "100000".into());
-    let rt = Runtime::builder(cfg)
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cfg)
         .handler(recorder.clone())
         .started()
         .await;
-    let producer = cluster.producer().unwrap();
+    let producer = cluster.producer();
     let good = |i: usize| format!("{{\"id\":\"good-{i}\"}}");
     let big = vec![b'x'; 150_000];
     type Case = (&'static str, Option<Vec<u8>>, Option<Vec<u8>>);
@@ -55,7 +54,7 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
         cluster
             .produce(
                 &producer,
-                TOPIC,
+                cluster.topic(),
                 Some(0),
                 key.as_deref(),
                 payload.as_deref(),
@@ -67,7 +66,7 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
         cluster
             .produce(
                 &producer,
-                TOPIC,
+                cluster.topic(),
                 Some(0),
                 Some(b"k"),
                 Some(after.as_bytes()),
@@ -88,7 +87,7 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
     assert_eq!(stats.dead_lettered(DeadLetterReason::Poison), 3);
     assert_eq!(stats.dead_lettered(DeadLetterReason::Oversized), 1);
 
-    let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+    let dlq = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(dlq.len(), 4);
     let by_kind = |kind: &str| {
         dlq.iter()
@@ -113,7 +112,7 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
     let error = oversized.header_str(h::ERROR).unwrap();
     assert!(error.contains("150000 payload bytes"), "{error}");
     assert!(
-        error.contains("the original stays at orders[0]@"),
+        error.contains(&format!("the original stays at {}[0]@", cluster.topic())),
         "{error}"
     );
     assert!(error.contains("downstream rejected a big one"), "{error}");
@@ -130,32 +129,44 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow() {
 /// A header name that is not UTF-8 is legal on the wire. rdkafka's header iterator panics on
 /// it; the runtime reads headers as bytes, hands the record to the handler, and carries the
 /// header byte for byte to the DLQ.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte() {
-    let cluster = cluster(1);
+async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte(cluster: Env) {
     let recorder = Recorder::new(|m| {
         if m.header([0xff, 0xfe, b'n']).is_some() {
             return Err(HandlerError::permanent("saw the binary header"));
         }
         Ok(())
     });
-    let rt = Runtime::builder(config())
-        .embedded(&cluster)
+    let rt = cluster
+        .builder(cluster.config())
         .handler(recorder.clone())
         .started()
         .await;
-    let producer = cluster.producer().unwrap();
+    let producer = cluster.producer();
     let headers = [
         sidetrack::Header::new(vec![0xff, 0xfe, b'n'], vec![0x00, 0x9f]),
         sidetrack::Header::null(vec![0xc3]),
         sidetrack::Header::new("plain", "text"),
     ];
     cluster
-        .produce(&producer, TOPIC, Some(0), Some(b"k"), Some(b"x"), &headers)
+        .produce(
+            &producer,
+            cluster.topic(),
+            Some(0),
+            Some(b"k"),
+            Some(b"x"),
+            &headers,
+        )
         .await
         .unwrap();
     cluster
-        .produce(&producer, TOPIC, Some(0), Some(b"k"), Some(b"after"), &[])
+        .produce(
+            &producer,
+            cluster.topic(),
+            Some(0),
+            Some(b"k"),
+            Some(b"after"),
+            &[],
+        )
         .await
         .unwrap();
     wait_for("dead-lettered, and the next record handled", || {
@@ -164,7 +175,7 @@ async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte() {
     })
     .await;
     rt.shutdown().await.unwrap();
-    let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+    let dlq = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(dlq.len(), 1);
     assert_eq!(
         dlq[0].user_headers(),
@@ -173,3 +184,14 @@ async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte() {
     );
     assert_eq!(dlq[0].header_str(h::ERROR), Some("saw the binary header"));
 }
+
+on_every_broker!(
+    each_bad_record_gets_its_reason_and_later_records_still_flow,
+    1,
+    each_bad_record_gets_its_reason_and_later_records_still_flow
+);
+on_every_broker!(
+    a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte,
+    1,
+    a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte
+);

@@ -176,7 +176,7 @@ async fn extreme_timestamps_are_handled(env: Env) {
     assert_eq!(stats.total_retried(), 3);
     assert_eq!(stats.total_dead_lettered(), 0);
 }
-on_both_brokers!(extreme_timestamps, 1, extreme_timestamps_are_handled);
+on_every_broker!(extreme_timestamps, 1, extreme_timestamps_are_handled);
 
 /// The writer's clock runs an hour ahead: its retry record's timestamp and due time are both
 /// an hour in our future. Checked against the reader's clock, that used to be "further ahead
@@ -221,7 +221,7 @@ async fn a_fast_writer_clock_neither_dead_letters_nor_delays(env: Env) {
     assert_eq!(stats.dead_lettered(DeadLetterReason::InvalidEnvelope), 0);
     assert_eq!(recorder.all()[0].attempt, 2);
 }
-on_both_brokers!(
+on_every_broker!(
     fast_writer_clock,
     1,
     a_fast_writer_clock_neither_dead_letters_nor_delays
@@ -508,7 +508,7 @@ async fn a_retry_waiting_across_a_restart_is_not_skipped(env: Env) {
     rt.shutdown().await.unwrap();
     assert_eq!(second.all()[0].attempt, 2);
 }
-on_both_brokers!(
+on_every_broker!(
     retry_across_restart,
     1,
     a_retry_waiting_across_a_restart_is_not_skipped
@@ -694,7 +694,7 @@ async fn a_partition_assigned_back_waits_for_its_previous_task(env: Env) {
         "a record was in two handler calls at once in one instance"
     );
 }
-on_both_brokers!(
+on_every_broker!(
     assigned_back,
     2,
     a_partition_assigned_back_waits_for_its_previous_task
@@ -735,8 +735,8 @@ async fn a_fenced_static_member_stops_with_the_cause(env: Env) {
     b.shutdown().await.unwrap();
 }
 
-/// The real brokers fence a duplicate static member themselves; the mock broker does not, so
-/// on it the broker's answer is injected: FENCED_INSTANCE_ID on a heartbeat.
+/// kfake (like Kafka) fences a duplicate static member itself; the mock broker does not, so on
+/// it the broker's answer is injected: FENCED_INSTANCE_ID on a heartbeat.
 mod fenced_static_member {
     use super::*;
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,9 +778,11 @@ mod fenced_static_member {
         })
         .await
     }
+    /// Not on `SIDETRACK_TEST_BROKERS`: Tansu 0.6 (the CI's real broker) does not fence a
+    /// duplicate static member (seen here: the older instance goes on consuming).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn real_broker() {
-        if let Some(env) = Env::real(1).await {
+    async fn kfake() {
+        if let Some(env) = Env::on(Backend::Kfake, TOPIC, GROUP, 1).await {
             within_limit(a_fenced_static_member_stops_with_the_cause(env)).await
         }
     }

@@ -1,4 +1,5 @@
-//! Scenario tests of the runtime against the embedded broker.
+//! Scenario tests of the runtime on the embedded broker and, when configured, on a real broker
+//! and on kfake (see `on_every_broker!` in `common`).
 
 mod common;
 
@@ -747,53 +748,53 @@ async fn shutdown_finishes_in_flight_work_or_abandons_it_uncommitted(cluster: En
     assert_eq!(seen, vec!["stuck".to_string()]);
 }
 
-on_both_brokers!(success_commits_offsets, 2, success_commits_offsets);
-on_both_brokers!(
+on_every_broker!(success_commits_offsets, 2, success_commits_offsets);
+on_every_broker!(
     transient_failure_is_retried_via_tier_topic_then_succeeds,
     1,
     transient_failure_is_retried_via_tier_topic_then_succeeds
 );
-on_both_brokers!(
+on_every_broker!(
     exhausted_retries_go_to_dlq_with_full_envelope,
     1,
     exhausted_retries_go_to_dlq_with_full_envelope
 );
-on_both_brokers!(
+on_every_broker!(
     permanent_and_undecodable_go_to_dlq_at_once,
     1,
     permanent_and_undecodable_go_to_dlq_at_once
 );
-on_both_brokers!(
+on_every_broker!(
     failing_record_does_not_delay_later_records_and_retries_are_never_early,
     1,
     failing_record_does_not_delay_later_records_and_retries_are_never_early
 );
-on_both_brokers!(
+on_every_broker!(
     key_payload_and_user_headers_survive_to_dlq_byte_for_byte,
     1,
     key_payload_and_user_headers_survive_to_dlq_byte_for_byte
 );
-on_both_brokers!(
+on_every_broker!(
     restart_resumes_from_committed_offsets,
     2,
     restart_resumes_from_committed_offsets
 );
-on_both_brokers!(
+on_every_broker!(
     two_runtimes_in_one_group_split_partitions,
     4,
     two_runtimes_in_one_group_split_partitions
 );
-on_both_brokers!(
+on_every_broker!(
     corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid,
     1,
     corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid
 );
-on_both_brokers!(
+on_every_broker!(
     many_retries_on_one_partition_are_each_handled_once_in_order,
     1,
     many_retries_on_one_partition_are_each_handled_once_in_order
 );
-on_both_brokers!(
+on_every_broker!(
     shutdown_finishes_in_flight_work_or_abandons_it_uncommitted,
     1,
     shutdown_finishes_in_flight_work_or_abandons_it_uncommitted

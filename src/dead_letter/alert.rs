@@ -1,12 +1,21 @@
-//! Dead-letter alerts: aggregated per (source topic, group) over a window and handed to
+//! Dead-letter alerts: aggregated per (source topic, group) and time window and handed to
 //! [`DeadLetterNotifier`]s.
 //!
 //! A record is added to an alert only after the broker acknowledged it on the DLQ. Adding is
 //! a short lock on the dead-letter path, never a wait; sending happens on a separate task, each
 //! notifier call bounded by a timeout, so a failing or slow notifier never blocks consumption
 //! and never affects the DLQ record. Failures are counted and logged.
+//!
+//! Windows are epoch-aligned and disjoint in DLQ-record-timestamp space: window `k` holds the
+//! dead letters whose DLQ timestamp `t` has `k·W <= t < (k+1)·W` (`W` = `alerts.window`). The
+//! commands an alert shows select exactly that window (`--since k·W --until (k+1)·W − 1 ms`),
+//! so every instance of a group, and every follow-up alert of the window, shows the same
+//! commands: one progress group, one replay. A window's alert is sent once the clock passes
+//! its end plus a grace (the longest a dead letter stamped inside it can take to be
+//! acknowledged); a dead letter acknowledged later still goes into a follow-up alert of the
+//! same window. Everything collected is sent at shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,8 +41,9 @@ pub struct DeadLetterExample {
     pub offset: i64,
     /// Partition of the record on the DLQ.
     pub dlq_partition: i32,
-    /// Offset of the record on the DLQ (for `sidetrack dlq show`).
-    pub dlq_offset: i64,
+    /// Offset of the record on the DLQ (for `sidetrack dlq show`), `None` when the
+    /// acknowledgement did not carry one (the alert's commands still find the record).
+    pub dlq_offset: Option<i64>,
     /// Key as text (lossy UTF-8, shortened), if any.
     pub key: Option<String>,
     /// Why it was dead-lettered.
@@ -58,15 +68,24 @@ pub struct DeadLetterAlert {
     pub count: u64,
     /// Count per reason (`permanent`, `poison`, …).
     pub by_reason: Vec<(String, u64)>,
-    /// Time of the first and last dead letter, ms since the epoch.
+    /// DLQ timestamp of the first and last dead letter, ms since the epoch.
     pub first_at_ms: i64,
     /// See `first_at_ms`.
     pub last_at_ms: i64,
+    /// The window's first millisecond (`k·W`), ms since the epoch.
+    pub window_start_ms: i64,
+    /// The window's last millisecond (`(k+1)·W − 1`), inclusive.
+    pub window_end_ms: i64,
+    /// More records of a window whose alert was already sent (acknowledged after it); the
+    /// commands are the same as that alert's and cover both.
+    pub follow_up: bool,
     /// The first few records.
     pub examples: Vec<DeadLetterExample>,
-    /// Command that lists exactly these records.
+    /// Command that lists every record of the window (on any instance of the group).
     pub inspect_command: String,
-    /// Command that replays them (dry run; add `--yes` to send).
+    /// Command that replays them (dry run; add `--yes` to send). The same on every instance
+    /// and every follow-up of the window, so it derives the same progress group: running it
+    /// more than once sends nothing new.
     pub replay_command: String,
 }
 
@@ -79,19 +98,25 @@ impl DeadLetterAlert {
             .map(|(r, n)| format!("{n} {r}"))
             .collect();
         let mut out = format!(
-            "sidetrack: {} record{} from `{}` dead-lettered by group `{}` into `{}` ({}) between {} and {}.\n",
+            "sidetrack: {}{} record{} from `{}` dead-lettered by group `{}` into `{}` ({}) in the window {} to {}{}.\n",
             self.count,
+            if self.follow_up { " more" } else { "" },
             if self.count == 1 { "" } else { "s" },
             self.topic,
             self.group,
             self.dead_letter_topic,
             reasons.join(", "),
-            rfc3339(self.first_at_ms),
-            rfc3339(self.last_at_ms),
+            rfc3339_millis(self.window_start_ms),
+            rfc3339_millis(self.window_end_ms),
+            if self.follow_up {
+                " (acknowledged after the window's alert; the same commands cover them)"
+            } else {
+                ""
+            },
         );
         for e in &self.examples {
             out.push_str(&format!(
-                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {}:{})\n",
+                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {})\n",
                 self.topic,
                 e.partition,
                 e.offset,
@@ -100,8 +125,10 @@ impl DeadLetterAlert {
                 e.attempts,
                 if e.attempts == 1 { "" } else { "s" },
                 e.error,
-                e.dlq_partition,
-                e.dlq_offset,
+                match e.dlq_offset {
+                    Some(o) => format!("{}:{o}", e.dlq_partition),
+                    None => format!("partition {}, offset unknown", e.dlq_partition),
+                },
             ));
         }
         if (self.examples.len() as u64) < self.count {
@@ -118,9 +145,15 @@ impl DeadLetterAlert {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+/// Last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// RFC 3339 with milliseconds, UTC (what `sidetrack dlq --since/--until` reads back to the
+/// millisecond); clamped to 1970–9999, which a timestamp of this clock never leaves.
+fn rfc3339_millis(ms: i64) -> String {
+    let ms = ms.clamp(0, MAX_RFC3339_MS);
+    let t = UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Why a notifier could not deliver an alert.
@@ -202,21 +235,62 @@ impl DeadLetterNotifier for LogNotifier {
     }
 }
 
-#[derive(Default)]
 struct Bucket {
     count: u64,
     by_reason: HashMap<DeadLetterReason, u64>,
     first_at_ms: i64,
     last_at_ms: i64,
+    /// Local clock when the bucket was opened: bounds how long a bucket whose DLQ timestamps
+    /// lie in the future (a broker clock ahead of ours) is held.
+    opened_ms: i64,
+    follow_up: bool,
     examples: Vec<DeadLetterExample>,
+}
+
+/// (source topic, dead-letter topic, window index).
+type BucketKey = (String, String, i64);
+
+#[derive(Default)]
+struct State {
+    buckets: BTreeMap<BucketKey, Bucket>,
+    /// Highest window already sent per (source topic, dead-letter topic): a dead letter of that
+    /// window or an earlier one goes into a follow-up alert.
+    flushed: HashMap<(String, String), i64>,
+}
+
+/// The window a DLQ timestamp falls in: `k` with `k·W <= t < (k+1)·W` (any `t`, negative
+/// included; `window_ms` below 1 counts as 1).
+pub(crate) fn window_of(t_ms: i64, window_ms: i64) -> i64 {
+    t_ms.div_euclid(window_ms.max(1))
+}
+
+/// First and last millisecond (inclusive) of window `k`, saturating at the ends of `i64`.
+pub(crate) fn window_bounds(k: i64, window_ms: i64) -> (i64, i64) {
+    let w = window_ms.max(1);
+    let start = k.saturating_mul(w);
+    (start, start.saturating_add(w - 1))
+}
+
+/// Whether window `k`'s bucket is sent at `now_ms`: once the clock passes the window's end plus
+/// `grace_ms` (a dead letter stamped inside the window is acknowledged by then), or, for a
+/// bucket of a window ahead of this clock, once it was held a window plus the grace.
+pub(crate) fn is_due(k: i64, window_ms: i64, grace_ms: i64, opened_ms: i64, now_ms: i64) -> bool {
+    let (_, last) = window_bounds(k, window_ms);
+    let end = last.saturating_add(1).saturating_add(grace_ms);
+    let held = opened_ms
+        .saturating_add(window_ms.max(1))
+        .saturating_add(grace_ms);
+    now_ms >= end.min(held)
 }
 
 /// Collects dead letters and sends one alert per (topic, group) and window.
 pub(crate) struct Alerts {
-    buckets: Mutex<HashMap<(String, String), Bucket>>,
+    state: Mutex<State>,
     notifiers: Vec<Arc<dyn ErasedNotifier>>,
     max_examples: usize,
     timeout: Duration,
+    window_ms: i64,
+    grace_ms: i64,
     brokers: String,
     cli: String,
 }
@@ -228,9 +302,10 @@ pub(crate) struct DeadLetterEvent<'a> {
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) dlq_partition: i32,
+    /// Negative when the acknowledgement carried no offset (librdkafka's -1001).
     pub(crate) dlq_offset: i64,
-    /// Timestamp of the DLQ record: the alert's time range must cover it, since the CLI
-    /// filters on it.
+    /// Timestamp of the DLQ record: it decides the window, since the CLI filters on it.
+    /// `None` falls back to this clock.
     pub(crate) dlq_timestamp: Option<i64>,
     pub(crate) key: Option<&'a [u8]>,
     pub(crate) reason: DeadLetterReason,
@@ -238,19 +313,29 @@ pub(crate) struct DeadLetterEvent<'a> {
     pub(crate) error: &'a str,
 }
 
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl Alerts {
+    /// `window` is `alerts.window`; `grace` how long after a window's end its alert waits for
+    /// dead letters stamped inside it to be acknowledged (the hand-off timeout plus a second).
     pub(crate) fn new(
         notifiers: Vec<Arc<dyn ErasedNotifier>>,
         max_examples: usize,
         timeout: Duration,
+        window: Duration,
+        grace: Duration,
         brokers: String,
         cli: String,
     ) -> Self {
         Alerts {
-            buckets: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             notifiers,
             max_examples,
             timeout,
+            window_ms: millis(window).max(1),
+            grace_ms: millis(grace),
             brokers,
             cli,
         }
@@ -258,18 +343,34 @@ impl Alerts {
 
     /// Records one dead letter; never waits on a notifier.
     pub(crate) fn record(&self, event: DeadLetterEvent<'_>) {
+        self.record_at(event, now_ms());
+    }
+
+    fn record_at(&self, event: DeadLetterEvent<'_>, now: i64) {
         if self.notifiers.is_empty() {
             return;
         }
-        let at = event.dlq_timestamp.unwrap_or_else(now_ms);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let b = buckets
-            .entry((event.topic.to_owned(), event.dlq.to_owned()))
-            .or_default();
-        if b.count == 0 || at < b.first_at_ms {
-            b.first_at_ms = at;
-        }
+        let at = event.dlq_timestamp.unwrap_or(now);
+        let k = window_of(at, self.window_ms);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let follow_up = state
+            .flushed
+            .get(&(event.topic.to_owned(), event.dlq.to_owned()))
+            .is_some_and(|f| *f >= k);
+        let b = state
+            .buckets
+            .entry((event.topic.to_owned(), event.dlq.to_owned(), k))
+            .or_insert_with(|| Bucket {
+                count: 0,
+                by_reason: HashMap::new(),
+                first_at_ms: at,
+                last_at_ms: at,
+                opened_ms: now,
+                follow_up,
+                examples: Vec::new(),
+            });
         b.count += 1;
+        b.first_at_ms = b.first_at_ms.min(at);
         b.last_at_ms = b.last_at_ms.max(at);
         *b.by_reason.entry(event.reason).or_default() += 1;
         if b.examples.len() < self.max_examples {
@@ -277,7 +378,7 @@ impl Alerts {
                 partition: event.partition,
                 offset: event.offset,
                 dlq_partition: event.dlq_partition,
-                dlq_offset: event.dlq_offset,
+                dlq_offset: (event.dlq_offset >= 0).then_some(event.dlq_offset),
                 key: event
                     .key
                     .map(|k| shorten(&String::from_utf8_lossy(k), EXAMPLE_KEY_CHARS)),
@@ -288,46 +389,73 @@ impl Alerts {
         }
     }
 
-    fn take(&self, group: &str) -> Vec<DeadLetterAlert> {
-        let buckets = std::mem::take(&mut *self.buckets.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut alerts: Vec<DeadLetterAlert> = buckets
-            .into_iter()
-            .map(|((topic, dlq), b)| {
-                let since = rfc3339(b.first_at_ms);
-                let until = rfc3339(b.last_at_ms + 1000);
-                let base = format!(
-                    "{} dlq {{}} --brokers {} --topic {} --since {} --until {}",
-                    self.cli, self.brokers, dlq, since, until
-                );
-                let mut by_reason: Vec<(String, u64)> = b
-                    .by_reason
-                    .into_iter()
-                    .map(|(r, n)| (r.as_str().to_owned(), n))
-                    .collect();
-                by_reason.sort();
-                DeadLetterAlert {
-                    group: group.to_owned(),
-                    topic,
-                    dead_letter_topic: dlq,
-                    count: b.count,
-                    by_reason,
-                    first_at_ms: b.first_at_ms,
-                    last_at_ms: b.last_at_ms,
-                    examples: b.examples,
-                    inspect_command: base.replace("{}", "list"),
-                    replay_command: format!("{} --dry-run", base.replace("{}", "replay")),
-                }
+    /// The alerts of the buckets due at `now` (every bucket with `None`, at shutdown), in
+    /// window then topic order.
+    fn take(&self, group: &str, now: Option<i64>) -> Vec<DeadLetterAlert> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let due: Vec<BucketKey> = state
+            .buckets
+            .iter()
+            .filter(|((_, _, k), b)| {
+                now.is_none_or(|now| is_due(*k, self.window_ms, self.grace_ms, b.opened_ms, now))
             })
+            .map(|(key, _)| key.clone())
             .collect();
-        alerts.sort_by(|a, b| a.topic.cmp(&b.topic));
+        let mut alerts = Vec::with_capacity(due.len());
+        for key in due {
+            let Some(b) = state.buckets.remove(&key) else {
+                continue;
+            };
+            let (topic, dlq, k) = key;
+            let flushed = state
+                .flushed
+                .entry((topic.clone(), dlq.clone()))
+                .or_insert(k);
+            *flushed = (*flushed).max(k);
+            alerts.push(self.alert(group, topic, dlq, k, b));
+        }
+        alerts.sort_by(|a, b| (a.window_start_ms, &a.topic).cmp(&(b.window_start_ms, &b.topic)));
         alerts
     }
 
-    /// Sends what was collected, each notifier call on its own task with a timeout. Returns
-    /// the tasks so shutdown can wait for the last flush.
-    fn flush(self: &Arc<Self>, group: &str) -> Vec<tokio::task::JoinHandle<()>> {
+    fn alert(&self, group: &str, topic: String, dlq: String, k: i64, b: Bucket) -> DeadLetterAlert {
+        let (start, end) = window_bounds(k, self.window_ms);
+        let base = format!(
+            "{} dlq {{}} --brokers {} --topic {} --since {} --until {}",
+            self.cli,
+            self.brokers,
+            dlq,
+            rfc3339_millis(start),
+            rfc3339_millis(end)
+        );
+        let mut by_reason: Vec<(String, u64)> = b
+            .by_reason
+            .into_iter()
+            .map(|(r, n)| (r.as_str().to_owned(), n))
+            .collect();
+        by_reason.sort();
+        DeadLetterAlert {
+            group: group.to_owned(),
+            topic,
+            dead_letter_topic: dlq,
+            count: b.count,
+            by_reason,
+            first_at_ms: b.first_at_ms,
+            last_at_ms: b.last_at_ms,
+            window_start_ms: start,
+            window_end_ms: end,
+            follow_up: b.follow_up,
+            examples: b.examples,
+            inspect_command: base.replace("{}", "list"),
+            replay_command: format!("{} --dry-run", base.replace("{}", "replay")),
+        }
+    }
+
+    /// Sends the alerts due at `now` (all with `None`), each notifier call on its own task with
+    /// a timeout. Returns the tasks so shutdown can wait for the last flush.
+    fn flush(self: &Arc<Self>, group: &str, now: Option<i64>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
-        for alert in self.take(group) {
+        for alert in self.take(group, now) {
             let alert = Arc::new(alert);
             for n in &self.notifiers {
                 let (n, alert, timeout) = (Arc::clone(n), Arc::clone(&alert), self.timeout);
@@ -351,27 +479,25 @@ impl Alerts {
         tasks
     }
 
-    /// Flushes every `window` until `stop`, then once more, waiting at most `timeout` for
-    /// that last flush.
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        group: String,
-        window: Duration,
-        stop: CancellationToken,
-    ) {
+    /// Sends each window's alert once it is due, until `stop`; then everything collected,
+    /// waiting at most `timeout` for that last flush.
+    pub(crate) async fn run(self: Arc<Self>, group: String, stop: CancellationToken) {
         if self.notifiers.is_empty() {
             return;
         }
-        let mut tick = tokio::time::interval(window);
+        // Due times are checked this often: an alert is sent at most this late.
+        let every = Duration::from_millis(u64::try_from(self.window_ms / 4).unwrap_or(1))
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = tick.tick() => { self.flush(&group); }
+                _ = tick.tick() => { self.flush(&group, Some(now_ms())); }
                 _ = stop.cancelled() => break,
             }
         }
-        let last = self.flush(&group);
+        let last = self.flush(&group, None);
         let _ = tokio::time::timeout(self.timeout, futures_util::future::join_all(last)).await;
     }
 }
@@ -387,7 +513,7 @@ fn shorten(s: &str, max_chars: usize) -> String {
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(millis)
         .unwrap_or(0)
 }
 
@@ -395,7 +521,11 @@ fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    fn event(offset: i64, reason: DeadLetterReason) -> DeadLetterEvent<'static> {
+    const W: i64 = 60_000;
+    /// 2023-11-14T22:13:00.000Z, a window boundary for W = 1 min.
+    const T0: i64 = 1_699_999_980_000;
+
+    fn event(offset: i64, reason: DeadLetterReason, at: i64) -> DeadLetterEvent<'static> {
         DeadLetterEvent {
             topic: "orders",
             dlq: "orders.billing.dlq",
@@ -403,7 +533,7 @@ mod tests {
             offset,
             dlq_partition: 1,
             dlq_offset: offset + 100,
-            dlq_timestamp: Some(1_700_000_000_000 + offset),
+            dlq_timestamp: Some(at),
             key: Some(b"customer-7"),
             reason,
             attempts: 3,
@@ -411,45 +541,186 @@ mod tests {
         }
     }
 
-    #[test]
-    fn aggregates_per_topic_with_bounded_examples_and_commands() {
-        let alerts = Alerts::new(
+    fn alerts(max_examples: usize) -> Alerts {
+        Alerts::new(
             vec![Arc::new(LogNotifier)],
-            2,
+            max_examples,
             Duration::from_secs(1),
+            Duration::from_millis(W as u64),
+            Duration::from_secs(11),
             "k:9092".into(),
             "sidetrack".into(),
+        )
+    }
+
+    #[test]
+    fn windows_are_epoch_aligned_and_disjoint() {
+        assert_eq!(window_of(T0, W), T0 / W);
+        assert_eq!(window_of(T0 + W - 1, W), T0 / W);
+        assert_eq!(window_of(T0 + W, W), T0 / W + 1);
+        assert_eq!(window_of(T0 - 1, W), T0 / W - 1);
+        assert_eq!(window_bounds(T0 / W, W), (T0, T0 + W - 1));
+        // Consecutive windows touch without overlapping, to the millisecond.
+        let (_, end) = window_bounds(7, W);
+        let (next, _) = window_bounds(8, W);
+        assert_eq!(next, end + 1);
+        // Any timestamp, any window: no overflow, no panic.
+        assert_eq!(window_of(-1, W), -1);
+        assert_eq!(window_of(i64::MIN, W), i64::MIN.div_euclid(W));
+        assert_eq!(window_of(5, 0), 5, "a zero window counts as 1 ms");
+        assert_eq!(window_bounds(i64::MAX, W), (i64::MAX, i64::MAX));
+        assert_eq!(window_bounds(i64::MIN, W).0, i64::MIN);
+    }
+
+    #[test]
+    fn a_window_is_due_once_its_end_plus_the_grace_has_passed() {
+        let k = T0 / W;
+        let grace = 11_000;
+        let opened = T0 + 10;
+        assert!(!is_due(k, W, grace, opened, T0 + W - 1));
+        assert!(!is_due(k, W, grace, opened, T0 + W + grace - 1));
+        assert!(is_due(k, W, grace, opened, T0 + W + grace));
+        // A window ahead of this clock (a broker clock ahead of ours) is not held forever.
+        let ahead = k + 1_000;
+        assert!(!is_due(ahead, W, grace, opened, opened + W + grace - 1));
+        assert!(is_due(ahead, W, grace, opened, opened + W + grace));
+        // Extremes saturate.
+        assert!(!is_due(i64::MAX / W, W, i64::MAX, i64::MAX, 0));
+        assert!(is_due(i64::MIN / W, W, grace, 0, 0));
+    }
+
+    #[test]
+    fn aggregates_per_window_with_bounded_examples_and_commands() {
+        let alerts = alerts(2);
+        alerts.record_at(event(1, DeadLetterReason::Exhausted, T0 + 1), T0 + 5);
+        alerts.record_at(event(2, DeadLetterReason::Exhausted, T0 + 2), T0 + 5);
+        alerts.record_at(event(3, DeadLetterReason::Poison, T0 + 3), T0 + 5);
+        assert!(
+            alerts.take("billing", Some(T0 + W)).is_empty(),
+            "not before the window's end plus the grace"
         );
-        alerts.record(event(1, DeadLetterReason::Exhausted));
-        alerts.record(event(2, DeadLetterReason::Exhausted));
-        alerts.record(event(3, DeadLetterReason::Poison));
-        let out = alerts.take("billing");
+        let out = alerts.take("billing", Some(T0 + W + 11_000));
         assert_eq!(out.len(), 1);
         let a = &out[0];
         assert_eq!(a.count, 3);
+        assert!(!a.follow_up);
         // The time range comes from the DLQ records' own timestamps (what the CLI filters on).
-        assert_eq!(
-            (a.first_at_ms, a.last_at_ms),
-            (1_700_000_000_001, 1_700_000_000_003)
-        );
+        assert_eq!((a.first_at_ms, a.last_at_ms), (T0 + 1, T0 + 3));
+        assert_eq!((a.window_start_ms, a.window_end_ms), (T0, T0 + W - 1));
         assert_eq!(a.examples.len(), 2);
+        assert_eq!(a.examples[0].dlq_offset, Some(101));
         assert_eq!(
             a.by_reason,
             vec![("exhausted".to_string(), 2), ("poison".to_string(), 1)]
         );
-        assert!(a.inspect_command.starts_with(
-            "sidetrack dlq list --brokers k:9092 --topic orders.billing.dlq --since "
-        ));
-        assert!(a.replay_command.starts_with("sidetrack dlq replay "));
-        assert!(a.replay_command.ends_with("--dry-run"));
+        assert_eq!(
+            a.inspect_command,
+            "sidetrack dlq list --brokers k:9092 --topic orders.billing.dlq \
+             --since 2023-11-14T22:13:00.000Z --until 2023-11-14T22:13:59.999Z"
+        );
+        assert_eq!(
+            a.replay_command,
+            "sidetrack dlq replay --brokers k:9092 --topic orders.billing.dlq \
+             --since 2023-11-14T22:13:00.000Z --until 2023-11-14T22:13:59.999Z --dry-run"
+        );
         let text = a.text();
         assert!(text.contains("3 records from `orders`"), "{text}");
+        assert!(
+            text.contains("in the window 2023-11-14T22:13:00.000Z to 2023-11-14T22:13:59.999Z"),
+            "{text}"
+        );
         assert!(
             text.contains("orders[1]@1 key=customer-7 exhausted after 3 attempts"),
             "{text}"
         );
+        assert!(text.contains("(DLQ 1:101)"), "{text}");
         assert!(text.contains("… and 1 more."), "{text}");
-        assert!(alerts.take("billing").is_empty(), "a window starts empty");
+        assert!(alerts.take("billing", None).is_empty(), "sent once");
+    }
+
+    #[test]
+    fn records_split_at_window_boundaries_and_each_window_has_its_own_commands() {
+        let alerts = alerts(5);
+        // The last millisecond of one window and the first of the next.
+        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + W - 1), T0 + W);
+        alerts.record_at(event(2, DeadLetterReason::Permanent, T0 + W), T0 + W);
+        let now = T0 + W + 11_000;
+        let first = alerts.take("billing", Some(now));
+        assert_eq!(first.len(), 1, "the second window is not over");
+        assert_eq!(first[0].count, 1);
+        assert!(first[0]
+            .inspect_command
+            .ends_with("--until 2023-11-14T22:13:59.999Z"));
+        let second = alerts.take("billing", Some(now + W));
+        assert_eq!(second.len(), 1);
+        assert!(second[0]
+            .inspect_command
+            .contains("--since 2023-11-14T22:14:00.000Z --until 2023-11-14T22:14:59.999Z"));
+    }
+
+    #[test]
+    fn instances_of_a_group_show_identical_commands_for_a_window() {
+        // Two instances see different records of the same window at different times.
+        let (a, b) = (alerts(5), alerts(5));
+        a.record_at(event(1, DeadLetterReason::Permanent, T0 + 10), T0 + 10);
+        b.record_at(event(2, DeadLetterReason::Poison, T0 + 59_000), T0 + 59_500);
+        let now = T0 + W + 11_000;
+        let (x, y) = (a.take("billing", Some(now)), b.take("billing", Some(now)));
+        assert_eq!(x[0].replay_command, y[0].replay_command);
+        assert_eq!(x[0].inspect_command, y[0].inspect_command);
+    }
+
+    #[test]
+    fn a_late_acknowledgement_goes_into_a_follow_up_with_the_same_commands() {
+        let alerts = alerts(5);
+        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + 5), T0 + 5);
+        let sent = alerts.take("billing", Some(T0 + W + 11_000));
+        assert_eq!(sent.len(), 1);
+        // Stamped inside the window, acknowledged after its alert went out.
+        alerts.record_at(
+            event(2, DeadLetterReason::Permanent, T0 + W - 2),
+            T0 + W + 12_000,
+        );
+        let late = alerts.take("billing", Some(T0 + W + 12_000));
+        assert_eq!(late.len(), 1, "due at once: its window is long over");
+        assert!(late[0].follow_up);
+        assert_eq!(late[0].count, 1);
+        assert_eq!(late[0].replay_command, sent[0].replay_command);
+        assert!(
+            late[0].text().contains("1 more record from"),
+            "{}",
+            late[0].text()
+        );
+        // A later window is not a follow-up.
+        alerts.record_at(
+            event(3, DeadLetterReason::Permanent, T0 + W),
+            T0 + W + 12_000,
+        );
+        assert!(!alerts.take("billing", None)[0].follow_up);
+    }
+
+    #[test]
+    fn shutdown_sends_every_bucket_and_unknown_dlq_offsets_are_shown_as_such() {
+        let alerts = alerts(5);
+        let mut e = event(1, DeadLetterReason::Permanent, T0 + 5);
+        e.dlq_offset = -1001;
+        alerts.record_at(e, T0 + 5);
+        alerts.record_at(
+            event(2, DeadLetterReason::Permanent, T0 + 3 * W),
+            T0 + 3 * W,
+        );
+        assert!(alerts.take("billing", Some(T0 + 6)).is_empty());
+        let all = alerts.take("billing", None);
+        assert_eq!(all.len(), 2, "both windows at shutdown, in window order");
+        assert!(all[0].window_start_ms < all[1].window_start_ms);
+        assert_eq!(all[0].examples[0].dlq_offset, None);
+        assert!(
+            all[0].text().contains("(DLQ partition 1, offset unknown)"),
+            "{}",
+            all[0].text()
+        );
+        let json = serde_json::to_value(&all[0]).unwrap();
+        assert!(json["examples"][0]["dlq_offset"].is_null());
     }
 
     #[test]

@@ -110,28 +110,41 @@ impl Record {
     }
 
     fn spring(&self) -> SpringDlt {
-        // Spring writes numbers as big-endian binary; accept decimal text too.
-        let int = |k: &str| -> Option<i64> {
-            let v = self.header_bytes(k)?;
-            match v.len() {
-                4 => Some(i32::from_be_bytes(v.try_into().ok()?) as i64),
-                8 => Some(i64::from_be_bytes(v.try_into().ok()?)),
-                _ => std::str::from_utf8(v).ok()?.trim().parse().ok(),
-            }
-        };
+        let int = |k: &str| self.header_bytes(k).and_then(spring_int);
         let text = |k: &str| {
             self.header_bytes(k)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         SpringDlt {
             original_topic: text("kafka_dlt-original-topic"),
-            original_partition: int("kafka_dlt-original-partition").map(|p| p as i32),
+            // Out of range is unreadable, not wrapped into another partition number.
+            original_partition: int("kafka_dlt-original-partition")
+                .and_then(|p| i32::try_from(p).ok()),
             original_offset: int("kafka_dlt-original-offset"),
             original_timestamp: int("kafka_dlt-original-timestamp"),
             group: text("kafka_dlt-original-consumer-group"),
             exception: text("kafka_dlt-exception-fqcn"),
             message: text("kafka_dlt-exception-message"),
         }
+    }
+}
+
+/// A number in a `kafka_dlt-*` header: Spring writes big-endian binary (4 bytes for the
+/// partition, 8 for offsets and times); other producers write decimal text. Text is tried
+/// first, even for 4 or 8 bytes: binary bytes that read as decimal text (digits, spaces, a
+/// sign: every byte 0x09 or more) would be a partition above 150 million or an offset above
+/// 6·10^17, never a real one. Anything else is unreadable (`None`).
+fn spring_int(v: &[u8]) -> Option<i64> {
+    if let Some(n) = std::str::from_utf8(v)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+    {
+        return Some(n);
+    }
+    match v.len() {
+        4 => Some(i64::from(i32::from_be_bytes(v.try_into().ok()?))),
+        8 => Some(i64::from_be_bytes(v.try_into().ok()?)),
+        _ => None,
     }
 }
 
@@ -148,11 +161,18 @@ pub enum StartAt {
 }
 
 /// Reads `topic` from `start` up to the end offsets seen when the scan begins, calling `f` for
-/// each record in partition order. `f` may stop the scan early. Blocking.
+/// each record, in offset order within a partition (partitions interleave). `f` may stop the
+/// scan early. Blocking.
 ///
 /// `config` must carry `bootstrap.servers` (and any security settings); a `group.id` is only
-/// used to label the connection, nothing is committed. Returns the end offset of each partition
-/// as seen at the start.
+/// used to label the connection, nothing is committed.
+///
+/// Returns, per partition, how far the scan got: the offset before which every record from the
+/// start position on was passed to `f`. That is the end offset seen when the scan began (never
+/// the end as it is later: records written during the scan were not read), or, when `f` stopped
+/// the scan, the offset after the last record passed to `f` in that partition (the start
+/// position for a partition it did not reach). Saving progress at these offsets, and never at
+/// watermarks read afterwards, is what keeps records written during a scan from being skipped.
 pub fn scan(
     config: &ClientConfig,
     topic: &str,
@@ -200,6 +220,8 @@ pub fn scan(
         _ => None,
     };
     let mut pending = std::collections::HashSet::new();
+    // How far each partition was read: every record before it was passed to `f`.
+    let mut reached = HashMap::new();
     for p in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, timeout)
@@ -213,12 +235,17 @@ pub fn scan(
         };
         if from < high {
             pending.insert(*p);
+            reached.insert(*p, from);
             tpl.add_partition_offset(topic, *p, Offset::Offset(from))
                 .map_err(Error::kafka("building the assignment"))?;
+        } else {
+            // Nothing to read (a start at or past the end; past it only if the partition was
+            // truncated or the topic recreated, where the end is the truthful position).
+            reached.insert(*p, high);
         }
     }
     if pending.is_empty() {
-        return Ok(ends);
+        return Ok(reached);
     }
     consumer
         .assign(&tpl)
@@ -230,10 +257,10 @@ pub fn scan(
             Some(Ok(m)) => {
                 last_progress = std::time::Instant::now();
                 let end = ends.get(&m.partition()).copied().unwrap_or(0);
-                if m.offset() + 1 >= end {
+                if m.offset().saturating_add(1) >= end {
                     pending.remove(&m.partition());
                 }
-                if m.offset() >= end {
+                if m.offset() >= end || !reached.contains_key(&m.partition()) {
                     continue;
                 }
                 let record = Record {
@@ -245,7 +272,13 @@ pub fn scan(
                     payload: m.payload().map(<[u8]>::to_vec),
                     headers: crate::handler::headers_of(&m),
                 };
-                if f(record).is_break() {
+                let (partition, next) = (m.partition(), m.offset().saturating_add(1));
+                let flow = f(record);
+                reached.insert(partition, next);
+                // `f` may take its time (a caller applying backpressure): that is not the
+                // broker failing to make progress.
+                last_progress = std::time::Instant::now();
+                if flow.is_break() {
                     break;
                 }
             }
@@ -261,7 +294,7 @@ pub fn scan(
             });
         }
     }
-    Ok(ends)
+    Ok(reached)
 }
 
 /// Partition ids of `topic`; `Error::SourceTopicMissing` if the broker does not know it.
@@ -317,6 +350,57 @@ mod tests {
                 assert_eq!(s.message.as_deref(), Some("boom"));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn spring_numbers_keep_their_meaning_or_are_unreadable() {
+        assert_eq!(spring_int(&7i32.to_be_bytes()), Some(7));
+        assert_eq!(spring_int(&(-1i32).to_be_bytes()), Some(-1));
+        assert_eq!(spring_int(&42i64.to_be_bytes()), Some(42));
+        // Four or eight decimal digits are text, not binary.
+        assert_eq!(spring_int(b"1234"), Some(1234));
+        assert_eq!(spring_int(b"12345678"), Some(12_345_678));
+        assert_eq!(spring_int(b" 17 "), Some(17));
+        assert_eq!(spring_int(b""), None);
+        assert_eq!(spring_int(b"12x"), None);
+        assert_eq!(spring_int(b"99999999999999999999"), None);
+        // A partition out of i32's range is unreadable, not another partition.
+        let r = record(vec![Header::new(
+            "kafka_dlt-original-partition",
+            b"99999999999".to_vec(),
+        )]);
+        match r.provenance() {
+            Provenance::Spring(s) => assert_eq!(s.original_partition, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Spring's binary numbers and decimal text keep their value; a binary value that
+        /// happens to read as decimal text (an absurd partition or offset) is the only exception.
+        #[test]
+        fn spring_numbers_round_trip(p in proptest::prelude::any::<i32>(), o in proptest::prelude::any::<i64>(), text in proptest::prelude::any::<bool>()) {
+            let (pb, ob) = if text {
+                (p.to_string().into_bytes(), o.to_string().into_bytes())
+            } else {
+                (p.to_be_bytes().to_vec(), o.to_be_bytes().to_vec())
+            };
+            let reads_as_text = |b: &[u8]| {
+                std::str::from_utf8(b).ok().and_then(|t| t.trim().parse::<i64>().ok()).is_some()
+            };
+            proptest::prop_assume!(text || (!reads_as_text(&pb) && !reads_as_text(&ob)));
+            let r = record(vec![
+                Header::new("kafka_dlt-original-partition", pb),
+                Header::new("kafka_dlt-original-offset", ob),
+            ]);
+            match r.provenance() {
+                Provenance::Spring(s) => {
+                    proptest::prop_assert_eq!(s.original_partition, Some(p));
+                    proptest::prop_assert_eq!(s.original_offset, Some(o));
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
         }
     }
 

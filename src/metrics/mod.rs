@@ -172,3 +172,98 @@ pub fn describe() {
     );
     describe_counter!(ALERTS_SENT, Unit::Count, "Dead-letter alerts delivered.");
 }
+
+// ---- HTTP produce proxy (feature `proxy`) -------------------------------------------------
+// Labels: `route` (the route template, e.g. `/topics/{topic}`), `status`, `topic` (`-` until
+// the topic is known to exist and be allowed, so invented names add no series), `outcome`
+// (`acknowledged`, `failed`), `reason` (the error kind, see `sidetrack::proxy::ErrorKind`).
+
+/// HTTP requests answered. Labels: `route`, `status`, `topic`.
+pub const PROXY_REQUESTS: &str = "sidetrack_proxy_requests_total";
+/// Time from request to answer. Labels: `route`.
+pub const PROXY_REQUEST_SECONDS: &str = "sidetrack_proxy_request_seconds";
+/// Time from the first record queued to the last settled, per produce request.
+pub const PROXY_PRODUCE_SECONDS: &str = "sidetrack_proxy_produce_seconds";
+/// Records per produce request.
+pub const PROXY_REQUEST_RECORDS: &str = "sidetrack_proxy_request_records";
+/// Records produced. Labels: `topic`, `outcome`.
+pub const PROXY_RECORDS: &str = "sidetrack_proxy_records_total";
+/// Key + value + header bytes of produce requests that reached the producer. Labels: `topic`.
+pub const PROXY_BYTES: &str = "sidetrack_proxy_bytes_total";
+/// Records admitted and not yet settled (bounded by `max_in_flight_records`).
+pub const PROXY_IN_FLIGHT_RECORDS: &str = "sidetrack_proxy_in_flight_records";
+/// Bytes admitted and not yet settled (bounded by `max_in_flight_bytes`).
+pub const PROXY_IN_FLIGHT_BYTES: &str = "sidetrack_proxy_in_flight_bytes";
+/// HTTP requests being handled now.
+pub const PROXY_REQUESTS_IN_FLIGHT: &str = "sidetrack_proxy_requests_in_flight";
+/// Requests not answered 200, by reason. Labels: `reason`.
+pub const PROXY_REJECTIONS: &str = "sidetrack_proxy_rejections_total";
+/// Average records per broker batch over librdkafka's last statistics window. Labels: `topic`.
+pub const PROXY_BROKER_BATCH_RECORDS: &str = "sidetrack_proxy_broker_batch_records";
+/// Average bytes per broker batch over librdkafka's last statistics window. Labels: `topic`.
+pub const PROXY_BROKER_BATCH_BYTES: &str = "sidetrack_proxy_broker_batch_bytes";
+
+/// Registers unit and help text for the proxy's metrics. Called when a proxy starts.
+pub fn describe_proxy() {
+    describe_counter!(
+        PROXY_REQUESTS,
+        Unit::Count,
+        "HTTP requests answered, by route, status and topic."
+    );
+    describe_histogram!(
+        PROXY_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from request to answer."
+    );
+    describe_histogram!(
+        PROXY_PRODUCE_SECONDS,
+        Unit::Seconds,
+        "Time from the first record of a request queued to the last acknowledged or failed."
+    );
+    describe_histogram!(
+        PROXY_REQUEST_RECORDS,
+        Unit::Count,
+        "Records per produce request."
+    );
+    describe_counter!(
+        PROXY_RECORDS,
+        Unit::Count,
+        "Records produced, by topic and outcome."
+    );
+    describe_counter!(
+        PROXY_BYTES,
+        Unit::Bytes,
+        "Key, value and header bytes of produce requests."
+    );
+    describe_gauge!(
+        PROXY_IN_FLIGHT_RECORDS,
+        Unit::Count,
+        "Records admitted and not yet settled."
+    );
+    describe_gauge!(
+        PROXY_IN_FLIGHT_BYTES,
+        Unit::Bytes,
+        "Bytes admitted and not yet settled."
+    );
+    describe_gauge!(
+        PROXY_REQUESTS_IN_FLIGHT,
+        Unit::Count,
+        "HTTP requests being handled now."
+    );
+    describe_counter!(
+        PROXY_REJECTIONS,
+        Unit::Count,
+        "Requests not answered 200, by reason."
+    );
+    describe_gauge!(
+        PROXY_BROKER_BATCH_RECORDS,
+        Unit::Count,
+        "Average records per broker batch (librdkafka statistics)."
+    );
+    describe_gauge!(
+        PROXY_BROKER_BATCH_BYTES,
+        Unit::Bytes,
+        "Average bytes per broker batch (librdkafka statistics)."
+    );
+}
+// ---- end of HTTP produce proxy ------------------------------------------------------------

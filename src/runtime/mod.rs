@@ -198,6 +198,8 @@ impl Runtime {
             self.notifiers,
             self.config.alerts.max_examples,
             self.config.alerts.timeout,
+            self.config.alerts.window,
+            self.config.handoff.timeout + Duration::from_secs(1),
             self.config.brokers.clone(),
             self.config.alerts.command.clone(),
         ));
@@ -251,11 +253,9 @@ impl Runtime {
             "sidetrack runtime started"
         );
         let alerts_stop = CancellationToken::new();
-        let alerts_task = tokio::spawn(Arc::clone(&shared.alerts).run(
-            shared.config.group.clone(),
-            shared.config.alerts.window,
-            alerts_stop.clone(),
-        ));
+        let alerts_task = tokio::spawn(
+            Arc::clone(&shared.alerts).run(shared.config.group.clone(), alerts_stop.clone()),
+        );
         Ok(RuntimeHandle {
             shared,
             main,

@@ -289,15 +289,57 @@ impl sidetrack::dead_letter::DeadLetterNotifier for Collect {
     }
 }
 
-/// Where a scenario runs: the embedded broker, or a real one from `SIDETRACK_TEST_BROKERS`.
+/// Where a scenario runs.
 #[derive(Clone)]
 pub enum Broker {
+    /// librdkafka's mock cluster, one per test.
     Embedded(EmbeddedCluster),
+    /// The broker of `SIDETRACK_TEST_BROKERS` (Tansu 0.6 in CI; any Kafka works).
     Real(String),
+    /// franz-go's kfake (an in-memory Kafka cluster) at `SIDETRACK_TEST_KFAKE`.
+    Kfake(String),
 }
 
-/// One scenario's broker, topic and group. On a real broker (shared by every test of a run)
-/// names are made unique per test.
+/// The back ends a scenario can run on; the external ones are read from the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    /// `SIDETRACK_TEST_BROKERS`.
+    Real,
+    /// `SIDETRACK_TEST_KFAKE`.
+    Kfake,
+}
+
+impl Backend {
+    /// The environment variable naming this back end's bootstrap servers.
+    pub fn variable(self) -> Option<&'static str> {
+        match self {
+            Backend::Embedded => None,
+            Backend::Real => Some("SIDETRACK_TEST_BROKERS"),
+            Backend::Kfake => Some("SIDETRACK_TEST_KFAKE"),
+        }
+    }
+
+    /// The bootstrap servers of an external back end, or a printed reason to skip.
+    pub fn bootstrap(self) -> Option<String> {
+        let var = self.variable()?;
+        match std::env::var(var) {
+            Ok(b) if !b.trim().is_empty() => Some(b),
+            _ => {
+                let on = if self == Backend::Real {
+                    "a real broker"
+                } else {
+                    "kfake"
+                };
+                eprintln!("skipped on {on}: {var} is not set (see .ci/run)");
+                None
+            }
+        }
+    }
+}
+
+/// One scenario's broker, topic and group. On an external broker (shared by every test of a
+/// run, and by earlier runs) names are made unique per test.
 #[derive(Clone)]
 pub struct Env {
     pub broker: Broker,
@@ -307,33 +349,43 @@ pub struct Env {
 
 /// The real broker to test against, or a printed reason to skip.
 pub fn real_brokers() -> Option<String> {
-    match std::env::var("SIDETRACK_TEST_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => Some(b),
-        _ => {
-            eprintln!("skipped on a real broker: SIDETRACK_TEST_BROKERS is not set (see .ci/run)");
-            None
-        }
-    }
+    Backend::Real.bootstrap()
 }
 
 impl Env {
     pub fn embedded(partitions: i32) -> Env {
+        Env::embedded_named(TOPIC, GROUP, partitions)
+    }
+
+    /// The embedded broker with `topic` (created) and `group`.
+    pub fn embedded_named(topic: &str, group: &str, partitions: i32) -> Env {
         Env {
-            broker: Broker::Embedded(cluster(partitions)),
-            topic: TOPIC.into(),
-            group: GROUP.into(),
+            broker: Broker::Embedded(cluster_with(topic, partitions)),
+            topic: topic.into(),
+            group: group.into(),
         }
     }
 
     /// `None` (after printing why) when no real broker is configured.
     pub async fn real(partitions: i32) -> Option<Env> {
+        Env::on(Backend::Real, TOPIC, GROUP, partitions).await
+    }
+
+    /// The scenario's environment on `backend`, with `topic` created; `None` (after printing
+    /// why) when that back end is not configured. On an external broker `topic` and `group`
+    /// get a unique suffix.
+    pub async fn on(backend: Backend, topic: &str, group: &str, partitions: i32) -> Option<Env> {
         init_tracing();
-        let brokers = real_brokers()?;
+        let broker = match backend {
+            Backend::Embedded => return Some(Env::embedded_named(topic, group, partitions)),
+            Backend::Real => Broker::Real(backend.bootstrap()?),
+            Backend::Kfake => Broker::Kfake(backend.bootstrap()?),
+        };
         let unique = format!("{:08x}", fastrand_u32());
         let env = Env {
-            broker: Broker::Real(brokers),
-            topic: format!("orders-{unique}"),
-            group: format!("billing-{unique}"),
+            broker,
+            topic: format!("{topic}-{unique}"),
+            group: format!("{group}-{unique}"),
         };
         env.create_topic(&env.topic.clone(), partitions).await;
         Some(env)
@@ -357,8 +409,13 @@ impl Env {
     pub fn bootstrap(&self) -> String {
         match &self.broker {
             Broker::Embedded(c) => c.bootstrap_servers().to_owned(),
-            Broker::Real(b) => b.clone(),
+            Broker::Real(b) | Broker::Kfake(b) => b.clone(),
         }
+    }
+    /// A name unique to this scenario on its broker, derived from its topic: for extra
+    /// topics a scenario creates itself.
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.topic)
     }
 
     /// [`config`] for this scenario's topic and group.
@@ -374,11 +431,22 @@ impl Env {
                 config.brokers = b.clone();
                 // Tansu is slower to settle a group than the embedded broker.
                 config.provisioning.timeout = Duration::from_secs(30);
+                // With Tansu, librdkafka gets the idempotent producer's id only on its 500 ms
+                // retry timer ("No brokers available for Idempotent producer" at start): the
+                // first hand-offs wait 0.5-1 s and would time out at the fast test setting.
+                config.handoff.timeout = Duration::from_secs(5);
                 // Tansu 0.6 counts a multi-record batch as one offset: hand-offs sent in one
                 // batch would not all be readable from the side topics.
                 config
                     .producer
                     .insert("batch.num.messages".into(), "1".into());
+                sidetrack::Runtime::builder(config)
+            }
+            // kfake needs none of Tansu's settings: it answers at once and stores batches
+            // record by record, so hand-offs are batched as librdkafka likes.
+            Broker::Kfake(b) => {
+                let mut config = config;
+                config.brokers = b.clone();
                 sidetrack::Runtime::builder(config)
             }
         }
@@ -387,7 +455,7 @@ impl Env {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match &self.broker {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Real(b) => {
+            Broker::Real(b) | Broker::Kfake(b) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
                 let admin: AdminClient<rdkafka::client::DefaultClientContext> =
                     rdkafka::ClientConfig::new()
@@ -433,15 +501,16 @@ impl Env {
         }
     }
 
-    /// A producer that sends each record in a batch of its own (Tansu cannot fetch from the
-    /// middle of a multi-record batch).
+    /// A producer of test records. On the real broker each record goes in a batch of its
+    /// own (Tansu cannot fetch from the middle of a multi-record batch).
     pub fn producer(&self) -> rdkafka::producer::FutureProducer {
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("linger.ms", "0")
-            .set("batch.num.messages", "1")
-            .create()
-            .unwrap()
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap())
+            .set("linger.ms", "0");
+        if let Broker::Real(_) = self.broker {
+            c.set("batch.num.messages", "1");
+        }
+        c.create().unwrap()
     }
 
     pub async fn produce(
@@ -460,6 +529,16 @@ impl Env {
     /// Produces `payloads` (also used as keys) to the scenario's topic.
     pub async fn produce_all(&self, payloads: &[String], partitions: i32) -> Vec<(i32, i64)> {
         produce_each(&self.producer(), &self.topic, payloads, partitions).await
+    }
+
+    /// Produces `payloads` (also used as keys) to `topic`.
+    pub async fn produce_to(
+        &self,
+        topic: &str,
+        payloads: &[String],
+        partitions: i32,
+    ) -> Vec<(i32, i64)> {
+        produce_each(&self.producer(), topic, payloads, partitions).await
     }
 
     pub async fn read_all(&self, topic: &str) -> Vec<sidetrack::testing::Record> {
@@ -498,23 +577,44 @@ pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// Runs a scenario body on the embedded broker and, when `SIDETRACK_TEST_BROKERS` is set, on
-/// that real broker: one test body, two back-ends.
+/// Runs a scenario body on every back end: the embedded broker, the real broker of
+/// `SIDETRACK_TEST_BROKERS` and kfake at `SIDETRACK_TEST_KFAKE` (each external one passes after
+/// printing why when its variable is unset). One test body, three tests: `NAME::embedded`,
+/// `NAME::real_broker`, `NAME::kfake`. `names = (TOPIC, GROUP)` chooses the scenario's topic
+/// and group (made unique on external brokers), for tests that share global state by name.
 #[macro_export]
-macro_rules! on_both_brokers {
+macro_rules! on_every_broker {
     ($name:ident, $partitions:expr, $body:ident) => {
+        $crate::on_every_broker!($name, $partitions, $body, names = (TOPIC, GROUP));
+    };
+    ($name:ident, $partitions:expr, $body:ident, names = ($topic:expr, $group:expr)) => {
         mod $name {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
-                within_limit($body(Env::embedded($partitions))).await
+                let env = Env::embedded_named($topic, $group, $partitions);
+                within_limit($body(env)).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn real_broker() {
-                if let Some(env) = Env::real($partitions).await {
+                if let Some(env) = Env::on(Backend::Real, $topic, $group, $partitions).await {
+                    within_limit($body(env)).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kfake() {
+                if let Some(env) = Env::on(Backend::Kfake, $topic, $group, $partitions).await {
                     within_limit($body(env)).await
                 }
             }
         }
+    };
+}
+
+/// The former name of [`on_every_broker!`], kept for scenarios written against it.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($($args:tt)*) => {
+        $crate::on_every_broker!($($args)*);
     };
 }

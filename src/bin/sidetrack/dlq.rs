@@ -33,12 +33,16 @@ pub struct Row {
 
 impl Row {
     pub fn of(r: &Record) -> Row {
-        let now = now_ms();
+        Row::at(r, now_ms())
+    }
+
+    /// The row as seen at `now` (ms since the epoch). Any record, any bytes: never panics.
+    pub fn at(r: &Record, now: i64) -> Row {
         let mut row = Row {
             partition: r.partition,
             offset: r.offset,
             timestamp: r.timestamp,
-            age_seconds: r.timestamp.map(|t| ((now - t) / 1000).max(0)),
+            age_seconds: r.timestamp.map(|t| age_secs(now, t)),
             envelope: "none",
             original_topic: None,
             original_partition: None,
@@ -94,47 +98,72 @@ impl Row {
     }
 }
 
+/// Whether the filters select a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Selected.
+    Yes,
+    /// Not selected, and no later run of the same command would select it.
+    No,
+    /// Not selected only because it is newer than a relative `--until`: a later run of the
+    /// same command may select it, so replay progress must not pass it.
+    NotYet,
+}
+
 impl Filters {
-    /// Where a scan for these filters can start.
-    pub fn start(&self) -> StartAt {
+    /// Where a scan for these filters can start, for a run that started at `now`.
+    pub fn start(&self, now: i64) -> StartAt {
         match self.since {
-            Some(t) => StartAt::Time(t),
+            Some(t) => StartAt::Time(t.resolve(now)),
             None => StartAt::Beginning,
         }
     }
 
-    pub fn matches(&self, r: &Record, row: &Row) -> bool {
-        if let Some(since) = self.since {
-            if r.timestamp.is_some_and(|t| t < since) {
-                return false;
-            }
-        }
-        if let Some(until) = self.until {
-            if r.timestamp.is_some_and(|t| t > until) {
-                return false;
-            }
-        }
+    /// Whether `r` (whose row is `row`) is selected by a run that started at `now`. A record
+    /// without a timestamp passes the time filters.
+    pub fn verdict(&self, r: &Record, row: &Row, now: i64) -> Verdict {
         if let Some(reason) = self.reason {
             if row.reason.as_deref() != Some(reason.as_str()) {
-                return false;
+                return Verdict::No;
             }
         }
         if let Some(key) = &self.key {
             if row.key.as_deref() != Some(key.as_str()) {
-                return false;
+                return Verdict::No;
             }
         }
         if let Some(text) = &self.error_contains {
             if !row.error.to_lowercase().contains(&text.to_lowercase()) {
-                return false;
+                return Verdict::No;
             }
         }
-        true
+        let Some(t) = r.timestamp else {
+            return Verdict::Yes;
+        };
+        if self.since.is_some_and(|since| t < since.resolve(now)) {
+            // A relative --since only moves forward: it never selects this one later.
+            return Verdict::No;
+        }
+        match self.until {
+            Some(until) if t > until.resolve(now) => {
+                if until.is_relative() {
+                    Verdict::NotYet
+                } else {
+                    Verdict::No
+                }
+            }
+            _ => Verdict::Yes,
+        }
     }
 
-    pub fn check(&self) -> Result<(), Failure> {
+    /// True if a run that started at `now` selects `r`.
+    pub fn matches(&self, r: &Record, row: &Row, now: i64) -> bool {
+        self.verdict(r, row, now) == Verdict::Yes
+    }
+
+    pub fn check(&self, now: i64) -> Result<(), Failure> {
         if let (Some(s), Some(u)) = (self.since, self.until) {
-            if s > u {
+            if s.resolve(now) > u.resolve(now) {
                 return Err(Failure::Usage("--since is later than --until".into()));
             }
         }
@@ -142,23 +171,23 @@ impl Filters {
     }
 }
 
-/// Selected records, in partition/offset order.
-pub async fn select(
+/// The rows of the selected records, in partition/offset order.
+async fn select_rows(
     kafka: &Kafka,
     filters: &Filters,
-    start: StartAt,
     limit: Option<usize>,
-) -> Result<Vec<(Record, Row)>, Failure> {
-    filters.check()?;
+) -> Result<Vec<Row>, Failure> {
+    let now = now_ms();
+    filters.check(now)?;
     let found = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&found);
     let f = filters.clone();
     kafka
-        .scan(&filters.topic, start, move |r| {
-            let row = Row::of(&r);
-            if f.matches(&r, &row) {
+        .scan(&filters.topic, filters.start(now), move |r| {
+            let row = Row::at(&r, now);
+            if f.matches(&r, &row, now) {
                 let mut v = sink.lock().unwrap_or_else(|e| e.into_inner());
-                v.push((r, row));
+                v.push(row);
                 if limit.is_some_and(|l| v.len() >= l) {
                     return ControlFlow::Break(());
                 }
@@ -167,7 +196,7 @@ pub async fn select(
         })
         .await?;
     let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|e| e.into_inner()));
-    v.sort_by_key(|(r, _)| (r.partition, r.offset));
+    v.sort_by_key(|r| (r.partition, r.offset));
     Ok(v)
 }
 
@@ -177,11 +206,7 @@ pub async fn list(
     limit: Option<usize>,
     json: bool,
 ) -> Result<(), Failure> {
-    let rows: Vec<Row> = select(kafka, filters, filters.start(), limit)
-        .await?
-        .into_iter()
-        .map(|(_, row)| row)
-        .collect();
+    let rows = select_rows(kafka, filters, limit).await?;
     if json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Failure::Other(e.to_string()))?;
@@ -254,12 +279,17 @@ pub async fn show(
     Ok(())
 }
 
-/// The full, human-readable description of one record.
+/// The full, human-readable description of one record. Any record, any bytes: never panics.
 pub fn describe(r: &Record) -> String {
+    describe_at(r, now_ms())
+}
+
+/// [`describe`] as seen at `now`.
+pub fn describe_at(r: &Record, now: i64) -> String {
     let mut out = String::new();
     let when = r
         .timestamp
-        .map(|t| format!("{} ({} ago)", time(t), age(((now_ms() - t) / 1000).max(0))))
+        .map(|t| format!("{} ({} ago)", time(t), age(age_secs(now, t))))
         .unwrap_or_else(|| "no timestamp".into());
     out += &format!(
         "record {}:{} of `{}`, dead-lettered {when}\n",
@@ -384,11 +414,340 @@ pub fn age(secs: i64) -> String {
     }
 }
 
+/// Whole seconds from `t` to `now` (ms since the epoch), 0 for a time in the future. Both
+/// come from the network or the clock: saturating, never an overflow.
+pub fn age_secs(now: i64, t: i64) -> i64 {
+    (now.saturating_sub(t) / 1000).max(0)
+}
+
+/// Last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// `ms` since the epoch as RFC 3339 with milliseconds; a time before 1970 or after 9999 (a
+/// timestamp or envelope field can hold any i64) is shown as the raw number instead.
 pub fn time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    use std::fmt::Write as _;
+    if (0..=MAX_RFC3339_MS).contains(&ms) {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
+        let mut out = String::new();
+        if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_ok() {
+            return out;
+        }
+    }
+    format!("{ms} ms since the epoch (not a calendar time)")
 }
 
 pub fn now_ms() -> i64 {
     crate::ms(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Reason, TimeArg};
+    use proptest::prelude::*;
+    use sidetrack::retry::{headers as names, ErrorKind};
+    use sidetrack::Envelope;
+    use std::time::Duration;
+
+    /// Header names a decoder reacts to, and anything else.
+    fn header_name() -> impl Strategy<Value = Vec<u8>> {
+        let known: Vec<Vec<u8>> = [
+            names::VERSION,
+            names::ORIGINAL_TOPIC,
+            names::ORIGINAL_PARTITION,
+            names::ORIGINAL_OFFSET,
+            names::ORIGINAL_TIMESTAMP,
+            names::GROUP,
+            names::ATTEMPTS,
+            names::FIRST_FAILURE,
+            names::DUE,
+            names::ERROR_KIND,
+            names::ERROR,
+            "kafka_dlt-original-topic",
+            "kafka_dlt-original-partition",
+            "kafka_dlt-original-offset",
+            "kafka_dlt-original-timestamp",
+            "kafka_dlt-original-consumer-group",
+            "kafka_dlt-exception-fqcn",
+            "kafka_dlt-exception-message",
+        ]
+        .iter()
+        .map(|n| n.as_bytes().to_vec())
+        .collect();
+        prop_oneof![
+            proptest::sample::select(known),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ]
+    }
+
+    /// Values that parse (numbers, kinds, binary numbers) and values that do not.
+    fn header_value() -> impl Strategy<Value = Option<Vec<u8>>> {
+        proptest::option::weighted(
+            0.9,
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string().into_bytes()),
+                any::<i64>().prop_map(|n| n.to_be_bytes().to_vec()),
+                any::<i32>().prop_map(|n| n.to_be_bytes().to_vec()),
+                proptest::sample::select(vec![
+                    b"1".to_vec(),
+                    b"permanent".to_vec(),
+                    b"oversized".to_vec(),
+                    b" 7 ".to_vec(),
+                    Vec::new(),
+                ]),
+                proptest::collection::vec(any::<u8>(), 0..24),
+            ],
+        )
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<Header>> {
+        proptest::collection::vec(
+            (header_name(), header_value()).prop_map(|(key, value)| Header { key, value }),
+            0..14,
+        )
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        (
+            any::<i32>(),
+            any::<i64>(),
+            proptest::option::of(prop_oneof![
+                Just(i64::MIN),
+                Just(i64::MAX),
+                Just(-1i64),
+                any::<i64>()
+            ]),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            proptest::option::of(prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                Just(b"{\"a\": [1, 2, {\"b\": null}]}".to_vec()),
+                Just("[".repeat(300).into_bytes()),
+                proptest::collection::vec(any::<u8>(), 2040..2060),
+            ]),
+            headers(),
+        )
+            .prop_map(
+                |(partition, offset, timestamp, key, payload, headers)| Record {
+                    topic: "t.dlq".into(),
+                    partition,
+                    offset,
+                    timestamp,
+                    key,
+                    payload,
+                    headers,
+                },
+            )
+    }
+
+    fn time_arg() -> impl Strategy<Value = TimeArg> {
+        prop_oneof![
+            any::<u64>().prop_map(|s| TimeArg::Ago(Duration::from_secs(s))),
+            Just(TimeArg::Ago(Duration::MAX)),
+            any::<i64>().prop_map(TimeArg::At),
+        ]
+    }
+
+    fn filters() -> impl Strategy<Value = Filters> {
+        (
+            proptest::option::of(time_arg()),
+            proptest::option::of(time_arg()),
+            proptest::option::of("[a-zA-Z ]{0,6}"),
+            proptest::option::of(proptest::sample::select(vec![
+                Reason::Permanent,
+                Reason::Exhausted,
+                Reason::InvalidEnvelope,
+                Reason::Poison,
+                Reason::Oversized,
+            ])),
+            proptest::option::of("[a-z]{0,3}"),
+        )
+            .prop_map(|(since, until, error_contains, reason, key)| Filters {
+                topic: "t.dlq".into(),
+                since,
+                until,
+                error_contains,
+                reason,
+                key,
+            })
+    }
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            "[a-z.]{1,12}",
+            0..i32::MAX,
+            0..i64::MAX,
+            proptest::option::of(any::<i64>()),
+            ".{0,8}",
+            any::<u32>(),
+            any::<i64>(),
+            proptest::option::of(any::<i64>()),
+            proptest::sample::select(vec![
+                ErrorKind::Permanent,
+                ErrorKind::Poison,
+                ErrorKind::Exhausted,
+                ErrorKind::InvalidEnvelope,
+                ErrorKind::Oversized,
+            ]),
+            ".{0,40}",
+        )
+            .prop_map(
+                |(topic, p, o, ts, group, attempts, first, due, kind, error)| Envelope {
+                    original_topic: topic,
+                    original_partition: p,
+                    original_offset: o,
+                    original_timestamp: ts,
+                    group,
+                    attempts,
+                    first_failure: first,
+                    due,
+                    error_kind: kind,
+                    error,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any record, any clock: rows, descriptions and filters never panic, and what the row
+        /// says about the envelope is what the envelope says, or why it could not be read.
+        #[test]
+        fn any_record_is_listed_shown_and_filtered(
+            r in record(),
+            f in filters(),
+            now in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX)],
+        ) {
+            let row = Row::at(&r, now);
+            let text = describe_at(&r, now);
+            let _ = f.verdict(&r, &row, now);
+            let _ = f.check(now);
+            let _ = f.start(now);
+            prop_assert!(row.age_seconds.is_none_or(|a| a >= 0));
+            let _ = serde_json::to_string(&row).unwrap();
+            let _ = row.original();
+            match r.provenance() {
+                Provenance::Sidetrack(e) => {
+                    prop_assert_eq!(row.envelope, "sidetrack");
+                    prop_assert_eq!(row.original_topic.as_deref(), Some(e.original_topic.as_str()));
+                    prop_assert_eq!(row.original_partition, Some(e.original_partition));
+                    prop_assert_eq!(row.original_offset, Some(e.original_offset));
+                    prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+                    prop_assert!(text.contains("envelope (sidetrack, version 1)"));
+                }
+                Provenance::Spring(s) => {
+                    prop_assert_eq!(row.envelope, "spring");
+                    prop_assert_eq!(row.original_partition, s.original_partition);
+                    prop_assert!(text.contains("Spring Kafka dead letter"));
+                }
+                Provenance::Unknown(e) => {
+                    prop_assert_eq!(row.envelope, "none");
+                    // Not readable, and the reason says why.
+                    let why = e.to_string();
+                    prop_assert!(row.error.contains(&why), "{} / {}", row.error, why);
+                    prop_assert!(text.contains(&why));
+                }
+            }
+        }
+
+        /// A sidetrack envelope behind any user headers is read with its meaning.
+        #[test]
+        fn an_envelope_behind_any_user_headers_is_read_right(
+            e in envelope(),
+            user in headers(),
+            mut r in record(),
+        ) {
+            let mut hs = user.clone();
+            hs.extend(e.to_headers());
+            r.headers = hs;
+            let row = Row::at(&r, 0);
+            prop_assert_eq!(row.envelope, "sidetrack");
+            prop_assert_eq!(row.original_topic, Some(e.original_topic.clone()));
+            prop_assert_eq!(row.original_partition, Some(e.original_partition));
+            prop_assert_eq!(row.original_offset, Some(e.original_offset));
+            prop_assert_eq!(row.group, Some(e.group.clone()));
+            prop_assert_eq!(row.attempts, Some(e.attempts));
+            prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+            prop_assert_eq!(r.user_headers(), &user[..]);
+            let shown = user.iter().filter(|h| !h.key.starts_with(b"kafka_dlt-")).count();
+            let needle = format!("user headers ({shown}):");
+            let text = describe_at(&r, i64::MAX);
+            prop_assert!(text.contains(&needle), "{}", text);
+        }
+
+        #[test]
+        fn time_and_age_take_any_i64(ms in any::<i64>(), now in any::<i64>()) {
+            let shown = time(ms);
+            if (0..=MAX_RFC3339_MS).contains(&ms) {
+                // Read back to the millisecond.
+                let back = humantime::parse_rfc3339_weak(&shown).unwrap();
+                prop_assert_eq!(crate::ms(back), ms);
+            } else {
+                prop_assert!(shown.contains("not a calendar time"));
+            }
+            prop_assert!(age_secs(now, ms) >= 0);
+            let _ = age(age_secs(now, ms));
+        }
+    }
+
+    fn rec(timestamp: Option<i64>) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            timestamp,
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn only_time(since: Option<TimeArg>, until: Option<TimeArg>) -> Filters {
+        Filters {
+            topic: "t".into(),
+            since,
+            until,
+            error_contains: None,
+            reason: None,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn until_is_inclusive_to_the_millisecond() {
+        let f = only_time(Some(TimeArg::At(1_000)), Some(TimeArg::At(1_999)));
+        let v = |t| f.verdict(&rec(Some(t)), &Row::at(&rec(Some(t)), 0), 5_000);
+        assert_eq!(v(999), Verdict::No);
+        assert_eq!(v(1_000), Verdict::Yes);
+        assert_eq!(v(1_999), Verdict::Yes);
+        assert_eq!(v(2_000), Verdict::No);
+        // No timestamp: the time filters do not apply.
+        assert_eq!(
+            f.verdict(&rec(None), &Row::at(&rec(None), 0), 5_000),
+            Verdict::Yes
+        );
+    }
+
+    #[test]
+    fn only_a_relative_until_holds_records_for_a_later_run() {
+        let now = 10_000_000;
+        let relative = only_time(None, Some(TimeArg::Ago(Duration::from_secs(60))));
+        let newer = rec(Some(now - 1_000));
+        assert_eq!(
+            relative.verdict(&newer, &Row::at(&newer, now), now),
+            Verdict::NotYet
+        );
+        let absolute = only_time(None, Some(TimeArg::At(now - 60_000)));
+        assert_eq!(
+            absolute.verdict(&newer, &Row::at(&newer, now), now),
+            Verdict::No
+        );
+        // An older record than a relative --since never matches later either.
+        let since = only_time(Some(TimeArg::Ago(Duration::from_secs(60))), None);
+        let older = rec(Some(now - 120_000));
+        assert_eq!(
+            since.verdict(&older, &Row::at(&older, now), now),
+            Verdict::No
+        );
+    }
 }

@@ -5,6 +5,8 @@
 
 mod dlq;
 mod kafka;
+#[cfg(feature = "proxy")]
+mod proxy;
 mod replay;
 mod report;
 
@@ -21,6 +23,7 @@ Examples:
   sidetrack dlq replay --topic orders.billing.dlq --reason exhausted --dry-run
   sidetrack topology --topic orders --group billing --create
   sidetrack lag --group billing --topic orders
+  sidetrack proxy --listen 0.0.0.0:8082 --config proxy.toml
 
 Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 brokers unreachable, 4 unknown topic,
 5 record not found.";
@@ -58,6 +61,10 @@ enum Command {
     Topology(TopologyArgs),
     /// Per-partition lag of a group on its main, retry and dead-letter topics.
     Lag(LagArgs),
+    /// Serve the HTTP produce proxy (Confluent REST v2 compatible). Without --brokers or
+    /// KAFKA_BROKERS it starts an embedded broker with a demo topic.
+    #[cfg(feature = "proxy")]
+    Proxy(proxy::ProxyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,12 +87,13 @@ pub struct Filters {
     #[arg(long)]
     pub topic: String,
     /// Only records dead-lettered at or after this time: a duration ago (`30m`, `2h`) or an
-    /// RFC 3339 time (`2026-11-25T15:40:00Z`).
+    /// RFC 3339 time in UTC (`2026-11-25T15:40:00Z`, `2026-11-25T15:40:00.250Z`).
     #[arg(long, value_parser = parse_time, value_name = "TIME")]
-    pub since: Option<i64>,
-    /// Only records dead-lettered at or before this time (same forms as --since).
+    pub since: Option<TimeArg>,
+    /// Only records dead-lettered at or before this time, to the millisecond (same forms as
+    /// --since).
     #[arg(long, value_parser = parse_time, value_name = "TIME")]
-    pub until: Option<i64>,
+    pub until: Option<TimeArg>,
     /// Only records whose error contains this text (case-insensitive).
     #[arg(long, value_name = "TEXT")]
     pub error_contains: Option<String>,
@@ -95,6 +103,41 @@ pub struct Filters {
     /// Only records with exactly this key.
     #[arg(long)]
     pub key: Option<String>,
+}
+
+/// A `--since`/`--until` value as given: kept unresolved so that the same command names the
+/// same selection (and progress group) whenever it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeArg {
+    /// A duration before now (`1h`).
+    Ago(Duration),
+    /// An absolute time, ms since the epoch.
+    At(i64),
+}
+
+impl TimeArg {
+    /// The time meant, ms since the epoch, for a run that started at `now_ms`.
+    pub fn resolve(self, now_ms: i64) -> i64 {
+        match self {
+            TimeArg::Ago(d) => {
+                now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            }
+            TimeArg::At(t) => t,
+        }
+    }
+
+    /// Whether a later run of the same command means a later time.
+    pub fn is_relative(self) -> bool {
+        matches!(self, TimeArg::Ago(_))
+    }
+
+    /// The normalized form the default progress group is derived from.
+    pub fn canonical(self) -> String {
+        match self {
+            TimeArg::Ago(d) => format!("ago:{}ms", d.as_millis()),
+            TimeArg::At(t) => format!("at:{t}ms"),
+        }
+    }
 }
 
 /// A dead-letter reason, as written in `sidetrack-error-kind`.
@@ -135,7 +178,7 @@ struct ListArgs {
     #[command(flatten)]
     filters: Filters,
     /// Show at most this many records.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_limit)]
     limit: Option<usize>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
@@ -167,8 +210,9 @@ pub struct ReplayArgs {
     /// Send at most this many records per second (`100/s` or `100`).
     #[arg(long, value_parser = parse_rate, value_name = "N/s")]
     pub rate: Option<f64>,
-    /// Replay at most this many records in this run.
-    #[arg(long)]
+    /// Replay at most this many records in this run (progress then stops after the last
+    /// record considered).
+    #[arg(long, value_parser = parse_limit)]
     pub limit: Option<usize>,
     /// Print what would be sent; send nothing.
     #[arg(long)]
@@ -267,23 +311,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 2m: {e}"))
 }
 
-/// A duration ago, or an RFC 3339 time; ms since the epoch.
-fn parse_time(s: &str) -> Result<i64, String> {
+/// A duration ago, or an RFC 3339 time (UTC, any fraction of a second).
+fn parse_time(s: &str) -> Result<TimeArg, String> {
     if let Ok(d) = humantime::parse_duration(s) {
-        let now = std::time::SystemTime::now();
-        let t = now
-            .checked_sub(d)
-            .ok_or_else(|| format!("`{s}` is too far back"))?;
-        return Ok(ms(t));
+        if std::time::SystemTime::now().checked_sub(d).is_none() {
+            return Err(format!("`{s}` is too far back"));
+        }
+        return Ok(TimeArg::Ago(d));
     }
-    humantime::parse_rfc3339_weak(s).map(ms).map_err(|_| {
-        format!("`{s}` is neither a duration (30m, 2h) nor an RFC 3339 time (2026-11-25T15:40:00Z)")
-    })
+    humantime::parse_rfc3339_weak(s)
+        .map(|t| TimeArg::At(ms(t)))
+        .map_err(|_| {
+            format!(
+                "`{s}` is neither a duration (30m, 2h) nor an RFC 3339 time in UTC \
+                 (2026-11-25T15:40:00Z, 2026-11-25T15:40:00.250Z)"
+            )
+        })
 }
 
+/// ms since the epoch (0 before it, `i64::MAX` past what an i64 holds).
 fn ms(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -303,6 +352,13 @@ fn parse_position(s: &str) -> Result<(i32, i64), String> {
         return Err(format!("`{s}`: partition and offset must not be negative"));
     }
     Ok((p, o))
+}
+
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive number of records")),
+    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -326,6 +382,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // The proxy needs no brokers (it starts an embedded one), so it is dispatched first.
+    #[cfg(feature = "proxy")]
+    let cli = match cli.command {
+        Command::Proxy(args) => return proxy::run(cli.brokers, &cli.property, args).await,
+        command => Cli { command, ..cli },
+    };
     let brokers = cli.brokers.clone().ok_or_else(|| {
         Failure::Usage("no brokers: pass --brokers HOST:PORT or set KAFKA_BROKERS".into())
     })?;
@@ -347,5 +409,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
         }
         Command::Lag(a) => report::lag(&kafka, &a.group, a.topic.as_deref()).await,
+        #[cfg(feature = "proxy")]
+        Command::Proxy(_) => Err(Failure::Other("the proxy is dispatched above".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_unresolved_and_to_the_millisecond() {
+        assert_eq!(
+            parse_time("1h"),
+            Ok(TimeArg::Ago(Duration::from_secs(3600)))
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:00Z"),
+            Ok(TimeArg::At(1_699_999_980_000))
+        );
+        // What alerts write: milliseconds, inclusive ends.
+        assert_eq!(
+            parse_time("2023-11-14T22:13:59.999Z"),
+            Ok(TimeArg::At(1_700_000_039_999))
+        );
+        assert!(parse_time("yesterday-ish").is_err());
+        assert!(parse_time("1969-12-31T23:59:59Z").is_err());
+        // Further back than 1970 is fine: it means "everything".
+        let ages = parse_time("100000000000y").unwrap();
+        assert!(ages.resolve(1_700_000_000_000) < 0);
+        let t = TimeArg::Ago(Duration::from_secs(60));
+        assert_eq!(t.resolve(100_000), 40_000);
+        assert_eq!(TimeArg::Ago(Duration::MAX).resolve(0), -i64::MAX);
+        assert_eq!(TimeArg::Ago(Duration::MAX).resolve(i64::MIN), i64::MIN);
+        assert_eq!(TimeArg::At(5).resolve(i64::MAX), 5);
     }
 }

@@ -1,194 +1,397 @@
 //! `dlq replay`: put selected dead letters back, at most once per progress group.
 //!
-//! Records are sent in batches of [`BATCH`] with an idempotent producer; the progress (the next
-//! DLQ offset to consider, per partition) is committed under the progress group only after
-//! every record of a batch was acknowledged. An interrupted replay therefore resumes after the
-//! last committed batch: at most one batch is sent twice.
+//! The DLQ is scanned from the progress saved under the progress group up to its end offsets
+//! as seen when the scan begins; selected records stream through a bounded channel and are
+//! sent in batches of at most [`BATCH`] with an idempotent producer. The progress (the next DLQ
+//! offset to consider, per partition) is committed under the progress group only after every
+//! record of a batch was acknowledged, and never past what the scan read. An interrupted
+//! replay therefore resumes after the last committed batch: at most one batch is sent twice.
+//!
+//! A real run (not a dry run) first joins the progress group as a member and sends only while
+//! it owns every partition of the DLQ: a second replay of the same selection is refused, and a
+//! replay that loses a partition stops before its next batch (see [`Member`]).
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::retry::{format_delay, ErrorKind};
 use sidetrack::{Config, Envelope, Header};
+use tokio::sync::mpsc;
 
-use crate::dlq::{now_ms, select, Row};
-use crate::kafka::Kafka;
+use crate::dlq::{now_ms, Row, Verdict};
+use crate::kafka::{Kafka, Member};
 use crate::{Failure, ReplayArgs};
 
 /// Records acknowledged before progress is saved.
 const BATCH: usize = 100;
+/// Records between the scan and the sender (the scan waits when it is full).
+const CHANNEL: usize = 256;
+/// With `--rate`, a batch holds about this much sending time, so a replay that lost its
+/// progress group stops soon (ownership is checked between batches).
+const BATCH_TIME: Duration = Duration::from_secs(5);
+/// Target topics whose partition count is remembered (envelopes can name any number).
+const TOPIC_CACHE: usize = 1024;
+/// Largest record the replay producer sends unless `-X message.max.bytes` says otherwise:
+/// an `oversized` original is bigger than librdkafka's 1 MB default by nature. The broker
+/// still enforces the topic's own limit.
+const MAX_MESSAGE_BYTES: &str = "100000000";
 
 /// Provenance headers written on every replayed record (earlier ones are replaced).
 const REPLAY_ID: &str = "sidetrack-replay-id";
 const REPLAYED_AT: &str = "sidetrack-replayed-at";
 const REPLAYED_FROM: &str = "sidetrack-replayed-from";
 
+/// What the scan hands the sender.
+enum Item {
+    /// A record the filters select.
+    Selected(Box<Record>, Box<Row>),
+    /// The first record of a partition that only a relative `--until` excludes: a later run
+    /// may select it, so progress stops there (and nothing after it is sent in this run).
+    Hold { partition: i32, offset: i64 },
+}
+
+/// One record ready to send.
 struct Planned {
-    record: Record,
-    row: Row,
+    dlq_partition: i32,
+    dlq_offset: i64,
     topic: String,
     partition: Option<i32>,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
     headers: Vec<Header>,
 }
 
 pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
-    let dlq = &args.filters.topic;
-    let dlq_parts = kafka.partitions(dlq).await?;
+    let dlq = args.filters.topic.clone();
+    let now = now_ms();
+    args.filters.check(now)?;
+    let dlq_parts = kafka.partitions(&dlq).await?;
     let group = args
         .progress_group
         .clone()
         .unwrap_or_else(|| default_group(args));
-    let start = if args.restart {
-        dlq_parts.iter().map(|p| (*p, 0)).collect()
-    } else {
-        let committed = kafka.committed(&group, dlq).await?;
-        dlq_parts
-            .iter()
-            .map(|p| (*p, committed.get(p).copied().unwrap_or(0)))
-            .collect::<HashMap<i32, i64>>()
-    };
-    // Remember how far each partition was scanned: progress may pass filtered-out records.
-    let selected = select(
-        kafka,
-        &args.filters,
-        StartAt::Offsets(start.clone()),
-        args.limit,
-    )
-    .await?;
-    let ends = kafka.watermarks(dlq).await?;
-    let scanned_to: HashMap<i32, i64> = if args.limit.is_some_and(|l| selected.len() >= l) {
-        // Stopped early: only up to the last selected record of each partition.
-        let mut m = start.clone();
-        for (r, _) in &selected {
-            m.insert(r.partition, r.offset + 1);
-        }
-        m
-    } else {
-        ends.iter().map(|(p, (_, high))| (*p, *high)).collect()
-    };
-
-    let replay_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let replayed_at = now_ms();
+    let send = args.yes && !args.dry_run;
     let config = match &args.config {
         Some(path) => Some(Config::from_file(path).map_err(|e| Failure::Usage(e.to_string()))?),
         None => None,
     };
-    let mut plan = Vec::new();
-    let mut skipped = Vec::new();
-    let mut partitions_cache: HashMap<String, i32> = HashMap::new();
+    if !matches!(args.to.as_str(), "original" | "first-retry") {
+        // One target for every record: it must exist.
+        kafka.partitions(&args.to).await?;
+    }
     let all_topics = if args.to == "first-retry" && config.is_none() {
         kafka.topic_names().await?
     } else {
         Vec::new()
     };
-    for (record, row) in selected {
-        let target = match target_of(&args.to, &record, config.as_ref(), &all_topics) {
-            Ok(t) => t,
-            Err(why) => {
-                skipped.push(format!("{}:{} {why}", record.partition, record.offset));
-                continue;
+
+    // The membership is the lock: taken before progress is read, so no other replay of this
+    // selection sends from the same progress.
+    let member = if send {
+        Some(Member::join(kafka, &group, &dlq, &dlq_parts).await?)
+    } else {
+        None
+    };
+    let outcome = run(
+        kafka,
+        args,
+        Plan {
+            dlq: dlq.clone(),
+            group: group.clone(),
+            now,
+            config,
+            all_topics,
+            replay_id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            partitions: HashMap::new(),
+        },
+        &dlq_parts,
+        member.as_ref(),
+    )
+    .await;
+    if let Some(m) = member {
+        m.leave().await;
+    }
+    outcome
+}
+
+/// Everything a selected record needs to become a [`Planned`] one.
+struct Plan {
+    dlq: String,
+    group: String,
+    now: i64,
+    config: Option<Config>,
+    all_topics: Vec<String>,
+    replay_id: String,
+    /// Partition count of each target topic seen (`None`: it does not exist).
+    partitions: HashMap<String, Option<i32>>,
+}
+
+async fn run(
+    kafka: &Kafka,
+    args: &ReplayArgs,
+    mut plan: Plan,
+    dlq_parts: &[i32],
+    member: Option<&Member>,
+) -> Result<(), Failure> {
+    let dlq = plan.dlq.clone();
+    let committed = match member {
+        Some(m) => m.committed(dlq_parts).await?,
+        None if args.restart => HashMap::new(),
+        None => kafka.committed(&plan.group, &dlq).await?,
+    };
+    let start: HashMap<i32, i64> = dlq_parts
+        .iter()
+        .map(|p| {
+            (
+                *p,
+                if args.restart {
+                    0
+                } else {
+                    committed.get(p).copied().unwrap_or(0)
+                },
+            )
+        })
+        .collect();
+
+    let (tx, mut rx) = mpsc::channel::<Item>(CHANNEL);
+    let scan = kafka.scan(&dlq, StartAt::Offsets(start.clone()), {
+        let (filters, limit, now) = (args.filters.clone(), args.limit, plan.now);
+        let mut selected = 0usize;
+        let mut held = BTreeSet::new();
+        move |r: Record| {
+            if held.contains(&r.partition) {
+                return ControlFlow::Continue(());
+            }
+            let row = Row::at(&r, now);
+            let item = match filters.verdict(&r, &row, now) {
+                Verdict::No => return ControlFlow::Continue(()),
+                Verdict::NotYet => {
+                    held.insert(r.partition);
+                    Item::Hold {
+                        partition: r.partition,
+                        offset: r.offset,
+                    }
+                }
+                Verdict::Yes => {
+                    selected += 1;
+                    Item::Selected(Box::new(r), Box::new(row))
+                }
+            };
+            // A closed channel: the sender failed and stops the scan.
+            if tx.blocking_send(item).is_err() || limit.is_some_and(|l| selected >= l) {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    });
+
+    let group = plan.group.clone();
+    let mut out = Sender::new(kafka, args, &group, start, committed, member)?;
+    let work = async {
+        while let Some(item) = rx.recv().await {
+            match item {
+                Item::Hold { partition, offset } => {
+                    out.holds.entry(partition).or_insert(offset);
+                }
+                Item::Selected(record, row) => {
+                    let (p, o) = (record.partition, record.offset);
+                    let planned = plan_one(kafka, args, &mut plan, &record, &row).await?;
+                    // Done once the batch it joins is acknowledged (or at once, skipped).
+                    out.seen.insert(p, o.saturating_add(1));
+                    match planned {
+                        Ok(planned) => out.add(planned, &row).await?,
+                        Err(why) => out.skip(p, o, &why),
+                    }
+                }
+            }
+        }
+        Ok::<(), Failure>(())
+    };
+    let (scanned, worked) = tokio::join!(scan, work);
+    // The sender's failure first: it is why the scan stopped.
+    worked?;
+    let scanned = scanned?;
+    // What the scan read, and no further than a record a later run may still select.
+    let mut end: HashMap<i32, i64> = scanned;
+    for (p, h) in &out.holds {
+        end.entry(*p).and_modify(|e| *e = (*e).min(*h));
+    }
+    out.finish(&dlq, end).await
+}
+
+/// Sends batches, commits progress through the member, reports.
+struct Sender<'a> {
+    args: &'a ReplayArgs,
+    group: &'a str,
+    member: Option<&'a Member>,
+    producer: Option<FutureProducer>,
+    batch: Vec<Planned>,
+    batch_size: usize,
+    /// Next offset to consider per partition, as far as records were planned or skipped.
+    seen: HashMap<i32, i64>,
+    /// Per partition, the first record only a relative `--until` excludes.
+    holds: HashMap<i32, i64>,
+    /// Last progress committed, or the start.
+    saved: HashMap<i32, i64>,
+    /// The progress group's committed offsets as this run left them.
+    group_committed: HashMap<i32, i64>,
+    planned: usize,
+    sent: usize,
+    skipped: usize,
+    targets: BTreeSet<String>,
+    /// With `--rate`: when the next record may go.
+    next_send: Instant,
+    bar: Progress,
+}
+
+impl<'a> Sender<'a> {
+    fn new(
+        kafka: &Kafka,
+        args: &'a ReplayArgs,
+        group: &'a str,
+        start: HashMap<i32, i64>,
+        group_committed: HashMap<i32, i64>,
+        member: Option<&'a Member>,
+    ) -> Result<Self, Failure> {
+        let producer = match member {
+            None => None,
+            Some(_) => {
+                let mut pconfig = kafka.clone_config();
+                if pconfig.get("message.max.bytes").is_none() {
+                    pconfig.set("message.max.bytes", MAX_MESSAGE_BYTES);
+                }
+                pconfig
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    .set(
+                        "message.timeout.ms",
+                        kafka.timeout.as_millis().max(1000).to_string(),
+                    );
+                Some(
+                    pconfig
+                        .create()
+                        .map_err(|e| Failure::Other(format!("creating the producer: {e}")))?,
+                )
             }
         };
-        let (topic, envelope) = target;
-        if !partitions_cache.contains_key(&topic) {
-            let n = kafka.partitions(&topic).await?.len() as i32;
-            partitions_cache.insert(topic.clone(), n);
-        }
-        // The original partition number when the target has it (retry topics do: they are
-        // created with the source's partition count), else the key decides.
-        let partition = row
-            .original_partition
-            .filter(|p| *p < partitions_cache[&topic]);
-        let mut headers: Vec<Header> = record
-            .user_headers()
-            .iter()
-            .filter(|h| {
-                ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM]
-                    .iter()
-                    .any(|n| h.is(n))
-            })
-            .cloned()
-            .collect();
-        headers.push(Header::new(REPLAY_ID, replay_id.clone()));
-        headers.push(Header::new(REPLAYED_AT, replayed_at.to_string()));
-        headers.push(Header::new(
-            REPLAYED_FROM,
-            format!("{}:{}:{}", dlq, record.partition, record.offset),
-        ));
-        if let Some(e) = envelope {
-            headers.extend(e.to_headers());
-        }
-        plan.push(Planned {
-            record,
-            row,
-            topic,
-            partition,
-            headers,
-        });
+        // Truncation is the point: a batch of at most BATCH_TIME's worth, at least one.
+        let batch_size = match args.rate {
+            Some(r) => ((r * BATCH_TIME.as_secs_f64()) as usize).clamp(1, BATCH),
+            None => BATCH,
+        };
+        Ok(Sender {
+            args,
+            group,
+            member,
+            producer,
+            batch: Vec::with_capacity(batch_size),
+            batch_size,
+            seen: start.clone(),
+            holds: HashMap::new(),
+            saved: start,
+            group_committed,
+            planned: 0,
+            sent: 0,
+            skipped: 0,
+            targets: BTreeSet::new(),
+            next_send: Instant::now(),
+            bar: Progress::new(),
+        })
     }
 
-    let send = args.yes && !args.dry_run;
-    if !send {
-        for p in &plan {
+    async fn add(&mut self, p: Planned, row: &Row) -> Result<(), Failure> {
+        self.planned += 1;
+        self.targets.insert(p.topic.clone());
+        if self.member.is_none() {
             println!(
                 "would send {}:{} -> {}{} key={} ({})",
-                p.record.partition,
-                p.record.offset,
+                p.dlq_partition,
+                p.dlq_offset,
                 p.topic,
                 p.partition.map(|x| format!("[{x}]")).unwrap_or_default(),
-                p.row.key.as_deref().unwrap_or("-"),
-                p.row.reason.as_deref().unwrap_or("no envelope"),
+                row.key.as_deref().unwrap_or("-"),
+                row.reason.as_deref().unwrap_or("no envelope"),
             );
+            return Ok(());
         }
-        for s in &skipped {
-            println!("would skip {s}");
+        self.batch.push(p);
+        if self.batch.len() >= self.batch_size {
+            let progress = self.progress(&self.seen);
+            self.flush(progress).await?;
         }
-        println!(
-            "dry run: {} record{} would be replayed from `{dlq}`{}; nothing was sent{}",
-            plan.len(),
-            if plan.len() == 1 { "" } else { "s" },
-            if skipped.is_empty() {
-                String::new()
-            } else {
-                format!(", {} skipped", skipped.len())
-            },
-            if args.yes { "" } else { " (add --yes to send)" }
-        );
-        return Ok(());
+        Ok(())
     }
 
-    let mut pconfig = kafka.clone_config();
-    pconfig
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set(
-            "message.timeout.ms",
-            kafka.timeout.as_millis().max(1000).to_string(),
-        );
-    let producer: FutureProducer = pconfig
-        .create()
-        .map_err(|e| Failure::Other(format!("creating the producer: {e}")))?;
-    let total = plan.len();
-    let bar = Progress::new(total);
-    let started = Instant::now();
-    let mut sent = 0usize;
-    for (i, batch) in plan.chunks(BATCH).enumerate() {
-        let mut pending = Vec::with_capacity(batch.len());
-        for p in batch {
-            if let Some(rate) = args.rate {
-                let due = started + Duration::from_secs_f64(sent as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
+    fn skip(&mut self, partition: i32, offset: i64, why: &str) {
+        self.skipped += 1;
+        if self.member.is_none() {
+            println!("would skip {partition}:{offset} {why}");
+        } else {
+            eprintln!("skipped {partition}:{offset} {why}");
+        }
+    }
+
+    /// `upto` capped by the holds.
+    fn progress(&self, upto: &HashMap<i32, i64>) -> HashMap<i32, i64> {
+        upto.iter()
+            .map(|(p, o)| (*p, self.holds.get(p).map_or(*o, |h| (*o).min(*h))))
+            .collect()
+    }
+
+    /// Sends the batch, waits for every acknowledgement, then commits `progress`.
+    async fn flush(&mut self, progress: HashMap<i32, i64>) -> Result<(), Failure> {
+        let (Some(member), Some(producer)) = (self.member, self.producer.as_ref()) else {
+            return Ok(());
+        };
+        // The first record's wait comes before the ownership check, so a revocation during
+        // the wait stops this batch.
+        if let Some(rate) = self.args.rate {
+            pace(&mut self.next_send, rate).await;
+        }
+        if let Err(why) = member.check() {
+            // Sending stops here. The newcomer owns only some partitions: it refuses and leaves,
+            // and this replay goes on once it owns all of them again.
+            eprintln!("{why}; paused until it leaves");
+            if let Err(why) = member.regain(&self.group_committed).await {
+                return Err(Failure::Other(format!(
+                    "{why}; stopping; {} record{} sent by this run, progress saved up to {}; run the same command again to resume",
+                    self.sent,
+                    if self.sent == 1 { "" } else { "s" },
+                    positions(&self.saved)
+                )));
+            }
+            eprintln!("every partition of the DLQ is this replay's again; going on");
+        }
+        // Belt and braces for brokers that hand a partition to a newcomer without making its
+        // owner rejoin first (seen on Tansu 0.6 with a 2-partition DLQ: the newcomer got one
+        // partition, the owner was never told and kept both): the group's progress must still
+        // be what this run left there. At worst each side sends one batch before it notices.
+        let parts: Vec<i32> = self.saved.keys().copied().collect();
+        let theirs = member.committed(&parts).await?;
+        if theirs != self.group_committed {
+            return Err(Failure::Other(format!(
+                "another replay saved progress under consumer group `{}` meanwhile (up to {}); stopping; {} record{} sent by this run",
+                self.group,
+                positions(&theirs),
+                self.sent,
+                if self.sent == 1 { "" } else { "s" },
+            )));
+        }
+        let mut pending = Vec::with_capacity(self.batch.len());
+        for (i, p) in self.batch.iter().enumerate() {
+            if let (Some(rate), true) = (self.args.rate, i > 0) {
+                pace(&mut self.next_send, rate).await;
             }
             let hs = sidetrack::handler::rdkafka_headers(&p.headers);
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&p.topic).headers(hs);
-            if let Some(k) = p.record.key.as_deref() {
+            if let Some(k) = p.key.as_deref() {
                 rec = rec.key(k);
             }
-            if let Some(v) = p.record.payload.as_deref() {
+            if let Some(v) = p.payload.as_deref() {
                 rec = rec.payload(v);
             }
             if let Some(part) = p.partition {
@@ -196,55 +399,229 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
             }
             let fut = producer.send_result(rec).map_err(|(e, _)| {
                 Failure::Other(format!(
-                    "sending {}:{}: {e}",
-                    p.record.partition, p.record.offset
+                    "sending {}:{}: {e}; progress kept up to {}, run again to resume",
+                    p.dlq_partition,
+                    p.dlq_offset,
+                    positions(&self.saved)
                 ))
             })?;
             pending.push((p, fut));
-            sent += 1;
         }
         for (p, fut) in pending {
             match fut.await {
-                Ok(Ok(_)) => bar.tick(),
+                Ok(Ok(_)) => self.bar.tick(),
                 Ok(Err((e, _))) => {
                     return Err(Failure::Other(format!(
-                        "{}:{} was not acknowledged by `{}`: {e}; progress kept up to the previous batch, run again to resume",
-                        p.record.partition, p.record.offset, p.topic
+                        "{}:{} was not acknowledged by `{}`: {e}; progress kept up to {}, run again to resume",
+                        p.dlq_partition,
+                        p.dlq_offset,
+                        p.topic,
+                        positions(&self.saved)
                     )))
                 }
                 Err(_) => return Err(Failure::Other("producer closed".into())),
             }
         }
-        // Everything before the next unsent record of a partition is done (sent or filtered).
-        let rest = &plan[((i + 1) * BATCH).min(total)..];
-        let mut progress = scanned_to.clone();
-        for p in rest.iter().rev() {
-            progress.insert(p.record.partition, p.record.offset);
+        self.sent += self.batch.len();
+        self.batch.clear();
+        if progress != self.group_committed {
+            member.commit(&progress).await?;
+            self.group_committed = progress.clone();
         }
-        kafka.commit(&group, dlq, &progress).await?;
+        self.saved = progress;
+        Ok(())
     }
-    if total == 0 {
-        kafka.commit(&group, dlq, &scanned_to).await?;
-    }
-    bar.finish();
-    if total == 0 {
+
+    async fn finish(mut self, dlq: &str, end: HashMap<i32, i64>) -> Result<(), Failure> {
+        let group = self.group;
+        let skipped = if self.skipped == 0 {
+            String::new()
+        } else {
+            format!(", {} skipped", self.skipped)
+        };
+        if self.member.is_none() {
+            println!(
+                "dry run: {} record{} would be replayed from `{dlq}`{skipped}; nothing was sent{}",
+                self.planned,
+                if self.planned == 1 { "" } else { "s" },
+                if self.args.yes {
+                    ""
+                } else {
+                    " (add --yes to send)"
+                }
+            );
+            return Ok(());
+        }
+        let progress = self.progress(&end);
+        self.flush(progress).await?;
+        self.bar.finish();
+        if self.sent == 0 {
+            println!(
+                "replayed 0 records: nothing new in `{dlq}` matches{}; progress is kept under consumer group `{group}` (--restart to consider everything again)",
+                if self.skipped == 0 {
+                    String::new()
+                } else {
+                    format!(" ({} skipped)", self.skipped)
+                },
+            );
+            return Ok(());
+        }
         println!(
-            "replayed 0 records: nothing new in `{dlq}` matches{}; progress is kept under consumer group `{group}` (--restart to consider everything again)",
-            if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) },
+            "replayed {} record{} from `{dlq}` to {} (all acknowledged){skipped}; progress saved under consumer group `{group}`",
+            self.sent,
+            if self.sent == 1 { "" } else { "s" },
+            self.targets.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
         );
-        return Ok(());
+        Ok(())
     }
-    let targets: std::collections::BTreeSet<&str> = plan.iter().map(|p| p.topic.as_str()).collect();
-    println!(
-        "replayed {total} record{} from `{dlq}` to {} (all acknowledged){}; progress saved under consumer group `{group}`",
-        if total == 1 { "" } else { "s" },
-        targets.into_iter().collect::<Vec<_>>().join(", "),
-        if skipped.is_empty() { String::new() } else { format!(", {} skipped", skipped.len()) },
-    );
-    for s in &skipped {
-        eprintln!("skipped {s}");
+}
+
+/// Waits for the next send at `rate` per second. Time lost elsewhere (a pause while another
+/// replay was in the group, a slow acknowledgement) is not made up with a burst.
+async fn pace(next: &mut Instant, rate: f64) {
+    tokio::time::sleep_until((*next).into()).await;
+    *next = next_send(*next, Instant::now(), rate);
+}
+
+/// When the record after one sent at `now` (due at `due`) may go.
+fn next_send(due: Instant, now: Instant, rate: f64) -> Instant {
+    now.max(due) + Duration::from_secs_f64(1.0 / rate)
+}
+
+/// `0:12, 1:40`.
+fn positions(m: &HashMap<i32, i64>) -> String {
+    let sorted: BTreeMap<_, _> = m.iter().collect();
+    sorted
+        .iter()
+        .map(|(p, o)| format!("{p}:{o}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where a selected record goes and with what, or why it is skipped. Broker failures are
+/// errors (the run stops), not skips.
+async fn plan_one(
+    kafka: &Kafka,
+    args: &ReplayArgs,
+    plan: &mut Plan,
+    record: &Record,
+    row: &Row,
+) -> Result<Result<Planned, String>, Failure> {
+    let (topic, envelope) =
+        match target_of(&args.to, record, plan.config.as_ref(), &plan.all_topics) {
+            Ok(t) => t,
+            Err(why) => return Ok(Err(why)),
+        };
+    // Names come from envelopes (any bytes): ask the broker only about legal ones.
+    if !legal_topic(&topic) {
+        return Ok(Err(format!(
+            "its target `{}` is not a legal topic name",
+            topic.escape_debug()
+        )));
     }
-    Ok(())
+    let count = match plan.partitions.get(&topic) {
+        Some(n) => *n,
+        None => {
+            let n = match kafka.partitions(&topic).await {
+                Ok(parts) => Some(i32::try_from(parts.len()).unwrap_or(i32::MAX)),
+                Err(Failure::UnknownTopic(_)) => None,
+                Err(e) => return Err(e),
+            };
+            if plan.partitions.len() >= TOPIC_CACHE {
+                plan.partitions.clear();
+            }
+            plan.partitions.insert(topic.clone(), n);
+            n
+        }
+    };
+    let Some(count) = count else {
+        return Ok(Err(format!("its target topic `{topic}` does not exist")));
+    };
+    // The record's content: its own, or for an `oversized` dead letter (kept without its
+    // payload) the original's, read back from where the envelope says it is.
+    let (key, payload, user) = match record.provenance() {
+        Provenance::Sidetrack(e) if e.error_kind == ErrorKind::Oversized => {
+            if !legal_topic(&e.original_topic) {
+                return Ok(Err(format!(
+                    "oversized: its original topic `{}` is not a legal topic name",
+                    e.original_topic.escape_debug()
+                )));
+            }
+            let at = format!(
+                "{}[{}]@{}",
+                e.original_topic, e.original_partition, e.original_offset
+            );
+            let original = match kafka
+                .read_at(&e.original_topic, e.original_partition, e.original_offset)
+                .await?
+            {
+                Ok(r) => r,
+                Err(why) => {
+                    return Ok(Err(format!(
+                    "oversized: dead-lettered without its payload and the original is gone: {why}"
+                )))
+                }
+            };
+            if record.key.is_some() && original.key != record.key {
+                return Ok(Err(format!(
+                    "oversized: {at} holds another record now (its key differs)"
+                )));
+            }
+            if let (Some(want), Some(got)) = (e.original_timestamp, original.timestamp) {
+                if want != got {
+                    return Ok(Err(format!(
+                        "oversized: {at} holds another record now (its timestamp differs)"
+                    )));
+                }
+            }
+            let user = original.user_headers().to_vec();
+            (original.key, original.payload, user)
+        }
+        _ => (
+            record.key.clone(),
+            record.payload.clone(),
+            record.user_headers().to_vec(),
+        ),
+    };
+    // The original partition number when the target has it (retry topics do: they are
+    // created with the source's partition count), else the key decides.
+    let partition = row.original_partition.filter(|p| (0..count).contains(p));
+    let mut headers: Vec<Header> = user
+        .into_iter()
+        .filter(|h| {
+            ![REPLAY_ID, REPLAYED_AT, REPLAYED_FROM]
+                .iter()
+                .any(|n| h.is(n))
+        })
+        .collect();
+    headers.push(Header::new(REPLAY_ID, plan.replay_id.clone()));
+    headers.push(Header::new(REPLAYED_AT, plan.now.to_string()));
+    headers.push(Header::new(
+        REPLAYED_FROM,
+        format!("{}:{}:{}", plan.dlq, record.partition, record.offset),
+    ));
+    if let Some(e) = envelope {
+        headers.extend(e.to_headers());
+    }
+    Ok(Ok(Planned {
+        dlq_partition: record.partition,
+        dlq_offset: record.offset,
+        topic,
+        partition,
+        key,
+        payload,
+        headers,
+    }))
+}
+
+/// Kafka's rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn legal_topic(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The topic a record goes to and, for a retry tier, its fresh envelope.
@@ -296,9 +673,10 @@ fn first_tier(
         c.group = e.group.clone();
         let policy = c.retry.policy().map_err(|x| x.to_string())?;
         let topology = sidetrack::retry::Topology::new(&c, &policy).map_err(|x| x.to_string())?;
-        return topology.sources()[0]
-            .retry
+        return topology
+            .sources()
             .first()
+            .and_then(|s| s.retry.first())
             .map(|t| t.name.clone())
             .ok_or_else(|| "the config has no retry tiers".to_owned());
     }
@@ -306,64 +684,169 @@ fn first_tier(
     all_topics
         .iter()
         .filter_map(|t| {
-            let d = humantime::parse_duration(t.strip_prefix(&prefix)?).ok()?;
-            (format_delay(d) == t[prefix.len()..]).then_some((d, t))
+            let suffix = t.strip_prefix(&prefix)?;
+            let d = humantime::parse_duration(suffix).ok()?;
+            (format_delay(d) == suffix).then_some((d, t))
         })
         .min()
         .map(|(_, t)| t.clone())
         .ok_or_else(|| format!("no retry topic `{prefix}*` exists; pass --config"))
 }
 
-/// Same topic, filters and target → same group, so a repeated replay sends nothing new.
-fn default_group(a: &ReplayArgs) -> String {
+/// The progress group a replay uses unless `--progress-group` names one: derived from the
+/// arguments as given (a relative `--since 1h` is the duration, not the time it resolves to),
+/// so the same command run again, or by an alert on another instance, uses the same group and
+/// sends nothing new. Stable across builds and Rust releases (FNV-1a, not `DefaultHasher`).
+pub fn default_group(a: &ReplayArgs) -> String {
     let f = &a.filters;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (
-        &f.topic,
-        f.since,
-        f.until,
-        &f.error_contains,
-        f.reason.map(|r| format!("{r:?}")),
-        &f.key,
-        &a.to,
+    let fields: [(&str, Option<String>); 7] = [
+        ("topic", Some(f.topic.clone())),
+        ("since", f.since.map(|t| t.canonical())),
+        ("until", f.until.map(|t| t.canonical())),
+        // Matched case-insensitively: `Declined` and `declined` select the same records.
+        ("error", f.error_contains.as_ref().map(|e| e.to_lowercase())),
+        ("reason", f.reason.map(|r| r.as_str().to_owned())),
+        ("key", f.key.clone()),
+        ("to", Some(a.to.clone())),
+    ];
+    // Length-prefixed, so no two different selections write the same text.
+    let mut text = String::from("sidetrack-replay/v2");
+    for (name, value) in fields {
+        match value {
+            Some(v) => text.push_str(&format!(";{name}={}:{v}", v.len())),
+            None => text.push_str(&format!(";{name}=-")),
+        }
+    }
+    format!(
+        "sidetrack-replay.{}.{:016x}",
+        f.topic,
+        fnv1a64(text.as_bytes())
     )
-        .hash(&mut h);
-    format!("sidetrack-replay.{}.{:08x}", f.topic, h.finish() as u32)
 }
 
-/// A progress bar on stderr when it is a terminal.
+/// 64-bit FNV-1a.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+}
+
+/// A running count on stderr when it is a terminal.
 struct Progress {
-    total: usize,
-    done: std::cell::Cell<usize>,
+    done: usize,
     on: bool,
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
+    fn new() -> Self {
         Progress {
-            total,
-            done: std::cell::Cell::new(0),
-            on: std::io::stderr().is_terminal() && total > 0,
+            done: 0,
+            on: std::io::stderr().is_terminal(),
         }
     }
-    fn tick(&self) {
-        self.done.set(self.done.get() + 1);
-        if self.on {
-            let width = 30;
-            let filled = self.done.get() * width / self.total.max(1);
-            eprint!(
-                "\rreplaying [{}{}] {}/{}",
-                "#".repeat(filled),
-                ".".repeat(width - filled),
-                self.done.get(),
-                self.total
-            );
+    fn tick(&mut self) {
+        self.done += 1;
+        if self.on && (self.done < 100 || self.done % 100 == 0) {
+            eprint!("\rreplaying: {} acknowledged", self.done);
             let _ = std::io::stderr().flush();
         }
     }
     fn finish(&self) {
-        if self.on {
-            eprintln!();
+        if self.on && self.done > 0 {
+            eprintln!("\rreplaying: {} acknowledged", self.done);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Filters, Reason, TimeArg};
+
+    #[test]
+    fn pacing_does_not_make_up_for_lost_time_with_a_burst() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(next_send(t0, t0, 10.0), t0 + ms(100));
+        // Sent a little late: the next one keeps the spacing.
+        assert_eq!(next_send(t0, t0 + ms(30), 10.0), t0 + ms(130));
+        // After a 5 s pause the next record waits its 100 ms like any other.
+        assert_eq!(next_send(t0, t0 + ms(5_000), 10.0), t0 + ms(5_100));
+    }
+
+    #[test]
+    fn only_legal_topic_names_reach_the_broker() {
+        assert!(legal_topic("orders.billing-retry_1"));
+        assert!(legal_topic(&"a".repeat(249)));
+        for bad in ["", ".", "..", "a b", "a/b", "ü", "a\0b", &"a".repeat(250)] {
+            assert!(!legal_topic(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    fn args(since: Option<TimeArg>) -> ReplayArgs {
+        ReplayArgs {
+            filters: Filters {
+                topic: "orders.billing.dlq".into(),
+                since,
+                until: None,
+                error_contains: None,
+                reason: None,
+                key: None,
+            },
+            to: "original".into(),
+            rate: None,
+            limit: None,
+            dry_run: false,
+            yes: true,
+            restart: false,
+            progress_group: None,
+            config: None,
+        }
+    }
+
+    #[test]
+    fn the_default_group_is_stable_and_follows_the_unresolved_arguments() {
+        let hour = Some(TimeArg::Ago(Duration::from_secs(3600)));
+        let a = default_group(&args(hour));
+        // Pinned: a change here gives every existing replay a new group (all sent again).
+        // FNV-1a 64 of `sidetrack-replay/v2;topic=18:orders.billing.dlq;since=13:ago:3600000ms;
+        // until=-;error=-;reason=-;key=-;to=8:original`, computed independently.
+        assert_eq!(a, "sidetrack-replay.orders.billing.dlq.92de39604d5c8baa");
+        assert_eq!(a, default_group(&args(hour)), "run twice, same group");
+        let two = default_group(&args(Some(TimeArg::Ago(Duration::from_secs(7200)))));
+        assert_ne!(a, two);
+        let at = default_group(&args(Some(TimeArg::At(3_600_000))));
+        assert_ne!(a, at, "an absolute time is not a duration of the same size");
+        assert_ne!(a, default_group(&args(None)));
+        let mut reason = args(hour);
+        reason.filters.reason = Some(Reason::Poison);
+        assert_ne!(a, default_group(&reason));
+        let mut lower = args(None);
+        lower.filters.error_contains = Some("Card DECLINED".into());
+        let mut upper = args(None);
+        upper.filters.error_contains = Some("card declined".into());
+        assert_eq!(default_group(&lower), default_group(&upper));
+        // Length prefixes: moving text between fields is another selection.
+        let mut k1 = args(None);
+        k1.filters.key = Some("a;to=1:b".into());
+        let mut k2 = args(None);
+        k2.filters.key = Some("a".into());
+        k2.to = "b".into();
+        assert_ne!(default_group(&k1), default_group(&k2));
+        // Not in the selection: how and how fast it is sent.
+        let mut paced = args(hour);
+        paced.rate = Some(10.0);
+        paced.limit = Some(5);
+        paced.dry_run = true;
+        assert_eq!(a, default_group(&paced));
     }
 }

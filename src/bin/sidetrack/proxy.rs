@@ -1,0 +1,143 @@
+//! `sidetrack proxy`: the HTTP produce proxy as a service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use sidetrack::proxy::{Proxy, ProxyConfig};
+use sidetrack::testing::EmbeddedCluster;
+
+use crate::Failure;
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Configuration file with a [proxy] section (see the README).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Without brokers: the topic created on the embedded broker.
+    #[arg(long, default_value = "demo", value_name = "TOPIC")]
+    pub demo_topic: String,
+    /// Without brokers: partitions of the demo topic.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub demo_partitions: i32,
+    /// Log format on stderr (access logs included; `RUST_LOG` filters, default `info`).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+pub async fn run(
+    brokers: Option<String>,
+    props: &[String],
+    args: ProxyArgs,
+) -> Result<(), Failure> {
+    init_logs(args.log_format);
+    let mut config = match &args.config {
+        Some(path) => ProxyConfig::from_file(path).map_err(|e| Failure::Usage(e.to_string()))?,
+        None => ProxyConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    for p in props {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| Failure::Usage(format!("-X {p}: expected KEY=VALUE")))?;
+        config
+            .producer
+            .insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    if let Some(b) = brokers.filter(|b| !b.trim().is_empty()) {
+        config.brokers = b;
+    }
+    let mut embedded = None;
+    if config.brokers.trim().is_empty() {
+        let cluster = EmbeddedCluster::start().map_err(|e| Failure::Other(e.to_string()))?;
+        cluster
+            .create_topic(&args.demo_topic, args.demo_partitions)
+            .map_err(|e| {
+                Failure::Usage(format!("creating demo topic `{}`: {e}", args.demo_topic))
+            })?;
+        println!(
+            "no --brokers or KAFKA_BROKERS: started an embedded broker (librdkafka's mock cluster, \
+             in memory, gone when the proxy stops) at {}",
+            cluster.bootstrap_servers()
+        );
+        println!(
+            "created topic `{}` ({} partitions); the embedded broker has no CreateTopics API, so \
+             other topics answer 404 (use --demo-topic, or a real broker)",
+            args.demo_topic, args.demo_partitions
+        );
+        embedded = Some(cluster);
+    }
+    let mut builder = Proxy::builder(config);
+    if let Some(c) = &embedded {
+        builder = builder.embedded(c);
+    }
+    let proxy = builder.build().map_err(|e| Failure::Usage(e.to_string()))?;
+    let handle = proxy
+        .start()
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    println!(
+        "sidetrack proxy listening on {} (cluster id `{}`); Ctrl-C to stop",
+        handle.url(),
+        handle.cluster_id()
+    );
+    if embedded.is_some() {
+        println!(
+            "try: curl -s -X POST {}/topics/{} -H 'Content-Type: application/vnd.kafka.json.v2+json' \
+             --data '{{\"records\":[{{\"key\":\"k1\",\"value\":{{\"hello\":\"world\"}}}}]}}'",
+            handle.url(),
+            args.demo_topic
+        );
+    }
+    shutdown_signal().await;
+    println!("shutting down: finishing requests in flight, flushing the producer");
+    handle.shutdown().await;
+    drop(embedded);
+    Ok(())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,librdkafka=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

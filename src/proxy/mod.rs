@@ -1,0 +1,324 @@
+//! The HTTP produce proxy: Confluent REST v2 compatible produce over HTTP, with Kafka errors
+//! as real HTTP status codes (feature `proxy`, on by default; the `sidetrack proxy` command).
+//!
+//! A request returns when every record is acknowledged by all in-sync replicas (200) or has
+//! failed: then the status is that of the worst failure, and the per-record `offsets` say
+//! which records were written. One idempotent producer per instance batches the records of
+//! concurrent requests (a short `linger`); at most `max_in_flight_records`/`_bytes` are
+//! pending, beyond that the answer is 429 at once.
+//!
+//! Embedding it, with a company rule:
+//!
+//! ```no_run
+//! use sidetrack::proxy::{Proxy, ProxyConfig, ProduceRecord, Rejection, RequestInfo};
+//! use sidetrack::Header;
+//!
+//! # async fn run() -> Result<(), sidetrack::proxy::ProxyError> {
+//! let mut config = ProxyConfig::default();
+//! config.brokers = "localhost:9092".into();
+//! Proxy::builder(config)
+//!     .rule(|req: &RequestInfo<'_>, record: &mut ProduceRecord| {
+//!         if record.value.is_none() {
+//!             return Err(Rejection::new("tombstones are not accepted here"));
+//!         }
+//!         record.headers.push(Header::new("produced-by", req.caller.token.as_deref().unwrap_or("anonymous")));
+//!         Ok(())
+//!     })
+//!     .shutdown_signal(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .build()?
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//!
+//! The README's "Produce over HTTP" section has the status table, the configuration and
+//! how to deploy several instances.
+
+mod auth;
+mod config;
+mod idempotency;
+mod openapi;
+mod producer;
+mod rules;
+mod server;
+mod status;
+mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::{bearer_token, token_sha256, Caller};
+pub use config::{AuthConfig, IdempotencyConfig, ProxyConfig, TlsConfig, TokenConfig};
+pub use idempotency::{idempotency_key, IDEMPOTENCY_KEY, KEY_HEADER, RECORD_HEADER};
+pub use openapi::DOCUMENT as OPENAPI;
+pub use rules::{RecordRule, Rejection, RequestInfo};
+pub use status::{ApiError, ErrorKind};
+pub use wire::{
+    decode_v2, decode_v2_capped, decode_v3, format_of, ErrorBody, Format, OffsetEntry,
+    ProduceRecord, V2Response, V3Type, RESERVED_HEADER_PREFIX,
+};
+
+use crate::config::ConfigError;
+use crate::testing::EmbeddedCluster;
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The configuration is invalid; the message names the field.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The producer could not be created.
+    #[error("creating the producer: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Builds a [`Proxy`]: configuration, rules, an embedded broker, a shutdown signal.
+pub struct ProxyBuilder {
+    config: ProxyConfig,
+    rules: Vec<Arc<dyn RecordRule>>,
+    extra: Vec<(String, String)>,
+    embedded: Option<EmbeddedCluster>,
+    signal: Option<Signal>,
+    prometheus: Option<Option<metrics_exporter_prometheus::PrometheusHandle>>,
+}
+
+impl ProxyBuilder {
+    /// Adds a rule every record passes before it is produced (in the order added).
+    pub fn rule(mut self, rule: impl RecordRule) -> Self {
+        self.rules.push(Arc::new(rule));
+        self
+    }
+
+    /// Produces to this embedded broker (its bootstrap servers replace `brokers`). The mock
+    /// broker does not check the idempotent producer's sequence numbers, so an implicit
+    /// acknowledgement there may stand for a record that is in no log; the proxy's producer
+    /// therefore sends one request at a time per connection
+    /// (`max.in.flight.requests.per.connection=1`) on it, where no implicit ack was seen.
+    pub fn embedded(mut self, cluster: &EmbeddedCluster) -> Self {
+        self.config.brokers = cluster.bootstrap_servers().to_owned();
+        self.extra
+            .push(("max.in.flight.requests.per.connection".into(), "1".into()));
+        self.embedded = Some(cluster.clone());
+        self
+    }
+
+    /// Sets a raw librdkafka property of the producer, as `[proxy.producer]` does; the
+    /// properties [`ProxyConfig::validate`] refuses are refused by `build()` here too.
+    pub fn producer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.producer.insert(key.into(), value.into());
+        self
+    }
+
+    /// Serves `/metrics` from this Prometheus handle instead of installing a recorder (use it
+    /// when the application installs its own Prometheus recorder).
+    pub fn prometheus(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        self.prometheus = Some(Some(handle));
+        self
+    }
+
+    /// Shuts the proxy down gracefully when `signal` completes (for [`Proxy::run`]).
+    pub fn shutdown_signal(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.signal = Some(Box::pin(signal));
+        self
+    }
+
+    /// Validates the configuration and loads the tokens.
+    pub fn build(self) -> Result<Proxy, ProxyError> {
+        if self.config.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "proxy.brokers",
+                "must name at least one broker (host:port), or use an embedded broker",
+            )
+            .into());
+        }
+        self.config.validate()?;
+        let access = auth::Access::new(&self.config)?;
+        Ok(Proxy {
+            builder: self,
+            access,
+        })
+    }
+}
+
+/// A configured proxy, not started yet.
+pub struct Proxy {
+    builder: ProxyBuilder,
+    access: auth::Access,
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    addr: SocketAddr,
+    cluster_id: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    producer: Arc<producer::SharedProducer>,
+    buffered: (Arc<tokio::sync::Semaphore>, usize),
+    _embedded: Option<EmbeddedCluster>,
+}
+
+impl Proxy {
+    /// A builder for `config`.
+    pub fn builder(config: ProxyConfig) -> ProxyBuilder {
+        ProxyBuilder {
+            config,
+            rules: Vec::new(),
+            extra: Vec::new(),
+            embedded: None,
+            signal: None,
+            prometheus: None,
+        }
+    }
+
+    /// Binds the listener, creates the producer and starts serving. Returns once requests
+    /// are accepted.
+    pub async fn start(self) -> Result<ProxyHandle, ProxyError> {
+        let Proxy {
+            mut builder,
+            access,
+        } = self;
+        let config = builder.config.clone();
+        let tls = server::tls_acceptor(&config).map_err(ProxyError::Tls)?;
+        let client =
+            producer::SharedProducer::client_config(&config, &config.brokers, &builder.extra);
+        let producer = Arc::new(producer::SharedProducer::new(&config, &client)?);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ProxyError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let cluster_id = match &config.cluster_id {
+            Some(id) => id.clone(),
+            None => producer
+                .cluster_id(config.metadata_timeout.min(Duration::from_secs(5)))
+                .await
+                .filter(|id| {
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+                })
+                .unwrap_or_else(|| "sidetrack".to_owned()),
+        };
+        crate::metrics::describe_proxy();
+        let prometheus = match builder.prometheus.take() {
+            Some(h) => h,
+            None if config.metrics => global_prometheus(),
+            None => None,
+        };
+        let app = Arc::new(server::App::new(
+            config,
+            producer.clone(),
+            access,
+            std::mem::take(&mut builder.rules),
+            cluster_id.clone(),
+            prometheus,
+        ));
+        let buffered = (app.buffered.clone(), app.config.max_buffered_bytes);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server::serve(listener, app, tls, stop.clone()));
+        tracing::info!(%addr, cluster_id, "proxy listening");
+        Ok(ProxyHandle {
+            addr,
+            cluster_id,
+            stop,
+            task,
+            producer,
+            buffered,
+            _embedded: builder.embedded.take(),
+        })
+    }
+
+    /// Starts and serves until the shutdown signal (if none was given, forever), then shuts
+    /// down gracefully.
+    pub async fn run(mut self) -> Result<(), ProxyError> {
+        let signal = self.builder.signal.take();
+        let handle = self.start().await?;
+        match signal {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+        handle.shutdown().await;
+        Ok(())
+    }
+}
+
+impl ProxyHandle {
+    /// The address the proxy listens on (with the port chosen when `listen` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Records and bytes admitted and not yet acknowledged or failed (what
+    /// `max_in_flight_records` and `max_in_flight_bytes` bound).
+    pub fn in_flight(&self) -> (usize, usize) {
+        self.producer.in_flight()
+    }
+
+    /// Bytes of request bodies reserved now (being read or decoded; what `max_buffered_bytes`
+    /// bounds).
+    pub fn buffered_bytes(&self) -> usize {
+        let (sem, max) = &self.buffered;
+        max - sem.available_permits().min(*max)
+    }
+
+    /// The cluster id named by `GET /v3/clusters`.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Stops accepting, finishes (or, after `shutdown_timeout`, abandons) the requests in
+    /// flight, flushes the producer, and returns when all that is done.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The process's Prometheus recorder, installed the first time a proxy needs one; `None` if
+/// the application installed another recorder.
+fn global_prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(_) => {
+                    tracing::info!("a metrics recorder is already installed; the proxy's /metrics is off (use ProxyBuilder::prometheus)");
+                    None
+                }
+            }
+        })
+        .clone()
+}

@@ -1,0 +1,1149 @@
+//! The HTTP produce proxy through a real HTTP client: every row of the status table, records
+//! read back at their acknowledged offsets, faults, saturation, auth, idempotency keys,
+//! rules, and graceful shutdown under load. Scenarios without fault injection also run on
+//! Tansu (`SIDETRACK_TEST_BROKERS`) and kfake (`SIDETRACK_TEST_KFAKE`).
+#![cfg(feature = "proxy")]
+
+mod proxy_support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use proxy_support::*;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::json;
+use sidetrack::proxy::{ProduceRecord, ProxyConfig, Rejection, RequestInfo, TokenConfig};
+use sidetrack::testing::wait_until;
+use sidetrack::Header;
+
+fn header<'a>(r: &'a sidetrack::testing::Record, name: &str) -> Option<&'a [u8]> {
+    r.headers
+        .iter()
+        .find(|h| h.is(name))
+        .and_then(|h| h.value.as_deref())
+}
+
+/// Records of every format come back byte for byte at the offsets the proxy answered.
+async fn produce_and_read_back(broker: Broker) {
+    let topic = broker.topic("orders", 3).await;
+    let proxy = broker.start(ProxyConfig::default()).await;
+    let addr = proxy.local_addr();
+
+    // JSON format: key and value written as their JSON text; headers base64.
+    let a = post_json(
+        &proxy,
+        &topic,
+        json!({"records": [
+            {"key": "k1", "value": {"amount": 5, "items": [1, 2]}, "headers": [{"key": "trace", "value": b64(b"\x00\xffabc")}]},
+            {"value": [1, "two"], "partition": 2},
+            {"key": "k3", "value": null},
+        ]}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.json());
+    let json_offsets = a.offsets();
+    assert_eq!(json_offsets.len(), 3);
+    assert!(json_offsets.iter().all(Option::is_some), "{:?}", a.json());
+    assert_eq!(json_offsets[1].unwrap().0, 2, "explicit partition");
+
+    // Binary format, to a partition in the path.
+    let bin = json!({"records": [{"key": b64(b"\x01\x02"), "value": b64(b"\xde\xad\xbe\xef")}]});
+    let a = request(
+        addr,
+        "POST",
+        &format!("/topics/{topic}/partitions/1"),
+        &[("content-type", BINARY_V2)],
+        serde_json::to_vec(&bin).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.json());
+    let (bin_p, bin_o) = a.offsets()[0].unwrap();
+    assert_eq!(bin_p, 1);
+
+    // Plain application/json is the JSON format.
+    let a = request(
+        addr,
+        "POST",
+        &format!("/topics/{topic}"),
+        &[("content-type", "application/json; charset=utf-8")],
+        r#"{"records":[{"value":"plain"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    let plain = a.offsets()[0].unwrap();
+
+    // v3 single record.
+    let clusters = get(&proxy, "/v3/clusters").await.json();
+    let cluster = clusters["data"][0]["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(cluster, proxy.cluster_id());
+    let v3 = json!({"partition_id": 0, "key": {"type": "STRING", "data": "v3-key"},
+        "value": {"type": "JSON", "data": {"v": 3}},
+        "headers": [{"name": "h3", "value": b64(b"x")}]});
+    let a = request(
+        addr,
+        "POST",
+        &format!("/v3/clusters/{cluster}/topics/{topic}/records"),
+        &[("content-type", "application/json")],
+        serde_json::to_vec(&v3).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.json());
+    let v3a = a.json();
+    assert_eq!(v3a["error_code"], 200);
+    assert_eq!(v3a["partition_id"], 0);
+    assert_eq!(v3a["value"]["size"], 7);
+
+    let records = broker.read_all(&topic).await;
+    let at = |p: i32, o: Option<i64>| {
+        let o = o.expect("an offset (no implicit ack expected here)");
+        records
+            .iter()
+            .find(|r| r.partition == p && r.offset == o)
+            .unwrap_or_else(|| panic!("nothing at {p}:{o} in {records:?}"))
+    };
+    let (p, o) = json_offsets[0].unwrap();
+    let r = at(p, o);
+    assert_eq!(r.key.as_deref(), Some(&b"\"k1\""[..]));
+    assert_eq!(
+        r.payload.as_deref(),
+        Some(&br#"{"amount":5,"items":[1,2]}"#[..])
+    );
+    assert_eq!(header(r, "trace"), Some(&b"\x00\xffabc"[..]));
+    let (p, o) = json_offsets[1].unwrap();
+    assert_eq!(at(p, o).payload.as_deref(), Some(&br#"[1,"two"]"#[..]));
+    let (p, o) = json_offsets[2].unwrap();
+    assert_eq!(at(p, o).payload, None, "a null value is a tombstone");
+    let r = at(bin_p, bin_o);
+    assert_eq!(r.key.as_deref(), Some(&b"\x01\x02"[..]));
+    assert_eq!(r.payload.as_deref(), Some(&b"\xde\xad\xbe\xef"[..]));
+    assert_eq!(
+        at(plain.0, plain.1).payload.as_deref(),
+        Some(&b"\"plain\""[..])
+    );
+    let r = at(0, v3a["offset"].as_i64());
+    assert_eq!(r.key.as_deref(), Some(&b"v3-key"[..]));
+    assert_eq!(r.payload.as_deref(), Some(&br#"{"v":3}"#[..]));
+    assert_eq!(header(r, "h3"), Some(&b"x"[..]));
+    assert_eq!(records.len(), 6, "nothing else written");
+    proxy.shutdown().await;
+}
+on_all_brokers!(produce_and_read_back_, produce_and_read_back);
+
+/// Every client error of the status table: status, error code, and nothing written.
+async fn client_errors(broker: Broker) {
+    let topic = broker.topic("orders", 2).await;
+    let config = ProxyConfig {
+        max_body_bytes: 1024,
+        max_in_flight_records: 5,
+        ..ProxyConfig::default()
+    };
+    let proxy = broker.start(config).await;
+    let addr = proxy.local_addr();
+    let path = format!("/topics/{topic}");
+    let one = r#"{"records":[{"value":1}]}"#;
+    // (what, path, request headers, body, expected status, expected error_code)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Bytes, u16, u64);
+    let cases: Vec<Case<'_>> = vec![
+        ("no content type", path.clone(), vec![], one.into(), 415, 41501),
+        ("form", path.clone(), vec![("content-type", "application/x-www-form-urlencoded")], one.into(), 415, 41501),
+        ("avro", path.clone(), vec![("content-type", "application/vnd.kafka.avro.v2+json")], one.into(), 415, 41502),
+        ("malformed", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[".into(), 422, 42201),
+        ("not utf-8", path.clone(), vec![("content-type", JSON_V2)], Bytes::from_static(b"{\"records\":[{\"value\":\"\xff\xfe\"}]}"), 422, 42201),
+        ("no records", path.clone(), vec![("content-type", JSON_V2)], "{\"recs\":[]}".into(), 422, 42202),
+        ("empty records", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[]}".into(), 422, 42202),
+        ("bad base64", path.clone(), vec![("content-type", BINARY_V2)], "{\"records\":[{\"value\":\"!!\"}]}".into(), 422, 42203),
+        ("huge partition", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":1e400}]}".into(), 422, 42201),
+        ("negative partition", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":-1}]}".into(), 422, 42204),
+        ("bad path partition", format!("{path}/partitions/x"), vec![("content-type", JSON_V2)], one.into(), 422, 42204),
+        ("reserved header", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"headers\":[{\"key\":\"sidetrack-error\",\"value\":null}]}]}".into(), 422, 42205),
+        ("deep json", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{{\"value\":{}{}}}]}}", "[".repeat(200), "]".repeat(200)).into(), 422, 42201),
+        ("unknown topic", "/topics/no-such-topic".into(), vec![("content-type", JSON_V2)], one.into(), 404, 40401),
+        ("invalid topic name", "/topics/a%20b".into(), vec![("content-type", JSON_V2)], one.into(), 404, 40401),
+        ("unknown partition", format!("{path}/partitions/7"), vec![("content-type", JSON_V2)], one.into(), 404, 40402),
+        ("unknown partition in body", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1},{\"value\":2,\"partition\":2}]}".into(), 404, 40402),
+        ("unknown cluster", format!("/v3/clusters/other/topics/{topic}/records"), vec![("content-type", "application/json")], "{}".into(), 404, 40403),
+        ("no route", "/nope".into(), vec![], Bytes::new(), 404, 40404),
+        ("dead-letter topic", "/topics/orders.billing.dlq".into(), vec![("content-type", JSON_V2)], one.into(), 403, 40302),
+        ("retry topic", "/topics/orders.billing.retry.1s".into(), vec![("content-type", JSON_V2)], one.into(), 403, 40302),
+        ("internal topic", "/topics/__consumer_offsets".into(), vec![("content-type", JSON_V2)], one.into(), 403, 40302),
+        ("body too large", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{{\"value\":\"{}\"}}]}}", "x".repeat(2000)).into(), 413, 41301),
+        ("more records than can ever be admitted", path.clone(), vec![("content-type", JSON_V2)], format!("{{\"records\":[{}]}}", ["{\"value\":1}"; 6].join(",")).into(), 413, 41303),
+        ("bad idempotency key", path.clone(), vec![("content-type", JSON_V2), ("idempotency-key", "has space")], one.into(), 400, 40001),
+    ];
+    for (what, path, headers, body, status, code) in cases {
+        let a = request(addr, "POST", &path, &headers, body).await.unwrap();
+        assert_eq!(
+            a.status.as_u16(),
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(
+            a.code(),
+            Some(code),
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert!(
+            a.json()["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+    }
+    // Wrong method on a route.
+    let a = request(addr, "GET", &path, &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!((a.status.as_u16(), a.code()), (405, Some(40501)));
+    // A body larger than the limit without Content-Length (chunked) is cut off too.
+    let chunks =
+        futures_util::stream::iter((0..40).map(|_| {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(vec![b' '; 100])))
+        }));
+    let a = request_streamed(addr, &path, http_body_util::StreamBody::new(chunks)).await;
+    assert_eq!((a.0, a.1), (413, Some(41301)));
+    // Nothing of all that was written.
+    assert!(broker.read_all(&topic).await.is_empty());
+    proxy.shutdown().await;
+}
+on_all_brokers!(client_errors_, client_errors);
+
+async fn request_streamed<B>(addr: std::net::SocketAddr, path: &str, body: B) -> (u16, Option<u64>)
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", JSON_V2)
+        .body(body)
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (status, v["error_code"].as_u64())
+}
+
+/// Bearer tokens: 401 without or with a wrong token, 403 outside the token's topics, 200
+/// inside; tokens never appear in answers.
+async fn auth(broker: Broker) {
+    let topic = broker.topic("payments", 1).await;
+    let other = broker.topic("ledger", 1).await;
+    let mut config = ProxyConfig::default();
+    config.auth.tokens.push(TokenConfig {
+        name: "payments-team".into(),
+        sha256: Some(sidetrack::proxy::token_sha256("tok-123")),
+        topics: vec!["payments*".into()],
+        ..Default::default()
+    });
+    let proxy = broker.start(config).await;
+    let addr = proxy.local_addr();
+    let body = r#"{"records":[{"value":1}]}"#;
+    let post = |path: String, auth: Option<&'static str>| async move {
+        let mut h = vec![("content-type", JSON_V2)];
+        if let Some(a) = auth {
+            h.push(("authorization", a));
+        }
+        request(addr, "POST", &path, &h, body).await.unwrap()
+    };
+    let a = post(format!("/topics/{topic}"), None).await;
+    assert_eq!((a.status.as_u16(), a.code()), (401, Some(40101)));
+    assert!(a.headers.get("www-authenticate").is_some());
+    let a = post(format!("/topics/{topic}"), Some("Bearer wrong")).await;
+    assert_eq!((a.status.as_u16(), a.code()), (401, Some(40101)));
+    assert!(!String::from_utf8_lossy(&a.body).contains("wrong"));
+    let a = post(format!("/topics/{other}"), Some("Bearer tok-123")).await;
+    assert_eq!((a.status.as_u16(), a.code()), (403, Some(40301)));
+    assert!(!String::from_utf8_lossy(&a.body).contains("tok-123"));
+    let a = post(format!("/topics/{topic}"), Some("Bearer tok-123")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // Unauthenticated v3 cluster listing is refused too; health is open.
+    assert_eq!(get(&proxy, "/v3/clusters").await.status.as_u16(), 401);
+    assert_eq!(get(&proxy, "/healthz").await.status, StatusCode::OK);
+    assert_eq!(broker.read_all(&topic).await.len(), 1);
+    assert!(broker.read_all(&other).await.is_empty());
+    proxy.shutdown().await;
+}
+on_all_brokers!(auth_, auth);
+
+/// A record too large for the producer fails the request with 413 after the records before
+/// it were written: their offsets are in the answer, the rest are marked not sent, and the
+/// client can send exactly those again.
+async fn partial_failure(broker: Broker) {
+    let topic = broker.topic("orders", 1).await;
+    let proxy = broker
+        .proxy(ProxyConfig::default())
+        .producer_property("message.max.bytes", "2000")
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let big = "x".repeat(5000);
+    let a = post_json(
+        &proxy,
+        &topic,
+        json!({"records": [{"value": "a"}, {"value": "b"}, {"value": big}, {"value": "d"}]}),
+    )
+    .await;
+    assert_eq!(a.status.as_u16(), 413, "{:?}", a.json());
+    assert_eq!(a.code(), Some(41302));
+    let offsets = a.offsets();
+    assert!(
+        offsets[0].is_some() && offsets[1].is_some(),
+        "{:?}",
+        a.json()
+    );
+    assert!(
+        offsets[2].is_none() && offsets[3].is_none(),
+        "{:?}",
+        a.json()
+    );
+    let entries = a.json()["offsets"].as_array().unwrap().clone();
+    assert_eq!(entries[2]["error_code"], 41302);
+    assert!(entries[3]["error"].as_str().unwrap().contains("not sent"));
+    // The client retries exactly the failed one it can fix, and the one not sent.
+    let a = post_json(
+        &proxy,
+        &topic,
+        json!({"records": [{"value": "c"}, {"value": "d"}]}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let payloads: Vec<String> = broker
+        .read_all(&topic)
+        .await
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(payloads, ["\"a\"", "\"b\"", "\"c\"", "\"d\""]);
+    proxy.shutdown().await;
+}
+on_all_brokers!(partial_failure_, partial_failure);
+
+/// The same request with the same Idempotency-Key is answered from memory and written once;
+/// the key travels as record headers; the same key with another body is refused.
+async fn idempotency_key(broker: Broker) {
+    let topic = broker.topic("orders", 2).await;
+    let proxy = broker.start(ProxyConfig::default()).await;
+    let addr = proxy.local_addr();
+    let body = serde_json::to_vec(
+        &json!({"records": [{"key": "a", "value": 1}, {"key": "b", "value": 2}]}),
+    )
+    .unwrap();
+    let path = format!("/topics/{topic}");
+    let send = |key: &'static str, body: Vec<u8>| {
+        let path = path.clone();
+        async move {
+            request(
+                addr,
+                "POST",
+                &path,
+                &[("content-type", JSON_V2), ("idempotency-key", key)],
+                body,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let first = send("order-77", body.clone()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let again = send("order-77", body.clone()).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body, first.body, "the first answer, offsets included");
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    let other = send("order-77", b"{\"records\":[{\"value\":3}]}".to_vec()).await;
+    assert_eq!((other.status.as_u16(), other.code()), (422, Some(42206)));
+    let records = broker.read_all(&topic).await;
+    assert_eq!(records.len(), 2, "written once");
+    let mut idx: Vec<&[u8]> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                header(r, "sidetrack-idempotency-key"),
+                Some(&b"order-77"[..])
+            );
+            header(r, "sidetrack-idempotency-record").unwrap()
+        })
+        .collect();
+    idx.sort();
+    assert_eq!(idx, [&b"0"[..], &b"1"[..]]);
+    proxy.shutdown().await;
+}
+on_all_brokers!(idempotency_key_, idempotency_key);
+
+/// Graceful shutdown under load: every record answered 200 is in the log at its acknowledged
+/// offset, and no record is in the log twice.
+async fn shutdown_under_load(broker: Broker) {
+    let topic = broker.topic("load", 2).await;
+    let proxy = broker.start(ProxyConfig::default()).await;
+    let addr = proxy.local_addr();
+    let path = format!("/topics/{topic}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (stop, ok, path) = (stop.clone(), ok.clone(), path.clone());
+        clients.push(tokio::spawn(async move {
+            let mut acked: Vec<(String, i32, i64)> = Vec::new();
+            let mut i = 0;
+            // Bounded: at most 2,000 requests per client.
+            while !stop.load(Ordering::Relaxed) && i < 2000 {
+                let ids: Vec<String> = (0..5).map(|j| format!("c{c}-r{i}-{j}")).collect();
+                let body = json!({"records": ids.iter().map(|id| json!({"key": id, "value": id})).collect::<Vec<_>>()});
+                i += 1;
+                match request(addr, "POST", &path, &[("content-type", JSON_V2)], serde_json::to_vec(&body).unwrap()).await {
+                    Ok(a) if a.status == StatusCode::OK => {
+                        for (id, o) in ids.iter().zip(a.offsets()) {
+                            let (p, o) = o.expect("a 200 has every offset");
+                            acked.push((id.clone(), p, o.expect("an offset")));
+                        }
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(a) => assert!(
+                        a.status == StatusCode::SERVICE_UNAVAILABLE,
+                        "only 503 while shutting down, got {} {:?}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    ),
+                    // Connection refused or closed once the listener is gone.
+                    Err(_) => {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    assert!(
+        wait_until(WAIT, || {
+            let n = ok.load(Ordering::Relaxed);
+            async move { n >= 40 }
+        })
+        .await,
+        "requests succeed under load"
+    );
+    // Shut down while requests are in flight.
+    proxy.shutdown().await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for c in clients {
+        acked.extend(c.await.unwrap());
+    }
+    let records = broker.read_all(&topic).await;
+    let by_pos: HashMap<(i32, i64), &[u8]> = records
+        .iter()
+        .map(|r| {
+            (
+                (r.partition, r.offset),
+                r.key.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for (id, p, o) in &acked {
+        let key = by_pos
+            .get(&(*p, *o))
+            .unwrap_or_else(|| panic!("{id} acknowledged at {p}:{o} but not there"));
+        assert_eq!(*key, format!("\"{id}\"").as_bytes(), "at {p}:{o}");
+    }
+    let mut seen = HashSet::new();
+    for r in &records {
+        assert!(seen.insert(r.key.clone()), "written twice: {:?}", r.key);
+    }
+    assert!(acked.len() >= 200, "{} acknowledged", acked.len());
+}
+on_all_brokers!(shutdown_under_load_, shutdown_under_load);
+
+/// Broker down: 503 with Retry-After at the request deadline (nothing written), readyz 503;
+/// after it is back, 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_is_503_then_200() {
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(1500),
+            ..ProxyConfig::default()
+        };
+        let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": "before"}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        cluster.broker_down(-1).unwrap();
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": "during"}]})).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (503, Some(50301)),
+            "{:?}",
+            a.json()
+        );
+        assert!(a.headers.get("retry-after").is_some());
+        assert!(a.offsets()[0].is_none());
+        assert!(
+            wait_until(WAIT, || async {
+                get(&proxy, "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE
+            })
+            .await,
+            "readyz turns red"
+        );
+        cluster.broker_up(-1).unwrap();
+        eventually_ok(&proxy, &topic, json!("after")).await;
+        // Readiness is cached for a second.
+        assert!(
+            wait_until(WAIT, || async {
+                get(&proxy, "/readyz").await.status == StatusCode::OK
+            })
+            .await
+        );
+        let payloads: Vec<Vec<u8>> = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter_map(|r| r.payload)
+            .collect();
+        assert_eq!(
+            payloads.first().map(Vec::as_slice),
+            Some(&b"\"before\""[..])
+        );
+        assert!(
+            !payloads.iter().any(|p| p == b"\"during\""),
+            "a 503'd record was not written"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Retriable broker errors still failing at the deadline: 503; a non-retriable one: its own
+/// status at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_map_to_statuses() {
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(1000),
+            ..ProxyConfig::default()
+        };
+        let (_broker, cluster, topic, proxy) = embedded_with(1, config).await;
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500],
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (503, Some(50301)),
+            "{:?}",
+            a.json()
+        );
+        cluster.clear_request_errors(RDKafkaApiKey::Produce);
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": 3}]})).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (413, Some(41302)),
+            "{:?}",
+            a.json()
+        );
+        eventually_ok(&proxy, &topic, json!(4)).await;
+        for (err, status, code) in [
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD, 422, 42207),
+            (
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUIRED_ACKS,
+                500,
+                50001,
+            ),
+        ] {
+            cluster.fail_requests(RDKafkaApiKey::Produce, &[err]);
+            let a = post_json(&proxy, &topic, json!({"records": [{"value": 5}]})).await;
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (status, Some(code)),
+                "{err:?}: {:?}",
+                a.json()
+            );
+            assert!(a.headers.get("retry-after").is_none());
+            eventually_ok(&proxy, &topic, json!(6)).await;
+        }
+        // Last: librdkafka remembers a topic it was refused on and refuses later sends to it
+        // locally until its next metadata refresh (40303 as well).
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": 2}]})).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (403, Some(40303)),
+            "{:?}",
+            a.json()
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Saturation: with the in-flight bound taken by a request waiting on a down broker, the
+/// next request is answered 429 with Retry-After at once; after it, requests are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturation_is_429() {
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_secs(3),
+            max_in_flight_records: 10,
+            ..ProxyConfig::default()
+        };
+        let (_broker, cluster, topic, proxy) = embedded_with(1, config).await;
+        // Warm the metadata cache, then take the broker away.
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        cluster.broker_down(-1).unwrap();
+        let ten = json!({"records": (0..10).map(|i| json!({"value": i})).collect::<Vec<_>>()});
+        let handle = tokio::spawn({
+            let addr = proxy.local_addr();
+            let topic = topic.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &format!("/topics/{topic}"),
+                    &[("content-type", JSON_V2)],
+                    serde_json::to_vec(&ten).unwrap(),
+                )
+                .await
+                .unwrap()
+            }
+        });
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.in_flight().0;
+                async move { n == 10 }
+            })
+            .await,
+            "the 10-record request is admitted"
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": "more"}]})).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (429, Some(42901)),
+            "{:?}",
+            a.json()
+        );
+        assert_eq!(a.headers.get("retry-after").unwrap(), "1");
+        assert_eq!(handle.await.unwrap().status.as_u16(), 503);
+        cluster.broker_up(-1).unwrap();
+        eventually_ok(&proxy, &topic, json!("later")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A company rule rejects (with its status), adds headers and picks the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reject_add_headers_and_pick_partitions() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 4).await;
+        let proxy = broker
+            .proxy(ProxyConfig::default())
+            .rule(|req: &RequestInfo<'_>, r: &mut ProduceRecord| {
+                let tenant = req.headers.get("x-tenant").ok_or_else(|| {
+                    Rejection::new("send X-Tenant").with_status(StatusCode::FORBIDDEN)
+                })?;
+                r.headers.push(Header::new("tenant", tenant.as_bytes()));
+                r.partition = Some(3);
+                Ok(())
+            })
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let addr = proxy.local_addr();
+        let body = r#"{"records":[{"value":1},{"value":2}]}"#;
+        let a = request(
+            addr,
+            "POST",
+            &format!("/topics/{topic}"),
+            &[("content-type", JSON_V2)],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!((a.status.as_u16(), a.code()), (403, Some(42208)));
+        assert!(a.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("send X-Tenant"));
+        let a = request(
+            addr,
+            "POST",
+            &format!("/topics/{topic}"),
+            &[("content-type", JSON_V2), ("x-tenant", "acme")],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        let records = broker.read_all(&topic).await;
+        assert_eq!(records.len(), 2);
+        for r in &records {
+            assert_eq!(r.partition, 3);
+            assert_eq!(header(r, "tenant"), Some(&b"acme"[..]));
+        }
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Health, readiness, metrics and the OpenAPI document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let proxy = broker.start(ProxyConfig::default()).await;
+        assert_eq!(get(&proxy, "/healthz").await.json()["status"], "ok");
+        assert_eq!(get(&proxy, "/readyz").await.json()["status"], "ready");
+        let doc = get(&proxy, "/openapi.json").await.json();
+        assert!(doc["paths"]["/topics/{topic}"]["post"].is_object());
+        assert_eq!(post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await.status, StatusCode::OK);
+        let _ = post_json(&proxy, "missing", json!({"records": [{"value": 1}]})).await;
+        let text = String::from_utf8(get(&proxy, "/metrics").await.body.to_vec()).unwrap();
+        for needle in [
+            "sidetrack_proxy_requests_total{route=\"/topics/{topic}\",status=\"200\",topic=\"orders\"}",
+            "sidetrack_proxy_requests_total{route=\"/topics/{topic}\",status=\"404\",topic=\"-\"}",
+            "sidetrack_proxy_records_total{topic=\"orders\",outcome=\"acknowledged\"}",
+            "sidetrack_proxy_rejections_total{reason=\"unknown_topic\"}",
+            "sidetrack_proxy_request_seconds",
+            "sidetrack_proxy_in_flight_records",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        proxy.shutdown().await;
+        // After shutdown nothing listens.
+        assert!(request(proxy_addr_closed(), "GET", "/healthz", &[], Bytes::new()).await.is_err());
+    })
+    .await
+}
+
+/// An embedded broker with topic `orders` of `partitions` partitions, and a proxy on it.
+async fn embedded_with(
+    partitions: i32,
+    config: ProxyConfig,
+) -> (
+    Broker,
+    sidetrack::testing::EmbeddedCluster,
+    String,
+    sidetrack::proxy::ProxyHandle,
+) {
+    let broker = Broker::embedded();
+    let cluster = broker.cluster().unwrap().clone();
+    let topic = broker.topic("orders", partitions).await;
+    let proxy = broker.start(config).await;
+    (broker, cluster, topic, proxy)
+}
+
+/// Posts `{"records":[{"value": value}]}` until it is answered 200 (a broker coming back).
+async fn eventually_ok(
+    proxy: &sidetrack::proxy::ProxyHandle,
+    topic: &str,
+    value: serde_json::Value,
+) {
+    let ok = wait_until(WAIT, || {
+        let body = json!({"records": [{"value": value.clone()}]});
+        async move { post_json(proxy, topic, body).await.status == StatusCode::OK }
+    })
+    .await;
+    assert!(ok, "no 200 within {WAIT:?}");
+}
+
+fn proxy_addr_closed() -> std::net::SocketAddr {
+    // A port nothing listens on: bind and drop.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Hostile bytes in header values and the body over a raw socket: a 4xx, and the proxy
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_4xx() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let proxy = broker.start(ProxyConfig::default()).await;
+        let addr = proxy.local_addr();
+        let raw = |head: Vec<u8>, body: Vec<u8>| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut req = head;
+            req.extend_from_slice(
+                format!(
+                    "content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            req.extend_from_slice(&body);
+            s.write_all(&req).await.unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let head = |extra: &[u8]| {
+            let mut h =
+                format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\n")
+                    .into_bytes();
+            h.extend_from_slice(extra);
+            h
+        };
+        let one = br#"{"records":[{"value":1}]}"#.to_vec();
+        let r = raw(head(b"idempotency-key: \xff\xfe\r\n"), one.clone()).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("40001"), "{r}");
+        let r = raw(head(b"authorization: Bearer \xff\r\n"), one.clone()).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "no auth configured: {r}");
+        let r = raw(head(b""), vec![0xff, 0x00, 0x7b, 0xc3]).await;
+        assert!(r.starts_with("HTTP/1.1 422"), "{r}");
+        let r = raw(
+            b"POST /topics/%ff%fe HTTP/1.1\r\nhost: x\r\n".to_vec(),
+            one.clone(),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        assert_eq!(get(&proxy, "/healthz").await.status, StatusCode::OK);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// TLS with rustls: the proxy answers over HTTPS with a certificate from the configuration.
+#[cfg(feature = "proxy-tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener() {
+    use http_body_util::BodyExt;
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let config = ProxyConfig {
+            tls: Some(sidetrack::proxy::TlsConfig {
+                cert: data.join("proxy-test-cert.pem"),
+                key: data.join("proxy-test-key.pem"),
+            }),
+            ..ProxyConfig::default()
+        };
+        let proxy = broker.start(config).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                rustls_pki_types::CertificateDer::from_pem_file(data.join("proxy-test-ca.pem"))
+                    .unwrap(),
+            )
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .unwrap();
+        let tls = connector
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post(format!("/topics/{topic}"))
+            .header("host", "localhost")
+            .header("content-type", JSON_V2)
+            .body(http_body_util::Full::new(Bytes::from_static(
+                br#"{"records":[{"value":"secret"}]}"#,
+            )))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = resp.into_body().collect().await.unwrap();
+        // Plain HTTP to the TLS port gets no answer.
+        assert!(
+            request(proxy.local_addr(), "GET", "/healthz", &[], Bytes::new())
+                .await
+                .is_err()
+        );
+        assert_eq!(broker.read_all(&topic).await.len(), 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Bodies being read are bounded too: a slow chunked upload holding the whole body budget
+/// makes the next request 429 at once; when it is gone, requests are read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    within_limit(async {
+        let config = ProxyConfig {
+            max_body_bytes: 1024,
+            max_buffered_bytes: 1024,
+            // Longer than the wait below: the slow upload must hold its reservation
+            // throughout, however loaded the machine (its 408 would free it).
+            request_timeout: Duration::from_secs(120),
+            ..ProxyConfig::default()
+        };
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+        // A chunked body (no Content-Length: it reserves max_body_bytes) that never ends.
+        let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+        slow.write_all(
+            format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"rec\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.buffered_bytes();
+                async move { n == 1024 }
+            })
+            .await,
+            "the slow upload reserves max_body_bytes"
+        );
+        let a = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
+        assert_eq!((a.status.as_u16(), a.code()), (429, Some(42901)), "{:?}", a.json());
+        assert!(a.headers.get("retry-after").is_some());
+        drop(slow);
+        eventually_ok(&proxy, &topic, json!("after")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A body that does not arrive within request_timeout: 408, and its reservation is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        };
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+        let mut slow = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+        slow.write_all(
+            format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\ncontent-length: 100\r\n\r\n{{\"rec")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(WAIT, slow.read(&mut out)).await.unwrap().unwrap();
+        let text = String::from_utf8_lossy(&out[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("40801"), "{text}");
+        eventually_ok(&proxy, &topic, json!("after")).await;
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// While a request with an Idempotency-Key runs, its retry is 409 with Retry-After; once the
+/// first failed with nothing written, the key is free and the retry is produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_in_progress_is_409() {
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_secs(2),
+            ..ProxyConfig::default()
+        };
+        let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
+        eventually_ok(&proxy, &topic, json!("warm")).await;
+        cluster.broker_down(-1).unwrap();
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let body = r#"{"records":[{"value":"once"}]}"#;
+        let send = || {
+            let path = path.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", JSON_V2), ("idempotency-key", "k-409")],
+                    body,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let first = tokio::spawn(send());
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.in_flight().0;
+                async move { n == 1 }
+            })
+            .await
+        );
+        let a = send().await;
+        assert_eq!((a.status.as_u16(), a.code()), (409, Some(40901)));
+        assert!(a.headers.get("retry-after").is_some());
+        assert_eq!(first.await.unwrap().status.as_u16(), 503);
+        cluster.broker_up(-1).unwrap();
+        let ok = wait_until(WAIT, || async { send().await.status == StatusCode::OK }).await;
+        assert!(ok, "the key is free again after a 503 that wrote nothing");
+        let values: Vec<Vec<u8>> = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter_map(|r| r.payload)
+            .collect();
+        assert_eq!(
+            values
+                .iter()
+                .filter(|v| v.as_slice() == b"\"once\"")
+                .count(),
+            1
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A partition added after the count was cached is seen within about a second (on a broker
+/// with CreatePartitions: kfake; the embedded broker and Tansu 0.6 have none).
+async fn added_partitions_are_seen(broker: Broker) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    if broker.cluster().is_some() {
+        eprintln!("skipped on the embedded broker: it cannot add partitions");
+        return;
+    }
+    let topic = broker.topic("grow", 1).await;
+    let proxy = broker.start(ProxyConfig::default()).await;
+    let to = |p: i32| {
+        let path = format!("/topics/{topic}/partitions/{p}");
+        let addr = proxy.local_addr();
+        async move {
+            request(
+                addr,
+                "POST",
+                &path,
+                &[("content-type", JSON_V2)],
+                r#"{"records":[{"value":1}]}"#,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(to(0).await.status, StatusCode::OK);
+    assert_eq!(to(1).await.code(), Some(40402));
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let r = match admin
+        .create_partitions([&NewPartitions::new(&topic, 2)], &AdminOptions::new())
+        .await
+    {
+        Err(rdkafka::error::KafkaError::AdminOp(
+            rdkafka::types::RDKafkaErrorCode::UnsupportedFeature,
+        )) => {
+            eprintln!("skipped: this broker has no CreatePartitions API (Tansu 0.6)");
+            proxy.shutdown().await;
+            return;
+        }
+        other => other.unwrap(),
+    };
+    assert!(r[0].is_ok(), "{r:?}");
+    let ok = wait_until(WAIT, || async { to(1).await.status == StatusCode::OK }).await;
+    assert!(ok, "partition 1 becomes writable through the proxy");
+    proxy.shutdown().await;
+}
+on_all_brokers!(added_partitions_are_seen_, added_partitions_are_seen);
+
+/// HTTP/2 (prior knowledge, as a gRPC-style client or a service mesh sends it): several
+/// concurrent streams on one connection, each answered with its own offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams() {
+    use http_body_util::BodyExt;
+    within_limit(async {
+        let (broker, _, topic, proxy) = embedded_with(2, ProxyConfig::default()).await;
+        let tcp = tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut streams = Vec::new();
+        for i in 0..10 {
+            let mut sender = sender.clone();
+            let uri = format!("http://{}/topics/{topic}", proxy.local_addr());
+            streams.push(tokio::spawn(async move {
+                let req = hyper::Request::post(uri)
+                    .header("content-type", JSON_V2)
+                    .body(http_body_util::Full::new(Bytes::from(format!(
+                        r#"{{"records":[{{"value":{i}}}]}}"#
+                    ))))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.version(), hyper::Version::HTTP_2);
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, body)
+            }));
+        }
+        for s in streams {
+            let (status, body) = s.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        }
+        assert_eq!(broker.read_all(&topic).await.len(), 10);
+        proxy.shutdown().await;
+    })
+    .await
+}

@@ -1,0 +1,297 @@
+//! Helpers of the proxy tests: the three brokers (embedded, `SIDETRACK_TEST_BROKERS` (Tansu),
+//! `SIDETRACK_TEST_KFAKE`), a proxy on a free loopback port, and a small real HTTP/1.1 client
+//! (hyper).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper::StatusCode;
+use sidetrack::proxy::{Proxy, ProxyBuilder, ProxyConfig, ProxyHandle};
+use sidetrack::testing::{wait_until, EmbeddedCluster, Record};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,librdkafka=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The broker a scenario runs on.
+#[derive(Clone)]
+pub enum Broker {
+    Embedded(EmbeddedCluster),
+    /// A real broker: its variable's name and bootstrap servers.
+    Real(&'static str, String),
+}
+
+impl Broker {
+    pub fn embedded() -> Broker {
+        init_tracing();
+        Broker::Embedded(EmbeddedCluster::start().expect("embedded cluster"))
+    }
+
+    /// The broker named by `var`, or `None` (after printing why the test passes anyway).
+    pub fn real(var: &'static str) -> Option<Broker> {
+        init_tracing();
+        match std::env::var(var) {
+            Ok(b) if !b.trim().is_empty() => Some(Broker::Real(var, b)),
+            _ => {
+                eprintln!("skipped on this broker: {var} is not set (see .ci/run)");
+                None
+            }
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Broker::Embedded(c) => c.bootstrap_servers().to_owned(),
+            Broker::Real(_, b) => b.clone(),
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&EmbeddedCluster> {
+        match self {
+            Broker::Embedded(c) => Some(c),
+            Broker::Real(..) => None,
+        }
+    }
+
+    /// A fresh topic name (unique per test on a shared real broker), created.
+    pub async fn topic(&self, name: &str, partitions: i32) -> String {
+        let name = match self {
+            Broker::Embedded(_) => name.to_owned(),
+            Broker::Real(..) => format!("{name}-{:08x}", unique()),
+        };
+        self.create_topic(&name, partitions).await;
+        name
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
+            Broker::Real(_, b) => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                    rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", b)
+                        .create()
+                        .unwrap();
+                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let r = admin
+                    .create_topics(
+                        [&t],
+                        &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
+                    )
+                    .await
+                    .unwrap();
+                assert!(r[0].is_ok(), "creating {name}: {:?}", r[0]);
+                let (b, name) = (b.clone(), name.to_owned());
+                let ok = wait_until(WAIT, || {
+                    let (b, name) = (b.clone(), name.clone());
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            use rdkafka::consumer::Consumer;
+                            let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                                .set("bootstrap.servers", &b)
+                                .create()
+                                .unwrap();
+                            c.fetch_metadata(Some(&name), Duration::from_secs(5))
+                                .map(|m| {
+                                    m.topics().iter().any(|t| {
+                                        t.name() == name
+                                            && t.partitions().len() as i32 == partitions
+                                    })
+                                })
+                                .unwrap_or(false)
+                        })
+                        .await
+                        .unwrap_or(false)
+                    }
+                })
+                .await;
+                assert!(ok, "topic {name} never appeared");
+            }
+        }
+    }
+
+    /// A proxy builder on this broker, on a free loopback port.
+    pub fn proxy(&self, mut config: ProxyConfig) -> ProxyBuilder {
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.metadata_timeout = Duration::from_secs(5);
+        match self {
+            Broker::Embedded(c) => Proxy::builder(config).embedded(c),
+            Broker::Real(var, b) => {
+                config.brokers = b.clone();
+                let builder = Proxy::builder(config);
+                if *var == "SIDETRACK_TEST_BROKERS" {
+                    // Tansu 0.6 makes only the first record of a multi-record batch readable.
+                    builder.producer_property("batch.num.messages", "1")
+                } else {
+                    builder
+                }
+            }
+        }
+    }
+
+    pub async fn start(&self, config: ProxyConfig) -> ProxyHandle {
+        self.proxy(config).build().unwrap().start().await.unwrap()
+    }
+
+    pub async fn read_all(&self, topic: &str) -> Vec<Record> {
+        sidetrack::testing::read_all(&self.bootstrap(), topic)
+            .await
+            .unwrap()
+    }
+}
+
+fn unique() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish() as u32
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn code(&self) -> Option<u64> {
+        self.json()["error_code"].as_u64()
+    }
+    /// `(partition, offset)` of each record of a v2 answer (`None` where it failed).
+    pub fn offsets(&self) -> Vec<Option<(i32, Option<i64>)>> {
+        self.json()["offsets"]
+            .as_array()
+            .expect("offsets")
+            .iter()
+            .map(|o| {
+                o["error_code"].is_null().then(|| {
+                    (
+                        o["partition"].as_i64().unwrap() as i32,
+                        o["offset"].as_i64(),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// Sends one request on a new connection.
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub const JSON_V2: &str = "application/vnd.kafka.json.v2+json";
+pub const BINARY_V2: &str = "application/vnd.kafka.binary.v2+json";
+
+/// POST a v2 JSON body to `/topics/{topic}`.
+pub async fn post_json(handle: &ProxyHandle, topic: &str, body: serde_json::Value) -> Answer {
+    request(
+        handle.local_addr(),
+        "POST",
+        &format!("/topics/{topic}"),
+        &[("content-type", JSON_V2)],
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn get(handle: &ProxyHandle, path: &str) -> Answer {
+    request(handle.local_addr(), "GET", path, &[], Bytes::new())
+        .await
+        .unwrap()
+}
+
+pub fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A scenario that hangs fails with its name instead of stalling the whole test run.
+pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
+    const LIMIT: Duration = Duration::from_secs(240);
+    if tokio::time::timeout(LIMIT, scenario).await.is_err() {
+        panic!("scenario still running after {LIMIT:?}: hung");
+    }
+}
+
+/// Runs a scenario on the embedded broker, on Tansu (`SIDETRACK_TEST_BROKERS`) and on kfake
+/// (`SIDETRACK_TEST_KFAKE`); a real broker whose variable is unset passes after saying so.
+#[macro_export]
+macro_rules! on_all_brokers {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                within_limit($body(Broker::embedded())).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tansu() {
+                if let Some(b) = Broker::real("SIDETRACK_TEST_BROKERS") {
+                    within_limit($body(b)).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kfake() {
+                if let Some(b) = Broker::real("SIDETRACK_TEST_KFAKE") {
+                    within_limit($body(b)).await
+                }
+            }
+        }
+    };
+}
