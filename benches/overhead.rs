@@ -147,14 +147,21 @@ async fn raw_poll(bootstrap: &str, topic: &str, n: u64, round: u64) -> f64 {
     rate
 }
 
-/// A handler that awaits `0` per record (nothing at all when zero).
+/// The no-op handler: returns at once.
+struct NoOp;
+
+impl Handler for NoOp {
+    async fn handle(&self, _msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// A handler that awaits `0` per record.
 struct Work(Duration);
 
 impl Handler for Work {
     async fn handle(&self, _msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
-        if !self.0.is_zero() {
-            tokio::time::sleep(self.0).await;
-        }
+        tokio::time::sleep(self.0).await;
         Ok(())
     }
 }
@@ -176,7 +183,11 @@ async fn sidetrack(
     config.shutdown_timeout = Duration::from_secs(5);
     config.ordering = ordering;
     config.max_in_flight = max_in_flight;
-    let handle = bench.start_runtime(config, Work(work)).await;
+    let handle = if work.is_zero() {
+        bench.start_runtime(config, NoOp).await
+    } else {
+        bench.start_runtime(config, Work(work)).await
+    };
     let rate = steady_rate(n, || handle.stats().handled).await;
     let _ = handle.shutdown().await;
     rate

@@ -148,7 +148,7 @@ async fn key_order_holds_and_keys_overlap(env: Env) {
         "different keys ran concurrently (most at once: {most})"
     );
 }
-on_both_brokers!(key_order, 1, key_order_holds_and_keys_overlap);
+on_every_broker!(key_order, 1, key_order_holds_and_keys_overlap);
 
 /// `unordered`: records overlap, even of the same key.
 async fn unordered_records_overlap(env: Env) {
@@ -168,7 +168,7 @@ async fn unordered_records_overlap(env: Env) {
     );
     assert!(tracker.most_per_key.load(Ordering::SeqCst) > 1);
 }
-on_both_brokers!(unordered, 1, unordered_records_overlap);
+on_every_broker!(unordered, 1, unordered_records_overlap);
 
 /// Blocks records whose payload is `slow` until the gate opens; everything else is handled at
 /// once.
@@ -237,7 +237,7 @@ async fn a_slow_record_pins_the_committed_offset(env: Env) {
     assert!(done, "committed to the end once the slow record is done");
     rt.shutdown().await.unwrap();
 }
-on_both_brokers!(slow_pins, 1, a_slow_record_pins_the_committed_offset);
+on_every_broker!(slow_pins, 1, a_slow_record_pins_the_committed_offset);
 
 /// `key` ordering with one failing key: its record leaves for the retry tier without holding
 /// back other keys, and is handled on its retry.
@@ -273,7 +273,7 @@ async fn a_failing_key_leaves_for_its_tier_while_others_flow(env: Env) {
         "other keys were handled while k0 waited in its tier"
     );
 }
-on_both_brokers!(
+on_every_broker!(
     failing_key,
     1,
     a_failing_key_leaves_for_its_tier_while_others_flow
@@ -380,7 +380,7 @@ async fn a_partition_assigned_back_never_runs_a_key_twice(env: Env) {
     a.shutdown().await.unwrap();
     assert_eq!(in_a.most.load(Ordering::SeqCst), 1);
 }
-on_both_brokers!(
+on_every_broker!(
     assigned_back_keys,
     2,
     a_partition_assigned_back_never_runs_a_key_twice
@@ -413,7 +413,7 @@ async fn max_ahead_bounds_the_records_taken_past_a_stuck_one(env: Env) {
     wait_for("everything handled", || rt.stats().handled == 201).await;
     rt.shutdown().await.unwrap();
 }
-on_both_brokers!(
+on_every_broker!(
     max_ahead,
     1,
     max_ahead_bounds_the_records_taken_past_a_stuck_one

@@ -14,11 +14,13 @@ use super::{HandlerError, Header};
 /// idempotency. Where the record was actually read from is [`Message::received_from`].
 ///
 /// The runtime hands the handler a view of librdkafka's own buffer: reading the key, payload
-/// and headers copies nothing. Cloning a message copies the key and payload once (the clone
-/// owns its bytes and may outlive the handler call); cloning a clone is cheap.
+/// and headers copies nothing. Cloning a message copies the key, payload and topic name once
+/// (the clone owns its bytes and may outlive the handler call); cloning a clone is cheap.
+/// (`handler_fn` clones each message it passes on: a `Handler` implementation reads it in
+/// place.)
 pub struct Message {
-    /// Shared with the partition task: no copy of the topic name per record.
-    topic: Arc<str>,
+    /// The partition task's own name for it, borrowed: no copy or count per record.
+    topic: Topic,
     partition: i32,
     offset: i64,
     timestamp: Option<i64>,
@@ -46,6 +48,33 @@ struct Retried {
 unsafe impl Send for Message {}
 // SAFETY: see `Send`.
 unsafe impl Sync for Message {}
+
+/// A topic name: borrowed from the partition task (the runtime's messages; same contract as
+/// `Bytes::Borrowed`) or shared.
+enum Topic {
+    Borrowed { ptr: *const u8, len: usize },
+    Shared(Arc<str>),
+}
+
+impl Topic {
+    fn as_str(&self) -> &str {
+        match self {
+            // SAFETY: see `Message::from_consumed`: the task's topic name outlives the message;
+            // it was a `&str`, so the bytes are UTF-8.
+            Topic::Borrowed { ptr, len } => unsafe {
+                std::str::from_utf8_unchecked(std::slice::from_raw_parts(*ptr, *len))
+            },
+            Topic::Shared(t) => t,
+        }
+    }
+
+    fn shared(&self) -> Self {
+        match self {
+            Topic::Borrowed { .. } => Topic::Shared(Arc::from(self.as_str())),
+            Topic::Shared(t) => Topic::Shared(Arc::clone(t)),
+        }
+    }
+}
 
 /// Key or payload bytes.
 enum Bytes {
@@ -97,7 +126,7 @@ impl Clone for Message {
     /// The clone owns its key and payload (copied from librdkafka's buffer the first time).
     fn clone(&self) -> Self {
         Message {
-            topic: Arc::clone(&self.topic),
+            topic: self.topic.shared(),
             partition: self.partition,
             offset: self.offset,
             timestamp: self.timestamp,
@@ -114,7 +143,7 @@ impl Clone for Message {
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
-            .field("topic", &self.topic)
+            .field("topic", &self.topic.as_str())
             .field("partition", &self.partition)
             .field("offset", &self.offset)
             .field("attempt", &self.attempt)
@@ -129,7 +158,7 @@ impl Message {
     /// A message for tests: partition 0, offset 0, attempt 1, no key, no headers.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         Message {
-            topic: Arc::from(topic.into()),
+            topic: Topic::Shared(Arc::from(topic.into())),
             partition: 0,
             offset: 0,
             timestamp: None,
@@ -203,7 +232,11 @@ impl Message {
         envelope: Option<Envelope>,
     ) -> Self {
         let (key, payload) = (Bytes::borrowed(key), Bytes::borrowed(payload));
-        let mut msg = Self::build(received, timestamp, key, payload, headers, envelope);
+        let topic = Topic::Borrowed {
+            ptr: received.0.as_ptr(),
+            len: received.0.len(),
+        };
+        let mut msg = Self::build(received, topic, timestamp, key, payload, headers, envelope);
         if msg.headers.get().is_none() {
             msg.raw = raw;
         }
@@ -222,6 +255,7 @@ impl Message {
     ) -> Self {
         Self::build(
             received,
+            Topic::Shared(Arc::clone(received.0)),
             timestamp,
             Bytes::of(key),
             Bytes::of(payload),
@@ -230,22 +264,25 @@ impl Message {
         )
     }
 
+    /// `topic`: the name of the topic the record was read from, as the message keeps it.
+    #[allow(clippy::too_many_arguments)]
     fn build(
         received: (&Arc<str>, i32, i64),
+        topic: Topic,
         timestamp: Option<i64>,
         key: Bytes,
         payload: Bytes,
         headers: Option<Vec<Header>>,
         envelope: Option<Envelope>,
     ) -> Self {
-        let (topic, partition, offset) = received;
+        let (received_topic, partition, offset) = received;
         let headers = match headers {
             Some(h) => OnceLock::from((!h.is_empty()).then(|| Arc::from(h))),
             None => OnceLock::new(),
         };
         match envelope {
             None => Message {
-                topic: Arc::clone(topic),
+                topic,
                 partition,
                 offset,
                 timestamp,
@@ -257,7 +294,7 @@ impl Message {
                 retry: None,
             },
             Some(env) => Message {
-                topic: Arc::from(env.original_topic.as_str()),
+                topic: Topic::Shared(Arc::from(env.original_topic.as_str())),
                 partition: env.original_partition,
                 offset: env.original_offset,
                 timestamp: env.original_timestamp,
@@ -268,7 +305,7 @@ impl Message {
                 attempt: env.attempts.saturating_add(1),
                 retry: Some(Arc::new(Retried {
                     envelope: env,
-                    received_from: (Arc::clone(topic), partition, offset),
+                    received_from: (Arc::clone(received_topic), partition, offset),
                 })),
             },
         }
@@ -288,7 +325,7 @@ impl Message {
 
     /// Original topic.
     pub fn topic(&self) -> &str {
-        &self.topic
+        self.topic.as_str()
     }
 
     /// Original partition.
@@ -311,7 +348,7 @@ impl Message {
     pub fn received_from(&self) -> (&str, i32, i64) {
         match &self.retry {
             Some(r) => (&r.received_from.0, r.received_from.1, r.received_from.2),
-            None => (&self.topic, self.partition, self.offset),
+            None => (self.topic.as_str(), self.partition, self.offset),
         }
     }
 

@@ -37,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use error::panic_text;
 pub use error::{FailureKind, HandlerError, ResultExt};
-pub(crate) use header::{headers_of, headers_of_ptr};
 pub use header::to_owned_headers as rdkafka_headers;
 pub(crate) use header::to_owned_headers;
 pub use header::Header;
+pub(crate) use header::{headers_of, headers_of_ptr};
 pub use message::Message;
 
 /// Handles one record.
@@ -161,15 +161,44 @@ pub(crate) fn invoke_static<'a, H: Handler>(
     handler: &'a H,
     msg: &'a Message,
     cx: &'a Context,
-) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
-    let created = std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(msg, cx)));
-    async move {
-        match created {
-            Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
-                Ok(result) => result,
-                Err(payload) => Err(HandlerError::panicked(&*payload)),
-            },
-            Err(payload) => Err(HandlerError::panicked(&*payload)),
+) -> CatchPanics<impl Future<Output = Result<(), HandlerError>> + Send + 'a> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(msg, cx))) {
+        Ok(future) => CatchPanics::Running { future },
+        Err(payload) => CatchPanics::Panicked {
+            error: Some(HandlerError::panicked(&*payload)),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler call whose panics become retryable errors. Polled in place: the handler's
+    /// future is not moved again after it was created (the runtime calls this per record).
+    #[project = CatchPanicsProj]
+    pub(crate) enum CatchPanics<F> {
+        /// The handler's future.
+        Running { #[pin] future: F },
+        /// Creating it panicked; the error is returned on the first poll.
+        Panicked { error: Option<HandlerError> },
+    }
+}
+
+impl<F: Future<Output = Result<(), HandlerError>>> Future for CatchPanics<F> {
+    type Output = Result<(), HandlerError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            CatchPanicsProj::Running { future } => {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+                    Ok(poll) => poll,
+                    Err(payload) => std::task::Poll::Ready(Err(HandlerError::panicked(&*payload))),
+                }
+            }
+            CatchPanicsProj::Panicked { error } => std::task::Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| HandlerError::retryable("handler polled after it panicked")))),
         }
     }
 }

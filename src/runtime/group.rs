@@ -107,11 +107,7 @@ impl GroupContext {
 
     /// Waits while this member is fenced (see `fenced`); false if `stop` or `revoked` was
     /// cancelled first.
-    pub(crate) async fn wait_unfenced(
-        &self,
-        stop: &Signal,
-        revoked: &Signal,
-    ) -> bool {
+    pub(crate) async fn wait_unfenced(&self, stop: &Signal, revoked: &Signal) -> bool {
         // Per-record fast path: no waiter registered while we are in the group.
         if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
             return true;

@@ -22,11 +22,11 @@ use futures_util::future::{BoxFuture, Either};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
+use super::signal::Signal;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message as _;
-use super::signal::Signal;
 use tracing::Instrument;
 
 use crate::config::Ordering as RecordOrdering;
@@ -337,46 +337,88 @@ impl PartitionTask {
                     continue;
                 }
             };
-            let taken = self.take(detach(raw), &mut frontier, &mut batch);
-            let mut work = pin!(self.process(handler, taken));
-            // A handler that finishes at once costs nothing more; one that waits shows in the
-            // in-flight gauges while it does.
-            let first = futures_util::poll!(work.as_mut());
-            if first.is_pending() {
-                self.meters.publish(1, 0, frontier.durable_ahead());
-            }
-            // Earlier hand-offs keep settling while this record is handled.
-            let finished = if let Poll::Ready(finished) = first {
-                finished
-            } else {
-                loop {
-                    tokio::select! {
-                        // Work first: a handler that finishes at once polls nothing else.
-                        biased;
-                        finished = &mut work => break finished,
-                        Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
-                            if let Err(end) = self.settled(seq, settled, &mut frontier) {
-                                return end;
+            // The record is handled right here, not in a future of its own: nothing to
+            // allocate, and nothing large to move per record.
+            let raw = detach(raw);
+            let seq = self.mark_taken(&raw, &mut frontier, &mut batch);
+            let decoded = self.decode(&raw, &mut batch);
+            let span = self.record_span(&raw, &decoded);
+            let step = match decoded {
+                Err(invalid) => self.invalid(invalid),
+                Ok(Decoded { msg, due }) => {
+                    if let Some((due, written_at)) = due {
+                        // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
+                        let mut wait = Box::pin(self.wait_until_due(due, written_at));
+                        let waited = loop {
+                            tokio::select! {
+                                biased;
+                                waited = &mut wait => break waited,
+                                Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                    if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                        return end;
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(abandoned) = waited {
+                            // Stopped or revoked while waiting: the record has no outcome.
+                            drop(msg);
+                            drop(raw);
+                            return match self.end(abandoned) {
+                                End::Stopped => {
+                                    self.drain(&mut handoffs, &mut frontier, &mut batch).await
+                                }
+                                end => end,
+                            };
+                        }
+                        self.retried_metrics(&msg, due);
+                    }
+                    let (sampled, started) = self.clock_for_call();
+                    let (result, elapsed) = {
+                        let call = invoke_static(handler, &msg, &self.shared.cx);
+                        let mut call = pin!(match span {
+                            Some(span) => Either::Left(call.instrument(span)),
+                            None => Either::Right(call),
+                        });
+                        // A handler that returns at once costs nothing more; one that waits shows in
+                        // the in-flight gauges while it does, and earlier hand-offs keep settling.
+                        match futures_util::poll!(call.as_mut()) {
+                            Poll::Ready(result) => (result, sampled.then(|| started.elapsed())),
+                            Poll::Pending => {
+                                let started = started.or_now();
+                                self.meters.publish(1, 0, frontier.durable_ahead());
+                                let result = loop {
+                                    tokio::select! {
+                                        biased;
+                                        result = &mut call => break result,
+                                        Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                            if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                                return end;
+                                            }
+                                        }
+                                        _ = &mut revoked_wait => {
+                                            // Drop the queue now: a new queue for this partition
+                                            // may be split soon, and an old handle alive beside it
+                                            // stops its wake-ups. The next owner in this process
+                                            // waits for this task to end before it takes a record,
+                                            // so the record is never in two handler calls at once.
+                                            drop(queue.take());
+                                            let _ = call.await;
+                                            return End::Revoked;
+                                        }
+                                    }
+                                };
+                                (result, Some(started.elapsed()))
                             }
                         }
-                        _ = &mut revoked_wait => {
-                            // Drop the queue now: a new queue for this partition may be split
-                            // soon, and an old handle alive beside it stops its wake-ups. The
-                            // next owner in this process waits for this task to end before it
-                            // takes a record, so the record is never in two handler calls at once.
-                            drop(queue.take());
-                            let _ = work.await;
-                            return End::Revoked;
-                        }
+                    };
+                    match self.conclude(&msg, result, elapsed) {
+                        None => Step::Done,
+                        Some((decision, error)) => Step::HandOff(msg, decision, error),
                     }
                 }
             };
-            if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
-                if matches!(end, End::Stopped) {
-                    return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
-                }
-                return end;
-            }
+            self.step(seq, step, raw, &mut frontier, &mut batch, &mut handoffs);
         }
     }
 
@@ -526,10 +568,7 @@ impl PartitionTask {
 
     /// Takes a record: its place in the frontier, its key, and what it decodes to.
     fn take(&self, raw: Raw, frontier: &mut Frontier, batch: &mut Batch) -> Taken {
-        let offset = raw.offset();
-        self.progress.at(offset);
-        let seq = frontier.take(offset);
-        batch.since_flush += 1;
+        let seq = self.mark_taken(&raw, frontier, batch);
         let key = (self.ordering == RecordOrdering::Key)
             .then(|| raw.key().map(key_hash))
             .flatten();
@@ -540,6 +579,15 @@ impl PartitionTask {
             decoded,
             raw,
         }
+    }
+
+    /// Marks a record as taken (before anything that could fail: a task restarted after a
+    /// panic starts again from it): its place in the frontier.
+    fn mark_taken(&self, raw: &Raw, frontier: &mut Frontier, batch: &mut Batch) -> Seq {
+        let offset = raw.offset();
+        self.progress.at(offset);
+        batch.since_flush += 1;
+        frontier.take(offset)
     }
 
     /// What to do with a finished record: durable, or handed off. `Err(End::Stopped)` when
@@ -555,12 +603,32 @@ impl PartitionTask {
             seq, outcome, raw, ..
         } = finished;
         match outcome {
-            Ok(Step::Done) => {
-                batch.handled += 1;
-                self.durable(seq, frontier);
+            Ok(step) => {
+                self.step(seq, step, raw, frontier, batch, handoffs);
                 Ok(())
             }
-            Ok(Step::HandOff(msg, decision, error)) => {
+            Err(Abandoned::Failed(reason)) => Err(End::Failed(reason)),
+            Err(Abandoned::Told) if self.revoked.is_cancelled() => Err(End::Revoked),
+            Err(Abandoned::Told) => Err(End::Stopped),
+        }
+    }
+
+    /// What a handled record leaves to do: durable at once, or a hand-off to send.
+    fn step<'a>(
+        &'a self,
+        seq: Seq,
+        step: Step,
+        raw: Raw,
+        frontier: &mut Frontier,
+        batch: &mut Batch,
+        handoffs: &mut FuturesUnordered<HandOffFuture<'a>>,
+    ) {
+        match step {
+            Step::Done => {
+                batch.handled += 1;
+                self.durable(seq, frontier);
+            }
+            Step::HandOff(msg, decision, error) => {
                 handoffs.push(Box::pin(async move {
                     let settled = self.hand_off(&msg, decision, &error).await;
                     // The message's views into librdkafka's buffer go before the buffer.
@@ -568,11 +636,7 @@ impl PartitionTask {
                     drop(raw);
                     (seq, settled)
                 }));
-                Ok(())
             }
-            Err(Abandoned::Failed(reason)) => Err(End::Failed(reason)),
-            Err(Abandoned::Told) if self.revoked.is_cancelled() => Err(End::Revoked),
-            Err(Abandoned::Told) => Err(End::Stopped),
         }
     }
 
@@ -704,8 +768,9 @@ impl PartitionTask {
         }
         // SAFETY (every `from_consumed` below): the views point into `raw`, which the record's
         // `Taken`/`Finished`/hand-off future keeps alive, declared after the message so that
-        // it is dropped after it; the handler only gets the message by reference, and its
-        // clones own their bytes.
+        // it is dropped after it, and into this task's topic name, which outlives every record
+        // the task takes; the handler only gets the message by reference, and its clones own
+        // their bytes.
         let Some(tier) = self.tier else {
             return Ok(Decoded {
                 msg: unsafe {
@@ -760,8 +825,8 @@ impl PartitionTask {
         }
     }
 
-    /// Runs one record: waits until it is due (retry tiers), calls the handler, decides what
-    /// comes next.
+    /// Runs one record in a future of its own (`key` and `unordered` ordering): waits until
+    /// it is due (retry tiers), calls the handler, decides what comes next.
     fn process<'a, H: Handler>(
         &'a self,
         handler: &'a H,
@@ -773,25 +838,7 @@ impl PartitionTask {
             decoded,
             raw,
         } = taken;
-        // A span only when someone listens: wrapping every record's future in a disabled span
-        // still costs an enter and an exit per poll.
-        let span = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-            let span = tracing::debug_span!(
-                "record",
-                topic = %self.topic,
-                partition = self.partition,
-                offset = raw.offset(),
-                attempt = tracing::field::Empty,
-                key_hash = tracing::field::Empty,
-            );
-            if let Ok(d) = &decoded {
-                span.record("attempt", d.msg.attempt());
-                if let Some(key) = d.msg.key() {
-                    span.record("key_hash", format!("{:016x}", key_hash(key)));
-                }
-            }
-            span
-        });
+        let span = self.record_span(&raw, &decoded);
         let run = async move {
             let outcome = self.outcome(handler, decoded).await;
             Finished {
@@ -807,6 +854,29 @@ impl PartitionTask {
         }
     }
 
+    /// The record's span, only when someone listens: wrapping every record's future in a
+    /// disabled span still costs an enter and an exit per poll.
+    fn record_span(&self, raw: &Raw, decoded: &Result<Decoded, Invalid>) -> Option<tracing::Span> {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return None;
+        }
+        let span = tracing::debug_span!(
+            "record",
+            topic = %self.topic,
+            partition = self.partition,
+            offset = raw.offset(),
+            attempt = tracing::field::Empty,
+            key_hash = tracing::field::Empty,
+        );
+        if let Ok(d) = decoded {
+            span.record("attempt", d.msg.attempt());
+            if let Some(key) = d.msg.key() {
+                span.record("key_hash", format!("{:016x}", key_hash(key)));
+            }
+        }
+        Some(span)
+    }
+
     async fn outcome<H: Handler>(
         &self,
         handler: &H,
@@ -814,54 +884,79 @@ impl PartitionTask {
     ) -> Result<Step, Abandoned> {
         let (msg, due) = match decoded {
             Ok(Decoded { msg, due }) => (msg, due),
-            Err(Invalid { msg, reason }) => {
-                tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
-                return Ok(Step::HandOff(
-                    msg,
-                    Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
-                    reason,
-                ));
-            }
+            Err(invalid) => return Ok(self.invalid(invalid)),
         };
         if let Some((due, written_at)) = due {
             // Boxed: the wait (timers and cancellation futures) is large, and only retried
-            // records need it; inline it would make every record's future that large, and it
-            // is moved a few times per record.
+            // records need it; inline it would make every record's future that large.
             Box::pin(self.wait_until_due(due, written_at)).await?;
-            // Only retry tier partitions read records with an envelope.
-            if let Some(meters) = &self.meters.retry {
-                let now = now_ms();
-                meters.lateness.record(elapsed_secs(due, now));
-                // The whole cost of the retries so far: from the original record to here.
-                if let Some(ts) = msg.timestamp() {
-                    meters.e2e_original.record(elapsed_secs(ts, now));
-                }
-            }
+            self.retried_metrics(&msg, due);
         }
-        let shared = &self.shared;
-        let sampled = self.calls.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0;
-        let started = sampled.then(Instant::now);
+        let (sampled, started) = self.clock_for_call();
         let (result, elapsed) = {
-            let mut call = pin!(invoke_static(handler, &msg, &shared.cx));
+            let mut call = pin!(invoke_static(handler, &msg, &self.shared.cx));
             match futures_util::poll!(call.as_mut()) {
-                Poll::Ready(result) => (result, started.map(|s| s.elapsed())),
+                Poll::Ready(result) => (result, sampled.then(|| started.elapsed())),
                 Poll::Pending => {
-                    let started = started.unwrap_or_else(Instant::now);
-                    let result = call.await;
-                    (result, Some(started.elapsed()))
+                    let started = started.or_now();
+                    (call.await, Some(started.elapsed()))
                 }
             }
         };
+        Ok(match self.conclude(&msg, result, elapsed) {
+            None => Step::Done,
+            Some((decision, error)) => Step::HandOff(msg, decision, error),
+        })
+    }
+
+    /// What to do with a record whose envelope cannot be trusted: the DLQ.
+    fn invalid(&self, Invalid { msg, reason }: Invalid) -> Step {
+        tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
+        Step::HandOff(
+            msg,
+            Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
+            reason,
+        )
+    }
+
+    /// Lateness and end-to-end latency of a retried record, once it is due.
+    fn retried_metrics(&self, msg: &Message, due: i64) {
+        // Only retry tier partitions read records with an envelope.
+        if let Some(meters) = &self.meters.retry {
+            let now = now_ms();
+            meters.lateness.record(elapsed_secs(due, now));
+            // The whole cost of the retries so far: from the original record to here.
+            if let Some(ts) = msg.timestamp() {
+                meters.e2e_original.record(elapsed_secs(ts, now));
+            }
+        }
+    }
+
+    /// Whether this call is timed even if it returns at once (one in [`SAMPLE_EVERY`]), and
+    /// when it started (read only then; a call that waits reads it after its first poll).
+    fn clock_for_call(&self) -> (bool, LazyInstant) {
+        let sampled = self.calls.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0;
+        (sampled, LazyInstant(sampled.then(Instant::now)))
+    }
+
+    /// What the handler's result means: done (`None`), or a hand-off to a retry tier or the
+    /// DLQ, with the error text.
+    fn conclude(
+        &self,
+        msg: &Message,
+        result: Result<(), crate::HandlerError>,
+        elapsed: Option<Duration>,
+    ) -> Option<(Decision, String)> {
         let elapsed = elapsed.map(|d| d.as_secs_f64());
         match result {
             Ok(()) => {
                 if let Some(e) = elapsed {
                     self.meters.processing_handled.record(e);
                 }
-                Ok(Step::Done)
+                None
             }
             Err(error) => {
-                let decision = shared.policy.decide(msg.attempt(), &error);
+                let decision = self.shared.policy.decide(msg.attempt(), &error);
                 if let Some(e) = elapsed {
                     match decision {
                         Decision::Retry { .. } => self.meters.processing_retry.record(e),
@@ -872,7 +967,7 @@ impl PartitionTask {
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
                     attempt = msg.attempt(), error = %error, ?decision, "handler failed"
                 );
-                Ok(Step::HandOff(msg, decision, error.message().to_owned()))
+                Some((decision, error.message().to_owned()))
             }
         }
     }
@@ -914,6 +1009,22 @@ impl PartitionTask {
             _ = self.stop.cancelled() => false,
             _ = self.revoked.cancelled() => false,
         }
+    }
+}
+
+/// When a handler call started: read up front for sampled calls, else on first use (after the
+/// call's first poll, for calls that wait).
+struct LazyInstant(Option<Instant>);
+
+impl LazyInstant {
+    /// Time since the start of a sampled call (zero for a call that was not sampled).
+    fn elapsed(&self) -> Duration {
+        self.0.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// The start, read now if it was not read up front (a call that waits is always timed).
+    fn or_now(&self) -> Instant {
+        self.0.unwrap_or_else(Instant::now)
     }
 }
 

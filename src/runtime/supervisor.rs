@@ -7,12 +7,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::signal::Signal;
 use futures_util::FutureExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 use tokio::task::JoinHandle;
-use super::signal::Signal;
 
 use crate::handler::panic_text;
 use crate::metrics as m;
