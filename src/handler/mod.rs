@@ -60,9 +60,11 @@ pub use message::Message;
 /// }
 /// ```
 ///
-/// Records of one partition are handled one at a time, in order; partitions are handled in
-/// parallel, so the handler is shared (`&self`) and must be `Send + Sync`. A panic is caught
-/// and treated as a retryable failure with the panic message recorded.
+/// By default records of one partition are handled one at a time, in order, and partitions in
+/// parallel; with [`Config::ordering`](crate::Config::ordering) set to `key` or `unordered`
+/// several records of a partition run at once. The handler is shared (`&self`) and must be
+/// `Send + Sync`. A panic is caught and treated as a retryable failure with the panic message
+/// recorded.
 pub trait Handler: Send + Sync + 'static {
     /// Handles `msg`. `Ok` stores its offset; an error sends it to a retry tier or the DLQ.
     fn handle(

@@ -477,8 +477,22 @@ impl Group {
         // for them: nothing would stop it, and it would keep the consumer alive.
         ctx.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + timeout;
+        // Kept past the tasks' end: if the final commit fails, each partition's records since
+        // its last commit are handled again by the next owner, and that is reported.
+        let owned: Vec<((String, i32), Arc<Progress>)> = ctx
+            .slots()
+            .iter()
+            .map(|(k, s)| (k.clone(), Arc::clone(&s.progress)))
+            .collect();
         finish_tasks(ctx, deadline).await;
-        self.final_commit(role).await;
+        if !self.final_commit(role).await {
+            for ((topic, partition), progress) in owned {
+                let uncommitted = progress.uncommitted();
+                if uncommitted > 0 {
+                    tracing::warn!(?role, topic, partition, uncommitted, "final commit failed; records handled since the last commit will be handled again");
+                }
+            }
+        }
         self.poller_stop.cancel();
         let _ = self.poller.await;
         let _ = self.sampler.await;
@@ -503,8 +517,9 @@ impl Group {
 
     /// Commits the stored offsets. A commit refused because the group is rebalancing (another
     /// member joined or left) is tried again once the poller has served the rebalance, until
-    /// [`CLOSE_TIMEOUT`]: every offset not committed here is a record handled twice later.
-    async fn final_commit(&self, role: Role) {
+    /// [`CLOSE_TIMEOUT`]: every offset not committed here is a record handled twice later. False
+    /// if it failed.
+    async fn final_commit(&self, role: Role) -> bool {
         use rdkafka::types::RDKafkaErrorCode as C;
         let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         loop {
@@ -515,7 +530,7 @@ impl Group {
             })
             .await;
             match committed {
-                Some(Ok(())) | Some(Err(KafkaError::ConsumerCommit(C::NoOffset))) => return,
+                Some(Ok(())) | Some(Err(KafkaError::ConsumerCommit(C::NoOffset))) => return true,
                 Some(Err(KafkaError::ConsumerCommit(C::RebalanceInProgress)))
                     if tokio::time::Instant::now() + Duration::from_millis(200) < deadline =>
                 {
@@ -526,12 +541,12 @@ impl Group {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(?role, error = %e, "final commit failed; records after the last commit will be delivered again");
-                    return;
+                    tracing::warn!(?role, error = %e, "final commit failed");
+                    return false;
                 }
                 None => {
                     tracing::warn!(?role, timeout = ?CLOSE_TIMEOUT, "final commit did not answer in time");
-                    return;
+                    return false;
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! The runtime: a main consumer for the source topics and a retry consumer for the tier
 //! topics, each running one task per assigned partition, plus the hand-off producer.
 //!
-//! * Records of one partition are handled one at a time, in order; partitions in parallel.
+//! * Records of one partition are handled one at a time, in order (`ordering = "partition"`),
+//!   or several at once: by key (`"key"`) or not ordered (`"unordered"`); partitions in
+//!   parallel. Offsets are stored at the contiguous frontier of durable outcomes.
 //! * An offset is stored only after a durable outcome: the handler succeeded, or the record
 //!   was acknowledged by the broker on a retry or dead-letter topic. If that hand-off fails the
 //!   partition is paused and the hand-off retried with backoff; the partition never moves past

@@ -119,7 +119,7 @@ pub(crate) struct Taken {
     /// Its key's identity for `key` ordering.
     key: Option<u64>,
     /// Views into `raw`: declared (and so dropped) before it.
-    decoded: Result<Decoded, Invalid>,
+    decoded: Result<Decoded, Box<Invalid>>,
     raw: Raw,
 }
 
@@ -139,7 +139,7 @@ pub(crate) struct Decoded {
     due: Option<(i64, Option<i64>)>,
 }
 
-/// A retry-topic record whose envelope cannot be trusted.
+/// A retry-topic record whose envelope cannot be trusted (boxed where it travels: rare).
 pub(crate) struct Invalid {
     msg: Message,
     reason: String,
@@ -344,7 +344,7 @@ impl PartitionTask {
             let decoded = self.decode(&raw, &mut batch);
             let span = self.record_span(&raw, &decoded);
             let step = match decoded {
-                Err(invalid) => self.invalid(invalid),
+                Err(invalid) => self.invalid(*invalid),
                 Ok(Decoded { msg, due }) => {
                     if let Some((due, written_at)) = due {
                         // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
@@ -386,7 +386,10 @@ impl PartitionTask {
                             Poll::Ready(result) => (result, sampled.then(|| started.elapsed())),
                             Poll::Pending => {
                                 let started = started.or_now();
-                                self.meters.publish(1, 0, frontier.durable_ahead());
+                                // The handler waits: a good moment to store the frontier (with
+                                // slow handlers and a full queue, every 256 records could be
+                                // seconds of work redone after a crash).
+                                self.flush(&mut frontier, &mut batch, 1, 0);
                                 let result = loop {
                                     tokio::select! {
                                         biased;
@@ -757,7 +760,7 @@ impl PartitionTask {
     }
 
     /// Reads the record in librdkafka's buffer and, on a retry topic, its envelope.
-    fn decode(&self, raw: &Raw, batch: &mut Batch) -> Result<Decoded, Invalid> {
+    fn decode(&self, raw: &Raw, batch: &mut Batch) -> Result<Decoded, Box<Invalid>> {
         let (key, payload) = (raw.key(), raw.payload());
         batch.consumed += 1;
         batch.bytes += (key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len)) as u64;
@@ -808,7 +811,7 @@ impl PartitionTask {
                     due,
                 })
             }
-            Err(reason) => Err(Invalid {
+            Err(reason) => Err(Box::new(Invalid {
                 msg: unsafe {
                     Message::from_consumed(
                         raw.ptr(),
@@ -821,7 +824,7 @@ impl PartitionTask {
                     )
                 },
                 reason,
-            }),
+            })),
         }
     }
 
@@ -856,7 +859,11 @@ impl PartitionTask {
 
     /// The record's span, only when someone listens: wrapping every record's future in a
     /// disabled span still costs an enter and an exit per poll.
-    fn record_span(&self, raw: &Raw, decoded: &Result<Decoded, Invalid>) -> Option<tracing::Span> {
+    fn record_span(
+        &self,
+        raw: &Raw,
+        decoded: &Result<Decoded, Box<Invalid>>,
+    ) -> Option<tracing::Span> {
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return None;
         }
@@ -880,11 +887,11 @@ impl PartitionTask {
     async fn outcome<H: Handler>(
         &self,
         handler: &H,
-        decoded: Result<Decoded, Invalid>,
+        decoded: Result<Decoded, Box<Invalid>>,
     ) -> Result<Step, Abandoned> {
         let (msg, due) = match decoded {
             Ok(Decoded { msg, due }) => (msg, due),
-            Err(invalid) => return Ok(self.invalid(invalid)),
+            Err(invalid) => return Ok(self.invalid(*invalid)),
         };
         if let Some((due, written_at)) = due {
             // Boxed: the wait (timers and cancellation futures) is large, and only retried
