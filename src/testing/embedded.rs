@@ -156,6 +156,20 @@ impl EmbeddedCluster {
         })
     }
 
+    /// Makes broker `id` (-1: all brokers) answer every request `rtt` late (zero: at once
+    /// again): a slow or stalled broker, with connections kept open.
+    ///
+    /// Prefer it to [`EmbeddedCluster::broker_down`] in tests that run many clients at once:
+    /// taking a mock broker down closes and re-binds its listening socket, and librdkafka's
+    /// mock aborts the whole process when that re-bind fails (seen on a loaded machine).
+    pub fn set_broker_rtt(&self, id: i32, rtt: std::time::Duration) -> Result<(), Error> {
+        let ms = i32::try_from(rtt.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: valid cluster.
+        mock_err("setting a broker's round-trip time", unsafe {
+            rdsys::rd_kafka_mock_broker_set_rtt(self.inner.mock, id, ms)
+        })
+    }
+
     /// Brings broker `id` back up (-1: all brokers).
     pub fn broker_up(&self, id: i32) -> Result<(), Error> {
         // SAFETY: valid cluster.
