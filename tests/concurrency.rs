@@ -279,57 +279,13 @@ on_every_broker!(
     a_failing_key_leaves_for_its_tier_while_others_flow
 );
 
-/// Counts calls per key in progress in one instance; calls wait at a gate.
-#[derive(Clone)]
-struct GatedKeys {
-    gate: Arc<tokio::sync::Semaphore>,
-    active: Arc<Mutex<HashMap<String, usize>>>,
-    most: Arc<AtomicUsize>,
-    calls: Arc<AtomicUsize>,
-}
-
-impl GatedKeys {
-    fn new() -> Self {
-        GatedKeys {
-            gate: Arc::new(tokio::sync::Semaphore::new(0)),
-            active: Arc::default(),
-            most: Arc::default(),
-            calls: Arc::default(),
-        }
-    }
-}
-
-impl Handler for GatedKeys {
-    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
-        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
-        {
-            let mut active = self.active.lock().unwrap();
-            let n = active.entry(key.clone()).or_default();
-            *n += 1;
-            self.most.fetch_max(*n, Ordering::SeqCst);
-        }
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        struct Done(Arc<Mutex<HashMap<String, usize>>>, String);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                if let Some(n) = self.0.lock().unwrap().get_mut(&self.1) {
-                    *n -= 1;
-                }
-            }
-        }
-        let _done = Done(Arc::clone(&self.active), key);
-        drop(self.gate.acquire().await);
-        Ok(())
-    }
-}
-
 /// `key` ordering: a partition revoked from an instance while several keys are in handler
 /// calls, then assigned back to it, never runs one key twice at once in that instance.
 async fn a_partition_assigned_back_never_runs_a_key_twice(env: Env) {
     let mut config = env.config();
     config.ordering = RecordOrdering::Key;
     config.shutdown_timeout = Duration::from_millis(500);
-    let in_a = GatedKeys::new();
+    let in_a = Gated::by_key();
     let a = env
         .builder(config.clone())
         .handler(in_a.clone())
@@ -350,11 +306,7 @@ async fn a_partition_assigned_back_never_runs_a_key_twice(env: Env) {
         in_a.calls.load(Ordering::SeqCst) == 12
     })
     .await;
-    let b = env
-        .builder(config)
-        .handler(GatedKeys::new())
-        .started()
-        .await;
+    let b = env.builder(config).handler(Gated::by_key()).started().await;
     wait_for("one partition moved to B", || {
         a.assigned_partitions().len() == 1 && b.assigned_partitions().len() == 1
     })

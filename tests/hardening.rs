@@ -581,58 +581,6 @@ async fn a_revocation_mid_backoff_leaves_no_pause_behind() {
 
 // ------------------------------------------------------------------ revoke and assign back
 
-/// Counts handler calls in progress per record in one instance; every call waits at an async
-/// gate (it yields while it waits).
-#[derive(Clone)]
-struct Gated {
-    gate: Arc<tokio::sync::Semaphore>,
-    active: Arc<Mutex<HashMap<String, usize>>>,
-    most: Arc<AtomicUsize>,
-    calls: Arc<AtomicUsize>,
-}
-
-impl Gated {
-    fn new(gate: Arc<tokio::sync::Semaphore>) -> Self {
-        Gated {
-            gate,
-            active: Arc::default(),
-            most: Arc::default(),
-            calls: Arc::default(),
-        }
-    }
-    fn closed() -> Self {
-        Self::new(Arc::new(tokio::sync::Semaphore::new(0)))
-    }
-    fn running(&self) -> usize {
-        self.active.lock().unwrap().values().sum()
-    }
-}
-
-impl Handler for Gated {
-    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
-        let id = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
-        {
-            let mut active = self.active.lock().unwrap();
-            let n = active.entry(id.clone()).or_default();
-            *n += 1;
-            self.most.fetch_max(*n, Ordering::SeqCst);
-        }
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        // Decrements also when the call is abandoned (its future dropped).
-        struct Done(Arc<Mutex<HashMap<String, usize>>>, String);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                if let Some(n) = self.0.lock().unwrap().get_mut(&self.1) {
-                    *n -= 1;
-                }
-            }
-        }
-        let _done = Done(Arc::clone(&self.active), id);
-        drop(self.gate.acquire().await);
-        Ok(())
-    }
-}
-
 /// A partition revoked from an instance and assigned back to it while its old task was still
 /// in a handler call used to have one record in two handler calls at once in that instance
 /// (the new task re-read from the committed offset). The new task now waits for the old one.

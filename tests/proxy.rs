@@ -612,6 +612,43 @@ async fn broker_errors_map_to_statuses() {
     .await
 }
 
+/// A fatal error of the idempotent producer (one OUT_OF_ORDER_SEQUENCE_NUMBER answer): every
+/// later send fails, so the instance must be replaced. librdkafka reports the error with its
+/// underlying code, so readiness asks the client: `/readyz` turns 503 at once (it stayed green
+/// before, while every request failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_turns_readiness_red() {
+    within_limit(async {
+        let config = ProxyConfig {
+            request_timeout: Duration::from_millis(1000),
+            ..ProxyConfig::default()
+        };
+        let (_broker, cluster, topic, proxy) = embedded_with(1, config).await;
+        assert_eq!(
+            post_json(&proxy, &topic, json!({"records": [{"value": 0}]}))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        assert_eq!(get(&proxy, "/readyz").await.status, StatusCode::OK);
+        cluster.fail_requests(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        );
+        let failed = post_json(&proxy, &topic, json!({"records": [{"value": 1}]})).await;
+        assert_ne!(failed.status, StatusCode::OK, "{:?}", failed.json());
+        assert!(
+            sidetrack::testing::wait_until(Duration::from_secs(10), || async {
+                get(&proxy, "/readyz").await.status == StatusCode::SERVICE_UNAVAILABLE
+            })
+            .await,
+            "readyz turns red after a fatal producer error"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
 /// Saturation: with the in-flight bound taken by a request waiting on a down broker, the
 /// next request is answered 429 with Retry-After at once; after it, requests are admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

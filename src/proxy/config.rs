@@ -366,7 +366,9 @@ impl ProxyConfig {
             );
         }
         for key in self.producer.keys() {
-            if let Some((_, why)) = MANAGED.iter().find(|(k, _)| k == key) {
+            // Under any spelling librdkafka accepts (`topic.` prefix, aliases).
+            let name = crate::config::canonical_property(key);
+            if let Some((_, why)) = MANAGED.iter().find(|(k, _)| *k == name) {
                 return Err(ConfigError::invalid(
                     format!("proxy.producer.\"{key}\""),
                     format!("is managed by the proxy: {why}"),
@@ -429,6 +431,9 @@ mod tests {
             "message.timeout.ms",
             "linger.ms",
             "transactional.id",
+            // librdkafka's `topic.` prefix sets the same property.
+            "topic.acks",
+            "topic.message.timeout.ms",
         ] {
             let mut c = ProxyConfig::default();
             c.producer.insert(key.into(), "1".into());

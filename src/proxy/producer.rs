@@ -32,26 +32,15 @@ pub(crate) struct ProxyContext {
 
 impl ClientContext for ProxyContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", fac, "{message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
+        crate::runtime::forward_log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            self.fatal.store(true, Ordering::Relaxed);
-            tracing::error!(target: "librdkafka", %error, "fatal producer error; this proxy instance must be restarted (readyz now fails): {reason}");
-        } else {
-            tracing::warn!(target: "librdkafka", %error, "{reason}");
-        }
+        // A fatal error arrives here with its underlying code (e.g. OutOfOrderSequenceNumber),
+        // not as `Fatal`: only the client knows it was fatal, and `Shared::is_fatal` asks it.
+        // This flag only makes the next readiness check ask at once.
+        self.fatal.store(true, Ordering::Relaxed);
+        crate::runtime::forward_error(error, reason);
     }
 
     fn stats(&self, stats: Statistics) {
@@ -264,9 +253,20 @@ impl SharedProducer {
         )
     }
 
-    /// Whether librdkafka reported a fatal error (the producer is unusable).
+    /// Whether the producer hit a fatal error (it is unusable: every later send fails).
+    /// Asked of the client itself, after any client error: librdkafka reports a fatal error
+    /// with its underlying code, so the code alone cannot tell.
     pub(crate) fn is_fatal(&self) -> bool {
-        self.fatal.load(Ordering::Relaxed)
+        if !self.fatal.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.producer.client().fatal_error() {
+            Some((code, reason)) => {
+                tracing::error!(?code, %reason, "fatal producer error; this proxy instance must be restarted (readyz fails)");
+                true
+            }
+            None => false,
+        }
     }
 
     /// Admits `records` records of `bytes` bytes, or answers at once: 413 if the request can

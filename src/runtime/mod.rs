@@ -43,6 +43,7 @@ use crate::handler::{Context, Handler};
 use crate::retry::{RetryPolicy, Topology};
 use crate::testing::EmbeddedCluster;
 
+pub(crate) use client::{forward_error, forward_log};
 use group::{Group, Role};
 use handoff::HandoffProducer;
 use partition::RunPartition;

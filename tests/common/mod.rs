@@ -126,6 +126,77 @@ impl Handler for Recorder {
     }
 }
 
+/// Counts handler calls in progress per record (its payload) or per key in one instance;
+/// every call waits at an async gate (it yields while it waits).
+#[derive(Clone)]
+pub struct Gated {
+    pub gate: Arc<tokio::sync::Semaphore>,
+    pub active: Arc<Mutex<HashMap<String, usize>>>,
+    /// Most calls at once for one record (or key).
+    pub most: Arc<std::sync::atomic::AtomicUsize>,
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
+    by_key: bool,
+}
+
+impl Gated {
+    /// Counted per record (its payload), waiting at `gate`.
+    pub fn new(gate: Arc<tokio::sync::Semaphore>) -> Self {
+        Gated {
+            gate,
+            active: Arc::default(),
+            most: Arc::default(),
+            calls: Arc::default(),
+            by_key: false,
+        }
+    }
+    /// Counted per record, waiting at a gate that stays closed until permits are added.
+    pub fn closed() -> Self {
+        Self::new(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+    /// Counted per key, waiting at a closed gate.
+    pub fn by_key() -> Self {
+        Gated {
+            by_key: true,
+            ..Self::closed()
+        }
+    }
+    /// Calls in progress now.
+    pub fn running(&self) -> usize {
+        self.active.lock().unwrap().values().sum()
+    }
+}
+
+impl Handler for Gated {
+    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        use std::sync::atomic::Ordering;
+        let bytes = if self.by_key {
+            msg.key()
+        } else {
+            msg.payload()
+        };
+        let id = String::from_utf8_lossy(bytes.unwrap_or_default()).into_owned();
+        {
+            let mut active = self.active.lock().unwrap();
+            let n = active.entry(id.clone()).or_default();
+            *n += 1;
+            self.most.fetch_max(*n, Ordering::SeqCst);
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // Decrements also when the call is abandoned (its future dropped).
+        struct Done(Arc<Mutex<HashMap<String, usize>>>, String);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                if let Some(n) = self.0.lock().unwrap().get_mut(&self.1) {
+                    *n -= 1;
+                }
+            }
+        }
+        let _done = Done(Arc::clone(&self.active), id);
+        drop(self.gate.acquire().await);
+        Ok(())
+    }
+}
+
 /// Produces `payloads` to `TOPIC` (round-robin over partitions if `partitions` > 0).
 pub async fn produce_all(
     cluster: &EmbeddedCluster,
@@ -381,7 +452,7 @@ impl Env {
             Backend::Real => Broker::Real(backend.bootstrap()?),
             Backend::Kfake => Broker::Kfake(backend.bootstrap()?),
         };
-        let unique = format!("{:08x}", fastrand_u32());
+        let unique = format!("{:08x}", fastrand::u32(..));
         let env = Env {
             broker,
             topic: format!("{topic}-{unique}"),
@@ -552,18 +623,6 @@ impl Env {
             .await
             .unwrap()
     }
-}
-
-fn fastrand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.finish() as u32
 }
 
 /// Produces one record with any producer and waits for its ack.

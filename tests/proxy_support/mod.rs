@@ -68,7 +68,7 @@ impl Broker {
     pub async fn topic(&self, name: &str, partitions: i32) -> String {
         let name = match self {
             Broker::Embedded(_) => name.to_owned(),
-            Broker::Real(..) => format!("{name}-{:08x}", unique()),
+            Broker::Real(..) => format!("{name}-{:08x}", fastrand::u32(..)),
         };
         self.create_topic(&name, partitions).await;
         name
@@ -150,18 +150,6 @@ impl Broker {
             .await
             .unwrap()
     }
-}
-
-fn unique() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.finish() as u32
 }
 
 /// An HTTP answer.
