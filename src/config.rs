@@ -666,6 +666,15 @@ pub const MAX_QUEUED: usize = 1_000_000;
 /// Most tiers a policy may have (each is a topic per source topic).
 pub const MAX_TIERS: usize = 32;
 
+/// Reads a configuration file as text; the error names the path (shared with the proxy's
+/// configuration, which lives in the same kind of file).
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 impl Config {
     /// A configuration with defaults for everything but the three required fields.
     pub fn new(
@@ -688,12 +697,7 @@ impl Config {
 
     /// Reads and parses a TOML file. The result is not validated yet.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml_str(&text)
+        Self::from_toml_str(&read_file(path.as_ref())?)
     }
 
     /// Checks every field, including the topic names the patterns produce.

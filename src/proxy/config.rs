@@ -238,12 +238,7 @@ impl ProxyConfig {
 
     /// Reads the `[proxy]` section of a TOML file. Not validated yet.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml_str(&text)
+        Self::from_toml_str(&crate::config::read_file(path.as_ref())?)
     }
 
     /// Checks every field and names the first one at fault (`proxy.…`).
