@@ -71,6 +71,10 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         // 100k, per partition).
         .set("queued.max.messages.kbytes", "8192")
         .set("queued.min.messages", "10000")
+        .set(
+            "max.poll.interval.ms",
+            max_poll_interval_ms(config).to_string(),
+        )
         .set_log_level(RDKafkaLogLevel::Info);
     for (k, v) in &config.consumer {
         // Applied to the main consumer only, under any spelling (librdkafka's `topic.` prefix
@@ -80,6 +84,10 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         }
         c.set(k, v);
     }
+    if config.consumer.contains_key("debug") {
+        // The user asked for librdkafka's debug contexts: let its debug lines through.
+        c.set_log_level(RDKafkaLogLevel::Debug);
+    }
     if retry {
         // A record waiting in a tier across a restart has no committed offset yet on a
         // brand-new tier partition: `latest` would skip it for ever. The user's choice applies
@@ -87,6 +95,31 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         c.set("auto.offset.reset", "earliest");
     }
     c
+}
+
+/// `max.poll.interval.ms` of both consumers unless the user sets it.
+///
+/// librdkafka sends it as the group's rebalance timeout: how long the coordinator waits for
+/// the members to rejoin before it completes a rebalance without them. A member killed while
+/// its JoinGroup or SyncGroup is waiting at the coordinator is kept that long (Kafka keeps a
+/// member awaiting a join or sync alive until the rebalance timeout, not the session timeout),
+/// and the partitions moving in that rebalance have no owner meanwhile: with librdkafka's
+/// 300 s default, 5 minutes of silence (seen in the crash ledger on kfake). Handler
+/// time does not count against it here: the runtime polls each consumer's main queue at least
+/// every second whatever the handlers do, so it only trips when the process is starved, which
+/// should be loud anyway. librdkafka refuses a value below `session.timeout.ms`, hence the max.
+pub(crate) const MAX_POLL_INTERVAL_MS: u64 = 60_000;
+
+fn max_poll_interval_ms(config: &Config) -> u64 {
+    // librdkafka's default session timeout.
+    const SESSION_TIMEOUT_MS: u64 = 45_000;
+    let session = config
+        .consumer
+        .iter()
+        .find(|(k, _)| crate::config::canonical_property(k) == "session.timeout.ms")
+        .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        .unwrap_or(SESSION_TIMEOUT_MS);
+    MAX_POLL_INTERVAL_MS.max(session)
 }
 
 /// Settings of the hand-off producer: every send is acknowledged by all in-sync replicas and
@@ -166,6 +199,51 @@ mod review {
             latest, 0,
             "{latest} of 32 retry consumers would start at `latest`: {got:?}"
         );
+    }
+
+    /// A member killed in the middle of a rebalance holds the group for the rebalance
+    /// timeout, which librdkafka takes from `max.poll.interval.ms`: 60 s rather than 300 s,
+    /// never below the session timeout (librdkafka refuses that), and the user's value wins.
+    #[test]
+    fn the_rebalance_timeout_is_a_minute_unless_set() {
+        let get = |config: &Config, retry: bool| {
+            resolved(
+                || consumer_config(config, "billing", retry),
+                "max.poll.interval.ms",
+            )
+        };
+        let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+        for retry in [false, true] {
+            assert!(get(&config, retry).iter().all(|v| v == "60000"));
+        }
+        config
+            .consumer
+            .insert("session.timeout.ms".into(), "90000".into());
+        assert!(get(&config, false).iter().all(|v| v == "90000"));
+        config
+            .consumer
+            .insert("max.poll.interval.ms".into(), "300000".into());
+        assert!(get(&config, false).iter().all(|v| v == "300000"));
+        config
+            .consumer
+            .insert("session.timeout.ms".into(), "6000".into());
+        config.consumer.remove("max.poll.interval.ms");
+        assert!(get(&config, true).iter().all(|v| v == "60000"));
+        config.validate().unwrap();
+        consumer_config(&config, "billing", false)
+            .create_native_config()
+            .unwrap();
+    }
+
+    /// librdkafka's debug lines are dropped below the client's log level: asking for debug
+    /// contexts must lower it, or `debug` does nothing.
+    #[test]
+    fn debug_contexts_reach_the_log() {
+        let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+        let level = |c: &Config| consumer_config(c, "billing", false).log_level;
+        assert!(matches!(level(&config), RDKafkaLogLevel::Info));
+        config.consumer.insert("debug".into(), "cgrp".into());
+        assert!(matches!(level(&config), RDKafkaLogLevel::Debug));
     }
 
     /// The same prefix gets past the managed producer timeout: `handoff.timeout` is meant to be
