@@ -4,6 +4,15 @@
 //! exactly the records that should be there, and the duplicates are printed next to the records
 //! each killed process had handled without a committed offset.
 //!
+//! Each ledger runs on the embedded broker (with its injected faults) and, without them (an
+//! external broker cannot be told to fail), on the real broker of `SIDETRACK_TEST_BROKERS` and
+//! on kfake at `SIDETRACK_TEST_KFAKE`: the kills and rebalances against real group and offset
+//! handling. kfake as vendored never expires a member killed while its join is waiting in the
+//! broker (its partitions then wait for the next rebalance to time out on it); `.ci/run`
+//! builds it with `.ci/kfake-expire-parked-members.patch`. Tansu 0.6's group coordinator is
+//! not faithful enough for the duplicate bound (see `ledger`), so on the real broker the
+//! ledger asserts no loss and the exact DLQ, and prints the duplicates next to the bound.
+//!
 //! Size and seed: `SIDETRACK_LEDGER_RECORDS` (default 4000) and `SIDETRACK_LEDGER_SEED`.
 
 mod common;
@@ -159,14 +168,45 @@ fn ledger_worker() {
         if std::env::var("LW_ORDERING").as_deref() == Ok("key") {
             config.ordering = sidetrack::config::Ordering::Key;
         }
-        // The workers reach the embedded broker by its address, not through
-        // `RuntimeBuilder::embedded`, so they set what it sets: the mock broker does not check
-        // idempotent sequence numbers, and with several produce requests in flight a failed
-        // batch can be acknowledged implicitly by a later one and be in no log (a record
-        // lost here that Kafka would have kept). One request at a time keeps it honest.
-        config
-            .producer
-            .insert("max.in.flight.requests.per.connection".into(), "1".into());
+        // The group's rebalance timeout (librdkafka's `max.poll.interval.ms`, 60 s by
+        // default here): a worker killed while its join waits at the coordinator holds every
+        // later rebalance that long, on Kafka as on kfake. 15 s keeps each such kill within
+        // the test's wait; the mechanism is the same. Not on the embedded broker: librdkafka
+        // re-sends a JoinGroup that took longer than this + 3 s, and the mock aborts the whole
+        // test process on a second JoinGroup from a member whose first is still pending
+        // (`rd_kafka_mock_cgrp_classic_member_add: Assertion '!member->resp'`, seen once).
+        if var("LW_BACKEND") != "embedded" {
+            config
+                .consumer
+                .insert("max.poll.interval.ms".into(), "15000".into());
+        }
+        if let Ok(debug) = std::env::var("LEDGER_RDKAFKA_DEBUG") {
+            // librdkafka's own debug contexts (e.g. `cgrp`) in the worker logs.
+            config.consumer.insert("debug".into(), debug);
+        }
+        match var("LW_BACKEND").as_str() {
+            // The workers reach the embedded broker by its address, not through
+            // `RuntimeBuilder::embedded`, so they set what it sets: the mock broker does not
+            // check idempotent sequence numbers, and with several produce requests in flight a
+            // failed batch can be acknowledged implicitly by a later one and be in no log (a
+            // record lost here that Kafka would have kept). One request at a time keeps it
+            // honest.
+            "embedded" => {
+                config
+                    .producer
+                    .insert("max.in.flight.requests.per.connection".into(), "1".into());
+            }
+            // What `Env::builder` sets for Tansu (see there): a slower group, a late producer
+            // id, one record per batch.
+            "real" => {
+                config.provisioning.timeout = Duration::from_secs(30);
+                config.handoff.timeout = Duration::from_secs(5);
+                config
+                    .producer
+                    .insert("batch.num.messages".into(), "1".into());
+            }
+            _ => {}
+        }
         config.consumer.insert(
             "auto.commit.interval.ms".into(),
             COMMIT_INTERVAL_MS.to_string(),
@@ -202,7 +242,11 @@ fn ledger_worker() {
 
 struct Run {
     dir: tempfile::TempDir,
+    backend: Backend,
     brokers: String,
+    /// The source topic and group (unique per test on an external broker).
+    topic: String,
+    group: String,
     seed: u64,
     healthy: bool,
     /// `key` runs the workers with `ordering = "key"` (every record has a key of its own, so
@@ -250,8 +294,16 @@ impl Run {
             "1",
         ])
         .env("LW_BROKERS", &self.brokers)
-        .env("LW_TOPIC", TOPIC)
-        .env("LW_GROUP", GROUP)
+        .env(
+            "LW_BACKEND",
+            match self.backend {
+                Backend::Embedded => "embedded",
+                Backend::Real => "real",
+                Backend::Kfake => "kfake",
+            },
+        )
+        .env("LW_TOPIC", &self.topic)
+        .env("LW_GROUP", &self.group)
         .env("LW_LEDGER", self.ledger())
         .env("LW_SEED", self.seed.to_string())
         .env("LW_INSTANCE", instance)
@@ -305,11 +357,7 @@ fn read_ledger(path: &Path) -> Vec<Line> {
 /// committed offset up to the last record it wrote to the ledger there. Handed-off records in
 /// between count too (the next owner hands them off again, and a second copy on a retry topic
 /// is a second success later). Exactly what a crash may hand to the next owner again.
-async fn uncommitted_at_kill(
-    cluster: &sidetrack::testing::EmbeddedCluster,
-    ledger: &[Line],
-    incarnation: &str,
-) -> usize {
+async fn uncommitted_at_kill(env: &Env, ledger: &[Line], incarnation: &str) -> usize {
     let mut last: HashMap<(String, i32), i64> = HashMap::new();
     for l in ledger.iter().filter(|l| l.1 == incarnation) {
         let (t, p, o) = &l.4;
@@ -318,12 +366,12 @@ async fn uncommitted_at_kill(
     }
     let mut n = 0;
     for ((t, p), o) in last {
-        let group = if t == TOPIC {
-            GROUP.to_owned()
+        let group = if t == env.topic() {
+            env.group().to_owned()
         } else {
-            format!("{GROUP}.retry")
+            format!("{}.retry", env.group())
         };
-        let committed = cluster.committed_offset(&group, &t, p).await.unwrap();
+        let committed = env.committed_offset(&group, &t, p).await;
         let first_uncommitted = committed.unwrap_or(0);
         n += (o + 1 - first_uncommitted).max(0) as usize;
     }
@@ -343,15 +391,12 @@ fn sigterm(w: &mut Worker) -> std::process::ExitStatus {
     w.0.wait().unwrap()
 }
 
-/// Topics created up front: the workers cannot create topics on the embedded broker.
-fn prepare(partitions: i32) -> (sidetrack::testing::EmbeddedCluster, Run) {
-    let cluster = cluster(partitions);
-    for t in [
-        "orders.billing.retry.100ms",
-        "orders.billing.retry.200ms",
-        "orders.billing.dlq",
-    ] {
-        cluster.create_topic(t, partitions).unwrap();
+/// Topics created up front: the workers cannot create topics on the embedded broker. `None`
+/// (after printing why) when `backend` is not configured.
+async fn prepare(backend: Backend) -> Option<(Env, Run)> {
+    let env = Env::on(backend, TOPIC, GROUP, PARTITIONS).await?;
+    for t in [env.retry("100ms"), env.retry("200ms"), env.dlq()] {
+        env.create_topic(&t, PARTITIONS).await;
     }
     let seed = std::env::var("SIDETRACK_LEDGER_SEED")
         .ok()
@@ -359,21 +404,28 @@ fn prepare(partitions: i32) -> (sidetrack::testing::EmbeddedCluster, Run) {
         .unwrap_or(7);
     let run = Run {
         dir: tempfile::tempdir().unwrap(),
-        brokers: cluster.bootstrap_servers().to_owned(),
+        backend,
+        brokers: env.bootstrap(),
+        topic: env.topic().to_owned(),
+        group: env.group().to_owned(),
         seed,
         healthy: false,
         ordering: "partition",
     };
-    (cluster, run)
+    Some((env, run))
 }
 
-async fn produce_ids(cluster: &sidetrack::testing::EmbeddedCluster, n: u64, seed: Option<u64>) {
+async fn produce_ids(env: &Env, n: u64, seed: Option<u64>) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("compression.type", "lz4")
-        .create()
-        .unwrap();
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", env.bootstrap());
+    if matches!(env.broker, Broker::Real(_)) {
+        // Tansu 0.6 cannot fetch from the middle of a multi-record batch.
+        config.set("batch.num.messages", "1");
+    } else {
+        config.set("compression.type", "lz4");
+    }
+    let producer: FutureProducer = config.create().unwrap();
     let mut pending = Vec::new();
     for id in 0..n {
         let key = id.to_string();
@@ -381,7 +433,7 @@ async fn produce_ids(cluster: &sidetrack::testing::EmbeddedCluster, n: u64, seed
             Some(Fate::Undecodable) => format!("{{\"id\": {id}, "),
             _ => format!("{{\"id\": {id}}}"),
         };
-        let rec = FutureRecord::to(TOPIC)
+        let rec = FutureRecord::to(env.topic())
             .key(&key)
             .payload(&payload)
             .partition((id % PARTITIONS as u64) as i32);
@@ -393,22 +445,23 @@ async fn produce_ids(cluster: &sidetrack::testing::EmbeddedCluster, n: u64, seed
 }
 
 /// Waits until the main group's committed offset moved on every partition that is not done.
-async fn commits_resumed(cluster: &sidetrack::testing::EmbeddedCluster) {
+async fn commits_resumed(env: &Env) {
     let mut before = HashMap::new();
     for p in 0..PARTITIONS {
-        before.insert(p, cluster.committed_offset(GROUP, TOPIC, p).await.unwrap());
+        before.insert(p, env.committed_offset(env.group(), env.topic(), p).await);
     }
     let ok = sidetrack::testing::wait_until(Duration::from_secs(60), || {
         let before = before.clone();
         async move {
             let mut all = true;
             for p in 0..PARTITIONS {
-                let now = cluster.committed_offset(GROUP, TOPIC, p).await.unwrap();
-                let end = cluster
-                    .read_all(TOPIC)
+                let now = env.committed_offset(env.group(), env.topic(), p).await;
+                let end = env
+                    .read_all(env.topic())
                     .await
-                    .map(|rs| rs.iter().filter(|r| r.partition == p).count() as i64)
-                    .unwrap_or(0);
+                    .iter()
+                    .filter(|r| r.partition == p)
+                    .count() as i64;
                 let done = now.is_some_and(|o| o >= end);
                 all &= done || now > before[&p];
             }
@@ -419,26 +472,47 @@ async fn commits_resumed(cluster: &sidetrack::testing::EmbeddedCluster) {
     assert!(ok, "offset commits did not resume after the faults");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_lost_across_crashes_rebalances_and_broker_faults() {
-    ledger("partition").await
+/// One ledger per back end: `NAME::embedded` (with injected broker faults), `NAME::real_broker`
+/// and `NAME::kfake` (crashes and rebalances only; each passes after printing why when its
+/// variable is unset).
+macro_rules! ledger_on_every_broker {
+    ($name:ident, $ordering:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                ledger(Backend::Embedded, $ordering).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real_broker() {
+                ledger(Backend::Real, $ordering).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kfake() {
+                ledger(Backend::Kfake, $ordering).await
+            }
+        }
+    };
 }
 
-/// The same ledger with `ordering = "key"`: many records per partition in handler calls at
-/// once, finishing out of order, across the same crashes, rebalances and faults.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_lost_in_key_ordering() {
-    ledger("key").await
-}
+ledger_on_every_broker!(
+    nothing_is_lost_across_crashes_rebalances_and_broker_faults,
+    "partition"
+);
+// The same ledger with `ordering = "key"`: many records per partition in handler calls at
+// once, finishing out of order, across the same crashes, rebalances and faults.
+ledger_on_every_broker!(nothing_is_lost_in_key_ordering, "key");
 
-async fn ledger(ordering: &'static str) {
+async fn ledger(backend: Backend, ordering: &'static str) {
     let n: u64 = std::env::var("SIDETRACK_LEDGER_RECORDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4000);
-    let (cluster, mut run) = prepare(PARTITIONS);
+    let Some((env, mut run)) = prepare(backend).await else {
+        return;
+    };
     run.ordering = ordering;
-    produce_ids(&cluster, n, Some(run.seed)).await;
+    produce_ids(&env, n, Some(run.seed)).await;
     let fates: HashMap<u64, Fate> = (0..n).map(|id| (id, fate(run.seed, id))).collect();
     let expected_dlq: HashSet<u64> = fates
         .iter()
@@ -474,11 +548,29 @@ async fn ledger(ordering: &'static str) {
             "no progress to {point:.2} (ledger {:.2})",
             ok_count(&run)
         );
+        if matches!(backend, Backend::Real) {
+            // Tansu 0.6 (CI's real broker) cannot survive a member killed during its first
+            // join: it keeps the dead member as the group's leader, answers the others'
+            // SyncGroup at once with an empty assignment and never rebalances again, so
+            // every partition of that group stays unowned while the survivors heartbeat
+            // happily (seen in 3 of 4 runs of seed 11 with all ledgers at once). Kafka makes
+            // the followers wait for the leader and drops it after the rebalance timeout;
+            // kills during a join are exercised on the embedded broker and on kfake.
+            let log = run.dir.path().join(format!("a{incarnation}.log"));
+            let joined = sidetrack::testing::wait_until(Duration::from_secs(60), || {
+                std::future::ready(std::fs::read_to_string(&log).is_ok_and(|s| {
+                    s.contains("partition assigned role=Main")
+                        && s.contains("partition assigned role=Retry")
+                }))
+            })
+            .await;
+            assert!(joined, "a{incarnation} did not join both groups in 60 s");
+        }
         sigkill(&mut a);
         crashes += 1;
         uncommitted.push(
             uncommitted_at_kill(
-                &cluster,
+                &env,
                 &read_ledger(&run.ledger()),
                 &format!("a{incarnation}"),
             )
@@ -486,18 +578,26 @@ async fn ledger(ordering: &'static str) {
         );
         incarnation += 1;
         a = run.spawn(&format!("a{incarnation}"));
-        match i {
-            0 => {
-                // Hand-offs to retry/DLQ topics fail for a while.
-                cluster.fail_requests(
-                    RDKafkaApiKey::Produce,
-                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 30],
-                );
-                faults.push("30 produce errors");
+        // Broker faults can only be injected into the embedded broker.
+        let cluster = match &env.broker {
+            Broker::Embedded(c) => Some(c),
+            _ => None,
+        };
+        match (i, cluster) {
+            (0, _) => {
+                if let Some(cluster) = cluster {
+                    // Hand-offs to retry/DLQ topics fail for a while.
+                    cluster.fail_requests(
+                        RDKafkaApiKey::Produce,
+                        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 30],
+                    );
+                    faults.push("30 produce errors");
+                }
                 b = Some(run.spawn("b"));
                 faults.push("instance b joins");
             }
-            1 => {
+            (1, None) => {}
+            (1, Some(cluster)) => {
                 // Commits fail, then the broker stalls for 2 s (every answer 2 s late: hand-offs
                 // time out and are retried, commits and fetches wait). Not `broker_down`: the
                 // mock re-binds its listener when it comes back and aborts the whole test
@@ -514,7 +614,7 @@ async fn ledger(ordering: &'static str) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
                 faults.push("broker stalled 2 s");
-                commits_resumed(&cluster).await;
+                commits_resumed(&env).await;
             }
             _ => {
                 if let Some(mut bb) = b.take() {
@@ -537,10 +637,9 @@ async fn ledger(ordering: &'static str) {
         if !expected_ok.is_subset(&ok) {
             return false;
         }
-        let dead: HashSet<u64> = cluster
-            .read_all("orders.billing.dlq")
+        let dead: HashSet<u64> = env
+            .read_all(&env.dlq())
             .await
-            .unwrap()
             .iter()
             .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
             .collect();
@@ -552,8 +651,11 @@ async fn ledger(ordering: &'static str) {
         sigterm(&mut bb);
     }
     if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
+        // The workers' logs and the ledger, one folder per test (they run at once).
+        let keep = Path::new(&keep).join(format!("{backend:?}-{ordering}"));
+        let _ = std::fs::create_dir_all(&keep);
         for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-            let _ = std::fs::copy(entry.path(), Path::new(&keep).join(entry.file_name()));
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
         }
     }
     if !done {
@@ -561,7 +663,7 @@ async fn ledger(ordering: &'static str) {
             .into_iter()
             .map(|l| l.0)
             .collect();
-        let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+        let dlq = env.read_all(&env.dlq()).await;
         let dead: HashSet<u64> = dlq
             .iter()
             .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
@@ -586,7 +688,7 @@ async fn ledger(ordering: &'static str) {
     for l in &lines {
         *seen.entry(l.0).or_default() += 1;
     }
-    let dlq = cluster.read_all("orders.billing.dlq").await.unwrap();
+    let dlq = env.read_all(&env.dlq()).await;
     let dead: Vec<u64> = dlq
         .iter()
         .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
@@ -614,7 +716,7 @@ async fn ledger(ordering: &'static str) {
     let revoke_share = run.uncommitted_at_revocations();
     let bound = crash_share + revoke_share + (crashes + 2) * owned;
     println!(
-        "ledger: ordering={ordering} records={n} seed={} crashes(SIGKILL)={crashes} faults=[{}] ok={} dead-lettered={} lost={} duplicates={duplicates} bound={bound} (uncommitted at each kill {uncommitted:?}, at revocations {revoke_share}, in flight {}) in {:.1}s",
+        "ledger: backend={backend:?} ordering={ordering} records={n} seed={} crashes(SIGKILL)={crashes} faults=[{}] ok={} dead-lettered={} lost={} duplicates={duplicates} bound={bound} (uncommitted at each kill {uncommitted:?}, at revocations {revoke_share}, in flight {}) in {:.1}s",
         run.seed,
         faults.join(", "),
         expected_ok.len(),
@@ -649,22 +751,32 @@ async fn ledger(ordering: &'static str) {
         poison_handled.is_empty(),
         "records that must fail were handled: {poison_handled:?}"
     );
-    assert!(
-        duplicates <= bound,
-        "{duplicates} duplicates, more than the {bound} records that were uncommitted when their partition changed owner"
-    );
+    // The bound assumes one owner per partition at a time. Tansu 0.6 (CI's real broker) does
+    // not keep to that: with seed 12 it gave partition 1 to a3 and to b at once for 3 s (both
+    // handled the same 289 records; 738 duplicates against a bound of 489, nothing lost). So
+    // on the real broker the bound is printed, not asserted; on Kafka it holds as elsewhere.
+    if !matches!(backend, Backend::Real) {
+        assert!(
+            duplicates <= bound,
+            "{duplicates} duplicates, more than the {bound} records that were uncommitted when their partition changed owner"
+        );
+    } else if duplicates > bound {
+        println!(
+            "ledger: backend=Real: {duplicates} duplicates exceed the bound {bound} (not asserted on this broker: a partition had two owners at once)"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_nothing_and_handles_nothing_twice() {
     let n = 1500;
-    let (cluster, run) = prepare(PARTITIONS);
+    let (env, run) = prepare(Backend::Embedded).await.unwrap();
     // Only healthy records here: the point is shutdown, not failures.
     let run = Run {
         healthy: true,
         ..run
     };
-    produce_ids(&cluster, n, None).await;
+    produce_ids(&env, n, None).await;
     let mut a = run.spawn("a");
     assert!(
         sidetrack::testing::wait_until(Duration::from_secs(60), || std::future::ready(
