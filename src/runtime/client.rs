@@ -84,7 +84,11 @@ pub(crate) fn consumer_config(config: &Config, group_id: &str, retry: bool) -> C
         }
         c.set(k, v);
     }
-    if config.consumer.contains_key("debug") {
+    if config
+        .consumer
+        .keys()
+        .any(|k| crate::config::canonical_property(k) == "debug")
+    {
         // The user asked for librdkafka's debug contexts: let its debug lines through.
         c.set_log_level(RDKafkaLogLevel::Debug);
     }

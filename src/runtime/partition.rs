@@ -348,7 +348,7 @@ impl PartitionTask {
                 Ok(Decoded { msg, due }) => {
                     if let Some((due, written_at)) = due {
                         // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
-                        let mut wait = Box::pin(self.wait_until_due(due, written_at));
+                        let mut wait = pin!(self.wait_until_due(due, written_at));
                         let waited = loop {
                             tokio::select! {
                                 biased;
@@ -508,7 +508,7 @@ impl PartitionTask {
                     Poll::Pending
                 };
                 match ready {
-                    Poll::Ready(r) => Some(r),
+                    Poll::Ready(r) => r,
                     Poll::Pending => {
                         self.flush(
                             &mut frontier,
@@ -540,16 +540,15 @@ impl PartitionTask {
                             }
                             r = recv, if take_more => {
                                 batch.now = now_ms();
-                                Some(r)
+                                r
                             }
                         }
                     }
                 }
             };
             let raw = match next {
-                None => continue,
-                Some(Ok(raw)) => raw,
-                Some(Err(e)) => {
+                Ok(raw) => raw,
+                Err(e) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "fetch error");
                     continue;
                 }
@@ -610,9 +609,7 @@ impl PartitionTask {
                 self.step(seq, step, raw, frontier, batch, handoffs);
                 Ok(())
             }
-            Err(Abandoned::Failed(reason)) => Err(End::Failed(reason)),
-            Err(Abandoned::Told) if self.revoked.is_cancelled() => Err(End::Revoked),
-            Err(Abandoned::Told) => Err(End::Stopped),
+            Err(abandoned) => Err(self.end(abandoned)),
         }
     }
 

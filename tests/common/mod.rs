@@ -669,11 +669,3 @@ macro_rules! on_every_broker {
         }
     };
 }
-
-/// The former name of [`on_every_broker!`], kept for scenarios written against it.
-#[macro_export]
-macro_rules! on_both_brokers {
-    ($($args:tt)*) => {
-        $crate::on_every_broker!($($args)*);
-    };
-}
