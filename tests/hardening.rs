@@ -1102,6 +1102,69 @@ async fn a_partition_assigned_back_during_a_blocking_call_keeps_flowing() {
     );
 }
 
+// ------------------------------------------------------------------ max.poll.interval.ms
+
+/// `max.poll.interval.ms` (60 s by default here, the group's rebalance timeout) is also
+/// librdkafka's liveness check: a consumer not polled for that long leaves the group and its
+/// partitions go elsewhere. The runtime polls each consumer's main queue whatever the handlers
+/// do, so a handler call longer than it keeps its partition: one call, the offset committed
+/// after it, no second delivery. (A runtime that polled only between records would leave the
+/// group 6 s into the call and hand the record out again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_call_longer_than_max_poll_interval_keeps_its_partition() {
+    // A runtime that stops polling hangs at shutdown: bounded, so that is a failure too.
+    within_limit(a_long_call_keeps_its_partition()).await
+}
+
+async fn a_long_call_keeps_its_partition() {
+    let topic = "long-call";
+    let (cluster, mut config) = unique(topic, 1);
+    // The lowest librdkafka accepts: not below `session.timeout.ms` (6 s in these tests).
+    config
+        .consumer
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        sidetrack::handler_fn(move |_msg: Message, _cx: Context| {
+            let calls = Arc::clone(&calls);
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(9)).await;
+                Ok(())
+            }
+        })
+    };
+    let rt = sidetrack::Runtime::builder(config)
+        .embedded(&cluster)
+        .handler(handler)
+        .started()
+        .await;
+    wait_for("the partition assigned", || {
+        rt.assigned_partitions().len() == 1
+    })
+    .await;
+    produce_to(&cluster, topic, &payloads("slow", 1), 1).await;
+    let group = format!("{topic}-g");
+    let committed = sidetrack::testing::wait_until(WAIT, || async {
+        cluster
+            .committed_offset(&group, topic, 0)
+            .await
+            .ok()
+            .flatten()
+            == Some(1)
+    })
+    .await;
+    let stats = rt.shutdown().await.unwrap();
+    assert!(committed, "the record's offset was never committed");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the record was delivered again"
+    );
+    assert_eq!(stats.handled, 1);
+}
+
 // ------------------------------------------------------------------ 7. leak: in-flight gauge
 
 /// `sidetrack_records_in_flight` is incremented before the handler call and decremented after
