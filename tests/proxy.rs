@@ -721,7 +721,12 @@ async fn rules_reject_add_headers_and_pick_partitions() {
                     Rejection::new("send X-Tenant").with_status(StatusCode::FORBIDDEN)
                 })?;
                 r.headers.push(Header::new("tenant", tenant.as_bytes()));
-                r.partition = Some(3);
+                // A rule can set any partition, also a negative one: refused like too high.
+                r.partition = Some(if req.headers.contains_key("x-negative") {
+                    -1
+                } else {
+                    3
+                });
                 Ok(())
             })
             .build()
@@ -755,6 +760,20 @@ async fn rules_reject_add_headers_and_pick_partitions() {
         .await
         .unwrap();
         assert_eq!(a.status, StatusCode::OK);
+        let a = request(
+            addr,
+            "POST",
+            &format!("/topics/{topic}"),
+            &[
+                ("content-type", JSON_V2),
+                ("x-tenant", "acme"),
+                ("x-negative", "1"),
+            ],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!((a.status.as_u16(), a.code()), (404, Some(40402)));
         let records = broker.read_all(&topic).await;
         assert_eq!(records.len(), 2);
         for r in &records {
@@ -790,9 +809,11 @@ async fn operations_endpoints() {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+        let addr = proxy.local_addr();
+        assert!(request(addr, "GET", "/healthz", &[], Bytes::new()).await.is_ok());
         proxy.shutdown().await;
-        // After shutdown nothing listens.
-        assert!(request(proxy_addr_closed(), "GET", "/healthz", &[], Bytes::new()).await.is_err());
+        // After shutdown nothing listens on its port.
+        assert!(request(addr, "GET", "/healthz", &[], Bytes::new()).await.is_err());
     })
     .await
 }
@@ -826,12 +847,6 @@ async fn eventually_ok(
     })
     .await;
     assert!(ok, "no 200 within {WAIT:?}");
-}
-
-fn proxy_addr_closed() -> std::net::SocketAddr {
-    // A port nothing listens on: bind and drop.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// Hostile bytes in header values and the body over a raw socket: a 4xx, and the proxy
@@ -1084,6 +1099,109 @@ async fn idempotency_key_in_progress_is_409() {
                 .count(),
             1
         );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A panic while serving a request (here in a rule) is answered 500 50002, and the proxy
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_answered_500_and_the_proxy_keeps_serving() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let topic = broker.topic("orders", 1).await;
+        let proxy = broker
+            .proxy(ProxyConfig::default())
+            .rule(|req: &RequestInfo<'_>, _r: &mut ProduceRecord| {
+                assert!(!req.headers.contains_key("x-panic"), "a bug in a rule");
+                Ok(())
+            })
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let body = r#"{"records":[{"value":1}]}"#;
+        let a = request(
+            addr,
+            "POST",
+            &path,
+            &[("content-type", JSON_V2), ("x-panic", "1")],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!((a.status.as_u16(), a.code()), (500, Some(50002)));
+        let a = request(addr, "POST", &path, &[("content-type", JSON_V2)], body)
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(broker.read_all(&topic).await.len(), 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A client that hangs up while its records wait for the broker does not free its
+/// Idempotency-Key: the records are still written, so its retry is 409 until they are, then
+/// answered from memory. Nothing is written twice. (Before: hyper dropped the request's future
+/// with the client, the key was freed, and the retry wrote the records again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_keeps_its_idempotency_key() {
+    within_limit(async {
+        let (broker, cluster, topic, proxy) = embedded_with(1, ProxyConfig::default()).await;
+        eventually_ok(&proxy, &topic, json!("warm")).await;
+        // Every answer of the broker 3 s late: the records wait for their acknowledgement.
+        cluster.set_broker_rtt(1, Duration::from_secs(3)).unwrap();
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let body = r#"{"records":[{"value":"gone"}]}"#;
+        let send = || {
+            let path = path.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", JSON_V2), ("idempotency-key", "k-gone")],
+                    body,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let first = tokio::spawn(send());
+        assert!(
+            wait_until(WAIT, || {
+                let n = proxy.in_flight().0;
+                async move { n == 1 }
+            })
+            .await
+        );
+        // The client gives up: its connection closes with the records queued.
+        first.abort();
+        let a = send().await;
+        assert_eq!((a.status.as_u16(), a.code()), (409, Some(40901)));
+        cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
+        let replayed = wait_until(WAIT, || async {
+            let a = send().await;
+            a.status == StatusCode::OK && a.headers.get("idempotent-replayed").is_some()
+        })
+        .await;
+        assert!(
+            replayed,
+            "the retry is answered from the first request's outcome"
+        );
+        let written = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter(|r| r.payload.as_deref() == Some(&b"\"gone\""[..]))
+            .count();
+        assert_eq!(written, 1);
         proxy.shutdown().await;
     })
     .await

@@ -223,12 +223,20 @@ pub fn scan(
     // How far each partition was read: every record before it was passed to `f`.
     let mut reached = HashMap::new();
     for p in &partitions {
+        if let StartAt::Offsets(m) = start {
+            // Not asked for (e.g. added since the caller listed the partitions): neither read
+            // nor reported, so a caller saving progress from the result does not pass over
+            // records it never saw.
+            if !m.contains_key(p) {
+                continue;
+            }
+        }
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, timeout)
             .map_err(Error::kafka("reading watermarks"))?;
         ends.insert(*p, high);
         let from = match (start, &times) {
-            (StartAt::Offsets(m), _) => m.get(p).copied().unwrap_or(high).max(low),
+            (StartAt::Offsets(m), _) => m.get(p).copied().unwrap_or(low).max(low),
             (StartAt::Time(_), Some(t)) => t.get(p).copied().unwrap_or(low).max(low),
             // ^ a -1 from the lookup becomes `low` here.
             _ => low,
@@ -318,6 +326,37 @@ fn partitions_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A partition missing from `StartAt::Offsets` is neither read nor reported: `dlq replay`
+    /// saved progress from the result, and a DLQ partition added after it listed the
+    /// partitions was reported read up to its end, so its records were never replayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_not_asked_for_are_not_reported() {
+        let cluster = crate::testing::EmbeddedCluster::start().unwrap();
+        cluster.create_topic("d.dlq", 2).unwrap();
+        let producer = cluster.producer().unwrap();
+        for p in [0, 1, 1] {
+            cluster
+                .produce(&producer, "d.dlq", Some(p), None, Some(b"x"), &[])
+                .await
+                .unwrap();
+        }
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", cluster.bootstrap_servers());
+        let (reached, seen) = tokio::task::spawn_blocking(move || {
+            let mut seen = Vec::new();
+            let start = StartAt::Offsets(HashMap::from([(0, 0)]));
+            let reached = scan(&config, "d.dlq", &start, Duration::from_secs(10), |r| {
+                seen.push(r.partition);
+                ControlFlow::Continue(())
+            });
+            (reached, seen)
+        })
+        .await
+        .unwrap();
+        assert_eq!(reached.unwrap(), HashMap::from([(0, 1)]));
+        assert_eq!(seen, [0]);
+    }
 
     fn record(headers: Vec<Header>) -> Record {
         Record {

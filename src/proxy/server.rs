@@ -289,17 +289,34 @@ fn bad_path(e: PathRejection) -> Response {
 }
 
 async fn produce(app: Arc<App>, topic: String, shape: Shape, req: Request) -> Response {
-    let mut note = Note::default();
-    let result = produce_inner(&app, &topic, shape, req, &mut note).await;
-    let mut resp = match result {
+    // The request runs to its end on a task of its own: hyper drops this future when the
+    // client hangs up, and a request cut off with its records queued would free its
+    // Idempotency-Key while they are still written (the retry would write them again).
+    // Dropping a task's handle does not cancel the task.
+    let task = tokio::spawn(async move {
+        let mut note = Note::default();
+        let result = produce_inner(&app, &topic, shape, req, &mut note).await;
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                note.error = Some(e.kind);
+                e.into_response()
+            }
+        };
+        resp.extensions_mut().insert(note);
+        resp
+    });
+    match task.await {
         Ok(resp) => resp,
-        Err(e) => {
-            note.error = Some(e.kind);
-            e.into_response()
-        }
-    };
-    resp.extensions_mut().insert(note);
-    resp
+        // A panic goes on to the panic layer, which answers 500 50002 as before.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: only when the runtime itself shuts down.
+        Err(_) => ApiError::new(
+            ErrorKind::ShuttingDown,
+            "this instance is shutting down; retry",
+        )
+        .into_response(),
+    }
 }
 
 async fn produce_inner(
@@ -429,7 +446,7 @@ async fn produce_inner(
     let mut partitions = app.producer.partitions(topic, None).await?;
     if records
         .iter()
-        .any(|r| r.partition.is_some_and(|p| p >= partitions))
+        .any(|r| r.partition.is_some_and(|p| !(0..partitions).contains(&p)))
     {
         // Partitions may have been added since the count was cached: look again (at most
         // once a second per topic) before answering 404.
@@ -440,11 +457,12 @@ async fn produce_inner(
     }
     let topic: Arc<str> = Arc::from(topic);
     note.topic = Some(topic.clone());
-    if let Some((i, p)) = records
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| r.partition.filter(|p| *p >= partitions).map(|p| (i, p)))
-    {
+    if let Some((i, p)) = records.iter().enumerate().find_map(|(i, r)| {
+        // A rule may set any i32; the wire refuses negative partitions already.
+        r.partition
+            .filter(|p| !(0..partitions).contains(p))
+            .map(|p| (i, p))
+    }) {
         return Err(ApiError::new(
             ErrorKind::UnknownPartition,
             format!("records[{i}]: partition {p} does not exist; `{topic}` has {partitions}"),

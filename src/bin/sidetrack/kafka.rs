@@ -314,6 +314,14 @@ impl Member {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(45));
+        if config.get("max.poll.interval.ms").is_none() {
+            // The group's rebalance timeout: a replay killed while its join waits (Ctrl-C on a
+            // run "waiting to join") holds the next joins this long, 300 s by librdkafka's
+            // default. The keeper thread below polls every 100 ms, so it never trips otherwise;
+            // librdkafka refuses a value below the session timeout.
+            let ms = session.max(Duration::from_secs(10)).as_millis();
+            config.set("max.poll.interval.ms", ms.to_string());
+        }
         let (group, topic, timeout) = (group.to_owned(), topic.to_owned(), kafka.timeout);
         let want: BTreeSet<i32> = partitions.iter().copied().collect();
         blocking(move || {
