@@ -422,9 +422,10 @@ async fn produce_inner(
             }
         }
     };
-    // The body is decoded: its reservation ends here; the records are bounded by admission.
+    // The body is decoded; its reservation now covers the decoded records until they are
+    // admitted (below, after the rules and the metadata lookup, which may wait): the memory
+    // bound holds while the broker is slow to answer metadata too.
     drop(body);
-    drop(buffered);
     for (index, r) in records.iter_mut().enumerate() {
         let info = RequestInfo {
             topic,
@@ -481,6 +482,7 @@ async fn produce_inner(
     let bytes: usize = records.iter().map(ProduceRecord::size).sum();
     note.bytes = bytes;
     let admission = app.producer.admit(records.len(), bytes)?;
+    drop(buffered);
     let outcomes = app
         .producer
         .produce(
