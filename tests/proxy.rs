@@ -1042,6 +1042,44 @@ async fn slow_body_is_408() {
     .await
 }
 
+/// Starts a request with `key` and waits until its record is in flight; returns a function
+/// that sends the same request again, and the first request's task.
+async fn keyed_request_in_flight(
+    proxy: &sidetrack::proxy::ProxyHandle,
+    topic: &str,
+    key: &'static str,
+    body: &'static str,
+) -> (
+    impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>,
+    tokio::task::JoinHandle<Answer>,
+) {
+    let addr = proxy.local_addr();
+    let path = format!("/topics/{topic}");
+    let send = move || -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>> {
+        let path = path.clone();
+        Box::pin(async move {
+            request(
+                addr,
+                "POST",
+                &path,
+                &[("content-type", JSON_V2), ("idempotency-key", key)],
+                body,
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let first = tokio::spawn(send());
+    assert!(
+        wait_until(WAIT, || {
+            let n = proxy.in_flight().0;
+            async move { n == 1 }
+        })
+        .await
+    );
+    (send, first)
+}
+
 /// While a request with an Idempotency-Key runs, its retry is 409 with Retry-After; once the
 /// first failed with nothing written, the key is free and the retry is produced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1054,31 +1092,8 @@ async fn idempotency_key_in_progress_is_409() {
         let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
         eventually_ok(&proxy, &topic, json!("warm")).await;
         cluster.broker_down(-1).unwrap();
-        let addr = proxy.local_addr();
-        let path = format!("/topics/{topic}");
         let body = r#"{"records":[{"value":"once"}]}"#;
-        let send = || {
-            let path = path.clone();
-            async move {
-                request(
-                    addr,
-                    "POST",
-                    &path,
-                    &[("content-type", JSON_V2), ("idempotency-key", "k-409")],
-                    body,
-                )
-                .await
-                .unwrap()
-            }
-        };
-        let first = tokio::spawn(send());
-        assert!(
-            wait_until(WAIT, || {
-                let n = proxy.in_flight().0;
-                async move { n == 1 }
-            })
-            .await
-        );
+        let (send, first) = keyed_request_in_flight(&proxy, &topic, "k-409", body).await;
         let a = send().await;
         assert_eq!((a.status.as_u16(), a.code()), (409, Some(40901)));
         assert!(a.headers.get("retry-after").is_some());
@@ -1156,31 +1171,8 @@ async fn a_client_hanging_up_keeps_its_idempotency_key() {
         eventually_ok(&proxy, &topic, json!("warm")).await;
         // Every answer of the broker 3 s late: the records wait for their acknowledgement.
         cluster.set_broker_rtt(1, Duration::from_secs(3)).unwrap();
-        let addr = proxy.local_addr();
-        let path = format!("/topics/{topic}");
         let body = r#"{"records":[{"value":"gone"}]}"#;
-        let send = || {
-            let path = path.clone();
-            async move {
-                request(
-                    addr,
-                    "POST",
-                    &path,
-                    &[("content-type", JSON_V2), ("idempotency-key", "k-gone")],
-                    body,
-                )
-                .await
-                .unwrap()
-            }
-        };
-        let first = tokio::spawn(send());
-        assert!(
-            wait_until(WAIT, || {
-                let n = proxy.in_flight().0;
-                async move { n == 1 }
-            })
-            .await
-        );
+        let (send, first) = keyed_request_in_flight(&proxy, &topic, "k-gone", body).await;
         // The client gives up: its connection closes with the records queued.
         first.abort();
         let a = send().await;
