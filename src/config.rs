@@ -552,14 +552,9 @@ const MANAGED_CONSUMER_PROPS: &[Managed] = &[
 const MANAGED_PRODUCER_PROPS: &[Managed] = &[
     managed("bootstrap.servers", "use the top-level `brokers`"),
     managed("metadata.broker.list", "use the top-level `brokers`"),
+    // Also `request.required.acks`: `canonical_property` resolves aliases before the lookup.
     keeps(
         "acks",
-        &["all", "-1"],
-        "a retry or dead letter counts as durable, and its source offset is stored, only once \
-         every in-sync replica has it; with fewer acknowledgements it can be lost with a broker",
-    ),
-    keeps(
-        "request.required.acks",
         &["all", "-1"],
         "a retry or dead letter counts as durable, and its source offset is stored, only once \
          every in-sync replica has it; with fewer acknowledgements it can be lost with a broker",
@@ -1016,6 +1011,7 @@ mod tests {
             "{r}"
         );
         assert!(refused("producer", "acks", "1").contains("in-sync replica"));
+        assert!(refused("producer", "request.required.acks", "1").contains("in-sync replica"));
         assert!(refused("producer", "enable.idempotence", "false").contains("must stay \"true\""));
         assert!(refused("producer", "transactional.id", "x").contains("is managed"));
         assert!(refused("producer", "message.timeout.ms", "5").contains("handoff.timeout"));
