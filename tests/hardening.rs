@@ -726,11 +726,17 @@ mod fenced_static_member {
         })
         .await
     }
-    /// Not on `SIDETRACK_TEST_BROKERS`: Tansu 0.6 (the CI's real broker) does not fence a
-    /// duplicate static member (seen here: the older instance goes on consuming).
+    /// Not on Tansu: Tansu 0.6 does not fence a duplicate static member (seen here: the older
+    /// instance goes on consuming).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kfake() {
         if let Some(env) = Env::on(Backend::Kfake, TOPIC, GROUP, 1).await {
+            within_limit(a_fenced_static_member_stops_with_the_cause(env)).await
+        }
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apache_kafka() {
+        if let Some(env) = Env::on(Backend::ApacheKafka, TOPIC, GROUP, 1).await {
             within_limit(a_fenced_static_member_stops_with_the_cause(env)).await
         }
     }

@@ -5,13 +5,12 @@
 //! each killed process had handled without a committed offset.
 //!
 //! Each ledger runs on the embedded broker (with its injected faults) and, without them (an
-//! external broker cannot be told to fail), on the real broker of `SIDETRACK_TEST_BROKERS` and
-//! on kfake at `SIDETRACK_TEST_KFAKE`: the kills and rebalances against real group and offset
+//! external broker cannot be told to fail), on Apache Kafka at `SIDETRACK_TEST_APACHE_KAFKA`,
+//! on Tansu at `SIDETRACK_TEST_TANSU` and on kfake at `SIDETRACK_TEST_KFAKE`: the kills and rebalances against real group and offset
 //! handling. kfake as vendored never expires a member killed while its join is waiting in the
 //! broker (its partitions then wait for the next rebalance to time out on it); `.ci/run`
 //! builds it with `.ci/kfake-expire-parked-members.patch`. Tansu 0.6's group coordinator is
-//! not faithful enough for the duplicate bound (see `ledger`), so on the real broker the
-//! ledger asserts no loss and the exact DLQ, and prints the duplicates next to the bound.
+//! not faithful enough for the duplicate bound (see `ledger`), so on Tansu the ledger asserts no loss and the exact DLQ, and prints the duplicates next to the bound.
 //!
 //! Size and seed: `SIDETRACK_LEDGER_RECORDS` (default 4000) and `SIDETRACK_LEDGER_SEED`.
 
@@ -198,7 +197,7 @@ fn ledger_worker() {
             }
             // What `Env::builder` sets for Tansu (see there): a slower group, a late producer
             // id, one record per batch.
-            "real" => {
+            "tansu" => {
                 config.provisioning.timeout = Duration::from_secs(30);
                 config.handoff.timeout = Duration::from_secs(5);
                 config
@@ -294,14 +293,7 @@ impl Run {
             "1",
         ])
         .env("LW_BROKERS", &self.brokers)
-        .env(
-            "LW_BACKEND",
-            match self.backend {
-                Backend::Embedded => "embedded",
-                Backend::Real => "real",
-                Backend::Kfake => "kfake",
-            },
-        )
+        .env("LW_BACKEND", self.backend.name())
         .env("LW_TOPIC", &self.topic)
         .env("LW_GROUP", &self.group)
         .env("LW_LEDGER", self.ledger())
@@ -419,7 +411,7 @@ async fn produce_ids(env: &Env, n: u64, seed: Option<u64>) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", env.bootstrap());
-    if matches!(env.broker, Broker::Real(_)) {
+    if matches!(env.broker, Broker::Tansu(_)) {
         // Tansu 0.6 cannot fetch from the middle of a multi-record batch.
         config.set("batch.num.messages", "1");
     } else {
@@ -472,8 +464,8 @@ async fn commits_resumed(env: &Env) {
     assert!(ok, "offset commits did not resume after the faults");
 }
 
-/// One ledger per back end: `NAME::embedded` (with injected broker faults), `NAME::real_broker`
-/// and `NAME::kfake` (crashes and rebalances only; each passes after printing why when its
+/// One ledger per back end: `NAME::embedded` (with injected broker faults), `NAME::apache_kafka`,
+/// `NAME::tansu` and `NAME::kfake` (crashes and rebalances only; each passes after printing why when its
 /// variable is unset).
 macro_rules! ledger_on_every_broker {
     ($name:ident, $ordering:expr) => {
@@ -484,8 +476,12 @@ macro_rules! ledger_on_every_broker {
                 ledger(Backend::Embedded, $ordering).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real_broker() {
-                ledger(Backend::Real, $ordering).await
+            async fn apache_kafka() {
+                ledger(Backend::ApacheKafka, $ordering).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tansu() {
+                ledger(Backend::Tansu, $ordering).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kfake() {
@@ -548,7 +544,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
             "no progress to {point:.2} (ledger {:.2})",
             ok_count(&run)
         );
-        if matches!(backend, Backend::Real) {
+        if matches!(backend, Backend::Tansu) {
             // Tansu 0.6 (CI's real broker) cannot survive a member killed during its first
             // join: it keeps the dead member as the group's leader, answers the others'
             // SyncGroup at once with an empty assignment and never rebalances again, so
@@ -754,15 +750,16 @@ async fn ledger(backend: Backend, ordering: &'static str) {
     // The bound assumes one owner per partition at a time. Tansu 0.6 (CI's real broker) does
     // not keep to that: with seed 12 it gave partition 1 to a3 and to b at once for 3 s (both
     // handled the same 289 records; 738 duplicates against a bound of 489, nothing lost). So
-    // on the real broker the bound is printed, not asserted; on Kafka it holds as elsewhere.
-    if !matches!(backend, Backend::Real) {
+    // on Tansu the bound is printed, not asserted; on Apache Kafka, the reference, it is
+    // asserted, as on kfake and the embedded broker.
+    if !matches!(backend, Backend::Tansu) {
         assert!(
             duplicates <= bound,
             "{duplicates} duplicates, more than the {bound} records that were uncommitted when their partition changed owner"
         );
     } else if duplicates > bound {
         println!(
-            "ledger: backend=Real: {duplicates} duplicates exceed the bound {bound} (not asserted on this broker: a partition had two owners at once)"
+            "ledger: backend=Tansu: {duplicates} duplicates exceed the bound {bound} (not asserted on this broker: a partition had two owners at once)"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The HTTP produce proxy through a real HTTP client: every row of the status table, records
 //! read back at their acknowledged offsets, faults, saturation, auth, idempotency keys,
 //! rules, and graceful shutdown under load. Scenarios without fault injection also run on
-//! Tansu (`SIDETRACK_TEST_BROKERS`) and kfake (`SIDETRACK_TEST_KFAKE`).
+//! Apache Kafka (`SIDETRACK_TEST_APACHE_KAFKA`), Tansu (`SIDETRACK_TEST_TANSU`) and kfake
+//! (`SIDETRACK_TEST_KFAKE`).
 #![cfg(feature = "proxy")]
 
 mod proxy_support;

@@ -365,20 +365,24 @@ impl sidetrack::dead_letter::DeadLetterNotifier for Collect {
 pub enum Broker {
     /// librdkafka's mock cluster, one per test.
     Embedded(EmbeddedCluster),
-    /// The broker of `SIDETRACK_TEST_BROKERS` (Tansu 0.6 in CI; any Kafka works).
-    Real(String),
+    /// Tansu 0.6 at `SIDETRACK_TEST_TANSU`.
+    Tansu(String),
     /// franz-go's kfake (an in-memory Kafka cluster) at `SIDETRACK_TEST_KFAKE`.
     Kfake(String),
+    /// Apache Kafka (the reference broker) at `SIDETRACK_TEST_APACHE_KAFKA`.
+    ApacheKafka(String),
 }
 
 /// The back ends a scenario can run on; the external ones are read from the environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
-    /// `SIDETRACK_TEST_BROKERS`.
-    Real,
+    /// `SIDETRACK_TEST_TANSU`.
+    Tansu,
     /// `SIDETRACK_TEST_KFAKE`.
     Kfake,
+    /// `SIDETRACK_TEST_APACHE_KAFKA`.
+    ApacheKafka,
 }
 
 impl Backend {
@@ -386,8 +390,29 @@ impl Backend {
     pub fn variable(self) -> Option<&'static str> {
         match self {
             Backend::Embedded => None,
-            Backend::Real => Some("SIDETRACK_TEST_BROKERS"),
+            Backend::Tansu => Some("SIDETRACK_TEST_TANSU"),
             Backend::Kfake => Some("SIDETRACK_TEST_KFAKE"),
+            Backend::ApacheKafka => Some("SIDETRACK_TEST_APACHE_KAFKA"),
+        }
+    }
+
+    /// A short name for messages and worker processes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Tansu => "tansu",
+            Backend::Kfake => "kfake",
+            Backend::ApacheKafka => "apache_kafka",
+        }
+    }
+
+    /// The back end a worker process was told (`Backend::name`).
+    pub fn from_name(name: &str) -> Backend {
+        match name {
+            "tansu" => Backend::Tansu,
+            "kfake" => Backend::Kfake,
+            "apache_kafka" => Backend::ApacheKafka,
+            _ => Backend::Embedded,
         }
     }
 
@@ -397,12 +422,10 @@ impl Backend {
         match std::env::var(var) {
             Ok(b) if !b.trim().is_empty() => Some(b),
             _ => {
-                let on = if self == Backend::Real {
-                    "a real broker"
-                } else {
-                    "kfake"
-                };
-                eprintln!("skipped on {on}: {var} is not set (see .ci/run)");
+                eprintln!(
+                    "skipped on {}: {var} is not set (see CONTRIBUTING.md or .ci/run)",
+                    self.name()
+                );
                 None
             }
         }
@@ -416,11 +439,6 @@ pub struct Env {
     pub broker: Broker,
     topic: String,
     group: String,
-}
-
-/// The real broker to test against, or a printed reason to skip.
-pub fn real_brokers() -> Option<String> {
-    Backend::Real.bootstrap()
 }
 
 impl Env {
@@ -437,11 +455,6 @@ impl Env {
         }
     }
 
-    /// `None` (after printing why) when no real broker is configured.
-    pub async fn real(partitions: i32) -> Option<Env> {
-        Env::on(Backend::Real, TOPIC, GROUP, partitions).await
-    }
-
     /// The scenario's environment on `backend`, with `topic` created; `None` (after printing
     /// why) when that back end is not configured. On an external broker `topic` and `group`
     /// get a unique suffix.
@@ -449,8 +462,9 @@ impl Env {
         init_tracing();
         let broker = match backend {
             Backend::Embedded => return Some(Env::embedded_named(topic, group, partitions)),
-            Backend::Real => Broker::Real(backend.bootstrap()?),
+            Backend::Tansu => Broker::Tansu(backend.bootstrap()?),
             Backend::Kfake => Broker::Kfake(backend.bootstrap()?),
+            Backend::ApacheKafka => Broker::ApacheKafka(backend.bootstrap()?),
         };
         let unique = format!("{:08x}", fastrand::u32(..));
         let env = Env {
@@ -480,7 +494,17 @@ impl Env {
     pub fn bootstrap(&self) -> String {
         match &self.broker {
             Broker::Embedded(c) => c.bootstrap_servers().to_owned(),
-            Broker::Real(b) | Broker::Kfake(b) => b.clone(),
+            Broker::Tansu(b) | Broker::Kfake(b) | Broker::ApacheKafka(b) => b.clone(),
+        }
+    }
+
+    /// The back end this scenario runs on.
+    pub fn backend(&self) -> Backend {
+        match self.broker {
+            Broker::Embedded(_) => Backend::Embedded,
+            Broker::Tansu(_) => Backend::Tansu,
+            Broker::Kfake(_) => Backend::Kfake,
+            Broker::ApacheKafka(_) => Backend::ApacheKafka,
         }
     }
     /// A name unique to this scenario on its broker, derived from its topic: for extra
@@ -497,7 +521,7 @@ impl Env {
     pub fn builder(&self, config: Config) -> sidetrack::RuntimeBuilder {
         match &self.broker {
             Broker::Embedded(c) => sidetrack::Runtime::builder(config).embedded(c),
-            Broker::Real(b) => {
+            Broker::Tansu(b) => {
                 let mut config = config;
                 config.brokers = b.clone();
                 // Tansu is slower to settle a group than the embedded broker.
@@ -513,9 +537,9 @@ impl Env {
                     .insert("batch.num.messages".into(), "1".into());
                 sidetrack::Runtime::builder(config)
             }
-            // kfake needs none of Tansu's settings: it answers at once and stores batches
-            // record by record, so hand-offs are batched as librdkafka likes.
-            Broker::Kfake(b) => {
+            // kfake and Apache Kafka need none of Tansu's settings: they answer promptly and
+            // store batches as librdkafka sends them.
+            Broker::Kfake(b) | Broker::ApacheKafka(b) => {
                 let mut config = config;
                 config.brokers = b.clone();
                 sidetrack::Runtime::builder(config)
@@ -526,7 +550,7 @@ impl Env {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match &self.broker {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Real(b) | Broker::Kfake(b) => {
+            Broker::Tansu(b) | Broker::Kfake(b) | Broker::ApacheKafka(b) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
                 let admin: AdminClient<rdkafka::client::DefaultClientContext> =
                     rdkafka::ClientConfig::new()
@@ -578,7 +602,7 @@ impl Env {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap())
             .set("linger.ms", "0");
-        if let Broker::Real(_) = self.broker {
+        if let Broker::Tansu(_) = self.broker {
             c.set("batch.num.messages", "1");
         }
         c.create().unwrap()
@@ -636,10 +660,11 @@ pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// Runs a scenario body on every back end: the embedded broker, the real broker of
-/// `SIDETRACK_TEST_BROKERS` and kfake at `SIDETRACK_TEST_KFAKE` (each external one passes after
-/// printing why when its variable is unset). One test body, three tests: `NAME::embedded`,
-/// `NAME::real_broker`, `NAME::kfake`. `names = (TOPIC, GROUP)` chooses the scenario's topic
+/// Runs a scenario body on every back end: the embedded broker, Apache Kafka at
+/// `SIDETRACK_TEST_APACHE_KAFKA`, Tansu at `SIDETRACK_TEST_TANSU` and kfake at
+/// `SIDETRACK_TEST_KFAKE` (each external one passes after printing why when its variable is
+/// unset). One test body, four tests: `NAME::embedded`, `NAME::apache_kafka`, `NAME::tansu`,
+/// `NAME::kfake`. `names = (TOPIC, GROUP)` chooses the scenario's topic
 /// and group (made unique on external brokers), for tests that share global state by name.
 #[macro_export]
 macro_rules! on_every_broker {
@@ -655,8 +680,15 @@ macro_rules! on_every_broker {
                 within_limit($body(env)).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn real_broker() {
-                if let Some(env) = Env::on(Backend::Real, $topic, $group, $partitions).await {
+            async fn apache_kafka() {
+                if let Some(env) = Env::on(Backend::ApacheKafka, $topic, $group, $partitions).await
+                {
+                    within_limit($body(env)).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tansu() {
+                if let Some(env) = Env::on(Backend::Tansu, $topic, $group, $partitions).await {
                     within_limit($body(env)).await
                 }
             }

@@ -1,5 +1,5 @@
-//! Helpers of the proxy tests: the three brokers (embedded, `SIDETRACK_TEST_BROKERS` (Tansu),
-//! `SIDETRACK_TEST_KFAKE`), a proxy on a free loopback port, and a small real HTTP/1.1 client
+//! Helpers of the proxy tests: the four back ends (embedded, `SIDETRACK_TEST_APACHE_KAFKA`,
+//! `SIDETRACK_TEST_TANSU`, `SIDETRACK_TEST_KFAKE`), a proxy on a free loopback port, and a small real HTTP/1.1 client
 //! (hyper).
 #![allow(dead_code)]
 
@@ -131,7 +131,7 @@ impl Broker {
             Broker::Real(var, b) => {
                 config.brokers = b.clone();
                 let builder = Proxy::builder(config);
-                if *var == "SIDETRACK_TEST_BROKERS" {
+                if *var == "SIDETRACK_TEST_TANSU" {
                     // Tansu 0.6 makes only the first record of a multi-record batch readable.
                     builder.producer_property("batch.num.messages", "1")
                 } else {
@@ -257,8 +257,9 @@ pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// Runs a scenario on the embedded broker, on Tansu (`SIDETRACK_TEST_BROKERS`) and on kfake
-/// (`SIDETRACK_TEST_KFAKE`); a real broker whose variable is unset passes after saying so.
+/// Runs a scenario on the embedded broker, on Apache Kafka (`SIDETRACK_TEST_APACHE_KAFKA`), on
+/// Tansu (`SIDETRACK_TEST_TANSU`) and on kfake (`SIDETRACK_TEST_KFAKE`); an external broker whose
+/// variable is unset passes after saying so.
 #[macro_export]
 macro_rules! on_all_brokers {
     ($name:ident, $body:ident) => {
@@ -269,8 +270,14 @@ macro_rules! on_all_brokers {
                 within_limit($body(Broker::embedded())).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn apache_kafka() {
+                if let Some(b) = Broker::real("SIDETRACK_TEST_APACHE_KAFKA") {
+                    within_limit($body(b)).await
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn tansu() {
-                if let Some(b) = Broker::real("SIDETRACK_TEST_BROKERS") {
+                if let Some(b) = Broker::real("SIDETRACK_TEST_TANSU") {
                     within_limit($body(b)).await
                 }
             }
