@@ -24,6 +24,7 @@ mod provision;
 mod scheduler;
 mod signal;
 mod supervisor;
+mod watchdog;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -206,6 +207,7 @@ impl Runtime {
             self.config.brokers.clone(),
             self.config.alerts.command.clone(),
         ));
+        let watchdog = watchdog::Watchdog::start(self.config.handler_blocking_after);
         let shared = Arc::new(Shared {
             alerts,
             cx: Context::new(self.config.group.clone(), shutdown.token().clone()),
@@ -218,6 +220,7 @@ impl Runtime {
             partitions,
             shutdown: shutdown.clone(),
             fatal: std::sync::Mutex::new(None),
+            watchdog,
         });
         let sources: Vec<String> = shared
             .topology
@@ -363,6 +366,8 @@ pub(crate) struct Shared {
     pub(crate) cx: Context,
     /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
     pub(crate) fatal: std::sync::Mutex<Option<Error>>,
+    /// Watches handler calls from a thread of its own (oldest-call gauge, blocking handlers).
+    pub(crate) watchdog: Arc<watchdog::Watchdog>,
 }
 
 impl Shared {
