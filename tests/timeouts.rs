@@ -473,3 +473,32 @@ async fn a_fast_handler_triggers_none_of_it() {
         .collect();
     assert!(noise.is_empty(), "{noise:?}");
 }
+
+/// A handler that blocks before it even returns its future (the synchronous part of
+/// `handle`) is reported too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_before_its_future_exists_is_reported() {
+    struct BlocksEagerly;
+    impl Handler for BlocksEagerly {
+        #[allow(clippy::manual_async_fn)]
+        fn handle(
+            &self,
+            _msg: &Message,
+            _cx: &Context,
+        ) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send {
+            std::thread::sleep(Duration::from_secs(2));
+            async { Ok(()) }
+        }
+    }
+    logs();
+    recorder();
+    let env = Env::embedded_named("blocking-eager", "blocking-eager-g", 1);
+    let mut config = env.config();
+    config.handler_blocking_after = Duration::from_millis(500);
+    let rt = env.builder(config).handler(BlocksEagerly).started().await;
+    env.produce_all(&["x".to_owned()], 1).await;
+    wait_for("handled", || rt.stats().handled == 1).await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(counter(m::HANDLER_BLOCKING, env.topic()), 1);
+    assert_eq!(events(env.topic(), "blocking its thread").len(), 1);
+}

@@ -439,11 +439,9 @@ impl PartitionTask {
                     }
                     let (sampled, started) = self.clock_for_call();
                     let (result, elapsed) = {
-                        let call = self.watched.watched(
-                            0,
-                            msg.offset(),
-                            invoke_static(handler, &msg, &self.shared.cx),
-                        );
+                        let call = self.watched.watched(0, msg.offset(), || {
+                            invoke_static(handler, &msg, &self.shared.cx)
+                        });
                         let mut call = pin!(match span {
                             Some(span) => Either::Left(call.instrument(span)),
                             None => Either::Right(call),
@@ -984,11 +982,11 @@ impl PartitionTask {
         }
         let (sampled, started) = self.clock_for_call();
         let (result, elapsed) = {
-            let mut call = pin!(self.watched.watched(
-                slot,
-                msg.offset(),
-                invoke_static(handler, &msg, &self.shared.cx)
-            ));
+            let mut call = pin!(self.watched.watched(slot, msg.offset(), || invoke_static(
+                handler,
+                &msg,
+                &self.shared.cx
+            )));
             match futures_util::poll!(call.as_mut()) {
                 Poll::Ready(result) => (result, sampled.then(|| started.elapsed())),
                 Poll::Pending => {

@@ -170,8 +170,19 @@ impl Calls {
         }
     }
 
-    /// Wraps the handler call in slot `slot` of the record at `offset`.
-    pub(crate) fn watched<F: Future>(&self, slot: usize, offset: i64, call: F) -> Watched<'_, F> {
+    /// Makes the handler call in slot `slot` of the record at `offset` (watched too: a
+    /// handler may block before it returns its future) and wraps it.
+    pub(crate) fn watched<F: Future>(
+        &self,
+        slot: usize,
+        offset: i64,
+        make: impl FnOnce() -> F,
+    ) -> Watched<'_, F> {
+        self.polling_offset.store(offset, Ordering::Relaxed);
+        self.polling_since
+            .store(self.watchdog.now(), Ordering::Relaxed);
+        let call = make();
+        self.polling_since.store(0, Ordering::Relaxed);
         Watched {
             calls: self,
             slot,
