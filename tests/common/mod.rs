@@ -547,6 +547,32 @@ impl Env {
         }
     }
 
+    /// Sets topic-level configuration on an external broker (`incrementalAlterConfigs`' older
+    /// sibling `AlterConfigs`, which librdkafka offers); nothing on the embedded one.
+    pub async fn alter_topic(&self, name: &str, entries: &[(&str, &str)]) {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        if self.is_embedded() {
+            return;
+        }
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", self.bootstrap())
+                .create()
+                .unwrap();
+        let mut change = AlterConfig::new(ResourceSpecifier::Topic(name));
+        for (k, v) in entries {
+            change = change.set(k, v);
+        }
+        let r = admin
+            .alter_configs(
+                [&change],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
+            )
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "altering {name}: {:?}", r[0]);
+    }
+
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match &self.broker {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
