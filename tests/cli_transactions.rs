@@ -4,8 +4,8 @@
 //! and a transaction left open holds back what follows it without a hang or an error.
 //!
 //! Runs on kfake (`SIDETRACK_TEST_KFAKE`) and Apache Kafka (`SIDETRACK_TEST_APACHE_KAFKA`). The
-//! embedded broker (librdkafka's mock cluster) writes no transaction markers and Tansu 0.6 has
-//! no EndTxn: both are skipped with a printed reason.
+//! embedded broker (librdkafka's mock cluster) writes no transaction markers and aborts
+//! nothing; Tansu 0.6 has no EndTxn: both are skipped with a printed reason.
 #![cfg(feature = "cli")]
 
 mod common;
@@ -41,7 +41,7 @@ fn run(cluster: &Env, args: &[&str]) -> (i32, String, String) {
 /// Whether `cluster` can write transactions; if not, prints why the scenario is skipped.
 fn transactional(cluster: &Env) -> bool {
     let why = match cluster.backend() {
-        Backend::Embedded => "librdkafka's mock cluster writes no transaction markers",
+        Backend::Embedded => "librdkafka's mock cluster accepts EndTxn but writes no transaction markers and aborts nothing",
         Backend::Tansu => "Tansu 0.6 does not implement EndTxn",
         Backend::Kfake | Backend::ApacheKafka => return true,
     };
@@ -263,6 +263,15 @@ async fn an_open_transaction_holds_back_only_what_follows_it(cluster: Env) {
         err.contains("offsets from 4 on are held back by a transaction that is still open"),
         "{err}"
     );
+
+    // A run stopped by --limit before the stable end was not held back, and does not say so.
+    let (code, out, err) = run(
+        &cluster,
+        &["dlq", "replay", "--topic", &dlq, "--limit", "1"],
+    );
+    assert_eq!(code, 0, "dry run: {err}");
+    assert!(out.contains("1 record would be replayed"), "{out}");
+    assert!(!err.contains("held back"), "{err}");
 
     let (code, out, err) = run(&cluster, &["dlq", "replay", "--topic", &dlq, "--yes"]);
     assert_eq!(code, 0, "replay: {err}");

@@ -161,25 +161,32 @@ impl Kafka {
         }
         let found = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&found);
-        self.scan(
-            topic,
-            StartAt::Offsets(HashMap::from([(partition, offset)])),
-            move |r| {
-                *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                ControlFlow::Break(())
-            },
-        )
-        .await?;
+        let scanned = self
+            .scan(
+                topic,
+                StartAt::Offsets(HashMap::from([(partition, offset)])),
+                move |r| {
+                    *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    ControlFlow::Break(())
+                },
+            )
+            .await?;
         let first = found.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(match first {
             Some(r) if r.offset == offset => Ok(r),
             Some(r) => Err(format!(
-                "no record at {topic}[{partition}]@{offset} any more (the next one is @{})",
+                "no record at {topic}[{partition}]@{offset} (the next one is @{}; it is no longer retained, or was a transaction marker or an aborted record)",
                 r.offset
             )),
-            None => Err(format!(
-                "no record at {topic}[{partition}]@{offset} (the partition ends before it)"
-            )),
+            None => Err(match scanned.open.get(&partition) {
+                Some(t) if offset >= t.stable_end => format!(
+                    "no record at {topic}[{partition}]@{offset} yet (offsets from {} on are held back by a transaction that is still open)",
+                    t.stable_end
+                ),
+                _ => format!(
+                    "no record at {topic}[{partition}]@{offset} (the partition ends before it, or the offset is a transaction marker or an aborted record)"
+                ),
+            }),
         })
     }
 }
