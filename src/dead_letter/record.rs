@@ -160,8 +160,9 @@ pub enum StartAt {
     Time(i64),
 }
 
-/// Reads `topic` from `start` up to the end offsets seen when the scan begins; see
-/// [`scan_report`], of which this is the per-partition progress. Blocking.
+/// Reads the committed records of `topic` from `start` up to the last stable offsets seen when
+/// the scan begins; see [`scan_report`], of which this returns the per-partition progress.
+/// Blocking.
 pub fn scan(
     config: &ClientConfig,
     topic: &str,
@@ -193,7 +194,7 @@ pub struct OpenTransaction {
     /// The last stable offset: the first offset of the oldest open transaction, where reading
     /// stopped.
     pub stable_end: i64,
-    /// The high watermark seen just before `stable_end` was: the partition's end, open
+    /// The high watermark, read just before `stable_end`: the partition's end, open
     /// transactions included.
     pub high_watermark: i64,
 }
