@@ -14,7 +14,9 @@ use std::fmt;
 
 pub(crate) use alert::{Alerts, DeadLetterEvent, ErasedNotifier};
 pub use alert::{DeadLetterAlert, DeadLetterExample, DeadLetterNotifier, LogNotifier, NotifyError};
-pub use record::{scan, Provenance, Record, SpringDlt, StartAt};
+pub use record::{
+    scan, scan_report, OpenTransaction, Provenance, Record, Scanned, SpringDlt, StartAt,
+};
 #[cfg(feature = "webhook")]
 pub use webhook::WebhookNotifier;
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::Header;
 
-use crate::kafka::Kafka;
+use crate::kafka::{held_back, Kafka};
 use crate::{Failure, Filters};
 
 /// What `dlq list` shows of one record, also its JSON form.
@@ -171,18 +171,19 @@ impl Filters {
     }
 }
 
-/// The rows of the selected records, in partition/offset order.
+/// The rows of the selected records, in partition/offset order, and what an open transaction
+/// held back (lines for stderr).
 async fn select_rows(
     kafka: &Kafka,
     filters: &Filters,
     limit: Option<usize>,
-) -> Result<Vec<Row>, Failure> {
+) -> Result<(Vec<Row>, Vec<String>), Failure> {
     let now = now_ms();
     filters.check(now)?;
     let found = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&found);
     let f = filters.clone();
-    kafka
+    let scanned = kafka
         .scan(&filters.topic, filters.start(now), move |r| {
             let row = Row::at(&r, now);
             if f.matches(&r, &row, now) {
@@ -195,9 +196,14 @@ async fn select_rows(
             ControlFlow::Continue(())
         })
         .await?;
+    let held = held_back(
+        &filters.topic,
+        &scanned,
+        "its records are not listed until it commits (run again then)",
+    );
     let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|e| e.into_inner()));
     v.sort_by_key(|r| (r.partition, r.offset));
-    Ok(v)
+    Ok((v, held))
 }
 
 pub async fn list(
@@ -206,7 +212,12 @@ pub async fn list(
     limit: Option<usize>,
     json: bool,
 ) -> Result<(), Failure> {
-    let rows = select_rows(kafka, filters, limit).await?;
+    let (rows, held) = select_rows(kafka, filters, limit).await?;
+    // Said first on stderr, so it is seen whatever the output: an open transaction is not an
+    // error (the rows are every committed record before it), but the list is not complete.
+    for line in &held {
+        eprintln!("{line}");
+    }
     if json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Failure::Other(e.to_string()))?;
@@ -256,7 +267,7 @@ pub async fn show(
     }
     let found = Arc::new(Mutex::new(None));
     let sink = Arc::clone(&found);
-    kafka
+    let scanned = kafka
         .scan(
             topic,
             StartAt::Offsets(HashMap::from([(partition, offset)])),
@@ -273,7 +284,16 @@ pub async fn show(
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .ok_or_else(|| {
-            Failure::NotFound(format!("no record at {partition}:{offset} in `{topic}`"))
+            let why = match scanned.open.get(&partition) {
+                Some(t) if offset >= t.stable_end => format!(
+                    " (offsets from {} on are held back by a transaction that is still open)",
+                    t.stable_end
+                ),
+                _ => String::new(),
+            };
+            Failure::NotFound(format!(
+                "no record at {partition}:{offset} in `{topic}`{why}"
+            ))
         })?;
     print!("{}", describe(&record));
     Ok(())

@@ -23,7 +23,7 @@ use sidetrack::{Config, Envelope, Header};
 use tokio::sync::mpsc;
 
 use crate::dlq::{now_ms, Row, Verdict};
-use crate::kafka::{Kafka, Member};
+use crate::kafka::{held_back, Kafka, Member};
 use crate::{Failure, ReplayArgs};
 
 /// Records acknowledged before progress is saved.
@@ -215,8 +215,16 @@ async fn run(
     // The sender's failure first: it is why the scan stopped.
     worked?;
     let scanned = scanned?;
+    let then = if member.is_some() {
+        "progress stops there: run the same command again once it commits to replay its records"
+    } else {
+        "its records are not considered until it commits"
+    };
+    for line in held_back(&dlq, &scanned, then) {
+        eprintln!("{line}");
+    }
     // What the scan read, and no further than a record a later run may still select.
-    let mut end: HashMap<i32, i64> = scanned;
+    let mut end: HashMap<i32, i64> = scanned.reached;
     for (p, h) in &out.holds {
         end.entry(*p).and_modify(|e| *e = (*e).min(*h));
     }
