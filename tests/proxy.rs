@@ -1492,6 +1492,26 @@ async fn headers_are_capped_and_charged_what_they_hold() {
                 a.json()
             );
         }
+        // v3 too.
+        let v3 = format!(
+            r#"{{"value":{{"data":1}},"headers":[{}]}}"#,
+            vec![r#"{"name":"h"}"#; 257].join(",")
+        );
+        let a = request(
+            addr,
+            "POST",
+            &format!("/v3/clusters/{}/topics/{topic}/records", proxy.cluster_id()),
+            &[("content-type", "application/json")],
+            v3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (413, Some(41304)),
+            "{:?}",
+            a.json()
+        );
         assert_eq!(proxy.in_flight(), (0, 0));
         assert_eq!(proxy.buffered_bytes(), 0);
         // At the cap: accepted, and charged what it holds.

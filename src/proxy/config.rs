@@ -53,7 +53,7 @@ pub struct ProxyConfig {
     /// What those records cost in memory, over all requests; a request that would go beyond
     /// it is answered 429 at once (413 if it never fits). A record costs its key, value and
     /// header bytes plus [`RECORD_OVERHEAD`](super::RECORD_OVERHEAD) (512) and
-    /// [`HEADER_OVERHEAD`](super::HEADER_OVERHEAD) (112) per header: what librdkafka and the
+    /// [`HEADER_OVERHEAD`](super::HEADER_OVERHEAD) (128) per header: what librdkafka and the
     /// proxy hold for it besides its bytes ([`ProduceRecord::cost`](super::ProduceRecord::cost)).
     pub max_in_flight_bytes: usize,
     /// Most headers one record of a request may carry; a record with more is answered 413

@@ -435,7 +435,7 @@ async fn produce_inner(
     };
     note.records = records.len();
     // Decoded records may cost more than the body they came in (a header of 10 bytes in JSON
-    // holds 112 decoded): the reservation grows to their cost until they are admitted.
+    // holds 128 decoded): the reservation grows to their cost until they are admitted.
     charge_decoded(app, &mut buffered, &records)?;
     // The fingerprint covers every input a rule may read: the caller, the path (topic and
     // partition), the body, and the request headers the rules decide on.
