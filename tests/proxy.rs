@@ -1173,8 +1173,10 @@ async fn a_client_hanging_up_keeps_its_idempotency_key() {
     within_limit(async {
         let (broker, cluster, topic, proxy) = embedded_with(1, ProxyConfig::default()).await;
         eventually_ok(&proxy, &topic, json!("warm")).await;
-        // Every answer of the broker 3 s late: the records wait for their acknowledgement.
-        cluster.set_broker_rtt(1, Duration::from_secs(3)).unwrap();
+        // Every answer of the broker 10 s late: the records wait for their acknowledgement.
+        // (3 s was too short on a loaded machine: once, the retry below came after the
+        // acknowledgement and was answered 200 from memory instead of 409.)
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
         let body = r#"{"records":[{"value":"gone"}]}"#;
         let (send, first) = keyed_request_in_flight(&proxy, &topic, "k-gone", body).await;
         // The client gives up: its connection closes with the records queued.
@@ -1202,6 +1204,467 @@ async fn a_client_hanging_up_keeps_its_idempotency_key() {
     })
     .await
 }
+
+/// A rule that lets tenants `acme` and `globex` write (their tenant as a record header) and
+/// refuses every other tenant with 403. It decides on `x-tenant`.
+struct Tenants;
+
+impl sidetrack::proxy::RecordRule for Tenants {
+    fn check(&self, req: &RequestInfo<'_>, r: &mut ProduceRecord) -> Result<(), Rejection> {
+        let tenant = req
+            .headers
+            .get("x-tenant")
+            .map(|v| v.as_bytes())
+            .filter(|t| [&b"acme"[..], b"globex"].contains(t))
+            .ok_or_else(|| {
+                Rejection::new("this tenant may not write here").with_status(StatusCode::FORBIDDEN)
+            })?;
+        r.headers.push(Header::new("tenant", tenant));
+        Ok(())
+    }
+
+    fn decides_on_headers(&self) -> Vec<String> {
+        vec!["X-Tenant".into()]
+    }
+}
+
+/// An Idempotency-Key is answered from memory only after authentication and the rules, and
+/// only to a request with the same caller and the same values of the headers the rules
+/// decide on: a tenant the rules refuse, repeating another tenant's key and body, gets the
+/// rules' 403 (before: 200 with the other tenant's offsets), another accepted tenant gets
+/// 422, an unauthenticated caller 401, another token runs its own request, and the first
+/// caller's retry still gets its answer. Written once per caller.
+async fn idempotency_replay_after_the_rules(broker: Broker) {
+    let topic = broker.topic("orders", 2).await;
+    let mut config = ProxyConfig::default();
+    for (name, token) in [("a", "tok-a"), ("b", "tok-b")] {
+        config.auth.tokens.push(TokenConfig {
+            name: name.into(),
+            sha256: Some(sidetrack::proxy::token_sha256(token)),
+            topics: vec!["*".into()],
+            ..Default::default()
+        });
+    }
+    let proxy = broker
+        .proxy(config)
+        .rule(Tenants)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = proxy.local_addr();
+    let path = format!("/topics/{topic}");
+    let body = r#"{"records":[{"key":"a","value":1},{"key":"b","value":2}]}"#;
+    let send = |auth: Option<&'static str>, tenant: Option<&'static str>| {
+        let path = path.clone();
+        async move {
+            let mut h = vec![("content-type", JSON_V2), ("idempotency-key", "order-1")];
+            h.extend(tenant.map(|t| ("x-tenant", t)));
+            h.extend(auth.map(|a| ("authorization", a)));
+            request(addr, "POST", &path, &h, body).await.unwrap()
+        }
+    };
+    let a = Some("Bearer tok-a");
+    let first = send(a, Some("acme")).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.json());
+    for refused in [Some("mallory"), None] {
+        let r = send(a, refused).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (403, Some(42208)),
+            "{refused:?}: {:?}",
+            r.json()
+        );
+        assert!(r.headers.get("idempotent-replayed").is_none());
+        assert!(r.json().get("offsets").is_none(), "{:?}", r.json());
+    }
+    // Another tenant the rules accept: not the first tenant's answer either.
+    let r = send(a, Some("globex")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (422, Some(42206)),
+        "{:?}",
+        r.json()
+    );
+    // No caller: 401, whatever the key.
+    let r = send(None, Some("acme")).await;
+    assert_eq!((r.status.as_u16(), r.code()), (401, Some(40101)));
+    // The first caller's retry is still answered from memory.
+    let again = send(a, Some("acme")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(again.body, first.body);
+    // Another token with the same key, tenant and body: its own request.
+    let b = send(Some("Bearer tok-b"), Some("acme")).await;
+    assert_eq!(b.status, StatusCode::OK);
+    assert!(b.headers.get("idempotent-replayed").is_none());
+    let records = broker.read_all(&topic).await;
+    assert_eq!(records.len(), 4, "written once per caller");
+    assert!(records
+        .iter()
+        .all(|r| header(r, "tenant") == Some(&b"acme"[..])));
+    proxy.shutdown().await;
+}
+on_all_brokers!(
+    idempotency_replay_after_the_rules_,
+    idempotency_replay_after_the_rules
+);
+
+/// An Idempotency-Key whose request still runs after the window has passed is still
+/// running: its retry is 409, then gets the first answer; the record is written once.
+/// (Before, the entry counted as absent once older than the window: the retry got 200 and
+/// the record was written twice.) Here the request waits for the topic's metadata, which
+/// the broker answers 10 s late, with a 2.5 s window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_idempotency_key_older_than_the_window_is_409() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let cluster = broker.cluster().unwrap().clone();
+        let warm = broker.topic("warm", 1).await;
+        let topic = broker.topic("orders", 1).await;
+        let window = Duration::from_millis(2500);
+        let mut config = ProxyConfig {
+            request_timeout: Duration::from_secs(2),
+            metadata_timeout: Duration::from_secs(30),
+            ..ProxyConfig::default()
+        };
+        config.idempotency.window = window;
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let ruled = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let seen = ruled.clone();
+        let proxy = sidetrack::proxy::Proxy::builder(config)
+            .embedded(&cluster)
+            .rule(move |req: &RequestInfo<'_>, _r: &mut ProduceRecord| {
+                if req.topic.starts_with("orders") {
+                    seen.lock()
+                        .unwrap()
+                        .get_or_insert_with(std::time::Instant::now);
+                }
+                Ok(())
+            })
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        // The producer is connected and has its producer id; `orders` is not looked up yet.
+        eventually_ok(&proxy, &warm, json!("warm")).await;
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
+        let body = r#"{"records":[{"value":"once"}]}"#;
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let send = move || {
+            let path = path.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", JSON_V2), ("idempotency-key", "k-old")],
+                    body,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let first = tokio::spawn(send());
+        // The key is claimed right after the rules ran (no await between them): once the
+        // window has passed since then, the entry is older than the window.
+        let old = wait_until(WAIT, || {
+            let at = *ruled.lock().unwrap();
+            async move { at.is_some_and(|t| t.elapsed() > window + Duration::from_millis(100)) }
+        })
+        .await;
+        assert!(old);
+        let a = send().await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (409, Some(40901)),
+            "{:?}",
+            a.json()
+        );
+        assert!(!first.is_finished(), "the first request still runs");
+        cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
+        let first = first.await.unwrap();
+        assert_eq!(first.status, StatusCode::OK, "{:?}", first.json());
+        let again = send().await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert_eq!(again.body, first.body);
+        let written = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter(|r| r.payload.as_deref() == Some(&b"\"once\""[..]))
+            .count();
+        assert_eq!(written, 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Remembered answers are bounded by bytes as well as count: 20 requests with large answers
+/// leave at most `idempotency.max_bytes` accounted, the oldest forgotten and the newest kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_answers_are_bounded_by_bytes() {
+    within_limit(async {
+        let max = 256 * 1024;
+        let mut config = ProxyConfig::default();
+        config.idempotency.max_bytes = max;
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+        let body = serde_json::to_vec(
+            &json!({"records": (0..500).map(|i| json!({"value": i})).collect::<Vec<_>>()}),
+        )
+        .unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("big-{i}")).collect();
+        let mut answer_len = 0;
+        for k in &keys {
+            let a = request(
+                proxy.local_addr(),
+                "POST",
+                &format!("/topics/{topic}"),
+                &[("content-type", JSON_V2), ("idempotency-key", k)],
+                body.clone(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(a.status, StatusCode::OK);
+            answer_len = a.body.len();
+            let (_, bytes) = proxy.idempotency_usage();
+            assert!(bytes <= max, "{bytes} bytes remembered, bound {max}");
+        }
+        assert!(
+            answer_len * 20 > 2 * max,
+            "the answers are large: {answer_len}"
+        );
+        let (entries, bytes) = proxy.idempotency_usage();
+        assert!(entries < 20 && entries > 0, "{entries} answers remembered");
+        assert!(
+            bytes >= entries * answer_len,
+            "{bytes} for {entries} answers of {answer_len}"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A record with more headers than `max_headers_per_record` is refused with 413 41304 before
+/// its headers are decoded (10 requests of one record with 300,000 empty headers were
+/// admitted as "10 bytes in flight" before), and a record's headers are charged what they
+/// hold: in flight (`max_in_flight_bytes`) and, decoded and waiting for admission, against
+/// `max_buffered_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_capped_and_charged_what_they_hold() {
+    use sidetrack::proxy::{HEADER_OVERHEAD, RECORD_OVERHEAD};
+    within_limit(async {
+        let broker = Broker::embedded();
+        let cluster = broker.cluster().unwrap().clone();
+        let topic = broker.topic("orders", 1).await;
+        let unlooked = broker.topic("fresh", 1).await;
+        let mut config = ProxyConfig {
+            request_timeout: Duration::from_secs(60),
+            metadata_timeout: Duration::from_secs(60),
+            ..ProxyConfig::default()
+        };
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let proxy = sidetrack::proxy::Proxy::builder(config)
+            .embedded(&cluster)
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let addr = proxy.local_addr();
+        let headers = |n: usize| {
+            let h = vec![r#"{"key":""}"#; n].join(",");
+            format!(r#"{{"records":[{{"value":1,"headers":[{h}]}}]}}"#)
+        };
+        let flood = headers(300_000);
+        for _ in 0..10 {
+            let a = request(
+                addr,
+                "POST",
+                &format!("/topics/{topic}"),
+                &[("content-type", JSON_V2)],
+                flood.clone(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (413, Some(41304)),
+                "{:?}",
+                a.json()
+            );
+        }
+        // v3 too.
+        let v3 = format!(
+            r#"{{"value":{{"data":1}},"headers":[{}]}}"#,
+            vec![r#"{"name":"h"}"#; 257].join(",")
+        );
+        let a = request(
+            addr,
+            "POST",
+            &format!("/v3/clusters/{}/topics/{topic}/records", proxy.cluster_id()),
+            &[("content-type", "application/json")],
+            v3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (413, Some(41304)),
+            "{:?}",
+            a.json()
+        );
+        assert_eq!(proxy.in_flight(), (0, 0));
+        assert_eq!(proxy.buffered_bytes(), 0);
+        // At the cap: accepted, and charged what it holds.
+        let at_cap = headers(256);
+        eventually_ok(&proxy, &topic, json!("warm")).await;
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
+        let cost = 1 + RECORD_OVERHEAD + 256 * HEADER_OVERHEAD;
+        let post = |t: String| {
+            let body = at_cap.clone();
+            tokio::spawn(async move {
+                request(
+                    addr,
+                    "POST",
+                    &format!("/topics/{t}"),
+                    &[("content-type", JSON_V2)],
+                    body,
+                )
+                .await
+                .unwrap()
+            })
+        };
+        // Admitted, waiting for the broker's acknowledgement: in flight.
+        let queued = post(topic.clone());
+        assert!(
+            wait_until(WAIT, || {
+                let f = proxy.in_flight();
+                async move { f == (1, cost) }
+            })
+            .await,
+            "charged {:?}, expected (1, {cost})",
+            proxy.in_flight()
+        );
+        // Decoded, waiting for the topic's metadata: held against max_buffered_bytes at its
+        // decoded cost, not its body's length.
+        assert!(cost > at_cap.len() * 4);
+        let waiting = post(unlooked.clone());
+        assert!(
+            wait_until(WAIT, || {
+                let b = proxy.buffered_bytes();
+                async move { b == cost }
+            })
+            .await,
+            "buffered {}, expected {cost}",
+            proxy.buffered_bytes()
+        );
+        cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
+        assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+        assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
+        assert_eq!(proxy.in_flight(), (0, 0));
+        assert_eq!(proxy.buffered_bytes(), 0);
+        let r = broker.read_all(&topic).await;
+        assert_eq!(r.iter().filter(|r| r.headers.len() == 256).count(), 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Authentication comes before anything derived from the path, on every produce route: an
+/// unauthenticated request to a wrong cluster id or a bad partition is 401, and no answer to
+/// an unauthenticated caller names the cluster id (before: 404 naming it, and 422 for the
+/// partition). With a token, the same requests get their 404 and 422.
+async fn authentication_before_path_checks(broker: Broker) {
+    let topic = broker.topic("orders", 1).await;
+    let mut config = ProxyConfig::default();
+    config.auth.tokens.push(TokenConfig {
+        name: "t".into(),
+        sha256: Some(sidetrack::proxy::token_sha256("tok")),
+        topics: vec!["*".into()],
+        ..Default::default()
+    });
+    let proxy = broker.start(config).await;
+    let addr = proxy.local_addr();
+    let id = proxy.cluster_id().to_owned();
+    let v3 = ("content-type", "application/json");
+    let v2 = ("content-type", JSON_V2);
+    let one = r#"{"records":[{"value":1}]}"#;
+    let cases = [
+        (
+            "POST",
+            format!("/v3/clusters/not-{id}/topics/{topic}/records"),
+            v3,
+            r#"{"value":{"data":1}}"#,
+            404,
+            40403,
+        ),
+        (
+            "POST",
+            format!("/v3/clusters/{id}/topics/{topic}/records"),
+            v3,
+            r#"{"value":{"data":1}}"#,
+            200,
+            200,
+        ),
+        (
+            "POST",
+            format!("/topics/{topic}/partitions/x"),
+            v2,
+            one,
+            422,
+            42204,
+        ),
+        (
+            "POST",
+            format!("/topics/{topic}/partitions/99"),
+            v2,
+            one,
+            404,
+            40402,
+        ),
+        ("POST", "/topics/a%20b".to_owned(), v2, one, 404, 40401),
+        ("GET", format!("/v3/clusters/not-{id}"), v3, "", 404, 40403),
+    ];
+    for (method, path, ct, body, status, code) in cases {
+        for auth in [None, Some("Bearer wrong")] {
+            let mut h = vec![ct];
+            h.extend(auth.map(|a| ("authorization", a)));
+            let a = request(addr, method, &path, &h, body).await.unwrap();
+            let text = String::from_utf8_lossy(&a.body).into_owned();
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (401, Some(40101)),
+                "{method} {path} {auth:?}: {text}"
+            );
+            assert!(!text.contains(&id), "{path}: {text} names the cluster id");
+        }
+        let a = request(
+            addr,
+            method,
+            &path,
+            &[ct, ("authorization", "Bearer tok")],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (status, Some(code)),
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    assert_eq!(broker.read_all(&topic).await.len(), 1);
+    proxy.shutdown().await;
+}
+on_all_brokers!(
+    authentication_before_path_checks_,
+    authentication_before_path_checks
+);
 
 /// A partition added after the count was cached is seen within about a second (on a broker
 /// with CreatePartitions: kfake; the embedded broker and Tansu 0.6 have none).
