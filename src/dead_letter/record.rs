@@ -56,10 +56,26 @@ pub struct SpringDlt {
     pub original_timestamp: Option<i64>,
     /// `kafka_dlt-original-consumer-group`.
     pub group: Option<String>,
-    /// `kafka_dlt-exception-fqcn`.
+    /// `kafka_dlt-exception-fqcn`: the exception the error handler got, which a listener
+    /// container wraps (`ListenerExecutionFailedException`).
     pub exception: Option<String>,
-    /// `kafka_dlt-exception-message`.
+    /// `kafka_dlt-exception-cause-fqcn`: the root cause's class (Spring Kafka 2.8 and later).
+    pub cause: Option<String>,
+    /// `kafka_dlt-exception-message`: Spring joins the exception's and the root cause's
+    /// messages with `; `.
     pub message: Option<String>,
+    /// `kafka_dlt-exception-stacktrace`.
+    pub stacktrace: Option<String>,
+    /// `kafka_dlt-original-timestamp-type` (`CreateTime` or `LogAppendTime`).
+    pub original_timestamp_type: Option<String>,
+}
+
+impl SpringDlt {
+    /// The class that failed: the root cause when Spring recorded one (a listener container's
+    /// wrapper says only that a listener failed), else the exception.
+    pub fn failed_class(&self) -> Option<&str> {
+        self.cause.as_deref().or(self.exception.as_deref())
+    }
 }
 
 impl Record {
@@ -101,7 +117,8 @@ impl Record {
     }
 
     /// The user's headers: before the envelope, or all headers without one (Spring's
-    /// `kafka_dlt-*` headers excluded).
+    /// `kafka_dlt-*` headers included: Spring appends them after the original's headers, and
+    /// they are the user's wherever a record carries a sidetrack envelope as well).
     pub fn user_headers(&self) -> &[Header] {
         match Envelope::split(&self.headers) {
             Ok((n, _)) => &self.headers[..n],
@@ -124,7 +141,10 @@ impl Record {
             original_timestamp: int("kafka_dlt-original-timestamp"),
             group: text("kafka_dlt-original-consumer-group"),
             exception: text("kafka_dlt-exception-fqcn"),
+            cause: text("kafka_dlt-exception-cause-fqcn"),
             message: text("kafka_dlt-exception-message"),
+            stacktrace: text("kafka_dlt-exception-stacktrace"),
+            original_timestamp_type: text("kafka_dlt-original-timestamp-type"),
         }
     }
 }

@@ -29,6 +29,11 @@ pub struct Row {
     pub reason: Option<String>,
     pub error: String,
     pub key: Option<String>,
+    /// The key as shown to people: text when it is printable UTF-8, escaped bytes otherwise
+    /// (`-` for none). `key` above is lossy UTF-8 for JSON and `--key`; a key that is not
+    /// UTF-8 printed raw would put its bytes (a NUL, an escape sequence) on the terminal.
+    #[serde(skip)]
+    pub key_shown: String,
 }
 
 impl Row {
@@ -55,6 +60,7 @@ impl Row {
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
+            key_shown: r.key.as_deref().map(preview).unwrap_or_else(|| "-".into()),
         };
         match r.provenance() {
             Provenance::Sidetrack(e) => {
@@ -69,14 +75,14 @@ impl Row {
             }
             Provenance::Spring(s) => {
                 row.envelope = "spring";
+                row.error = match (s.failed_class(), s.message.as_deref()) {
+                    (Some(c), Some(m)) => format!("{c}: {m}"),
+                    (c, m) => c.or(m).unwrap_or_default().to_owned(),
+                };
                 row.original_topic = s.original_topic;
                 row.original_partition = s.original_partition;
                 row.original_offset = s.original_offset;
                 row.group = s.group;
-                row.error = match (s.exception, s.message) {
-                    (Some(c), Some(m)) => format!("{c}: {m}"),
-                    (c, m) => c.or(m).unwrap_or_default(),
-                };
             }
             Provenance::Unknown(e) => {
                 row.error = format!("no sidetrack envelope ({e})");
@@ -232,7 +238,7 @@ pub async fn list(
                 .unwrap_or_else(|| "-".into()),
             r.reason.as_deref().unwrap_or("-"),
             cut(&r.error, 50),
-            cut(r.key.as_deref().unwrap_or("-"), 40),
+            cut(&r.key_shown, 40),
         );
     }
     eprintln!(
@@ -325,6 +331,9 @@ pub fn describe_at(r: &Record, now: i64) -> String {
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
             field("exception", s.exception.clone());
+            if s.cause.is_some() {
+                field("cause", s.cause.clone());
+            }
             field("message", s.message.clone());
             field("original topic", s.original_topic.clone());
             field(
@@ -333,7 +342,13 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             );
             field("original offset", s.original_offset.map(|o| o.to_string()));
             field("original time", s.original_timestamp.map(time));
+            if s.original_timestamp_type.is_some() {
+                field("timestamp type", s.original_timestamp_type.clone());
+            }
             field("group", s.group.clone());
+            if let Some(trace) = &s.stacktrace {
+                out += &stack_trace(trace);
+            }
         }
         Provenance::Unknown(e) => out += &format!("no sidetrack envelope ({e})\n"),
     }
@@ -372,6 +387,23 @@ pub fn describe_at(r: &Record, now: i64) -> String {
                 out += "\n";
             }
         },
+    }
+    out
+}
+
+/// Lines of a Java stack trace shown by `dlq show`; the rest is counted.
+const STACK_LINES: usize = 30;
+
+/// Spring's `kafka_dlt-exception-stacktrace`, indented, each line escaped like any other
+/// bytes from the record, at most [`STACK_LINES`] lines.
+fn stack_trace(trace: &str) -> String {
+    let lines: Vec<&str> = trace.lines().collect();
+    let mut out = format!("  stack trace ({} lines):\n", lines.len());
+    for line in lines.iter().take(STACK_LINES) {
+        out += &format!("    {}\n", preview(line.replace('\t', "  ").as_bytes()));
+    }
+    if lines.len() > STACK_LINES {
+        out += &format!("    … ({} more lines)\n", lines.len() - STACK_LINES);
     }
     out
 }
