@@ -327,7 +327,9 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         }
         Provenance::Spring(s) => {
             out += "Spring Kafka dead letter (kafka_dlt-* headers):\n";
+            // Any producer can write these headers: escaped like every other record bytes.
             let mut field = |k: &str, v: Option<String>| {
+                let v = v.map(|v| preview(v.as_bytes()));
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
             field("exception", s.exception.clone());
@@ -743,6 +745,65 @@ mod tests {
             reason: None,
             key: None,
         }
+    }
+
+    /// As Spring Kafka 4.1's `DeadLetterPublishingRecoverer` writes them after a listener
+    /// container's listener threw (tests/interop.rs checks this against the real library).
+    #[test]
+    fn spring_dead_letters_show_the_root_cause_and_a_bounded_escaped_stack_trace() {
+        let mut trace = String::from(
+            "org.springframework.kafka.listener.ListenerExecutionFailedException: Listener failed\n",
+        );
+        for i in 0..40 {
+            trace += &format!("\tat a.B.c{i}(B.java:{i})\n");
+        }
+        trace += "Caused by: java.lang.IllegalStateException: declined \x1b[31mred\n";
+        let r = Record {
+            key: Some(b"\xff\x00k".to_vec()),
+            headers: vec![
+                Header::new("trace", b"t-1".to_vec()),
+                Header::new(
+                    "kafka_dlt-exception-fqcn",
+                    b"org.springframework.kafka.listener.ListenerExecutionFailedException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-cause-fqcn",
+                    b"java.lang.IllegalStateException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-message",
+                    b"Listener failed; declined \x1b[31mred".to_vec(),
+                ),
+                Header::new("kafka_dlt-exception-stacktrace", trace.into_bytes()),
+                Header::new("kafka_dlt-original-timestamp-type", b"CreateTime".to_vec()),
+            ],
+            ..rec(None)
+        };
+        let row = Row::at(&r, 0);
+        assert_eq!(
+            row.error,
+            "java.lang.IllegalStateException: Listener failed; declined \x1b[31mred"
+        );
+        assert_eq!(row.key_shown, r"\xff\x00k");
+        let text = describe_at(&r, 0);
+        for line in [
+            "  exception          org.springframework.kafka.listener.ListenerExecutionFailedException",
+            "  cause              java.lang.IllegalStateException",
+            r"  message            Listener failed; declined \x1b[31mred",
+            "  timestamp type     CreateTime",
+            "  stack trace (42 lines):",
+            "      at a.B.c0(B.java:0)",
+            "    … (12 more lines)",
+            "user headers (1):",
+            r"key: \xff\x00k",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            !text.contains("c29("),
+            "30 lines of the trace at most:\n{text}"
+        );
     }
 
     #[test]
