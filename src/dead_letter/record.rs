@@ -140,10 +140,15 @@ impl Record {
             original_offset: int("kafka_dlt-original-offset"),
             original_timestamp: int("kafka_dlt-original-timestamp"),
             group: text("kafka_dlt-original-consumer-group"),
-            exception: text("kafka_dlt-exception-fqcn"),
+            // A key that failed to deserialize (ErrorHandlingDeserializer) is recorded under
+            // `kafka_dlt-key-exception-*` instead: without it the record would show no error.
+            exception: text("kafka_dlt-exception-fqcn")
+                .or_else(|| text("kafka_dlt-key-exception-fqcn")),
             cause: text("kafka_dlt-exception-cause-fqcn"),
-            message: text("kafka_dlt-exception-message"),
-            stacktrace: text("kafka_dlt-exception-stacktrace"),
+            message: text("kafka_dlt-exception-message")
+                .or_else(|| text("kafka_dlt-key-exception-message")),
+            stacktrace: text("kafka_dlt-exception-stacktrace")
+                .or_else(|| text("kafka_dlt-key-exception-stacktrace")),
             original_timestamp_type: text("kafka_dlt-original-timestamp-type"),
         }
     }
@@ -407,6 +412,31 @@ mod tests {
                 assert_eq!(s.original_offset, Some(42));
                 assert_eq!(s.original_timestamp, Some(1_700_000_000_000));
                 assert_eq!(s.message.as_deref(), Some("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_spring_key_deserialization_failure_is_the_error() {
+        let r = record(vec![
+            Header::new("kafka_dlt-original-topic", b"orders".to_vec()),
+            Header::new(
+                "kafka_dlt-key-exception-fqcn",
+                b"org.springframework.kafka.support.serializer.DeserializationException".to_vec(),
+            ),
+            Header::new(
+                "kafka_dlt-key-exception-message",
+                b"failed to deserialize".to_vec(),
+            ),
+        ]);
+        match r.provenance() {
+            Provenance::Spring(s) => {
+                assert_eq!(
+                    s.failed_class(),
+                    Some("org.springframework.kafka.support.serializer.DeserializationException")
+                );
+                assert_eq!(s.message.as_deref(), Some("failed to deserialize"));
             }
             other => panic!("{other:?}"),
         }
