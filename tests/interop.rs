@@ -206,8 +206,10 @@ const SPRING_HEADERS: [&str; 10] = [
 ];
 
 /// `sidetrack dlq list/show/replay` on dead letters written by Spring Kafka's real
-/// `DeadLetterPublishingRecoverer` (KafkaTemplate over a DefaultKafkaProducerFactory): a key
-/// that is not UTF-8, a null key, binary/empty/null/duplicate headers.
+/// `DeadLetterPublishingRecoverer` (KafkaTemplate over a DefaultKafkaProducerFactory), called by
+/// a `DefaultErrorHandler` when the listener of a `KafkaMessageListenerContainer` throws, as in
+/// a Spring application: a key that is not UTF-8, a null key, binary/empty/null/duplicate
+/// headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spring_dead_letters_are_listed_shown_and_replayed() {
     let Some((java, env)) = setup("spring-orders", "spring-app", 2).await else {
@@ -220,7 +222,7 @@ async fn spring_dead_letters_are_listed_shown_and_replayed() {
         let dlt = format!("{topic}-dlt");
         env.create_topic(&dlt, 2).await;
         let originals = java
-            .records(&["spring-dlt", &b, &topic, env.group(), "plain", "p"])
+            .records(&["spring-container", &b, &topic, env.group(), "p"])
             .await;
         assert_eq!(originals.len(), 3);
 

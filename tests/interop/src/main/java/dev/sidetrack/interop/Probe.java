@@ -3,10 +3,12 @@ package dev.sidetrack.interop;
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.ArrayList;
+import java.util.Collections;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Properties;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.stream.Collectors;
 
 import org.apache.kafka.clients.consumer.ConsumerConfig;
@@ -21,10 +23,17 @@ import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.header.internals.RecordHeader;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 import org.apache.kafka.common.serialization.ByteArraySerializer;
+import org.springframework.kafka.core.DefaultKafkaConsumerFactory;
 import org.springframework.kafka.core.DefaultKafkaProducerFactory;
 import org.springframework.kafka.core.KafkaTemplate;
+import org.springframework.kafka.listener.ContainerProperties;
 import org.springframework.kafka.listener.DeadLetterPublishingRecoverer;
+import org.springframework.kafka.listener.DefaultErrorHandler;
+import org.springframework.kafka.listener.KafkaMessageListenerContainer;
+import org.springframework.kafka.listener.MessageListener;
+import org.springframework.kafka.listener.RetryListener;
 import org.springframework.kafka.listener.ListenerExecutionFailedException;
+import org.springframework.util.backoff.FixedBackOff;
 
 /**
  * The Java side of sidetrack's interop tests (tests/interop.rs drives it; the assertions live
@@ -41,6 +50,10 @@ import org.springframework.kafka.listener.ListenerExecutionFailedException;
  *       Kafka's {@link DeadLetterPublishingRecoverer} with a real {@link KafkaTemplate}, as a
  *       listener container would after its listener threw: plainly, in a Kafka transaction that
  *       commits, or in one that aborts. Prints the originals as consumed.</li>
+ *   <li>{@code spring-container BOOTSTRAP TOPIC GROUP TAG}: the same records, consumed by a
+ *       Spring {@link KafkaMessageListenerContainer} whose listener throws, with a
+ *       {@link DefaultErrorHandler} that hands each failure to the recoverer at once (no
+ *       retries): what a Spring application does. Prints the records the listener saw.</li>
  * </ul>
  */
 public final class Probe {
@@ -57,6 +70,10 @@ public final class Probe {
                 if (args.length != 4) usage();
                 System.out.println(json(consume(args[1], args[2], args[3])));
             }
+            case "spring-container" -> {
+                if (args.length != 5) usage();
+                System.out.println(json(springContainer(args[1], args[2], args[3], args[4])));
+            }
             case "spring-dlt" -> {
                 if (args.length != 6) usage();
                 System.out.println(json(springDlt(args[1], args[2], args[3], args[4], args[5])));
@@ -67,7 +84,8 @@ public final class Probe {
 
     private static void usage() {
         System.err.println("usage: Probe consume BOOTSTRAP TOPIC read_committed|read_uncommitted\n"
-                + "       Probe spring-dlt BOOTSTRAP TOPIC GROUP plain|tx-commit|tx-abort TAG");
+                + "       Probe spring-dlt BOOTSTRAP TOPIC GROUP plain|tx-commit|tx-abort TAG\n"
+                + "       Probe spring-container BOOTSTRAP TOPIC GROUP TAG");
         System.exit(2);
     }
 
@@ -108,28 +126,8 @@ public final class Probe {
     /** The originals as consumed, after each was dead-lettered by Spring. */
     static List<ConsumerRecord<byte[], byte[]>> springDlt(
             String bootstrap, String topic, String group, String mode, String tag) throws Exception {
-        List<ProducerRecord<byte[], byte[]>> originals = List.of(
-                // A key that is not UTF-8 (0xff can never start a UTF-8 sequence), binary header.
-                rec(topic, 0, new byte[] {(byte) 0xff, 0x00, (byte) 0xfe, 'k'},
-                        utf8("{\"n\":1,\"tag\":\"" + tag + "\"}"),
-                        new RecordHeader("trace", utf8("t-1")),
-                        new RecordHeader("bin", new byte[] {0x00, (byte) 0xff, (byte) 0x80})),
-                // A null key; an empty and a null header value; a value that is not JSON.
-                rec(topic, 0, null, utf8(tag + ": null key"),
-                        new RecordHeader("empty", new byte[0]), new RecordHeader("none", null)),
-                // A plain key, a duplicate header name (order matters).
-                rec(topic, 1, utf8("order-" + tag), utf8(tag + ": plain"),
-                        new RecordHeader("dup", utf8("a")), new RecordHeader("dup", utf8("b"))));
-        Map<String, Object> pc = new HashMap<>();
-        pc.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
-        pc.put(ProducerConfig.ACKS_CONFIG, "all");
-        List<RecordMetadata> sent = new ArrayList<>();
-        try (KafkaProducer<byte[], byte[]> producer =
-                new KafkaProducer<>(pc, new ByteArraySerializer(), new ByteArraySerializer())) {
-            for (ProducerRecord<byte[], byte[]> r : originals) {
-                sent.add(producer.send(r).get());
-            }
-        }
+        List<RecordMetadata> sent = produceOriginals(bootstrap, topic, tag);
+        Map<String, Object> pc = producerConfig(bootstrap);
 
         // Read them back as a listener container's consumer would.
         Properties cp = new Properties();
@@ -203,6 +201,88 @@ public final class Probe {
             }
         }
         return consumed;
+    }
+
+    private static Map<String, Object> producerConfig(String bootstrap) {
+        Map<String, Object> pc = new HashMap<>();
+        pc.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        pc.put(ProducerConfig.ACKS_CONFIG, "all");
+        return pc;
+    }
+
+    /** The records that will fail: odd keys and headers, on partitions 0 and 1. */
+    static List<RecordMetadata> produceOriginals(String bootstrap, String topic, String tag) throws Exception {
+        List<ProducerRecord<byte[], byte[]>> originals = List.of(
+                // A key that is not UTF-8 (0xff can never start a UTF-8 sequence), binary header.
+                rec(topic, 0, new byte[] {(byte) 0xff, 0x00, (byte) 0xfe, 'k'},
+                        utf8("{\"n\":1,\"tag\":\"" + tag + "\"}"),
+                        new RecordHeader("trace", utf8("t-1")),
+                        new RecordHeader("bin", new byte[] {0x00, (byte) 0xff, (byte) 0x80})),
+                // A null key; an empty and a null header value; a value that is not JSON.
+                rec(topic, 0, null, utf8(tag + ": null key"),
+                        new RecordHeader("empty", new byte[0]), new RecordHeader("none", null)),
+                // A plain key, a duplicate header name (order matters).
+                rec(topic, 1, utf8("order-" + tag), utf8(tag + ": plain"),
+                        new RecordHeader("dup", utf8("a")), new RecordHeader("dup", utf8("b"))));
+        Map<String, Object> pc = producerConfig(bootstrap);
+        List<RecordMetadata> sent = new ArrayList<>();
+        try (KafkaProducer<byte[], byte[]> producer =
+                new KafkaProducer<>(pc, new ByteArraySerializer(), new ByteArraySerializer())) {
+            for (ProducerRecord<byte[], byte[]> r : originals) {
+                sent.add(producer.send(r).get());
+            }
+        }
+
+        return sent;
+    }
+
+    /** The records as a Spring listener container's listener saw them, each dead-lettered. */
+    static List<ConsumerRecord<byte[], byte[]>> springContainer(
+            String bootstrap, String topic, String group, String tag) throws Exception {
+        List<RecordMetadata> sent = produceOriginals(bootstrap, topic, tag);
+        Map<String, Object> cc = new HashMap<>();
+        cc.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        cc.put(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG, "earliest");
+        DefaultKafkaConsumerFactory<byte[], byte[]> consumers =
+                new DefaultKafkaConsumerFactory<>(cc, new ByteArrayDeserializer(), new ByteArrayDeserializer());
+        DefaultKafkaProducerFactory<byte[], byte[]> producers = new DefaultKafkaProducerFactory<>(
+                producerConfig(bootstrap), new ByteArraySerializer(), new ByteArraySerializer());
+        List<ConsumerRecord<byte[], byte[]>> seen = Collections.synchronizedList(new ArrayList<>());
+        AtomicInteger recovered = new AtomicInteger();
+        ContainerProperties props = new ContainerProperties(topic);
+        props.setGroupId(group);
+        props.setMessageListener((MessageListener<byte[], byte[]>) r -> {
+            seen.add(r);
+            throw new IllegalStateException("declined #" + seen.size() + " (" + tag + ")");
+        });
+        KafkaMessageListenerContainer<byte[], byte[]> container =
+                new KafkaMessageListenerContainer<>(consumers, props);
+        DefaultErrorHandler handler = new DefaultErrorHandler(
+                new DeadLetterPublishingRecoverer(new KafkaTemplate<>(producers)), new FixedBackOff(0L, 0L));
+        handler.setRetryListeners(new RetryListener() {
+            @Override
+            public void failedDelivery(ConsumerRecord<?, ?> record, Exception ex, int attempt) {}
+
+            @Override
+            public void recovered(ConsumerRecord<?, ?> record, Exception ex) {
+                recovered.incrementAndGet();
+            }
+        });
+        container.setCommonErrorHandler(handler);
+        container.start();
+        try {
+            long deadline = System.nanoTime() + WAIT.toNanos();
+            while (recovered.get() < sent.size()) {
+                if (System.nanoTime() > deadline) {
+                    throw new IllegalStateException("dead-lettered " + recovered.get() + " of " + sent.size());
+                }
+                Thread.sleep(50);
+            }
+        } finally {
+            container.stop();
+            producers.destroy();
+        }
+        return new ArrayList<>(seen);
     }
 
     private static final class AbortOnPurpose extends RuntimeException {
