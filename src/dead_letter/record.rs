@@ -59,7 +59,7 @@ pub struct SpringDlt {
     /// `kafka_dlt-exception-fqcn`: the exception the error handler got, which a listener
     /// container wraps (`ListenerExecutionFailedException`).
     pub exception: Option<String>,
-    /// `kafka_dlt-exception-cause-fqcn`: the root cause's class (Spring Kafka 2.8 and later).
+    /// `kafka_dlt-exception-cause-fqcn`: the root cause's class (recent Spring Kafka versions).
     pub cause: Option<String>,
     /// `kafka_dlt-exception-message`: Spring joins the exception's and the root cause's
     /// messages with `; `.
