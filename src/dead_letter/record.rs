@@ -56,10 +56,26 @@ pub struct SpringDlt {
     pub original_timestamp: Option<i64>,
     /// `kafka_dlt-original-consumer-group`.
     pub group: Option<String>,
-    /// `kafka_dlt-exception-fqcn`.
+    /// `kafka_dlt-exception-fqcn`: the exception the error handler got, which a listener
+    /// container wraps (`ListenerExecutionFailedException`).
     pub exception: Option<String>,
-    /// `kafka_dlt-exception-message`.
+    /// `kafka_dlt-exception-cause-fqcn`: the root cause's class (recent Spring Kafka versions).
+    pub cause: Option<String>,
+    /// `kafka_dlt-exception-message`: Spring joins the exception's and the root cause's
+    /// messages with `; `.
     pub message: Option<String>,
+    /// `kafka_dlt-exception-stacktrace`.
+    pub stacktrace: Option<String>,
+    /// `kafka_dlt-original-timestamp-type` (`CreateTime` or `LogAppendTime`).
+    pub original_timestamp_type: Option<String>,
+}
+
+impl SpringDlt {
+    /// The class that failed: the root cause when Spring recorded one (a listener container's
+    /// wrapper says only that a listener failed), else the exception.
+    pub fn failed_class(&self) -> Option<&str> {
+        self.cause.as_deref().or(self.exception.as_deref())
+    }
 }
 
 impl Record {
@@ -101,7 +117,8 @@ impl Record {
     }
 
     /// The user's headers: before the envelope, or all headers without one (Spring's
-    /// `kafka_dlt-*` headers excluded).
+    /// `kafka_dlt-*` headers included: Spring appends them after the original's headers, and
+    /// they are the user's wherever a record carries a sidetrack envelope as well).
     pub fn user_headers(&self) -> &[Header] {
         match Envelope::split(&self.headers) {
             Ok((n, _)) => &self.headers[..n],
@@ -123,8 +140,16 @@ impl Record {
             original_offset: int("kafka_dlt-original-offset"),
             original_timestamp: int("kafka_dlt-original-timestamp"),
             group: text("kafka_dlt-original-consumer-group"),
-            exception: text("kafka_dlt-exception-fqcn"),
-            message: text("kafka_dlt-exception-message"),
+            // A key that failed to deserialize (ErrorHandlingDeserializer) is recorded under
+            // `kafka_dlt-key-exception-*` instead: without it the record would show no error.
+            exception: text("kafka_dlt-exception-fqcn")
+                .or_else(|| text("kafka_dlt-key-exception-fqcn")),
+            cause: text("kafka_dlt-exception-cause-fqcn"),
+            message: text("kafka_dlt-exception-message")
+                .or_else(|| text("kafka_dlt-key-exception-message")),
+            stacktrace: text("kafka_dlt-exception-stacktrace")
+                .or_else(|| text("kafka_dlt-key-exception-stacktrace")),
+            original_timestamp_type: text("kafka_dlt-original-timestamp-type"),
         }
     }
 }
@@ -506,6 +531,31 @@ mod tests {
                 assert_eq!(s.original_offset, Some(42));
                 assert_eq!(s.original_timestamp, Some(1_700_000_000_000));
                 assert_eq!(s.message.as_deref(), Some("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_spring_key_deserialization_failure_is_the_error() {
+        let r = record(vec![
+            Header::new("kafka_dlt-original-topic", b"orders".to_vec()),
+            Header::new(
+                "kafka_dlt-key-exception-fqcn",
+                b"org.springframework.kafka.support.serializer.DeserializationException".to_vec(),
+            ),
+            Header::new(
+                "kafka_dlt-key-exception-message",
+                b"failed to deserialize".to_vec(),
+            ),
+        ]);
+        match r.provenance() {
+            Provenance::Spring(s) => {
+                assert_eq!(
+                    s.failed_class(),
+                    Some("org.springframework.kafka.support.serializer.DeserializationException")
+                );
+                assert_eq!(s.message.as_deref(), Some("failed to deserialize"));
             }
             other => panic!("{other:?}"),
         }

@@ -29,6 +29,11 @@ pub struct Row {
     pub reason: Option<String>,
     pub error: String,
     pub key: Option<String>,
+    /// The key as shown to people: text when it is printable UTF-8, escaped bytes otherwise
+    /// (`-` for none). `key` above is lossy UTF-8 for JSON and `--key`; a key that is not
+    /// UTF-8 printed raw would put its bytes (a NUL, an escape sequence) on the terminal.
+    #[serde(skip)]
+    pub key_shown: String,
 }
 
 impl Row {
@@ -55,6 +60,7 @@ impl Row {
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
+            key_shown: r.key.as_deref().map(preview).unwrap_or_else(|| "-".into()),
         };
         match r.provenance() {
             Provenance::Sidetrack(e) => {
@@ -69,14 +75,14 @@ impl Row {
             }
             Provenance::Spring(s) => {
                 row.envelope = "spring";
+                row.error = match (s.failed_class(), s.message.as_deref()) {
+                    (Some(c), Some(m)) => format!("{c}: {m}"),
+                    (c, m) => c.or(m).unwrap_or_default().to_owned(),
+                };
                 row.original_topic = s.original_topic;
                 row.original_partition = s.original_partition;
                 row.original_offset = s.original_offset;
                 row.group = s.group;
-                row.error = match (s.exception, s.message) {
-                    (Some(c), Some(m)) => format!("{c}: {m}"),
-                    (c, m) => c.or(m).unwrap_or_default(),
-                };
             }
             Provenance::Unknown(e) => {
                 row.error = format!("no sidetrack envelope ({e})");
@@ -243,7 +249,7 @@ pub async fn list(
                 .unwrap_or_else(|| "-".into()),
             r.reason.as_deref().unwrap_or("-"),
             cut(&r.error, 50),
-            cut(r.key.as_deref().unwrap_or("-"), 40),
+            cut(&r.key_shown, 40),
         );
     }
     eprintln!(
@@ -341,10 +347,15 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         }
         Provenance::Spring(s) => {
             out += "Spring Kafka dead letter (kafka_dlt-* headers):\n";
+            // Any producer can write these headers: escaped like every other record bytes.
             let mut field = |k: &str, v: Option<String>| {
+                let v = v.map(|v| preview(v.as_bytes()));
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
             field("exception", s.exception.clone());
+            if s.cause.is_some() {
+                field("cause", s.cause.clone());
+            }
             field("message", s.message.clone());
             field("original topic", s.original_topic.clone());
             field(
@@ -353,7 +364,13 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             );
             field("original offset", s.original_offset.map(|o| o.to_string()));
             field("original time", s.original_timestamp.map(time));
+            if s.original_timestamp_type.is_some() {
+                field("timestamp type", s.original_timestamp_type.clone());
+            }
             field("group", s.group.clone());
+            if let Some(trace) = &s.stacktrace {
+                out += &stack_trace(trace);
+            }
         }
         Provenance::Unknown(e) => out += &format!("no sidetrack envelope ({e})\n"),
     }
@@ -392,6 +409,23 @@ pub fn describe_at(r: &Record, now: i64) -> String {
                 out += "\n";
             }
         },
+    }
+    out
+}
+
+/// Lines of a Java stack trace shown by `dlq show`; the rest is counted.
+const STACK_LINES: usize = 30;
+
+/// Spring's `kafka_dlt-exception-stacktrace`, indented, each line escaped like any other
+/// bytes from the record, at most [`STACK_LINES`] lines.
+fn stack_trace(trace: &str) -> String {
+    let lines: Vec<&str> = trace.lines().collect();
+    let mut out = format!("  stack trace ({} lines):\n", lines.len());
+    for line in lines.iter().take(STACK_LINES) {
+        out += &format!("    {}\n", preview(line.replace('\t', "  ").as_bytes()));
+    }
+    if lines.len() > STACK_LINES {
+        out += &format!("    … ({} more lines)\n", lines.len() - STACK_LINES);
     }
     out
 }
@@ -731,6 +765,65 @@ mod tests {
             reason: None,
             key: None,
         }
+    }
+
+    /// As Spring Kafka 4.1's `DeadLetterPublishingRecoverer` writes them after a listener
+    /// container's listener threw (tests/interop.rs checks this against the real library).
+    #[test]
+    fn spring_dead_letters_show_the_root_cause_and_a_bounded_escaped_stack_trace() {
+        let mut trace = String::from(
+            "org.springframework.kafka.listener.ListenerExecutionFailedException: Listener failed\n",
+        );
+        for i in 0..40 {
+            trace += &format!("\tat a.B.c{i}(B.java:{i})\n");
+        }
+        trace += "Caused by: java.lang.IllegalStateException: declined \x1b[31mred\n";
+        let r = Record {
+            key: Some(b"\xff\x00k".to_vec()),
+            headers: vec![
+                Header::new("trace", b"t-1".to_vec()),
+                Header::new(
+                    "kafka_dlt-exception-fqcn",
+                    b"org.springframework.kafka.listener.ListenerExecutionFailedException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-cause-fqcn",
+                    b"java.lang.IllegalStateException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-message",
+                    b"Listener failed; declined \x1b[31mred".to_vec(),
+                ),
+                Header::new("kafka_dlt-exception-stacktrace", trace.into_bytes()),
+                Header::new("kafka_dlt-original-timestamp-type", b"CreateTime".to_vec()),
+            ],
+            ..rec(None)
+        };
+        let row = Row::at(&r, 0);
+        assert_eq!(
+            row.error,
+            "java.lang.IllegalStateException: Listener failed; declined \x1b[31mred"
+        );
+        assert_eq!(row.key_shown, r"\xff\x00k");
+        let text = describe_at(&r, 0);
+        for line in [
+            "  exception          org.springframework.kafka.listener.ListenerExecutionFailedException",
+            "  cause              java.lang.IllegalStateException",
+            r"  message            Listener failed; declined \x1b[31mred",
+            "  timestamp type     CreateTime",
+            "  stack trace (42 lines):",
+            "      at a.B.c0(B.java:0)",
+            "    … (12 more lines)",
+            "user headers (1):",
+            r"key: \xff\x00k",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            !text.contains("c29("),
+            "30 lines of the trace at most:\n{text}"
+        );
     }
 
     #[test]

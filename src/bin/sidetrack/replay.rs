@@ -321,7 +321,7 @@ impl<'a> Sender<'a> {
                 p.dlq_offset,
                 p.topic,
                 p.partition.map(|x| format!("[{x}]")).unwrap_or_default(),
-                row.key.as_deref().unwrap_or("-"),
+                row.key_shown,
                 row.reason.as_deref().unwrap_or("no envelope"),
             );
             return Ok(());
@@ -585,6 +585,19 @@ async fn plan_one(
             let user = original.user_headers().to_vec();
             (original.key, original.payload, user)
         }
+        // Spring's `kafka_dlt-*` headers are its envelope, not the user's: like sidetrack's,
+        // they stay on the DLQ (sent back, a Spring consumer failing again would append a
+        // second set after them).
+        Provenance::Spring(_) => (
+            record.key.clone(),
+            record.payload.clone(),
+            record
+                .user_headers()
+                .iter()
+                .filter(|h| !h.key.starts_with(b"kafka_dlt-"))
+                .cloned()
+                .collect(),
+        ),
         _ => (
             record.key.clone(),
             record.payload.clone(),
