@@ -449,15 +449,10 @@ async fn spring_dead_letters_written_in_transactions_are_shown() {
 }
 
 /// The same, then `dlq list` and `dlq replay`: the committed dead letters are listed and
-/// replayed; the aborted ones, still in the log, never.
-///
-/// The DLT's partitions end in transaction markers, which the CLI's reading loop waits for as
-/// if they were records: `dlq list` exits "reading records: no progress" (seen here on Apache
-/// Kafka 4.3.1). That loop is fixed on another branch (read_committed reading, `txnread`);
-/// until it is merged this test is ignored. Run it with
-/// `cargo test --all-features --test interop -- --ignored`, and drop the `#[ignore]` then.
+/// replayed; the aborted ones, still in the log, never. The DLT's partitions end in transaction
+/// markers, which the CLI's reading loop once waited for as if they were records (`dlq list`
+/// exited "reading records: no progress" on Apache Kafka 4.3.1 before the read_committed fix).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the CLI's read_committed reading fix (partitions ending in transaction markers)"]
 async fn spring_dead_letters_written_in_transactions_are_listed_and_replayed() {
     let Some((java, env)) = setup("spring-tx", "spring-tx-app", 2).await else {
         return;
