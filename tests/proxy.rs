@@ -1129,6 +1129,62 @@ mod connections {
         .await
     }
 
+    /// HTTP/1: a kept-alive connection whose next request head starts but never ends is
+    /// closed `head_timeout` after its first byte, long before `idle_timeout`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_http1_head_that_never_ends_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(2),
+                // Only the head rule can close it within this test.
+                idle_timeout: Duration::from_secs(600),
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, _topic, proxy) = embedded_with(1, config).await;
+            let before = closes(&proxy, "head_timeout").await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            // The whole answer: its head, then the body its Content-Length announces.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed before answering");
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap();
+                    if body.len() >= len {
+                        assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+                        break;
+                    }
+                }
+            }
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                .await
+                .unwrap();
+            assert!(
+                closed_by_server(s).await,
+                "the unfinished head is still open"
+            );
+            assert!(closes(&proxy, "head_timeout").await >= before + 1.0);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
     /// A TLS client trusting the test CA.
     #[cfg(feature = "proxy-tls")]
     fn tls_connector() -> tokio_rustls::TlsConnector {
