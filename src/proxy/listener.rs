@@ -131,7 +131,7 @@ impl Gate {
             // Its slot is this connection's now: its ticket, finding itself neither proven
             // nor listed, frees nothing.
             victim.cancel();
-            g.open -= 1;
+            g.open = g.open.saturating_sub(1);
             metrics::gauge!(m::PROXY_CONNECTIONS_OPEN).decrement(1.0);
             metrics::gauge!(m::PROXY_CONNECTIONS_UNPROVEN).decrement(1.0);
             metrics::counter!(m::PROXY_CONNECTIONS_CLOSED, "reason" => m::CLOSE_UNPROVEN_EVICTED)
@@ -175,10 +175,10 @@ impl Drop for Ticket {
         let gate = &self.conn.gate;
         let mut g = gate.lock();
         if self.conn.proven.load(Ordering::Acquire) {
-            g.open -= 1;
+            g.open = g.open.saturating_sub(1);
             metrics::gauge!(m::PROXY_CONNECTIONS_OPEN).decrement(1.0);
         } else if g.unproven.remove(&self.conn.id).is_some() {
-            g.open -= 1;
+            g.open = g.open.saturating_sub(1);
             metrics::gauge!(m::PROXY_CONNECTIONS_OPEN).decrement(1.0);
             metrics::gauge!(m::PROXY_CONNECTIONS_UNPROVEN).decrement(1.0);
         }
@@ -601,5 +601,58 @@ async fn connection(
             _ = conn.head_begun.notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max: usize, unproven: usize) -> Arc<Gate> {
+        Gate::new(&ProxyConfig {
+            max_connections: max,
+            max_unproven_connections: Some(unproven),
+            ..ProxyConfig::default()
+        })
+    }
+
+    fn stats(g: &Gate) -> (usize, usize) {
+        let s = g.stats();
+        (s.open, s.unproven)
+    }
+
+    #[test]
+    fn the_oldest_unproven_connection_makes_room() {
+        let g = gate(3, 2);
+        let a = g.admit().unwrap();
+        let b = g.admit().unwrap();
+        assert_eq!(stats(&g), (2, 2));
+        // The unproven share is full: the oldest (a) goes.
+        let c = g.admit().unwrap();
+        assert!(a.evict.is_cancelled() && !b.evict.is_cancelled());
+        assert_eq!(stats(&g), (2, 2));
+        // Its ticket frees nothing: its slot is c's.
+        drop(a);
+        assert_eq!(stats(&g), (2, 2));
+        // b proves itself: never evicted, and it leaves the share.
+        assert!(g.prove(&b.conn));
+        let d = g.admit().unwrap();
+        assert_eq!(stats(&g), (3, 2));
+        // Every slot taken: the oldest unproven (c) goes, never b.
+        let e = g.admit().unwrap();
+        assert!(c.evict.is_cancelled() && !b.evict.is_cancelled());
+        assert!(
+            !g.prove(&c.conn),
+            "an evicted connection cannot prove itself"
+        );
+        assert_eq!(stats(&g), (3, 2));
+        drop(c);
+        assert!(g.prove(&d.conn) && g.prove(&e.conn));
+        // All proven: nobody to evict, the new connection must wait.
+        assert!(g.admit().is_none());
+        drop((b, d));
+        assert_eq!(stats(&g), (1, 0));
+        drop(e);
+        assert_eq!(stats(&g), (0, 0));
     }
 }
