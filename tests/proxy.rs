@@ -1185,6 +1185,93 @@ mod connections {
         .await
     }
 
+    /// HTTP/2 keep-alive: a peer with a request in progress (so neither the head nor the idle
+    /// deadline applies) that stops answering the proxy's PINGs is closed once
+    /// `http2_keep_alive_timeout` passes. Hand-made frames: a real client answers PINGs itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_peer_that_does_not_answer_pings_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(600),
+                request_timeout: Duration::from_secs(600),
+                http2_keep_alive_interval: Duration::from_secs(1),
+                http2_keep_alive_timeout: Duration::from_secs(1),
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            // HEADERS (END_HEADERS, no END_STREAM: the body is still to come) on stream 1, HPACK
+            // without Huffman: :method POST, :scheme http, :path, :authority, content-type.
+            let mut block = vec![0x83, 0x86];
+            for (index, value) in [
+                (0x44u8, format!("/topics/{topic}")),
+                (0x41, "x".to_owned()),
+                (0x5f, JSON_V2.to_owned()),
+            ] {
+                block.push(index);
+                block.push(u8::try_from(value.len()).unwrap());
+                block.extend_from_slice(value.as_bytes());
+            }
+            let mut out = H2_PREFACE.to_vec();
+            out.extend_from_slice(H2_SETTINGS);
+            let len = block.len();
+            out.extend_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                1,
+                4,
+                0,
+                0,
+                0,
+                1,
+            ]);
+            out.extend_from_slice(&block);
+            s.write_all(&out).await.unwrap();
+            // Frames until the server hangs up: it must have sent a PING (type 6) first.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let ended = tokio::time::timeout(WAIT, async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "still open after {WAIT:?}");
+            let mut types = Vec::new();
+            let mut at = 0;
+            while at + 9 <= got.len() {
+                let len = (usize::from(got[at]) << 16)
+                    | (usize::from(got[at + 1]) << 8)
+                    | usize::from(got[at + 2]);
+                let payload = &got[(at + 9).min(got.len())..(at + 9 + len).min(got.len())];
+                let code = payload
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                types.push((got[at + 3], code));
+                at += 9 + len;
+            }
+            assert!(
+                types.iter().any(|(t, _)| *t == 6),
+                "no PING before the close: frames {types:?}"
+            );
+            // The request was well formed and still in progress: no RST_STREAM, no GOAWAY with
+            // an error code, no answer (HEADERS) yet.
+            assert!(
+                types
+                    .iter()
+                    .all(|(t, code)| *t != 3 && *t != 1 && (*t != 7 || *code == Some(0))),
+                "{types:?}"
+            );
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
     /// A TLS client trusting the test CA.
     #[cfg(feature = "proxy-tls")]
     fn tls_connector() -> tokio_rustls::TlsConnector {
