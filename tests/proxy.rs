@@ -1272,6 +1272,76 @@ mod connections {
         .await
     }
 
+    /// The HTTP/2 frame types the server sent until it closed the connection, with the error
+    /// code of each GOAWAY; `None` if it is still open after `WAIT`.
+    async fn h2_frames_until_close(mut s: TcpStream) -> Option<Vec<(u8, Option<u32>)>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let ended = tokio::time::timeout(WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        ended.ok()?;
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at + 9 <= got.len() {
+            let len = (usize::from(got[at]) << 16)
+                | (usize::from(got[at + 1]) << 8)
+                | usize::from(got[at + 2]);
+            let payload = &got[(at + 9).min(got.len())..(at + 9 + len).min(got.len())];
+            let code = (got[at + 3] == 7)
+                .then(|| payload.get(4..8))
+                .flatten()
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+            frames.push((got[at + 3], code));
+            at += 9 + len;
+        }
+        Some(frames)
+    }
+
+    /// HTTP/2: a client that stops reading (its flow-control window kept at zero, so the
+    /// answer to its request can never be sent) holds a stream open; it is closed once its
+    /// answer has waited `idle_timeout` untaken. (Before: held for ever, its request counting
+    /// as in progress.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_client_that_stops_reading_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(2),
+                http2_keep_alive_interval: Duration::from_secs(600),
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, _topic, proxy) = embedded_with(1, config).await;
+            let before = closes(&proxy, "stalled").await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            let mut out = H2_PREFACE.to_vec();
+            // SETTINGS_INITIAL_WINDOW_SIZE = 0: no DATA may be sent on any stream.
+            out.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+            // GET /openapi.json (HPACK, no Huffman), END_STREAM | END_HEADERS, stream 1.
+            let mut block = vec![0x82, 0x86, 0x44, 13];
+            block.extend_from_slice(b"/openapi.json");
+            block.extend_from_slice(&[0x41, 1, b'x']);
+            out.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+            out.extend_from_slice(&block);
+            s.write_all(&out).await.unwrap();
+            let frames = h2_frames_until_close(s)
+                .await
+                .expect("a client that reads nothing is still connected");
+            // The answer was ready (HEADERS) but none of its body could be sent (DATA).
+            assert!(frames.iter().any(|(t, _)| *t == 1), "{frames:?}");
+            assert!(!frames.iter().any(|(t, _)| *t == 0), "{frames:?}");
+            assert!(closes(&proxy, "stalled").await >= before + 1.0);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
     /// A TLS client trusting the test CA.
     #[cfg(feature = "proxy-tls")]
     fn tls_connector() -> tokio_rustls::TlsConnector {

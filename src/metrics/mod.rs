@@ -215,6 +215,9 @@ pub const PROXY_CONNECTIONS_CLOSED: &str = "sidetrack_proxy_connections_closed_t
 pub const CLOSE_HEAD_TIMEOUT: &str = "head_timeout";
 /// `reason`: no request in progress (HTTP/2: no open stream) for `idle_timeout`.
 pub const CLOSE_IDLE_TIMEOUT: &str = "idle_timeout";
+/// `reason`: answers were ready and none was taken by the client for `idle_timeout` (it
+/// stopped reading, e.g. an HTTP/2 flow-control window kept shut).
+pub const CLOSE_STALLED: &str = "stalled";
 /// `reason`: an unproven connection closed to make room for a new connection (the unproven
 /// share or every slot was taken).
 pub const CLOSE_UNPROVEN_EVICTED: &str = "unproven_evicted";

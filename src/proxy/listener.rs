@@ -13,6 +13,8 @@
 //!   `idle_timeout` is closed (HTTP/2: GOAWAY first, see [`CLOSE_GRACE`]). A request counts as
 //!   in progress from its head until its response has been handed to the socket, so a slow but
 //!   valid client is never cut by these timers (its request has its own `request_timeout`).
+//!   But a client that stops reading, with answers ready and none taken for `idle_timeout`
+//!   (an HTTP/2 flow-control window kept shut would hold its stream for ever), is dropped.
 //! - **HTTP/2 keep-alive pings** every `http2_keep_alive_interval`; a peer that does not answer
 //!   within `http2_keep_alive_timeout` is gone and its connection closed (hyper's own pings).
 //! - **A bounded share for unproven connections.** A connection is *unproven* until it has
@@ -205,8 +207,13 @@ struct ConnState {
     head_started: AtomicU64,
     /// The connection speaks HTTP/2 (control frames arrive between streams: no head rule).
     h2: AtomicBool,
-    /// `head_started` was set: the task re-arms its deadline.
-    head_begun: Notify,
+    /// The first request came, or `head_started` was set: the task re-arms its deadline.
+    wake: Notify,
+    /// Answers ready whose body hyper has not taken yet (the client does not read: an HTTP/2
+    /// flow-control window kept shut).
+    unread: AtomicUsize,
+    /// When an answer body was last taken, or when `unread` last rose from zero.
+    taken: AtomicU64,
 }
 
 impl ConnState {
@@ -221,7 +228,9 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             h2: AtomicBool::new(false),
-            head_begun: Notify::new(),
+            wake: Notify::new(),
+            unread: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
         }
     }
 
@@ -246,14 +255,18 @@ impl ConnState {
             self.h2.store(true, Ordering::Relaxed);
         }
         self.active.fetch_add(1, Ordering::AcqRel);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            // The task sleeps until the head deadline: re-arm it for the idle rules (which
+            // may be due sooner when `idle_timeout` < `head_timeout`).
+            self.wake.notify_one();
+        }
         // Once per connection at most while it is unproven; a proven one pays one load.
         if !self.proven.load(Ordering::Relaxed)
             && (!access.enabled() || access.authenticate(req.headers()).is_ok())
         {
             self.gate.prove(self);
         }
-        InProgress(self.clone())
+        InProgress(self.clone(), false)
     }
 
     /// Bytes arrived (from the socket wrapper). Only an idle HTTP/1 connection cares: they
@@ -265,7 +278,7 @@ impl ConnState {
             && self.active.load(Ordering::Acquire) == 0
         {
             self.head_started.store(self.stamp(), Ordering::Relaxed);
-            self.head_begun.notify_one();
+            self.wake.notify_one();
         }
     }
 
@@ -280,6 +293,15 @@ impl ConnState {
             };
         }
         if self.active.load(Ordering::Acquire) > 0 {
+            // Answers ready and none taken for `idle`: the client has stopped reading (an
+            // HTTP/2 window kept shut holds a stream, and so the connection, for ever).
+            if self.unread.load(Ordering::Acquire) > 0 {
+                let stalled = self.at(self.taken.load(Ordering::Relaxed)) + limits.idle;
+                if now >= stalled {
+                    return Err(m::CLOSE_STALLED);
+                }
+                return Ok(stalled.min(now + limits.head.min(limits.idle)));
+            }
             // Look again later: it cannot be idle for `idle` before `now + idle`.
             return Ok(now + limits.head.min(limits.idle));
         }
@@ -304,11 +326,27 @@ impl ConnState {
 
 /// A request in progress; dropped with its response body (or its future, if the client went
 /// away first).
-struct InProgress(Arc<ConnState>);
+struct InProgress(Arc<ConnState>, bool);
+
+impl InProgress {
+    /// Its answer is ready: from now on hyper only has to take the body.
+    fn answered(&mut self) {
+        let c = &self.0;
+        if c.unread.load(Ordering::Relaxed) == 0 {
+            c.taken.store(c.stamp(), Ordering::Relaxed);
+        }
+        c.unread.fetch_add(1, Ordering::AcqRel);
+        self.1 = true;
+    }
+}
 
 impl Drop for InProgress {
     fn drop(&mut self) {
         let c = &self.0;
+        if self.1 {
+            c.taken.store(c.stamp(), Ordering::Relaxed);
+            c.unread.fetch_sub(1, Ordering::AcqRel);
+        }
         c.head_started.store(0, Ordering::Relaxed);
         c.idle_since.store(c.stamp(), Ordering::Relaxed);
         c.active.fetch_sub(1, Ordering::AcqRel);
@@ -519,7 +557,7 @@ async fn connection(
     let state = conn.clone();
     let svc =
         hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-            let in_progress = state.begin(&req, &app.access);
+            let mut in_progress = state.begin(&req, &app.access);
             req.extensions_mut().insert(Peer(peer));
             let router = router.clone();
             async move {
@@ -527,6 +565,7 @@ async fn connection(
                     .oneshot(req.map(Body::new))
                     .await
                     .unwrap_or_else(|e| match e {});
+                in_progress.answered();
                 // The request stays in progress until hyper has taken the whole body.
                 Ok::<_, Infallible>(resp.map(move |b| {
                     Body::new(b.map_frame(move |f| {
@@ -570,8 +609,11 @@ async fn connection(
             Some((until, _)) => until,
             None => match conn.due(&limits, now) {
                 Ok(t) => t,
-                // No request in progress, and none ever (or a head under way): drop it.
-                Err(reason) if reason == m::CLOSE_HEAD_TIMEOUT => return closed(reason),
+                // No request in progress, and none ever (or a head under way), or a client that
+                // stopped reading its answers (a GOAWAY would wait for them too): drop it.
+                Err(reason) if reason == m::CLOSE_HEAD_TIMEOUT || reason == m::CLOSE_STALLED => {
+                    return closed(reason)
+                }
                 Err(reason) => {
                     served.as_mut().graceful_shutdown();
                     going = Some((now + CLOSE_GRACE, reason));
@@ -598,7 +640,7 @@ async fn connection(
                 shutting = true;
                 served.as_mut().graceful_shutdown();
             }
-            _ = conn.head_begun.notified() => {}
+            _ = conn.wake.notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
