@@ -69,8 +69,32 @@ pub struct ProxyConfig {
     /// admitted); beyond it, 429 at once. With the in-flight bounds this caps the memory
     /// requests can hold.
     pub max_buffered_bytes: usize,
-    /// Open client connections; beyond it new connections wait in the listen backlog.
+    /// Open client connections. When all are taken, a new connection evicts the oldest
+    /// unproven one (see `max_unproven_connections`); when every one is proven, new connections
+    /// wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections that have not proven themselves yet: with authentication on, not yet sent a
+    /// request with a valid bearer token; with it off, not yet completed a request head. Beyond
+    /// it a new connection evicts the oldest unproven one, so idle or unauthenticated sockets
+    /// can neither hold more than this share nor keep a client with a token out. By default
+    /// half of `max_connections` (at least 1).
+    pub max_unproven_connections: Option<usize>,
+    /// Time from accepting a connection until its first request head is complete (TLS
+    /// handshake included), whatever the protocol; on HTTP/1 also the time from the first byte
+    /// of each later head to its end. A connection that misses it is closed.
+    #[serde(with = "humantime_serde")]
+    pub head_timeout: Duration,
+    /// A connection with no request in progress (HTTP/2: no open stream) for this long is
+    /// closed (HTTP/2: GOAWAY). Keep it above the idle timeout of a load balancer in front, so
+    /// that the balancer, not the proxy, closes idle connections.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2: interval of the keep-alive PINGs the proxy sends.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// HTTP/2: a PING not answered within this is a dead peer; its connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
     /// How long topic metadata (partition counts) is trusted before it is looked up again.
     #[serde(with = "humantime_serde")]
     pub metadata_max_age: Duration,
@@ -115,6 +139,11 @@ impl Default for ProxyConfig {
             max_body_bytes: 4 * 1024 * 1024,
             max_buffered_bytes: 128 * 1024 * 1024,
             max_connections: 10_000,
+            max_unproven_connections: None,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http2_keep_alive_interval: Duration::from_secs(30),
+            http2_keep_alive_timeout: Duration::from_secs(20),
             metadata_max_age: Duration::from_secs(30),
             metadata_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
@@ -257,6 +286,13 @@ impl ProxyConfig {
             .ok_or_else(|| ConfigError::invalid("proxy", "the file has no [proxy] section"))
     }
 
+    /// The unproven share in effect: `max_unproven_connections`, or half of `max_connections`.
+    pub(crate) fn unproven_cap(&self) -> usize {
+        self.max_unproven_connections
+            .unwrap_or(self.max_connections / 2)
+            .clamp(1, self.max_connections.max(1))
+    }
+
     /// Reads the `[proxy]` section of a TOML file. Not validated yet.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         Self::from_toml_str(&crate::config::read_file(path.as_ref())?)
@@ -329,6 +365,51 @@ impl ProxyConfig {
         }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
+        }
+        if let Some(n) = self.max_unproven_connections {
+            if n == 0 || n > self.max_connections {
+                return bad(
+                    "max_unproven_connections",
+                    "must be within 1..=max_connections",
+                );
+            }
+        }
+        for (field, v, min, max) in [
+            (
+                "head_timeout",
+                self.head_timeout,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            ),
+            (
+                "idle_timeout",
+                self.idle_timeout,
+                Duration::from_millis(10),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "http2_keep_alive_interval",
+                self.http2_keep_alive_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+            (
+                "http2_keep_alive_timeout",
+                self.http2_keep_alive_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if v < min || v > max {
+                return bad(
+                    field,
+                    &format!(
+                        "must be within {}..={}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
         }
         if self.idempotency.max_keys == 0 {
             return bad("idempotency.max_keys", "must be at least 1");
@@ -546,6 +627,48 @@ mod tests {
         );
         c.max_headers_per_record = 0;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let mut c = ProxyConfig {
+            max_connections: 4,
+            ..ProxyConfig::default()
+        };
+        assert_eq!(c.unproven_cap(), 2);
+        c.max_connections = 1;
+        assert_eq!(c.unproven_cap(), 1);
+        c.max_unproven_connections = Some(2);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.max_unproven_connections"
+        );
+        c.max_unproven_connections = Some(0);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.max_unproven_connections"
+        );
+        c.max_unproven_connections = Some(1);
+        c.validate().unwrap();
+        assert_eq!(c.unproven_cap(), 1);
+        for f in [
+            |c: &mut ProxyConfig| c.head_timeout = Duration::ZERO,
+            |c: &mut ProxyConfig| c.idle_timeout = Duration::from_secs(100_000),
+            |c: &mut ProxyConfig| c.http2_keep_alive_interval = Duration::ZERO,
+            |c: &mut ProxyConfig| c.http2_keep_alive_timeout = Duration::ZERO,
+        ] {
+            let mut bad = c.clone();
+            f(&mut bad);
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let c = ProxyConfig::from_toml_str(
+            "[proxy]\nhead_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_unproven_connections = 7",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.head_timeout, c.idle_timeout, c.max_unproven_connections),
+            (Duration::from_secs(2), Duration::from_secs(60), Some(7))
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@
 mod auth;
 mod config;
 mod idempotency;
+mod listener;
 mod openapi;
 mod producer;
 mod rules;
@@ -56,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 pub use auth::{bearer_token, token_sha256, Caller};
 pub use config::{AuthConfig, IdempotencyConfig, ProxyConfig, TlsConfig, TokenConfig};
 pub use idempotency::{idempotency_key, IDEMPOTENCY_KEY, KEY_HEADER, RECORD_HEADER};
+pub use listener::Connections;
 pub use openapi::DOCUMENT as OPENAPI;
 pub use rules::{RecordRule, Rejection, RequestInfo};
 pub use status::{ApiError, ErrorKind};
@@ -177,6 +179,7 @@ pub struct ProxyHandle {
     producer: Arc<producer::SharedProducer>,
     buffered: (Arc<tokio::sync::Semaphore>, usize),
     idempotency: idempotency::Idempotency,
+    gate: Arc<listener::Gate>,
     _embedded: Option<EmbeddedCluster>,
 }
 
@@ -242,7 +245,14 @@ impl Proxy {
         let buffered = (app.buffered.clone(), app.config.max_buffered_bytes);
         let idempotency = app.idempotency.clone();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(server::serve(listener, app, tls, stop.clone()));
+        let gate = listener::Gate::new(&app.config);
+        let task = tokio::spawn(listener::serve(
+            listener,
+            app,
+            tls,
+            gate.clone(),
+            stop.clone(),
+        ));
         tracing::info!(%addr, cluster_id, "proxy listening");
         Ok(ProxyHandle {
             addr,
@@ -252,6 +262,7 @@ impl Proxy {
             producer,
             buffered,
             idempotency,
+            gate,
             _embedded: builder.embedded.take(),
         })
     }
@@ -298,6 +309,12 @@ impl ProxyHandle {
     /// charged (what `idempotency.max_keys` and `idempotency.max_bytes` bound).
     pub fn idempotency_usage(&self) -> (usize, usize) {
         self.idempotency.usage()
+    }
+
+    /// Client connections open now, and how many of them are unproven (see
+    /// `max_unproven_connections`).
+    pub fn connections(&self) -> Connections {
+        self.gate.stats()
     }
 
     /// The cluster id named by `GET /v3/clusters`.

@@ -1,7 +1,6 @@
-//! Routes, request handling, access logs and metrics, and the accept loop (plain or TLS)
-//! with graceful shutdown.
+//! Routes, request handling, access logs and metrics, and the TLS acceptor (the accept loop
+//! and connections are in `listener`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 use super::auth::{Access, Caller};
 use super::config::ProxyConfig;
@@ -103,7 +98,7 @@ struct Note {
 
 /// The peer address of a connection.
 #[derive(Clone, Copy)]
-struct Peer(SocketAddr);
+pub(crate) struct Peer(pub(crate) SocketAddr);
 
 /// The authenticated caller of a request: the one place requests are authenticated. Every
 /// route that needs a caller takes it as its first extractor, so nothing derived from the
@@ -902,7 +897,7 @@ async fn openapi() -> Response {
 pub(crate) type Tls = Option<tokio_rustls::TlsAcceptor>;
 /// No TLS in this build (`validate` refuses a TLS configuration).
 #[cfg(not(feature = "proxy-tls"))]
-pub(crate) type Tls = Option<Infallible>;
+pub(crate) type Tls = Option<std::convert::Infallible>;
 
 /// Builds the TLS acceptor from the configured PEM files.
 #[cfg(feature = "proxy-tls")]
@@ -942,151 +937,6 @@ pub(crate) fn tls_acceptor(config: &ProxyConfig) -> Result<Tls, String> {
     match config.tls {
         Some(_) => Err("this build has no TLS support; enable the `proxy-tls` feature".into()),
         None => Ok(None),
-    }
-}
-
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
-
-/// Accepts connections until `stop`, then shuts down gracefully: no new connections, new
-/// requests on open ones answered 503, requests in flight finished within
-/// `shutdown_timeout`, then the producer flushed.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Arc<App>,
-    tls: Tls,
-    stop: CancellationToken,
-) {
-    let router = router(app.clone());
-    let mut conns = JoinSet::new();
-    let closing = CancellationToken::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
-    loop {
-        // At `max_connections`, stop accepting until one closes (the kernel's backlog holds
-        // the rest).
-        let slot = tokio::select! {
-            _ = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: do not spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                #[allow(clippy::clone_on_copy)] // a Copy placeholder without `proxy-tls`
-                let (router, closing, tls) = (router.clone(), closing.clone(), tls.clone());
-                conns.spawn(async move {
-                    let _slot = slot;
-                    let io: Box<dyn Io> = match tls {
-                        None => Box::new(stream),
-                        Some(acceptor) => match accept_tls(acceptor, stream).await {
-                            Some(s) => s,
-                            None => return,
-                        },
-                    };
-                    serve_connection(io, peer, router, closing).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    app.shutting_down.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let timeout = app.config.shutdown_timeout;
-    tracing::info!(
-        connections = conns.len(),
-        "proxy shutting down: listener closed, finishing requests in flight"
-    );
-    closing.cancel();
-    if tokio::time::timeout(timeout, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!(connections = conns.len(), "shutdown timeout: closing connections with requests still running (their clients get no answer, never a false 200)");
-        conns.abort_all();
-    }
-    let left = timeout
-        .saturating_sub(started.elapsed())
-        .max(Duration::from_secs(1));
-    match app.producer.flush(left).await {
-        Ok(()) => tracing::info!("proxy stopped; producer flushed"),
-        Err(e) => {
-            tracing::error!(error = %e, queued = app.producer.queued(), "producer flush incomplete at shutdown")
-        }
-    }
-}
-
-#[cfg(feature = "proxy-tls")]
-async fn accept_tls(
-    acceptor: tokio_rustls::TlsAcceptor,
-    stream: tokio::net::TcpStream,
-) -> Option<Box<dyn Io>> {
-    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Some(Box::new(s)),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
-#[cfg(not(feature = "proxy-tls"))]
-async fn accept_tls(never: Infallible, _: tokio::net::TcpStream) -> Option<Box<dyn Io>> {
-    match never {}
-}
-
-async fn serve_connection(
-    io: Box<dyn Io>,
-    peer: SocketAddr,
-    router: Router,
-    closing: CancellationToken,
-) {
-    let svc =
-        hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
-            let router = router.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    router
-                        .oneshot(req.map(Body::new))
-                        .await
-                        .unwrap_or_else(|e| match e {}),
-                )
-            }
-        });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Slow clients may not hold a connection open without sending a request head.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = closing.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }
 
