@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
+use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
 use sidetrack::Header;
 
 use crate::kafka::Kafka;
@@ -29,6 +30,10 @@ pub struct Row {
     pub reason: Option<String>,
     pub error: String,
     pub key: Option<String>,
+    /// The key's bytes as they are, for display: `key` is lossy UTF-8 (for `--key` and JSON),
+    /// which would show a non-UTF-8 byte as U+FFFD instead of what it is.
+    #[serde(skip)]
+    pub raw_key: Option<Vec<u8>>,
 }
 
 impl Row {
@@ -55,6 +60,7 @@ impl Row {
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
+            raw_key: r.key.clone(),
         };
         match r.provenance() {
             Provenance::Sidetrack(e) => {
@@ -208,13 +214,18 @@ pub async fn list(
 ) -> Result<(), Failure> {
     let rows = select_rows(kafka, filters, limit).await?;
     if json {
+        // The exact values (for jq), with the characters a terminal would obey written as
+        // `\uXXXX` escapes (the same JSON value).
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Failure::Other(e.to_string()))?;
-        println!("{text}");
+        println!("{}", json_for_terminal(&text, usize::MAX));
         return Ok(());
     }
     if rows.is_empty() {
-        eprintln!("no records in `{}` match", filters.topic);
+        eprintln!(
+            "no records in `{}` match",
+            for_terminal(&filters.topic, NAME)
+        );
         return Ok(());
     }
     println!(
@@ -226,13 +237,16 @@ pub async fn list(
             "{:<12} {:>6}  {:<28} {:>8}  {:<16} {:<50} {}",
             format!("{}:{}", r.partition, r.offset),
             r.age_seconds.map(age).unwrap_or_else(|| "-".into()),
-            cut(&r.original(), 28),
+            for_cell(r.original(), 28),
             r.attempts
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.reason.as_deref().unwrap_or("-"),
-            cut(&r.error, 50),
-            cut(r.key.as_deref().unwrap_or("-"), 40),
+            for_cell(r.reason.as_deref().unwrap_or("-"), 16),
+            for_cell(&r.error, 50),
+            r.raw_key
+                .as_deref()
+                .map(|k| for_cell(k, 40))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     eprintln!(
@@ -293,26 +307,30 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         .unwrap_or_else(|| "no timestamp".into());
     out += &format!(
         "record {}:{} of `{}`, dead-lettered {when}\n",
-        r.partition, r.offset, r.topic
+        r.partition,
+        r.offset,
+        for_terminal(&r.topic, NAME)
     );
     match r.provenance() {
         Provenance::Sidetrack(e) => {
             out += "envelope (sidetrack, version 1):\n";
             let mut field = |k: &str, v: String| out += &format!("  {k:<18} {v}\n");
             field("reason", e.error_kind.as_str().to_owned());
-            field("error", e.error.clone());
+            field("error", for_terminal(&e.error, TEXT));
             field(
                 "original",
                 format!(
                     "{}[{}]@{}",
-                    e.original_topic, e.original_partition, e.original_offset
+                    for_terminal(&e.original_topic, NAME),
+                    e.original_partition,
+                    e.original_offset
                 ),
             );
             field(
                 "original time",
                 e.original_timestamp.map(time).unwrap_or_else(|| "-".into()),
             );
-            field("group", e.group.clone());
+            field("group", for_terminal(&e.group, NAME));
             field("attempts", e.attempts.to_string());
             field("first failure", time(e.first_failure));
             if let Some(due) = e.due {
@@ -324,18 +342,24 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             let mut field = |k: &str, v: Option<String>| {
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
-            field("exception", s.exception.clone());
-            field("message", s.message.clone());
-            field("original topic", s.original_topic.clone());
+            let text = |v: &Option<String>, max| v.as_deref().map(|t| for_terminal(t, max));
+            field("exception", text(&s.exception, TEXT));
+            field("message", text(&s.message, TEXT));
+            field("original topic", text(&s.original_topic, NAME));
             field(
                 "original partition",
                 s.original_partition.map(|p| p.to_string()),
             );
             field("original offset", s.original_offset.map(|o| o.to_string()));
             field("original time", s.original_timestamp.map(time));
-            field("group", s.group.clone());
+            field("group", text(&s.group, NAME));
         }
-        Provenance::Unknown(e) => out += &format!("no sidetrack envelope ({e})\n"),
+        Provenance::Unknown(e) => {
+            out += &format!(
+                "no sidetrack envelope ({})\n",
+                for_terminal(e.to_string(), TEXT)
+            )
+        }
     }
     let user: Vec<&Header> = r
         .user_headers()
@@ -347,15 +371,15 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         let v = h
             .value
             .as_deref()
-            .map(preview)
+            .map(|v| for_terminal(v, TEXT))
             .unwrap_or_else(|| "(null)".into());
-        out += &format!("  {:<18} {v}\n", preview(&h.key));
+        out += &format!("  {:<18} {v}\n", for_terminal(&h.key, NAME));
     }
     out += &format!(
         "key: {}\n",
         r.key
             .as_deref()
-            .map(preview)
+            .map(|k| for_terminal(k, TEXT))
             .unwrap_or_else(|| "(null)".into())
     );
     match r.payload.as_deref() {
@@ -363,12 +387,13 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         Some(p) => match serde_json::from_slice::<serde_json::Value>(p) {
             Ok(v) => {
                 out += &format!("payload ({} bytes, JSON):\n", p.len());
-                out += &serde_json::to_string_pretty(&v).unwrap_or_default();
+                out +=
+                    &json_for_terminal(&serde_json::to_string_pretty(&v).unwrap_or_default(), JSON);
                 out += "\n";
             }
             Err(_) => {
                 out += &format!("payload ({} bytes, not JSON):\n", p.len());
-                out += &preview(p);
+                out += &for_terminal(p, TEXT);
                 out += "\n";
             }
         },
@@ -376,34 +401,12 @@ pub fn describe_at(r: &Record, now: i64) -> String {
     out
 }
 
-/// Text as is when it is printable UTF-8, else escaped; at most 2 KiB shown.
-fn preview(bytes: &[u8]) -> String {
-    const MAX: usize = 2048;
-    let shown = &bytes[..bytes.len().min(MAX)];
-    let mut s = match std::str::from_utf8(shown) {
-        Ok(t) if !t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => t.to_owned(),
-        _ => shown
-            .iter()
-            .flat_map(|b| std::ascii::escape_default(*b))
-            .map(char::from)
-            .collect(),
-    };
-    if bytes.len() > MAX {
-        s += &format!("… ({} more bytes)", bytes.len() - MAX);
-    }
-    s
-}
-
-fn cut(s: &str, n: usize) -> String {
-    let one_line = s.replace(['\n', '\r', '\t'], " ");
-    if one_line.chars().count() <= n {
-        one_line
-    } else {
-        let mut t: String = one_line.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
+/// Characters shown of a name (topic, group, header name): Kafka's own limit is 249.
+const NAME: usize = 256;
+/// Characters shown of a text (error, header value, key, payload not JSON).
+const TEXT: usize = 2048;
+/// Characters shown of a JSON payload (pretty-printed).
+const JSON: usize = 16 * 1024;
 
 pub fn age(secs: i64) -> String {
     match secs {
@@ -620,6 +623,10 @@ mod tests {
         ) {
             let row = Row::at(&r, now);
             let text = describe_at(&r, now);
+            // Whatever the bytes: every line is the description's own, nothing a terminal
+            // obeys, and the length is bounded (payload shown up to 16 Ki characters).
+            prop_assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{:?}", text);
+            prop_assert!(text.chars().count() < 64 * 1024);
             let _ = f.verdict(&r, &row, now);
             let _ = f.check(now);
             let _ = f.start(now);
@@ -645,7 +652,7 @@ mod tests {
                     // Not readable, and the reason says why.
                     let why = e.to_string();
                     prop_assert!(row.error.contains(&why), "{} / {}", row.error, why);
-                    prop_assert!(text.contains(&why));
+                    prop_assert!(text.contains(&for_terminal(&why, TEXT)));
                 }
             }
         }
