@@ -1108,17 +1108,17 @@ fn unsafe_chars(out: &str) -> Vec<char> {
 /// in a key forged a `would send …` line in the replay dry run that on-call reads before
 /// `--yes`. Now every record-derived byte is escaped by `sidetrack::escape` and capped with a
 /// visible marker; `--format json` keeps the exact values with `\uXXXX` escapes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run() {
-    let cluster = cluster(1);
-    cluster.create_topic(DLQ, 1).unwrap();
-    let producer = cluster.producer().unwrap();
+async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run(cluster: Env) {
+    let (topic, dlq) = (cluster.topic().to_owned(), cluster.dlq());
+    cluster.create_topic(&dlq, 1).await;
+    let producer = cluster.producer();
     let osc52: &[u8] = b"\x1b]52;c;ZXZpbA==\x07";
     let forged: &[u8] = b"k\nwould send 0:99 -> payments[0] key=admin (permanent)";
     let not_utf8: &[u8] = b"n\xff\xfe";
     let csi8 = "c\u{9b}2J\u{202e}".as_bytes();
     let long = vec![b'L'; 10_000];
     let keys: [&[u8]; 5] = [osc52, forged, not_utf8, csi8, &long];
+    let mut positions = Vec::new();
     for (i, key) in keys.iter().enumerate() {
         // The runtime writes error texts on one line; another writer (or a forged record)
         // need not: the error header is written raw here.
@@ -1127,18 +1127,20 @@ async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
             4 => "E".repeat(100_000),
             _ => "rejected\r\nforged line".to_owned(),
         };
-        let mut headers = envelope(ErrorKind::Permanent, (TOPIC, 0, i as i64)).to_headers();
+        let mut headers = envelope(ErrorKind::Permanent, (&topic, 0, i as i64)).to_headers();
         for h in headers.iter_mut() {
             if h.is(sidetrack::retry::headers::ERROR) {
                 h.value = Some(error.clone().into_bytes());
             }
         }
-        sidetrack::testing::produce(&producer, DLQ, Some(0), Some(key), Some(b"p"), &headers)
+        let at = cluster
+            .produce(&producer, &dlq, Some(0), Some(key), Some(b"p"), &headers)
             .await
             .unwrap();
+        positions.push(format!("{}:{}", at.0, at.1));
     }
 
-    let (code, table, err) = run_on(&cluster, &["dlq", "list", "--topic", DLQ]);
+    let (code, table, err) = run(&cluster, &["dlq", "list", "--topic", &dlq]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(unsafe_chars(&table), vec![], "{table:?}");
     assert_eq!(
@@ -1169,8 +1171,8 @@ async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
     .iter()
     .enumerate()
     {
-        let pos = format!("0:{i}");
-        let (code, shown, err) = run_on(&cluster, &["dlq", "show", "--topic", DLQ, &pos]);
+        let pos = &positions[i];
+        let (code, shown, err) = run(&cluster, &["dlq", "show", "--topic", &dlq, pos]);
         assert_eq!(code, 0, "{err}");
         assert_eq!(unsafe_chars(&shown), vec![], "{shown:?}");
         assert!(shown.contains(&format!("key: {key_shown}\n")), "{shown}");
@@ -1181,9 +1183,9 @@ async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
     }
 
     // JSON: the same values, escaped so a terminal shows them instead of obeying them.
-    let (code, json, err) = run_on(
+    let (code, json, err) = run(
         &cluster,
-        &["dlq", "list", "--topic", DLQ, "--format", "json"],
+        &["dlq", "list", "--topic", &dlq, "--format", "json"],
     );
     assert_eq!(code, 0, "{err}");
     let printable: Vec<char> = unsafe_chars(&json)
@@ -1195,7 +1197,7 @@ async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
     assert_eq!(rows[0]["key"], "\x1b]52;c;ZXZpbA==\x07");
     assert_eq!(rows[3]["key"], "c\u{9b}2J\u{202e}");
 
-    let (code, out, err) = run_on(&cluster, &["dlq", "replay", "--topic", DLQ]);
+    let (code, out, err) = run(&cluster, &["dlq", "replay", "--topic", &dlq]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(unsafe_chars(&out), vec![], "{out:?}");
     let would: Vec<&str> = out
@@ -1285,4 +1287,9 @@ on_every_broker!(
     the_command_in_an_alert_lists_exactly_its_records,
     2,
     the_command_in_an_alert_lists_exactly_its_records
+);
+on_every_broker!(
+    hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run,
+    1,
+    hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
 );

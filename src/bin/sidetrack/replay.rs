@@ -447,7 +447,8 @@ impl<'a> Sender<'a> {
     }
 
     async fn finish(mut self, dlq: &str, end: HashMap<i32, i64>) -> Result<(), Failure> {
-        let group = self.group;
+        // Names as given on the command line (an alert's command, pasted): shown escaped too.
+        let (dlq, group) = (&for_terminal(dlq, NAME), for_terminal(self.group, NAME));
         let skipped = if self.skipped == 0 {
             String::new()
         } else {
