@@ -5,7 +5,8 @@ use serde::Serialize;
 use super::{DeadLetterAlert, DeadLetterNotifier, NotifyError};
 
 /// Posts each alert as JSON to a URL: `{"text": "<readable summary>", "sidetrack": {<the
-/// alert's fields>}}`. The `text` field makes it work as a Slack incoming webhook as is.
+/// alert's fields>}}`. The `text` field ([`DeadLetterAlert::slack_text`]: record bytes escaped,
+/// Slack's `&`, `<`, `>` as entities) makes it work as a Slack incoming webhook as is.
 ///
 /// HTTP and HTTPS (rustls, bundled web PKI roots) are supported. A status of 400 or more is a
 /// failure. Requires the `webhook` feature.
@@ -44,7 +45,7 @@ impl DeadLetterNotifier for WebhookNotifier {
 
     async fn notify(&self, alert: &DeadLetterAlert) -> Result<(), NotifyError> {
         let body = serde_json::to_vec(&Body {
-            text: alert.text(),
+            text: alert.slack_text(),
             sidetrack: alert,
         })
         .map_err(|e| NotifyError::Failed(e.to_string()))?;

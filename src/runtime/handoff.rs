@@ -17,6 +17,7 @@ use rdkafka::ClientConfig;
 
 use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
 use crate::error::Error;
+use crate::escape;
 use crate::handler::{to_owned_headers, Header, Message};
 use crate::metrics as m;
 use crate::retry::scheduler::now_ms;
@@ -259,7 +260,9 @@ impl PartitionTask {
                 tracing::warn!(
                     dlq = target, dlq_partition = delivery.0, dlq_offset = delivery.1,
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                    attempts = msg.attempt(), %reason, error, "record dead-lettered"
+                    attempts = msg.attempt(), %reason,
+                    error = %escape::for_terminal(error, escape::LOG_FIELD_CHARS),
+                    "record dead-lettered"
                 );
                 shared.alerts.record(DeadLetterEvent {
                     topic: &source.topic,

@@ -915,7 +915,11 @@ impl PartitionTask {
 
     /// What to do with a record whose envelope cannot be trusted: the DLQ.
     fn invalid(&self, Invalid { msg, reason }: Invalid) -> Step {
-        tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
+        tracing::warn!(
+            topic = %self.topic, partition = self.partition,
+            reason = %crate::escape::for_terminal(&reason, crate::escape::LOG_FIELD_CHARS),
+            "invalid retry envelope"
+        );
         Step::HandOff(
             msg,
             Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),

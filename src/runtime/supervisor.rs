@@ -14,6 +14,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 use tokio::task::JoinHandle;
 
+use crate::escape;
 use crate::handler::panic_text;
 use crate::metrics as m;
 use crate::metrics::lag::Progress;
@@ -116,6 +117,8 @@ impl Supervisor {
                 Ok(End::Failed(reason)) => reason,
                 Err(panic) => format!("panicked: {}", panic_text(&*panic)),
             };
+            // A panic message or failure can quote record bytes (a handler's panic, a key).
+            let cause = escape::for_terminal(&cause, escape::LOG_FIELD_CHARS);
             if self.revoked.is_cancelled() || stop.is_cancelled() {
                 tracing::warn!(topic = %self.topic, partition = self.partition, %cause, "partition task ended while stopping");
                 return;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
+use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
 use sidetrack::Header;
 
 use crate::kafka::{held_back, Kafka};
@@ -29,11 +30,10 @@ pub struct Row {
     pub reason: Option<String>,
     pub error: String,
     pub key: Option<String>,
-    /// The key as shown to people: text when it is printable UTF-8, escaped bytes otherwise
-    /// (`-` for none). `key` above is lossy UTF-8 for JSON and `--key`; a key that is not
-    /// UTF-8 printed raw would put its bytes (a NUL, an escape sequence) on the terminal.
+    /// The key's bytes as they are, for display: `key` is lossy UTF-8 (for `--key` and JSON),
+    /// which would show a non-UTF-8 byte as U+FFFD instead of what it is.
     #[serde(skip)]
-    pub key_shown: String,
+    pub raw_key: Option<Vec<u8>>,
 }
 
 impl Row {
@@ -60,7 +60,7 @@ impl Row {
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
-            key_shown: r.key.as_deref().map(preview).unwrap_or_else(|| "-".into()),
+            raw_key: r.key.clone(),
         };
         match r.provenance() {
             Provenance::Sidetrack(e) => {
@@ -225,13 +225,18 @@ pub async fn list(
         eprintln!("{line}");
     }
     if json {
+        // The exact values (for jq), with the characters a terminal would obey written as
+        // `\uXXXX` escapes (the same JSON value).
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Failure::Other(e.to_string()))?;
-        println!("{text}");
+        println!("{}", json_for_terminal(&text, usize::MAX));
         return Ok(());
     }
     if rows.is_empty() {
-        eprintln!("no records in `{}` match", filters.topic);
+        eprintln!(
+            "no records in `{}` match",
+            for_terminal(&filters.topic, NAME)
+        );
         return Ok(());
     }
     println!(
@@ -243,13 +248,16 @@ pub async fn list(
             "{:<12} {:>6}  {:<28} {:>8}  {:<16} {:<50} {}",
             format!("{}:{}", r.partition, r.offset),
             r.age_seconds.map(age).unwrap_or_else(|| "-".into()),
-            cut(&r.original(), 28),
+            for_cell(r.original(), 28),
             r.attempts
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.reason.as_deref().unwrap_or("-"),
-            cut(&r.error, 50),
-            cut(&r.key_shown, 40),
+            for_cell(r.reason.as_deref().unwrap_or("-"), 16),
+            for_cell(&r.error, 50),
+            r.raw_key
+                .as_deref()
+                .map(|k| for_cell(k, 40))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     eprintln!(
@@ -319,26 +327,30 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         .unwrap_or_else(|| "no timestamp".into());
     out += &format!(
         "record {}:{} of `{}`, dead-lettered {when}\n",
-        r.partition, r.offset, r.topic
+        r.partition,
+        r.offset,
+        for_terminal(&r.topic, NAME)
     );
     match r.provenance() {
         Provenance::Sidetrack(e) => {
             out += "envelope (sidetrack, version 1):\n";
             let mut field = |k: &str, v: String| out += &format!("  {k:<18} {v}\n");
             field("reason", e.error_kind.as_str().to_owned());
-            field("error", e.error.clone());
+            field("error", for_terminal(&e.error, TEXT));
             field(
                 "original",
                 format!(
                     "{}[{}]@{}",
-                    e.original_topic, e.original_partition, e.original_offset
+                    for_terminal(&e.original_topic, NAME),
+                    e.original_partition,
+                    e.original_offset
                 ),
             );
             field(
                 "original time",
                 e.original_timestamp.map(time).unwrap_or_else(|| "-".into()),
             );
-            field("group", e.group.clone());
+            field("group", for_terminal(&e.group, NAME));
             field("attempts", e.attempts.to_string());
             field("first failure", time(e.first_failure));
             if let Some(due) = e.due {
@@ -349,15 +361,15 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             out += "Spring Kafka dead letter (kafka_dlt-* headers):\n";
             // Any producer can write these headers: escaped like every other record bytes.
             let mut field = |k: &str, v: Option<String>| {
-                let v = v.map(|v| preview(v.as_bytes()));
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
-            field("exception", s.exception.clone());
+            let text = |v: &Option<String>, max| v.as_deref().map(|t| for_terminal(t, max));
+            field("exception", text(&s.exception, TEXT));
             if s.cause.is_some() {
-                field("cause", s.cause.clone());
+                field("cause", text(&s.cause, TEXT));
             }
-            field("message", s.message.clone());
-            field("original topic", s.original_topic.clone());
+            field("message", text(&s.message, TEXT));
+            field("original topic", text(&s.original_topic, NAME));
             field(
                 "original partition",
                 s.original_partition.map(|p| p.to_string()),
@@ -365,14 +377,19 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             field("original offset", s.original_offset.map(|o| o.to_string()));
             field("original time", s.original_timestamp.map(time));
             if s.original_timestamp_type.is_some() {
-                field("timestamp type", s.original_timestamp_type.clone());
+                field("timestamp type", text(&s.original_timestamp_type, NAME));
             }
-            field("group", s.group.clone());
+            field("group", text(&s.group, NAME));
             if let Some(trace) = &s.stacktrace {
                 out += &stack_trace(trace);
             }
         }
-        Provenance::Unknown(e) => out += &format!("no sidetrack envelope ({e})\n"),
+        Provenance::Unknown(e) => {
+            out += &format!(
+                "no sidetrack envelope ({})\n",
+                for_terminal(e.to_string(), TEXT)
+            )
+        }
     }
     let user: Vec<&Header> = r
         .user_headers()
@@ -384,15 +401,15 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         let v = h
             .value
             .as_deref()
-            .map(preview)
+            .map(|v| for_terminal(v, TEXT))
             .unwrap_or_else(|| "(null)".into());
-        out += &format!("  {:<18} {v}\n", preview(&h.key));
+        out += &format!("  {:<18} {v}\n", for_terminal(&h.key, NAME));
     }
     out += &format!(
         "key: {}\n",
         r.key
             .as_deref()
-            .map(preview)
+            .map(|k| for_terminal(k, TEXT))
             .unwrap_or_else(|| "(null)".into())
     );
     match r.payload.as_deref() {
@@ -400,12 +417,13 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         Some(p) => match serde_json::from_slice::<serde_json::Value>(p) {
             Ok(v) => {
                 out += &format!("payload ({} bytes, JSON):\n", p.len());
-                out += &serde_json::to_string_pretty(&v).unwrap_or_default();
+                out +=
+                    &json_for_terminal(&serde_json::to_string_pretty(&v).unwrap_or_default(), JSON);
                 out += "\n";
             }
             Err(_) => {
                 out += &format!("payload ({} bytes, not JSON):\n", p.len());
-                out += &preview(p);
+                out += &for_terminal(p, TEXT);
                 out += "\n";
             }
         },
@@ -422,7 +440,7 @@ fn stack_trace(trace: &str) -> String {
     let lines: Vec<&str> = trace.lines().collect();
     let mut out = format!("  stack trace ({} lines):\n", lines.len());
     for line in lines.iter().take(STACK_LINES) {
-        out += &format!("    {}\n", preview(line.replace('\t', "  ").as_bytes()));
+        out += &format!("    {}\n", for_terminal(line.replace('\t', "  "), TEXT));
     }
     if lines.len() > STACK_LINES {
         out += &format!("    … ({} more lines)\n", lines.len() - STACK_LINES);
@@ -430,34 +448,12 @@ fn stack_trace(trace: &str) -> String {
     out
 }
 
-/// Text as is when it is printable UTF-8, else escaped; at most 2 KiB shown.
-fn preview(bytes: &[u8]) -> String {
-    const MAX: usize = 2048;
-    let shown = &bytes[..bytes.len().min(MAX)];
-    let mut s = match std::str::from_utf8(shown) {
-        Ok(t) if !t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => t.to_owned(),
-        _ => shown
-            .iter()
-            .flat_map(|b| std::ascii::escape_default(*b))
-            .map(char::from)
-            .collect(),
-    };
-    if bytes.len() > MAX {
-        s += &format!("… ({} more bytes)", bytes.len() - MAX);
-    }
-    s
-}
-
-fn cut(s: &str, n: usize) -> String {
-    let one_line = s.replace(['\n', '\r', '\t'], " ");
-    if one_line.chars().count() <= n {
-        one_line
-    } else {
-        let mut t: String = one_line.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
+/// Characters shown of a name (topic, group, header name): Kafka's own limit is 249.
+const NAME: usize = 256;
+/// Characters shown of a text (error, header value, key, payload not JSON).
+const TEXT: usize = 2048;
+/// Characters shown of a JSON payload (pretty-printed).
+const JSON: usize = 16 * 1024;
 
 pub fn age(secs: i64) -> String {
     match secs {
@@ -674,6 +670,10 @@ mod tests {
         ) {
             let row = Row::at(&r, now);
             let text = describe_at(&r, now);
+            // Whatever the bytes: every line is the description's own, nothing a terminal
+            // obeys, and the length is bounded (payload shown up to 16 Ki characters).
+            prop_assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{:?}", text);
+            prop_assert!(text.chars().count() < 64 * 1024);
             let _ = f.verdict(&r, &row, now);
             let _ = f.check(now);
             let _ = f.start(now);
@@ -699,7 +699,7 @@ mod tests {
                     // Not readable, and the reason says why.
                     let why = e.to_string();
                     prop_assert!(row.error.contains(&why), "{} / {}", row.error, why);
-                    prop_assert!(text.contains(&why));
+                    prop_assert!(text.contains(&for_terminal(&why, TEXT)));
                 }
             }
         }
@@ -804,7 +804,7 @@ mod tests {
             row.error,
             "java.lang.IllegalStateException: Listener failed; declined \x1b[31mred"
         );
-        assert_eq!(row.key_shown, r"\xff\x00k");
+        assert_eq!(for_cell(row.raw_key.as_deref().unwrap(), 40), r"\xff\x00k");
         let text = describe_at(&r, 0);
         for line in [
             "  exception          org.springframework.kafka.listener.ListenerExecutionFailedException",
