@@ -31,8 +31,9 @@ type Offset = (i32, Option<i64>);
 /// One answer as a client saw it.
 #[derive(Debug)]
 struct Seen {
-    /// When the request was sent, relative to the start.
+    /// When the request was sent and when it was answered, relative to the start.
     sent: Duration,
+    answered: Duration,
     status: u16,
     retry_after: Option<String>,
     /// The request's record ids, with the (partition, offset) the proxy returned for each.
@@ -87,6 +88,7 @@ async fn a_leader_killed_mid_request_never_gets_a_200_for_a_record_not_in_the_lo
                             };
                             seen.lock().unwrap().push(Seen {
                                 sent,
+                                answered: started.elapsed(),
                                 status: a.status.as_u16(),
                                 retry_after: a
                                     .headers
@@ -205,15 +207,29 @@ async fn a_leader_killed_mid_request_never_gets_a_200_for_a_record_not_in_the_lo
                     .count();
             }
         }
+        // Time to recover: the longest stretch without a 200 answer (it spans the kill).
+        let mut ok_times: Vec<Duration> = seen
+            .iter()
+            .filter(|s| s.status == 200)
+            .map(|s| s.answered)
+            .collect();
+        ok_times.sort();
+        let (gap, gap_from) = ok_times
+            .windows(2)
+            .map(|w| (w[1] - w[0], w[0]))
+            .max()
+            .unwrap_or_default();
         let non_200: Vec<String> = statuses
             .iter()
             .filter(|(s, _)| **s != 200)
             .map(|(s, n)| format!("{s}×{n}"))
             .collect();
         println!(
-            "proxy on three brokers: SIGKILL node {leader} (leader of {topic}/0) at {:.1}s: leader moved after {}, first 200 for a request sent after the kill {}; answers 200={} non-200=[{}] transport errors={transport_errors}; records answered 200={} read back at their offsets={read_back}; records of non-200 answers with an offset={partial}, in the log anyway={written_anyway}; duplicates in the log={duplicates}; replicas in sync {} after the restart; request_timeout=5s, {CLIENTS} clients × {PER_REQUEST} records; {:.1}s",
+            "proxy on three brokers: SIGKILL node {leader} (leader of {topic}/0) at {:.1}s: leader moved after {}, no 200 answered for {:.1}s (from {:.1}s after the kill), first 200 for a request sent after the kill {}; answers 200={} non-200=[{}] transport errors={transport_errors}; records answered 200={} read back at their offsets={read_back}; records of non-200 answers with an offset={partial}, in the log anyway={written_anyway}; duplicates in the log={duplicates}; replicas in sync {} after the restart; request_timeout=5s, {CLIENTS} clients × {PER_REQUEST} records; {:.1}s",
             killed_at.as_secs_f64(),
             moved.map_or("never".into(), |d| format!("{:.1}s", d.as_secs_f64())),
+            gap.as_secs_f64(),
+            gap_from.as_secs_f64() - killed_at.as_secs_f64(),
             first_ok_after.map_or("never".into(), |d| format!("{:.1}s", d.as_secs_f64())),
             statuses.get(&200).copied().unwrap_or(0),
             non_200.join(" "),

@@ -88,6 +88,12 @@ impl KafkaCluster {
     /// Every partition of `topic`, from one metadata request (`None` if it failed or the topic
     /// is unknown).
     pub async fn partitions(&self, topic: &str) -> Option<Vec<PartitionInfo>> {
+        self.metadata(topic).await.flatten()
+    }
+
+    /// Every partition of `topic`: `None` if the request failed, `Some(None)` if the cluster
+    /// does not know the topic.
+    pub async fn metadata(&self, topic: &str) -> Option<Option<Vec<PartitionInfo>>> {
         let (bootstrap, topic) = (self.bootstrap.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
             let c: BaseConsumer = rdkafka::ClientConfig::new()
@@ -99,9 +105,17 @@ impl KafkaCluster {
             let md = c
                 .fetch_metadata(Some(&topic), Duration::from_secs(3))
                 .ok()?;
-            let t = md.topics().iter().find(|t| t.name() == topic)?;
-            if t.error().is_some() || t.partitions().is_empty() {
-                return None;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Some(None);
+            };
+            match t.error() {
+                Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                    return Some(None)
+                }
+                // Another error (no leader yet, …): ask again.
+                Some(_) => return None,
+                None if t.partitions().is_empty() => return None,
+                None => {}
             }
             let mut out: Vec<PartitionInfo> = t
                 .partitions()
@@ -114,7 +128,7 @@ impl KafkaCluster {
                 })
                 .collect();
             out.sort_by_key(|p| p.partition);
-            Some(out)
+            Some(Some(out))
         })
         .await
         .ok()
@@ -222,19 +236,22 @@ impl KafkaCluster {
         self.stopped.lock().unwrap().remove(&node);
     }
 
-    /// Waits (up to `limit`) until node `node` is listed in the cluster's metadata again and
-    /// every partition of `topics` (and of `__consumer_offsets`) has a leader and all three
-    /// replicas in sync. Returns how long that took, or `None` at the limit.
+    /// Waits (up to `limit`) until every partition of `topics` (and of `__consumer_offsets`,
+    /// once some group made Kafka create it) has a leader and all its replicas in sync.
+    /// Returns how long that took, or `None` at the limit.
     pub async fn wait_fully_replicated(&self, topics: &[String], limit: Duration) -> Option<f64> {
+        const OFFSETS: &str = "__consumer_offsets";
         let started = Instant::now();
         let mut all: Vec<String> = topics.to_vec();
-        all.push("__consumer_offsets".into());
+        all.push(OFFSETS.into());
         let ok = sidetrack::testing::wait_until(limit, || {
             let all = all.clone();
             async move {
                 for t in &all {
-                    let Some(ps) = self.partitions(t).await else {
-                        return pause().await;
+                    let ps = match self.metadata(t).await {
+                        Some(Some(ps)) => ps,
+                        Some(None) if t == OFFSETS => continue,
+                        _ => return pause().await,
                     };
                     if ps
                         .iter()
