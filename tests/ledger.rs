@@ -1457,6 +1457,13 @@ async fn replication_faults_lose_nothing_on_three_brokers() {
             std::future::ready(fresh.len() == PARTITIONS as usize)
         })
         .await;
+        if !sources_handled {
+            // A worker that died says so first.
+            assert_alive(&run, &mut a);
+            if let Some(bb) = b.as_mut() {
+                assert_alive(&run, bb);
+            }
+        }
         assert!(
             sources_handled,
             "after {what}: not every source partition was handled again within {bound:?}"
