@@ -691,7 +691,6 @@ async fn ledger(backend: Backend, ordering: &'static str) {
     }
     let settled = settle(&env, &run, n, a, b).await;
     check(
-        &env,
         &run,
         &settled,
         &Crashes {
@@ -803,14 +802,7 @@ async fn settle(env: &Env, run: &Run, n: u64, mut a: Worker, mut b: Option<Worke
 /// The ledger's assertions on a settled run, with its figures printed on one line (`extra`
 /// appended): lost = 0, the DLQ holds exactly the expected ids, no record that must fail was
 /// handled, and duplicates within the bound (printed, not asserted, on Tansu).
-fn check(
-    env: &Env,
-    run: &Run,
-    settled: &Settled,
-    crashes: &Crashes,
-    started: Instant,
-    extra: &str,
-) {
+fn check(run: &Run, settled: &Settled, crashes: &Crashes, started: Instant, extra: &str) {
     let Settled {
         n,
         expected_ok,
@@ -825,7 +817,6 @@ fn check(
         faults,
     } = crashes;
     let crashes = *crashes;
-    let _ = env;
     let mut seen: HashMap<u64, usize> = HashMap::new();
     for l in lines {
         *seen.entry(l.0).or_default() += 1;
@@ -1631,7 +1622,6 @@ async fn replication_faults_lose_nothing_on_three_brokers() {
         events.join(", ")
     );
     check(
-        &env,
         &run,
         &settled,
         &Crashes {
