@@ -246,9 +246,15 @@ impl PartitionTask {
             Decision::Retry { tier, .. } => {
                 shared.stats.retried(tier);
                 metrics::counter!(m::RETRIES_SCHEDULED, "source" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
+                // Where the broker acknowledged it, like the dead-letter line: what was
+                // acknowledged can be checked against the log (the replication-fault ledger
+                // does). A negative offset is librdkafka's implicit acknowledgement.
                 tracing::debug!(
                     target_topic = target,
+                    target_partition = delivery.0,
+                    target_offset = delivery.1,
                     topic = msg.topic(),
+                    partition = msg.partition(),
                     offset = msg.offset(),
                     attempt = msg.attempt(),
                     "retry scheduled"
