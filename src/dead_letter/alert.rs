@@ -24,7 +24,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::DeadLetterReason;
+use super::{BreakerAlert, DeadLetterReason};
 use crate::metrics as m;
 
 /// Error text kept per example in an alert.
@@ -190,6 +190,16 @@ pub trait DeadLetterNotifier: Send + Sync + 'static {
         &self,
         alert: &DeadLetterAlert,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send;
+    /// Delivers one dead-letter flood breaker event (see [`BreakerAlert`]). It runs on its own
+    /// task under a timeout. The default does nothing: the runtime logs every breaker event
+    /// itself (ERROR when one opens).
+    fn notify_breaker(
+        &self,
+        alert: &BreakerAlert,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        let _ = alert;
+        async { Ok(()) }
+    }
 }
 
 pub(crate) trait ErasedNotifier: Send + Sync + 'static {
@@ -197,6 +207,10 @@ pub(crate) trait ErasedNotifier: Send + Sync + 'static {
     fn notify_boxed<'a>(
         &'a self,
         alert: &'a DeadLetterAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>>;
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
 }
 
@@ -209,6 +223,12 @@ impl<N: DeadLetterNotifier> ErasedNotifier for N {
         alert: &'a DeadLetterAlert,
     ) -> BoxFuture<'a, Result<(), NotifyError>> {
         Box::pin(self.notify(alert))
+    }
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(self.notify_breaker(alert))
     }
 }
 
@@ -477,6 +497,33 @@ impl Alerts {
             }
         }
         tasks
+    }
+
+    /// Sends a breaker event to every notifier at once, each call on its own task with a
+    /// timeout; never waits.
+    pub(crate) fn breaker(&self, alert: BreakerAlert) {
+        let alert = Arc::new(alert);
+        for n in &self.notifiers {
+            let (n, alert, timeout) = (Arc::clone(n), Arc::clone(&alert), self.timeout);
+            tokio::spawn(async move {
+                let name = n.name().to_owned();
+                let result =
+                    match tokio::time::timeout(timeout, n.notify_breaker_boxed(&alert)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(NotifyError::TimedOut(timeout)),
+                    };
+                match result {
+                    Ok(()) => metrics::counter!(m::ALERTS_SENT, "notifier" => name).increment(1),
+                    Err(e) => {
+                        metrics::counter!(m::ALERT_FAILURES, "notifier" => name.clone())
+                            .increment(1);
+                        tracing::warn!(notifier = %name, topic = %alert.topic, partition = alert.partition,
+                            transition = alert.transition.as_str(), error = %e,
+                            "dead-letter breaker alert not delivered");
+                    }
+                }
+            });
+        }
     }
 
     /// Sends each window's alert once it is due, until `stop`; then everything collected,
