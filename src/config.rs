@@ -978,6 +978,55 @@ mod tests {
     }
 
     #[test]
+    fn breaker_limits_are_checked_when_enabled() {
+        let b = BreakerConfig::default();
+        assert!(b.enabled);
+        assert_eq!(
+            (b.consecutive, b.window, b.window_dead_letters),
+            (100, 200, 100)
+        );
+        type Change = fn(&mut BreakerConfig);
+        let bad: [(&str, Change); 7] = [
+            ("consecutive", |b| b.consecutive = 0),
+            ("window", |b| b.window = 0),
+            ("window", |b| b.window = MAX_BREAKER_WINDOW + 1),
+            ("window_dead_letters", |b| b.window_dead_letters = 201),
+            ("window_dead_letters", |b| b.window_dead_letters = 0),
+            ("cool_down", |b| b.cool_down = Duration::ZERO),
+            ("max_cool_down", |b| {
+                b.max_cool_down = Duration::from_secs(59)
+            }),
+        ];
+        for (field, change) in bad {
+            let mut c = base();
+            change(&mut c.dead_letter.breaker);
+            assert_eq!(
+                field_of(c.validate().unwrap_err()),
+                format!("dead_letter.breaker.{field}")
+            );
+            // Off: its limits are not looked at.
+            c.dead_letter.breaker.enabled = false;
+            c.validate().unwrap();
+        }
+        let c = Config::from_toml_str(
+            r#"
+            brokers = "k:9092"
+            group = "g"
+            topics = ["t"]
+            [dead_letter.breaker]
+            consecutive = 5
+            cool_down = "2s"
+            max_cool_down = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.dead_letter.breaker.consecutive, 5);
+        assert_eq!(c.dead_letter.breaker.cool_down, Duration::from_secs(2));
+        assert_eq!(c.dead_letter.breaker.window, 200);
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn toml_with_tiers_and_raw_properties() {
         let c = Config::from_toml_str(
             r#"

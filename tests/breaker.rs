@@ -296,6 +296,12 @@ async fn a_bad_deploy_is_held_until_the_operator_closes_the_breaker(env: Env) {
     assert_eq!(dlq.get(&1), None);
     assert_eq!(breaker_gauge(&topic, 0), Some(1.0));
     assert_eq!(breaker_gauge(&topic, 1), Some(0.0));
+    // Paused in the client, not merely idle.
+    let group = env.group().to_owned();
+    wait_for("partition 0 paused", || {
+        gauge(m::PARTITIONS_PAUSED, &[("group", &group)]) == Some(1.0)
+    })
+    .await;
     assert_eq!(
         counter(m::DEAD_LETTER_BREAKER_TRIPS, &[("topic", &topic)]),
         1
@@ -327,6 +333,7 @@ async fn a_bad_deploy_is_held_until_the_operator_closes_the_breaker(env: Env) {
     .await;
     assert!(rt.open_breakers().is_empty());
     assert_eq!(breaker_gauge(&topic, 0), Some(0.0));
+    assert_eq!(gauge(m::PARTITIONS_PAUSED, &[("group", &group)]), Some(0.0));
     wait_for("the close alert", || {
         alerts.count(BreakerTransition::ClosedByOperator) == 1
     })
@@ -544,3 +551,56 @@ on_every_broker!(
     the_last_retry_tier_has_a_breaker_too,
     names = ("breaker-tier", "breaker-tier-g")
 );
+
+/// The webhook gets the breaker's events at once (not aggregated into a window), under their
+/// own key, with a readable text.
+#[cfg(feature = "webhook")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_is_told_when_the_breaker_opens_and_closes() {
+    recorder();
+    let env = Env::embedded_named("breaker-hook", "breaker-hook-g", 1);
+    let (addr, bodies) = http_server(Reply::Ok).await;
+    let mut config = config_with_breaker(&env, Duration::from_secs(3600));
+    config.alerts.webhook = Some(format!("http://{addr}/hook"));
+    // Dead-letter alerts only at the end of a long window: the breaker's come first.
+    config.alerts.window = Duration::from_secs(3600);
+    let deploy = Deploy::default();
+    produce(&env, 0, 20, |i| format!("h-{i}")).await;
+    let rt = env.builder(config).handler(deploy.clone()).started().await;
+    let breaker_bodies = || -> Vec<serde_json::Value> {
+        bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap())
+            .filter(|j| j.get("sidetrack_breaker").is_some())
+            .collect()
+    };
+    wait_for("the webhook told of the open breaker", || {
+        breaker_bodies().len() == 1
+    })
+    .await;
+    let open = &breaker_bodies()[0];
+    assert_eq!(open["sidetrack_breaker"]["transition"], "opened");
+    assert_eq!(open["sidetrack_breaker"]["topic"], "breaker-hook");
+    assert_eq!(open["sidetrack_breaker"]["partition"], 0);
+    assert_eq!(open["sidetrack_breaker"]["consecutive"], THRESHOLD);
+    assert_eq!(open["sidetrack_breaker"]["offset"], THRESHOLD - 1);
+    let text = open["text"].as_str().unwrap();
+    assert!(
+        text.contains("dead-letter breaker OPEN for `breaker-hook`[0]"),
+        "{text}"
+    );
+    deploy.fix();
+    assert_eq!(rt.reset_breakers(), 1);
+    wait_for("the webhook told of the close", || {
+        breaker_bodies().len() == 2
+    })
+    .await;
+    assert_eq!(
+        breaker_bodies()[1]["sidetrack_breaker"]["transition"],
+        "closed_by_operator"
+    );
+    assert_eq!(rt.reset_breakers(), 0);
+    rt.shutdown().await.unwrap();
+}

@@ -146,6 +146,7 @@ impl Breaker {
 
     /// The outcome of a record: `dead` if it is to be dead-lettered. `now` is read only when
     /// the breaker opens.
+    #[inline]
     pub(crate) fn outcome(&mut self, dead: bool, now: impl FnOnce() -> Instant) -> Verdict {
         let Some(limits) = self.limits else {
             return Verdict::Admit;
@@ -231,6 +232,14 @@ impl Breaker {
             }
             State::HalfOpen { .. } => true,
             _ => false,
+        }
+    }
+
+    /// The breaker is open but this state does not know it (its task ended by a failure, not
+    /// by opening): half-open.
+    pub(crate) fn resume_after_failure(&mut self) {
+        if self.state == State::Closed && self.limits.is_some() {
+            self.state = State::HalfOpen { probing: false };
         }
     }
 
@@ -470,6 +479,7 @@ impl Drop for Registered {
 impl PartitionTask {
     /// Feeds one record's outcome to the breaker (`dead`: it is to be dead-lettered). False:
     /// the breaker is open and the record must not be dead-lettered; it gets no outcome.
+    #[inline]
     pub(super) fn breaker_admits(&self, breaker: &mut Breaker, dead: bool, offset: i64) -> bool {
         let verdict = breaker.outcome(dead, Instant::now);
         if verdict == Verdict::Admit {

@@ -111,6 +111,10 @@ impl Supervisor {
             if !control.is_open() {
                 // Closed by its last task's probe (or never opened).
                 breaker.close();
+            } else {
+                // Opened by a task that then failed (a hand-off it could not finish): its
+                // state went with it; try one record.
+                breaker.resume_after_failure();
             }
             task.breaker = breaker.clone();
             task.breaker_control = Arc::clone(&control);
