@@ -604,3 +604,53 @@ async fn the_webhook_is_told_when_the_breaker_opens_and_closes() {
     assert_eq!(rt.reset_breakers(), 0);
     rt.shutdown().await.unwrap();
 }
+
+/// The breaker's state lives with the assignment: a process stopped while it is open commits
+/// up to the first record not dead-lettered, and the next owner of the partition starts
+/// closed — with the deploy still bad it dead-letters the threshold once more, then trips.
+async fn the_next_owner_starts_closed(env: Env) {
+    recorder();
+    let sent = produce(&env, 0, 40, |i| format!("n-{i}")).await;
+    let offsets: Vec<i64> = sent.iter().map(|s| s.1).collect();
+    let config = config_with_breaker(&env, Duration::from_secs(3600));
+    let first = Deploy::default();
+    let rt = env
+        .builder(config.clone())
+        .handler(first.clone())
+        .started()
+        .await;
+    wait_for("the breaker open", || !rt.open_breakers().is_empty()).await;
+    wait_for("the threshold acknowledged on the DLQ", || {
+        rt.stats().total_dead_lettered() == u64::from(THRESHOLD)
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert!(committed_becomes(&env, 0, offsets[THRESHOLD as usize]).await);
+    let second = Deploy::default();
+    let rt = env.builder(config).handler(second.clone()).started().await;
+    let topic = env.topic().to_owned();
+    wait_for("the next owner's breaker open", || {
+        rt.open_breakers() == vec![(topic.clone(), 0)]
+    })
+    .await;
+    wait_for("the threshold acknowledged on the DLQ again", || {
+        rt.stats().total_dead_lettered() == u64::from(THRESHOLD)
+    })
+    .await;
+    // It began where the first stopped: nothing skipped, nothing dead-lettered twice.
+    let tried: Vec<i64> = second.calls().iter().map(|c| c.2).collect();
+    assert_eq!(tried, offsets[THRESHOLD as usize..2 * THRESHOLD as usize]);
+    rt.shutdown().await.unwrap();
+    assert_eq!(
+        dead_lettered(&env).await.get(&0),
+        Some(&offsets[..2 * THRESHOLD as usize].to_vec())
+    );
+    assert!(committed_becomes(&env, 0, offsets[2 * THRESHOLD as usize]).await);
+}
+
+on_every_broker!(
+    the_next_owner_starts_closed,
+    1,
+    the_next_owner_starts_closed,
+    names = ("breaker-owner", "breaker-owner-g")
+);

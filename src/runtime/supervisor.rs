@@ -135,9 +135,6 @@ impl Supervisor {
                 Ok(End::Failed(reason)) => reason,
                 Ok(End::BreakerOpen(open)) => {
                     breaker = open;
-                    if self.revoked.is_cancelled() || stop.is_cancelled() {
-                        return;
-                    }
                     // Paused while open: nothing is fetched. The task held no pause of its
                     // own any more (it ended), so this is the only hold.
                     let pause = Pause::new(
@@ -146,9 +143,19 @@ impl Supervisor {
                         self.partition,
                         &self.group_id,
                     );
-                    let hold = pause.hold();
-                    if !breaker::wait_out(&self.shared, &control, &mut breaker, &self.revoked).await
-                    {
+                    let letting_go = self.revoked.is_cancelled() || stop.is_cancelled();
+                    let hold = (!letting_go).then(|| pause.hold());
+                    let resumed = hold.is_some()
+                        && breaker::wait_out(&self.shared, &control, &mut breaker, &self.revoked)
+                            .await;
+                    if !resumed {
+                        // Not silent: the breaker's state stays here, and the partition's next
+                        // owner (or the next start of this process) begins closed.
+                        tracing::warn!(
+                            topic = %self.topic, partition = self.partition,
+                            revoked = self.revoked.is_cancelled(),
+                            "partition let go while its dead-letter breaker was open; its next owner starts with the breaker closed"
+                        );
                         return;
                     }
                     drop(hold);
