@@ -190,9 +190,10 @@ pub trait DeadLetterNotifier: Send + Sync + 'static {
         &self,
         alert: &DeadLetterAlert,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send;
-    /// Delivers one dead-letter flood breaker event (see [`BreakerAlert`]). It runs on its own
-    /// task under a timeout. The default does nothing: the runtime logs every breaker event
-    /// itself (ERROR when one opens).
+    /// Delivers one dead-letter flood breaker event (see [`BreakerAlert`]) as soon as it
+    /// happens (not aggregated). It runs on its own task under a timeout. The default does
+    /// nothing (notifiers written before the breaker existed keep compiling): the runtime
+    /// logs every breaker event itself, and [`LogNotifier`] and the webhook implement it.
     fn notify_breaker(
         &self,
         alert: &BreakerAlert,
@@ -233,7 +234,8 @@ impl<N: DeadLetterNotifier> ErasedNotifier for N {
 }
 
 /// The default notifier: one structured `WARN` log line per alert (target
-/// `sidetrack::alert`).
+/// `sidetrack::alert`); for the dead-letter flood breaker, `ERROR` when it opens and `WARN`
+/// when it closes.
 #[derive(Debug, Default, Clone)]
 pub struct LogNotifier;
 
@@ -251,6 +253,21 @@ impl DeadLetterNotifier for LogNotifier {
             "{}",
             alert.text()
         );
+        Ok(())
+    }
+    async fn notify_breaker(&self, alert: &BreakerAlert) -> Result<(), NotifyError> {
+        use super::BreakerTransition as T;
+        let (group, topic, transition) = (&alert.group, &alert.topic, alert.transition.as_str());
+        match alert.transition {
+            T::Opened | T::Reopened => tracing::error!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+            _ => tracing::warn!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+        }
         Ok(())
     }
 }
