@@ -333,7 +333,12 @@ impl BreakerControl {
         self.open.load(Ordering::SeqCst)
     }
 
-    fn opened(&self) {
+    /// `tripped`: opened from closed (not again after a probe). A close request still set
+    /// then raced with the last close and is not meant for this opening.
+    fn opened(&self, tripped: bool) {
+        if tripped {
+            self.close_requested.store(false, Ordering::SeqCst);
+        }
         self.open.store(true, Ordering::SeqCst);
         self.gauge.set(1.0);
         self.trips.increment(1);
@@ -488,7 +493,7 @@ impl PartitionTask {
         let control = &self.breaker_control;
         match verdict {
             Verdict::Trip | Verdict::Reopen => {
-                control.opened();
+                control.opened(verdict == Verdict::Trip);
                 let cool_down = breaker
                     .until()
                     .map(|until| until.saturating_duration_since(Instant::now()));
@@ -748,14 +753,25 @@ mod tests {
         let c = BreakerControl::new("g", "t", 0);
         assert!(!c.request_close(), "closed: nothing to close");
         assert!(!c.take_close_request());
-        c.opened();
+        c.opened(true);
         assert!(c.request_close());
         assert!(c.take_close_request());
         assert!(!c.take_close_request());
-        // A request made while half-open is answered by the probe's close.
+        // A request made while half-open is answered by the probe's close…
         assert!(c.request_close());
         c.closed();
         assert!(!c.take_close_request());
         assert!(!c.is_open());
+        // …or kept when the probe opens it again.
+        c.opened(true);
+        assert!(c.request_close());
+        c.opened(false);
+        assert!(c.take_close_request());
+        // A request that raced with a close is not carried into the next trip.
+        c.close_requested.store(true, Ordering::SeqCst);
+        c.closed();
+        c.close_requested.store(true, Ordering::SeqCst);
+        c.opened(true);
+        assert!(!c.take_close_request());
     }
 }
