@@ -43,7 +43,7 @@ fn transactional(cluster: &Env) -> bool {
     let why = match cluster.backend() {
         Backend::Embedded => "librdkafka's mock cluster accepts EndTxn but writes no transaction markers and aborts nothing",
         Backend::Tansu => "Tansu 0.6 does not implement EndTxn",
-        Backend::Kfake | Backend::ApacheKafka => return true,
+        Backend::Kfake | Backend::ApacheKafka | Backend::KafkaCluster => return true,
     };
     eprintln!(
         "skipped on {}: {why}; this scenario needs transactions",

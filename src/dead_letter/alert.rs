@@ -24,7 +24,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::DeadLetterReason;
+use super::{BreakerAlert, DeadLetterReason};
 use crate::escape;
 use crate::metrics as m;
 
@@ -231,6 +231,17 @@ pub trait DeadLetterNotifier: Send + Sync + 'static {
         &self,
         alert: &DeadLetterAlert,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send;
+    /// Delivers one dead-letter flood breaker event (see [`BreakerAlert`]) as soon as it
+    /// happens (not aggregated). It runs on its own task under a timeout. The default does
+    /// nothing (notifiers written before the breaker existed keep compiling): the runtime
+    /// logs every breaker event itself, and [`LogNotifier`] and the webhook implement it.
+    fn notify_breaker(
+        &self,
+        alert: &BreakerAlert,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        let _ = alert;
+        async { Ok(()) }
+    }
 }
 
 pub(crate) trait ErasedNotifier: Send + Sync + 'static {
@@ -238,6 +249,10 @@ pub(crate) trait ErasedNotifier: Send + Sync + 'static {
     fn notify_boxed<'a>(
         &'a self,
         alert: &'a DeadLetterAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>>;
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
 }
 
@@ -251,10 +266,17 @@ impl<N: DeadLetterNotifier> ErasedNotifier for N {
     ) -> BoxFuture<'a, Result<(), NotifyError>> {
         Box::pin(self.notify(alert))
     }
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(self.notify_breaker(alert))
+    }
 }
 
 /// The default notifier: one structured `WARN` log line per alert (target
-/// `sidetrack::alert`).
+/// `sidetrack::alert`); for the dead-letter flood breaker, `ERROR` when it opens and `WARN`
+/// when it closes.
 #[derive(Debug, Default, Clone)]
 pub struct LogNotifier;
 
@@ -272,6 +294,21 @@ impl DeadLetterNotifier for LogNotifier {
             "{}",
             alert.text()
         );
+        Ok(())
+    }
+    async fn notify_breaker(&self, alert: &BreakerAlert) -> Result<(), NotifyError> {
+        use super::BreakerTransition as T;
+        let (group, topic, transition) = (&alert.group, &alert.topic, alert.transition.as_str());
+        match alert.transition {
+            T::Opened | T::Reopened => tracing::error!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+            _ => tracing::warn!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+        }
         Ok(())
     }
 }
@@ -524,6 +561,33 @@ impl Alerts {
             }
         }
         tasks
+    }
+
+    /// Sends a breaker event to every notifier at once, each call on its own task with a
+    /// timeout; never waits.
+    pub(crate) fn breaker(&self, alert: BreakerAlert) {
+        let alert = Arc::new(alert);
+        for n in &self.notifiers {
+            let (n, alert, timeout) = (Arc::clone(n), Arc::clone(&alert), self.timeout);
+            tokio::spawn(async move {
+                let name = n.name().to_owned();
+                let result =
+                    match tokio::time::timeout(timeout, n.notify_breaker_boxed(&alert)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(NotifyError::TimedOut(timeout)),
+                    };
+                match result {
+                    Ok(()) => metrics::counter!(m::ALERTS_SENT, "notifier" => name).increment(1),
+                    Err(e) => {
+                        metrics::counter!(m::ALERT_FAILURES, "notifier" => name.clone())
+                            .increment(1);
+                        tracing::warn!(notifier = %name, topic = %alert.topic, partition = alert.partition,
+                            transition = alert.transition.as_str(), error = %e,
+                            "dead-letter breaker alert not delivered");
+                    }
+                }
+            });
+        }
     }
 
     /// Sends each window's alert once it is due, until `stop`; then everything collected,

@@ -6,6 +6,7 @@
 //! stored only then.
 
 mod alert;
+mod breaker;
 mod record;
 #[cfg(feature = "webhook")]
 mod webhook;
@@ -14,6 +15,7 @@ use std::fmt;
 
 pub(crate) use alert::{Alerts, DeadLetterEvent, ErasedNotifier};
 pub use alert::{DeadLetterAlert, DeadLetterExample, DeadLetterNotifier, LogNotifier, NotifyError};
+pub use breaker::{BreakerAlert, BreakerTransition};
 pub use record::{
     scan, scan_report, OpenTransaction, Provenance, Record, Scanned, SpringDlt, StartAt,
 };

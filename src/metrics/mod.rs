@@ -77,6 +77,13 @@ pub const ALERT_FAILURES: &str = "sidetrack_alert_failures_total";
 /// Dead-letter alerts delivered. Labels: `notifier`.
 pub const ALERTS_SENT: &str = "sidetrack_alerts_sent_total";
 
+/// 1 while the dead-letter flood breaker of a partition holds it (open, or half-open until the
+/// record tried has an outcome), else 0. Labels: `group`, `topic`, `partition`.
+pub const DEAD_LETTER_BREAKER_OPEN: &str = "sidetrack_dead_letter_breaker_open";
+/// Times a dead-letter flood breaker opened (tripped while closed, or opened again because
+/// the record tried half-open was dead-lettered). Labels: `group`, `topic`.
+pub const DEAD_LETTER_BREAKER_TRIPS: &str = "sidetrack_dead_letter_breaker_trips_total";
+
 /// Registers unit and help text for every metric. Called when a runtime starts.
 pub fn describe() {
     describe_gauge!(
@@ -171,6 +178,16 @@ pub fn describe() {
         "Dead-letter alerts a notifier failed to deliver."
     );
     describe_counter!(ALERTS_SENT, Unit::Count, "Dead-letter alerts delivered.");
+    describe_gauge!(
+        DEAD_LETTER_BREAKER_OPEN,
+        Unit::Count,
+        "1 while a partition is paused by its dead-letter flood breaker."
+    );
+    describe_counter!(
+        DEAD_LETTER_BREAKER_TRIPS,
+        Unit::Count,
+        "Times a dead-letter flood breaker opened."
+    );
 }
 
 // ---- HTTP produce proxy (feature `proxy`) -------------------------------------------------

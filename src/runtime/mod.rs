@@ -14,6 +14,7 @@
 //!   [`Config::shutdown_timeout`], after which they are abandoned without storing their
 //!   offsets), commits, and leaves the groups.
 
+mod breaker;
 mod client;
 mod frontier;
 mod group;
@@ -218,6 +219,7 @@ impl Runtime {
             partitions,
             shutdown: shutdown.clone(),
             fatal: std::sync::Mutex::new(None),
+            breakers: Arc::default(),
         });
         let sources: Vec<String> = shared
             .topology
@@ -292,6 +294,28 @@ impl RuntimeHandle {
         self.main.assigned()
     }
 
+    /// Partitions (source or retry tier topic, partition) whose dead-letter flood breaker
+    /// holds them now (open, or half-open until the record tried has an outcome), sorted.
+    /// See [`crate::config::BreakerConfig`].
+    pub fn open_breakers(&self) -> Vec<(String, i32)> {
+        self.shared.breakers.open()
+    }
+
+    /// Closes the dead-letter flood breaker of `topic` (a source or retry tier topic)
+    /// `partition` now, without waiting for its cool-down: the partition resumes from its
+    /// first record without an outcome, and dead letters are counted from zero. False if this
+    /// instance does not own that partition or its breaker is not open. While half-open, the
+    /// record being tried finishes first; the breaker is closed whatever its outcome.
+    pub fn close_breaker(&self, topic: &str, partition: i32) -> bool {
+        self.shared.breakers.close(topic, partition)
+    }
+
+    /// Closes every open dead-letter flood breaker of this instance (see
+    /// [`RuntimeHandle::close_breaker`]); returns how many.
+    pub fn reset_breakers(&self) -> usize {
+        self.shared.breakers.close_all()
+    }
+
     /// True once shutdown has been triggered (signal or [`RuntimeHandle::trigger_shutdown`]).
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
@@ -363,6 +387,8 @@ pub(crate) struct Shared {
     pub(crate) cx: Context,
     /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
     pub(crate) fatal: std::sync::Mutex<Option<Error>>,
+    /// Every partition's dead-letter breaker, for the operator's commands.
+    pub(crate) breakers: Arc<breaker::Breakers>,
 }
 
 impl Shared {
