@@ -43,6 +43,13 @@ impl RecordRule for TenantRule {
         record.partition = Some((h % self.partitions as u64) as i32);
         Ok(())
     }
+
+    /// The rule decides on the tenant: an `Idempotency-Key` is replayed only to a request of
+    /// the same tenant. Not `traceparent`: it only travels into the record, and a retry
+    /// carries a new one.
+    fn decides_on_headers(&self) -> Vec<String> {
+        vec!["x-tenant".into()]
+    }
 }
 
 fn axum_status(code: u16) -> hyper::StatusCode {

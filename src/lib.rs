@@ -51,6 +51,7 @@
 pub mod config;
 pub mod dead_letter;
 mod error;
+pub mod escape;
 pub mod handler;
 pub mod metrics;
 #[cfg(feature = "proxy")]

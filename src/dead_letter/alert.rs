@@ -24,7 +24,8 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::DeadLetterReason;
+use super::{BreakerAlert, DeadLetterReason};
+use crate::escape;
 use crate::metrics as m;
 
 /// Error text kept per example in an alert.
@@ -44,13 +45,15 @@ pub struct DeadLetterExample {
     /// Offset of the record on the DLQ (for `sidetrack dlq show`), `None` when the
     /// acknowledgement did not carry one (the alert's commands still find the record).
     pub dlq_offset: Option<i64>,
-    /// Key as text (lossy UTF-8, shortened), if any.
+    /// The key, if any, escaped by [`escape::for_terminal`](crate::escape::for_terminal) (no
+    /// control character, non-UTF-8 bytes as `\xNN`) and cut at 64 characters: record bytes,
+    /// made safe to show as they are.
     pub key: Option<String>,
     /// Why it was dead-lettered.
     pub reason: String,
     /// Handler attempts made.
     pub attempts: u32,
-    /// The error (shortened).
+    /// The error, escaped like `key` and cut at 300 characters.
     pub error: String,
 }
 
@@ -81,17 +84,23 @@ pub struct DeadLetterAlert {
     pub follow_up: bool,
     /// The first few records.
     pub examples: Vec<DeadLetterExample>,
-    /// Command that lists every record of the window (on any instance of the group).
+    /// Command that lists every record of the window (on any instance of the group). Built
+    /// only from the runtime's configuration (`alerts.command`, `brokers`, the dead-letter
+    /// topic's name) and the window: no record byte is ever part of it.
     pub inspect_command: String,
     /// Command that replays them (dry run; add `--yes` to send). The same on every instance
     /// and every follow-up of the window, so it derives the same progress group: running it
-    /// more than once sends nothing new.
+    /// more than once sends nothing new. Built like `inspect_command`.
     pub replay_command: String,
 }
 
 impl DeadLetterAlert {
-    /// A readable, multi-line summary (the Slack `text` of the webhook notifier).
+    /// A readable, multi-line summary (the log notifier's message). Every line comes from
+    /// sidetrack's own template: record-derived text (keys, errors) is escaped and cut (see
+    /// [`escape`](crate::escape)), so no record can add a line, a terminal control sequence, or
+    /// a second `Replay:` command.
     pub fn text(&self) -> String {
+        let name = |s: &str| escape::for_terminal(s, NAME_CHARS);
         let reasons: Vec<String> = self
             .by_reason
             .iter()
@@ -102,9 +111,9 @@ impl DeadLetterAlert {
             self.count,
             if self.follow_up { " more" } else { "" },
             if self.count == 1 { "" } else { "s" },
-            self.topic,
-            self.group,
-            self.dead_letter_topic,
+            name(&self.topic),
+            name(&self.group),
+            name(&self.dead_letter_topic),
             reasons.join(", "),
             rfc3339_millis(self.window_start_ms),
             rfc3339_millis(self.window_end_ms),
@@ -117,7 +126,7 @@ impl DeadLetterAlert {
         for e in &self.examples {
             out.push_str(&format!(
                 "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {})\n",
-                self.topic,
+                name(&self.topic),
                 e.partition,
                 e.offset,
                 e.key.as_deref().unwrap_or("-"),
@@ -139,9 +148,41 @@ impl DeadLetterAlert {
         }
         out.push_str(&format!(
             "Inspect: {}\nReplay:  {}",
-            self.inspect_command, self.replay_command
+            escape::for_terminal(&self.inspect_command, COMMAND_CHARS),
+            escape::for_terminal(&self.replay_command, COMMAND_CHARS)
         ));
         out
+    }
+
+    /// [`text`](Self::text) for Slack (the webhook notifier's `text`): also Slack's markup
+    /// characters `&`, `<`, `>` as entities, so a key or error cannot mention `@channel`,
+    /// a user or a channel, nor show a link under a false label.
+    pub fn slack_text(&self) -> String {
+        escape::slack_markup(&self.text())
+    }
+}
+
+/// Topic and group names shown in an alert's text (Kafka's own limit is 249).
+const NAME_CHARS: usize = 255;
+/// Commands shown in an alert's text (config-derived; capped all the same).
+const COMMAND_CHARS: usize = 2048;
+
+/// `s` as one shell word: as is when it holds only characters no shell treats specially,
+/// else single-quoted. Escaped by the rule first, so it is one line whatever the config says.
+fn shell_word(s: &str) -> String {
+    let s = escape::for_terminal(s, COMMAND_CHARS);
+    let plain = !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'.' | b'_' | b'-' | b':' | b',' | b'/' | b'@' | b'%' | b'+' | b'='
+                )
+        });
+    if plain {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
 
@@ -190,6 +231,17 @@ pub trait DeadLetterNotifier: Send + Sync + 'static {
         &self,
         alert: &DeadLetterAlert,
     ) -> impl Future<Output = Result<(), NotifyError>> + Send;
+    /// Delivers one dead-letter flood breaker event (see [`BreakerAlert`]) as soon as it
+    /// happens (not aggregated). It runs on its own task under a timeout. The default does
+    /// nothing (notifiers written before the breaker existed keep compiling): the runtime
+    /// logs every breaker event itself, and [`LogNotifier`] and the webhook implement it.
+    fn notify_breaker(
+        &self,
+        alert: &BreakerAlert,
+    ) -> impl Future<Output = Result<(), NotifyError>> + Send {
+        let _ = alert;
+        async { Ok(()) }
+    }
 }
 
 pub(crate) trait ErasedNotifier: Send + Sync + 'static {
@@ -197,6 +249,10 @@ pub(crate) trait ErasedNotifier: Send + Sync + 'static {
     fn notify_boxed<'a>(
         &'a self,
         alert: &'a DeadLetterAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>>;
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
 }
 
@@ -210,10 +266,17 @@ impl<N: DeadLetterNotifier> ErasedNotifier for N {
     ) -> BoxFuture<'a, Result<(), NotifyError>> {
         Box::pin(self.notify(alert))
     }
+    fn notify_breaker_boxed<'a>(
+        &'a self,
+        alert: &'a BreakerAlert,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(self.notify_breaker(alert))
+    }
 }
 
 /// The default notifier: one structured `WARN` log line per alert (target
-/// `sidetrack::alert`).
+/// `sidetrack::alert`); for the dead-letter flood breaker, `ERROR` when it opens and `WARN`
+/// when it closes.
 #[derive(Debug, Default, Clone)]
 pub struct LogNotifier;
 
@@ -231,6 +294,21 @@ impl DeadLetterNotifier for LogNotifier {
             "{}",
             alert.text()
         );
+        Ok(())
+    }
+    async fn notify_breaker(&self, alert: &BreakerAlert) -> Result<(), NotifyError> {
+        use super::BreakerTransition as T;
+        let (group, topic, transition) = (&alert.group, &alert.topic, alert.transition.as_str());
+        match alert.transition {
+            T::Opened | T::Reopened => tracing::error!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+            _ => tracing::warn!(
+                target: "sidetrack::alert", %group, %topic, partition = alert.partition,
+                transition, "{}", alert.text()
+            ),
+        }
         Ok(())
     }
 }
@@ -381,10 +459,10 @@ impl Alerts {
                 dlq_offset: (event.dlq_offset >= 0).then_some(event.dlq_offset),
                 key: event
                     .key
-                    .map(|k| shorten(&String::from_utf8_lossy(k), EXAMPLE_KEY_CHARS)),
+                    .map(|k| escape::for_terminal(k, EXAMPLE_KEY_CHARS)),
                 reason: event.reason.as_str().to_owned(),
                 attempts: event.attempts,
-                error: shorten(event.error, EXAMPLE_ERROR_CHARS),
+                error: escape::for_terminal(event.error, EXAMPLE_ERROR_CHARS),
             });
         }
     }
@@ -420,14 +498,20 @@ impl Alerts {
 
     fn alert(&self, group: &str, topic: String, dlq: String, k: i64, b: Bucket) -> DeadLetterAlert {
         let (start, end) = window_bounds(k, self.window_ms);
-        let base = format!(
-            "{} dlq {{}} --brokers {} --topic {} --since {} --until {}",
-            self.cli,
-            self.brokers,
-            dlq,
-            rfc3339_millis(start),
-            rfc3339_millis(end)
-        );
+        // From the configuration and the window only. `alerts.command` may be several words
+        // (`docker run … sidetrack`): kept as written, on one line.
+        let command = |verb: &str| {
+            format!(
+                "{} dlq {verb} --brokers {} --topic {} --since {} --until {}",
+                escape::for_terminal(&self.cli, COMMAND_CHARS),
+                shell_word(&self.brokers),
+                shell_word(&dlq),
+                rfc3339_millis(start),
+                rfc3339_millis(end)
+            )
+        };
+        let inspect_command = command("list");
+        let replay_command = format!("{} --dry-run", command("replay"));
         let mut by_reason: Vec<(String, u64)> = b
             .by_reason
             .into_iter()
@@ -446,8 +530,8 @@ impl Alerts {
             window_end_ms: end,
             follow_up: b.follow_up,
             examples: b.examples,
-            inspect_command: base.replace("{}", "list"),
-            replay_command: format!("{} --dry-run", base.replace("{}", "replay")),
+            inspect_command,
+            replay_command,
         }
     }
 
@@ -479,6 +563,33 @@ impl Alerts {
         tasks
     }
 
+    /// Sends a breaker event to every notifier at once, each call on its own task with a
+    /// timeout; never waits.
+    pub(crate) fn breaker(&self, alert: BreakerAlert) {
+        let alert = Arc::new(alert);
+        for n in &self.notifiers {
+            let (n, alert, timeout) = (Arc::clone(n), Arc::clone(&alert), self.timeout);
+            tokio::spawn(async move {
+                let name = n.name().to_owned();
+                let result =
+                    match tokio::time::timeout(timeout, n.notify_breaker_boxed(&alert)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(NotifyError::TimedOut(timeout)),
+                    };
+                match result {
+                    Ok(()) => metrics::counter!(m::ALERTS_SENT, "notifier" => name).increment(1),
+                    Err(e) => {
+                        metrics::counter!(m::ALERT_FAILURES, "notifier" => name.clone())
+                            .increment(1);
+                        tracing::warn!(notifier = %name, topic = %alert.topic, partition = alert.partition,
+                            transition = alert.transition.as_str(), error = %e,
+                            "dead-letter breaker alert not delivered");
+                    }
+                }
+            });
+        }
+    }
+
     /// Sends each window's alert once it is due, until `stop`; then everything collected,
     /// waiting at most `timeout` for that last flush.
     pub(crate) async fn run(self: Arc<Self>, group: String, stop: CancellationToken) {
@@ -500,14 +611,6 @@ impl Alerts {
         let last = self.flush(&group, None);
         let _ = tokio::time::timeout(self.timeout, futures_util::future::join_all(last)).await;
     }
-}
-
-fn shorten(s: &str, max_chars: usize) -> String {
-    let mut out: String = s.chars().take(max_chars).collect();
-    if s.chars().nth(max_chars).is_some() {
-        out.push('…');
-    }
-    out
 }
 
 fn now_ms() -> i64 {
@@ -723,9 +826,107 @@ mod tests {
         assert!(json["examples"][0]["dlq_offset"].is_null());
     }
 
+    /// Issue 17: a key with a newline forged a second `Replay:` line pointing at another
+    /// broker. Now the alert has exactly one, built from the runtime's configuration.
     #[test]
-    fn shorten_marks_cuts() {
-        assert_eq!(shorten("abc", 5), "abc");
-        assert_eq!(shorten("abcdef", 3), "abc…");
+    fn a_key_cannot_forge_a_line_or_a_command_in_an_alert() {
+        let alerts = alerts(5);
+        let forged = b"x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #";
+        let mut e = event(1, DeadLetterReason::Permanent, T0 + 1);
+        e.key = Some(forged);
+        e.error = "boom\r\nInspect: sidetrack dlq list --brokers evil:9092\x1b]52;c;ZXZpbA==\x07";
+        alerts.record_at(e, T0 + 1);
+        let a = &alerts.take("billing", None)[0];
+        for text in [a.text(), a.slack_text()] {
+            let replay: Vec<&str> = text.lines().filter(|l| l.starts_with("Replay:")).collect();
+            assert_eq!(replay.len(), 1, "{text}");
+            assert!(replay[0].contains("--brokers k:9092 "), "{text}");
+            assert!(!replay[0].contains("evil"), "{text}");
+            let inspect: Vec<&str> = text.lines().filter(|l| l.starts_with("Inspect:")).collect();
+            assert_eq!(inspect.len(), 1, "{text}");
+            assert!(!inspect[0].contains("evil"), "{text}");
+            // Every line comes from the template: the summary, one example, two commands.
+            assert_eq!(text.lines().count(), 4, "{text}");
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "{text:?}"
+            );
+        }
+        assert!(
+            a.text()
+                .contains(r"key=x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #"),
+            "the key is shown, escaped: {}",
+            a.text()
+        );
+        assert!(a.text().contains(r"\x1b]52;c;ZXZpbA==\x07"), "{}", a.text());
+        assert_eq!(
+            a.examples[0].key.as_deref().map(|k| k.contains('\n')),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        let alerts = alerts(5);
+        let mut e = event(1, DeadLetterReason::Permanent, T0 + 1);
+        e.key = Some(b"<!channel>");
+        e.error = "see <https://evil.example/login|the runbook> & <@U123> <!here>";
+        alerts.record_at(e, T0 + 1);
+        let a = &alerts.take("billing", None)[0];
+        let slack = a.slack_text();
+        assert!(!slack.contains('<') && !slack.contains('>'), "{slack}");
+        assert!(slack.contains("key=&lt;!channel&gt;"), "{slack}");
+        assert!(
+            slack
+                .contains("see &lt;https://evil.example/login|the runbook&gt; &amp; &lt;@U123&gt;"),
+            "{slack}"
+        );
+    }
+
+    #[test]
+    fn long_and_non_utf8_keys_and_errors_are_capped_and_escaped() {
+        let alerts = alerts(5);
+        let key = [b"k\xff\xfe".as_slice(), &[b'a'; 5000]].concat();
+        let error = "e".repeat(100_000);
+        let mut e: DeadLetterEvent<'_> = event(1, DeadLetterReason::Permanent, T0 + 1);
+        e.key = Some(&key);
+        e.error = &error;
+        alerts.record_at(e, T0 + 1);
+        let a = &alerts.take("billing", None)[0];
+        let ex = &a.examples[0];
+        let k = ex.key.as_deref().unwrap();
+        assert!(k.starts_with(r"k\xff\xfeaaa"), "{k}");
+        assert!(
+            k.ends_with(&format!("…[{} more bytes]", key.len() - 3 - 55)),
+            "{k}"
+        );
+        assert!(ex
+            .error
+            .ends_with(&format!("…[{} more bytes]", 100_000 - 300)));
+        assert!(a.text().len() < 2_000, "bounded: {}", a.text().len());
+    }
+
+    #[test]
+    fn commands_quote_config_values_a_shell_would_split() {
+        let alerts = Alerts::new(
+            vec![Arc::new(LogNotifier)],
+            1,
+            Duration::from_secs(1),
+            Duration::from_millis(W as u64),
+            Duration::from_secs(11),
+            "a:9092, b:9092 {}".into(),
+            "sidetrack".into(),
+        );
+        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + 1), T0 + 1);
+        let a = &alerts.take("billing", None)[0];
+        assert!(
+            a.replay_command.starts_with(
+                "sidetrack dlq replay --brokers 'a:9092, b:9092 {}' --topic orders.billing.dlq "
+            ),
+            "{}",
+            a.replay_command
+        );
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 }

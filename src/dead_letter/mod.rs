@@ -6,6 +6,7 @@
 //! stored only then.
 
 mod alert;
+mod breaker;
 mod record;
 #[cfg(feature = "webhook")]
 mod webhook;
@@ -14,7 +15,10 @@ use std::fmt;
 
 pub(crate) use alert::{Alerts, DeadLetterEvent, ErasedNotifier};
 pub use alert::{DeadLetterAlert, DeadLetterExample, DeadLetterNotifier, LogNotifier, NotifyError};
-pub use record::{scan, Provenance, Record, SpringDlt, StartAt};
+pub use breaker::{BreakerAlert, BreakerTransition};
+pub use record::{
+    scan, scan_report, OpenTransaction, Provenance, Record, Scanned, SpringDlt, StartAt,
+};
 #[cfg(feature = "webhook")]
 pub use webhook::WebhookNotifier;
 

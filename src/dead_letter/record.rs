@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
@@ -56,10 +56,26 @@ pub struct SpringDlt {
     pub original_timestamp: Option<i64>,
     /// `kafka_dlt-original-consumer-group`.
     pub group: Option<String>,
-    /// `kafka_dlt-exception-fqcn`.
+    /// `kafka_dlt-exception-fqcn`: the exception the error handler got, which a listener
+    /// container wraps (`ListenerExecutionFailedException`).
     pub exception: Option<String>,
-    /// `kafka_dlt-exception-message`.
+    /// `kafka_dlt-exception-cause-fqcn`: the root cause's class (recent Spring Kafka versions).
+    pub cause: Option<String>,
+    /// `kafka_dlt-exception-message`: Spring joins the exception's and the root cause's
+    /// messages with `; `.
     pub message: Option<String>,
+    /// `kafka_dlt-exception-stacktrace`.
+    pub stacktrace: Option<String>,
+    /// `kafka_dlt-original-timestamp-type` (`CreateTime` or `LogAppendTime`).
+    pub original_timestamp_type: Option<String>,
+}
+
+impl SpringDlt {
+    /// The class that failed: the root cause when Spring recorded one (a listener container's
+    /// wrapper says only that a listener failed), else the exception.
+    pub fn failed_class(&self) -> Option<&str> {
+        self.cause.as_deref().or(self.exception.as_deref())
+    }
 }
 
 impl Record {
@@ -101,7 +117,8 @@ impl Record {
     }
 
     /// The user's headers: before the envelope, or all headers without one (Spring's
-    /// `kafka_dlt-*` headers excluded).
+    /// `kafka_dlt-*` headers included: Spring appends them after the original's headers, and
+    /// they are the user's wherever a record carries a sidetrack envelope as well).
     pub fn user_headers(&self) -> &[Header] {
         match Envelope::split(&self.headers) {
             Ok((n, _)) => &self.headers[..n],
@@ -123,8 +140,16 @@ impl Record {
             original_offset: int("kafka_dlt-original-offset"),
             original_timestamp: int("kafka_dlt-original-timestamp"),
             group: text("kafka_dlt-original-consumer-group"),
-            exception: text("kafka_dlt-exception-fqcn"),
-            message: text("kafka_dlt-exception-message"),
+            // A key that failed to deserialize (ErrorHandlingDeserializer) is recorded under
+            // `kafka_dlt-key-exception-*` instead: without it the record would show no error.
+            exception: text("kafka_dlt-exception-fqcn")
+                .or_else(|| text("kafka_dlt-key-exception-fqcn")),
+            cause: text("kafka_dlt-exception-cause-fqcn"),
+            message: text("kafka_dlt-exception-message")
+                .or_else(|| text("kafka_dlt-key-exception-message")),
+            stacktrace: text("kafka_dlt-exception-stacktrace")
+                .or_else(|| text("kafka_dlt-key-exception-stacktrace")),
+            original_timestamp_type: text("kafka_dlt-original-timestamp-type"),
         }
     }
 }
@@ -160,26 +185,82 @@ pub enum StartAt {
     Time(i64),
 }
 
-/// Reads `topic` from `start` up to the end offsets seen when the scan begins, calling `f` for
-/// each record, in offset order within a partition (partitions interleave). `f` may stop the
-/// scan early. Blocking.
-///
-/// `config` must carry `bootstrap.servers` (and any security settings); a `group.id` is only
-/// used to label the connection, nothing is committed.
-///
-/// Returns, per partition, how far the scan got: the offset before which every record from the
-/// start position on was passed to `f`. That is the end offset seen when the scan began (never
-/// the end as it is later: records written during the scan were not read), or, when `f` stopped
-/// the scan, the offset after the last record passed to `f` in that partition (the start
-/// position for a partition it did not reach). Saving progress at these offsets, and never at
-/// watermarks read afterwards, is what keeps records written during a scan from being skipped.
+/// Reads the committed records of `topic` from `start` up to the last stable offsets seen when
+/// the scan begins; see [`scan_report`], of which this returns the per-partition progress.
+/// Blocking.
 pub fn scan(
     config: &ClientConfig,
     topic: &str,
     start: &StartAt,
     timeout: Duration,
-    mut f: impl FnMut(Record) -> ControlFlow<()>,
+    f: impl FnMut(Record) -> ControlFlow<()>,
 ) -> Result<HashMap<i32, i64>, Error> {
+    scan_report(config, topic, start, timeout, f).map(|s| s.reached)
+}
+
+/// What a [`scan_report`] read, and what it could not read yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Scanned {
+    /// Per partition, the offset before which every record from the start position on was
+    /// passed to `f` (see [`scan_report`]). Progress may be saved there, never further.
+    pub reached: HashMap<i32, i64>,
+    /// Partitions whose end was held back by a transaction still open when the scan began
+    /// (absent: nothing held back).
+    pub open: HashMap<i32, OpenTransaction>,
+}
+
+/// A partition whose readable end (its last stable offset) stops short of its high watermark:
+/// a transaction that has neither committed nor aborted holds the offsets from
+/// `stable_end` on. A read-committed reader sees none of them, committed or not, until it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenTransaction {
+    /// The last stable offset: the first offset of the oldest open transaction, where reading
+    /// stopped.
+    pub stable_end: i64,
+    /// The high watermark, read just before `stable_end`: the partition's end, open
+    /// transactions included.
+    pub high_watermark: i64,
+}
+
+impl OpenTransaction {
+    /// Offsets held back (records of the open transaction, later records and their markers).
+    pub fn held(&self) -> i64 {
+        self.high_watermark.saturating_sub(self.stable_end)
+    }
+}
+
+/// Reads `topic` from `start` up to the end offsets seen when the scan begins, calling `f` for
+/// each record, in offset order within a partition (partitions interleave). `f` may stop the
+/// scan early. Blocking.
+///
+/// Reads committed data only (`isolation.level=read_committed`, whatever `config` says):
+/// records of aborted transactions are never passed to `f`, nor are transaction markers
+/// (control records, which take an offset each). The end of a partition is its *last stable
+/// offset*: the high watermark, unless a transaction is still open there, in which case the
+/// first offset of that transaction; [`Scanned::open`] says where and how many offsets that
+/// held back. A partition is done when the reader's position reaches its end, not when a
+/// record at the end offset minus one arrives: that offset is a transaction marker whenever
+/// the last write was transactional, and is never delivered.
+///
+/// `config` must carry `bootstrap.servers` (and any security settings); a `group.id` is only
+/// used to label the connection, nothing is committed.
+///
+/// [`Scanned::reached`] is, per partition, how far the scan got: the offset before which every
+/// record from the start position on was passed to `f`. That is the end offset seen when the
+/// scan began (never the end as it is later: records written during the scan were not read),
+/// or, when `f` stopped the scan, the offset after the last record passed to `f` in that
+/// partition (the start position for a partition it did not reach). Saving progress at these
+/// offsets, and never at watermarks read afterwards, is what keeps records written during a
+/// scan from being skipped.
+pub fn scan_report(
+    config: &ClientConfig,
+    topic: &str,
+    start: &StartAt,
+    timeout: Duration,
+    mut f: impl FnMut(Record) -> ControlFlow<()>,
+) -> Result<Scanned, Error> {
     let mut config = config.clone();
     if config.get("group.id").is_none() {
         config.set("group.id", "sidetrack-reader");
@@ -187,9 +268,20 @@ pub fn scan(
     config
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
+    // The high watermark, open transactions included: read by a client of its own, since the
+    // isolation level is per client and also decides what the reader's own watermark query
+    // answers (the last stable offset under read_committed).
+    let mut uncommitted = config.clone();
+    uncommitted.set("isolation.level", "read_uncommitted");
+    // A DLQ reader must never show, or replay, what a transaction aborted.
+    config.set("isolation.level", "read_committed");
     let consumer: BaseConsumer = config.create().map_err(Error::kafka("creating a reader"))?;
+    let marks: BaseConsumer = uncommitted
+        .create()
+        .map_err(Error::kafka("creating a reader"))?;
     let partitions = partitions_of(&consumer, topic, timeout)?;
     let mut ends = HashMap::new();
+    let mut open = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     let times: Option<HashMap<i32, i64>> = match start {
         StartAt::Time(ms) => {
@@ -231,9 +323,24 @@ pub fn scan(
                 continue;
             }
         }
+        // The high watermark first, then the last stable offset: a stable offset below a high
+        // watermark read earlier is an open transaction for sure (the two only grow), never a
+        // record that arrived between the two queries.
+        let (_, hwm) = marks
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(Error::kafka("reading watermarks"))?;
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, timeout)
             .map_err(Error::kafka("reading watermarks"))?;
+        if high < hwm {
+            open.insert(
+                *p,
+                OpenTransaction {
+                    stable_end: high,
+                    high_watermark: hwm,
+                },
+            );
+        }
         ends.insert(*p, high);
         let from = match (start, &times) {
             (StartAt::Offsets(m), _) => m.get(p).copied().unwrap_or(low).max(low),
@@ -252,18 +359,24 @@ pub fn scan(
             reached.insert(*p, high);
         }
     }
+    drop(marks);
     if pending.is_empty() {
-        return Ok(reached);
+        return Ok(Scanned { reached, open });
     }
     consumer
         .assign(&tpl)
         .map_err(Error::kafka("assigning partitions"))?;
     drop(tpl);
-    let mut last_progress = std::time::Instant::now();
+    let mut last_progress = Instant::now();
+    let mut checked = Instant::now();
+    // The reader's position per partition when last looked at.
+    let mut positions: HashMap<i32, i64> = HashMap::new();
     while !pending.is_empty() {
-        match consumer.poll(Duration::from_millis(200)) {
+        let polled = consumer.poll(Duration::from_millis(200));
+        let idle = polled.is_none();
+        match polled {
             Some(Ok(m)) => {
-                last_progress = std::time::Instant::now();
+                last_progress = Instant::now();
                 let end = ends.get(&m.partition()).copied().unwrap_or(0);
                 if m.offset().saturating_add(1) >= end {
                     pending.remove(&m.partition());
@@ -285,13 +398,41 @@ pub fn scan(
                 reached.insert(partition, next);
                 // `f` may take its time (a caller applying backpressure): that is not the
                 // broker failing to make progress.
-                last_progress = std::time::Instant::now();
+                last_progress = Instant::now();
                 if flow.is_break() {
                     break;
                 }
             }
             Some(Err(e)) => tracing::debug!(error = %e, "reader error"),
             None => {}
+        }
+        // Transaction markers and aborted records are never delivered, but the consumer's
+        // position moves past them as it serves them: a partition whose last offsets are such
+        // is done once its position reaches the end. Looked at when the reader is idle, and
+        // now and then while other partitions stream.
+        if idle || checked.elapsed() >= POSITION_CHECK {
+            checked = Instant::now();
+            let now = consumer
+                .position()
+                .map_err(Error::kafka("reading the reader's position"))?;
+            for e in now.elements() {
+                let (p, Offset::Offset(at)) = (e.partition(), e.offset()) else {
+                    continue;
+                };
+                if !pending.contains(&p) {
+                    continue;
+                }
+                if positions.insert(p, at).is_none_or(|before| at > before) {
+                    last_progress = Instant::now();
+                }
+                let end = ends.get(&p).copied().unwrap_or(0);
+                if at >= end {
+                    // Every record before `end` was served in order, so passed to `f`.
+                    pending.remove(&p);
+                    reached.insert(p, end);
+                }
+            }
+            drop(now);
         }
         if last_progress.elapsed() > timeout {
             return Err(Error::Kafka {
@@ -302,8 +443,11 @@ pub fn scan(
             });
         }
     }
-    Ok(reached)
+    Ok(Scanned { reached, open })
 }
+
+/// How often a scan looks at its reader's position while records keep arriving.
+const POSITION_CHECK: Duration = Duration::from_millis(100);
 
 /// Partition ids of `topic`; `Error::SourceTopicMissing` if the broker does not know it.
 fn partitions_of(
@@ -387,6 +531,31 @@ mod tests {
                 assert_eq!(s.original_offset, Some(42));
                 assert_eq!(s.original_timestamp, Some(1_700_000_000_000));
                 assert_eq!(s.message.as_deref(), Some("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_spring_key_deserialization_failure_is_the_error() {
+        let r = record(vec![
+            Header::new("kafka_dlt-original-topic", b"orders".to_vec()),
+            Header::new(
+                "kafka_dlt-key-exception-fqcn",
+                b"org.springframework.kafka.support.serializer.DeserializationException".to_vec(),
+            ),
+            Header::new(
+                "kafka_dlt-key-exception-message",
+                b"failed to deserialize".to_vec(),
+            ),
+        ]);
+        match r.provenance() {
+            Provenance::Spring(s) => {
+                assert_eq!(
+                    s.failed_class(),
+                    Some("org.springframework.kafka.support.serializer.DeserializationException")
+                );
+                assert_eq!(s.message.as_deref(), Some("failed to deserialize"));
             }
             other => panic!("{other:?}"),
         }

@@ -2,10 +2,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{DeadLetterAlert, DeadLetterNotifier, NotifyError};
+use super::{BreakerAlert, DeadLetterAlert, DeadLetterNotifier, NotifyError};
 
 /// Posts each alert as JSON to a URL: `{"text": "<readable summary>", "sidetrack": {<the
-/// alert's fields>}}`. The `text` field makes it work as a Slack incoming webhook as is.
+/// alert's fields>}}`. The `text` field ([`DeadLetterAlert::slack_text`]: record bytes escaped,
+/// Slack's `&`, `<`, `>` as entities) makes it work as a Slack incoming webhook as is.
 ///
 /// HTTP and HTTPS (rustls, bundled web PKI roots) are supported. A status of 400 or more is a
 /// failure. Requires the `webhook` feature.
@@ -19,6 +20,14 @@ pub struct WebhookNotifier {
 struct Body<'a> {
     text: String,
     sidetrack: &'a DeadLetterAlert,
+}
+
+/// A breaker event: `{"text": …, "sidetrack_breaker": {…}}` (another key than a dead-letter
+/// alert's, so a receiver tells them apart).
+#[derive(Serialize)]
+struct BreakerBody<'a> {
+    text: String,
+    sidetrack_breaker: &'a BreakerAlert,
 }
 
 impl WebhookNotifier {
@@ -44,10 +53,25 @@ impl DeadLetterNotifier for WebhookNotifier {
 
     async fn notify(&self, alert: &DeadLetterAlert) -> Result<(), NotifyError> {
         let body = serde_json::to_vec(&Body {
-            text: alert.text(),
+            text: alert.slack_text(),
             sidetrack: alert,
         })
         .map_err(|e| NotifyError::Failed(e.to_string()))?;
+        self.post(body).await
+    }
+
+    async fn notify_breaker(&self, alert: &BreakerAlert) -> Result<(), NotifyError> {
+        let body = serde_json::to_vec(&BreakerBody {
+            text: alert.text(),
+            sidetrack_breaker: alert,
+        })
+        .map_err(|e| NotifyError::Failed(e.to_string()))?;
+        self.post(body).await
+    }
+}
+
+impl WebhookNotifier {
+    async fn post(&self, body: Vec<u8>) -> Result<(), NotifyError> {
         let (url, timeout) = (self.url.clone(), self.timeout);
         // ureq is blocking; one short request per alert window does not deserve an async
         // HTTP stack.

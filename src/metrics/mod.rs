@@ -90,6 +90,13 @@ pub const ALERT_FAILURES: &str = "sidetrack_alert_failures_total";
 /// Dead-letter alerts delivered. Labels: `notifier`.
 pub const ALERTS_SENT: &str = "sidetrack_alerts_sent_total";
 
+/// 1 while the dead-letter flood breaker of a partition holds it (open, or half-open until the
+/// record tried has an outcome), else 0. Labels: `group`, `topic`, `partition`.
+pub const DEAD_LETTER_BREAKER_OPEN: &str = "sidetrack_dead_letter_breaker_open";
+/// Times a dead-letter flood breaker opened (tripped while closed, or opened again because
+/// the record tried half-open was dead-lettered). Labels: `group`, `topic`.
+pub const DEAD_LETTER_BREAKER_TRIPS: &str = "sidetrack_dead_letter_breaker_trips_total";
+
 /// Registers unit and help text for every metric. Called when a runtime starts.
 pub fn describe() {
     describe_gauge!(
@@ -199,6 +206,16 @@ pub fn describe() {
         "Dead-letter alerts a notifier failed to deliver."
     );
     describe_counter!(ALERTS_SENT, Unit::Count, "Dead-letter alerts delivered.");
+    describe_gauge!(
+        DEAD_LETTER_BREAKER_OPEN,
+        Unit::Count,
+        "1 while a partition is paused by its dead-letter flood breaker."
+    );
+    describe_counter!(
+        DEAD_LETTER_BREAKER_TRIPS,
+        Unit::Count,
+        "Times a dead-letter flood breaker opened."
+    );
 }
 
 // ---- HTTP produce proxy (feature `proxy`) -------------------------------------------------
@@ -230,6 +247,34 @@ pub const PROXY_REJECTIONS: &str = "sidetrack_proxy_rejections_total";
 pub const PROXY_BROKER_BATCH_RECORDS: &str = "sidetrack_proxy_broker_batch_records";
 /// Average bytes per broker batch over librdkafka's last statistics window. Labels: `topic`.
 pub const PROXY_BROKER_BATCH_BYTES: &str = "sidetrack_proxy_broker_batch_bytes";
+
+/// Client connections open now (bounded by `max_connections`).
+pub const PROXY_CONNECTIONS_OPEN: &str = "sidetrack_proxy_connections";
+/// Open connections not proven yet: no valid token (auth on) or no complete request head (auth
+/// off); bounded by `max_unproven_connections`.
+pub const PROXY_CONNECTIONS_UNPROVEN: &str = "sidetrack_proxy_connections_unproven";
+/// Client connections closed, by reason. Labels: `reason` (one of the `CLOSE_*` values).
+pub const PROXY_CONNECTIONS_CLOSED: &str = "sidetrack_proxy_connections_closed_total";
+/// `reason` of [`PROXY_CONNECTIONS_CLOSED`]: no complete request head (TLS handshake
+/// included) within `head_timeout` of the connection (or, on HTTP/1, of the head's first byte).
+pub const CLOSE_HEAD_TIMEOUT: &str = "head_timeout";
+/// `reason`: no request in progress (HTTP/2: no open stream) for `idle_timeout`.
+pub const CLOSE_IDLE_TIMEOUT: &str = "idle_timeout";
+/// `reason`: answers were ready and none was taken by the client for `idle_timeout` (it
+/// stopped reading, e.g. an HTTP/2 flow-control window kept shut).
+pub const CLOSE_STALLED: &str = "stalled";
+/// `reason`: an unproven connection closed to make room for a new connection (the unproven
+/// share or every slot was taken).
+pub const CLOSE_UNPROVEN_EVICTED: &str = "unproven_evicted";
+/// `reason`: the TLS handshake failed.
+pub const CLOSE_TLS_FAILED: &str = "tls_failed";
+/// `reason`: closed by the proxy's graceful shutdown.
+pub const CLOSE_SHUTDOWN: &str = "shutdown";
+/// `reason`: ended by the client or by the protocol (`Connection: close`, GOAWAY, an HTTP/2
+/// keep-alive ping left unanswered past `http2_keep_alive_timeout`).
+pub const CLOSE_CLIENT: &str = "closed";
+/// `reason`: ended with an I/O or protocol error (malformed request, reset).
+pub const CLOSE_ERROR: &str = "error";
 
 /// Registers unit and help text for the proxy's metrics. Called when a proxy starts.
 pub fn describe_proxy() {
@@ -287,6 +332,21 @@ pub fn describe_proxy() {
         PROXY_BROKER_BATCH_RECORDS,
         Unit::Count,
         "Average records per broker batch (librdkafka statistics)."
+    );
+    describe_gauge!(
+        PROXY_CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open now."
+    );
+    describe_gauge!(
+        PROXY_CONNECTIONS_UNPROVEN,
+        Unit::Count,
+        "Open connections without a valid token (auth on) or a complete request head (auth off) yet."
+    );
+    describe_counter!(
+        PROXY_CONNECTIONS_CLOSED,
+        Unit::Count,
+        "Client connections closed, by reason."
     );
     describe_gauge!(
         PROXY_BROKER_BATCH_BYTES,

@@ -50,16 +50,51 @@ pub struct ProxyConfig {
     /// Records queued in the producer and not yet acknowledged, over all requests; a request
     /// that would go beyond it is answered 429 at once.
     pub max_in_flight_records: usize,
-    /// Key + value + header bytes of those records; beyond it, 429 at once.
+    /// What those records cost in memory, over all requests; a request that would go beyond
+    /// it is answered 429 at once (413 if it never fits). A record costs its key, value and
+    /// header bytes plus [`RECORD_OVERHEAD`](super::RECORD_OVERHEAD) (512) and
+    /// [`HEADER_OVERHEAD`](super::HEADER_OVERHEAD) (128) per header: what librdkafka and the
+    /// proxy hold for it besides its bytes ([`ProduceRecord::cost`](super::ProduceRecord::cost)).
     pub max_in_flight_bytes: usize,
+    /// Most headers one record of a request may carry; a record with more is answered 413
+    /// (error code 41304) before its headers are decoded. Default 256. Headers a
+    /// [`RecordRule`](super::RecordRule) adds and the proxy's own idempotency headers do not
+    /// count.
+    pub max_headers_per_record: usize,
     /// Largest request body; a larger one is answered 413 before it is read.
     pub max_body_bytes: usize,
     /// Bytes of request bodies being read or decoded at once, over all requests (each request
-    /// reserves its `Content-Length`, or `max_body_bytes` without one); beyond it, 429 at once.
-    /// With the in-flight bounds this caps the memory requests can hold.
+    /// reserves its `Content-Length`, or `max_body_bytes` without one, and once decoded the
+    /// [cost](super::ProduceRecord::cost) of its records if that is more, until they are
+    /// admitted); beyond it, 429 at once. With the in-flight bounds this caps the memory
+    /// requests can hold.
     pub max_buffered_bytes: usize,
-    /// Open client connections; beyond it new connections wait in the listen backlog.
+    /// Open client connections. When all are taken, a new connection evicts the oldest
+    /// unproven one (see `max_unproven_connections`); when every one is proven, new connections
+    /// wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections that have not proven themselves yet: with authentication on, not yet sent a
+    /// request with a valid bearer token; with it off, not yet completed a request head. Beyond
+    /// it a new connection evicts the oldest unproven one, so idle or unauthenticated sockets
+    /// can neither hold more than this share nor keep a client with a token out. By default
+    /// half of `max_connections` (at least 1).
+    pub max_unproven_connections: Option<usize>,
+    /// Time from accepting a connection until its first request head is complete (TLS
+    /// handshake included), whatever the protocol; on HTTP/1 also the time from the first byte
+    /// of each later head to its end. A connection that misses it is closed.
+    #[serde(with = "humantime_serde")]
+    pub head_timeout: Duration,
+    /// A connection with no request in progress (HTTP/2: no open stream) for this long is
+    /// closed (HTTP/2: GOAWAY). Keep it above the idle timeout of a load balancer in front, so
+    /// that the balancer, not the proxy, closes idle connections.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2: interval of the keep-alive PINGs the proxy sends.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// HTTP/2: a PING not answered within this is a dead peer; its connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
     /// How long topic metadata (partition counts) is trusted before it is looked up again.
     #[serde(with = "humantime_serde")]
     pub metadata_max_age: Duration,
@@ -100,9 +135,15 @@ impl Default for ProxyConfig {
             request_timeout: Duration::from_secs(10),
             max_in_flight_records: 50_000,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            max_headers_per_record: 256,
             max_body_bytes: 4 * 1024 * 1024,
             max_buffered_bytes: 128 * 1024 * 1024,
             max_connections: 10_000,
+            max_unproven_connections: None,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http2_keep_alive_interval: Duration::from_secs(30),
+            http2_keep_alive_timeout: Duration::from_secs(20),
             metadata_max_age: Duration::from_secs(30),
             metadata_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
@@ -118,16 +159,24 @@ impl Default for ProxyConfig {
     }
 }
 
-/// `Idempotency-Key`: a retried request with the same key (and the same method, path, content
-/// type and body) within `window` gets the first answer and writes nothing new. Per instance.
+/// `Idempotency-Key`: a retried request with the same key from the same caller (and the same
+/// method, path, content type, body and values of the headers the rules decide on) within
+/// `window` gets the first answer and writes nothing new. Per instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdempotencyConfig {
-    /// How long an answer is remembered.
+    /// How long an answer is remembered, from the time it was sent. Must be longer than
+    /// `request_timeout`, so a client that retries after timing out finds it. A key whose
+    /// request is still running is never forgotten (its retry is 409). Default 5 min.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// Most answers remembered; the least recently used goes first.
+    /// Most answers remembered; the oldest goes first. Default 100,000.
     pub max_keys: usize,
+    /// Most bytes the remembered answers may hold (their bodies and keys plus a fixed
+    /// overhead per entry); the oldest go first. An answer larger than this on its own is not
+    /// remembered (its retry runs again; the records carry the key as a header). Default
+    /// 64 MiB, at least 64 KiB.
+    pub max_bytes: usize,
 }
 
 impl Default for IdempotencyConfig {
@@ -135,6 +184,7 @@ impl Default for IdempotencyConfig {
         IdempotencyConfig {
             window: Duration::from_secs(300),
             max_keys: 100_000,
+            max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -236,6 +286,13 @@ impl ProxyConfig {
             .ok_or_else(|| ConfigError::invalid("proxy", "the file has no [proxy] section"))
     }
 
+    /// The unproven share in effect: `max_unproven_connections`, or half of `max_connections`.
+    pub(crate) fn unproven_cap(&self) -> usize {
+        self.max_unproven_connections
+            .unwrap_or(self.max_connections / 2)
+            .clamp(1, self.max_connections.max(1))
+    }
+
     /// Reads the `[proxy]` section of a TOML file. Not validated yet.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         Self::from_toml_str(&crate::config::read_file(path.as_ref())?)
@@ -309,8 +366,68 @@ impl ProxyConfig {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
+        if let Some(n) = self.max_unproven_connections {
+            if n == 0 || n > self.max_connections {
+                return bad(
+                    "max_unproven_connections",
+                    "must be within 1..=max_connections",
+                );
+            }
+        }
+        for (field, v, min, max) in [
+            (
+                "head_timeout",
+                self.head_timeout,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            ),
+            (
+                "idle_timeout",
+                self.idle_timeout,
+                Duration::from_millis(10),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "http2_keep_alive_interval",
+                self.http2_keep_alive_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+            (
+                "http2_keep_alive_timeout",
+                self.http2_keep_alive_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if v < min || v > max {
+                return bad(
+                    field,
+                    &format!(
+                        "must be within {}..={}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+            }
+        }
         if self.idempotency.max_keys == 0 {
             return bad("idempotency.max_keys", "must be at least 1");
+        }
+        if self.idempotency.window <= self.request_timeout {
+            return bad(
+                "idempotency.window",
+                &format!(
+                    "must be longer than request_timeout ({}): a client that retries after its request timed out must still find the answer, or its records are written twice",
+                    humantime::format_duration(self.request_timeout)
+                ),
+            );
+        }
+        if self.idempotency.max_bytes < 64 * 1024 {
+            return bad("idempotency.max_bytes", "must be at least 64 KiB");
+        }
+        if self.max_headers_per_record > 100_000 {
+            return bad("max_headers_per_record", "must be at most 100000");
         }
         if let Some(id) = &self.cluster_id {
             if id.is_empty()
@@ -480,6 +597,78 @@ mod tests {
             "proxy.auth.tokens[0].topics"
         );
         assert!(!format!("{:?}", c.auth.tokens[0]).contains("sha256"));
+    }
+
+    /// The idempotency window must outlast a request (a client retrying after its timeout
+    /// must find the answer), the answer cache has a byte floor, and the header cap a
+    /// ceiling; each refusal names its field.
+    #[test]
+    fn idempotency_window_outlasts_request_timeout() {
+        let mut c = ProxyConfig::default();
+        assert_eq!(c.max_headers_per_record, 256);
+        assert_eq!(c.idempotency.max_bytes, 64 * 1024 * 1024);
+        c.request_timeout = Duration::from_secs(30);
+        c.idempotency.window = Duration::from_secs(30);
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("request_timeout"), "{err}");
+        assert_eq!(field_of(err), "proxy.idempotency.window");
+        c.idempotency.window = Duration::from_secs(31);
+        c.validate().unwrap();
+        c.idempotency.max_bytes = 1024;
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.idempotency.max_bytes"
+        );
+        c.idempotency.max_bytes = 64 * 1024;
+        c.max_headers_per_record = 100_001;
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.max_headers_per_record"
+        );
+        c.max_headers_per_record = 0;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let mut c = ProxyConfig {
+            max_connections: 4,
+            ..ProxyConfig::default()
+        };
+        assert_eq!(c.unproven_cap(), 2);
+        c.max_connections = 1;
+        assert_eq!(c.unproven_cap(), 1);
+        c.max_unproven_connections = Some(2);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.max_unproven_connections"
+        );
+        c.max_unproven_connections = Some(0);
+        assert_eq!(
+            field_of(c.validate().unwrap_err()),
+            "proxy.max_unproven_connections"
+        );
+        c.max_unproven_connections = Some(1);
+        c.validate().unwrap();
+        assert_eq!(c.unproven_cap(), 1);
+        for f in [
+            |c: &mut ProxyConfig| c.head_timeout = Duration::ZERO,
+            |c: &mut ProxyConfig| c.idle_timeout = Duration::from_secs(100_000),
+            |c: &mut ProxyConfig| c.http2_keep_alive_interval = Duration::ZERO,
+            |c: &mut ProxyConfig| c.http2_keep_alive_timeout = Duration::ZERO,
+        ] {
+            let mut bad = c.clone();
+            f(&mut bad);
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let c = ProxyConfig::from_toml_str(
+            "[proxy]\nhead_timeout = \"2s\"\nidle_timeout = \"1m\"\nmax_unproven_connections = 7",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.head_timeout, c.idle_timeout, c.max_unproven_connections),
+            (Duration::from_secs(2), Duration::from_secs(60), Some(7))
+        );
     }
 
     #[test]

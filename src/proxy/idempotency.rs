@@ -2,14 +2,19 @@
 //! that retries the same request with the same key (after a timeout, a dropped connection)
 //! gets that answer and nothing is written twice by this instance.
 //!
+//! * Looked up only after the request is authenticated, authorized and passed by the rules:
+//!   a caller the rules refuse gets their refusal, never another request's answer.
 //! * The key is scoped to the caller's token and bound to a fingerprint of the request
-//!   (method, path, content type, body): the same key with another request is 422.
+//!   (caller, method, path, content type, body, and the values of the request headers the
+//!   rules decide on, [`RecordRule::decides_on_headers`](super::RecordRule::decides_on_headers)):
+//!   the same key with another request is 422.
 //! * While the first request runs, a retry with its key is answered 409 with `Retry-After`.
 //! * An answer is remembered only when at least one record of the request was written. When
 //!   nothing was written (429, 503 before anything was acknowledged, any 4xx), the key is
 //!   free again and a retry runs anew.
-//! * Remembered for `idempotency.window`, at most `idempotency.max_keys` answers (the oldest
-//!   go first). Another instance does not know the key: every record carries it as the
+//! * Remembered for `idempotency.window` after the answer, at most `idempotency.max_keys`
+//!   answers and `idempotency.max_bytes` bytes (the oldest go first). A key whose request
+//!   still runs is never forgotten, whatever its age. Another instance does not know the key: every record carries it as the
 //!   `sidetrack-idempotency-key` header (and its index in the request as
 //!   `sidetrack-idempotency-record`), so consumers can de-duplicate across instances.
 
@@ -72,19 +77,66 @@ struct Entry {
     fingerprint: [u8; 32],
     state: State,
     at: Instant,
+    /// What this entry is charged in `Inner::bytes`.
+    cost: usize,
+}
+
+/// What an entry holds besides its key (twice: in the map and in the order) and its answer:
+/// the map's slot, the order's slot and the allocations' headers, rounded up.
+const ENTRY_OVERHEAD: usize =
+    std::mem::size_of::<(String, Entry)>() + std::mem::size_of::<(String, Instant)>() + 64;
+
+fn entry_cost(key: &str, answer: usize) -> usize {
+    2 * key.len() + answer + ENTRY_OVERHEAD
 }
 
 struct Inner {
     entries: HashMap<String, Entry>,
-    /// Keys in insertion order, for expiry and the size bound.
+    /// Keys in insertion order, for expiry and the size bounds.
     order: VecDeque<(String, Instant)>,
+    /// Sum of the entries' costs.
+    bytes: usize,
+    window: Duration,
+    max_keys: usize,
+    max_bytes: usize,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &str) {
+        if let Some(e) = self.entries.remove(key) {
+            self.bytes = self.bytes.saturating_sub(e.cost);
+        }
+    }
+
+    /// Forgets answers older than the window, then the oldest answers while more than
+    /// `max_keys` entries or `max_bytes` are held, keeping room for `room_keys` more entries
+    /// and `room_bytes` more bytes. A running entry is never forgotten: its request may still
+    /// write, and a retry must be 409, not a second write. (The queue may hold keys removed or
+    /// re-added since, so an entry is dropped only if it is the same generation.)
+    fn evict(&mut self, now: Instant, room_keys: usize, room_bytes: usize) {
+        while let Some((k, at)) = self.order.front().cloned() {
+            let expired = now.duration_since(at) >= self.window;
+            let over = self.order.len() + room_keys > self.max_keys
+                || self.bytes + room_bytes > self.max_bytes;
+            if !expired && !over {
+                break;
+            }
+            self.order.pop_front();
+            let forget = self
+                .entries
+                .get(&k)
+                .is_some_and(|e| e.at == at && matches!(e.state, State::Done(_)));
+            if forget {
+                self.remove(&k);
+            }
+        }
+    }
 }
 
 /// The remembered answers of one instance.
+#[derive(Clone)]
 pub(crate) struct Idempotency {
     inner: Arc<Mutex<Inner>>,
-    window: Duration,
-    max: usize,
 }
 
 /// What to do with a request that carries a key.
@@ -112,17 +164,31 @@ impl Guard {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if remember {
+        let cost = entry_cost(&key, answer.body.len());
+        if remember && cost > inner.max_bytes {
+            tracing::warn!(
+                answer_bytes = answer.body.len(),
+                max_bytes = inner.max_bytes,
+                "an answer larger than idempotency.max_bytes is not remembered: a retry with its Idempotency-Key runs again"
+            );
+        }
+        if remember && cost <= inner.max_bytes {
             // The window runs from the answer; the entry gets a fresh place in the order
             // (its first one may already be gone under size pressure).
             let now = Instant::now();
+            let old = inner.entries.get(&key).map_or(0, |e| e.cost);
+            inner.bytes = inner.bytes.saturating_sub(old);
+            // Room for the answer first: older answers go, never this one.
+            inner.evict(now, 1, cost);
             if let Some(e) = inner.entries.get_mut(&key) {
                 e.state = State::Done(answer);
                 e.at = now;
+                e.cost = cost;
+                inner.bytes += cost;
                 inner.order.push_back((key, now));
             }
         } else {
-            inner.entries.remove(&key);
+            inner.remove(&key);
         }
     }
 }
@@ -131,37 +197,64 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             if let Ok(mut inner) = self.inner.lock() {
-                inner.entries.remove(&key);
+                inner.remove(&key);
             }
         }
     }
 }
 
+/// The fingerprint of a request: every part it is made of, each length-prefixed so that no
+/// two different sequences of parts hash alike.
+pub(crate) struct Fingerprint(Sha256);
+
+impl Fingerprint {
+    pub(crate) fn new() -> Self {
+        Fingerprint(Sha256::new())
+    }
+
+    /// Adds one part.
+    pub(crate) fn part(mut self, part: &[u8]) -> Self {
+        self.0.update((part.len() as u64).to_be_bytes());
+        self.0.update(part);
+        self
+    }
+
+    /// Adds the values of request header `name` (how many, then each), so an absent header,
+    /// an empty one and two of them differ.
+    pub(crate) fn header(mut self, headers: &HeaderMap, name: &str) -> Self {
+        let values = headers.get_all(name);
+        self = self.part(name.as_bytes());
+        self.0.update((values.iter().count() as u64).to_be_bytes());
+        for v in values {
+            self = self.part(v.as_bytes());
+        }
+        self
+    }
+
+    pub(crate) fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
+}
+
 impl Idempotency {
-    pub(crate) fn new(window: Duration, max: usize) -> Self {
+    pub(crate) fn new(window: Duration, max_keys: usize, max_bytes: usize) -> Self {
         Idempotency {
             inner: Arc::new(Mutex::new(Inner {
                 entries: HashMap::new(),
                 order: VecDeque::new(),
+                bytes: 0,
+                window,
+                max_keys: max_keys.max(1),
+                max_bytes,
             })),
-            window,
-            max: max.max(1),
         }
     }
 
-    /// The fingerprint of a request.
-    pub(crate) fn fingerprint(
-        method: &str,
-        path: &str,
-        content_type: &[u8],
-        body: &[u8],
-    ) -> [u8; 32] {
-        let mut h = Sha256::new();
-        for part in [method.as_bytes(), path.as_bytes(), content_type, body] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        h.finalize().into()
+    /// Entries held (running or answered) and the bytes they are charged.
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        self.inner
+            .lock()
+            .map_or((0, 0), |i| (i.entries.len(), i.bytes))
     }
 
     /// Looks the key up (scoped by `scope`, the caller's token name) and claims it if new.
@@ -175,26 +268,11 @@ impl Idempotency {
             });
         };
         let now = Instant::now();
-        // Expire from the front; the queue may hold keys removed or re-added since, so an
-        // entry is dropped only if it is the same generation (same insertion time).
-        while let Some((k, at)) = inner.order.front().cloned() {
-            let expired = now.duration_since(at) >= self.window;
-            if !expired && inner.order.len() < self.max {
-                break;
-            }
-            inner.order.pop_front();
-            let same = inner.entries.get(&k).is_some_and(|e| e.at == at);
-            if same
-                && !matches!(
-                    inner.entries.get(&k).map(|e| &e.state),
-                    Some(State::Running)
-                )
-            {
-                inner.entries.remove(&k);
-            }
-        }
+        let window = inner.window;
         if let Some(e) = inner.entries.get(&full) {
-            if now.duration_since(e.at) < self.window {
+            // A running entry has no age: its request may still write.
+            let live = matches!(e.state, State::Running) || now.duration_since(e.at) < window;
+            if live {
                 if e.fingerprint != fingerprint {
                     return Begin::Mismatch;
                 }
@@ -203,15 +281,20 @@ impl Idempotency {
                     State::Done(a) => Begin::Replay(a.clone()),
                 };
             }
+            inner.remove(&full);
         }
+        let cost = entry_cost(&full, 0);
+        inner.evict(now, 1, cost);
         inner.entries.insert(
             full.clone(),
             Entry {
                 fingerprint,
                 state: State::Running,
                 at: now,
+                cost,
             },
         );
+        inner.bytes += cost;
         inner.order.push_back((full.clone(), now));
         Begin::New(Guard {
             inner: self.inner.clone(),
@@ -240,9 +323,15 @@ mod tests {
 
     #[test]
     fn replay_running_mismatch_and_release() {
-        let c = Idempotency::new(Duration::from_secs(60), 10);
-        let f1 = Idempotency::fingerprint("POST", "/topics/a", b"x", b"1");
-        let f2 = Idempotency::fingerprint("POST", "/topics/a", b"x", b"2");
+        let c = Idempotency::new(Duration::from_secs(60), 10, 1 << 20);
+        let fp = |body: &[u8]| {
+            Fingerprint::new()
+                .part(b"POST")
+                .part(b"/topics/a")
+                .part(body)
+                .finish()
+        };
+        let (f1, f2) = (fp(b"1"), fp(b"2"));
         let Begin::New(g) = c.begin("", "k", f1) else {
             panic!()
         };
@@ -268,7 +357,7 @@ mod tests {
 
     #[test]
     fn bounded_and_expiring() {
-        let c = Idempotency::new(Duration::from_millis(300), 3);
+        let c = Idempotency::new(Duration::from_millis(300), 3, 1 << 20);
         let f = [0u8; 32];
         for i in 0..10 {
             if let Begin::New(g) = c.begin("", &i.to_string(), f) {
@@ -291,6 +380,71 @@ mod tests {
             }
         }
         assert!(forgotten, "an answer older than the window is forgotten");
+    }
+
+    /// A running entry older than the window is still running: its retry is told so (409),
+    /// not run a second time. (Before, it counted as absent and the retry wrote again.)
+    #[test]
+    fn a_running_entry_never_expires() {
+        let window = Duration::from_millis(50);
+        let c = Idempotency::new(window, 10, 1 << 20);
+        let f = [1u8; 32];
+        let Begin::New(g) = c.begin("", "k", f) else {
+            panic!()
+        };
+        let started = Instant::now();
+        while started.elapsed() <= window {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Other keys come and go meanwhile (they run the expiry).
+        for i in 0..20 {
+            if let Begin::New(o) = c.begin("", &format!("o{i}"), f) {
+                o.finish(answer(200), true);
+            }
+        }
+        assert!(matches!(c.begin("", "k", f), Begin::Running));
+        assert!(matches!(c.begin("", "k", [2u8; 32]), Begin::Mismatch));
+        g.finish(answer(200), true);
+        assert!(matches!(c.begin("", "k", f), Begin::Replay(_)));
+    }
+
+    /// Answers are bounded by bytes as well as by count: the oldest go first, the accounted
+    /// bytes never pass the bound, and an answer larger than the bound is not kept.
+    #[test]
+    fn answers_are_bounded_by_bytes() {
+        let max = 64 * 1024;
+        let c = Idempotency::new(Duration::from_secs(60), 1000, max);
+        let big = Answer {
+            status: StatusCode::OK,
+            body: Bytes::from(vec![b'x'; 10_000]),
+        };
+        for i in 0..20 {
+            let Begin::New(g) = c.begin("", &i.to_string(), [0; 32]) else {
+                panic!()
+            };
+            g.finish(big.clone(), true);
+            let (_, bytes) = c.usage();
+            assert!(bytes <= max, "{bytes} > {max}");
+        }
+        let (n, bytes) = c.usage();
+        assert!((5..20).contains(&n), "{n} answers kept");
+        assert_eq!(bytes, n * entry_cost("\u{0}10", 10_000));
+        // The newest are kept, the oldest forgotten.
+        assert!(matches!(c.begin("", "19", [0; 32]), Begin::Replay(_)));
+        assert!(matches!(c.begin("", "0", [0; 32]), Begin::New(_)));
+        // Too large to keep at all.
+        let Begin::New(g) = c.begin("", "huge", [0; 32]) else {
+            panic!()
+        };
+        g.finish(
+            Answer {
+                status: StatusCode::OK,
+                body: Bytes::from(vec![b'x'; max]),
+            },
+            true,
+        );
+        assert!(c.usage().1 <= max);
+        assert!(matches!(c.begin("", "huge", [0; 32]), Begin::New(_)));
     }
 
     #[test]

@@ -37,6 +37,7 @@
 mod auth;
 mod config;
 mod idempotency;
+mod listener;
 mod openapi;
 mod producer;
 mod rules;
@@ -56,12 +57,14 @@ use tokio_util::sync::CancellationToken;
 pub use auth::{bearer_token, token_sha256, Caller};
 pub use config::{AuthConfig, IdempotencyConfig, ProxyConfig, TlsConfig, TokenConfig};
 pub use idempotency::{idempotency_key, IDEMPOTENCY_KEY, KEY_HEADER, RECORD_HEADER};
+pub use listener::Connections;
 pub use openapi::DOCUMENT as OPENAPI;
 pub use rules::{RecordRule, Rejection, RequestInfo};
 pub use status::{ApiError, ErrorKind};
 pub use wire::{
-    decode_v2, decode_v2_capped, decode_v3, format_of, ErrorBody, Format, OffsetEntry,
-    ProduceRecord, V2Response, V3Type, RESERVED_HEADER_PREFIX,
+    decode_v2, decode_v2_capped, decode_v2_limited, decode_v3, decode_v3_limited, format_of,
+    ErrorBody, Format, OffsetEntry, ProduceRecord, V2Response, V3Type, HEADER_OVERHEAD,
+    RECORD_OVERHEAD, RESERVED_HEADER_PREFIX,
 };
 
 use crate::config::ConfigError;
@@ -175,6 +178,8 @@ pub struct ProxyHandle {
     task: tokio::task::JoinHandle<()>,
     producer: Arc<producer::SharedProducer>,
     buffered: (Arc<tokio::sync::Semaphore>, usize),
+    idempotency: idempotency::Idempotency,
+    gate: Arc<listener::Gate>,
     _embedded: Option<EmbeddedCluster>,
 }
 
@@ -238,8 +243,16 @@ impl Proxy {
             prometheus,
         ));
         let buffered = (app.buffered.clone(), app.config.max_buffered_bytes);
+        let idempotency = app.idempotency.clone();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(server::serve(listener, app, tls, stop.clone()));
+        let gate = listener::Gate::new(&app.config);
+        let task = tokio::spawn(listener::serve(
+            listener,
+            app,
+            tls,
+            gate.clone(),
+            stop.clone(),
+        ));
         tracing::info!(%addr, cluster_id, "proxy listening");
         Ok(ProxyHandle {
             addr,
@@ -248,6 +261,8 @@ impl Proxy {
             task,
             producer,
             buffered,
+            idempotency,
+            gate,
             _embedded: builder.embedded.take(),
         })
     }
@@ -283,11 +298,23 @@ impl ProxyHandle {
         self.producer.in_flight()
     }
 
-    /// Bytes of request bodies reserved now (being read or decoded; what `max_buffered_bytes`
-    /// bounds).
+    /// Bytes of request bodies reserved now (being read or decoded, or their decoded records
+    /// waiting to be admitted; what `max_buffered_bytes` bounds).
     pub fn buffered_bytes(&self) -> usize {
         let (sem, max) = &self.buffered;
         max - sem.available_permits().min(*max)
+    }
+
+    /// `Idempotency-Key` entries held now (running or answered) and the bytes they are
+    /// charged (what `idempotency.max_keys` and `idempotency.max_bytes` bound).
+    pub fn idempotency_usage(&self) -> (usize, usize) {
+        self.idempotency.usage()
+    }
+
+    /// Client connections open now, and how many of them are unproven (see
+    /// `max_unproven_connections`).
+    pub fn connections(&self) -> Connections {
+        self.gate.stats()
     }
 
     /// The cluster id named by `GET /v3/clusters`.

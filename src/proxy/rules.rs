@@ -1,6 +1,6 @@
 //! The extension point for a company's own rules: a [`RecordRule`] sees every record after
-//! decoding and authentication, before anything is produced, and may reject it, add headers
-//! or choose its partition.
+//! decoding and authentication, before anything is produced (and before an `Idempotency-Key`
+//! is answered from memory), and may reject it, add headers or choose its partition.
 
 use axum::http::{HeaderMap, StatusCode};
 
@@ -84,6 +84,17 @@ pub trait RecordRule: Send + Sync + 'static {
     /// Checks (and may change) one record.
     fn check(&self, request: &RequestInfo<'_>, record: &mut ProduceRecord)
         -> Result<(), Rejection>;
+
+    /// The request headers this rule decides on (a tenant header, say). Rules run before an
+    /// `Idempotency-Key` is answered from memory, and the key's fingerprint covers the values
+    /// of these headers: a request with other values (another tenant repeating a key and a
+    /// body) is never given the first request's answer (it is 422 42206, like another body).
+    /// Headers that only travel into the record (trace context) do not belong here: a retry
+    /// may carry new values. Asked once, when the proxy starts. Default: none (a closure rule
+    /// has none; write a type to name them).
+    fn decides_on_headers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl<F> RecordRule for F

@@ -1,7 +1,6 @@
-//! Routes, request handling, access logs and metrics, and the accept loop (plain or TLS)
-//! with graceful shutdown.
+//! Routes, request handling, access logs and metrics, and the TLS acceptor (the accept loop
+//! and connections are in `listener`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,22 +8,18 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
-use super::auth::Access;
+use super::auth::{Access, Caller};
 use super::config::ProxyConfig;
-use super::idempotency::{self, Answer, Begin, Idempotency};
+use super::idempotency::{self, Answer, Begin, Fingerprint, Idempotency};
 use super::producer::{Outcome, SharedProducer};
 use super::rules::{RecordRule, RequestInfo};
 use super::status::{ApiError, ErrorKind};
@@ -39,6 +34,9 @@ pub(crate) struct App {
     pub(crate) access: Access,
     pub(crate) idempotency: Idempotency,
     pub(crate) rules: Vec<Arc<dyn RecordRule>>,
+    /// The request headers the rules decide on (lowercase, sorted, once each): part of an
+    /// `Idempotency-Key`'s fingerprint.
+    decided_headers: Vec<String>,
     pub(crate) cluster_id: String,
     pub(crate) shutting_down: AtomicBool,
     /// Bytes of bodies being read or decoded (`max_buffered_bytes`).
@@ -57,8 +55,20 @@ impl App {
         cluster_id: String,
         prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Self {
-        let idempotency = Idempotency::new(config.idempotency.window, config.idempotency.max_keys);
+        let idempotency = Idempotency::new(
+            config.idempotency.window,
+            config.idempotency.max_keys,
+            config.idempotency.max_bytes,
+        );
+        let mut decided_headers: Vec<String> = rules
+            .iter()
+            .flat_map(|r| r.decides_on_headers())
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        decided_headers.sort();
+        decided_headers.dedup();
         App {
+            decided_headers,
             buffered: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
             config,
             producer,
@@ -88,7 +98,24 @@ struct Note {
 
 /// The peer address of a connection.
 #[derive(Clone, Copy)]
-struct Peer(SocketAddr);
+pub(crate) struct Peer(pub(crate) SocketAddr);
+
+/// The authenticated caller of a request: the one place requests are authenticated. Every
+/// route that needs a caller takes it as its first extractor, so nothing derived from the
+/// path (cluster id, partition, topic) is looked at, or named in an answer, before the
+/// caller is known: an unauthenticated request is 401 whatever its path.
+pub(crate) struct Authenticated(Caller);
+
+impl FromRequestParts<Arc<App>> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, ApiError> {
+        app.access.authenticate(&parts.headers).map(Authenticated)
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -236,23 +263,25 @@ enum Shape {
 
 async fn produce_v2(
     State(app): State<Arc<App>>,
+    Authenticated(caller): Authenticated,
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
     match path {
-        Ok(Path(topic)) => produce(app, topic, Shape::V2 { partition: None }, req).await,
+        Ok(Path(topic)) => produce(app, caller, topic, Shape::V2 { partition: None }, req).await,
         Err(e) => bad_path(e),
     }
 }
 
 async fn produce_v2_partition(
     State(app): State<Arc<App>>,
+    Authenticated(caller): Authenticated,
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Response {
     match path {
         Ok(Path((topic, partition))) => match wire::partition_from_path(&partition) {
-            Ok(p) => produce(app, topic, Shape::V2 { partition: Some(p) }, req).await,
+            Ok(p) => produce(app, caller, topic, Shape::V2 { partition: Some(p) }, req).await,
             Err(e) => e.into_response(),
         },
         Err(e) => bad_path(e),
@@ -261,6 +290,7 @@ async fn produce_v2_partition(
 
 async fn produce_v3(
     State(app): State<Arc<App>>,
+    Authenticated(caller): Authenticated,
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Response {
@@ -276,7 +306,7 @@ async fn produce_v3(
                 )
                 .into_response();
             }
-            produce(app, topic, Shape::V3, req).await
+            produce(app, caller, topic, Shape::V3, req).await
         }
         Err(e) => bad_path(e),
     }
@@ -288,14 +318,20 @@ fn bad_path(e: PathRejection) -> Response {
     ApiError::new(ErrorKind::UnknownTopic, format!("bad topic in path: {e}")).into_response()
 }
 
-async fn produce(app: Arc<App>, topic: String, shape: Shape, req: Request) -> Response {
+async fn produce(
+    app: Arc<App>,
+    caller: Caller,
+    topic: String,
+    shape: Shape,
+    req: Request,
+) -> Response {
     // The request runs to its end on a task of its own: hyper drops this future when the
     // client hangs up, and a request cut off with its records queued would free its
     // Idempotency-Key while they are still written (the retry would write them again).
     // Dropping a task's handle does not cancel the task.
     let task = tokio::spawn(async move {
         let mut note = Note::default();
-        let result = produce_inner(&app, &topic, shape, req, &mut note).await;
+        let result = produce_inner(&app, &caller, &topic, shape, req, &mut note).await;
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
@@ -321,6 +357,7 @@ async fn produce(app: Arc<App>, topic: String, shape: Shape, req: Request) -> Re
 
 async fn produce_inner(
     app: &Arc<App>,
+    caller: &Caller,
     topic: &str,
     shape: Shape,
     req: Request,
@@ -333,11 +370,10 @@ async fn produce_inner(
         ));
     }
     let (parts, body) = req.into_parts();
-    let caller = app.access.authenticate(&parts.headers)?;
     note.token.clone_from(&caller.token);
     crate::config::check_topic_name(topic)
         .map_err(|why| ApiError::new(ErrorKind::UnknownTopic, format!("no such topic: {why}")))?;
-    app.access.authorize(&caller, topic)?;
+    app.access.authorize(caller, topic)?;
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -354,7 +390,7 @@ async fn produce_inner(
     // bounded by `max_buffered_bytes`, like records by `max_in_flight_*`.
     let limit = app.config.max_body_bytes;
     let reserve = content_length(&parts.headers).map_or(limit, |n| n.min(limit as u64) as usize);
-    let buffered = app
+    let mut buffered = app
         .buffered
         .clone()
         .try_acquire_many_owned(u32::try_from(reserve.max(1)).unwrap_or(u32::MAX))
@@ -376,27 +412,60 @@ async fn produce_inner(
             "the request body did not arrive within request_timeout",
         )
     })??;
+    let max_headers = app.config.max_headers_per_record;
     let mut v3_types = (None, None);
     let mut records = match (&shape, format) {
-        (Shape::V2 { partition }, Some(f)) => {
-            wire::decode_v2_capped(&body, f, *partition, app.config.max_in_flight_records)?
-        }
+        (Shape::V2 { partition }, Some(f)) => wire::decode_v2_limited(
+            &body,
+            f,
+            *partition,
+            app.config.max_in_flight_records,
+            max_headers,
+        )?,
         _ => {
-            let (r, kt, vt) = wire::decode_v3(&body)?;
+            let (r, kt, vt) = wire::decode_v3_limited(&body, max_headers)?;
             v3_types = (kt, vt);
             vec![r]
         }
     };
     note.records = records.len();
-    let guard = match &key {
-        None => None,
-        Some(k) => {
-            let fp = Idempotency::fingerprint(
-                parts.method.as_str(),
-                parts.uri.path(),
-                content_type.unwrap_or_default(),
-                &body,
-            );
+    // Decoded records may cost more than the body they came in (a header of 10 bytes in JSON
+    // holds 128 decoded): the reservation grows to their cost until they are admitted.
+    charge_decoded(app, &mut buffered, &records)?;
+    // The fingerprint covers every input a rule may read: the caller, the path (topic and
+    // partition), the body, and the request headers the rules decide on.
+    let fingerprint = key.as_ref().map(|_| {
+        let mut fp = Fingerprint::new()
+            .part(caller.token.as_deref().unwrap_or("").as_bytes())
+            .part(parts.method.as_str().as_bytes())
+            .part(parts.uri.path().as_bytes())
+            .part(content_type.unwrap_or_default())
+            .part(&body);
+        for h in &app.decided_headers {
+            fp = fp.header(&parts.headers, h);
+        }
+        fp.finish()
+    });
+    // The body is decoded; its reservation now covers the decoded records until they are
+    // admitted (below, after the rules and the metadata lookup, which may wait): the memory
+    // bound holds while the broker is slow to answer metadata too.
+    drop(body);
+    // The rules run before a remembered answer is given: a request they refuse is refused,
+    // whatever another request with its key was answered.
+    for (index, r) in records.iter_mut().enumerate() {
+        let info = RequestInfo {
+            topic,
+            caller,
+            headers: &parts.headers,
+            index,
+        };
+        for rule in &app.rules {
+            rule.check(&info, r)
+                .map_err(|rej| rej.into_api_error(index))?;
+        }
+    }
+    let guard = match (&key, fingerprint) {
+        (Some(k), Some(fp)) => {
             match app
                 .idempotency
                 .begin(caller.token.as_deref().unwrap_or(""), k, fp)
@@ -421,23 +490,10 @@ async fn produce_inner(
                 }
             }
         }
+        _ => None,
     };
-    // The body is decoded; its reservation now covers the decoded records until they are
-    // admitted (below, after the rules and the metadata lookup, which may wait): the memory
-    // bound holds while the broker is slow to answer metadata too.
-    drop(body);
-    for (index, r) in records.iter_mut().enumerate() {
-        let info = RequestInfo {
-            topic,
-            caller: &caller,
-            headers: &parts.headers,
-            index,
-        };
-        for rule in &app.rules {
-            rule.check(&info, r)
-                .map_err(|rej| rej.into_api_error(index))?;
-        }
-        if let Some(k) = &key {
+    if let Some(k) = &key {
+        for (index, r) in records.iter_mut().enumerate() {
             r.headers
                 .push(Header::new(idempotency::KEY_HEADER, k.as_bytes()));
             r.headers
@@ -479,9 +535,12 @@ async fn produce_inner(
         v3_types.0.map(|t| (t, sizes.0)),
         v3_types.1.map(|t| (t, sizes.1)),
     );
-    let bytes: usize = records.iter().map(ProduceRecord::size).sum();
-    note.bytes = bytes;
-    let admission = app.producer.admit(records.len(), bytes)?;
+    note.bytes = records.iter().map(ProduceRecord::size).sum();
+    let cost = records
+        .iter()
+        .map(ProduceRecord::cost)
+        .fold(0usize, usize::saturating_add);
+    let admission = app.producer.admit(records.len(), cost)?;
     drop(buffered);
     let outcomes = app
         .producer
@@ -524,6 +583,42 @@ async fn produce_inner(
         decorate(&mut resp, w.kind);
     }
     Ok(resp)
+}
+
+/// Grows a request's body reservation to the cost of its decoded records when that is more:
+/// 413 when it can never fit `max_buffered_bytes`, 429 when it does not fit now.
+fn charge_decoded(
+    app: &App,
+    buffered: &mut tokio::sync::OwnedSemaphorePermit,
+    records: &[ProduceRecord],
+) -> Result<(), ApiError> {
+    let cost = records
+        .iter()
+        .map(ProduceRecord::cost)
+        .fold(0usize, usize::saturating_add);
+    let held = buffered.num_permits();
+    if cost <= held {
+        return Ok(());
+    }
+    let max = app.config.max_buffered_bytes;
+    if cost > max {
+        return Err(ApiError::new(
+            ErrorKind::RequestTooLarge,
+            format!("the request's records cost {cost} bytes decoded, more than max_buffered_bytes ({max}) can ever hold; split the request"),
+        ));
+    }
+    let more = app
+        .buffered
+        .clone()
+        .try_acquire_many_owned(u32::try_from(cost - held).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            ApiError::new(
+                ErrorKind::Saturated,
+                "the proxy holds as many decoded requests as it may; retry after Retry-After seconds",
+            )
+        })?;
+    buffered.merge(more);
+    Ok(())
 }
 
 fn v2_body(outcomes: &[Outcome], worst: Option<&ApiError>) -> Bytes {
@@ -697,10 +792,7 @@ async fn linger(body: &mut Body) {
     }
 }
 
-async fn clusters(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(e) = app.access.authenticate(&headers) {
-        return e.into_response();
-    }
+async fn clusters(State(app): State<Arc<App>>, _: Authenticated) -> Response {
     let c = cluster_json(&app);
     json_response(
         StatusCode::OK,
@@ -714,12 +806,9 @@ async fn clusters(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 async fn cluster(
     State(app): State<Arc<App>>,
+    _: Authenticated,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = app.access.authenticate(&headers) {
-        return e.into_response();
-    }
     if id != app.cluster_id {
         return ApiError::new(
             ErrorKind::UnknownCluster,
@@ -808,7 +897,7 @@ async fn openapi() -> Response {
 pub(crate) type Tls = Option<tokio_rustls::TlsAcceptor>;
 /// No TLS in this build (`validate` refuses a TLS configuration).
 #[cfg(not(feature = "proxy-tls"))]
-pub(crate) type Tls = Option<Infallible>;
+pub(crate) type Tls = Option<std::convert::Infallible>;
 
 /// Builds the TLS acceptor from the configured PEM files.
 #[cfg(feature = "proxy-tls")]
@@ -848,151 +937,6 @@ pub(crate) fn tls_acceptor(config: &ProxyConfig) -> Result<Tls, String> {
     match config.tls {
         Some(_) => Err("this build has no TLS support; enable the `proxy-tls` feature".into()),
         None => Ok(None),
-    }
-}
-
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
-
-/// Accepts connections until `stop`, then shuts down gracefully: no new connections, new
-/// requests on open ones answered 503, requests in flight finished within
-/// `shutdown_timeout`, then the producer flushed.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Arc<App>,
-    tls: Tls,
-    stop: CancellationToken,
-) {
-    let router = router(app.clone());
-    let mut conns = JoinSet::new();
-    let closing = CancellationToken::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
-    loop {
-        // At `max_connections`, stop accepting until one closes (the kernel's backlog holds
-        // the rest).
-        let slot = tokio::select! {
-            _ = stop.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: do not spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                #[allow(clippy::clone_on_copy)] // a Copy placeholder without `proxy-tls`
-                let (router, closing, tls) = (router.clone(), closing.clone(), tls.clone());
-                conns.spawn(async move {
-                    let _slot = slot;
-                    let io: Box<dyn Io> = match tls {
-                        None => Box::new(stream),
-                        Some(acceptor) => match accept_tls(acceptor, stream).await {
-                            Some(s) => s,
-                            None => return,
-                        },
-                    };
-                    serve_connection(io, peer, router, closing).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    app.shutting_down.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let timeout = app.config.shutdown_timeout;
-    tracing::info!(
-        connections = conns.len(),
-        "proxy shutting down: listener closed, finishing requests in flight"
-    );
-    closing.cancel();
-    if tokio::time::timeout(timeout, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!(connections = conns.len(), "shutdown timeout: closing connections with requests still running (their clients get no answer, never a false 200)");
-        conns.abort_all();
-    }
-    let left = timeout
-        .saturating_sub(started.elapsed())
-        .max(Duration::from_secs(1));
-    match app.producer.flush(left).await {
-        Ok(()) => tracing::info!("proxy stopped; producer flushed"),
-        Err(e) => {
-            tracing::error!(error = %e, queued = app.producer.queued(), "producer flush incomplete at shutdown")
-        }
-    }
-}
-
-#[cfg(feature = "proxy-tls")]
-async fn accept_tls(
-    acceptor: tokio_rustls::TlsAcceptor,
-    stream: tokio::net::TcpStream,
-) -> Option<Box<dyn Io>> {
-    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-        Ok(Ok(s)) => Some(Box::new(s)),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
-#[cfg(not(feature = "proxy-tls"))]
-async fn accept_tls(never: Infallible, _: tokio::net::TcpStream) -> Option<Box<dyn Io>> {
-    match never {}
-}
-
-async fn serve_connection(
-    io: Box<dyn Io>,
-    peer: SocketAddr,
-    router: Router,
-    closing: CancellationToken,
-) {
-    let svc =
-        hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
-            let router = router.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    router
-                        .oneshot(req.map(Body::new))
-                        .await
-                        .unwrap_or_else(|e| match e {}),
-                )
-            }
-        });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Slow clients may not hold a connection open without sending a request head.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = closing.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }
 

@@ -41,6 +41,8 @@ pub enum ErrorKind {
     /// 413 41303: more records in one request than `max_in_flight_records` (or bytes) allows:
     /// it can never be admitted; split it.
     RequestTooLarge,
+    /// 413 41304: a record carries more headers than `max_headers_per_record`.
+    TooManyHeaders,
     /// 415 41501: the content type is not one the proxy reads.
     UnsupportedMediaType,
     /// 415 41502: Avro, Protobuf and JSON Schema need a schema registry, which this proxy
@@ -90,7 +92,9 @@ impl ErrorKind {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             IdempotencyInProgress => StatusCode::CONFLICT,
-            BodyTooLarge | RecordTooLarge | RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTooLarge | RecordTooLarge | RequestTooLarge | TooManyHeaders => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             UnsupportedMediaType | SchemaFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MalformedJson | InvalidRequest | InvalidBase64 | InvalidPartition | InvalidHeader
             | IdempotencyMismatch | InvalidRecord | Rejected => StatusCode::UNPROCESSABLE_ENTITY,
@@ -119,6 +123,7 @@ impl ErrorKind {
             BodyTooLarge => 41301,
             RecordTooLarge => 41302,
             RequestTooLarge => 41303,
+            TooManyHeaders => 41304,
             UnsupportedMediaType => 41501,
             SchemaFormat => 41502,
             MalformedJson => 42201,
@@ -175,6 +180,7 @@ impl ErrorKind {
             BodyTooLarge => "body_too_large",
             RecordTooLarge => "record_too_large",
             RequestTooLarge => "request_too_large",
+            TooManyHeaders => "too_many_headers",
             UnsupportedMediaType => "unsupported_media_type",
             SchemaFormat => "schema_format",
             MalformedJson => "malformed_json",
@@ -210,6 +216,7 @@ impl ErrorKind {
         ErrorKind::BodyTooLarge,
         ErrorKind::RecordTooLarge,
         ErrorKind::RequestTooLarge,
+        ErrorKind::TooManyHeaders,
         ErrorKind::UnsupportedMediaType,
         ErrorKind::SchemaFormat,
         ErrorKind::MalformedJson,

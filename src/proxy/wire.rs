@@ -31,8 +31,29 @@ pub struct ProduceRecord {
     pub timestamp: Option<i64>,
 }
 
+/// What holding one record costs besides its key, value and header bytes, charged against
+/// `max_in_flight_bytes` (and `max_buffered_bytes` while it waits to be admitted).
+///
+/// Derived from what is held per record until its acknowledgement (x86-64, librdkafka
+/// 2.12, glibc): librdkafka's `rd_kafka_msg_t` (176 bytes, key and value copied into the same
+/// allocation, plus the allocator's header: 192), its place in the serialised batch (about
+/// 30), our [`ProduceRecord`] (96), the delivery slot (40 with its allocation), the outcome
+/// slot (48) and the record's entry in the JSON answer (about 60): 466, rounded up to 512.
+/// Measured: 50,000 one-byte records in flight grew the proxy's RSS by 373 bytes each
+/// (request bodies included).
+pub const RECORD_OVERHEAD: usize = 512;
+
+/// What holding one header costs besides its name and value bytes, charged like
+/// [`RECORD_OVERHEAD`]: librdkafka's `rd_kafka_header_t` (40 bytes and the two NULs, in a
+/// 64-byte allocation) and its slot in the record's header list (8), held until the record
+/// is acknowledged, plus our [`Header`] (48), held until it is queued: 120, rounded up to
+/// 128. Measured: 20 records of 100,000 empty headers in flight grew the proxy's RSS by 88
+/// bytes per header (request bodies included); before, a header was charged only its name
+/// and value (0 bytes here).
+pub const HEADER_OVERHEAD: usize = 128;
+
 impl ProduceRecord {
-    /// Key + value + header bytes: what the record costs in the producer's queue.
+    /// Key + value + header bytes (what the record writes; the `bytes` metric).
     pub fn size(&self) -> usize {
         let opt = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
         opt(&self.key)
@@ -42,6 +63,15 @@ impl ProduceRecord {
                 .iter()
                 .map(|h| h.key.len() + opt(&h.value))
                 .sum::<usize>()
+    }
+
+    /// What the record costs in memory while the proxy holds it: [`size`](Self::size) plus
+    /// [`RECORD_OVERHEAD`] and [`HEADER_OVERHEAD`] per header. This is what
+    /// `max_in_flight_bytes` bounds.
+    pub fn cost(&self) -> usize {
+        self.size()
+            .saturating_add(RECORD_OVERHEAD)
+            .saturating_add(self.headers.len().saturating_mul(HEADER_OVERHEAD))
     }
 }
 
@@ -111,6 +141,39 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// A JSON object and never an array. serde's derived structs also take `[a, b]` (fields by
+/// position), which neither the API nor its OpenAPI document allows: `[[null, null]]` was
+/// produced as a record with no key and no value.
+struct Obj<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Other("a JSON value that is not an object"),
+                &"a JSON object",
+            ));
+        }
+        serde_json::from_str(raw.get())
+            .map(Obj)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The top level of a body, which must be a JSON object (see [`Obj`]).
+fn object_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        // Let serde say what is wrong with text that is not JSON at all.
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(json_error)?;
+        return Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            "request body: expected a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(json_error)
+}
+
 /// A serde failure as a client error: syntax (and encoding, depth) is 42201, the wrong shape
 /// is 42202.
 fn json_error(e: serde_json::Error) -> ApiError {
@@ -146,22 +209,62 @@ struct V2Records<'a> {
 
 /// Parses the `records` array, stopping at `cap` elements.
 fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiError> {
+    seq_capped(raw, cap, "records").map_err(|e| match e {
+        Capped::Over => ApiError::new(
+            ErrorKind::RequestTooLarge,
+            format!("more than {cap} records (max_in_flight_records) can never be admitted; split the request"),
+        ),
+        Capped::Bad(e) => e,
+    })
+}
+
+/// Parses a record's `headers` array, stopping at `cap` elements (`max_headers_per_record`):
+/// a body of 4 MB holds 400,000 empty headers, each costing far more decoded than sent.
+fn headers_capped<'a, T: Deserialize<'a>>(
+    raw: Option<&'a RawValue>,
+    cap: usize,
+    at: &str,
+) -> Result<Vec<T>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    seq_capped(raw, cap, at).map_err(|e| match e {
+        Capped::Over => ApiError::new(
+            ErrorKind::TooManyHeaders,
+            format!("{at}: more than {cap} headers on one record (max_headers_per_record)"),
+        ),
+        Capped::Bad(e) => e,
+    })
+}
+
+enum Capped {
+    Over,
+    Bad(ApiError),
+}
+
+/// Parses a JSON array of `T`, stopping at `cap` elements before allocating more.
+fn seq_capped<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    cap: usize,
+    what: &str,
+) -> Result<Vec<T>, Capped> {
     use serde::de::{Deserializer as _, SeqAccess, Visitor};
-    struct Capped<'c> {
+    struct Seq<'c, T> {
         cap: usize,
         over: &'c std::cell::Cell<bool>,
+        _t: std::marker::PhantomData<T>,
     }
-    impl<'de> Visitor<'de> for Capped<'_> {
-        type Value = Vec<V2Record<'de>>;
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Seq<'_, T> {
+        type Value = Vec<T>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("an array of records")
+            f.write_str("an array")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-            while let Some(r) = seq.next_element()? {
+            while let Some(Obj(r)) = seq.next_element()? {
                 if out.len() == self.cap {
                     self.over.set(true);
-                    return Err(serde::de::Error::custom("too many records"));
+                    return Err(serde::de::Error::custom("too many elements"));
                 }
                 out.push(r);
             }
@@ -170,20 +273,21 @@ fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiEr
     }
     let over = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let res = (&mut de).deserialize_seq(Capped { cap, over: &over });
+    let res = (&mut de).deserialize_seq(Seq {
+        cap,
+        over: &over,
+        _t: std::marker::PhantomData,
+    });
     match res {
         Ok(v) => Ok(v),
-        Err(_) if over.get() => Err(ApiError::new(
-            ErrorKind::RequestTooLarge,
-            format!("more than {cap} records (max_in_flight_records) can never be admitted; split the request"),
-        )),
-        Err(e) => Err(ApiError::new(
+        Err(_) if over.get() => Err(Capped::Over),
+        Err(e) => Err(Capped::Bad(ApiError::new(
             match e.classify() {
                 serde_json::error::Category::Data => ErrorKind::InvalidRequest,
                 _ => ErrorKind::MalformedJson,
             },
-            format!("request body: records: {e}"),
-        )),
+            format!("request body: {what}: {e}"),
+        ))),
     }
 }
 
@@ -196,8 +300,9 @@ struct V2Record<'a> {
     value: Option<&'a RawValue>,
     #[serde(default)]
     partition: Option<serde_json::Number>,
+    // Kept as text and parsed by `headers_capped`.
     #[serde(borrow, default)]
-    headers: Option<Vec<V2Header<'a>>>,
+    headers: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -227,7 +332,19 @@ pub fn decode_v2_capped(
     path_partition: Option<i32>,
     max_records: usize,
 ) -> Result<Vec<ProduceRecord>, ApiError> {
-    let body: V2Body<'_> = serde_json::from_slice(body).map_err(json_error)?;
+    decode_v2_limited(body, format, path_partition, max_records, usize::MAX)
+}
+
+/// [`decode_v2_capped`], also refusing (413 41304) a record with more than `max_headers`
+/// headers before allocating them.
+pub fn decode_v2_limited(
+    body: &[u8],
+    format: Format,
+    path_partition: Option<i32>,
+    max_records: usize,
+    max_headers: usize,
+) -> Result<Vec<ProduceRecord>, ApiError> {
+    let body: V2Body<'_> = object_body(body)?;
     let records = records_capped(body.records, max_records)?;
     let parsed = V2Records { records };
     if parsed.records.is_empty() {
@@ -273,11 +390,14 @@ pub fn decode_v2_capped(
                         format!("{}: {m}", at("partition")),
                     )
                 })?;
-                if path_partition.is_some_and(|pp| pp != p) {
+                // On `/topics/{t}/partitions/{p}` the path names the partition, as in
+                // Confluent's PartitionProduceRequest, whose records have no `partition`. One
+                // rule, stated by the OpenAPI document: records there name none (even the same).
+                if path_partition.is_some() {
                     return Err(ApiError::new(
                         ErrorKind::InvalidPartition,
                         format!(
-                            "{}: {p} differs from the partition in the path",
+                            "{}: records sent to /topics/{{topic}}/partitions/{{partition}} take the partition of the path and may not name one ({p})",
                             at("partition")
                         ),
                     ));
@@ -285,8 +405,9 @@ pub fn decode_v2_capped(
                 Some(p)
             }
         };
-        let mut headers = Vec::new();
-        for (j, h) in r.headers.unwrap_or_default().into_iter().enumerate() {
+        let sent: Vec<V2Header<'_>> = headers_capped(r.headers, max_headers, &at("headers"))?;
+        let mut headers = Vec::with_capacity(sent.len());
+        for (j, h) in sent.into_iter().enumerate() {
             let hat = |what: &str| at(&format!("headers[{j}].{what}"));
             check_header_name(&h.key).map_err(|m| {
                 ApiError::new(ErrorKind::InvalidHeader, format!("{}: {m}", hat("key")))
@@ -392,17 +513,110 @@ fn check_header_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Milliseconds since the epoch of an RFC 3339 `date-time` (section 5.6: `T` and `Z` in either
+/// case, any fraction of a second, `Z` or a `+hh:mm`/`-hh:mm` offset, a leap second `:60`),
+/// `None` for anything else, as the OpenAPI document's `format: date-time` says. (humantime's
+/// "weak" parser took a space for `T` and no offset, and no offset but `Z`.) Years 0000-9999.
+fn rfc3339_millis(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = b.get(r)?;
+        d.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d.iter().fold(0i64, |n, c| n * 10 + i64::from(c - b'0')))
+    };
+    let at = |i: usize, c: u8| b.get(i).is_some_and(|x| x.eq_ignore_ascii_case(&c));
+    if !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':') && at(16, b':')) {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        // Milliseconds: the first three digits, the rest dropped.
+        for k in 0..3 {
+            millis = millis * 10
+                + b.get(start + k)
+                    .filter(|_| start + k < i)
+                    .map_or(0, |c| i64::from(c - b'0'));
+        }
+    }
+    let offset_minutes = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && at(i + 3, b':') => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let m = oh * 60 + om;
+            if *sign == b'-' {
+                -m
+            } else {
+                m
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
+    Some(secs * 1000 + millis)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Body<'a> {
     #[serde(default)]
     partition_id: Option<serde_json::Number>,
+    // Kept as text and parsed by `headers_capped`.
     #[serde(borrow, default)]
-    headers: Option<Vec<V3Header<'a>>>,
+    headers: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    key: Option<V3Data<'a>>,
+    key: Option<Obj<V3Data<'a>>>,
     #[serde(borrow, default)]
-    value: Option<V3Data<'a>>,
+    value: Option<Obj<V3Data<'a>>>,
     #[serde(borrow, default)]
     timestamp: Option<Cow<'a, str>>,
 }
@@ -450,7 +664,16 @@ pub enum V3Type {
 
 /// Decodes a v3 single-record body. Returns the record and the types of key and value.
 pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V3Type>), ApiError> {
-    let parsed: V3Body<'_> = serde_json::from_slice(body).map_err(json_error)?;
+    decode_v3_limited(body, usize::MAX)
+}
+
+/// [`decode_v3`], refusing (413 41304) more than `max_headers` headers before allocating
+/// them.
+pub fn decode_v3_limited(
+    body: &[u8],
+    max_headers: usize,
+) -> Result<(ProduceRecord, Option<V3Type>, Option<V3Type>), ApiError> {
+    let parsed: V3Body<'_> = object_body(body)?;
     let partition = match &parsed.partition_id {
         None => None,
         Some(n) => Some(partition_of(n).map_err(|m| {
@@ -472,7 +695,8 @@ pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V
                 format!("{what}: schemas need a schema registry, which this proxy does not use"),
             ));
         }
-        let kind = match d.kind.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        // Upper case only, as Confluent's v3 API spells its enum (and the OpenAPI document).
+        let kind = match d.kind.as_deref() {
             None | Some("JSON") => V3Type::Json,
             Some("BINARY") => V3Type::Binary,
             Some("STRING") => V3Type::String,
@@ -517,10 +741,11 @@ pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V
         };
         Ok((Some(bytes), Some(kind)))
     };
-    let (key, key_type) = data(parsed.key, "key")?;
-    let (value, value_type) = data(parsed.value, "value")?;
-    let mut headers = Vec::new();
-    for (j, h) in parsed.headers.unwrap_or_default().into_iter().enumerate() {
+    let (key, key_type) = data(parsed.key.map(|o| o.0), "key")?;
+    let (value, value_type) = data(parsed.value.map(|o| o.0), "value")?;
+    let sent: Vec<V3Header<'_>> = headers_capped(parsed.headers, max_headers, "headers")?;
+    let mut headers = Vec::with_capacity(sent.len());
+    for (j, h) in sent.into_iter().enumerate() {
         check_header_name(&h.name).map_err(|m| {
             ApiError::new(ErrorKind::InvalidHeader, format!("headers[{j}].name: {m}"))
         })?;
@@ -538,19 +763,18 @@ pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V
     let timestamp = match parsed.timestamp {
         None => None,
         Some(t) => {
-            let at = humantime::parse_rfc3339_weak(&t).map_err(|_| {
+            let ms = rfc3339_millis(&t).ok_or_else(|| {
                 ApiError::new(
                     ErrorKind::InvalidRequest,
                     format!("timestamp: `{}` is not an RFC 3339 time", truncate(&t, 40)),
                 )
             })?;
-            let ms = at
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .and_then(|d| i64::try_from(d.as_millis()).ok())
-                .ok_or_else(|| {
-                    ApiError::new(ErrorKind::InvalidRequest, "timestamp: before 1970")
-                })?;
+            if ms < 0 {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    "timestamp: before 1970",
+                ));
+            }
             Some(ms)
         }
     };
@@ -615,6 +839,104 @@ mod tests {
 
     fn b64(s: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    /// Found by schemathesis against the OpenAPI document: serde's derived structs took JSON
+    /// arrays (fields by position), so `[[null, null]]` was produced as an empty record.
+    #[test]
+    fn objects_are_objects_never_arrays() {
+        for (body, format) in [
+            (&br#"{"records":[[null,null]]}"#[..], Format::Binary),
+            (br#"{"records":[{"headers":[["h",null]]}]}"#, Format::Json),
+            (br#"[{"value":1}]"#, Format::Json),
+        ] {
+            let e = decode_v2(body, format, None).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{}", e.message);
+        }
+        for body in [
+            &br#"{"value":[null,null]}"#[..],
+            br#"{"headers":[["h",null]]}"#,
+            br#"[null]"#,
+        ] {
+            let e = decode_v3(body).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{}", e.message);
+        }
+        // Not JSON at all stays a syntax error.
+        assert_eq!(
+            decode_v2(b"[{", Format::Json, None).unwrap_err().kind,
+            ErrorKind::MalformedJson
+        );
+    }
+
+    #[test]
+    fn records_on_the_partition_route_name_no_partition() {
+        let body = br#"{"records":[{"value":1,"partition":2}]}"#;
+        let e = decode_v2(body, Format::Json, Some(2)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidPartition);
+        let ok = decode_v2(
+            br#"{"records":[{"value":1},{"partition":null}]}"#,
+            Format::Json,
+            Some(2),
+        )
+        .unwrap();
+        assert!(ok.iter().all(|r| r.partition == Some(2)));
+    }
+
+    #[test]
+    fn v3_types_are_upper_case() {
+        let e = decode_v3(br#"{"value":{"type":"binary","data":"AA=="}}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert!(decode_v3(br#"{"value":{"type":"BINARY","data":"AA=="}}"#).is_ok());
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        let epoch_2026 = 1_767_225_600_000;
+        for (text, ms) in [
+            ("2026-01-01T00:00:00Z", epoch_2026),
+            ("2026-01-01t00:00:00z", epoch_2026),
+            ("2026-01-01T01:21:00+01:21", epoch_2026),
+            ("2025-12-31T18:39:00-05:21", epoch_2026),
+            ("2026-01-01T00:00:00.731268Z", epoch_2026 + 731),
+            ("2026-01-01T00:00:00.7Z", epoch_2026 + 700),
+            ("1970-01-01T00:00:00Z", 0),
+            ("2024-02-29T00:00:00Z", 1_709_164_800_000),
+            // A leap second reads as the next second.
+            ("2016-12-31T23:59:60Z", 1_483_228_800_000),
+            ("1969-12-31T23:59:59Z", -1000),
+        ] {
+            assert_eq!(rfc3339_millis(text), Some(ms), "{text}");
+        }
+        for text in [
+            "2026-01-01 00:00:00Z",
+            "2026-01-01T00:00:00",
+            "2026-01-01T00:00:00+0100",
+            "2026-01-01T00:00:00.Z",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:00+24:00",
+            "2026-01-01T00:00:00Zx",
+            "२०२६-01-01T00:00:00Z",
+            "",
+        ] {
+            assert_eq!(rfc3339_millis(text), None, "{text}");
+        }
+        let e = decode_v3(br#"{"timestamp":"1969-12-31T23:59:59Z"}"#).unwrap_err();
+        assert!(e.message.contains("before 1970"), "{}", e.message);
+    }
+
+    proptest! {
+        #[test]
+        fn rfc3339_never_panics(s in ".{0,40}") {
+            let _ = rfc3339_millis(&s);
+        }
+        #[test]
+        fn rfc3339_agrees_with_humantime_on_utc_times(secs in 0i64..253_402_300_799, millis in 0i64..1000) {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis((secs * 1000 + millis) as u64);
+            let text = humantime::format_rfc3339_millis(t).to_string();
+            prop_assert_eq!(rfc3339_millis(&text), Some(secs * 1000 + millis));
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use rdkafka::ClientConfig;
 
 use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
 use crate::error::Error;
+use crate::escape;
 use crate::handler::{to_owned_headers, Header, Message};
 use crate::metrics as m;
 use crate::retry::scheduler::now_ms;
@@ -245,9 +246,15 @@ impl PartitionTask {
             Decision::Retry { tier, .. } => {
                 shared.stats.retried(tier);
                 metrics::counter!(m::RETRIES_SCHEDULED, "source" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
+                // Where the broker acknowledged it, like the dead-letter line: what was
+                // acknowledged can be checked against the log (the replication-fault ledger
+                // does). A negative offset is librdkafka's implicit acknowledgement.
                 tracing::debug!(
                     target_topic = target,
+                    target_partition = delivery.0,
+                    target_offset = delivery.1,
                     topic = msg.topic(),
+                    partition = msg.partition(),
                     offset = msg.offset(),
                     attempt = msg.attempt(),
                     "retry scheduled"
@@ -259,7 +266,9 @@ impl PartitionTask {
                 tracing::warn!(
                     dlq = target, dlq_partition = delivery.0, dlq_offset = delivery.1,
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                    attempts = msg.attempt(), %reason, error, "record dead-lettered"
+                    attempts = msg.attempt(), %reason,
+                    error = %escape::for_terminal(error, escape::LOG_FIELD_CHARS),
+                    "record dead-lettered"
                 );
                 shared.alerts.record(DeadLetterEvent {
                     topic: &source.topic,

@@ -14,6 +14,7 @@
 //!   [`Config::shutdown_timeout`], after which they are abandoned without storing their
 //!   offsets), commits, and leaves the groups.
 
+mod breaker;
 mod client;
 mod frontier;
 mod group;
@@ -221,6 +222,7 @@ impl Runtime {
             shutdown: shutdown.clone(),
             fatal: std::sync::Mutex::new(None),
             watchdog,
+            breakers: Arc::default(),
         });
         let sources: Vec<String> = shared
             .topology
@@ -293,6 +295,28 @@ impl RuntimeHandle {
     /// Source-topic partitions currently assigned to this instance, sorted.
     pub fn assigned_partitions(&self) -> Vec<(String, i32)> {
         self.main.assigned()
+    }
+
+    /// Partitions (source or retry tier topic, partition) whose dead-letter flood breaker
+    /// holds them now (open, or half-open until the record tried has an outcome), sorted.
+    /// See [`crate::config::BreakerConfig`].
+    pub fn open_breakers(&self) -> Vec<(String, i32)> {
+        self.shared.breakers.open()
+    }
+
+    /// Closes the dead-letter flood breaker of `topic` (a source or retry tier topic)
+    /// `partition` now, without waiting for its cool-down: the partition resumes from its
+    /// first record without an outcome, and dead letters are counted from zero. False if this
+    /// instance does not own that partition or its breaker is not open. While half-open, the
+    /// record being tried finishes first; the breaker is closed whatever its outcome.
+    pub fn close_breaker(&self, topic: &str, partition: i32) -> bool {
+        self.shared.breakers.close(topic, partition)
+    }
+
+    /// Closes every open dead-letter flood breaker of this instance (see
+    /// [`RuntimeHandle::close_breaker`]); returns how many.
+    pub fn reset_breakers(&self) -> usize {
+        self.shared.breakers.close_all()
     }
 
     /// True once shutdown has been triggered (signal or [`RuntimeHandle::trigger_shutdown`]).
@@ -368,6 +392,8 @@ pub(crate) struct Shared {
     pub(crate) fatal: std::sync::Mutex<Option<Error>>,
     /// Watches handler calls from a thread of its own (oldest-call gauge, blocking handlers).
     pub(crate) watchdog: Arc<watchdog::Watchdog>,
+    /// Every partition's dead-letter breaker, for the operator's commands.
+    pub(crate) breakers: Arc<breaker::Breakers>,
 }
 
 impl Shared {

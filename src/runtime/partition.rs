@@ -39,6 +39,7 @@ use crate::retry::decode::{read_retry_envelope, Expected};
 use crate::retry::scheduler::{self, elapsed_secs, now_ms};
 use crate::retry::Decision;
 
+use super::breaker::{Breaker, BreakerControl};
 use super::frontier::{Frontier, Seq};
 use super::group::{GroupConsumer, GroupContext, Role};
 use super::handoff::MAX_PENDING;
@@ -94,6 +95,9 @@ pub(crate) enum End {
     Revoked,
     /// An unexpected end: the supervisor reports it and restarts the task.
     Failed(String),
+    /// The dead-letter breaker opened: in-flight work finished or was held, the frontier is
+    /// stored; the supervisor waits out the cool-down and starts the task again from it.
+    BreakerOpen(Breaker),
 }
 
 /// What handling a record left to do.
@@ -174,6 +178,8 @@ struct Batch {
     since_flush: u32,
     /// The wall clock, read once per batch (end-to-end latency, due checks).
     now: i64,
+    /// The dead-letter breaker, kept here beside the counts: the task alone drives it.
+    breaker: Breaker,
 }
 
 pub(crate) struct PartitionTask {
@@ -210,6 +216,10 @@ pub(crate) struct PartitionTask {
     watched: Arc<Calls>,
     /// When a handler call is warned about and cancelled.
     limits: Limits,
+    /// The breaker state this task starts with, and its partition's control (set by the
+    /// supervisor; see [`super::breaker`]).
+    pub(super) breaker: Breaker,
+    pub(super) breaker_control: Arc<BreakerControl>,
 }
 
 /// When a handler call is warned about and when it is cancelled.
@@ -320,6 +330,8 @@ impl PartitionTask {
             failing: AtomicUsize::new(0),
             waiting_due: AtomicUsize::new(0),
             calls: AtomicU32::new(0),
+            breaker: Breaker::default(),
+            breaker_control: Arc::new(BreakerControl::detached()),
         }
     }
 
@@ -339,6 +351,7 @@ impl PartitionTask {
         let mut handoffs = FuturesUnordered::new();
         let mut batch = Batch {
             now: now_ms(),
+            breaker: self.breaker.clone(),
             ..Batch::default()
         };
         let mut queue = Some(queue);
@@ -346,7 +359,8 @@ impl PartitionTask {
             if revoked.is_cancelled() {
                 return End::Revoked;
             }
-            if stop.is_cancelled() {
+            // An open breaker ends the task like a shutdown (see `drain`).
+            if stop.is_cancelled() || batch.breaker.is_open() {
                 return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
             }
             if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
@@ -355,7 +369,7 @@ impl PartitionTask {
             if batch.since_flush >= FLUSH_EVERY {
                 self.flush(&mut frontier, &mut batch, 0, 0);
             }
-            let take_more = self.has_room(&frontier, handoffs.len());
+            let take_more = self.has_room(&frontier, handoffs.len()) && batch.breaker.may_take();
             let ctx = self.consumer.context();
             if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
                 continue;
@@ -520,6 +534,7 @@ impl PartitionTask {
         let mut handoffs = FuturesUnordered::new();
         let mut batch = Batch {
             now: now_ms(),
+            breaker: self.breaker.clone(),
             ..Batch::default()
         };
         loop {
@@ -530,9 +545,10 @@ impl PartitionTask {
                 while running.next().await.is_some() {}
                 return End::Revoked;
             }
-            if stop.is_cancelled() {
-                // Shutdown: the handler calls in progress finish (records waiting behind a
-                // busy key are not started), then the hand-offs sent are acknowledged.
+            if stop.is_cancelled() || batch.breaker.is_open() {
+                // Shutdown, or an open breaker: the handler calls in progress finish (records
+                // waiting behind a busy key are not started), then the hand-offs sent are
+                // acknowledged.
                 while let Some(finished) = running.next().await {
                     if let Err(end) =
                         self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
@@ -556,8 +572,11 @@ impl PartitionTask {
                     return end;
                 }
                 match scheduler.finish(key) {
-                    Some(next) => running.push(self.process(handler, next, slot)),
-                    None => free.push(slot),
+                    Some(next) if batch.breaker.may_take() => {
+                        running.push(self.process(handler, next, slot))
+                    }
+                    // Not started once the breaker opened: no outcome, taken again later.
+                    _ => free.push(slot),
                 }
             }
             if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
@@ -573,7 +592,8 @@ impl PartitionTask {
             }
             let take_more = scheduler.has_room()
                 && self.has_room(&frontier, handoffs.len())
-                && self.waiting_due.load(Ordering::Relaxed) == 0;
+                && self.waiting_due.load(Ordering::Relaxed) == 0
+                && batch.breaker.may_take();
             let ctx = self.consumer.context();
             if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
                 continue;
@@ -606,8 +626,11 @@ impl PartitionTask {
                                     }
                                 }
                                 match scheduler.finish(key) {
-                                    Some(next) => running.push(self.process(handler, next, slot)),
-                                    None => free.push(slot),
+                                    Some(next) if batch.breaker.may_take() => {
+                                        running.push(self.process(handler, next, slot))
+                                    }
+                                    // Not started once the breaker opened: no outcome, taken again later.
+                                    _ => free.push(slot),
                                 }
                                 continue;
                             }
@@ -670,6 +693,7 @@ impl PartitionTask {
         let offset = raw.offset();
         self.progress.at(offset);
         batch.since_flush += 1;
+        batch.breaker.taken();
         frontier.take(offset)
     }
 
@@ -704,6 +728,14 @@ impl PartitionTask {
         batch: &mut Batch,
         handoffs: &mut FuturesUnordered<HandOffFuture<'a>>,
     ) {
+        let dead = matches!(step, Step::HandOff(_, Decision::DeadLetter(_), _));
+        if !self.breaker_admits(&mut batch.breaker, dead, raw.offset()) {
+            // Held by the open breaker: no outcome, so nothing at or past it is stored; the
+            // task is started again from it after the cool-down.
+            drop(step);
+            drop(raw);
+            return;
+        }
         match step {
             Step::Done => {
                 batch.handled += 1;
@@ -811,7 +843,11 @@ impl PartitionTask {
             }
         }
         self.flush(frontier, batch, 0, 0);
-        End::Stopped
+        if batch.breaker.is_open() {
+            End::BreakerOpen(batch.breaker.clone())
+        } else {
+            End::Stopped
+        }
     }
 
     /// Stores `offset` as handled.
@@ -1018,7 +1054,11 @@ impl PartitionTask {
 
     /// What to do with a record whose envelope cannot be trusted: the DLQ.
     fn invalid(&self, Invalid { msg, reason }: Invalid) -> Step {
-        tracing::warn!(topic = %self.topic, partition = self.partition, reason, "invalid retry envelope");
+        tracing::warn!(
+            topic = %self.topic, partition = self.partition,
+            reason = %crate::escape::for_terminal(&reason, crate::escape::LOG_FIELD_CHARS),
+            "invalid retry envelope"
+        );
         Step::HandOff(
             msg,
             Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),

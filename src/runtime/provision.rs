@@ -25,8 +25,49 @@ pub(crate) enum TopicCreator {
     Embedded(EmbeddedCluster),
 }
 
-/// Partition count of a topic, `None` if the broker does not know it.
+/// Partition count of a topic, `None` if the broker does not know it, asked within
+/// `timeout`.
+///
+/// A broker that stopped answering after its connection was set up (a paused or stalled
+/// process: the socket stays open) holds a metadata request until librdkafka's socket timeout
+/// (60 s), and librdkafka sends the next one to the same broker (the one it used last). So
+/// one attempt gets a third of `timeout` (at least 1 s); when it fails, the lookup is asked
+/// again on a new client, whose new connections only count once a broker has answered them.
+/// Without this, a runtime starting while one of three brokers stalls failed to start
+/// ("fetching topic metadata: OperationTimedOut") though the cluster could serve it.
 async fn partition_count(
+    admin: &mut Arc<AdminClient<TracingContext>>,
+    config: &Config,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, Error> {
+    let deadline = Instant::now() + timeout;
+    let attempt = (timeout / 3).max(Duration::from_secs(1));
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let error = match partition_count_once(admin, topic, attempt.min(left)).await {
+            Ok(found) => return Ok(found),
+            Err(e) => e,
+        };
+        if deadline.saturating_duration_since(Instant::now()) < Duration::from_millis(500) {
+            return Err(error);
+        }
+        tracing::warn!(topic, %error, "topic metadata lookup failed; asking again on a new connection");
+        let fresh = Arc::new(new_admin(config)?);
+        let stale = std::mem::replace(admin, fresh);
+        // Dropping a client waits for its broker threads: not on this task.
+        std::thread::spawn(move || drop(stale));
+    }
+}
+
+fn new_admin(config: &Config) -> Result<AdminClient<TracingContext>, Error> {
+    admin_config(config)
+        .create_with_context(TracingContext)
+        .map_err(Error::kafka("creating the admin client"))
+}
+
+/// One metadata request for `topic`, within `timeout`.
+async fn partition_count_once(
     admin: &Arc<AdminClient<TracingContext>>,
     topic: &str,
     timeout: Duration,
@@ -57,11 +98,7 @@ pub(crate) async fn provision(
     creator: &TopicCreator,
 ) -> Result<HashMap<String, i32>, Error> {
     let timeout = config.provisioning.timeout;
-    let admin: Arc<AdminClient<TracingContext>> = Arc::new(
-        admin_config(config)
-            .create_with_context(TracingContext)
-            .map_err(Error::kafka("creating the admin client"))?,
-    );
+    let mut admin: Arc<AdminClient<TracingContext>> = Arc::new(new_admin(config)?);
 
     let mut counts = HashMap::new();
     let mut missing: Vec<(String, i32)> = Vec::new();
@@ -77,7 +114,7 @@ pub(crate) async fn provision(
         )
         .collect();
     for (topic, source) in lookups {
-        let found = partition_count(&admin, &topic, timeout).await?;
+        let found = partition_count(&mut admin, config, &topic, timeout).await?;
         match (found, source) {
             (Some(n), _) => {
                 counts.insert(topic, n);
@@ -144,7 +181,7 @@ pub(crate) async fn provision(
     let deadline = Instant::now() + timeout;
     for (topic, partitions) in missing {
         loop {
-            let found = partition_count(&admin, &topic, Duration::from_secs(2)).await?;
+            let found = partition_count(&mut admin, config, &topic, Duration::from_secs(2)).await?;
             if let Some(n) = found {
                 counts.insert(topic, n);
                 break;
@@ -182,11 +219,7 @@ pub async fn check_topics(config: &Config, create: bool) -> Result<Vec<TopicStat
     config.validate()?;
     let policy = config.retry.policy()?;
     let topology = Topology::new(config, &policy)?;
-    let admin: Arc<AdminClient<TracingContext>> = Arc::new(
-        admin_config(config)
-            .create_with_context(TracingContext)
-            .map_err(Error::kafka("creating the admin client"))?,
-    );
+    let mut admin: Arc<AdminClient<TracingContext>> = Arc::new(new_admin(config)?);
     let names: Vec<String> = topology
         .sources()
         .iter()
@@ -198,7 +231,7 @@ pub async fn check_topics(config: &Config, create: bool) -> Result<Vec<TopicStat
         .collect();
     let mut before = Vec::with_capacity(names.len());
     for name in &names {
-        before.push(partition_count(&admin, name, config.provisioning.timeout).await?);
+        before.push(partition_count(&mut admin, config, name, config.provisioning.timeout).await?);
     }
     drop(admin);
     let after = if create && before.iter().any(Option::is_none) {

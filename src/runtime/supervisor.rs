@@ -14,12 +14,15 @@ use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 use tokio::task::JoinHandle;
 
+use crate::escape;
 use crate::handler::panic_text;
 use crate::metrics as m;
 use crate::metrics::lag::Progress;
 
+use super::breaker::{self, Breaker, BreakerControl};
 use super::group::{GroupConsumer, GroupContext, Role};
 use super::partition::{End, PartitionTask};
+use super::pause::Pause;
 use super::Shared;
 
 /// First pause before a failed partition task is started again; doubled per consecutive
@@ -80,6 +83,13 @@ impl Supervisor {
                 return;
             }
         }
+        let registered = self.shared.breakers.register(Arc::new(BreakerControl::new(
+            &self.group_id,
+            &self.topic,
+            self.partition,
+        )));
+        let control = Arc::clone(&registered.control);
+        let mut breaker = Breaker::new(&self.shared.config.dead_letter.breaker);
         let mut queue = Some(Arc::clone(&self.queue));
         let failures_metric = metrics::counter!(m::PARTITION_TASK_FAILURES, "group" => self.group_id.clone(), "topic" => self.topic.clone());
         let mut backoff = FIRST_RESTART_BACKOFF;
@@ -89,7 +99,7 @@ impl Supervisor {
             let Some(q) = queue.as_ref().map(Arc::clone) else {
                 return;
             };
-            let task = PartitionTask::new(
+            let mut task = PartitionTask::new(
                 Arc::clone(&self.shared),
                 self.role,
                 &self.group_id,
@@ -99,6 +109,16 @@ impl Supervisor {
                 self.revoked.clone(),
                 Arc::clone(&self.progress),
             );
+            if !control.is_open() {
+                // Closed by its last task's probe (or never opened).
+                breaker.close();
+            } else {
+                // Opened by a task that then failed (a hand-off it could not finish): its
+                // state went with it; try one record.
+                breaker.resume_after_failure();
+            }
+            task.breaker = breaker.clone();
+            task.breaker_control = Arc::clone(&control);
             let run = AssertUnwindSafe(self.shared.handler.run(task, q)).catch_unwind();
             tokio::pin!(run);
             let ended = tokio::select! {
@@ -114,8 +134,41 @@ impl Supervisor {
             let cause = match ended {
                 Ok(End::Stopped) | Ok(End::Revoked) => return,
                 Ok(End::Failed(reason)) => reason,
+                Ok(End::BreakerOpen(open)) => {
+                    breaker = open;
+                    // Paused while open: nothing is fetched. The task held no pause of its
+                    // own any more (it ended), so this is the only hold.
+                    let pause = Pause::new(
+                        Arc::clone(&self.consumer),
+                        Arc::from(self.topic.as_str()),
+                        self.partition,
+                        &self.group_id,
+                    );
+                    let letting_go = self.revoked.is_cancelled() || stop.is_cancelled();
+                    let hold = (!letting_go).then(|| pause.hold());
+                    let resumed = hold.is_some()
+                        && breaker::wait_out(&self.shared, &control, &mut breaker, &self.revoked)
+                            .await;
+                    if !resumed {
+                        // Not silent: the breaker's state stays here, and the partition's next
+                        // owner (or the next start of this process) begins closed.
+                        tracing::warn!(
+                            topic = %self.topic, partition = self.partition,
+                            revoked = self.revoked.is_cancelled(),
+                            "partition let go while its dead-letter breaker was open; its next owner starts with the breaker closed"
+                        );
+                        return;
+                    }
+                    drop(hold);
+                    // The task stored every durable outcome before it ended: start from the
+                    // first record without one (held records included).
+                    self.seek_to_stored();
+                    continue;
+                }
                 Err(panic) => format!("panicked: {}", panic_text(&*panic)),
             };
+            // A panic message or failure can quote record bytes (a handler's panic, a key).
+            let cause = escape::for_terminal(&cause, escape::LOG_FIELD_CHARS);
             if self.revoked.is_cancelled() || stop.is_cancelled() {
                 tracing::warn!(topic = %self.topic, partition = self.partition, %cause, "partition task ended while stopping");
                 return;
@@ -141,17 +194,22 @@ impl Supervisor {
                 _ = stop.cancelled() => return,
             }
             backoff = backoff.saturating_mul(2).min(MAX_RESTART_BACKOFF);
-            if let Some(offset) = stored_now {
-                // Asynchronous (no timeout): records fetched before the seek are discarded by
-                // librdkafka, and fetching resumes at `offset`.
-                if let Err(e) = self.consumer.seek(
-                    &self.topic,
-                    self.partition,
-                    Offset::Offset(offset),
-                    Duration::ZERO,
-                ) {
-                    tracing::error!(topic = %self.topic, partition = self.partition, offset, error = %e, "seek before restarting the partition task failed");
-                }
+            self.seek_to_stored();
+        }
+    }
+
+    /// Seeks the partition back to where a new task starts: past the last stored record.
+    fn seek_to_stored(&self) {
+        if let Some(offset) = self.progress.restart_from() {
+            // Asynchronous (no timeout): records fetched before the seek are discarded by
+            // librdkafka, and fetching resumes at `offset`.
+            if let Err(e) = self.consumer.seek(
+                &self.topic,
+                self.partition,
+                Offset::Offset(offset),
+                Duration::ZERO,
+            ) {
+                tracing::error!(topic = %self.topic, partition = self.partition, offset, error = %e, "seek before restarting the partition task failed");
             }
         }
     }

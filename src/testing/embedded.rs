@@ -288,9 +288,11 @@ pub async fn produce(
         })
 }
 
-/// Reads every record currently in `topic` (all partitions, from the low to the high
-/// watermark seen at the start) from any broker, sorted by partition and offset. Meant for
-/// tests and demos: it holds everything in memory.
+/// Reads every committed record currently in `topic` (all partitions, from the low watermark
+/// to the last stable offset seen at the start; see [`scan_report`](crate::dead_letter::scan_report):
+/// aborted records and transaction markers are skipped, a transaction still open ends the read
+/// where it begins) from any broker, sorted by partition and offset. Meant for tests and
+/// demos: it holds everything in memory.
 pub async fn read_all(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error> {
     let bootstrap = bootstrap.to_owned();
     let topic = topic.to_owned();

@@ -35,17 +35,7 @@ case $nodes in 1|3) ;; *) echo "--nodes must be 1 or 3" >&2; exit 2 ;; esac
 version=$(sed -n 's#.*<kafka.version>\(.*\)</kafka.version>.*#\1#p' "$here/pom.xml")
 java=${JAVA_HOME:+$JAVA_HOME/bin/}java
 
-# Jars: resolved once per version (and per pom: a changed pom gets a fresh folder).
-pom_sum=$(sha256sum "$here/pom.xml" | cut -c1-12)
-lib=${SIDETRACK_KAFKA_LIB:-$HOME/.cache/sidetrack/kafka-$version-$pom_sum}
-if [ ! -f "$lib/.complete" ]; then
-  echo "resolving Apache Kafka $version into $lib" >&2
-  rm -rf "$lib"
-  mvn -q -B -f "$here/pom.xml" \
-    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$lib" >&2
-  touch "$lib/.complete"
-fi
+lib=$("$here/resolve.sh")
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -371,6 +371,9 @@ pub enum Broker {
     Kfake(String),
     /// Apache Kafka (the reference broker) at `SIDETRACK_TEST_APACHE_KAFKA`.
     ApacheKafka(String),
+    /// Three Apache Kafka brokers at `SIDETRACK_TEST_KAFKA_CLUSTER` (replication factor 3,
+    /// `min.insync.replicas=2`): the replication-fault tests only.
+    KafkaCluster(String),
 }
 
 /// The back ends a scenario can run on; the external ones are read from the environment.
@@ -383,6 +386,8 @@ pub enum Backend {
     Kfake,
     /// `SIDETRACK_TEST_APACHE_KAFKA`.
     ApacheKafka,
+    /// `SIDETRACK_TEST_KAFKA_CLUSTER` (three brokers; the replication-fault tests).
+    KafkaCluster,
 }
 
 impl Backend {
@@ -393,6 +398,7 @@ impl Backend {
             Backend::Tansu => Some("SIDETRACK_TEST_TANSU"),
             Backend::Kfake => Some("SIDETRACK_TEST_KFAKE"),
             Backend::ApacheKafka => Some("SIDETRACK_TEST_APACHE_KAFKA"),
+            Backend::KafkaCluster => Some("SIDETRACK_TEST_KAFKA_CLUSTER"),
         }
     }
 
@@ -403,6 +409,7 @@ impl Backend {
             Backend::Tansu => "tansu",
             Backend::Kfake => "kfake",
             Backend::ApacheKafka => "apache_kafka",
+            Backend::KafkaCluster => "kafka_cluster",
         }
     }
 
@@ -412,6 +419,7 @@ impl Backend {
             "tansu" => Backend::Tansu,
             "kfake" => Backend::Kfake,
             "apache_kafka" => Backend::ApacheKafka,
+            "kafka_cluster" => Backend::KafkaCluster,
             _ => Backend::Embedded,
         }
     }
@@ -465,6 +473,7 @@ impl Env {
             Backend::Tansu => Broker::Tansu(backend.bootstrap()?),
             Backend::Kfake => Broker::Kfake(backend.bootstrap()?),
             Backend::ApacheKafka => Broker::ApacheKafka(backend.bootstrap()?),
+            Backend::KafkaCluster => Broker::KafkaCluster(backend.bootstrap()?),
         };
         let unique = format!("{:08x}", fastrand::u32(..));
         let env = Env {
@@ -494,7 +503,10 @@ impl Env {
     pub fn bootstrap(&self) -> String {
         match &self.broker {
             Broker::Embedded(c) => c.bootstrap_servers().to_owned(),
-            Broker::Tansu(b) | Broker::Kfake(b) | Broker::ApacheKafka(b) => b.clone(),
+            Broker::Tansu(b)
+            | Broker::Kfake(b)
+            | Broker::ApacheKafka(b)
+            | Broker::KafkaCluster(b) => b.clone(),
         }
     }
 
@@ -505,6 +517,7 @@ impl Env {
             Broker::Tansu(_) => Backend::Tansu,
             Broker::Kfake(_) => Backend::Kfake,
             Broker::ApacheKafka(_) => Backend::ApacheKafka,
+            Broker::KafkaCluster(_) => Backend::KafkaCluster,
         }
     }
     /// A name unique to this scenario on its broker, derived from its topic: for extra
@@ -539,7 +552,7 @@ impl Env {
             }
             // kfake and Apache Kafka need none of Tansu's settings: they answer promptly and
             // store batches as librdkafka sends them.
-            Broker::Kfake(b) | Broker::ApacheKafka(b) => {
+            Broker::Kfake(b) | Broker::ApacheKafka(b) | Broker::KafkaCluster(b) => {
                 let mut config = config;
                 config.brokers = b.clone();
                 sidetrack::Runtime::builder(config)
@@ -547,17 +560,52 @@ impl Env {
         }
     }
 
+    /// Sets topic-level configuration on an external broker (`incrementalAlterConfigs`' older
+    /// sibling `AlterConfigs`, which librdkafka offers); nothing on the embedded one.
+    pub async fn alter_topic(&self, name: &str, entries: &[(&str, &str)]) {
+        use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+        if self.is_embedded() {
+            return;
+        }
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", self.bootstrap())
+                .create()
+                .unwrap();
+        let mut change = AlterConfig::new(ResourceSpecifier::Topic(name));
+        for (k, v) in entries {
+            change = change.set(k, v);
+        }
+        let r = admin
+            .alter_configs(
+                [&change],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
+            )
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "altering {name}: {:?}", r[0]);
+    }
+
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match &self.broker {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Tansu(b) | Broker::Kfake(b) | Broker::ApacheKafka(b) => {
+            Broker::Tansu(b)
+            | Broker::Kfake(b)
+            | Broker::ApacheKafka(b)
+            | Broker::KafkaCluster(b) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
                 let admin: AdminClient<rdkafka::client::DefaultClientContext> =
                     rdkafka::ClientConfig::new()
                         .set("bootstrap.servers", b)
                         .create()
                         .unwrap();
-                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                // Every replica on the three-broker cluster: its tests kill partition leaders.
+                let replicas = if matches!(self.broker, Broker::KafkaCluster(_)) {
+                    3
+                } else {
+                    1
+                };
+                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
                 let r = admin
                     .create_topics(
                         [&t],

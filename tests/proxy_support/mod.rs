@@ -77,14 +77,20 @@ impl Broker {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match self {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Real(_, b) => {
+            Broker::Real(var, b) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
                 let admin: AdminClient<rdkafka::client::DefaultClientContext> =
                     rdkafka::ClientConfig::new()
                         .set("bootstrap.servers", b)
                         .create()
                         .unwrap();
-                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                // Every replica on the three-broker cluster: its tests kill partition leaders.
+                let replicas = if *var == "SIDETRACK_TEST_KAFKA_CLUSTER" {
+                    3
+                } else {
+                    1
+                };
+                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
                 let r = admin
                     .create_topics(
                         [&t],

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
+use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
 use sidetrack::Header;
 
-use crate::kafka::Kafka;
+use crate::kafka::{held_back, Kafka};
 use crate::{Failure, Filters};
 
 /// What `dlq list` shows of one record, also its JSON form.
@@ -29,6 +30,10 @@ pub struct Row {
     pub reason: Option<String>,
     pub error: String,
     pub key: Option<String>,
+    /// The key's bytes as they are, for display: `key` is lossy UTF-8 (for `--key` and JSON),
+    /// which would show a non-UTF-8 byte as U+FFFD instead of what it is.
+    #[serde(skip)]
+    pub raw_key: Option<Vec<u8>>,
 }
 
 impl Row {
@@ -55,6 +60,7 @@ impl Row {
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned()),
+            raw_key: r.key.clone(),
         };
         match r.provenance() {
             Provenance::Sidetrack(e) => {
@@ -69,14 +75,14 @@ impl Row {
             }
             Provenance::Spring(s) => {
                 row.envelope = "spring";
+                row.error = match (s.failed_class(), s.message.as_deref()) {
+                    (Some(c), Some(m)) => format!("{c}: {m}"),
+                    (c, m) => c.or(m).unwrap_or_default().to_owned(),
+                };
                 row.original_topic = s.original_topic;
                 row.original_partition = s.original_partition;
                 row.original_offset = s.original_offset;
                 row.group = s.group;
-                row.error = match (s.exception, s.message) {
-                    (Some(c), Some(m)) => format!("{c}: {m}"),
-                    (c, m) => c.or(m).unwrap_or_default(),
-                };
             }
             Provenance::Unknown(e) => {
                 row.error = format!("no sidetrack envelope ({e})");
@@ -171,18 +177,19 @@ impl Filters {
     }
 }
 
-/// The rows of the selected records, in partition/offset order.
+/// The rows of the selected records, in partition/offset order, and what an open transaction
+/// held back (lines for stderr).
 async fn select_rows(
     kafka: &Kafka,
     filters: &Filters,
     limit: Option<usize>,
-) -> Result<Vec<Row>, Failure> {
+) -> Result<(Vec<Row>, Vec<String>), Failure> {
     let now = now_ms();
     filters.check(now)?;
     let found = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&found);
     let f = filters.clone();
-    kafka
+    let scanned = kafka
         .scan(&filters.topic, filters.start(now), move |r| {
             let row = Row::at(&r, now);
             if f.matches(&r, &row, now) {
@@ -195,9 +202,14 @@ async fn select_rows(
             ControlFlow::Continue(())
         })
         .await?;
+    let held = held_back(
+        &filters.topic,
+        &scanned,
+        "its records are not listed until it commits (run again then)",
+    );
     let mut v = std::mem::take(&mut *found.lock().unwrap_or_else(|e| e.into_inner()));
     v.sort_by_key(|r| (r.partition, r.offset));
-    Ok(v)
+    Ok((v, held))
 }
 
 pub async fn list(
@@ -206,15 +218,25 @@ pub async fn list(
     limit: Option<usize>,
     json: bool,
 ) -> Result<(), Failure> {
-    let rows = select_rows(kafka, filters, limit).await?;
+    let (rows, held) = select_rows(kafka, filters, limit).await?;
+    // Said first on stderr, so it is seen whatever the output: an open transaction is not an
+    // error (the rows are every committed record before it), but the list is not complete.
+    for line in &held {
+        eprintln!("{line}");
+    }
     if json {
+        // The exact values (for jq), with the characters a terminal would obey written as
+        // `\uXXXX` escapes (the same JSON value).
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Failure::Other(e.to_string()))?;
-        println!("{text}");
+        println!("{}", json_for_terminal(&text, usize::MAX));
         return Ok(());
     }
     if rows.is_empty() {
-        eprintln!("no records in `{}` match", filters.topic);
+        eprintln!(
+            "no records in `{}` match",
+            for_terminal(&filters.topic, NAME)
+        );
         return Ok(());
     }
     println!(
@@ -226,13 +248,16 @@ pub async fn list(
             "{:<12} {:>6}  {:<28} {:>8}  {:<16} {:<50} {}",
             format!("{}:{}", r.partition, r.offset),
             r.age_seconds.map(age).unwrap_or_else(|| "-".into()),
-            cut(&r.original(), 28),
+            for_cell(r.original(), 28),
             r.attempts
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
-            r.reason.as_deref().unwrap_or("-"),
-            cut(&r.error, 50),
-            cut(r.key.as_deref().unwrap_or("-"), 40),
+            for_cell(r.reason.as_deref().unwrap_or("-"), 16),
+            for_cell(&r.error, 50),
+            r.raw_key
+                .as_deref()
+                .map(|k| for_cell(k, 40))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     eprintln!(
@@ -256,7 +281,7 @@ pub async fn show(
     }
     let found = Arc::new(Mutex::new(None));
     let sink = Arc::clone(&found);
-    kafka
+    let scanned = kafka
         .scan(
             topic,
             StartAt::Offsets(HashMap::from([(partition, offset)])),
@@ -273,7 +298,16 @@ pub async fn show(
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .ok_or_else(|| {
-            Failure::NotFound(format!("no record at {partition}:{offset} in `{topic}`"))
+            let why = match scanned.open.get(&partition) {
+                Some(t) if offset >= t.stable_end => format!(
+                    " (offsets from {} on are held back by a transaction that is still open)",
+                    t.stable_end
+                ),
+                _ => String::new(),
+            };
+            Failure::NotFound(format!(
+                "no record at {partition}:{offset} in `{topic}`{why}"
+            ))
         })?;
     print!("{}", describe(&record));
     Ok(())
@@ -293,26 +327,30 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         .unwrap_or_else(|| "no timestamp".into());
     out += &format!(
         "record {}:{} of `{}`, dead-lettered {when}\n",
-        r.partition, r.offset, r.topic
+        r.partition,
+        r.offset,
+        for_terminal(&r.topic, NAME)
     );
     match r.provenance() {
         Provenance::Sidetrack(e) => {
             out += "envelope (sidetrack, version 1):\n";
             let mut field = |k: &str, v: String| out += &format!("  {k:<18} {v}\n");
             field("reason", e.error_kind.as_str().to_owned());
-            field("error", e.error.clone());
+            field("error", for_terminal(&e.error, TEXT));
             field(
                 "original",
                 format!(
                     "{}[{}]@{}",
-                    e.original_topic, e.original_partition, e.original_offset
+                    for_terminal(&e.original_topic, NAME),
+                    e.original_partition,
+                    e.original_offset
                 ),
             );
             field(
                 "original time",
                 e.original_timestamp.map(time).unwrap_or_else(|| "-".into()),
             );
-            field("group", e.group.clone());
+            field("group", for_terminal(&e.group, NAME));
             field("attempts", e.attempts.to_string());
             field("first failure", time(e.first_failure));
             if let Some(due) = e.due {
@@ -321,21 +359,37 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         }
         Provenance::Spring(s) => {
             out += "Spring Kafka dead letter (kafka_dlt-* headers):\n";
+            // Any producer can write these headers: escaped like every other record bytes.
             let mut field = |k: &str, v: Option<String>| {
                 out += &format!("  {k:<18} {}\n", v.unwrap_or_else(|| "-".into()))
             };
-            field("exception", s.exception.clone());
-            field("message", s.message.clone());
-            field("original topic", s.original_topic.clone());
+            let text = |v: &Option<String>, max| v.as_deref().map(|t| for_terminal(t, max));
+            field("exception", text(&s.exception, TEXT));
+            if s.cause.is_some() {
+                field("cause", text(&s.cause, TEXT));
+            }
+            field("message", text(&s.message, TEXT));
+            field("original topic", text(&s.original_topic, NAME));
             field(
                 "original partition",
                 s.original_partition.map(|p| p.to_string()),
             );
             field("original offset", s.original_offset.map(|o| o.to_string()));
             field("original time", s.original_timestamp.map(time));
-            field("group", s.group.clone());
+            if s.original_timestamp_type.is_some() {
+                field("timestamp type", text(&s.original_timestamp_type, NAME));
+            }
+            field("group", text(&s.group, NAME));
+            if let Some(trace) = &s.stacktrace {
+                out += &stack_trace(trace);
+            }
         }
-        Provenance::Unknown(e) => out += &format!("no sidetrack envelope ({e})\n"),
+        Provenance::Unknown(e) => {
+            out += &format!(
+                "no sidetrack envelope ({})\n",
+                for_terminal(e.to_string(), TEXT)
+            )
+        }
     }
     let user: Vec<&Header> = r
         .user_headers()
@@ -347,15 +401,15 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         let v = h
             .value
             .as_deref()
-            .map(preview)
+            .map(|v| for_terminal(v, TEXT))
             .unwrap_or_else(|| "(null)".into());
-        out += &format!("  {:<18} {v}\n", preview(&h.key));
+        out += &format!("  {:<18} {v}\n", for_terminal(&h.key, NAME));
     }
     out += &format!(
         "key: {}\n",
         r.key
             .as_deref()
-            .map(preview)
+            .map(|k| for_terminal(k, TEXT))
             .unwrap_or_else(|| "(null)".into())
     );
     match r.payload.as_deref() {
@@ -363,12 +417,13 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         Some(p) => match serde_json::from_slice::<serde_json::Value>(p) {
             Ok(v) => {
                 out += &format!("payload ({} bytes, JSON):\n", p.len());
-                out += &serde_json::to_string_pretty(&v).unwrap_or_default();
+                out +=
+                    &json_for_terminal(&serde_json::to_string_pretty(&v).unwrap_or_default(), JSON);
                 out += "\n";
             }
             Err(_) => {
                 out += &format!("payload ({} bytes, not JSON):\n", p.len());
-                out += &preview(p);
+                out += &for_terminal(p, TEXT);
                 out += "\n";
             }
         },
@@ -376,34 +431,29 @@ pub fn describe_at(r: &Record, now: i64) -> String {
     out
 }
 
-/// Text as is when it is printable UTF-8, else escaped; at most 2 KiB shown.
-fn preview(bytes: &[u8]) -> String {
-    const MAX: usize = 2048;
-    let shown = &bytes[..bytes.len().min(MAX)];
-    let mut s = match std::str::from_utf8(shown) {
-        Ok(t) if !t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => t.to_owned(),
-        _ => shown
-            .iter()
-            .flat_map(|b| std::ascii::escape_default(*b))
-            .map(char::from)
-            .collect(),
-    };
-    if bytes.len() > MAX {
-        s += &format!("… ({} more bytes)", bytes.len() - MAX);
+/// Lines of a Java stack trace shown by `dlq show`; the rest is counted.
+const STACK_LINES: usize = 30;
+
+/// Spring's `kafka_dlt-exception-stacktrace`, indented, each line escaped like any other
+/// bytes from the record, at most [`STACK_LINES`] lines.
+fn stack_trace(trace: &str) -> String {
+    let lines: Vec<&str> = trace.lines().collect();
+    let mut out = format!("  stack trace ({} lines):\n", lines.len());
+    for line in lines.iter().take(STACK_LINES) {
+        out += &format!("    {}\n", for_terminal(line.replace('\t', "  "), TEXT));
     }
-    s
+    if lines.len() > STACK_LINES {
+        out += &format!("    … ({} more lines)\n", lines.len() - STACK_LINES);
+    }
+    out
 }
 
-fn cut(s: &str, n: usize) -> String {
-    let one_line = s.replace(['\n', '\r', '\t'], " ");
-    if one_line.chars().count() <= n {
-        one_line
-    } else {
-        let mut t: String = one_line.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
+/// Characters shown of a name (topic, group, header name): Kafka's own limit is 249.
+const NAME: usize = 256;
+/// Characters shown of a text (error, header value, key, payload not JSON).
+const TEXT: usize = 2048;
+/// Characters shown of a JSON payload (pretty-printed).
+const JSON: usize = 16 * 1024;
 
 pub fn age(secs: i64) -> String {
     match secs {
@@ -620,6 +670,10 @@ mod tests {
         ) {
             let row = Row::at(&r, now);
             let text = describe_at(&r, now);
+            // Whatever the bytes: every line is the description's own, nothing a terminal
+            // obeys, and the length is bounded (payload shown up to 16 Ki characters).
+            prop_assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{:?}", text);
+            prop_assert!(text.chars().count() < 64 * 1024);
             let _ = f.verdict(&r, &row, now);
             let _ = f.check(now);
             let _ = f.start(now);
@@ -645,7 +699,7 @@ mod tests {
                     // Not readable, and the reason says why.
                     let why = e.to_string();
                     prop_assert!(row.error.contains(&why), "{} / {}", row.error, why);
-                    prop_assert!(text.contains(&why));
+                    prop_assert!(text.contains(&for_terminal(&why, TEXT)));
                 }
             }
         }
@@ -711,6 +765,65 @@ mod tests {
             reason: None,
             key: None,
         }
+    }
+
+    /// As Spring Kafka 4.1's `DeadLetterPublishingRecoverer` writes them after a listener
+    /// container's listener threw (tests/interop.rs checks this against the real library).
+    #[test]
+    fn spring_dead_letters_show_the_root_cause_and_a_bounded_escaped_stack_trace() {
+        let mut trace = String::from(
+            "org.springframework.kafka.listener.ListenerExecutionFailedException: Listener failed\n",
+        );
+        for i in 0..40 {
+            trace += &format!("\tat a.B.c{i}(B.java:{i})\n");
+        }
+        trace += "Caused by: java.lang.IllegalStateException: declined \x1b[31mred\n";
+        let r = Record {
+            key: Some(b"\xff\x00k".to_vec()),
+            headers: vec![
+                Header::new("trace", b"t-1".to_vec()),
+                Header::new(
+                    "kafka_dlt-exception-fqcn",
+                    b"org.springframework.kafka.listener.ListenerExecutionFailedException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-cause-fqcn",
+                    b"java.lang.IllegalStateException".to_vec(),
+                ),
+                Header::new(
+                    "kafka_dlt-exception-message",
+                    b"Listener failed; declined \x1b[31mred".to_vec(),
+                ),
+                Header::new("kafka_dlt-exception-stacktrace", trace.into_bytes()),
+                Header::new("kafka_dlt-original-timestamp-type", b"CreateTime".to_vec()),
+            ],
+            ..rec(None)
+        };
+        let row = Row::at(&r, 0);
+        assert_eq!(
+            row.error,
+            "java.lang.IllegalStateException: Listener failed; declined \x1b[31mred"
+        );
+        assert_eq!(for_cell(row.raw_key.as_deref().unwrap(), 40), r"\xff\x00k");
+        let text = describe_at(&r, 0);
+        for line in [
+            "  exception          org.springframework.kafka.listener.ListenerExecutionFailedException",
+            "  cause              java.lang.IllegalStateException",
+            r"  message            Listener failed; declined \x1b[31mred",
+            "  timestamp type     CreateTime",
+            "  stack trace (42 lines):",
+            "      at a.B.c0(B.java:0)",
+            "    … (12 more lines)",
+            "user headers (1):",
+            r"key: \xff\x00k",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            !text.contains("c29("),
+            "30 lines of the trace at most:\n{text}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sidetrack::dead_letter::{scan, Record, StartAt};
+use sidetrack::dead_letter::{scan_report, Record, Scanned, StartAt};
 
 use crate::Failure;
 
@@ -125,22 +125,19 @@ impl Kafka {
         .await
     }
 
-    /// Scans `topic` from `start`, calling `f` per record, until the end offsets seen at the
-    /// start (or `f` breaks). Returns how far each partition was read (see
-    /// [`sidetrack::dead_letter::scan`]): progress may be saved there, never further.
-    pub async fn scan<F>(
-        &self,
-        topic: &str,
-        start: StartAt,
-        f: F,
-    ) -> Result<HashMap<i32, i64>, Failure>
+    /// Scans `topic` from `start`, calling `f` per committed record, until the last stable
+    /// offsets seen at the start (or `f` breaks). Returns how far each partition was read (see
+    /// [`sidetrack::dead_letter::scan_report`]): progress may be saved there, never further;
+    /// and which partitions an open transaction held back ([`held_back`] says so to the user).
+    pub async fn scan<F>(&self, topic: &str, start: StartAt, f: F) -> Result<Scanned, Failure>
     where
         F: FnMut(Record) -> ControlFlow<()> + Send + 'static,
     {
         self.partitions(topic).await?;
         let config = self.clone_config();
         let (topic, timeout) = (topic.to_owned(), self.timeout);
-        blocking(move || scan(&config, &topic, &start, timeout, f).map_err(Failure::from)).await
+        blocking(move || scan_report(&config, &topic, &start, timeout, f).map_err(Failure::from))
+            .await
     }
 
     /// The record at exactly `topic[partition]@offset`, or why it is not there (the topic or
@@ -164,27 +161,63 @@ impl Kafka {
         }
         let found = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&found);
-        self.scan(
-            topic,
-            StartAt::Offsets(HashMap::from([(partition, offset)])),
-            move |r| {
-                *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                ControlFlow::Break(())
-            },
-        )
-        .await?;
+        let scanned = self
+            .scan(
+                topic,
+                StartAt::Offsets(HashMap::from([(partition, offset)])),
+                move |r| {
+                    *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    ControlFlow::Break(())
+                },
+            )
+            .await?;
         let first = found.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(match first {
             Some(r) if r.offset == offset => Ok(r),
             Some(r) => Err(format!(
-                "no record at {topic}[{partition}]@{offset} any more (the next one is @{})",
+                "no record at {topic}[{partition}]@{offset} (the next one is @{}; it is no longer retained, or was a transaction marker or an aborted record)",
                 r.offset
             )),
-            None => Err(format!(
-                "no record at {topic}[{partition}]@{offset} (the partition ends before it)"
-            )),
+            None => Err(match scanned.open.get(&partition) {
+                Some(t) if offset >= t.stable_end => format!(
+                    "no record at {topic}[{partition}]@{offset} yet (offsets from {} on are held back by a transaction that is still open)",
+                    t.stable_end
+                ),
+                _ => format!(
+                    "no record at {topic}[{partition}]@{offset} (the partition ends before it, or the offset is a transaction marker or an aborted record)"
+                ),
+            }),
         })
     }
+}
+
+/// What an open transaction held back from a scan of `topic`, one line per partition (none
+/// when nothing was held back), for stderr. `then` ends each line: what a later run does.
+///
+/// An open transaction is a normal moment for a transactional producer (Spring Kafka writes
+/// its DLT inside the listener's transaction); one whose producer died is aborted by the broker
+/// after the producer's `transaction.timeout.ms`. So this is reported, not an error: what was
+/// read is every committed record before it, and nothing past it is lost to a later run.
+pub fn held_back(topic: &str, scanned: &Scanned, then: &str) -> Vec<String> {
+    // Only where the scan got to the stable end: one stopped earlier (`--limit`) was not held.
+    let mut parts: Vec<_> = scanned
+        .open
+        .iter()
+        .filter(|(p, t)| scanned.reached.get(p).is_some_and(|r| *r >= t.stable_end))
+        .collect();
+    parts.sort_by_key(|(p, _)| **p);
+    parts
+        .into_iter()
+        .map(|(p, t)| {
+            let n = t.held();
+            format!(
+                "`{topic}` partition {p}: read up to offset {} only; {n} offset{} from there on {} held back by a transaction that is still open (neither committed nor aborted); {then}",
+                t.stable_end,
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "is" } else { "are" },
+            )
+        })
+        .collect()
 }
 
 /// Consumer settings of a progress-group member that the user's `-X` may change.

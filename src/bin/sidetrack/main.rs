@@ -361,10 +361,18 @@ fn parse_limit(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Slowest `--rate`: one record every 1000 s. Slower rates are not useful, and the interval
+/// between two records (1/rate) must fit a `Duration` (`1e-20/s` overflowed it: a panic).
+const MIN_RATE: f64 = 0.001;
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let n = s.strip_suffix("/s").unwrap_or(s);
     match n.trim().parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        Ok(r) if r.is_finite() && r >= MIN_RATE => Ok(r),
+        Ok(r) if r.is_finite() && r > 0.0 => Err(format!(
+            "`{s}` is too slow: the lowest rate is {MIN_RATE}/s (one record every {} s)",
+            1.0 / MIN_RATE
+        )),
         _ => Err(format!("`{s}` is not a positive rate like 100/s")),
     }
 }
@@ -375,7 +383,11 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message());
+            // Messages can quote broker answers and record-derived names.
+            eprintln!(
+                "error: {}",
+                sidetrack::escape::for_terminal(f.message(), 4096)
+            );
             ExitCode::from(f.code())
         }
     }
@@ -417,6 +429,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_positive_finite_and_not_too_slow() {
+        assert_eq!(parse_rate("100/s"), Ok(100.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        assert_eq!(parse_rate("0.001/s"), Ok(0.001));
+        assert!(parse_rate("1e300/s").is_ok());
+        for bad in [
+            "0", "-1/s", "NaN", "inf/s", "1e-20/s", "0.0009/s", "5e-324", "fast",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert!(parse_rate("1e-20/s").unwrap_err().contains("too slow"));
+        // Every accepted rate has an interval a Duration holds.
+        for ok in ["0.001", "1", "1e300"] {
+            let r = parse_rate(ok).unwrap();
+            assert!(Duration::try_from_secs_f64(1.0 / r).is_ok());
+        }
+    }
 
     #[test]
     fn times_parse_unresolved_and_to_the_millisecond() {

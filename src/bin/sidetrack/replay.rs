@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
+use sidetrack::escape::for_terminal;
 use sidetrack::retry::{format_delay, ErrorKind};
 use sidetrack::{Config, Envelope, Header};
 use tokio::sync::mpsc;
 
 use crate::dlq::{now_ms, Row, Verdict};
-use crate::kafka::{Kafka, Member};
+use crate::kafka::{held_back, Kafka, Member};
 use crate::{Failure, ReplayArgs};
 
 /// Records acknowledged before progress is saved.
@@ -39,6 +40,13 @@ const TOPIC_CACHE: usize = 1024;
 /// an `oversized` original is bigger than librdkafka's 1 MB default by nature. The broker
 /// still enforces the topic's own limit.
 const MAX_MESSAGE_BYTES: &str = "100000000";
+
+/// Characters shown of a topic name (Kafka's limit is 249).
+const NAME: usize = 256;
+/// Characters shown of a key in a dry run.
+const KEY: usize = 256;
+/// Characters shown of why a record is skipped.
+const TEXT: usize = 2048;
 
 /// Provenance headers written on every replayed record (earlier ones are replaced).
 const REPLAY_ID: &str = "sidetrack-replay-id";
@@ -215,8 +223,16 @@ async fn run(
     // The sender's failure first: it is why the scan stopped.
     worked?;
     let scanned = scanned?;
+    let then = if member.is_some() {
+        "progress stops there: run the same command again once it commits to replay its records"
+    } else {
+        "its records are not considered until it commits"
+    };
+    for line in held_back(&dlq, &scanned, then) {
+        eprintln!("{line}");
+    }
     // What the scan read, and no further than a record a later run may still select.
-    let mut end: HashMap<i32, i64> = scanned;
+    let mut end: HashMap<i32, i64> = scanned.reached;
     for (p, h) in &out.holds {
         end.entry(*p).and_modify(|e| *e = (*e).min(*h));
     }
@@ -307,13 +323,17 @@ impl<'a> Sender<'a> {
         self.planned += 1;
         self.targets.insert(p.topic.clone());
         if self.member.is_none() {
+            // One line per record whatever its bytes: on-call reads these before `--yes`.
             println!(
                 "would send {}:{} -> {}{} key={} ({})",
                 p.dlq_partition,
                 p.dlq_offset,
-                p.topic,
+                for_terminal(&p.topic, NAME),
                 p.partition.map(|x| format!("[{x}]")).unwrap_or_default(),
-                row.key.as_deref().unwrap_or("-"),
+                row.raw_key
+                    .as_deref()
+                    .map(|k| for_terminal(k, KEY))
+                    .unwrap_or_else(|| "-".into()),
                 row.reason.as_deref().unwrap_or("no envelope"),
             );
             return Ok(());
@@ -328,6 +348,8 @@ impl<'a> Sender<'a> {
 
     fn skip(&mut self, partition: i32, offset: i64, why: &str) {
         self.skipped += 1;
+        // `why` may quote envelope fields (topic names): escaped here, once.
+        let why = for_terminal(why, TEXT);
         if self.member.is_none() {
             println!("would skip {partition}:{offset} {why}");
         } else {
@@ -433,7 +455,8 @@ impl<'a> Sender<'a> {
     }
 
     async fn finish(mut self, dlq: &str, end: HashMap<i32, i64>) -> Result<(), Failure> {
-        let group = self.group;
+        // Names as given on the command line (an alert's command, pasted): shown escaped too.
+        let (dlq, group) = (&for_terminal(dlq, NAME), for_terminal(self.group, NAME));
         let skipped = if self.skipped == 0 {
             String::new()
         } else {
@@ -470,7 +493,11 @@ impl<'a> Sender<'a> {
             "replayed {} record{} from `{dlq}` to {} (all acknowledged){skipped}; progress saved under consumer group `{group}`",
             self.sent,
             if self.sent == 1 { "" } else { "s" },
-            self.targets.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
+            self.targets
+                .iter()
+                .map(|t| for_terminal(t, NAME))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         Ok(())
     }
@@ -515,8 +542,7 @@ async fn plan_one(
     // Names come from envelopes (any bytes): ask the broker only about legal ones.
     if !legal_topic(&topic) {
         return Ok(Err(format!(
-            "its target `{}` is not a legal topic name",
-            topic.escape_debug()
+            "its target `{topic}` is not a legal topic name"
         )));
     }
     let count = match plan.partitions.get(&topic) {
@@ -544,7 +570,7 @@ async fn plan_one(
             if !legal_topic(&e.original_topic) {
                 return Ok(Err(format!(
                     "oversized: its original topic `{}` is not a legal topic name",
-                    e.original_topic.escape_debug()
+                    e.original_topic
                 )));
             }
             let at = format!(
@@ -577,6 +603,19 @@ async fn plan_one(
             let user = original.user_headers().to_vec();
             (original.key, original.payload, user)
         }
+        // Spring's `kafka_dlt-*` headers are its envelope, not the user's: like sidetrack's,
+        // they stay on the DLQ (sent back, a Spring consumer failing again would append a
+        // second set after them).
+        Provenance::Spring(_) => (
+            record.key.clone(),
+            record.payload.clone(),
+            record
+                .user_headers()
+                .iter()
+                .filter(|h| !h.key.starts_with(b"kafka_dlt-"))
+                .cloned()
+                .collect(),
+        ),
         _ => (
             record.key.clone(),
             record.payload.clone(),

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use sidetrack::escape::for_terminal;
 use sidetrack::retry::Topology;
 use sidetrack::Config;
 
@@ -59,13 +60,18 @@ pub async fn topology(
     };
     println!(
         "group `{}` (retry consumer group `{}`)",
-        topology.group(),
-        topology.retry_group()
+        name(topology.group()),
+        name(topology.retry_group())
     );
     let mut attempt = 1u32;
     for s in topology.sources() {
         println!();
-        println!("{:<16} {:<44} {}", "attempt 1", s.topic, state(&s.topic));
+        println!(
+            "{:<16} {:<44} {}",
+            "attempt 1",
+            name(&s.topic),
+            state(&s.topic)
+        );
         for (i, t) in s.retry.iter().enumerate() {
             let first = attempt + 1;
             attempt += t.attempts;
@@ -80,13 +86,13 @@ pub async fn topology(
                 humantime::format_duration(t.delay),
                 state(&t.name)
             );
-            println!("{label:<16} {:<44} {what}", t.name);
+            println!("{label:<16} {:<44} {what}", name(&t.name));
         }
         let what = format!(
             "after attempt {attempt} or a permanent error; {}",
             state(&s.dead_letter)
         );
-        println!("{:<16} {:<44} {what}", "dead letters", s.dead_letter);
+        println!("{:<16} {:<44} {what}", "dead letters", name(&s.dead_letter));
         attempt = 1;
     }
     let missing: Vec<&str> = status
@@ -160,9 +166,9 @@ pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), 
                 let lag = (high - c.unwrap_or(low).max(low)).max(0);
                 println!(
                     "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
-                    t,
+                    name(t),
                     p,
-                    g,
+                    name(g),
                     c.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     high,
                     lag
@@ -176,7 +182,7 @@ pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), 
             for (p, (low, high)) in parts {
                 println!(
                     "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
-                    dlq,
+                    name(&dlq),
                     p,
                     "(dead letters)",
                     "-",
@@ -187,4 +193,10 @@ pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// A topic or group name as shown: names come from the broker, the config or the command
+/// line, and are escaped like everything else printed.
+fn name(s: &str) -> String {
+    for_terminal(s, 256)
 }
