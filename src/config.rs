@@ -90,6 +90,24 @@ pub struct Config {
     /// then not stored, so they are delivered again after a restart).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Longest one handler call may run (default 60 s). When it passes, the call's future is
+    /// dropped and the record is a retryable failure ("timed out after …"): it goes to its
+    /// retry tier, or to the DLQ as `exhausted` when no retry is left, like any other failure,
+    /// and is counted in `sidetrack_handler_timeouts_total`. A handler may set its own limit
+    /// with [`Handler::timeout`](crate::Handler::timeout). A call that blocks its thread cannot
+    /// be cancelled (see `handler_blocking_after`). 1 ms to 24 h.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    /// A handler call still running after this long is logged once at WARN, with its topic,
+    /// partition, offset and key (default 10 s; no warning when it is not shorter than the
+    /// call's time limit). 1 ms to 24 h.
+    #[serde(with = "humantime_serde")]
+    pub handler_warn_after: Duration,
+    /// A handler that holds its thread this long inside one poll of its future (a blocking
+    /// call, not an `.await`) is reported once at ERROR and counted in
+    /// `sidetrack_handler_blocking_total` (default 2 s; checked every 100 ms). 100 ms to 1 h.
+    #[serde(with = "humantime_serde")]
+    pub handler_blocking_after: Duration,
     /// Which records of one partition may be handled at the same time; the same for source
     /// and retry tier partitions. See [`Ordering`].
     pub ordering: Ordering,
@@ -129,6 +147,9 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             alerts: AlertsConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+            handler_warn_after: Duration::from_secs(10),
+            handler_blocking_after: Duration::from_secs(2),
             ordering: Ordering::Partition,
             max_in_flight: 64,
             max_waiting: 1024,
@@ -707,6 +728,10 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TIER_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most retries a policy may make in total.
 pub const MAX_RETRIES: u32 = 1000;
+/// Default of [`Config::handler_timeout`].
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest handler time limit (config or [`Handler::timeout`](crate::Handler::timeout)).
+pub const MAX_HANDLER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Most handler calls at once per partition.
 pub const MAX_IN_FLIGHT: usize = 10_000;
 /// Most records waiting or ahead of the frontier per partition.
@@ -793,6 +818,8 @@ impl Config {
             ("handoff.backoff_max", self.handoff.backoff_max),
             ("provisioning.timeout", self.provisioning.timeout),
             ("alerts.timeout", self.alerts.timeout),
+            ("handler_timeout", self.handler_timeout),
+            ("handler_warn_after", self.handler_warn_after),
         ] {
             if value < Duration::from_millis(1) {
                 return Err(ConfigError::invalid(field, "must be at least 1ms"));
@@ -801,6 +828,7 @@ impl Config {
         for (field, value) in [
             ("metrics.lag_interval", self.metrics.lag_interval),
             ("alerts.window", self.alerts.window),
+            ("handler_blocking_after", self.handler_blocking_after),
         ] {
             if value < Duration::from_millis(100) {
                 return Err(ConfigError::invalid(field, "must be at least 100ms"));
@@ -832,6 +860,14 @@ impl Config {
                 "24h",
             ),
             ("alerts.window", self.alerts.window, DAY, "24h"),
+            ("handler_timeout", self.handler_timeout, DAY, "24h"),
+            ("handler_warn_after", self.handler_warn_after, DAY, "24h"),
+            (
+                "handler_blocking_after",
+                self.handler_blocking_after,
+                HOUR,
+                "1h",
+            ),
         ] {
             if value > max {
                 return Err(ConfigError::invalid(

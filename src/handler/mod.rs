@@ -30,6 +30,7 @@ mod message;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -72,11 +73,51 @@ pub trait Handler: Send + Sync + 'static {
         msg: &Message,
         cx: &Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// This handler's own time limit per call, instead of
+    /// [`Config::handler_timeout`](crate::Config::handler_timeout) (`None`, the default: the
+    /// config's). When it passes, the call's future is dropped and the record is a retryable
+    /// failure ("timed out after …") that goes to its retry tier, or to the DLQ when no retry
+    /// is left. Read once when a partition task starts, not per record; clamped to 1 ms – 24 h.
+    ///
+    /// The limit belongs with the code that knows how long its work may take (a handler that
+    /// calls a slow batch API), so it travels with the handler type; deployments tune the
+    /// default for every other handler in the config.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{Context, Handler, HandlerError, Message};
+    ///
+    /// struct Reindex;
+    ///
+    /// impl Handler for Reindex {
+    ///     async fn handle(&self, _msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+    ///         Ok(())
+    ///     }
+    ///     fn timeout(&self) -> Option<Duration> {
+    ///         Some(Duration::from_secs(300))
+    ///     }
+    /// }
+    /// ```
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A [`Handler`] made from an async closure; see [`handler_fn`].
 #[derive(Clone)]
-pub struct HandlerFn<F>(F);
+pub struct HandlerFn<F> {
+    f: F,
+    timeout: Option<Duration>,
+}
+
+impl<F> HandlerFn<F> {
+    /// This handler's own time limit per call; see [`Handler::timeout`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
 
 /// Makes a [`Handler`] from a closure taking an owned [`Message`] and [`Context`] (both cheap
 /// to clone) and returning a future.
@@ -85,7 +126,7 @@ where
     F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    HandlerFn(f)
+    HandlerFn { f, timeout: None }
 }
 
 impl<F, Fut> Handler for HandlerFn<F>
@@ -98,7 +139,11 @@ where
         msg: &Message,
         cx: &Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        (self.0)(msg.clone(), cx.clone())
+        (self.f)(msg.clone(), cx.clone())
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 }
 

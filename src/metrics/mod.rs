@@ -7,7 +7,7 @@
 //! Labels are of low cardinality: `group`, `topic` (a topic actually read: source or retry
 //! tier), `source` (the source topic), `tier` (retry tier index), `reason`
 //! ([`DeadLetterReason`](crate::DeadLetterReason)), `outcome` (`handled`, `retry`,
-//! `dead_letter`), and `partition` only on the per-partition lag gauge.
+//! `dead_letter`), and `partition` only on per-partition gauges.
 //!
 //! The README's "Monitoring" section lists every metric with a suggested alert.
 
@@ -68,6 +68,19 @@ pub const PARTITION_FRONTIER_LAG: &str = "sidetrack_partition_frontier_lag";
 /// Partition tasks that ended unexpectedly (a panic outside the handler, or an error the
 /// task cannot get past) and were restarted by their supervisor. Labels: `group`, `topic`.
 pub const PARTITION_TASK_FAILURES: &str = "sidetrack_partition_task_failures_total";
+/// Handler calls cancelled at their time limit (`handler_timeout`, or the handler's own
+/// [`Handler::timeout`](crate::Handler::timeout)): the call's future was dropped and the record
+/// went to its retry tier (or the DLQ) as a retryable failure. Labels: `group`, `topic`.
+pub const HANDLER_TIMEOUTS: &str = "sidetrack_handler_timeouts_total";
+/// Age of the oldest handler call running in one partition (0 when none runs), updated every
+/// half second. A value that keeps growing is a stuck call. Labels: `group`, `topic`,
+/// `partition`.
+pub const HANDLER_OLDEST_CALL_SECONDS: &str = "sidetrack_handler_oldest_call_seconds";
+/// Handler calls that blocked their thread: one poll of the handler's future did not return
+/// for `handler_blocking_after` (`std::thread::sleep`, a blocking client, long computation
+/// between `.await`s). Such a call cannot be cancelled; each is also logged at ERROR.
+/// Labels: `group`, `topic`.
+pub const HANDLER_BLOCKING: &str = "sidetrack_handler_blocking_total";
 /// Fatal errors raised by a Kafka client (`client` = `producer` or `consumer`). A fatal
 /// producer error replaces the hand-off producer; a fatal consumer error stops the runtime with
 /// an error.
@@ -166,6 +179,21 @@ pub fn describe() {
         PARTITION_TASK_FAILURES,
         Unit::Count,
         "Partition tasks that ended unexpectedly and were restarted."
+    );
+    describe_counter!(
+        HANDLER_TIMEOUTS,
+        Unit::Count,
+        "Handler calls cancelled at their time limit and sent to their retry tier or the DLQ."
+    );
+    describe_gauge!(
+        HANDLER_OLDEST_CALL_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest handler call running in one partition."
+    );
+    describe_counter!(
+        HANDLER_BLOCKING,
+        Unit::Count,
+        "Handler calls that blocked their thread (one poll longer than handler_blocking_after)."
     );
     describe_counter!(
         CLIENT_FATAL_ERRORS,

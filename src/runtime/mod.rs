@@ -25,6 +25,7 @@ mod provision;
 mod scheduler;
 mod signal;
 mod supervisor;
+mod watchdog;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -207,6 +208,7 @@ impl Runtime {
             self.config.brokers.clone(),
             self.config.alerts.command.clone(),
         ));
+        let watchdog = watchdog::Watchdog::start(self.config.handler_blocking_after);
         let shared = Arc::new(Shared {
             alerts,
             cx: Context::new(self.config.group.clone(), shutdown.token().clone()),
@@ -219,6 +221,7 @@ impl Runtime {
             partitions,
             shutdown: shutdown.clone(),
             fatal: std::sync::Mutex::new(None),
+            watchdog,
             breakers: Arc::default(),
         });
         let sources: Vec<String> = shared
@@ -387,6 +390,8 @@ pub(crate) struct Shared {
     pub(crate) cx: Context,
     /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
     pub(crate) fatal: std::sync::Mutex<Option<Error>>,
+    /// Watches handler calls from a thread of its own (oldest-call gauge, blocking handlers).
+    pub(crate) watchdog: Arc<watchdog::Watchdog>,
     /// Every partition's dead-letter breaker, for the operator's commands.
     pub(crate) breakers: Arc<breaker::Breakers>,
 }

@@ -23,6 +23,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
 use super::signal::Signal;
+use super::watchdog::Calls;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
@@ -61,7 +62,10 @@ pub(crate) trait RunPartition: Send + Sync + 'static {
 }
 
 impl<H: Handler> RunPartition for H {
-    fn run<'a>(&'a self, task: PartitionTask, queue: Arc<Queue>) -> BoxFuture<'a, End> {
+    fn run<'a>(&'a self, mut task: PartitionTask, queue: Arc<Queue>) -> BoxFuture<'a, End> {
+        if let Some(timeout) = Handler::timeout(self) {
+            task.limits = Limits::new(&task.shared.config, timeout);
+        }
         Box::pin(async move {
             match task.ordering {
                 RecordOrdering::Partition => task.run_sequential(self, queue).await,
@@ -131,6 +135,8 @@ pub(crate) struct Taken {
 pub(crate) struct Finished {
     seq: Seq,
     key: Option<u64>,
+    /// The watchdog slot its call used, free again.
+    slot: usize,
     /// Views into `raw`: declared (and so dropped) before it.
     outcome: Result<Step, Abandoned>,
     raw: Raw,
@@ -206,10 +212,58 @@ pub(crate) struct PartitionTask {
     pause: Pause,
     /// Handler calls so far, for sampling their duration.
     calls: AtomicU32,
+    /// The handler calls as the watchdog sees them (oldest-call gauge, blocking polls).
+    watched: Arc<Calls>,
+    /// When a handler call is warned about and cancelled.
+    limits: Limits,
     /// The breaker state this task starts with, and its partition's control (set by the
     /// supervisor; see [`super::breaker`]).
     pub(super) breaker: Breaker,
     pub(super) breaker_control: Arc<BreakerControl>,
+}
+
+/// When a handler call is warned about and when it is cancelled.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// `None` when not shorter than the limit (the timeout is reported instead).
+    warn_after: Option<Duration>,
+    timeout: Duration,
+}
+
+impl Limits {
+    fn new(config: &crate::Config, timeout: Duration) -> Self {
+        let timeout = timeout.clamp(Duration::from_millis(1), crate::config::MAX_HANDLER_TIMEOUT);
+        Limits {
+            warn_after: (config.handler_warn_after < timeout).then_some(config.handler_warn_after),
+            timeout,
+        }
+    }
+}
+
+/// Which deadline a waiting handler call's timer is set to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The slow-call warning.
+    Warn,
+    /// The time limit.
+    Limit,
+}
+
+/// At most this many bytes of a key are shown in a log line.
+const SHOWN_KEY_BYTES: usize = 64;
+
+/// A record key as shown in a log line: at most [`SHOWN_KEY_BYTES`], invalid UTF-8 replaced,
+/// control characters and quotes escaped (`{:?}`), and the full length when it was cut.
+fn shown_key(key: Option<&[u8]>) -> String {
+    match key {
+        None => "none".to_owned(),
+        Some(k) if k.len() <= SHOWN_KEY_BYTES => format!("{:?}", String::from_utf8_lossy(k)),
+        Some(k) => format!(
+            "{:?}… ({} bytes)",
+            String::from_utf8_lossy(&k[..SHOWN_KEY_BYTES]),
+            k.len()
+        ),
+    }
 }
 
 impl PartitionTask {
@@ -246,8 +300,16 @@ impl PartitionTask {
             &shared.topology.sources()[source].topic,
             tier.is_some(),
         );
+        let slots = match shared.config.ordering {
+            RecordOrdering::Partition => 1,
+            _ => shared.config.max_in_flight,
+        };
+        let watched = shared.watchdog.watch(group_id, topic, partition, slots);
+        let limits = Limits::new(&shared.config, shared.config.handler_timeout);
         let topic: Arc<str> = Arc::from(topic);
         PartitionTask {
+            watched,
+            limits,
             meters,
             stop: shared.shutdown.clone(),
             ordering: shared.config.ordering,
@@ -283,6 +345,8 @@ impl PartitionTask {
         // per record takes the token's lock twice.
         let mut stopped = pin!(stop.cancelled());
         let mut revoked_wait = pin!(revoked.cancelled());
+        // One timer for the task, set again for each handler call that waits.
+        let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
         let mut frontier = Frontier::default();
         let mut handoffs = FuturesUnordered::new();
         let mut batch = Batch {
@@ -389,7 +453,9 @@ impl PartitionTask {
                     }
                     let (sampled, started) = self.clock_for_call();
                     let (result, elapsed) = {
-                        let call = invoke_static(handler, &msg, &self.shared.cx);
+                        let call = self.watched.watched(0, msg.offset(), || {
+                            invoke_static(handler, &msg, &self.shared.cx)
+                        });
                         let mut call = pin!(match span {
                             Some(span) => Either::Left(call.instrument(span)),
                             None => Either::Right(call),
@@ -404,10 +470,17 @@ impl PartitionTask {
                                 // slow handlers and a full queue, every 256 records could be
                                 // seconds of work redone after a crash).
                                 self.flush(&mut frontier, &mut batch, 1, 0);
+                                let (deadline, mut stage) = self.first_deadline(started);
+                                timer.as_mut().reset(deadline);
                                 let result = loop {
                                     tokio::select! {
                                         biased;
                                         result = &mut call => break result,
+                                        _ = &mut timer => {
+                                            if let Some(e) = self.timer_fired(&msg, &mut stage, timer.as_mut(), started) {
+                                                break Err(e);
+                                            }
+                                        }
                                         Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
                                             if let Err(end) = self.settled(seq, settled, &mut frontier) {
                                                 return end;
@@ -420,7 +493,9 @@ impl PartitionTask {
                                             // waits for this task to end before it takes a record,
                                             // so the record is never in two handler calls at once.
                                             drop(queue.take());
-                                            let _ = call.await;
+                                            // Bounded by the call's time limit, like any call.
+                                            let limit = self.deadline(started, self.limits.timeout);
+                                            let _ = tokio::time::timeout_at(limit, call).await;
                                             return End::Revoked;
                                         }
                                     }
@@ -454,6 +529,8 @@ impl PartitionTask {
         );
         let mut frontier = Frontier::default();
         let mut running = FuturesUnordered::new();
+        // Watchdog slots of calls not running; the scheduler never runs more than there are.
+        let mut free: Vec<usize> = (0..config.max_in_flight).rev().collect();
         let mut handoffs = FuturesUnordered::new();
         let mut batch = Batch {
             now: now_ms(),
@@ -486,7 +563,7 @@ impl PartitionTask {
             }
             // Completions first, without waiting: they free room for new records.
             while let Some(Some(finished)) = running.next().now_or_never() {
-                let key = finished.key;
+                let (key, slot) = (finished.key, finished.slot);
                 if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
                 {
                     if matches!(end, End::Stopped) {
@@ -494,11 +571,12 @@ impl PartitionTask {
                     }
                     return end;
                 }
-                if let Some(next) = scheduler.finish(key) {
-                    // Not started once the breaker opened: no outcome, taken again later.
-                    if batch.breaker.may_take() {
-                        running.push(self.process(handler, next));
+                match scheduler.finish(key) {
+                    Some(next) if batch.breaker.may_take() => {
+                        running.push(self.process(handler, next, slot))
                     }
+                    // Not started once the breaker opened: no outcome, taken again later.
+                    _ => free.push(slot),
                 }
             }
             if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
@@ -541,16 +619,18 @@ impl PartitionTask {
                             _ = &mut stopped => continue,
                             _ = &mut revoked_wait => continue,
                             Some(finished) = running.next(), if !running.is_empty() => {
-                                let key = finished.key;
+                                let (key, slot) = (finished.key, finished.slot);
                                 if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
                                     if !matches!(end, End::Stopped) {
                                         return end;
                                     }
                                 }
-                                if let Some(next) = scheduler.finish(key) {
-                                    if batch.breaker.may_take() {
-                                        running.push(self.process(handler, next));
+                                match scheduler.finish(key) {
+                                    Some(next) if batch.breaker.may_take() => {
+                                        running.push(self.process(handler, next, slot))
                                     }
+                                    // Not started once the breaker opened: no outcome, taken again later.
+                                    _ => free.push(slot),
                                 }
                                 continue;
                             }
@@ -577,7 +657,9 @@ impl PartitionTask {
             };
             let taken = self.take(detach(raw), &mut frontier, &mut batch);
             if let Some(start) = scheduler.offer(taken.key, taken) {
-                running.push(self.process(handler, start));
+                // A free slot exists: the scheduler runs at most `max_in_flight` calls.
+                let slot = free.pop().unwrap_or(0);
+                running.push(self.process(handler, start, slot));
             }
         }
     }
@@ -866,6 +948,7 @@ impl PartitionTask {
         &'a self,
         handler: &'a H,
         taken: Taken,
+        slot: usize,
     ) -> impl Future<Output = Finished> + Send + 'a {
         let Taken {
             seq,
@@ -875,10 +958,11 @@ impl PartitionTask {
         } = taken;
         let span = self.record_span(&raw, &decoded);
         let run = async move {
-            let outcome = self.outcome(handler, decoded).await;
+            let outcome = self.outcome(handler, decoded, slot).await;
             Finished {
                 seq,
                 key,
+                slot,
                 outcome,
                 raw,
             }
@@ -920,6 +1004,7 @@ impl PartitionTask {
         &self,
         handler: &H,
         decoded: Result<Decoded, Box<Invalid>>,
+        slot: usize,
     ) -> Result<Step, Abandoned> {
         let (msg, due) = match decoded {
             Ok(Decoded { msg, due }) => (msg, due),
@@ -933,12 +1018,31 @@ impl PartitionTask {
         }
         let (sampled, started) = self.clock_for_call();
         let (result, elapsed) = {
-            let mut call = pin!(invoke_static(handler, &msg, &self.shared.cx));
+            let mut call = pin!(self.watched.watched(slot, msg.offset(), || invoke_static(
+                handler,
+                &msg,
+                &self.shared.cx
+            )));
             match futures_util::poll!(call.as_mut()) {
                 Poll::Ready(result) => (result, sampled.then(|| started.elapsed())),
                 Poll::Pending => {
+                    // Only calls that wait get a timer: one, set to the warning and then to
+                    // the time limit.
                     let started = started.or_now();
-                    (call.await, Some(started.elapsed()))
+                    let (deadline, mut stage) = self.first_deadline(started);
+                    let mut timer = pin!(tokio::time::sleep_until(deadline));
+                    let result = loop {
+                        tokio::select! {
+                            biased;
+                            result = &mut call => break result,
+                            _ = &mut timer => {
+                                if let Some(e) = self.timer_fired(&msg, &mut stage, timer.as_mut(), started) {
+                                    break Err(e);
+                                }
+                            }
+                        }
+                    };
+                    (result, Some(started.elapsed()))
                 }
             }
         };
@@ -971,6 +1075,54 @@ impl PartitionTask {
             // The whole cost of the retries so far: from the original record to here.
             if let Some(ts) = msg.timestamp() {
                 meters.e2e_original.record(elapsed_secs(ts, now));
+            }
+        }
+    }
+
+    /// `started + after`, on tokio's clock.
+    fn deadline(&self, started: Instant, after: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(started) + after
+    }
+
+    /// The first deadline of a call that waits: its slow-call warning, or its time limit.
+    fn first_deadline(&self, started: Instant) -> (tokio::time::Instant, Stage) {
+        match self.limits.warn_after {
+            Some(warn) => (self.deadline(started, warn), Stage::Warn),
+            None => (self.deadline(started, self.limits.timeout), Stage::Limit),
+        }
+    }
+
+    /// A waiting call's timer fired: the warning (logged once; the timer is set to the time
+    /// limit), or the time limit: the error the call ends with (its future is then dropped).
+    fn timer_fired(
+        &self,
+        msg: &Message,
+        stage: &mut Stage,
+        timer: std::pin::Pin<&mut tokio::time::Sleep>,
+        started: Instant,
+    ) -> Option<crate::HandlerError> {
+        let limit = self.limits.timeout;
+        match *stage {
+            Stage::Warn => {
+                tracing::warn!(
+                    topic = %self.topic, partition = self.partition, offset = msg.offset(),
+                    key = %shown_key(msg.key()), attempt = msg.attempt(),
+                    running_for = ?started.elapsed(), timeout = ?limit,
+                    "slow handler call: still running; it is cancelled at its time limit (handler_timeout)"
+                );
+                *stage = Stage::Limit;
+                timer.reset(self.deadline(started, limit));
+                None
+            }
+            Stage::Limit => {
+                self.meters.timeouts.increment(1);
+                let error = format!("timed out after {}", humantime::format_duration(limit));
+                tracing::warn!(
+                    topic = %self.topic, partition = self.partition, offset = msg.offset(),
+                    key = %shown_key(msg.key()), attempt = msg.attempt(), timeout = ?limit,
+                    "handler call timed out: cancelled, the record goes to its retry tier (or the DLQ)"
+                );
+                Some(crate::HandlerError::retryable(error))
             }
         }
     }
@@ -1106,6 +1258,7 @@ struct Meters {
     processing_retry: metrics::Histogram,
     processing_dead_letter: metrics::Histogram,
     handled: metrics::Counter,
+    timeouts: metrics::Counter,
 }
 
 impl Meters {
@@ -1125,12 +1278,13 @@ impl Meters {
             partition_in_flight: per_partition(m::PARTITION_IN_FLIGHT),
             partition_waiting: per_partition(m::PARTITION_WAITING),
             partition_frontier_lag: per_partition(m::PARTITION_FRONTIER_LAG),
-            in_flight: metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => g),
+            in_flight: metrics::gauge!(m::RECORDS_IN_FLIGHT, "group" => g.clone()),
             published_in_flight: std::sync::atomic::AtomicI64::new(0),
             processing_handled: processing("handled"),
             processing_retry: processing("retry"),
             processing_dead_letter: processing("dead_letter"),
             handled: metrics::counter!(m::RECORDS_HANDLED, "source" => s.clone()),
+            timeouts: metrics::counter!(m::HANDLER_TIMEOUTS, "group" => g.clone(), "topic" => t.clone()),
         }
     }
 
