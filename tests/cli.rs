@@ -721,20 +721,7 @@ fn group_of(out: &str) -> String {
 /// [`run`] on an embedded cluster directly (the replay scenarios that need its fault injection
 /// or several processes at once run on it only).
 fn run_on(cluster: &EmbeddedCluster, args: &[&str]) -> (i32, String, String) {
-    let out = Command::cargo_bin("sidetrack")
-        .unwrap()
-        .arg("--brokers")
-        .arg(cluster.bootstrap_servers())
-        .arg("--timeout")
-        .arg("5s")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    sidetrack_cli(cluster.bootstrap_servers(), "5s", args)
 }
 
 fn json_rows_on(cluster: &EmbeddedCluster, extra: &[&str]) -> Vec<serde_json::Value> {

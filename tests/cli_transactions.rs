@@ -12,7 +12,6 @@ mod common;
 
 use std::time::Duration;
 
-use assert_cmd::Command;
 use common::*;
 use rdkafka::producer::{FutureProducer, Producer};
 use sidetrack::retry::ErrorKind;
@@ -22,20 +21,7 @@ const T: Duration = Duration::from_secs(30);
 
 /// Runs the CLI against `cluster`; returns (exit code, stdout, stderr).
 fn run(cluster: &Env, args: &[&str]) -> (i32, String, String) {
-    let out = Command::cargo_bin("sidetrack")
-        .unwrap()
-        .arg("--brokers")
-        .arg(cluster.bootstrap())
-        .arg("--timeout")
-        .arg("5s")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    sidetrack_cli(&cluster.bootstrap(), "5s", args)
 }
 
 /// Whether `cluster` can write transactions; if not, prints why the scenario is skipped.

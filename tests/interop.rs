@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{wait_for, within_limit, Backend, Env, Recorder, StartExt};
+use common::{sidetrack_cli, wait_for, within_limit, Backend, Env, Recorder, StartExt};
 use serde::Deserialize;
 use sidetrack::proxy::ProxyConfig;
 use sidetrack::{HandlerError, Header};
@@ -155,17 +155,7 @@ fn unhex(s: &str) -> Vec<u8> {
 
 /// Runs the `sidetrack` binary; returns (exit code, stdout, stderr).
 fn sidetrack(bootstrap: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidetrack"))
-        .env_remove("KAFKA_BROKERS")
-        .args(["--brokers", bootstrap, "--timeout", "10s"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    sidetrack_cli(bootstrap, "10s", args)
 }
 
 fn ok(bootstrap: &str, args: &[&str]) -> String {

@@ -14,8 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::*;
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
 use sidetrack::config::{Ordering as RecordOrdering, RetryConfig};
 use sidetrack::metrics as m;
 use sidetrack::retry::headers as h;
@@ -26,60 +24,16 @@ use tracing_subscriber::Layer;
 
 // ------------------------------------------------------------------ metrics
 
-struct Recording(Registry<Key, AtomicStorage>);
-
-impl metrics::Recorder for Recording {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0
-            .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
-    }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0
-            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
-    }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0
-            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
-    }
-}
-
-fn recorder() -> &'static Recording {
-    static R: OnceLock<&'static Recording> = OnceLock::new();
-    R.get_or_init(|| {
-        let r: &'static Recording = Box::leak(Box::new(Recording(Registry::new(AtomicStorage))));
-        metrics::set_global_recorder(r).expect("no other recorder in this test binary");
-        r
-    })
-}
-
-fn topic_is(key: &Key, topic: &str) -> bool {
-    key.labels()
-        .any(|l| l.key() == "topic" && l.value() == topic)
-}
+use common::recording::recorder;
 
 /// A counter's total over every series of `topic`.
 fn counter(name: &str, topic: &str) -> u64 {
-    recorder()
-        .0
-        .get_counter_handles()
-        .into_iter()
-        .filter(|(k, _)| k.name() == name && topic_is(k, topic))
-        .map(|(_, v)| v.load(Ordering::SeqCst))
-        .sum()
+    common::recording::counter(name, &[("topic", topic)])
 }
 
 /// A gauge's largest value over every series of `topic`.
 fn gauge(name: &str, topic: &str) -> f64 {
-    recorder()
-        .0
-        .get_gauge_handles()
-        .into_iter()
-        .filter(|(k, _)| k.name() == name && topic_is(k, topic))
-        .map(|(_, v)| f64::from_bits(v.load(Ordering::SeqCst)))
-        .fold(0.0, f64::max)
+    common::recording::max_gauge(name, &[("topic", topic)])
 }
 
 // ------------------------------------------------------------------ logs

@@ -2,6 +2,8 @@
 //! and a handler that records every attempt.
 #![allow(dead_code)]
 
+pub mod recording;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -695,6 +697,26 @@ impl Env {
             .await
             .unwrap()
     }
+}
+
+/// Runs the `sidetrack` CLI against `bootstrap` with `--timeout timeout` (and without the
+/// caller's `KAFKA_BROKERS`); returns (exit code, stdout, stderr).
+pub fn sidetrack_cli(bootstrap: &str, timeout: &str, args: &[&str]) -> (i32, String, String) {
+    // `option_env!`: the binary needs the `cli` feature; every test binary compiles without it.
+    let Some(bin) = option_env!("CARGO_BIN_EXE_sidetrack") else {
+        panic!("the sidetrack binary is built only with the `cli` feature");
+    };
+    let out = std::process::Command::new(bin)
+        .env_remove("KAFKA_BROKERS")
+        .args(["--brokers", bootstrap, "--timeout", timeout])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Produces one record with any producer and waits for its ack.
