@@ -255,7 +255,7 @@ async fn a_call_that_never_returns_is_timed_out(env: Env, ordering: RecordOrderi
     assert_eq!(slow[0].level, tracing::Level::WARN);
     assert_eq!(slow[0].field("offset"), Some("0"));
     assert_eq!(slow[0].field("partition"), Some("0"));
-    assert_eq!(slow[0].field("key"), Some("\"stuck\""));
+    assert_eq!(slow[0].field("key"), Some("stuck"));
     assert_eq!(events(env.topic(), "timed out").len(), 1);
     assert_eq!(
         gauge(m::HANDLER_OLDEST_CALL_SECONDS, env.topic()),

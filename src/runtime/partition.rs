@@ -249,20 +249,16 @@ enum Stage {
     Limit,
 }
 
-/// At most this many bytes of a key are shown in a log line.
-const SHOWN_KEY_BYTES: usize = 64;
+/// At most this many characters of a key are shown in a log line.
+const SHOWN_KEY_CHARS: usize = 64;
 
-/// A record key as shown in a log line: at most [`SHOWN_KEY_BYTES`], invalid UTF-8 replaced,
-/// control characters and quotes escaped (`{:?}`), and the full length when it was cut.
+/// A record key as shown in a log line, through the one escaping rule for bytes a person reads
+/// (`crate::escape`: control characters and bytes that are not UTF-8 escaped, cut visibly), so
+/// two different keys never look alike and none can forge a log line.
 fn shown_key(key: Option<&[u8]>) -> String {
     match key {
         None => "none".to_owned(),
-        Some(k) if k.len() <= SHOWN_KEY_BYTES => format!("{:?}", String::from_utf8_lossy(k)),
-        Some(k) => format!(
-            "{:?}… ({} bytes)",
-            String::from_utf8_lossy(&k[..SHOWN_KEY_BYTES]),
-            k.len()
-        ),
+        Some(k) => crate::escape::for_terminal(k, SHOWN_KEY_CHARS),
     }
 }
 
@@ -1160,7 +1156,9 @@ impl PartitionTask {
                 }
                 tracing::debug!(
                     topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
-                    attempt = msg.attempt(), error = %error, ?decision, "handler failed"
+                    attempt = msg.attempt(),
+                    error = %crate::escape::for_terminal(error.message(), crate::escape::LOG_FIELD_CHARS),
+                    ?decision, "handler failed"
                 );
                 Some((decision, error.message().to_owned()))
             }
