@@ -578,15 +578,22 @@ async fn connection(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // This task keeps the head and idle deadlines; hyper's own header timeout (which would
     // otherwise default to 30 s between keep-alive requests) only backs it up.
+    // Transport buffers per connection, which `max_buffered_bytes` does not count, are kept
+    // small: an unproven connection may hold them until it is evicted or times out, so at the
+    // default 5,000 unproven connections hyper's HTTP/1 default (~400 KiB for a head that never
+    // ends) would be ~2 GiB. 64 KiB holds any sane request head; bodies stream through it.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.head + limits.idle);
+        .header_read_timeout(limits.head + limits.idle)
+        .max_buf_size(64 * 1024);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(ping)
-        .keep_alive_timeout(ping_timeout);
+        .keep_alive_timeout(ping_timeout)
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(100);
     let io = Watched {
         inner: io,
         conn: conn.clone(),
