@@ -292,37 +292,35 @@ impl Run {
     /// partition, when the commit sent on a revocation failed, or behind hand-offs still
     /// waiting at a revocation (`uncommitted=N`).
     fn uncommitted_at_revocations(&self) -> usize {
-        let mut total = 0;
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if entry.path().extension().is_none_or(|e| e != "log") {
-                continue;
-            }
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            for line in text.lines().filter(|l| l.contains("will be handled again")) {
-                total += line
-                    .split_whitespace()
+        self.worker_logs()
+            .iter()
+            .flat_map(|text| text.lines())
+            .filter(|l| l.contains("will be handled again"))
+            .filter_map(|l| {
+                l.split_whitespace()
                     .find_map(|w| w.strip_prefix("uncommitted="))
                     .and_then(|n| n.parse::<usize>().ok())
-                    .unwrap_or(0);
-            }
-        }
-        total
+            })
+            .sum()
+    }
+
+    /// The text of every worker's log file (`*.log` in the run's folder).
+    fn worker_logs(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
     }
 
     /// Hand-offs the workers sent again after a failed attempt (`hand-off failed` warnings).
     fn handoffs_resent(&self) -> usize {
-        let mut total = 0;
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if entry.path().extension().is_none_or(|e| e != "log") {
-                continue;
-            }
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            total += text
-                .lines()
-                .filter(|l| l.contains("hand-off failed; partition paused, retrying"))
-                .count();
-        }
-        total
+        self.worker_logs()
+            .iter()
+            .flat_map(|text| text.lines())
+            .filter(|l| l.contains("hand-off failed; partition paused, retrying"))
+            .count()
     }
 
     fn spawn(&self, instance: &str) -> Worker {
@@ -1170,11 +1168,7 @@ fn log_time_ms(line: &str) -> Option<u128> {
 /// dead-lettered` at warn, both with where the broker put the record).
 fn logged_acks(run: &Run) -> Vec<Ack> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-        if entry.path().extension().is_none_or(|e| e != "log") {
-            continue;
-        }
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+    for text in run.worker_logs() {
         for line in text.lines() {
             let dlq = line.contains("record dead-lettered");
             if !dlq && !line.contains("retry scheduled") {
@@ -1212,11 +1206,7 @@ fn logged_acks(run: &Run) -> Vec<Ack> {
 /// `from_ms` and before `to_ms`.
 fn logged_between(run: &Run, needle: &str, from_ms: u128, to_ms: u128) -> usize {
     let mut n = 0;
-    for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-        if entry.path().extension().is_none_or(|e| e != "log") {
-            continue;
-        }
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+    for text in run.worker_logs() {
         n += text
             .lines()
             .filter(|l| l.contains(needle))
