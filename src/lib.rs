@@ -66,3 +66,33 @@ pub use error::Error;
 pub use handler::{handler_fn, Context, Handler, HandlerError, Header, Message, ResultExt};
 pub use retry::{Envelope, RetryPolicy, Tier};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle, StatsSnapshot};
+
+/// The code blocks of the README and of the pages under `docs/`, compiled (and, unless marked
+/// `no_run`, run) by `cargo test --doc`, so the documentation cannot drift from the API. Blocks
+/// that are not Rust carry their language (`toml`, `sh`, `text`); those needing a broker are
+/// `no_run`. Only built for doc-tests: nothing here is part of the crate.
+#[cfg(doctest)]
+mod doc_pages {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../CONTRIBUTING.md")]
+    struct Contributing;
+    #[doc = include_str!("../ARCHITECTURE.md")]
+    struct Architecture;
+    #[doc = include_str!("../docs/guide.md")]
+    struct Guide;
+    #[doc = include_str!("../docs/guarantees.md")]
+    struct Guarantees;
+    #[doc = include_str!("../docs/configuration.md")]
+    struct Configuration;
+    #[doc = include_str!("../docs/monitoring.md")]
+    struct Monitoring;
+    #[doc = include_str!("../docs/runbook.md")]
+    struct Runbook;
+    #[doc = include_str!("../docs/proxy.md")]
+    struct Proxy;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/brokers.md")]
+    struct Brokers;
+}
