@@ -1,9 +1,8 @@
 //! `ordering = "key"` on the embedded broker: records of one key one at a time and in offset
 //! order, different keys at once. `cargo run --example key_ordering`.
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use sidetrack::testing::EmbeddedCluster;
 use sidetrack::{config::Ordering, handler_fn, Config, Context, Message, Runtime};
@@ -37,13 +36,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let runtime = Runtime::builder(config).handler(handler).embedded(&cluster);
     let handle = runtime.build()?.start().await?;
-
     let producer = cluster.producer()?;
     for i in 0..40 {
-        let (key, body) = (
-            ["alice", "bob", "carol", "dave"][i % 4],
-            (i / 4).to_string(),
-        );
+        let key = ["alice", "bob", "carol", "dave"][i % 4];
+        let body = (i / 4).to_string();
         let (k, v) = (Some(key.as_bytes()), Some(body.as_bytes()));
         cluster
             .produce(&producer, "accounts", None, k, v, &[])
@@ -53,7 +49,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     handle.shutdown().await?;
-
     for (key, seqs) in seen.per_key.lock().unwrap().iter() {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{key} out of order");
         println!("{key:<6} handled in offset order: {seqs:?}");
