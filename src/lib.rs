@@ -58,6 +58,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod retry;
 pub mod runtime;
+pub mod telemetry;
 pub mod testing;
 
 pub use config::Config;
