@@ -143,6 +143,10 @@ where
         // Thread names and code locations would add attributes to every span for no reader.
         .with_threads(false)
         .with_location(false)
+        // `busy_ns`/`idle_ns` and the `target` attribute: per-span bookkeeping no trace reader
+        // needs, paid on every enter and exit.
+        .with_tracked_inactivity(false)
+        .with_target(false)
 }
 
 /// Owns the provider; flushes queued spans and stops the export thread when dropped (or on
