@@ -17,10 +17,11 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sidetrack::config::RetryConfig;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::for_terminal;
-use sidetrack::retry::{format_delay, ErrorKind};
-use sidetrack::{Config, Envelope, Header};
+use sidetrack::retry::{next_hop, tier_delay_of, RetryPolicy, Topology};
+use sidetrack::{Config, Disposition, Envelope, Header, Message, Reason, Tier};
 use tokio::sync::mpsc;
 
 use crate::dlq::{now_ms, Row, Verdict};
@@ -566,7 +567,7 @@ async fn plan_one(
     // The record's content: its own, or for an `oversized` dead letter (kept without its
     // payload) the original's, read back from where the envelope says it is.
     let (key, payload, user) = match record.provenance() {
-        Provenance::Sidetrack(e) if e.error_kind == ErrorKind::Oversized => {
+        Provenance::Sidetrack(e) if e.reason == Some(Reason::Oversized) => {
             if !legal_topic(&e.original_topic) {
                 return Ok(Err(format!(
                     "oversized: its original topic `{}` is not a legal topic name",
@@ -685,51 +686,73 @@ fn target_of(
             let Provenance::Sidetrack(e) = r.provenance() else {
                 return Err("has no sidetrack envelope; a retry tier needs one (use --to original or --to TOPIC)".into());
             };
-            let tier = first_tier(&e, config, all_topics)?;
-            let now = now_ms();
-            let fresh = Envelope {
-                attempts: 1,
-                first_failure: now,
-                due: Some(now),
-                error_kind: ErrorKind::Retryable,
-                error: format!("replayed from the dead-letter topic (was: {})", e.error),
-                ..e
+            let (topology, policy) = retry_route(&e, config, all_topics)?;
+            // The record as its source first delivered it (attempt 1, no envelope), sent to
+            // the first tier due at once: the library's next hop, as the runtime would write
+            // it (a fresh envelope: one attempt, first failure and due time now).
+            let mut original = Message::new(e.original_topic.clone(), Vec::new())
+                .with_position(e.original_partition, e.original_offset);
+            if let Some(ts) = e.original_timestamp {
+                original = original.with_timestamp(ts);
+            }
+            let at_once = Disposition::Retry {
+                tier: 0,
+                delay: Duration::ZERO,
             };
-            Ok((tier, Some(fresh)))
+            let error = format!("replayed from the dead-letter topic (was: {})", e.error);
+            let hop = next_hop(
+                &original,
+                at_once,
+                &error,
+                &topology,
+                &policy,
+                now_ms(),
+                0.0,
+            )
+            .map_err(|x| x.to_string())?;
+            Ok((hop.topic.to_owned(), Some(hop.envelope)))
         }
         topic => Ok((topic.to_owned(), None)),
     }
 }
 
-fn first_tier(
+/// The retry topology of the envelope's source topic and group: from `--config` when given,
+/// else from the tiers that exist on the broker under the default naming pattern (the one with
+/// the shortest delay becomes tier 0). Names are rendered and parsed by the library
+/// ([`Topology`], [`tier_delay_of`]), never by a pattern of the CLI's own.
+fn retry_route(
     e: &Envelope,
     config: Option<&Config>,
     all_topics: &[String],
-) -> Result<String, String> {
-    if let Some(c) = config {
-        let mut c = c.clone();
-        c.topics = vec![e.original_topic.clone()];
-        c.group = e.group.clone();
-        let policy = c.retry.policy().map_err(|x| x.to_string())?;
-        let topology = sidetrack::retry::Topology::new(&c, &policy).map_err(|x| x.to_string())?;
-        return topology
-            .sources()
-            .first()
-            .and_then(|s| s.retry.first())
-            .map(|t| t.name.clone())
-            .ok_or_else(|| "the config has no retry tiers".to_owned());
+) -> Result<(Topology, RetryPolicy), String> {
+    let mut c = match config {
+        Some(c) => c.clone(),
+        None => {
+            let pattern = RetryConfig::default().topic;
+            let shortest = all_topics
+                .iter()
+                .filter_map(|t| tier_delay_of(&pattern, &e.original_topic, &e.group, t))
+                .min()
+                .ok_or_else(|| {
+                    let wildcard = pattern
+                        .replace("{topic}", &e.original_topic)
+                        .replace("{group}", &e.group)
+                        .replace("{delay}", "*");
+                    format!("no retry topic `{wildcard}` exists; pass --config")
+                })?;
+            let mut c = Config::new("", e.group.clone(), [e.original_topic.clone()]);
+            c.retry = RetryConfig::tiers([Tier::new(shortest, 1)]);
+            c
+        }
+    };
+    c.topics = vec![e.original_topic.clone()];
+    c.group = e.group.clone();
+    let policy = c.retry.policy().map_err(|x| x.to_string())?;
+    if policy.tiers().is_empty() {
+        return Err("the config has no retry tiers".to_owned());
     }
-    let prefix = format!("{}.{}.retry.", e.original_topic, e.group);
-    all_topics
-        .iter()
-        .filter_map(|t| {
-            let suffix = t.strip_prefix(&prefix)?;
-            let d = humantime::parse_duration(suffix).ok()?;
-            (format_delay(d) == suffix).then_some((d, t))
-        })
-        .min()
-        .map(|(_, t)| t.clone())
-        .ok_or_else(|| format!("no retry topic `{prefix}*` exists; pass --config"))
+    let topology = Topology::new(&c, &policy).map_err(|x| x.to_string())?;
+    Ok((topology, policy))
 }
 
 /// The progress group a replay uses unless `--progress-group` names one: derived from the
