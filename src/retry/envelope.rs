@@ -1,3 +1,9 @@
+//! The envelope: the `sidetrack-*` headers every retry and dead-letter record carries after
+//! the user's own, saying where the record came from, how often it failed, when it is due and
+//! why it is where it is. It is the only state a retry tier has (the tier topic is the queue),
+//! so reading it is strict ([`Envelope::split`]) and its wire format is versioned; the
+//! `sidetrack-error-kind` values come from [`crate::outcome`] and never change.
+
 use std::collections::HashSet;
 use std::str::FromStr;
 

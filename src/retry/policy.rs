@@ -1,3 +1,8 @@
+//! The retry policy: the tiers (a delay and a number of attempts each), jitter, and
+//! [`RetryPolicy::decide`], which turns a handler's failure and attempt number into a
+//! [`Disposition`]. Pure arithmetic with no topic names: those are the topology's
+//! ([`super::topics`]), and the envelope of the next hop is [`super::next_hop`]'s.
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

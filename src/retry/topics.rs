@@ -1,3 +1,8 @@
+//! The topology: every retry-tier and dead-letter topic name, rendered once from the configured
+//! patterns and checked to be legal and distinct, plus the inverse ([`tier_delay_of`]) for tools
+//! that find tiers by name. Kept apart from the policy because names depend on the
+//! configuration's patterns, group and source topics, delays do not.
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -911,4 +911,91 @@ mod tests {
         paced.dry_run = true;
         assert_eq!(a, default_group(&paced));
     }
+
+    fn dead_letter() -> Envelope {
+        Envelope {
+            original_topic: "orders".into(),
+            original_partition: 2,
+            original_offset: 17,
+            original_timestamp: Some(1_700_000_000_000),
+            group: "billing".into(),
+            attempts: 4,
+            first_failure: 1_700_000_000_500,
+            due: None,
+            reason: Some(Reason::Exhausted),
+            error: "down".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_retry_tier_comes_from_the_library_topology() {
+        let e = dead_letter();
+        // With a config: its pattern and first tier, whatever the broker holds.
+        let mut c = Config::new("b", "other-group", ["other-topic"]);
+        c.retry = RetryConfig::tiers([
+            Tier::new(Duration::from_secs(5), 1),
+            Tier::new(Duration::from_secs(60), 1),
+        ]);
+        c.retry.topic = "{group}-{topic}-r{delay}".into();
+        let (topology, _) = retry_route(&e, Some(&c), &[]).unwrap();
+        assert_eq!(topology.sources()[0].retry[0].name, "billing-orders-r5s");
+        // Without: the shortest tier on the broker under the default pattern.
+        let topics = [
+            "orders.billing.retry.1m",
+            "orders.billing.retry.60s",
+            "orders.billing.retry.250ms",
+            "orders.other.retry.1ms",
+            "orders.billing.dlq",
+        ]
+        .map(String::from);
+        let (topology, _) = retry_route(&e, None, &topics).unwrap();
+        assert_eq!(
+            topology.sources()[0].retry[0].name,
+            "orders.billing.retry.250ms"
+        );
+        // The envelope the record is replayed with: one attempt, due now, the original's
+        // position; the same `next_hop` the runtime uses.
+        let (to, fresh) = target_of(
+            "first-retry",
+            &Record {
+                topic: "orders.billing.dlq".into(),
+                partition: 0,
+                offset: 3,
+                timestamp: None,
+                key: None,
+                payload: None,
+                headers: dead_letter().to_headers(),
+            },
+            None,
+            &topics,
+        )
+        .unwrap();
+        assert_eq!(to, "orders.billing.retry.250ms");
+        let fresh = fresh.unwrap();
+        assert_eq!((fresh.attempts, fresh.reason), (1, None));
+        assert_eq!(fresh.due, Some(fresh.first_failure), "due at once");
+        assert_eq!(
+            (
+                fresh.original_partition,
+                fresh.original_offset,
+                fresh.group.as_str()
+            ),
+            (2, 17, "billing")
+        );
+        assert_eq!(fresh.original_timestamp, Some(1_700_000_000_000));
+        assert_eq!(
+            fresh.error,
+            "replayed from the dead-letter topic (was: down)"
+        );
+        assert_eq!(
+            retry_route(&e, None, &topics[3..]).unwrap_err(),
+            "no retry topic `orders.billing.retry.*` exists; pass --config"
+        );
+        let mut none = c.clone();
+        none.retry = RetryConfig::tiers([]);
+        assert_eq!(
+            retry_route(&e, Some(&none), &[]).unwrap_err(),
+            "the config has no retry tiers"
+        );
+    }
 }
