@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
+use sidetrack::outcome::error_kind_str;
 use sidetrack::Header;
 
 use crate::kafka::{held_back, Kafka};
@@ -70,7 +71,7 @@ impl Row {
                 row.original_offset = Some(e.original_offset);
                 row.group = Some(e.group);
                 row.attempts = Some(e.attempts);
-                row.reason = Some(e.error_kind.as_str().to_owned());
+                row.reason = Some(error_kind_str(e.reason).to_owned());
                 row.error = e.error;
             }
             Provenance::Spring(s) => {
@@ -335,7 +336,7 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         Provenance::Sidetrack(e) => {
             out += "envelope (sidetrack, version 1):\n";
             let mut field = |k: &str, v: String| out += &format!("  {k:<18} {v}\n");
-            field("reason", e.error_kind.as_str().to_owned());
+            field("reason", error_kind_str(e.reason).to_owned());
             field("error", for_terminal(&e.error, TEXT));
             field(
                 "original",
@@ -496,7 +497,7 @@ mod tests {
     use super::*;
     use crate::{Reason, TimeArg};
     use proptest::prelude::*;
-    use sidetrack::retry::{headers as names, ErrorKind};
+    use sidetrack::retry::headers as names;
     use sidetrack::Envelope;
     use std::time::Duration;
 
@@ -603,13 +604,7 @@ mod tests {
             proptest::option::of(time_arg()),
             proptest::option::of(time_arg()),
             proptest::option::of("[a-zA-Z ]{0,6}"),
-            proptest::option::of(proptest::sample::select(vec![
-                Reason::Permanent,
-                Reason::Exhausted,
-                Reason::InvalidEnvelope,
-                Reason::Poison,
-                Reason::Oversized,
-            ])),
+            proptest::option::of(proptest::sample::select(Reason::ALL.to_vec())),
             proptest::option::of("[a-z]{0,3}"),
         )
             .prop_map(|(since, until, error_contains, reason, key)| Filters {
@@ -632,13 +627,7 @@ mod tests {
             any::<u32>(),
             any::<i64>(),
             proptest::option::of(any::<i64>()),
-            proptest::sample::select(vec![
-                ErrorKind::Permanent,
-                ErrorKind::Poison,
-                ErrorKind::Exhausted,
-                ErrorKind::InvalidEnvelope,
-                ErrorKind::Oversized,
-            ]),
+            proptest::sample::select(Reason::ALL.to_vec()),
             ".{0,40}",
         )
             .prop_map(
@@ -651,7 +640,7 @@ mod tests {
                     attempts,
                     first_failure: first,
                     due,
-                    error_kind: kind,
+                    reason: Some(kind),
                     error,
                 },
             )
@@ -686,7 +675,7 @@ mod tests {
                     prop_assert_eq!(row.original_topic.as_deref(), Some(e.original_topic.as_str()));
                     prop_assert_eq!(row.original_partition, Some(e.original_partition));
                     prop_assert_eq!(row.original_offset, Some(e.original_offset));
-                    prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+                    prop_assert_eq!(row.reason.as_deref(), Some(error_kind_str(e.reason)));
                     prop_assert!(text.contains("envelope (sidetrack, version 1)"));
                 }
                 Provenance::Spring(s) => {
@@ -721,7 +710,7 @@ mod tests {
             prop_assert_eq!(row.original_offset, Some(e.original_offset));
             prop_assert_eq!(row.group, Some(e.group.clone()));
             prop_assert_eq!(row.attempts, Some(e.attempts));
-            prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+            prop_assert_eq!(row.reason.as_deref(), Some(error_kind_str(e.reason)));
             prop_assert_eq!(r.user_headers(), &user[..]);
             let shown = user.iter().filter(|h| !h.key.starts_with(b"kafka_dlt-")).count();
             let needle = format!("user headers ({shown}):");

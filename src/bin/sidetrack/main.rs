@@ -98,7 +98,7 @@ pub struct Filters {
     #[arg(long, value_name = "TEXT")]
     pub error_contains: Option<String>,
     /// Only records dead-lettered for this reason.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = reason_parser())]
     pub reason: Option<Reason>,
     /// Only records with exactly this key.
     #[arg(long)]
@@ -140,31 +140,18 @@ impl TimeArg {
     }
 }
 
-/// A dead-letter reason, as written in `sidetrack-error-kind`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The handler said the failure is permanent.
-    Permanent,
-    /// All retries failed.
-    Exhausted,
-    /// A retry record had a missing or corrupt envelope.
-    InvalidEnvelope,
-    /// The payload could not be decoded.
-    Poison,
-    /// Too large for the retry/dead-letter topic; dead-lettered without its payload.
-    Oversized,
-}
+/// A dead-letter reason, as written in `sidetrack-error-kind`: the library's own type, so the
+/// CLI accepts exactly the values the runtime writes.
+pub use sidetrack::Reason;
 
-impl Reason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::Permanent => "permanent",
-            Reason::Exhausted => "exhausted",
-            Reason::InvalidEnvelope => "invalid-envelope",
-            Reason::Poison => "poison",
-            Reason::Oversized => "oversized",
-        }
-    }
+/// `--reason` values: every [`Reason`] in its wire form, with the library's description as
+/// help (so `--help` and the "possible values" of an error list them).
+fn reason_parser() -> impl clap::builder::TypedValueParser<Value = Reason> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new(
+        Reason::ALL.map(|r| PossibleValue::new(r.as_str()).help(r.description())),
+    )
+    .try_map(|s| s.parse::<Reason>())
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
