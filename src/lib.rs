@@ -48,6 +48,7 @@
 //! [`testing`] (an embedded broker and a broker-free handler harness).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod dead_letter;
 mod error;
