@@ -16,13 +16,17 @@ use super::ConfigError;
 
 /// A librdkafka property sidetrack sets itself, and why another value is refused.
 struct Managed {
+    /// The property, in its canonical spelling (see [`canonical_property`]).
     key: &'static str,
     /// The only value accepted (compared trimmed, case-insensitively); `None`: never set by
     /// hand.
     keeps: Option<&'static [&'static str]>,
+    /// Why: shown to the user with the refusal, so it names the guarantee at stake and, where
+    /// there is one, the sidetrack setting to use instead.
     why: &'static str,
 }
 
+/// A property sidetrack always sets itself: any value is refused.
 const fn managed(key: &'static str, why: &'static str) -> Managed {
     Managed {
         key,
@@ -31,6 +35,8 @@ const fn managed(key: &'static str, why: &'static str) -> Managed {
     }
 }
 
+/// A property whose only accepted values are `values` (the first is the one named in the
+/// refusal).
 const fn keeps(key: &'static str, values: &'static [&'static str], why: &'static str) -> Managed {
     Managed {
         key,
@@ -110,7 +116,10 @@ pub(crate) fn canonical_property(key: &str) -> &str {
     }
 }
 
-/// The first property of `props` that a managed rule refuses, as a config error.
+/// The first property of `props` that a managed rule refuses, as a config error; `section`
+/// (`consumer` or `producer`) names the table in the error's field path. After the tables,
+/// two properties are checked for their range, since a value outside it (not the property
+/// itself) is what would void the guarantee.
 fn check_managed(
     section: &str,
     props: &BTreeMap<String, String>,

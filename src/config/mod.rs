@@ -57,15 +57,22 @@ use crate::retry::Tier;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Bootstrap servers, comma separated (`host:port,host:port`).
+    /// Bootstrap servers, comma separated (`host:port,host:port`). Required (no default).
+    /// Used by both consumers and the hand-off producer; security settings go in
+    /// [`consumer`](Config::consumer) and [`producer`](Config::producer).
     pub brokers: String,
-    /// Consumer group of the main consumer. Also written into every envelope.
+    /// Consumer group of the main consumer. Required. Also written into every envelope and
+    /// rendered into the retry and dead-letter topic names (`{group}`), so renaming the group
+    /// starts new side topics: records waiting in the old tiers are not read any more.
     pub group: String,
-    /// Topics to consume. Each gets its own retry tier topics and dead-letter topic.
+    /// Topics to consume. Required, at least one, each a legal Kafka topic name, none twice.
+    /// Each gets its own retry tier topics and dead-letter topic.
     pub topics: Vec<String>,
-    /// Retry policy and retry topic naming.
+    /// Retry policy and retry topic naming. Default: tiers `1s × 3, 30s × 2, 10m × 1`, topics
+    /// `{topic}.{group}.retry.{delay}`, retry consumer group `{group}.retry`.
     pub retry: RetryConfig,
-    /// Dead-letter topic naming.
+    /// Dead-letter topic naming (default `{topic}.{group}.dlq`) and the flood breaker (on by
+    /// default).
     pub dead_letter: DeadLetterConfig,
     /// Whether and how missing retry/DLQ topics are created at start.
     pub provisioning: ProvisioningConfig,
@@ -76,7 +83,10 @@ pub struct Config {
     /// Dead-letter alerts.
     pub alerts: AlertsConfig,
     /// How long shutdown waits for in-flight handlers before abandoning them (their offsets are
-    /// then not stored, so they are delivered again after a restart).
+    /// then not stored, so they are delivered again after a restart). Default 30 s, at most
+    /// 24 h. Longer lets slow handlers finish (fewer records handled twice) but delays a
+    /// deploy; keep it below your orchestrator's kill grace period, or the process is killed
+    /// before the final commit and more records are handled again.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Longest one handler call may run (default 60 s). When it passes, the call's future is
@@ -98,28 +108,32 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub handler_blocking_after: Duration,
     /// Which records of one partition may be handled at the same time; the same for source
-    /// and retry tier partitions. See [`Ordering`].
+    /// and retry tier partitions. Default `partition` (one at a time, in offset order); `key`
+    /// and `unordered` trade order for throughput. See [`Ordering`].
     pub ordering: Ordering,
     /// Handler calls at once per partition in `key` and `unordered` ordering (ignored for
-    /// `partition`, which runs one).
+    /// `partition`, which runs one). Default 64, 1 to 10,000. Higher helps handlers that wait
+    /// on I/O; it also raises the load a partition can put on whatever the handler calls.
     pub max_in_flight: usize,
     /// Records per partition that may wait behind a record of the same key (`key` ordering).
-    /// When it is full the partition takes no new record until one starts.
+    /// When it is full the partition takes no new record until one starts. Default 1,024, at
+    /// most 1,000,000; it bounds the memory a hot key can hold.
     pub max_waiting: usize,
     /// Records per partition that may be taken past the oldest one still without a durable
     /// outcome (in a handler call, waiting, or its hand-off not acknowledged). It bounds memory
     /// and the records handled again after a crash; when it is reached the partition takes no
-    /// new record until the oldest is done.
+    /// new record until the oldest is done. Default 10,000, 1 to 1,000,000.
     pub max_ahead: usize,
     /// Raw librdkafka properties for both consumers (main and retry). Properties that would void
     /// a guarantee (`group.id`, `bootstrap.servers`, offset storing and committing) are
     /// rejected by [`Config::validate`] with the reason. `auto.offset.reset` applies to the main
-    /// consumer only: the retry consumer always starts from the earliest offset.
+    /// consumer only: the retry consumer always starts from the earliest offset. Default:
+    /// empty (librdkafka's defaults, plus what sidetrack sets).
     pub consumer: BTreeMap<String, String>,
     /// Raw librdkafka properties for the hand-off producer. Properties that would void a
     /// guarantee (`acks` other than `all`, `enable.idempotence=false`, timeouts that
     /// `handoff.timeout` sets, transactions) are rejected by [`Config::validate`] with the
-    /// reason.
+    /// reason. Default: empty.
     pub producer: BTreeMap<String, String>,
 }
 
@@ -191,15 +205,20 @@ impl Ordering {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// Explicit tiers, in order.
+    /// Explicit tiers, in order (default: unset). At most 32 tiers and 1,000 retries in all;
+    /// each delay is above zero, at most 365 d, and differs from the others (a tier is a
+    /// topic). Set either this or `exponential`, not both.
     pub tiers: Option<Vec<Tier>>,
-    /// Exponential shorthand.
+    /// Exponential shorthand, expanded into tiers (default: unset).
     pub exponential: Option<ExponentialConfig>,
     /// Retry topic name pattern; `{topic}`, `{group}` and `{delay}` are replaced
-    /// (`{delay}` is written compactly: `500ms`, `30s`, `1m30s`, `2h`).
+    /// (`{delay}` is written compactly: `500ms`, `30s`, `1m30s`, `2h`). Default
+    /// `{topic}.{group}.retry.{delay}`, which `sidetrack lag` and `dlq replay` recognise
+    /// without a config; another pattern needs `--config` there.
     pub topic: String,
-    /// Consumer group of the retry consumer; `{group}` is replaced. A separate group keeps the
-    /// retry consumer's rebalances from disturbing the main consumer.
+    /// Consumer group of the retry consumer; `{group}` is replaced (default `{group}.retry`;
+    /// must differ from `group`). A separate group keeps the retry consumer's rebalances from
+    /// disturbing the main consumer.
     pub group: String,
 }
 
@@ -244,17 +263,22 @@ impl RetryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExponentialConfig {
-    /// First retry delay.
+    /// First retry delay (default 1 s, at least 1 ms).
     #[serde(with = "humantime_serde")]
     pub initial: Duration,
-    /// Growth factor between retries (≥ 1).
+    /// Growth factor between retries (default 2, ≥ 1). Each distinct delay is a tier, and a
+    /// tier is a topic: a small factor with many attempts makes many topics.
     pub factor: f64,
-    /// Upper bound on any delay.
+    /// Upper bound on any delay (default 10 min, at most 365 d, at least `initial`). Delays
+    /// that reach it share its tier.
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
-    /// Number of retries after the first delivery (the first delivery is not counted).
+    /// Number of retries after the first delivery (default 5, 1 to 1,000; the first delivery
+    /// is not counted).
     pub max_attempts: u32,
-    /// Extra random delay, as a fraction of the delay, in `[0, 1]`.
+    /// Extra random delay, as a fraction of the delay, in `[0, 1]` (default 0.1). Spreads the
+    /// retries of records that failed together (an outage) so they do not all come due in the
+    /// same instant; 0 keeps due times exact.
     pub jitter: f64,
 }
 
@@ -274,9 +298,11 @@ impl Default for ExponentialConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeadLetterConfig {
-    /// Dead-letter topic name pattern; `{topic}` and `{group}` are replaced.
+    /// Dead-letter topic name pattern; `{topic}` and `{group}` are replaced. Default
+    /// `{topic}.{group}.dlq`, the name the CLI and alerts derive without a config.
     pub topic: String,
-    /// When a partition dead-letters too much, pause it instead of draining it into the DLQ.
+    /// When a partition dead-letters too much, pause it instead of draining it into the DLQ
+    /// (on by default; see [`BreakerConfig`]).
     pub breaker: BreakerConfig,
 }
 
@@ -307,18 +333,24 @@ impl Default for DeadLetterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// On (the default) or off.
+    /// On (the default) or off. Off drains a partition into the DLQ however fast it fails:
+    /// nothing stops, and a bad deploy dead-letters everything it reads.
     pub enabled: bool,
-    /// Dead letters in a row that trip the breaker (at least 1).
+    /// Dead letters in a row that trip the breaker (default 100, at least 1). Lower stops a
+    /// bad deploy sooner and trips on shorter runs of genuinely bad records.
     pub consecutive: u32,
-    /// Outcomes looked at for `window_dead_letters` (1 to 65,536).
+    /// Outcomes looked at for `window_dead_letters` (default 200, 1 to 65,536; one bit each
+    /// per partition).
     pub window: u32,
-    /// Dead letters among the last `window` outcomes that trip the breaker (1 to `window`).
+    /// Dead letters among the last `window` outcomes that trip the breaker (default 100, 1 to
+    /// `window`).
     pub window_dead_letters: u32,
-    /// How long an open breaker keeps its partition paused before trying one record.
+    /// How long an open breaker keeps its partition paused before trying one record (default
+    /// 60 s, 1 ms to 24 h).
     #[serde(with = "humantime_serde")]
     pub cool_down: Duration,
-    /// The cool-down doubles each time the record tried is dead-lettered again, up to this.
+    /// The cool-down doubles each time the record tried is dead-lettered again, up to this
+    /// (default 10 min, 1 ms to 24 h, at least `cool_down`).
     #[serde(with = "humantime_serde")]
     pub max_cool_down: Duration,
 }
@@ -343,12 +375,14 @@ pub(crate) const MAX_BREAKER_WINDOW: u32 = 65_536;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProvisioningConfig {
-    /// Create missing retry/DLQ topics (with the source topic's partition count). When false,
-    /// start-up fails with an error naming the missing topics.
+    /// Create missing retry/DLQ topics (with the source topic's partition count). Default
+    /// true. When false, start-up fails with an error naming the missing topics: for clusters
+    /// where topics are created by a pipeline, not by applications.
     pub auto_create: bool,
-    /// Replication factor for created topics; `-1` means the broker's default.
+    /// Replication factor for created topics; `-1` (the default) means the broker's default.
+    /// Otherwise at least 1; a retry or dead letter is only as durable as this allows.
     pub replication_factor: i32,
-    /// How long topic checks and creation may take.
+    /// How long topic checks and creation may take (default 10 s, 1 ms to 1 h).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -372,13 +406,15 @@ impl Default for ProvisioningConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HandoffConfig {
     /// How long one produce attempt may take before it counts as failed
-    /// (librdkafka `message.timeout.ms`).
+    /// (librdkafka `message.timeout.ms`). Default 10 s, 1 ms to 24 d. Shorter notices a broker
+    /// outage sooner; too short fails hand-offs that a slow but healthy cluster would take.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// First pause after a failed hand-off.
+    /// First pause after a failed hand-off (default 100 ms, 1 ms to 1 h).
     #[serde(with = "humantime_serde")]
     pub backoff_initial: Duration,
-    /// Longest pause between hand-off attempts.
+    /// Longest pause between hand-off attempts (default 10 s, up to 1 h, at least
+    /// `backoff_initial`): also how long recovery may lag behind a broker coming back.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
 }
@@ -402,7 +438,8 @@ pub struct MetricsConfig {
     /// process-wide recorder. Off by default: install your own recorder instead if you like.
     /// Needs the `prometheus` feature (on by default).
     pub listen: Option<std::net::SocketAddr>,
-    /// How often consumer lag is sampled (a watermark query per owned partition).
+    /// How often consumer lag is sampled (a watermark query per owned partition). Default
+    /// 5 s, 100 ms to 24 h; shorter costs broker requests, longer makes lag alerts slower.
     #[serde(with = "humantime_serde")]
     pub lag_interval: Duration,
 }
@@ -421,20 +458,23 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
-    /// Log each alert at WARN (target `sidetrack::alert`).
+    /// Log each alert at WARN (target `sidetrack::alert`). Default true.
     pub log: bool,
     /// Also POST each alert to this webhook (JSON with a Slack-compatible `text`). Needs the
-    /// `webhook` feature.
+    /// `webhook` feature. Default: none.
     pub webhook: Option<String>,
-    /// Aggregation window.
+    /// Aggregation window (default 1 min, 100 ms to 24 h): at most one alert per (topic,
+    /// group) per window. Longer means fewer pages and a later first one.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// Records shown per alert.
+    /// Records shown per alert (default 5); the count covers all of them.
     pub max_examples: usize,
-    /// Longest time one notifier call may take.
+    /// Longest time one notifier call may take (default 10 s, 1 ms to 1 h), so a hanging
+    /// webhook cannot hold alerts back.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// How the CLI is invoked in the commands an alert shows.
+    /// How the CLI is invoked in the commands an alert shows (default `sidetrack`; e.g.
+    /// `kubectl exec deploy/billing -- sidetrack` for commands that can be pasted as they are).
     pub command: String,
 }
 

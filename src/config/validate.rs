@@ -48,6 +48,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// An [`Invalid`](ConfigError::Invalid) error for `field` (its dotted TOML path) with the
+    /// reason shown to the user.
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
             field: field.into(),
@@ -63,6 +65,19 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
     /// Checks every field, including the topic names the patterns produce.
+    ///
+    /// Called by the runtime builder before anything connects; call it yourself to check a
+    /// config file in CI. It checks, in this order: the required fields; every source topic
+    /// name (Kafka's rule, none twice); the retry policy ([`RetryConfig::policy`]); the retry
+    /// group (it must differ from `group`: the two consumers must not share a group);
+    /// every rendered retry and dead-letter topic name, for legality and clashes (by building
+    /// the [`Topology`]); the lower and upper bound of every duration; features the config
+    /// asks for but this build lacks; the back-off order; the breaker; the replication factor;
+    /// the per-partition limits; and last the managed librdkafka properties.
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken, as [`ConfigError::Invalid`] naming the field by its dotted path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.trim().is_empty() {
             return Err(ConfigError::invalid(
@@ -215,7 +230,15 @@ impl Config {
 }
 
 impl RetryConfig {
-    /// Resolves the configured policy (tiers, exponential shorthand or the default).
+    /// Resolves the configured policy (tiers, exponential shorthand or the default), checking
+    /// it on the way: it lives with validation because every rule about tiers is here.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] when both `tiers` and `exponential` are set, when there are
+    /// more than [`MAX_TIERS`] tiers or [`MAX_RETRIES`] retries, when a delay is zero, above
+    /// [`MAX_TIER_DELAY`] or repeated (two tiers with one delay would be one topic), when a
+    /// tier has no attempts, or when the exponential shorthand is out of its bounds.
     pub fn policy(&self) -> Result<RetryPolicy, ConfigError> {
         match (&self.tiers, &self.exponential) {
             (Some(_), Some(_)) => Err(ConfigError::invalid(
@@ -276,6 +299,8 @@ impl RetryConfig {
 }
 
 impl ExponentialConfig {
+    /// Checks the shorthand's bounds, then expands it into tiers (equal consecutive delays
+    /// share one tier); the jitter goes to the policy, not to the tiers.
     fn policy(&self) -> Result<RetryPolicy, ConfigError> {
         let f = |name: &str| format!("retry.exponential.{name}");
         if self.initial < Duration::from_millis(1) {
@@ -321,6 +346,7 @@ impl ExponentialConfig {
 }
 
 impl BreakerConfig {
+    /// The breaker's own rules; nothing to check when it is off (its values are then unused).
     fn validate(&self) -> Result<(), ConfigError> {
         if !self.enabled {
             return Ok(());
@@ -363,7 +389,10 @@ impl BreakerConfig {
     }
 }
 
-/// Kafka's own rule for topic names.
+/// Kafka's own rule for topic names: 1 to 249 characters of `[a-zA-Z0-9._-]`, and neither `.`
+/// nor `..`; the error says which part is broken. The one implementation of the rule:
+/// configured topics, rendered side-topic names, the proxy's URL paths and the CLI
+/// ([`crate::admin::is_legal_topic`]) all come here.
 pub(crate) fn check_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("topic name must not be empty".into());

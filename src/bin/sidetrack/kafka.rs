@@ -1,4 +1,11 @@
-//! Broker access shared by the subcommands.
+//! Broker access shared by the subcommands: the connection settings, checked once, and the
+//! metadata, offset and scan queries the subcommands make.
+//!
+//! Everything that is sidetrack logic rather than presentation lives in the library and is
+//! called from here: reading a DLQ is [`sidetrack::dead_letter::scan_report`], committed
+//! offsets are [`sidetrack::admin::committed_offsets`], and the replay's progress-group lock
+//! is [`sidetrack::admin::ProgressGroup`]. This file holds the blocking-thread plumbing and
+//! the user-facing wording.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -14,8 +21,11 @@ use crate::Failure;
 
 /// Connection settings, checked against the brokers once.
 pub struct Kafka {
+    /// `--brokers` as given (`host:port,..`).
     pub brokers: String,
+    /// `bootstrap.servers` plus every `-X` property.
     pub config: ClientConfig,
+    /// `--timeout`: the bound on each broker request.
     pub timeout: Duration,
 }
 
@@ -57,6 +67,8 @@ impl Kafka {
         Ok(kafka)
     }
 
+    /// A copy of the client settings: each query creates a client of its own on a blocking
+    /// thread (and `committed` sets the group it asks about).
     pub fn clone_config(&self) -> ClientConfig {
         self.config.clone()
     }
@@ -268,10 +280,12 @@ impl From<ProgressError> for Failure {
     }
 }
 
+/// Any other error, as its text (exit code 1).
 fn other(e: impl std::fmt::Display) -> Failure {
     Failure::Other(e.to_string())
 }
 
+/// Runs `f` on the blocking pool: every librdkafka call here may wait for a broker.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
