@@ -559,3 +559,67 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ProgressError::Thread(e.to_string()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock on the embedded broker: the first member owns every partition and its
+    /// progress round-trips; a second member of the same group is refused and leaves; the
+    /// first notices the revocation, then regains every partition with its progress intact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_member_is_refused_and_the_first_goes_on() {
+        let cluster = crate::testing::EmbeddedCluster::start().unwrap();
+        cluster.create_topic("p.dlq", 2).unwrap();
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", cluster.bootstrap_servers());
+        let timeout = Duration::from_secs(10);
+        let first = ProgressGroup::join(&config, timeout, "g", "p.dlq", &[0, 1], |_| {})
+            .await
+            .unwrap();
+        first.check().unwrap();
+        assert_eq!(first.committed(&[0, 1]).await.unwrap(), HashMap::new());
+        let ours = HashMap::from([(0, 5), (1, 7)]);
+        first.commit(&ours).await.unwrap();
+        assert_eq!(first.committed(&[0, 1]).await.unwrap(), ours);
+
+        let second = ProgressGroup::join(&config, timeout, "g", "p.dlq", &[0, 1], |_| {}).await;
+        match second {
+            Err(ProgressError::Taken { owned, wanted, .. }) => {
+                assert!(owned < wanted, "{owned} of {wanted}")
+            }
+            Err(e) => panic!("expected Taken, got {e}"),
+            Ok(_) => panic!("a second member owned every partition"),
+        }
+        // The first member lost partitions while the second was in the group.
+        let lost = first.check().unwrap_err();
+        assert!(matches!(lost, ProgressError::Joined { .. }), "{lost}");
+        first.regain(&ours).await.unwrap();
+        first.check().unwrap();
+        first.commit(&HashMap::from([(0, 6)])).await.unwrap();
+        first.leave().await;
+    }
+
+    #[test]
+    fn messages_are_the_ones_the_cli_always_printed() {
+        let taken = ProgressError::Taken {
+            group: "g".into(),
+            topic: "t".into(),
+            owned: 1,
+            wanted: 2,
+        };
+        assert_eq!(
+            taken.to_string(),
+            "another replay with progress group `g` is running (this run was given 1 of the 2 partitions of `t`); nothing was sent"
+        );
+        let late = ProgressError::JoinTimeout {
+            group: "g".into(),
+            within: Duration::from_secs(28),
+            last_error: Some("down".into()),
+        };
+        assert_eq!(
+            late.to_string(),
+            "could not join progress group `g` within 28s (last error: down); nothing was sent"
+        );
+    }
+}
