@@ -9,12 +9,13 @@ use sidetrack::testing::EmbeddedCluster;
 
 use crate::Failure;
 
-/// How the proxy writes its logs (access logs included) on stderr.
+/// How the proxy writes its logs (access logs included) on stderr. (The variants carry `//`
+/// comments, not doc comments: clap would print doc comments in `--help`.)
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    /// One human-readable line per event.
+    // One human-readable line per event.
     Text,
-    /// One JSON object per line, for a log collector.
+    // One JSON object per line, for a log collector.
     Json,
 }
 
