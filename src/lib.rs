@@ -49,6 +49,7 @@
 //! [`metrics`] and [`testing`] (an embedded broker and a broker-free handler harness).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod dead_letter;
 mod error;

@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+use sidetrack::admin::now_ms;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
 use sidetrack::outcome::error_kind_str;
@@ -488,10 +489,6 @@ pub fn time(ms: i64) -> String {
     format!("{ms} ms since the epoch (not a calendar time)")
 }
 
-pub fn now_ms() -> i64 {
-    crate::ms(std::time::SystemTime::now())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,7 +721,7 @@ mod tests {
             if (0..=MAX_RFC3339_MS).contains(&ms) {
                 // Read back to the millisecond.
                 let back = humantime::parse_rfc3339_weak(&shown).unwrap();
-                prop_assert_eq!(crate::ms(back), ms);
+                prop_assert_eq!(sidetrack::admin::epoch_ms(back), ms);
             } else {
                 prop_assert!(shown.contains("not a calendar time"));
             }

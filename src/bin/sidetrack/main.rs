@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sidetrack::admin::epoch_ms;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -307,20 +308,13 @@ fn parse_time(s: &str) -> Result<TimeArg, String> {
         return Ok(TimeArg::Ago(d));
     }
     humantime::parse_rfc3339_weak(s)
-        .map(|t| TimeArg::At(ms(t)))
+        .map(|t| TimeArg::At(epoch_ms(t)))
         .map_err(|_| {
             format!(
                 "`{s}` is neither a duration (30m, 2h) nor an RFC 3339 time in UTC \
                  (2026-11-25T15:40:00Z, 2026-11-25T15:40:00.250Z)"
             )
         })
-}
-
-/// ms since the epoch (0 before it, `i64::MAX` past what an i64 holds).
-fn ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn parse_position(s: &str) -> Result<(i32, i64), String> {

@@ -17,6 +17,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sidetrack::admin::{fnv1a64, is_legal_topic as legal_topic, now_ms};
 use sidetrack::config::RetryConfig;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::for_terminal;
@@ -24,7 +25,7 @@ use sidetrack::retry::{next_hop, tier_delay_of, RetryPolicy, Topology};
 use sidetrack::{Config, Disposition, Envelope, Header, Message, Reason, Tier};
 use tokio::sync::mpsc;
 
-use crate::dlq::{now_ms, Row, Verdict};
+use crate::dlq::{Row, Verdict};
 use crate::kafka::{held_back, Kafka, Member};
 use crate::{Failure, ReplayArgs};
 
@@ -654,16 +655,6 @@ async fn plan_one(
     }))
 }
 
-/// Kafka's rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-fn legal_topic(name: &str) -> bool {
-    (1..=249).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// The topic a record goes to and, for a retry tier, its fresh envelope.
 fn target_of(
     to: &str,
@@ -786,15 +777,6 @@ pub fn default_group(a: &ReplayArgs) -> String {
     )
 }
 
-/// 64-bit FNV-1a.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
-}
-
 /// A running count on stderr when it is a terminal.
 struct Progress {
     done: usize,
@@ -836,22 +818,6 @@ mod tests {
         assert_eq!(next_send(t0, t0 + ms(30), 10.0), t0 + ms(130));
         // After a 5 s pause the next record waits its 100 ms like any other.
         assert_eq!(next_send(t0, t0 + ms(5_000), 10.0), t0 + ms(5_100));
-    }
-
-    #[test]
-    fn only_legal_topic_names_reach_the_broker() {
-        assert!(legal_topic("orders.billing-retry_1"));
-        assert!(legal_topic(&"a".repeat(249)));
-        for bad in ["", ".", "..", "a b", "a/b", "ü", "a\0b", &"a".repeat(250)] {
-            assert!(!legal_topic(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn fnv1a64_matches_the_reference_vectors() {
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     fn args(since: Option<TimeArg>) -> ReplayArgs {
