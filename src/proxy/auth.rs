@@ -144,7 +144,7 @@ fn secret_hash(token: &str, field: &str) -> Result<[u8; 32], ConfigError> {
 
 /// The token of an `Authorization: Bearer <token>` header, as bytes (any bytes a client sent;
 /// `None` when there is no such header or it is not a bearer token).
-pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = v.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {

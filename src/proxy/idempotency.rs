@@ -29,14 +29,14 @@ use sha2::{Digest, Sha256};
 use super::status::{ApiError, ErrorKind};
 
 /// The request header clients send.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The record header carrying the key.
-pub const KEY_HEADER: &str = "sidetrack-idempotency-key";
+pub(crate) const KEY_HEADER: &str = "sidetrack-idempotency-key";
 /// The record header carrying the record's index within its request (decimal).
-pub const RECORD_HEADER: &str = "sidetrack-idempotency-record";
+pub(crate) const RECORD_HEADER: &str = "sidetrack-idempotency-record";
 
 /// Reads the `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(v) = values.next() else {
         return Ok(None);

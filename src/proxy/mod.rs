@@ -34,6 +34,8 @@
 //! The README's "Produce over HTTP" section has the status table, the configuration and
 //! how to deploy several instances.
 
+#![warn(unreachable_pub)]
+
 mod auth;
 mod config;
 mod idempotency;
@@ -54,18 +56,19 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{bearer_token, token_sha256, Caller};
+// The public surface is what an application embedding the proxy needs: the builder and
+// its handle, the configuration (and the types its fields are made of), and a record rule
+// with what it is shown. Everything wire-level (decoders, error codes, the OpenAPI text,
+// idempotency headers) is crate-private: the HTTP API is the contract, not these types.
+pub use auth::{token_sha256, Caller};
 pub use config::{AuthConfig, IdempotencyConfig, ProxyConfig, TlsConfig, TokenConfig};
-pub use idempotency::{idempotency_key, IDEMPOTENCY_KEY, KEY_HEADER, RECORD_HEADER};
 pub use listener::Connections;
-pub use openapi::DOCUMENT as OPENAPI;
 pub use rules::{RecordRule, Rejection, RequestInfo};
-pub use status::{ApiError, ErrorKind};
-pub use wire::{
-    decode_v2, decode_v2_capped, decode_v2_limited, decode_v3, decode_v3_limited, format_of,
-    ErrorBody, Format, OffsetEntry, ProduceRecord, V2Response, V3Type, HEADER_OVERHEAD,
-    RECORD_OVERHEAD, RESERVED_HEADER_PREFIX,
-};
+pub use wire::ProduceRecord;
+/// What holding a record or a header costs in flight besides its bytes. Not part of the API:
+/// exported only so that `tests/proxy.rs` can check the accounting to the byte.
+#[doc(hidden)]
+pub use wire::{HEADER_OVERHEAD, RECORD_OVERHEAD};
 
 use crate::config::ConfigError;
 use crate::testing::EmbeddedCluster;

@@ -5,7 +5,7 @@
 //! its response schema), and a unit test checks that it names every route and error code.
 
 /// The document.
-pub const DOCUMENT: &str = include_str!("openapi.json");
+pub(crate) const DOCUMENT: &str = include_str!("openapi.json");
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use crate::Header;
 
 /// Header names starting with this are sidetrack's own (envelope, idempotency key); clients
 /// may not send them.
-pub const RESERVED_HEADER_PREFIX: &str = "sidetrack-";
+pub(crate) const RESERVED_HEADER_PREFIX: &str = "sidetrack-";
 
 /// One record to produce, as decoded from a request (and as a
 /// [`RecordRule`](super::RecordRule) sees and may change it).
@@ -77,7 +77,7 @@ impl ProduceRecord {
 
 /// How keys and values are written in a v2 body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `application/vnd.kafka.json.v2+json` and `application/json`: any JSON, written as its
     /// JSON text.
     Json,
@@ -87,7 +87,7 @@ pub enum Format {
 
 /// Reads the `Content-Type` of a v2 produce request (parameters such as `charset` ignored,
 /// case-insensitive).
-pub fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError> {
+pub(crate) fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError> {
     let hint = "send Content-Type: application/vnd.kafka.json.v2+json (JSON keys and values), \
                 application/vnd.kafka.binary.v2+json (base64) or application/json";
     let Some(raw) = content_type else {
@@ -118,7 +118,7 @@ pub fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError> {
 }
 
 /// Checks that a v3 request is JSON.
-pub fn check_v3_content_type(content_type: Option<&[u8]>) -> Result<(), ApiError> {
+pub(crate) fn check_v3_content_type(content_type: Option<&[u8]>) -> Result<(), ApiError> {
     let essence = content_type
         .and_then(|raw| raw.split(|&b| b == b';').next())
         .map(|e| String::from_utf8_lossy(e).trim().to_ascii_lowercase());
@@ -316,7 +316,8 @@ struct V2Header<'a> {
 
 /// Decodes a v2 produce body. `path_partition` (from `/topics/{t}/partitions/{p}`) applies
 /// to every record; a record may not name another one.
-pub fn decode_v2(
+#[cfg(test)]
+pub(crate) fn decode_v2(
     body: &[u8],
     format: Format,
     path_partition: Option<i32>,
@@ -326,7 +327,8 @@ pub fn decode_v2(
 
 /// [`decode_v2`], refusing (413 41303) a body with more than `max_records` records before
 /// allocating them.
-pub fn decode_v2_capped(
+#[cfg(test)]
+pub(crate) fn decode_v2_capped(
     body: &[u8],
     format: Format,
     path_partition: Option<i32>,
@@ -337,7 +339,7 @@ pub fn decode_v2_capped(
 
 /// [`decode_v2_capped`], also refusing (413 41304) a record with more than `max_headers`
 /// headers before allocating them.
-pub fn decode_v2_limited(
+pub(crate) fn decode_v2_limited(
     body: &[u8],
     format: Format,
     path_partition: Option<i32>,
@@ -437,7 +439,7 @@ pub fn decode_v2_limited(
 /// Deepest nesting of arrays and objects accepted in a JSON key or value: serde_json's own
 /// limit, so whatever the proxy writes, a consumer using serde_json can read. (serde_json does
 /// not apply its limit to the raw values the proxy keeps as text.)
-pub const MAX_JSON_DEPTH: usize = 128;
+pub(crate) const MAX_JSON_DEPTH: usize = 128;
 
 /// Checks the nesting depth of valid JSON text without recursion.
 fn check_depth(json: &str) -> Result<(), String> {
@@ -469,14 +471,14 @@ fn check_depth(json: &str) -> Result<(), String> {
 }
 
 /// A partition number: an integer in `[0, 2^31)`, nothing else (no fraction, no exponent).
-pub fn partition_of(n: &serde_json::Number) -> Result<i32, String> {
+pub(crate) fn partition_of(n: &serde_json::Number) -> Result<i32, String> {
     n.as_u64()
         .and_then(|v| i32::try_from(v).ok())
         .ok_or_else(|| format!("`{n}` is not a partition number (an integer from 0 to 2147483647)"))
 }
 
 /// A partition number from a URL path segment.
-pub fn partition_from_path(s: &str) -> Result<i32, ApiError> {
+pub(crate) fn partition_from_path(s: &str) -> Result<i32, ApiError> {
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::new(
             ErrorKind::InvalidPartition,
@@ -653,7 +655,7 @@ struct V3Data<'a> {
 /// What a v3 key or value was sent as, for the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum V3Type {
+pub(crate) enum V3Type {
     /// base64 bytes
     Binary,
     /// any JSON, written as its text
@@ -663,13 +665,16 @@ pub enum V3Type {
 }
 
 /// Decodes a v3 single-record body. Returns the record and the types of key and value.
-pub fn decode_v3(body: &[u8]) -> Result<(ProduceRecord, Option<V3Type>, Option<V3Type>), ApiError> {
+#[cfg(test)]
+pub(crate) fn decode_v3(
+    body: &[u8],
+) -> Result<(ProduceRecord, Option<V3Type>, Option<V3Type>), ApiError> {
     decode_v3_limited(body, usize::MAX)
 }
 
 /// [`decode_v3`], refusing (413 41304) more than `max_headers` headers before allocating
 /// them.
-pub fn decode_v3_limited(
+pub(crate) fn decode_v3_limited(
     body: &[u8],
     max_headers: usize,
 ) -> Result<(ProduceRecord, Option<V3Type>, Option<V3Type>), ApiError> {
@@ -793,7 +798,7 @@ pub fn decode_v3_limited(
 
 /// One entry of a v2 response's `offsets`: where a record went, or why it failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OffsetEntry {
+pub(crate) struct OffsetEntry {
     /// Partition written to (`null` when it failed before a partition was chosen).
     pub partition: Option<i32>,
     /// Offset of the record; `null` when it failed, or when the broker acknowledged it without
@@ -808,7 +813,7 @@ pub struct OffsetEntry {
 /// The v2 produce response. On failure it also carries the request's `error_code` and
 /// `message` (the worst failure among its records).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct V2Response {
+pub(crate) struct V2Response {
     /// Always `null` (no schema registry).
     pub key_schema_id: Option<i64>,
     /// Always `null` (no schema registry).
@@ -825,7 +830,7 @@ pub struct V2Response {
 
 /// The error body of a request that failed as a whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// The code of the status table.
     pub error_code: u32,
     /// What went wrong.
