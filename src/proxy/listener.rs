@@ -45,9 +45,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::app::App;
 use super::auth::Access;
 use super::config::ProxyConfig;
-use super::server::{self, App, Peer, Tls};
+use super::observe::Peer;
+use super::routes;
+use super::tls::Tls;
 use crate::metrics as m;
 
 /// How long a connection closed for idleness may take to finish after its GOAWAY before it is
@@ -424,7 +427,7 @@ pub(crate) async fn serve(
     gate: Arc<Gate>,
     stop: CancellationToken,
 ) {
-    let router = server::router(app.clone());
+    let router = routes::router(app.clone());
     let mut conns = JoinSet::new();
     let closing = CancellationToken::new();
     let limits = Limits {

@@ -36,15 +36,27 @@
 
 #![warn(unreachable_pub)]
 
+// The stages of a request, outside in: `listener` (accept loop, connections, with `tls`),
+// `routes` (the router and its layers; `observe` logs and counts every answer), `extract`
+// (authentication, the path, admission, the body: everything that refuses a request before
+// a rule sees it), `produce` (rules, idempotency, the producer), `render` (every answer's
+// bytes). Beside them: `app` (the state they share), `wire` (the body formats), `status`
+// (the error table), `auth`, `idempotency`, `rules`, `producer`, `config`, `openapi`.
+mod app;
 mod auth;
 mod config;
+mod extract;
 mod idempotency;
 mod listener;
+mod observe;
 mod openapi;
+mod produce;
 mod producer;
+mod render;
+mod routes;
 mod rules;
-mod server;
 mod status;
+mod tls;
 mod wire;
 
 use std::future::Future;
@@ -207,7 +219,7 @@ impl Proxy {
             access,
         } = self;
         let config = builder.config.clone();
-        let tls = server::tls_acceptor(&config).map_err(ProxyError::Tls)?;
+        let tls = tls::tls_acceptor(&config).map_err(ProxyError::Tls)?;
         let client =
             producer::SharedProducer::client_config(&config, &config.brokers, &builder.extra);
         let producer = Arc::new(producer::SharedProducer::new(&config, &client)?);
@@ -237,7 +249,7 @@ impl Proxy {
             None if config.metrics => global_prometheus(),
             None => None,
         };
-        let app = Arc::new(server::App::new(
+        let app = Arc::new(app::App::new(
             config,
             producer.clone(),
             access,

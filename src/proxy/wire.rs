@@ -796,47 +796,6 @@ pub(crate) fn decode_v3_limited(
     ))
 }
 
-/// One entry of a v2 response's `offsets`: where a record went, or why it failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct OffsetEntry {
-    /// Partition written to (`null` when it failed before a partition was chosen).
-    pub partition: Option<i32>,
-    /// Offset of the record; `null` when it failed, or when the broker acknowledged it without
-    /// an offset (librdkafka's implicit acknowledgement on an idempotent producer).
-    pub offset: Option<i64>,
-    /// `null` on success, else the code of the status table.
-    pub error_code: Option<u32>,
-    /// `null` on success, else what went wrong.
-    pub error: Option<String>,
-}
-
-/// The v2 produce response. On failure it also carries the request's `error_code` and
-/// `message` (the worst failure among its records).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct V2Response {
-    /// Always `null` (no schema registry).
-    pub key_schema_id: Option<i64>,
-    /// Always `null` (no schema registry).
-    pub value_schema_id: Option<i64>,
-    /// One entry per record, in request order.
-    pub offsets: Vec<OffsetEntry>,
-    /// The request's error code when not every record was acknowledged.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub error_code: Option<u32>,
-    /// The request's error message when not every record was acknowledged.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub message: Option<String>,
-}
-
-/// The error body of a request that failed as a whole.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct ErrorBody {
-    /// The code of the status table.
-    pub error_code: u32,
-    /// What went wrong.
-    pub message: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
