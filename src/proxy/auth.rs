@@ -15,6 +15,9 @@ pub struct Caller {
     pub token: Option<String>,
 }
 
+/// One configured token, as held in memory: its name (for logs and `Caller`), the SHA-256
+/// of its secret (never the secret itself, whatever its source), and the topic patterns it
+/// may produce to.
 struct Token {
     name: String,
     hash: [u8; 32],
@@ -135,6 +138,10 @@ impl Access {
     }
 }
 
+/// The SHA-256 of a token's secret as read from the configuration or a file.
+///
+/// # Errors
+/// An empty secret, named by `field` (an empty bearer token would let anyone in).
 fn secret_hash(token: &str, field: &str) -> Result<[u8; 32], ConfigError> {
     if token.is_empty() {
         return Err(ConfigError::invalid(field, "the token is empty"));
@@ -154,6 +161,8 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
+/// 64 hex digits (either case) as 32 bytes; `None` for anything else (`sha256` in the
+/// configuration).
 fn parse_hex(hex: &str) -> Option<[u8; 32]> {
     let b = hex.as_bytes();
     if b.len() != 64 {
@@ -167,6 +176,8 @@ fn parse_hex(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Equality in constant time: how long a comparison takes says nothing about how many
+/// leading bytes of a guessed token's hash matched.
 fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -79,15 +79,20 @@ pub(crate) struct Gate {
     changed: Notify,
 }
 
+/// The counts behind the [`Gate`]'s lock.
 #[derive(Default)]
 struct GateInner {
+    /// Connections holding a slot (proven or not).
     open: usize,
     /// Unproven connections by age (ids grow); each one's eviction signal.
     unproven: BTreeMap<u64, CancellationToken>,
+    /// The id of the next connection (its age among the unproven).
     next_id: u64,
 }
 
 impl Gate {
+    /// The gate of an instance: `max_connections` slots, of which at most
+    /// `max_unproven_connections` (or its default share) unproven.
     pub(crate) fn new(config: &ProxyConfig) -> Arc<Gate> {
         Arc::new(Gate {
             max: config.max_connections,
@@ -97,11 +102,13 @@ impl Gate {
         })
     }
 
+    /// The counts, whatever a panicking holder left (they stay consistent: see below).
     fn lock(&self) -> MutexGuard<'_, GateInner> {
         // Nothing under this lock can panic half-way; a poisoned lock still holds counts.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The open and unproven connections now (for [`ProxyHandle::connections`](super::ProxyHandle::connections)).
     pub(crate) fn stats(&self) -> Connections {
         let g = self.lock();
         Connections {
@@ -413,6 +420,7 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Counts a connection closed by the proxy, by `reason` (a `CLOSE_*` label of `metrics`).
 fn closed(reason: &'static str) {
     metrics::counter!(m::PROXY_CONNECTIONS_CLOSED, "reason" => reason).increment(1);
 }

@@ -165,6 +165,7 @@ pub(crate) fn v2_body(outcomes: &[Outcome], worst: Option<&ApiError>) -> Bytes {
 /// What a v3 key or value was sent as, and its size in bytes (the v3 answer echoes both).
 pub(crate) type V3Sent = Option<(V3Type, usize)>;
 
+/// A v3 key or value in the answer: its type and size.
 #[derive(Serialize)]
 struct V3Data {
     #[serde(rename = "type")]
@@ -172,6 +173,7 @@ struct V3Data {
     size: usize,
 }
 
+/// The v3 produce answer of an acknowledged record (`V3Result` in `openapi.json`).
 #[derive(Serialize)]
 struct V3Response<'a> {
     error_code: u16,

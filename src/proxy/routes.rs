@@ -3,7 +3,7 @@
 //!
 //! The one place to read which paths exist and what wraps them; the produce handler lives in
 //! `produce` and the request checks in `extract`. Every path here is documented in
-//! `openapi.json`, and a unit test (in `openapi`) checks that [`ROUTES`] and the document
+//! `openapi.json`, and a unit test (in `openapi`) checks that `ROUTES` (below) and the document
 //! agree.
 
 use std::sync::atomic::Ordering;
@@ -95,6 +95,7 @@ async fn cluster(
     json_response(StatusCode::OK, &cluster_json(&app))
 }
 
+/// The `KafkaCluster` object of this proxy's one cluster.
 fn cluster_json(app: &App) -> serde_json::Value {
     serde_json::json!({
         "kind": "KafkaCluster",

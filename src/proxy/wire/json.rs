@@ -73,8 +73,11 @@ pub(super) fn headers_capped<'a, T: Deserialize<'a>>(
     })
 }
 
+/// Why a capped array was not read.
 pub(super) enum Capped {
+    /// It has more elements than the cap (the caller names the limit in its error).
     Over,
+    /// It is not an array of the expected elements.
     Bad(ApiError),
 }
 

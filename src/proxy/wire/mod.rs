@@ -88,6 +88,8 @@ impl ProduceRecord {
     }
 }
 
+/// At most `max` characters of client text quoted in an error message, `…` when cut: an
+/// answer (and the log) never grows with what a client sent.
 fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
@@ -136,12 +138,16 @@ pub(crate) fn partition_of(n: &serde_json::Number) -> Result<i32, String> {
         .ok_or_else(|| format!("`{n}` is not a partition number (an integer from 0 to 2147483647)"))
 }
 
+/// Standard padded base64 (Confluent's binary format), the error ready for a message.
 fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| format!("not valid base64 (standard alphabet, padded): {e}"))
 }
 
+/// A record header name a client may send: no NUL (librdkafka would cut it there), and not
+/// under [`RESERVED_HEADER_PREFIX`] (a client could otherwise forge sidetrack's envelope or
+/// idempotency headers).
 fn check_header_name(name: &str) -> Result<(), String> {
     if name.contains('\0') {
         // librdkafka takes names as C strings: the name would be cut at the NUL.

@@ -54,6 +54,9 @@ pub(crate) fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError>
     }
 }
 
+/// The top level of a v2 body: `records` and the schema fields Confluent's other formats
+/// send. Unknown fields are refused (422 42202) rather than ignored: a misspelt field would
+/// otherwise be silently dropped.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Body<'a> {
@@ -73,6 +76,7 @@ struct V2Body<'a> {
     _value_schema_id: serde::de::IgnoredAny,
 }
 
+/// The records of a v2 body, parsed up to the record cap.
 struct V2Records<'a> {
     records: Vec<V2Record<'a>>,
 }
@@ -88,6 +92,8 @@ fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiEr
     })
 }
 
+/// One v2 record as sent: key and value kept as raw JSON until the format says how to read
+/// them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Record<'a> {
@@ -102,6 +108,7 @@ struct V2Record<'a> {
     headers: Option<&'a RawValue>,
 }
 
+/// One v2 record header: a name and an optional base64 value.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Header<'a> {
@@ -134,7 +141,7 @@ pub(crate) fn decode_v2_capped(
     decode_v2_limited(body, format, path_partition, max_records, usize::MAX)
 }
 
-/// [`decode_v2_capped`], also refusing (413 41304) a record with more than `max_headers`
+/// `decode_v2_capped` (tests only), also refusing (413 41304) a record with more than `max_headers`
 /// headers before allocating them.
 pub(crate) fn decode_v2_limited(
     body: &[u8],

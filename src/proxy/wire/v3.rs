@@ -121,6 +121,7 @@ pub(super) fn rfc3339_millis(s: &str) -> Option<i64> {
     Some(secs * 1000 + millis)
 }
 
+/// A v3 body: one record, unknown fields refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Body<'a> {
@@ -137,6 +138,7 @@ struct V3Body<'a> {
     timestamp: Option<Cow<'a, str>>,
 }
 
+/// One v3 record header: a name and an optional base64 value.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Header<'a> {
@@ -146,6 +148,8 @@ struct V3Header<'a> {
     value: Option<Cow<'a, str>>,
 }
 
+/// A v3 key or value: its type (JSON when absent) and its data; the schema-registry fields
+/// are recognised only to be refused with 415.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Data<'a> {
@@ -186,7 +190,7 @@ pub(crate) fn decode_v3(
     decode_v3_limited(body, usize::MAX)
 }
 
-/// [`decode_v3`], refusing (413 41304) more than `max_headers` headers before allocating
+/// `decode_v3` (tests only), refusing (413 41304) more than `max_headers` headers before allocating
 /// them.
 pub(crate) fn decode_v3_limited(
     body: &[u8],
