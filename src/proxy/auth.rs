@@ -19,15 +19,21 @@ pub struct Caller {
 /// of its secret (never the secret itself, whatever its source), and the topic patterns it
 /// may produce to.
 struct Token {
+    /// The name logs and rules see (`Caller::token`).
     name: String,
+    /// SHA-256 of the secret, compared in constant time.
     hash: [u8; 32],
+    /// Glob patterns of the topics it may produce to.
     topics: Vec<String>,
 }
 
 /// The access rules of one proxy instance.
 pub(crate) struct Access {
+    /// The configured tokens; empty means authentication is off (every caller anonymous).
     tokens: Vec<Token>,
+    /// `denied_topics`: patterns nobody may produce to, whatever their token allows.
     denied: Vec<String>,
+    /// `allow_internal_topics`: whether `__`-prefixed topics may be written.
     allow_internal: bool,
 }
 

@@ -3,7 +3,8 @@
 //! `FromRequest`, whose rejection renders the proxy's own error answer).
 //!
 //! Everything that can refuse a produce request before a rule has seen a record happens
-//! here, in this order, and the order is the contract (tests pin which error wins):
+//! here, in this order; the order is behaviour (it decides which error a request with
+//! several faults gets), so it is kept exactly:
 //! 1. **authentication** ([`Authenticated`]): 401 before anything derived from the path is
 //!    looked at or named in an answer;
 //! 2. **the path** ([`Target`]): the topic, the partition of `/topics/{t}/partitions/{p}`,
@@ -88,9 +89,12 @@ pub(crate) struct Target {
 /// partition route, `cluster_id` only on the v3 route.
 #[derive(Deserialize)]
 struct ProduceParams {
+    /// `{topic}`, every produce route.
     topic: String,
+    /// `{partition}`, `/topics/{topic}/partitions/{partition}` only.
     #[serde(default)]
     partition: Option<String>,
+    /// `{cluster_id}`, the v3 route only.
     #[serde(default)]
     cluster_id: Option<String>,
 }

@@ -152,6 +152,8 @@ impl Inner {
 /// The remembered answers of one instance.
 #[derive(Clone)]
 pub(crate) struct Idempotency {
+    /// Shared with every [`Guard`], which must be able to free its key after the request's
+    /// handler is gone.
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -169,7 +171,10 @@ pub(crate) enum Begin {
 
 /// Holds a running key; frees it when dropped without [`Guard::finish`].
 pub(crate) struct Guard {
+    /// The store the key is in.
     inner: Arc<Mutex<Inner>>,
+    /// The key as stored (the caller's scope, NUL, the key); `None` once finished or when
+    /// the store was unusable (then the drop does nothing).
     key: Option<String>,
 }
 

@@ -72,8 +72,11 @@ pub struct Connections {
 
 /// The connection slots: `max_connections` in all, at most `max_unproven` of them unproven.
 pub(crate) struct Gate {
+    /// `max_connections`.
     max: usize,
+    /// `max_unproven_connections` (or its default share of `max`).
     max_unproven: usize,
+    /// The counts; a std mutex, held for a few instructions and never across an await.
     inner: Mutex<GateInner>,
     /// A slot was freed or a connection became unproven (the accept loop may go on).
     changed: Notify,
@@ -177,6 +180,8 @@ impl Gate {
 
 /// A connection's slot, freed when its task ends.
 struct Ticket {
+    /// The connection holding the slot (its id and whether it is proven decide what the
+    /// drop gives back).
     conn: Arc<ConnState>,
     /// Cancelled when a newer connection evicts this (unproven) one.
     evict: CancellationToken,
@@ -202,10 +207,13 @@ impl Drop for Ticket {
 
 /// What one connection's task and its requests share.
 struct ConnState {
+    /// The gate its slot is in.
     gate: Arc<Gate>,
+    /// Its id at the gate (ids grow: the smallest unproven id is the oldest).
     id: u64,
     /// Accepted at; the times below are milliseconds after it, plus one (0: never).
     base: Instant,
+    /// Set once the connection has proven itself (see the module doc); never unset.
     proven: AtomicBool,
     /// Requests whose head arrived (the first one ends the accept-time head deadline).
     requests: AtomicU64,
@@ -366,16 +374,22 @@ impl Drop for InProgress {
 /// The timers of every connection, from the configuration.
 #[derive(Clone, Copy)]
 struct Limits {
+    /// `head_timeout`.
     head: Duration,
+    /// `idle_timeout`.
     idle: Duration,
 }
 
+/// A byte stream a connection can run on (plain TCP or TLS), boxed so that one connection
+/// type serves both.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// The socket, telling the connection's state when bytes arrive.
 struct Watched {
+    /// The stream.
     inner: Box<dyn Io>,
+    /// Told of every read, for the head and idle timers.
     conn: Arc<ConnState>,
 }
 

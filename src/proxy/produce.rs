@@ -9,7 +9,8 @@
 //! 2. the `Idempotency-Key`: a remembered answer is replayed (with `Idempotent-Replayed:
 //!    true`), a running one is 409, a different request under the same key is 422;
 //! 3. the partitions the records name, against the topic's partition count (404 40402);
-//! 4. admission into the producer's in-flight budget (429), then the produce itself;
+//! 4. admission into the producer's in-flight budget (413 when the request could never fit,
+//!    429 when it does not fit now), then the produce itself;
 //! 5. the answer, whose status is that of the worst failed record (200 when all were
 //!    acknowledged), remembered under the key when there is one.
 

@@ -85,10 +85,13 @@ impl ProducerContext for ProxyContext {
 /// bounds are released when the last record is settled (the batch is dropped with the last
 /// slot), also when the client has hung up meanwhile.
 struct Batch {
+    /// One slot per record, in request order, filled by the delivery callbacks.
     outcomes: Mutex<Vec<Option<Outcome>>>,
     /// Records not settled yet, plus one while records are still being queued.
     remaining: std::sync::atomic::AtomicUsize,
+    /// Fired when `remaining` reaches zero (the request's task waits on it).
     done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The request's in-flight budget, given back when the batch is dropped.
     _admission: Admission,
 }
 
