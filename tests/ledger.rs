@@ -641,7 +641,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
                 // mock re-binds its listener when it comes back and aborts the whole test
                 // process when that fails, which happened here on a loaded machine. Nothing is
                 // killed until commits work again: the duplicate bound is about crashes (see
-                // README).
+                // docs/guarantees.md).
                 cluster.fail_requests(
                     RDKafkaApiKey::OffsetCommit,
                     &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10],

@@ -31,7 +31,7 @@
 //! # }
 //! ```
 //!
-//! The README's "Produce over HTTP" section has the status table, the configuration and
+//! `docs/proxy.md` has the status table, the configuration and
 //! how to deploy several instances.
 
 #![warn(unreachable_pub)]

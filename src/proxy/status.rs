@@ -1,5 +1,5 @@
 //! Every way a request can fail, with its HTTP status, Confluent-style `error_code` and
-//! whether retrying the same request can succeed. The README's status table is this file.
+//! whether retrying the same request can succeed. The status table in `docs/proxy.md` is this file.
 //!
 //! Kafka and librdkafka errors are classified in [`ErrorKind::of_kafka`].
 
