@@ -21,7 +21,7 @@ use clap::Parser;
 use serde::Deserialize;
 use sidetrack::config::RetryConfig;
 use sidetrack::testing::{read_all, EmbeddedCluster};
-use sidetrack::{Config, Context, DeadLetterReason, Handler, HandlerError, Message, Runtime, Tier};
+use sidetrack::{Config, Context, Handler, HandlerError, Message, Reason, Runtime, Tier};
 
 #[derive(Parser, Debug)]
 #[command(about = "sidetrack quickstart: a handler with retry topics and a dead-letter topic")]
@@ -108,7 +108,7 @@ async fn produce_demo(
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         // One record per batch: Tansu 0.6 mis-reports watermarks and fetches from the middle
-        // of a multi-record batch (see the README's compatibility table).
+        // of a multi-record batch (see docs/brokers.md).
         .set("batch.num.messages", "1")
         .create()?;
     let mut pending = Vec::with_capacity(count);
@@ -250,7 +250,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let label = format!("retried via {name}:");
         println!("{label:<50}{n}");
     }
-    for reason in DeadLetterReason::ALL {
+    for reason in Reason::ALL {
         let label = format!("dead-lettered ({reason}):");
         println!("{label:<50}{}", stats.dead_lettered(reason));
     }
