@@ -59,6 +59,32 @@ fn named(header: &Header, name: &str) -> bool {
     header.key.eq_ignore_ascii_case(name.as_bytes())
 }
 
+/// The context from the values of every `traceparent` header (`parents`) and every
+/// `tracestate` header (`states`) of one request or record, by this module's rules. The HTTP
+/// proxy passes its request's header values; records go through [`try_extract`].
+///
+/// # Errors
+/// [`CarrierError`] when a `traceparent` is present but unusable; `Ok(None)` when absent.
+pub fn extract_values<'a>(
+    mut parents: impl Iterator<Item = Option<&'a [u8]>>,
+    states: impl Iterator<Item = Option<&'a [u8]>>,
+) -> Result<Option<RecordContext>, CarrierError> {
+    let Some(first) = parents.next() else {
+        return Ok(None);
+    };
+    let value = first.ok_or(CarrierError::Null)?;
+    let mut count = 1;
+    for other in parents {
+        count += 1;
+        if other != Some(value) {
+            return Err(CarrierError::Conflicting(count));
+        }
+    }
+    let parent = TraceParent::parse(value)?;
+    let state = TraceState::parse_all(states.flatten()).unwrap_or_default();
+    Ok(Some(RecordContext { parent, state }))
+}
+
 /// Reads the context stored under the header names `parent_name` / `state_name`.
 ///
 /// # Errors
@@ -68,27 +94,16 @@ pub fn try_extract_named(
     parent_name: &str,
     state_name: &str,
 ) -> Result<Option<RecordContext>, CarrierError> {
-    let mut parents = headers.iter().filter(|h| named(h, parent_name));
-    let Some(first) = parents.next() else {
-        return Ok(None);
-    };
-    let value = first.value.as_deref().ok_or(CarrierError::Null)?;
-    let mut count = 1;
-    for other in parents {
-        count += 1;
-        if other.value.as_deref() != Some(value) {
-            return Err(CarrierError::Conflicting(count));
-        }
-    }
-    let parent = TraceParent::parse(value)?;
-    let state = TraceState::parse_all(
+    extract_values(
+        headers
+            .iter()
+            .filter(|h| named(h, parent_name))
+            .map(|h| h.value.as_deref()),
         headers
             .iter()
             .filter(|h| named(h, state_name))
-            .filter_map(|h| h.value.as_deref()),
+            .map(|h| h.value.as_deref()),
     )
-    .unwrap_or_default();
-    Ok(Some(RecordContext { parent, state }))
 }
 
 /// The context in the record's `traceparent`/`tracestate` headers.

@@ -175,6 +175,20 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl TracingConfig {
+    /// The `[tracing]` section of a TOML file, ignoring every other section (the proxy's and
+    /// the runtime's); `None` when the file has none. Not validated yet.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] when the text is not TOML or the section has an unknown field.
+    pub fn from_toml_str(text: &str) -> Result<Option<Self>, ConfigError> {
+        #[derive(Deserialize)]
+        struct File {
+            tracing: Option<TracingConfig>,
+        }
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Ok(file.tracing)
+    }
+
     /// Checks the file's own values (environment variables are checked by
     /// [`TracingConfig::resolve`]).
     ///

@@ -13,6 +13,8 @@
 //! - [`config`]: the `[tracing]` section and the `OTEL_*` variables.
 //! - `export` (feature `otel`): the OTLP pipeline and the `tracing` layer.
 //! - `memory` (feature `otel`): an in-memory exporter for tests.
+//! - `span` (feature `otel`): a `tracing` span's parent, links and ids from and to trace
+//!   context.
 //!
 //! Without the `otel` feature only the first three are built; they cost nothing on the record
 //! path unless a record is handed off (the origin header is copied then).
@@ -23,6 +25,8 @@ pub mod config;
 pub mod export;
 #[cfg(feature = "otel")]
 pub mod memory;
+#[cfg(feature = "otel")]
+pub mod span;
 pub mod w3c;
 
 pub use carrier::RecordContext;
