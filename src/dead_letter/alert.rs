@@ -56,6 +56,11 @@ pub struct DeadLetterExample {
     pub attempts: u32,
     /// The error, escaped like `key` and cut at 300 characters.
     pub error: String,
+    /// Trace id (32 lowercase hex digits) of the record's origin: the producer's span, as
+    /// the record's `traceparent` (or, once handed off, its `sidetrack-origin-traceparent`)
+    /// named it. `None` when the record carried no valid trace context. Open this trace to
+    /// see the request that produced the record and every attempt.
+    pub trace_id: Option<String>,
 }
 
 /// Everything on-call needs about the records dead-lettered for one (topic, group) in one
@@ -126,7 +131,7 @@ impl DeadLetterAlert {
         );
         for e in &self.examples {
             out.push_str(&format!(
-                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {})\n",
+                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {}{})\n",
                 name(&self.topic),
                 e.partition,
                 e.offset,
@@ -139,6 +144,11 @@ impl DeadLetterAlert {
                     Some(o) => format!("{}:{o}", e.dlq_partition),
                     None => format!("partition {}, offset unknown", e.dlq_partition),
                 },
+                // Validated lowercase hex when set (never record text), so safe as it is.
+                e.trace_id
+                    .as_deref()
+                    .map(|t| format!(", trace {t}"))
+                    .unwrap_or_default(),
             ));
         }
         if (self.examples.len() as u64) < self.count {
@@ -390,6 +400,8 @@ pub(crate) struct DeadLetterEvent<'a> {
     pub(crate) reason: Reason,
     pub(crate) attempts: u32,
     pub(crate) error: &'a str,
+    /// The origin's trace id, if the record carried a trace context (validated hex).
+    pub(crate) trace_id: Option<&'a str>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -464,6 +476,7 @@ impl Alerts {
                 reason: event.reason.as_str().to_owned(),
                 attempts: event.attempts,
                 error: escape::for_terminal(event.error, EXAMPLE_ERROR_CHARS),
+                trace_id: event.trace_id.map(str::to_owned),
             });
         }
     }
@@ -642,7 +655,33 @@ mod tests {
             reason,
             attempts: 3,
             error: "payment service down",
+            trace_id: None,
         }
+    }
+
+    #[test]
+    fn the_origin_trace_id_is_printed_with_its_example() {
+        let a = alerts(5);
+        a.record_at(
+            DeadLetterEvent {
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+                ..event(7, Reason::Exhausted, T0 + 1)
+            },
+            T0 + 1,
+        );
+        let all = a.take("billing", None);
+        assert_eq!(
+            all[0].examples[0].trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert!(all[0]
+            .text()
+            .contains("(DLQ 1:107, trace 4bf92f3577b34da6a3ce929d0e0e4736)"));
+        let json = serde_json::to_value(&all[0]).unwrap();
+        assert_eq!(
+            json["examples"][0]["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     fn alerts(max_examples: usize) -> Alerts {

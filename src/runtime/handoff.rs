@@ -275,6 +275,8 @@ impl PartitionTask {
                     error = %escape::for_terminal(error, escape::LOG_FIELD_CHARS),
                     "record dead-lettered"
                 );
+                // The origin's trace id, so on-call goes from the alert to the trace.
+                let trace_id = crate::telemetry::carrier::origin_trace_id(msg.headers());
                 shared.alerts.record(DeadLetterEvent {
                     topic: &source.topic,
                     dlq: target,
@@ -287,6 +289,7 @@ impl PartitionTask {
                     reason,
                     attempts: msg.attempt(),
                     error,
+                    trace_id: trace_id.as_deref(),
                 });
             }
         }

@@ -393,6 +393,11 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             )
         }
     }
+    // The origin's trace (the producer's span, kept across every hand-off): validated hex,
+    // printed as is, so on-call goes from a dead letter to its trace in one step.
+    if let Some(trace) = sidetrack::telemetry::carrier::origin_trace_id(r.user_headers()) {
+        out += &format!("origin trace: {trace}\n");
+    }
     let user: Vec<&Header> = r
         .user_headers()
         .iter()
@@ -751,6 +756,28 @@ mod tests {
             reason: None,
             key: None,
         }
+    }
+
+    /// `dlq show` names the origin's trace: the kept origin context when the record was handed
+    /// off (its own `traceparent` is then the hand-off's), else its own `traceparent`.
+    #[test]
+    fn show_prints_the_origin_trace_id() {
+        let origin = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let hand_off = "00-12345678901234567890123456789012-1234567890123456-01";
+        let r = Record {
+            headers: vec![
+                Header::new("traceparent", hand_off.as_bytes().to_vec()),
+                Header::new("sidetrack-origin-traceparent", origin.as_bytes().to_vec()),
+            ],
+            ..rec(None)
+        };
+        assert!(describe_at(&r, 0).contains("origin trace: 4bf92f3577b34da6a3ce929d0e0e4736\n"));
+        let own = Record {
+            headers: vec![Header::new("traceparent", origin.as_bytes().to_vec())],
+            ..rec(None)
+        };
+        assert!(describe_at(&own, 0).contains("origin trace: 4bf92f3577b34da6a3ce929d0e0e4736\n"));
+        assert!(!describe_at(&rec(None), 0).contains("origin trace"));
     }
 
     /// As Spring Kafka 4.1's `DeadLetterPublishingRecoverer` writes them after a listener
