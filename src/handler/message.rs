@@ -34,6 +34,11 @@ pub struct Message {
     attempt: u32,
     /// Envelope and where it was read from, for a retried record (boxed: most are not).
     retry: Option<Arc<Retried>>,
+    /// Feature `otel`: the context of this record's `process` span, set when the span starts,
+    /// so that its hand-off (which runs after the call, outside the span) is the span's child.
+    /// A `OnceBox` (one pointer): the message stays as small as without the feature.
+    #[cfg(feature = "otel")]
+    trace: once_cell::race::OnceBox<opentelemetry::trace::SpanContext>,
 }
 
 struct Retried {
@@ -136,6 +141,8 @@ impl Clone for Message {
             raw: std::ptr::null_mut(),
             attempt: self.attempt,
             retry: self.retry.clone(),
+            #[cfg(feature = "otel")]
+            trace: once_cell::race::OnceBox::new(),
         }
     }
 }
@@ -155,6 +162,18 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
+    /// Feature `otel`: remembers the context of this record's `process` span (first call wins).
+    #[cfg(feature = "otel")]
+    pub(crate) fn set_trace(&self, cx: opentelemetry::trace::SpanContext) {
+        let _ = self.trace.set(Box::new(cx));
+    }
+
+    /// Feature `otel`: the context of this record's `process` span, if one was recorded.
+    #[cfg(feature = "otel")]
+    pub(crate) fn trace(&self) -> Option<&opentelemetry::trace::SpanContext> {
+        self.trace.get()
+    }
+
     /// A message for tests: partition 0, offset 0, attempt 1, no key, no headers.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         Message {
@@ -168,6 +187,8 @@ impl Message {
             raw: std::ptr::null_mut(),
             attempt: 1,
             retry: None,
+            #[cfg(feature = "otel")]
+            trace: once_cell::race::OnceBox::new(),
         }
     }
 
@@ -292,6 +313,8 @@ impl Message {
                 raw: std::ptr::null_mut(),
                 attempt: 1,
                 retry: None,
+                #[cfg(feature = "otel")]
+                trace: once_cell::race::OnceBox::new(),
             },
             Some(env) => Message {
                 topic: Topic::Shared(Arc::from(env.original_topic.as_str())),
@@ -307,6 +330,8 @@ impl Message {
                     envelope: env,
                     received_from: (Arc::clone(received_topic), partition, offset),
                 })),
+                #[cfg(feature = "otel")]
+                trace: once_cell::race::OnceBox::new(),
             },
         }
     }

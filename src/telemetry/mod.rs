@@ -13,6 +13,7 @@
 //! - [`config`]: the `[tracing]` section and the `OTEL_*` variables.
 //! - `export` (feature `otel`): the OTLP pipeline and the `tracing` layer.
 //! - `memory` (feature `otel`): an in-memory exporter for tests.
+//! - `runtime` (feature `otel`): the consumer runtime's `process` and hand-off `send` spans.
 //! - `span` (feature `otel`): a `tracing` span's parent, links and ids from and to trace
 //!   context.
 //!
@@ -25,6 +26,8 @@ pub mod config;
 pub mod export;
 #[cfg(feature = "otel")]
 pub mod memory;
+#[cfg(feature = "otel")]
+pub mod runtime;
 #[cfg(feature = "otel")]
 pub mod span;
 pub mod w3c;
