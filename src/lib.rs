@@ -45,7 +45,8 @@
 //!
 //! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
 //! [`retry`] (policy, topic names, envelope headers), [`dead_letter`], [`metrics`] and
-//! [`testing`] (an embedded broker and a broker-free handler harness).
+//! [`mocking`] (an embedded broker) and [`testing`] (a broker-free handler harness, and the
+//! embedded broker re-exported).
 #![warn(missing_docs)]
 
 pub mod config;
@@ -54,6 +55,7 @@ mod error;
 pub mod escape;
 pub mod handler;
 pub mod metrics;
+pub mod mocking;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod retry;

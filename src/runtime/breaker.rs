@@ -42,7 +42,6 @@ use crate::config::BreakerConfig;
 use crate::dead_letter::{BreakerAlert, BreakerTransition};
 use crate::metrics as m;
 
-use super::partition::PartitionTask;
 use super::signal::Signal;
 use super::Shared;
 
@@ -315,20 +314,6 @@ impl BreakerControl {
         }
     }
 
-    /// A control nobody reaches (a task not started by a supervisor).
-    pub(crate) fn detached() -> Self {
-        BreakerControl {
-            group: String::new(),
-            topic: String::new(),
-            partition: -1,
-            open: AtomicBool::new(false),
-            close_requested: AtomicBool::new(false),
-            wake: Notify::new(),
-            gauge: metrics::Gauge::noop(),
-            trips: metrics::Counter::noop(),
-        }
-    }
-
     pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::SeqCst)
     }
@@ -481,16 +466,26 @@ impl Drop for Registered {
     }
 }
 
-impl PartitionTask {
-    /// Feeds one record's outcome to the breaker (`dead`: it is to be dead-lettered). False:
+impl BreakerControl {
+    /// Feeds one record's outcome to `breaker`, the partition task's own state, and announces
+    /// what changed through this control (`dead`: the record is to be dead-lettered). False:
     /// the breaker is open and the record must not be dead-lettered; it gets no outcome.
+    ///
+    /// Called for every record: the common case (admitted, nothing changed) is one call into
+    /// the state machine and no lock.
     #[inline]
-    pub(super) fn breaker_admits(&self, breaker: &mut Breaker, dead: bool, offset: i64) -> bool {
+    pub(crate) fn admits(
+        &self,
+        shared: &Shared,
+        breaker: &mut Breaker,
+        dead: bool,
+        offset: i64,
+    ) -> bool {
         let verdict = breaker.outcome(dead, Instant::now);
         if verdict == Verdict::Admit {
             return true;
         }
-        let control = &self.breaker_control;
+        let control = self;
         match verdict {
             Verdict::Trip | Verdict::Reopen => {
                 control.opened(verdict == Verdict::Trip);
@@ -502,13 +497,13 @@ impl PartitionTask {
                 } else {
                     BreakerTransition::Reopened
                 };
-                control.announce(&self.shared, breaker, transition, Some(offset), cool_down);
+                control.announce(shared, breaker, transition, Some(offset), cool_down);
                 true
             }
             Verdict::Close => {
                 control.closed();
                 control.announce(
-                    &self.shared,
+                    shared,
                     breaker,
                     BreakerTransition::Closed,
                     Some(offset),

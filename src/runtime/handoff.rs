@@ -1,11 +1,16 @@
 //! The hand-off of a failed record to its retry tier or the dead-letter topic: the shared
 //! producer (rebuilt after a fatal error) and sending until the broker acknowledges. Hand-offs
 //! are pipelined: the partition goes on while up to [`MAX_PENDING`] of them wait for their
-//! acknowledgement, and the frontier (see [`super::frontier`]) keeps the stored offset before
+//! acknowledgement, and the frontier (see `partition::offsets`) keeps the stored offset before
 //! every one still waiting.
+//!
+//! [`HandOff`] is a stage of its own: it gets what it needs of the partition it serves (which
+//! source, its stop and revoke signals, its pause) when the partition task is built, and never
+//! names the task. The partition task depends on it, not the other way round, so the
+//! hand-off can be read (and tested) without the record loops.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,7 +29,9 @@ use crate::retry::scheduler::now_ms;
 use crate::retry::{next_envelope, Decision, Envelope};
 
 use super::client::TracingContext;
-use super::partition::{Abandoned, PartitionTask};
+use super::pause::{Pause, PauseHold};
+use super::signal::Signal;
+use super::Shared;
 
 /// At most this many hand-offs of one partition wait for their ack at a time (each holds its
 /// record in memory); then the partition takes no new record until the oldest is durable.
@@ -135,7 +142,50 @@ impl HandoffProducer {
     }
 }
 
-/// Result of [`PartitionTask::send_durably`].
+/// Why a piece of work of a partition ended without a durable outcome. Its offset is not
+/// stored (see `partition::offsets`): the record is handled again by whoever reads the
+/// partition next.
+#[derive(Debug)]
+pub(crate) enum Abandoned {
+    /// The task was told to stop (shutdown, revoke, or the runtime is failing).
+    Told,
+    /// Something went wrong that the task cannot get past; its supervisor restarts it.
+    Failed(String),
+}
+
+/// The hand-off stage of one partition task: sends its failed records to their retry tier or
+/// the DLQ, and pauses the partition while a send keeps failing.
+///
+/// Built once per partition task (off the per-record path); each hand-off borrows it.
+pub(crate) struct HandOff {
+    shared: Arc<Shared>,
+    /// Index of the source topic the partition belongs to (its tiers and DLQ).
+    source: usize,
+    /// Raised on shutdown: a failing send stops retrying, the record gets no outcome.
+    stop: Signal,
+    /// Raised on revoke: likewise, and the new owner handles the record again.
+    revoked: Signal,
+    /// The partition's pause, held while a hand-off fails.
+    pause: Arc<Pause>,
+    /// Hand-offs of this partition being retried after a failure. While any is, the partition
+    /// is paused and takes no new record.
+    failing: AtomicUsize,
+}
+
+/// Held while a hand-off of this partition fails: the partition is paused and takes no new
+/// record.
+struct Failing<'a> {
+    count: &'a AtomicUsize,
+    _pause: PauseHold<'a>,
+}
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Result of [`HandOff::send_durably`].
 enum Sent {
     /// Acknowledged: (partition, offset, timestamp we set). The offset is negative when
     /// librdkafka acknowledged the record implicitly (see `send_durably`).
@@ -151,7 +201,42 @@ fn is_too_large(e: &KafkaError) -> bool {
     )
 }
 
-impl PartitionTask {
+impl HandOff {
+    /// The hand-off stage of the partition of source `source` (an index into the topology's
+    /// sources), stopping on `stop` or `revoked` and pausing through `pause`.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        source: usize,
+        stop: Signal,
+        revoked: Signal,
+        pause: Arc<Pause>,
+    ) -> Self {
+        HandOff {
+            shared,
+            source,
+            stop,
+            revoked,
+            pause,
+            failing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether a hand-off of this partition is failing (the partition then takes no new
+    /// record); one relaxed load, checked per record.
+    #[inline]
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) != 0
+    }
+
+    /// Marks a hand-off of this partition as failing until the returned guard is dropped.
+    fn failing(&self) -> Failing<'_> {
+        self.failing.fetch_add(1, Ordering::SeqCst);
+        Failing {
+            count: &self.failing,
+            _pause: self.pause.hold(),
+        }
+    }
+
     /// Publishes the record to its retry tier or the DLQ and waits for the broker's ack,
     /// retrying with backoff (partition paused) until it succeeds or the task is stopped.
     ///

@@ -16,16 +16,15 @@
 
 mod breaker;
 mod client;
-mod frontier;
 mod group;
 mod handoff;
-mod partition;
+pub(crate) mod partition;
 mod pause;
 mod provision;
 mod scheduler;
 mod signal;
 mod supervisor;
-mod watchdog;
+pub(crate) mod watchdog;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,8 +41,8 @@ use crate::dead_letter::{
 };
 use crate::error::Error;
 use crate::handler::{Context, Handler};
+use crate::mocking::EmbeddedCluster;
 use crate::retry::{RetryPolicy, Topology};
-use crate::testing::EmbeddedCluster;
 
 pub(crate) use client::{forward_error, forward_log};
 use group::{Group, Role};

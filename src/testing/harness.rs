@@ -5,8 +5,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::dead_letter::DeadLetterReason;
-use crate::handler::{invoke, Context, ErasedHandler, Handler, Message};
+use crate::handler::{Context, Handler, Message};
 use crate::retry::{next_envelope, Decision, Envelope, RetryPolicy, Topology};
+use crate::runtime::partition::call::{Caller, ErasedCall};
+use crate::runtime::partition::meters::CallMeters;
+use crate::runtime::watchdog::Calls;
 
 /// What happened to one delivery in a [`TestRuntime`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +38,14 @@ pub enum Outcome {
 /// Runs a handler through the runtime's retry and dead-letter decisions, with no broker and
 /// no waiting: retries are delivered at once, with the envelope the runtime would write.
 pub struct TestRuntime {
-    handler: Arc<dyn ErasedHandler>,
+    handler: Arc<dyn ErasedCall>,
     config: Config,
     policy: RetryPolicy,
     cx: Context,
+    /// The runtime's own call stage (the code its partition tasks run): panics caught, the
+    /// time limit (`handler_timeout`, or the handler's own) enforced, the result classified
+    /// by the policy. Its metrics record nothing and no watchdog thread runs.
+    caller: Caller,
 }
 
 impl TestRuntime {
@@ -56,24 +63,35 @@ impl TestRuntime {
         Ok(Self::from_parts(Arc::new(handler), config.clone(), policy))
     }
 
-    fn from_parts(handler: Arc<dyn ErasedHandler>, config: Config, policy: RetryPolicy) -> Self {
+    fn from_parts(handler: Arc<dyn ErasedCall>, config: Config, policy: RetryPolicy) -> Self {
         let cx = Context::new(config.group.clone(), CancellationToken::new());
+        let caller = Caller::new(
+            handler.limits(&config),
+            CallMeters::noop(),
+            Calls::detached(),
+        );
         TestRuntime {
             handler,
             config,
             policy,
             cx,
+            caller,
         }
+    }
+
+    /// Calls the handler once through the runtime's call stage: `None` when handled, else
+    /// the decision and the error text.
+    async fn call(&self, msg: &Message) -> Option<(Decision, String)> {
+        self.handler
+            .call(&self.caller, msg, &self.cx, &self.policy)
+            .await
     }
 
     /// Delivers `msg` once (at its attempt number) and says what the runtime would do.
     pub async fn deliver(&self, msg: &Message) -> Outcome {
-        match invoke(&*self.handler, msg, &self.cx).await {
-            Ok(()) => Outcome::Handled,
-            Err(e) => {
-                let decision = self.policy.decide(msg.attempt(), &e);
-                self.outcome(msg, decision, e.message())
-            }
+        match self.call(msg).await {
+            None => Outcome::Handled,
+            Some((decision, error)) => self.outcome(msg, decision, &error),
         }
     }
 
@@ -83,15 +101,9 @@ impl TestRuntime {
         let mut outcomes = Vec::new();
         let mut msg = msg;
         loop {
-            let (decision, error) = match invoke(&*self.handler, &msg, &self.cx).await {
-                Ok(()) => {
-                    outcomes.push(Outcome::Handled);
-                    return outcomes;
-                }
-                Err(e) => (
-                    self.policy.decide(msg.attempt(), &e),
-                    e.message().to_owned(),
-                ),
+            let Some((decision, error)) = self.call(&msg).await else {
+                outcomes.push(Outcome::Handled);
+                return outcomes;
             };
             let outcome = self.outcome(&msg, decision, &error);
             let Outcome::Retry { topic, .. } = &outcome else {
