@@ -56,7 +56,7 @@ use super::Shared;
 use call::{Caller, DueWait, Limits, Step};
 use intake::{Intake, Raw, Taken};
 use meters::{Batch, CallMeters, Meters};
-use offsets::{Frontier, HandOffFuture, Offsets, Progress, Seq};
+use offsets::{Frontier, Offsets, Progress, Seq};
 
 /// Offsets are stored, and batched counters flushed, at least this often (in records) while
 /// the queue never runs dry; always when it does. Only stored offsets are committed, so
@@ -87,6 +87,10 @@ impl<H: Handler> RunPartition for H {
 
 /// A partition's queue, split from its consumer.
 pub(crate) type Queue = StreamPartitionQueue<GroupContext>;
+
+/// A hand-off in flight: the record's sequence number and whether it became durable.
+pub(crate) type HandOffFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Seq, Result<(), Abandoned>)> + Send + 'a>>;
 
 /// How a partition task ended.
 #[derive(Debug)]

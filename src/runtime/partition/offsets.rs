@@ -48,8 +48,6 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 
-use crate::runtime::handoff::Abandoned;
-
 /// A taken record's place in the window.
 pub(crate) type Seq = u64;
 
@@ -241,10 +239,6 @@ impl Progress {
     }
 }
 
-/// A hand-off in flight: the record's sequence number and whether it became durable.
-pub(crate) type HandOffFuture<'a> =
-    std::pin::Pin<Box<dyn Future<Output = (Seq, Result<(), Abandoned>)> + Send + 'a>>;
-
 /// The task's side of the invariant: one partition's [`Progress`], and the one place its
 /// offset is stored.
 pub(crate) struct Offsets {
@@ -284,25 +278,29 @@ impl Offsets {
         }
     }
 
-    /// A hand-off resolved: durable, or abandoned. Nothing past an abandoned hand-off may be
-    /// stored: the frontier stays before it, and the caller ends the task.
-    pub(crate) fn settled(
+    /// A hand-off resolved: durable, or abandoned (`Err`, with why). Nothing past an abandoned
+    /// hand-off may be stored: the frontier stays before it, and the caller ends the task.
+    pub(crate) fn settled<E>(
         &self,
         seq: Seq,
-        settled: Result<(), Abandoned>,
+        settled: Result<(), E>,
         frontier: &mut Frontier,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), E> {
         settled?;
         self.durable(seq, frontier);
         Ok(())
     }
 
-    /// Settles the hand-offs that are done, without waiting.
-    pub(crate) fn settle(
+    /// Settles the hand-offs that are done, without waiting (each resolves to its record's
+    /// sequence number and whether it became durable).
+    pub(crate) fn settle<E, F>(
         &self,
-        handoffs: &mut FuturesUnordered<HandOffFuture<'_>>,
+        handoffs: &mut FuturesUnordered<F>,
         frontier: &mut Frontier,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), E>
+    where
+        F: Future<Output = (Seq, Result<(), E>)> + Unpin,
+    {
         while !handoffs.is_empty() {
             let Some(Some((seq, settled))) = handoffs.next().now_or_never() else {
                 break;

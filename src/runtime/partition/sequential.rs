@@ -21,8 +21,8 @@ use crate::retry::scheduler::now_ms;
 use super::call::{self, Interrupt, Meanwhile, Step};
 use super::intake::{detach, Decoded};
 use super::meters::Batch;
-use super::offsets::{Frontier, HandOffFuture};
-use super::{End, PartitionTask, Queue, FLUSH_EVERY};
+use super::offsets::Frontier;
+use super::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
 
 impl PartitionTask {
     /// `partition` ordering: records one at a time, in offset order.
