@@ -37,6 +37,12 @@ pub enum Outcome {
 
 /// Runs a handler through the runtime's retry and dead-letter decisions, with no broker and
 /// no waiting: retries are delivered at once, with the envelope the runtime would write.
+///
+/// The handler is called by the runtime's own call stage, the code a partition task runs for
+/// every record: a panic becomes a retryable failure, and a call that outlives its time limit
+/// (`handler_timeout`, or [`Handler::timeout`]) is cancelled and fails as retryable, with the
+/// same error text. A call that waits needs a Tokio runtime with its time driver enabled (as
+/// `#[tokio::test]` gives).
 pub struct TestRuntime {
     handler: Arc<dyn ErasedCall>,
     config: Config,
@@ -205,6 +211,39 @@ mod tests {
         assert!(
             matches!(&outcomes[0], Outcome::Retry { topic, .. } if topic == "orders.test.retry.1s")
         );
+    }
+
+    /// The harness calls through the runtime's call stage: the time limit and panic catching
+    /// apply as in production, and the outcome carries the runtime's error text.
+    #[tokio::test]
+    async fn the_time_limit_and_panics_apply_as_in_the_runtime() {
+        let mut config = Config::new("b", "billing", ["orders"]);
+        config.retry = RetryConfig::tiers([Tier::new(Duration::from_millis(500), 1)]);
+        let rt = TestRuntime::with_config(
+            handler_fn(|m: Message, _cx: Context| async move {
+                if m.attempt() == 1 {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                } else {
+                    panic!("boom on attempt {}", m.attempt())
+                }
+            })
+            .with_timeout(Duration::from_millis(20)),
+            &config,
+        )
+        .unwrap();
+        let outcomes = rt.deliver_until_done(Message::new("orders", "x")).await;
+        assert!(
+            matches!(&outcomes[0], Outcome::Retry { tier: 0, .. }),
+            "{outcomes:?}"
+        );
+        match &outcomes[1] {
+            Outcome::DeadLettered { reason, error } => {
+                assert_eq!(*reason, DeadLetterReason::Exhausted);
+                assert!(error.contains("boom on attempt 2"), "{error}");
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
     }
 
     #[tokio::test]
