@@ -29,7 +29,7 @@
 
 pub(crate) mod call;
 mod concurrent;
-pub(crate) mod intake;
+mod intake;
 pub(crate) mod meters;
 pub(crate) mod offsets;
 mod sequential;
