@@ -25,7 +25,7 @@ use crate::runtime::scheduler::Scheduler;
 use super::call::{self, Nothing, Step};
 use super::intake::{detach, Decoded, Invalid, Taken};
 use super::offsets::Frontier;
-use super::{End, Finished, PartitionTask, Queue, FLUSH_EVERY};
+use super::task::{End, Finished, PartitionTask, Queue, FLUSH_EVERY};
 
 impl PartitionTask {
     /// `key` and `unordered` ordering: up to `max_in_flight` handler calls at once; in `key`

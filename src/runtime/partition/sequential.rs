@@ -22,7 +22,7 @@ use super::call::{self, Interrupt, Meanwhile, Step};
 use super::intake::{detach, Decoded};
 use super::meters::Batch;
 use super::offsets::Frontier;
-use super::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
+use super::task::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
 
 impl PartitionTask {
     /// `partition` ordering: records one at a time, in offset order.
