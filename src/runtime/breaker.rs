@@ -39,11 +39,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::BreakerConfig;
-use crate::dead_letter::{BreakerAlert, BreakerTransition};
+use crate::dead_letter::{Alerts, BreakerAlert, BreakerTransition};
 use crate::metrics as m;
 
 use super::signal::Signal;
-use super::Shared;
 
 /// Where the breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,10 +350,10 @@ impl BreakerControl {
         self.close_requested.swap(false, Ordering::SeqCst)
     }
 
-    /// Logs a transition and sends it to the notifiers.
+    /// Logs a transition and sends it to the notifiers (`alerts`).
     fn announce(
         &self,
-        shared: &Shared,
+        alerts: &Alerts,
         breaker: &Breaker,
         transition: BreakerTransition,
         offset: Option<i64>,
@@ -389,7 +388,7 @@ impl BreakerControl {
                 transition = transition.as_str(), "dead-letter breaker closed: partition resumed"
             ),
         }
-        shared.alerts.breaker(alert);
+        alerts.breaker(alert);
     }
 }
 
@@ -476,7 +475,7 @@ impl BreakerControl {
     #[inline]
     pub(crate) fn admits(
         &self,
-        shared: &Shared,
+        alerts: &Alerts,
         breaker: &mut Breaker,
         dead: bool,
         offset: i64,
@@ -497,13 +496,13 @@ impl BreakerControl {
                 } else {
                     BreakerTransition::Reopened
                 };
-                control.announce(shared, breaker, transition, Some(offset), cool_down);
+                control.announce(alerts, breaker, transition, Some(offset), cool_down);
                 true
             }
             Verdict::Close => {
                 control.closed();
                 control.announce(
-                    shared,
+                    alerts,
                     breaker,
                     BreakerTransition::Closed,
                     Some(offset),
@@ -525,20 +524,19 @@ impl BreakerControl {
 
 /// Waits out an open breaker for its supervisor, the partition paused by the caller: until
 /// the cool-down ends (half-open) or an operator closes it. False if the partition was
-/// revoked or the runtime stops first.
+/// revoked or the runtime stops (`stop`) first. Transitions go to `alerts`.
 pub(crate) async fn wait_out(
-    shared: &Shared,
+    (alerts, stop): (&Alerts, &Signal),
     control: &BreakerControl,
     breaker: &mut Breaker,
     revoked: &Signal,
 ) -> bool {
-    let stop = &shared.shutdown;
     loop {
         if control.take_close_request() {
             breaker.close();
             control.closed();
             control.announce(
-                shared,
+                alerts,
                 breaker,
                 BreakerTransition::ClosedByOperator,
                 None,

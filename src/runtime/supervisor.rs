@@ -147,8 +147,13 @@ impl Supervisor {
                     let letting_go = self.revoked.is_cancelled() || stop.is_cancelled();
                     let hold = (!letting_go).then(|| pause.hold());
                     let resumed = hold.is_some()
-                        && breaker::wait_out(&self.shared, &control, &mut breaker, &self.revoked)
-                            .await;
+                        && breaker::wait_out(
+                            (&self.shared.alerts, &self.shared.shutdown),
+                            &control,
+                            &mut breaker,
+                            &self.revoked,
+                        )
+                        .await;
                     if !resumed {
                         // Not silent: the breaker's state stays here, and the partition's next
                         // owner (or the next start of this process) begins closed.

@@ -158,7 +158,7 @@ impl PartitionTask {
         let dead = matches!(step, Step::HandOff(_, Decision::DeadLetter(_), _));
         if !self
             .breaker_control
-            .admits(&self.shared, &mut batch.breaker, dead, raw.offset())
+            .admits(&self.shared.alerts, &mut batch.breaker, dead, raw.offset())
         {
             // Held by the open breaker: no outcome, so nothing at or past it is stored; the
             // task is started again from it after the cool-down.
