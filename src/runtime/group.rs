@@ -22,9 +22,9 @@ use crate::metrics::lag;
 
 use super::client::{consumer_config, forward_error, forward_log};
 use super::partition::offsets::Progress;
+use super::shared::Shared;
 use super::signal::Signal;
 use super::supervisor::Supervisor;
-use super::Shared;
 
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
 

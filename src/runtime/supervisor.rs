@@ -23,7 +23,7 @@ use super::group::{GroupConsumer, GroupContext, Role};
 use super::partition::offsets::Progress;
 use super::partition::{End, PartitionTask, Parts};
 use super::pause::Pause;
-use super::Shared;
+use super::shared::Shared;
 
 /// First pause before a failed partition task is started again; doubled per consecutive
 /// failure up to [`MAX_RESTART_BACKOFF`].

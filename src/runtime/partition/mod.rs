@@ -51,8 +51,8 @@ use super::breaker::{Breaker, BreakerControl};
 use super::group::{GroupConsumer, Role};
 use super::handoff::HandOff;
 use super::pause::Pause;
+use super::shared::Shared;
 use super::signal::Signal;
-use super::Shared;
 
 use call::{Caller, DueWait, Limits};
 use intake::Intake;

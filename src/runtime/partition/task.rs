@@ -20,8 +20,8 @@ use crate::retry::Decision;
 use crate::runtime::breaker::{Breaker, BreakerControl};
 use crate::runtime::group::{GroupConsumer, GroupContext};
 use crate::runtime::handoff::{Abandoned, HandOff, MAX_PENDING};
+use crate::runtime::shared::Shared;
 use crate::runtime::signal::Signal;
-use crate::runtime::Shared;
 
 use super::call::{Caller, DueWait, Step};
 use super::intake::{Intake, Raw, Taken};
