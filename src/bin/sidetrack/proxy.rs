@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::proxy::{Proxy, ProxyConfig};
 use sidetrack::telemetry::TracingConfig;
-use sidetrack::testing::EmbeddedCluster;
 
 use crate::Failure;
 
