@@ -170,6 +170,23 @@ impl Context {
         &self.inner.group
     }
 
+    /// Feature `otel`: the trace context of the current span — the record's `process` span, or
+    /// a span of the handler's own nested in it — so the handler can call other services in the
+    /// same trace (write [`RecordContext::parent`](crate::telemetry::RecordContext) as their
+    /// `traceparent` header; [`Context::traceparent`] does). `None` when nothing records spans
+    /// (no `[tracing]`, or the span is filtered out).
+    #[cfg(feature = "otel")]
+    pub fn trace_context(&self) -> Option<crate::telemetry::RecordContext> {
+        crate::telemetry::span::context_of(&tracing::Span::current())
+    }
+
+    /// Feature `otel`: the `traceparent` header value of the current span (see
+    /// [`Context::trace_context`]).
+    #[cfg(feature = "otel")]
+    pub fn traceparent(&self) -> Option<String> {
+        self.trace_context().map(|cx| cx.parent.to_string())
+    }
+
     /// True once shutdown has begun. Long handlers may check it and return a retryable error
     /// early: the record is then delivered again after restart.
     pub fn is_shutting_down(&self) -> bool {

@@ -172,17 +172,35 @@ impl HandOff {
             },
             written_at,
         ) = hop_for(decision, &error)?;
-        let mut delivery = match self
-            .send_durably(
-                target,
-                msg.key(),
-                msg.payload(),
-                msg.headers(),
-                (&envelope, written_at),
-                msg,
-            )
-            .await?
-        {
+        // Feature `otel` with `[tracing]`: the hand-off's `send` span (child of the failed
+        // attempt's `process` span); the record written carries its `traceparent`, replacing
+        // the one it had, and keeps its origin's context in `sidetrack-origin-traceparent`.
+        #[cfg(feature = "otel")]
+        let traced = shared.config.tracing.is_some().then(|| {
+            let span = crate::telemetry::runtime::hand_off_span(msg, target, decision);
+            let headers = crate::telemetry::runtime::stamp(msg.headers(), &span);
+            (span, headers)
+        });
+        #[cfg(feature = "otel")]
+        let user_headers: &[Header] = traced.as_ref().map_or(msg.headers(), |(_, h)| h.as_slice());
+        #[cfg(not(feature = "otel"))]
+        let user_headers: &[Header] = msg.headers();
+        let first = self.send_durably(
+            target,
+            msg.key(),
+            msg.payload(),
+            user_headers,
+            (&envelope, written_at),
+            msg,
+        );
+        #[cfg(feature = "otel")]
+        let first = tracing::Instrument::instrument(
+            first,
+            traced
+                .as_ref()
+                .map_or_else(tracing::Span::none, |(span, _)| span.clone()),
+        );
+        let mut delivery = match first.await? {
             Sent::Acked(d) => Some(d),
             Sent::TooLarge(e) => {
                 let size = msg.payload().map_or(0, <[u8]>::len);
@@ -202,7 +220,7 @@ impl HandOff {
             let envelope = hop.envelope;
             target = hop.topic;
             let attempts: [(Option<&[u8]>, &[Header]); 3] =
-                [(msg.key(), msg.headers()), (msg.key(), &[]), (None, &[])];
+                [(msg.key(), user_headers), (msg.key(), &[]), (None, &[])];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self
                     .send_durably(target, key, None, headers, (&envelope, written_at), msg)
@@ -223,6 +241,12 @@ impl HandOff {
             )));
         };
         let error = error.as_str();
+        // The log lines below are written in the hand-off's span (they name its trace).
+        #[cfg(feature = "otel")]
+        let _in_span = traced.as_ref().map(|(span, _)| {
+            crate::telemetry::runtime::record_delivery(span, delivery.0, delivery.1);
+            span.enter()
+        });
         match decision {
             Disposition::Retry { tier, .. } => {
                 shared.stats.retried(tier);

@@ -20,7 +20,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
-use super::config::{ResolvedTracing, Sampling};
+use super::config::{ResolvedTracing, Sampling, TracingConfig};
 
 /// Name of the instrumentation scope of sidetrack's spans.
 pub const SCOPE: &str = "sidetrack";
@@ -36,6 +36,9 @@ pub enum ExportError {
     /// The OTLP exporter rejected its configuration (endpoint, headers).
     #[error("cannot build the OTLP exporter: {0}")]
     Build(String),
+    /// The `[tracing]` section or an `OTEL_*` variable is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// An [`HttpClient`] over ureq: blocking, rustls, a time limit per request. The batch span
@@ -209,4 +212,51 @@ impl Drop for Telemetry {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Installs the process-wide `tracing` subscriber for a service built on sidetrack: log lines
+/// on stderr (`json`: one JSON object per line), filtered by `RUST_LOG` (default `info`,
+/// librdkafka at `warn`), and, when `tracing` is set and enabled, spans exported over OTLP.
+/// Log lines inside a span carry its `trace_id` and `span_id` (text: in the span prefix; JSON:
+/// in `span`/`spans`). `default_service` names the service when neither the section nor
+/// `OTEL_SERVICE_NAME` does (a runtime passes its consumer group).
+///
+/// Keep the returned guard until exit: dropping it (or [`Telemetry::shutdown`]) exports the
+/// spans still queued. A subscriber already installed is left in place (then nothing of ours
+/// records spans).
+///
+/// # Errors
+/// [`ExportError`] when the section or an `OTEL_*` variable is invalid, or the exporter
+/// cannot be built.
+pub fn install(
+    tracing: Option<&TracingConfig>,
+    default_service: &str,
+    json: bool,
+) -> Result<Option<Telemetry>, ExportError> {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let started = match tracing {
+        Some(t) => Telemetry::start(&t.resolve(default_service)?)?,
+        None => None,
+    };
+    let (telemetry, tracer) = match started {
+        Some((t, tracer)) => (Some(t), Some(tracer)),
+        None => (None, None),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,librdkafka=warn".into());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_current_span(true).boxed()
+    } else {
+        fmt.boxed()
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(tracer.map(|t| layer(t).with_filter(LevelFilter::INFO)))
+        .try_init();
+    Ok(telemetry)
 }

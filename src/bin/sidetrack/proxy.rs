@@ -148,6 +148,7 @@ type Telemetry = Option<std::convert::Infallible>;
 /// inside a request carry its `trace_id` and `span_id` (text: in the span prefix; JSON: in
 /// `span`).
 fn init_logs(format: LogFormat, tracing: Option<&TracingConfig>) -> Result<Telemetry, Failure> {
+    use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -179,17 +180,15 @@ fn init_logs(format: LogFormat, tracing: Option<&TracingConfig>) -> Result<Telem
             None => (None, None),
         };
         let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt)
-            .with(tracer.map(export::layer))
+            .with(fmt.with_filter(filter))
+            .with(tracer.map(|t| export::layer(t).with_filter(LevelFilter::INFO)))
             .try_init();
         Ok(telemetry)
     }
     #[cfg(not(feature = "otel"))]
     {
         let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt)
+            .with(fmt.with_filter(filter))
             .try_init();
         Ok(None)
     }

@@ -179,6 +179,8 @@ impl Caller {
         mut timer: Pin<&mut Option<Sleep>>,
         meanwhile: &mut M,
     ) -> Result<Concluded, M::End> {
+        #[cfg(feature = "otel")]
+        let traced = span.clone();
         let (sampled, started) = self.clock_for_call();
         let (result, elapsed) = {
             let call = self
@@ -229,7 +231,15 @@ impl Caller {
                 }
             }
         };
-        Ok(self.conclude(msg, result, elapsed, policy))
+        let concluded = self.conclude(msg, result, elapsed, policy);
+        // Feature `otel`: the outcome on the record's `process` span (given here, or entered
+        // around the whole record by the concurrent loop).
+        #[cfg(feature = "otel")]
+        crate::telemetry::runtime::record_outcome(
+            &traced.unwrap_or_else(tracing::Span::current),
+            concluded.as_ref().map(|(d, _)| *d),
+        );
+        Ok(concluded)
     }
 
     /// The first deadline of a call that waits: its slow-call warning, or its time limit.

@@ -78,6 +78,9 @@ pub(crate) struct Intake {
     by_key: bool,
     /// Retry tier partitions only.
     tier: Option<TierCheck>,
+    /// Feature `otel`: how to make each call's `process` span; `None` without `[tracing]`.
+    #[cfg(feature = "otel")]
+    otel: Option<Arc<crate::telemetry::runtime::ProcessTracing>>,
 }
 
 impl Intake {
@@ -88,6 +91,8 @@ impl Intake {
             partition,
             by_key,
             tier: None,
+            #[cfg(feature = "otel")]
+            otel: None,
         }
     }
 
@@ -111,7 +116,20 @@ impl Intake {
                 max_retries,
                 max_due_delay,
             }),
+            #[cfg(feature = "otel")]
+            otel: None,
         }
+    }
+
+    /// Feature `otel`: makes a `process` span per handler call with `tracing` (see
+    /// [`ProcessTracing`](crate::telemetry::runtime::ProcessTracing)).
+    #[cfg(feature = "otel")]
+    pub(crate) fn traced(
+        mut self,
+        tracing: Option<Arc<crate::telemetry::runtime::ProcessTracing>>,
+    ) -> Self {
+        self.otel = tracing;
+        self
     }
 
     /// The key's identity for `key` ordering (`None` in other orderings, or without a key).
@@ -200,6 +218,14 @@ impl Intake {
         raw: &Raw,
         decoded: &Result<Decoded, Box<Invalid>>,
     ) -> Option<tracing::Span> {
+        // Feature `otel` with `[tracing]`: the conventions' `process` span (INFO, so it is
+        // exported under the default filter), instead of the debug `record` span.
+        #[cfg(feature = "otel")]
+        if let (Some(otel), Ok(d)) = (&self.otel, decoded) {
+            if tracing::enabled!(tracing::Level::INFO) {
+                return Some(otel.process_span(&self.topic, self.partition, raw.offset(), &d.msg));
+            }
+        }
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return None;
         }

@@ -161,6 +161,17 @@ impl PartitionTask {
                 ),
             ),
         };
+        // Feature `otel`: the `process` span of every handler call, when `[tracing]` is set.
+        #[cfg(feature = "otel")]
+        let intake = intake.traced(crate::telemetry::runtime::ProcessTracing::new(
+            config.tracing.as_ref(),
+            group_id,
+            match config.ordering {
+                RecordOrdering::Partition => "partition",
+                RecordOrdering::Key => "key",
+                _ => "unordered",
+            },
+        ));
         let pause = Arc::new(Pause::new(
             Arc::clone(&consumer),
             Arc::clone(&topic),
