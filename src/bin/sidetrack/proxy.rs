@@ -148,7 +148,6 @@ type Telemetry = Option<std::convert::Infallible>;
 /// inside a request carry its `trace_id` and `span_id` (text: in the span prefix; JSON: in
 /// `span`).
 fn init_logs(format: LogFormat, tracing: Option<&TracingConfig>) -> Result<Telemetry, Failure> {
-    use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -166,6 +165,7 @@ fn init_logs(format: LogFormat, tracing: Option<&TracingConfig>) -> Result<Telem
     #[cfg(feature = "otel")]
     {
         use sidetrack::telemetry::export;
+        use tracing_subscriber::filter::LevelFilter;
         let started = match tracing {
             Some(t) => {
                 let resolved = t
