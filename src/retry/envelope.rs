@@ -12,7 +12,7 @@ use crate::outcome::{error_kind_str, parse_error_kind, Reason};
 
 /// Header names of envelope version 1. Values are UTF-8 text; times are milliseconds since the
 /// Unix epoch, written in decimal.
-pub mod names {
+pub(super) mod names {
     /// Every envelope header starts with this prefix.
     pub const PREFIX: &str = "sidetrack-";
     /// Envelope schema version (`1`). Always the first envelope header.
@@ -40,7 +40,7 @@ pub mod names {
 }
 
 /// The envelope schema version this build writes and reads.
-pub const ENVELOPE_VERSION: u32 = 1;
+pub(super) const ENVELOPE_VERSION: u32 = 1;
 
 /// Longest error text, in bytes, stored in the `sidetrack-error` header. Longer texts are cut
 /// at a character boundary and end with `…`.

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 other failure, 2 bad arguments or filters, 3 brokers unreachable,
 //! 4 unknown topic, 5 record not found.
+#![warn(unreachable_pub)]
 
 mod dlq;
 mod kafka;

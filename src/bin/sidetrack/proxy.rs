@@ -12,7 +12,7 @@ use crate::Failure;
 /// How the proxy writes its logs (access logs included) on stderr. (The variants carry `//`
 /// comments, not doc comments: clap would print doc comments in `--help`.)
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     // One human-readable line per event.
     Text,
     // One JSON object per line, for a log collector.
@@ -21,7 +21,7 @@ pub enum LogFormat {
 
 /// `sidetrack proxy`'s own arguments (`--brokers` and `-X` are global).
 #[derive(Args, Debug)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
@@ -45,7 +45,7 @@ pub struct ProxyArgs {
 /// The config file is read first; `--listen`, `-X` properties (added to the producer's) and
 /// `--brokers` override it. Without brokers an embedded broker (librdkafka's mock cluster)
 /// is started with one demo topic, so the proxy can be tried with nothing else running.
-pub async fn run(
+pub(crate) async fn run(
     brokers: Option<String>,
     props: &[String],
     args: ProxyArgs,
