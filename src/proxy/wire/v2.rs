@@ -62,10 +62,12 @@ pub(crate) fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError>
 struct V2Body<'a> {
     // Kept as text and parsed by `records_capped`, which stops at the record cap instead of
     // allocating whatever count a body spells out (`{}` is 2 bytes, a record ~100).
+    /// `records`: a non-empty array of [`V2Record`]s (422 42202 when missing or empty).
     #[serde(borrow)]
     records: &'a RawValue,
     // Schema fields of the Avro/Protobuf formats, meaningless for JSON and binary: accepted
     // and ignored, as Confluent's proxy does.
+    /// `key_schema`, ignored.
     #[serde(default, rename = "key_schema")]
     _key_schema: serde::de::IgnoredAny,
     #[serde(default, rename = "value_schema")]
@@ -78,6 +80,7 @@ struct V2Body<'a> {
 
 /// The records of a v2 body, parsed up to the record cap.
 struct V2Records<'a> {
+    /// At most `max_in_flight_records` of them: more is 413 41303 before any is decoded.
     records: Vec<V2Record<'a>>,
 }
 
@@ -97,13 +100,19 @@ fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiEr
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Record<'a> {
+    /// `key`: JSON text (`application/vnd.kafka.json.v2+json`) or a base64 string (binary
+    /// format, 422 42203 when not base64); absent or `null` is a null key.
     #[serde(borrow, default)]
     key: Option<&'a RawValue>,
+    /// `value`, read like the key; absent or `null` produces a tombstone.
     #[serde(borrow, default)]
     value: Option<&'a RawValue>,
+    /// `partition`: an integer in `[0, 2^31)` (422 42204 otherwise), equal to the path's when the
+    /// path names one; absent lets the key (or librdkafka's partitioner) decide.
     #[serde(default)]
     partition: Option<serde_json::Number>,
     // Kept as text and parsed by `headers_capped`.
+    /// `headers`: an array of [`V2Header`], at most `max_headers_per_record` (413 41304).
     #[serde(borrow, default)]
     headers: Option<&'a RawValue>,
 }
@@ -112,8 +121,11 @@ struct V2Record<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Header<'a> {
+    /// The header name: no NUL and not starting with `sidetrack-` (422 42205), borrowed from the
+    /// body unless it had escapes.
     #[serde(borrow)]
     key: Cow<'a, str>,
+    /// The value as base64 (422 42203 otherwise); absent or `null` is a null header value.
     #[serde(borrow, default)]
     value: Option<Cow<'a, str>>,
 }
