@@ -124,6 +124,19 @@ pub fn error_kind_str(reason: Option<Reason>) -> &'static str {
 
 /// Reads a `sidetrack-error-kind` header value: `Ok(None)` for [`RETRYABLE`], `Ok(Some(_))` for
 /// a dead-letter reason. The inverse of [`error_kind_str`].
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::outcome::{error_kind_str, parse_error_kind, RETRYABLE};
+/// use sidetrack::Reason;
+///
+/// assert_eq!(parse_error_kind(RETRYABLE), Ok(None));
+/// assert_eq!(parse_error_kind("exhausted"), Ok(Some(Reason::Exhausted)));
+/// assert_eq!(error_kind_str(Some(Reason::Poison)), "poison");
+/// // Exact and case-sensitive, as the header is written.
+/// assert!(parse_error_kind("Exhausted").is_err());
+/// ```
 pub fn parse_error_kind(s: &str) -> Result<Option<Reason>, UnknownReason> {
     if s == RETRYABLE {
         Ok(None)

@@ -21,14 +21,22 @@ use crate::outcome::FailureKind;
 /// that the blanket `From` conversion behind `?` can exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
+    /// What the handler says about the failure: retryable, permanent or poison. The retry
+    /// policy turns it, with the attempt count, into a [`Disposition`](crate::Disposition).
     kind: FailureKind,
+    /// The error chain as text (`outer: cause: root cause`), flattened once: it is what the
+    /// envelope's `sidetrack-error` header, the logs and the alerts show.
     message: String,
+    /// A delay the handler asked for ([`HandlerError::retry_after`]); the policy picks the
+    /// first tier whose delay is at least this long.
     retry_after: Option<Duration>,
 }
 
+/// Anything `?` or the constructors accept: an error, a `String` or a `&str`.
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 impl HandlerError {
+    /// One constructor behind the three public ones: the kind, and the chain flattened.
     fn from_boxed(kind: FailureKind, error: BoxError) -> Self {
         HandlerError {
             kind,
@@ -75,6 +83,8 @@ impl HandlerError {
         self.retry_after
     }
 
+    /// A handler that panicked (while creating its future or while it ran): retryable, since a
+    /// panic is most often a bug met by one input at one moment, with the panic's message kept.
     pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
         HandlerError {
             kind: FailureKind::Retryable,
@@ -113,6 +123,9 @@ where
     }
 }
 
+/// The error and its `source()` chain joined with `: `, skipping a cause whose text the
+/// previous message already ends with (many errors include their source in their own
+/// message).
 fn chain_text(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -1,3 +1,17 @@
+//! [`Message`]: the record a handler sees, as a view of librdkafka's buffer.
+//!
+//! The per-record path hands the handler a message that points into the consumed librdkafka
+//! message (key, payload, topic name) instead of copying them: reading a record costs no
+//! allocation. The price is the `unsafe` contract of `Message::from_consumed` (the buffer
+//! outlives the message), which the partition task upholds by keeping the consumed message
+//! (its `Raw`) until the record's call and hand-off are over. A clone owns its
+//! bytes, so a handler may keep one past its call.
+//!
+//! Headers are parsed lazily (`OnceLock`): most handlers never read them, and asking
+//! librdkafka for them costs an allocation per record. On a retried record the envelope
+//! headers are not the user's: [`Message::headers`] shows only the user's own, and the
+//! envelope is [`Message::envelope`].
+
 use std::sync::{Arc, OnceLock};
 
 use rdkafka::bindings as rdsys;

@@ -106,7 +106,9 @@ pub trait Handler: Send + Sync + 'static {
 /// A [`Handler`] made from an async closure; see [`handler_fn`].
 #[derive(Clone)]
 pub struct HandlerFn<F> {
+    /// The closure, called with a clone of each message (owned, so its future may be `'static`).
     f: F,
+    /// The time limit set by [`HandlerFn::with_timeout`]; `None` uses `handler_timeout`.
     timeout: Option<Duration>,
 }
 
@@ -149,16 +151,22 @@ where
 /// What the handler may want to know about the runtime around it.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// Shared by every clone: one allocation per runtime, and a clone per `handler_fn` call
+    /// costs one reference count.
     inner: Arc<ContextInner>,
 }
 
+/// What a [`Context`] shares.
 #[derive(Debug)]
 struct ContextInner {
+    /// The main consumer group's name.
     group: String,
+    /// Cancelled when the runtime begins shutting down.
     shutdown: CancellationToken,
 }
 
 impl Context {
+    /// The context of one runtime: its group and its shutdown signal.
     pub(crate) fn new(group: String, shutdown: CancellationToken) -> Self {
         Context {
             inner: Arc::new(ContextInner { group, shutdown }),

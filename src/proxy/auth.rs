@@ -1,5 +1,15 @@
 //! Who may produce where: bearer tokens (kept as SHA-256 hashes in memory, whatever their
 //! source), per-token topic patterns, and the topics nobody may produce to.
+//!
+//! Two questions, asked in this order by the extractors: *who is it* ([`Access::authenticate`]:
+//! 401 when the bearer token is missing or unknown) and *may they write here*
+//! ([`Access::authorize`]: 403 40301 for a topic outside the token's patterns, 403 40302 for a
+//! topic nobody may write: Kafka's internal `__*` topics and `denied_topics`, which by default
+//! hold sidetrack's own retry and dead-letter topics, so a client cannot forge a retry).
+//!
+//! Tokens are compared by their SHA-256, in constant time: the configuration may hold the
+//! hash only (`sha256 = "…"`, see [`token_sha256`]), and a token in plain text is hashed
+//! when loaded, so the process never keeps one to leak.
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};

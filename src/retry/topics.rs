@@ -165,6 +165,20 @@ fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> S
 /// by name without the configuration that created them (`sidetrack dlq replay --to
 /// first-retry` without `--config`). `None` for any other name, and for a pattern without
 /// `{delay}` (its tiers cannot be told apart by name).
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::tier_delay_of;
+///
+/// let pattern = "{topic}.{group}.retry.{delay}";
+/// let tier = tier_delay_of(pattern, "orders", "billing", "orders.billing.retry.30s");
+/// assert_eq!(tier, Some(Duration::from_secs(30)));
+/// // `60s` is not how the runtime writes a minute (`1m`): not one of its tiers.
+/// assert_eq!(tier_delay_of(pattern, "orders", "billing", "orders.billing.retry.60s"), None);
+/// assert_eq!(tier_delay_of(pattern, "orders", "billing", "orders.billing.dlq"), None);
+/// ```
 pub fn tier_delay_of(pattern: &str, topic: &str, group: &str, name: &str) -> Option<Duration> {
     let rendered = pattern.replace("{topic}", topic).replace("{group}", group);
     let (prefix, suffix) = rendered.split_once("{delay}")?;
@@ -176,6 +190,18 @@ pub fn tier_delay_of(pattern: &str, topic: &str, group: &str, name: &str) -> Opt
 
 /// Writes a delay compactly and usably in a topic name: `500ms`, `30s`, `1m30s`, `2h`,
 /// `1s250ms`.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::format_delay;
+///
+/// assert_eq!(format_delay(Duration::from_millis(500)), "500ms");
+/// assert_eq!(format_delay(Duration::from_secs(90)), "1m30s");
+/// assert_eq!(format_delay(Duration::from_millis(1250)), "1s250ms");
+/// assert_eq!(format_delay(Duration::from_secs(7200)), "2h");
+/// ```
 pub fn format_delay(delay: Duration) -> String {
     let total_ms = delay.as_millis();
     if total_ms == 0 {

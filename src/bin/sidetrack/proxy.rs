@@ -1,4 +1,10 @@
 //! `sidetrack proxy`: the HTTP produce proxy as a service.
+//!
+//! Only the process around the library's [`Proxy`]: arguments, the log format, the config
+//! file, and the demo mode. With `--brokers` it serves that cluster; without, it starts an
+//! [`EmbeddedCluster`] with one demo topic, so `sidetrack proxy` alone answers real produce
+//! requests on a laptop. Everything a request meets (authentication, decoding, rules,
+//! producing, shutdown) is the library's, so an embedder and this command behave the same.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
