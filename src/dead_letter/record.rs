@@ -1,6 +1,19 @@
 //! Reading records back from a topic (the DLQ, mostly): a bounded scan from a start position to
 //! the end offsets seen when the scan began, and a view of a dead-letter record that understands
 //! sidetrack's envelope and Spring Kafka's `kafka_dlt-*` headers.
+//!
+//! The library's, not the CLI's, because the runtime's tests, the test kit
+//! ([`read_all`](crate::mocking::read_all)) and every `sidetrack dlq` command read dead letters
+//! the same way. Two rules make a scan safe to resume from:
+//! - **Bounded.** A scan stops at the end offsets taken when it began, so a DLQ that keeps
+//!   growing (a replay whose records fail again) still ends.
+//! - **Committed only.** It reads with `isolation.level=read_committed` up to each partition's
+//!   last stable offset; records of an open transaction are not skipped but *held back*
+//!   ([`Scanned::open`]), and [`Scanned::reached`] never passes them, so progress saved there
+//!   cannot jump over a record that commits later.
+//!
+//! A [`Record`] holds any bytes a producer wrote: its [`Provenance`] is sidetrack's envelope,
+//! Spring's headers, or neither (with why), and nothing here panics on what it reads.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;

@@ -66,6 +66,34 @@ pub enum EnvelopeError {
 /// It is written after the user's own headers and replaced, never appended to, on each hop.
 /// Reading takes the last `sidetrack-version` header as the start of the envelope, so user
 /// headers whose names collide with envelope names are kept as user headers.
+///
+/// # Example
+///
+/// Written after the user's headers, read back with the user's headers told apart:
+///
+/// ```
+/// use sidetrack::{Envelope, Header};
+///
+/// let envelope = Envelope {
+///     original_topic: "orders".into(),
+///     original_partition: 2,
+///     original_offset: 41,
+///     original_timestamp: Some(1_700_000_000_000),
+///     group: "billing".into(),
+///     attempts: 1,
+///     first_failure: 1_700_000_000_500,
+///     due: Some(1_700_000_030_500),
+///     reason: None, // on a retry tier: `sidetrack-error-kind: retryable`
+///     error: "timeout".into(),
+/// };
+/// let mut headers = vec![Header::new("trace-id", "abc")];
+/// headers.extend(envelope.to_headers());
+/// assert!(headers[1].is("sidetrack-version"));
+///
+/// let (user, read) = Envelope::split(&headers).unwrap();
+/// assert_eq!(user, 1); // headers[..1] are the user's
+/// assert_eq!(read, envelope);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// Topic the record was first consumed from.

@@ -1,6 +1,18 @@
 //! Confluent REST v2 produce bodies (`POST /topics/{topic}` and
 //! `/topics/{topic}/partitions/{partition}`): one or more records, keys and values as JSON
 //! text or base64 by the request's `Content-Type`.
+//!
+//! ```text
+//! Content-Type: application/vnd.kafka.json.v2+json
+//! {"records":[{"key":"k1","value":{"hello":"world"},"partition":1,
+//!              "headers":[{"key":"trace","value":"YWJj"}]}]}
+//! ```
+//!
+//! With `application/vnd.kafka.binary.v2+json` the key and value are base64 strings. The
+//! decoding is strict (unknown fields are 422 42202) and bounded before it allocates: the
+//! record count is capped at `max_in_flight_records` while the array is read, headers at
+//! `max_headers_per_record`, JSON nesting at [`MAX_JSON_DEPTH`](super::MAX_JSON_DEPTH), and
+//! keys and values stay borrowed from the body until they are copied into the record.
 
 use std::borrow::Cow;
 

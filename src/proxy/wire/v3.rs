@@ -1,6 +1,17 @@
 //! The v3 produce body (`POST /v3/clusters/{cluster_id}/topics/{topic}/records`): one
 //! record whose key and value each say their type (`BINARY`, `JSON`, `STRING`), with an
 //! optional RFC 3339 timestamp.
+//!
+//! ```text
+//! {"partition_id":0,"headers":[{"name":"trace","value":"YWJj"}],
+//!  "key":{"type":"STRING","data":"k1"},"value":{"type":"JSON","data":{"hello":"world"}},
+//!  "timestamp":"2026-11-25T15:40:00Z"}
+//! ```
+//!
+//! The answer echoes each part's type and size, so the decoder reports them ([`V3Type`]).
+//! Schema-registry fields (`schema_id`, `subject`, …) are recognised only to be answered 415
+//! 41502: this proxy does not use a registry, and silently writing the data without its
+//! schema would hand consumers bytes they cannot read.
 
 use std::borrow::Cow;
 
