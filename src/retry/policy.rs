@@ -36,7 +36,10 @@ impl Tier {
 /// `n + 1`. A record that fails attempt `1 + max_retries()` is dead-lettered as `exhausted`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
+    /// The tiers in order; a record moves to the next once a tier's attempts are used.
     tiers: Vec<Tier>,
+    /// Fraction of a delay that may be added at random (0 to 1): spreads records that failed
+    /// together so their retries do not arrive together.
     jitter: f64,
 }
 

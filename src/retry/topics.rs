@@ -35,9 +35,14 @@ pub struct SourceTopology {
 /// Every topic name the runtime uses, rendered from the configured patterns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    /// The main consumer group.
     group: String,
+    /// The retry consumer group, rendered from `retry.group`.
     retry_group: String,
+    /// Each source topic with its tier topics and dead-letter topic, in configuration order.
     sources: Vec<SourceTopology>,
+    /// Tier topic name to (source index, tier index): what a record read from a tier belongs
+    /// to, answered without a scan ([`Topology::locate_retry`]).
     by_retry_topic: HashMap<String, (usize, usize)>,
 }
 
@@ -149,6 +154,8 @@ impl Topology {
     }
 }
 
+/// A naming pattern with `{topic}`, `{group}` and, for a tier, `{delay}` (as
+/// [`format_delay`] writes it) filled in. Checked for legality and uniqueness by the caller.
 fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> String {
     let mut out = pattern.replace("{topic}", topic).replace("{group}", group);
     if let Some(delay) = delay {

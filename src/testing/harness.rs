@@ -54,9 +54,13 @@ pub enum Outcome {
 /// same error text. A call that waits needs a Tokio runtime with its time driver enabled (as
 /// `#[tokio::test]` gives).
 pub struct TestRuntime {
+    /// The handler, erased as the runtime erases it (one box per call is fine in tests).
     handler: Arc<dyn ErasedCall>,
+    /// The configuration: group, retry tiers, topic naming and `handler_timeout`.
     config: Config,
+    /// The retry policy resolved from `config` (validated by [`TestRuntime::with_config`]).
     policy: RetryPolicy,
+    /// The handler's [`Context`]: the config's group, and a shutdown that never comes.
     cx: Context,
     /// The runtime's own call stage (the code its partition tasks run): panics caught, the
     /// time limit (`handler_timeout`, or the handler's own) enforced, the result classified
@@ -79,6 +83,7 @@ impl TestRuntime {
         Ok(Self::from_parts(Arc::new(handler), config.clone(), policy))
     }
 
+    /// The harness around an erased handler: its call stage with no-op metrics and no watchdog.
     fn from_parts(handler: Arc<dyn ErasedCall>, config: Config, policy: RetryPolicy) -> Self {
         let cx = Context::new(config.group.clone(), CancellationToken::new());
         let caller = Caller::new(
