@@ -165,6 +165,15 @@ pub enum FailureKind {
 impl FailureKind {
     /// The reason a record failing this way is dead-lettered for at once, or `None` if it is
     /// worth retrying.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use sidetrack::{FailureKind, Reason};
+    ///
+    /// assert_eq!(FailureKind::Retryable.dead_letter_reason(), None);
+    /// assert_eq!(FailureKind::Poison.dead_letter_reason(), Some(Reason::Poison));
+    /// ```
     pub fn dead_letter_reason(self) -> Option<Reason> {
         match self {
             FailureKind::Retryable => None,

@@ -1,12 +1,22 @@
 //! Tests of the configuration: TOML parsing, defaults, every validation rule and the managed
 //! properties, including property tests that any text parses or is refused without a panic.
+//!
+//! What they pin, because users depend on it: an invalid configuration is refused at load
+//! with the dotted name of the field at fault (`handoff.timeout`, `retry.tiers[1].delay`), a
+//! property that would void a guarantee is refused with the reason, and no text, however
+//! absurd (a duration of 584,942,417,355 years, a `NaN` jitter), makes loading panic or
+//! overflow later when the runtime adds a duration to an `Instant`.
 
 use super::*;
 
+/// The smallest valid configuration (one broker, group `billing`, topic `orders`): each test
+/// changes one field of it, so a failure names that field's rule.
 fn base() -> Config {
     Config::new("localhost:9092", "billing", ["orders"])
 }
 
+/// The dotted field an `Invalid` error names: what the tests assert, since the message
+/// wording may change but the field it points at may not.
 fn field_of(err: ConfigError) -> String {
     match err {
         ConfigError::Invalid { field, .. } => field,
@@ -175,6 +185,7 @@ fn invalid_fields_are_named() {
     assert_eq!(field_of(c.validate().unwrap_err()), "dead_letter.topic");
 }
 
+/// `field: reason` of an `Invalid` error, for tests that also check why.
 fn reason_of(err: ConfigError) -> String {
     match err {
         ConfigError::Invalid { field, reason } => format!("{field}: {reason}"),
@@ -255,6 +266,8 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
+    /// Text a duration field may hold: well-formed durations of every unit (some far too long
+    /// for a `Duration`), near-misses, and the exact overflow edges humantime must refuse.
     fn duration_text() -> impl Strategy<Value = String> {
         prop_oneof![
             "[0-9]{1,25}(ns|us|ms|s|m|h|d|w|y)",
@@ -264,6 +277,7 @@ mod properties {
         ]
     }
 
+    /// Text a numeric field may hold: any integer, any float (NaN and infinities included).
     fn number_text() -> impl Strategy<Value = String> {
         prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),

@@ -103,6 +103,8 @@ impl Record {
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// The value of the last header named `key`: the last, because an envelope comes after the
+    /// user's headers and a user header may carry the same name.
     fn header_bytes(&self, key: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -139,6 +141,9 @@ impl Record {
         }
     }
 
+    /// Spring Kafka's `kafka_dlt-*` headers, read field by field: each one missing or unreadable
+    /// (Spring writes numbers as big-endian binary) is `None`, never an error, since a partial
+    /// record of where it came from is still worth showing.
     fn spring(&self) -> SpringDlt {
         let int = |k: &str| self.header_bytes(k).and_then(spring_int);
         let text = |k: &str| {

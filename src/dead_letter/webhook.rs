@@ -25,7 +25,8 @@ use super::{BreakerAlert, DeadLetterAlert, DeadLetterNotifier, NotifyError};
 /// ```no_run
 /// use std::time::Duration;
 /// use sidetrack::dead_letter::WebhookNotifier;
-/// # fn build(config: sidetrack::Config, handler: impl sidetrack::Handler) -> Result<(), sidetrack::Error> {
+/// # use sidetrack::{Config, Error, Handler};
+/// # fn build(config: Config, handler: impl Handler) -> Result<(), Error> {
 /// let runtime = sidetrack::Runtime::builder(config)
 ///     .handler(handler)
 ///     .dead_letter_notifier(

@@ -63,6 +63,18 @@ impl HandlerError {
     /// Asks for the next attempt no sooner than `delay` from now. The runtime picks the first
     /// retry tier whose delay is at least `delay` (the longest tier if none is); see
     /// [`RetryPolicy::decide`](crate::RetryPolicy::decide).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{FailureKind, HandlerError};
+    ///
+    /// let e = HandlerError::retryable("HTTP 429 from the payments API")
+    ///     .retry_after(Duration::from_secs(30));
+    /// assert_eq!(e.kind(), FailureKind::Retryable);
+    /// assert_eq!(e.requested_delay(), Some(Duration::from_secs(30)));
+    /// ```
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self
@@ -142,6 +154,21 @@ fn chain_text(error: &(dyn StdError + 'static)) -> String {
 }
 
 /// Classifies the error of a `Result` in one call: `db.get(id).await.permanent()?`.
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::{FailureKind, HandlerError, ResultExt};
+///
+/// fn parse_amount(text: &str) -> Result<i64, HandlerError> {
+///     // A malformed amount will not parse better later: dead-letter it as poison.
+///     text.parse::<i64>().poison()
+/// }
+/// assert_eq!(parse_amount("12").unwrap(), 12);
+/// let e = parse_amount("twelve").unwrap_err();
+/// assert_eq!(e.kind(), FailureKind::Poison);
+/// assert_eq!(e.message(), "invalid digit found in string");
+/// ```
 pub trait ResultExt<T> {
     /// Maps the error to a retryable [`HandlerError`].
     fn retryable(self) -> Result<T, HandlerError>;

@@ -424,6 +424,22 @@ impl Message {
 
     /// Decodes the payload as JSON. A failure is a poison error: the record is dead-lettered
     /// at once, since retrying cannot make bad bytes good.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use serde::Deserialize;
+    /// use sidetrack::{FailureKind, Message};
+    ///
+    /// #[derive(Debug, Deserialize)]
+    /// struct Order { id: String }
+    ///
+    /// let good = Message::new("orders", r#"{"id":"o-1"}"#);
+    /// assert_eq!(good.json::<Order>().unwrap().id, "o-1");
+    /// // Bytes that are not an `Order` are poison: dead-lettered at once, never retried.
+    /// let bad = Message::new("orders", "not json");
+    /// assert_eq!(bad.json::<Order>().unwrap_err().kind(), FailureKind::Poison);
+    /// ```
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         let bytes = self
             .payload()
@@ -443,6 +459,16 @@ impl Message {
 
     /// The value of the first user header named `key` (`Some(None)` for a null value). `key`
     /// may be text or bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use sidetrack::Message;
+    ///
+    /// let msg = Message::new("orders", "{}").with_header("trace-id", "abc");
+    /// assert_eq!(msg.header("trace-id"), Some(Some(b"abc".as_slice())));
+    /// assert_eq!(msg.header(b"tenant".as_slice()), None); // no such header
+    /// ```
     pub fn header(&self, key: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
         let key = key.as_ref();
         self.headers()

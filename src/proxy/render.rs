@@ -186,9 +186,11 @@ struct V3Response<'a> {
     topic_name: &'a str,
     /// The partition the record landed in.
     partition_id: i32,
-    /// Its offset; `null` when the acknowledgement carried none (an idempotent producer's implicit ack).
+    /// Its offset; `null` when the acknowledgement carried none (an idempotent producer's
+    /// implicit ack).
     offset: Option<i64>,
-    /// RFC 3339 with milliseconds: the broker's time on a `LogAppendTime` topic, else the queueing time.
+    /// RFC 3339 with milliseconds: the broker's time on a `LogAppendTime` topic, else the
+    /// queueing time.
     timestamp: Option<String>,
     /// The key's type and size, `null` for a null key.
     key: Option<V3Data>,

@@ -88,6 +88,23 @@ impl RetryPolicy {
     }
 
     /// Tier used for retry number `retry` (1-based), or `None` once retries are exhausted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{RetryPolicy, Tier};
+    ///
+    /// let policy = RetryPolicy::new(
+    ///     vec![Tier::new(Duration::from_secs(1), 2), Tier::new(Duration::from_secs(60), 1)],
+    ///     0.0,
+    /// );
+    /// assert_eq!(policy.max_retries(), 3);
+    /// assert_eq!(policy.tier_for_retry(1), Some(0));
+    /// assert_eq!(policy.tier_for_retry(2), Some(0));
+    /// assert_eq!(policy.tier_for_retry(3), Some(1));
+    /// assert_eq!(policy.tier_for_retry(4), None); // exhausted
+    /// ```
     pub fn tier_for_retry(&self, retry: u32) -> Option<usize> {
         if retry == 0 {
             return None;

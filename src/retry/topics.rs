@@ -33,6 +33,33 @@ pub struct SourceTopology {
 }
 
 /// Every topic name the runtime uses, rendered from the configured patterns.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::config::RetryConfig;
+/// use sidetrack::retry::Topology;
+/// use sidetrack::{Config, Tier};
+///
+/// # fn main() -> Result<(), sidetrack::config::ConfigError> {
+/// let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+/// config.retry = RetryConfig::tiers([
+///     Tier::new(Duration::from_secs(1), 3),
+///     Tier::new(Duration::from_secs(30), 2),
+/// ]);
+/// let topology = Topology::new(&config, &config.retry.policy()?)?;
+/// assert_eq!(topology.retry_group(), "billing.retry");
+/// assert_eq!(
+///     topology.retry_topics(),
+///     ["orders.billing.retry.1s", "orders.billing.retry.30s"]
+/// );
+/// assert_eq!(topology.source("orders").unwrap().dead_letter, "orders.billing.dlq");
+/// // A record read from the second tier belongs to source 0, tier 1.
+/// assert_eq!(topology.locate_retry("orders.billing.retry.30s"), Some((0, 1)));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// The main consumer group.

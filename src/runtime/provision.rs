@@ -5,8 +5,9 @@
 //! Side topics get the source's partition count so that the hand-off can keep a record's
 //! partition number (and with it per-key locality) on its way through the tiers. A side topic
 //! that already exists is used as it is, whatever its count: the hand-off then keeps the
-//! partition number only where the topic has it, and lets the key choose otherwise. `sidetrack topology --create` runs this same code ([`check_topics`]), so the CLI
-//! makes exactly the topics a runtime would. Metadata lookups are retried on a fresh client,
+//! partition number only where the topic has it, and lets the key choose otherwise.
+//! `sidetrack topology --create` runs this same code ([`check_topics`]), so the CLI makes
+//! exactly the topics a runtime would. Metadata lookups are retried on a fresh client,
 //! because one stalled broker can otherwise hold a lookup for librdkafka's socket timeout.
 
 use std::collections::HashMap;

@@ -53,6 +53,26 @@ pub enum Outcome {
 /// (`handler_timeout`, or [`Handler::timeout`]) is cancelled and fails as retryable, with the
 /// same error text. A call that waits needs a Tokio runtime with its time driver enabled (as
 /// `#[tokio::test]` gives).
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::testing::{Outcome, TestRuntime};
+/// use sidetrack::{handler_fn, Context, HandlerError, Message, Reason};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let rt = TestRuntime::new(handler_fn(|msg: Message, _cx: Context| async move {
+///     match msg.payload_str()? {
+///         "ok" => Ok(()),
+///         other => Err(HandlerError::permanent(format!("unknown command `{other}`"))),
+///     }
+/// }));
+/// assert_eq!(rt.deliver(&Message::new("orders", "ok")).await, Outcome::Handled);
+/// let outcome = rt.deliver(&Message::new("orders", "launch")).await;
+/// assert!(matches!(outcome, Outcome::DeadLettered { reason: Reason::Permanent, .. }));
+/// # }
+/// ```
 pub struct TestRuntime {
     /// The handler, erased as the runtime erases it (one box per call is fine in tests).
     handler: Arc<dyn ErasedCall>,

@@ -157,7 +157,8 @@ struct Plan {
     group: String,
     /// When the run started (ms since the epoch): relative filters and `sidetrack-replayed-at`.
     now: i64,
-    /// `--config`: the retry tiers of `--to first-retry`, instead of the topics found on the broker.
+    /// `--config`: the retry tiers of `--to first-retry`, instead of the topics found on the
+    /// broker.
     config: Option<Config>,
     /// Every topic on the broker, listed once for `--to first-retry` without `--config`.
     all_topics: Vec<String>,

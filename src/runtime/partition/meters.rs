@@ -119,7 +119,8 @@ impl Drop for Meters {
 pub(crate) struct CallMeters {
     /// [`m::PROCESSING_SECONDS`] with `outcome="handled"`.
     pub(crate) processing_handled: metrics::Histogram,
-    /// [`m::PROCESSING_SECONDS`] with `outcome="retry"`: the call failed and the record goes to a tier.
+    /// [`m::PROCESSING_SECONDS`] with `outcome="retry"`: the call failed and the record goes
+    /// to a tier.
     pub(crate) processing_retry: metrics::Histogram,
     /// [`m::PROCESSING_SECONDS`] with `outcome="dead_letter"`.
     pub(crate) processing_dead_letter: metrics::Histogram,
