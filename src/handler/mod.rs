@@ -122,6 +122,28 @@ impl<F> HandlerFn<F> {
 
 /// Makes a [`Handler`] from a closure taking an owned [`Message`] and [`Context`] (both cheap
 /// to clone) and returning a future.
+///
+/// The message is cloned for each call (its bytes copied once) so that the closure's future
+/// may own it; a [`Handler`] implementation borrows it instead, and is the choice when that
+/// copy matters.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::{handler_fn, Context, HandlerError, Message};
+///
+/// let handler = handler_fn(|msg: Message, cx: Context| async move {
+///     if cx.is_shutting_down() {
+///         // Retried after the restart rather than cut off half way.
+///         return Err(HandlerError::retryable("shutting down"));
+///     }
+///     let _order: serde_json::Value = msg.json()?;
+///     Ok(())
+/// })
+/// .with_timeout(Duration::from_secs(5));
+/// # let _ = handler;
+/// ```
 pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
 where
     F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
