@@ -50,9 +50,9 @@ const KEY: usize = 256;
 /// Characters shown of why a record is skipped.
 const TEXT: usize = 2048;
 
-/// Provenance headers written on every replayed record (earlier ones are replaced).
-/// Provenance header: one random id per run (128 bits, hex), the same on every record that run
-/// sent, so the records of one replay can be found again (or told apart from a second run's).
+/// Provenance headers written on every replayed record (earlier ones are replaced). This
+/// one: one random id per run (128 bits, hex), the same on every record that run sent, so the
+/// records of one replay can be found again (or told apart from a second run's).
 const REPLAY_ID: &str = "sidetrack-replay-id";
 /// Provenance header: when the run started, in milliseconds since the Unix epoch (decimal).
 const REPLAYED_AT: &str = "sidetrack-replayed-at";
