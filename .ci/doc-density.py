@@ -9,7 +9,9 @@ Markdown included with include_str! is not counted.
 """
 import pathlib, re, sys
 
-root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "src")
+args = [a for a in sys.argv[1:] if not a.startswith("--min=")]
+minimum = next((float(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--min=")), None)
+root = pathlib.Path(args[0] if args else "src")
 tot = {"doc": 0, "comment": 0, "code": 0, "test_code": 0}
 for path in sorted(root.rglob("*.rs")):
     depth_in_test = None
@@ -43,3 +45,5 @@ print(f"files under {root}: doc lines {tot['doc']}, other comment lines {tot['co
       f"code lines {tot['code']} (of which in #[cfg(test)] modules {tot['test_code']})")
 print(f"density doc/code = {tot['doc'] / tot['code']:.3f}; "
       f"excluding test modules = {tot['doc'] / (tot['code'] - tot['test_code']):.3f}")
+if minimum is not None and tot["doc"] / tot["code"] < minimum:
+    sys.exit(f"doc-comment density below {minimum}")
