@@ -50,6 +50,7 @@
 //! embedded broker) and [`testing`] (a broker-free handler harness, and the embedded broker
 //! re-exported).
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod config;

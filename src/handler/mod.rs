@@ -106,7 +106,9 @@ pub trait Handler: Send + Sync + 'static {
 /// A [`Handler`] made from an async closure; see [`handler_fn`].
 #[derive(Clone)]
 pub struct HandlerFn<F> {
+    /// The closure, called with a clone of each message (owned, so its future may be `'static`).
     f: F,
+    /// The time limit set by [`HandlerFn::with_timeout`]; `None` uses `handler_timeout`.
     timeout: Option<Duration>,
 }
 
@@ -120,6 +122,28 @@ impl<F> HandlerFn<F> {
 
 /// Makes a [`Handler`] from a closure taking an owned [`Message`] and [`Context`] (both cheap
 /// to clone) and returning a future.
+///
+/// The message is cloned for each call (its bytes copied once) so that the closure's future
+/// may own it; a [`Handler`] implementation borrows it instead, and is the choice when that
+/// copy matters.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::{handler_fn, Context, HandlerError, Message};
+///
+/// let handler = handler_fn(|msg: Message, cx: Context| async move {
+///     if cx.is_shutting_down() {
+///         // Retried after the restart rather than cut off half way.
+///         return Err(HandlerError::retryable("shutting down"));
+///     }
+///     let _order: serde_json::Value = msg.json()?;
+///     Ok(())
+/// })
+/// .with_timeout(Duration::from_secs(5));
+/// # let _ = handler;
+/// ```
 pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
 where
     F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
@@ -149,16 +173,22 @@ where
 /// What the handler may want to know about the runtime around it.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// Shared by every clone: one allocation per runtime, and a clone per `handler_fn` call
+    /// costs one reference count.
     inner: Arc<ContextInner>,
 }
 
+/// What a [`Context`] shares.
 #[derive(Debug)]
 struct ContextInner {
+    /// The main consumer group's name.
     group: String,
+    /// Cancelled when the runtime begins shutting down.
     shutdown: CancellationToken,
 }
 
 impl Context {
+    /// The context of one runtime: its group and its shutdown signal.
     pub(crate) fn new(group: String, shutdown: CancellationToken) -> Self {
         Context {
             inner: Arc::new(ContextInner { group, shutdown }),

@@ -50,6 +50,8 @@ pub(crate) enum Abandoned {
 ///
 /// Built once per partition task (off the per-record path); each hand-off borrows it.
 pub(crate) struct HandOff {
+    /// The runtime's shared state: the producer to send on, the topology and policy of the
+    /// next hop, the stats and the alerts a durable dead letter feeds.
     shared: Arc<Shared>,
     /// Index of the source topic the partition belongs to (its tiers and DLQ).
     source: usize,
@@ -67,7 +69,9 @@ pub(crate) struct HandOff {
 /// Held while a hand-off of this partition fails: the partition is paused and takes no new
 /// record.
 struct Failing<'a> {
+    /// The partition's `failing` count, taken back when this hand-off stops failing.
     count: &'a AtomicUsize,
+    /// Keeps the partition paused while the hand-off is retried (released on drop).
     _pause: PauseHold<'a>,
 }
 
@@ -86,6 +90,9 @@ enum Sent {
     TooLarge(KafkaError),
 }
 
+/// Whether a send failed because of the record's size (librdkafka's own limit or the
+/// broker's): resending cannot help, so the record is dead-lettered as `oversized` (without
+/// its payload) instead of being retried for ever.
 fn is_too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),

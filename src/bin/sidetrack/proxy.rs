@@ -1,4 +1,10 @@
 //! `sidetrack proxy`: the HTTP produce proxy as a service.
+//!
+//! Only the process around the library's [`Proxy`]: arguments, the log format, the config
+//! file, and the demo mode. With `--brokers` it serves that cluster; without, it starts an
+//! [`EmbeddedCluster`] with one demo topic, so `sidetrack proxy` alone answers real produce
+//! requests on a laptop. Everything a request meets (authentication, decoding, rules,
+//! producing, shutdown) is the library's, so an embedder and this command behave the same.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +19,7 @@ use crate::Failure;
 /// How the proxy writes its logs (access logs included) on stderr. (The variants carry `//`
 /// comments, not doc comments: clap would print doc comments in `--help`.)
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     // One human-readable line per event.
     Text,
     // One JSON object per line, for a log collector.
@@ -22,7 +28,7 @@ pub enum LogFormat {
 
 /// `sidetrack proxy`'s own arguments (`--brokers` and `-X` are global).
 #[derive(Args, Debug)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
@@ -46,7 +52,7 @@ pub struct ProxyArgs {
 /// The config file is read first; `--listen`, `-X` properties (added to the producer's) and
 /// `--brokers` override it. Without brokers an embedded broker (librdkafka's mock cluster)
 /// is started with one demo topic, so the proxy can be tried with nothing else running.
-pub async fn run(
+pub(crate) async fn run(
     brokers: Option<String>,
     props: &[String],
     args: ProxyArgs,

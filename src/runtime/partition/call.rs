@@ -67,6 +67,7 @@ pub(crate) type Concluded = Option<(Disposition, String)>;
 pub(crate) struct Limits {
     /// `None` when not shorter than the limit (the timeout is reported instead).
     warn_after: Option<Duration>,
+    /// When the call is cancelled and the record retried (`handler_timeout`, or the handler's own).
     timeout: Duration,
 }
 
@@ -136,9 +137,11 @@ impl Meanwhile for Nothing {
 /// The call stage of one partition task (or of the test kit): its limits, sampling and
 /// metric handles. Built once; every call borrows it.
 pub(crate) struct Caller {
+    /// The warn and cancel times of every call, resolved once from the config and the handler.
     limits: Limits,
     /// Handler calls so far, for sampling their duration.
     calls: AtomicU32,
+    /// Processing time by outcome and the timeout counter, registered once per task.
     meters: CallMeters,
     /// The handler calls as the watchdog sees them (oldest-call gauge, blocking polls).
     watched: Arc<Calls>,
@@ -349,6 +352,7 @@ pub(crate) fn invalid(Invalid { msg, reason }: Invalid) -> Step {
 /// task instead (`RunPartition`), so its per-record calls stay static.
 pub(crate) trait ErasedCall: Send + Sync + 'static {
     /// This handler's limits under `config`.
+    /// [`Limits::of`] for this handler type.
     fn limits(&self, config: &Config) -> Limits;
     /// Calls the handler on `msg` through `caller` and concludes (see [`Caller::call`]).
     fn call<'a>(
@@ -365,6 +369,8 @@ impl<H: Handler> ErasedCall for H {
         Limits::of(config, self)
     }
 
+    /// One call through the call stage with nothing to do meanwhile, boxed: the test kit's way in,
+    /// where one allocation per call is no cost.
     fn call<'a>(
         &'a self,
         caller: &'a Caller,
@@ -392,7 +398,9 @@ pub(crate) struct DueWait {
     waiting: AtomicUsize,
     /// The partition's pause, held during long waits.
     pause: Arc<Pause>,
+    /// The task is stopping: a wait for a due time ends at once (the record is not called).
     stop: Signal,
+    /// The partition was revoked: the same, another consumer takes it from the frontier.
     revoked: Signal,
     /// How long before the due time a paused partition is resumed (see [`resume_ahead`]).
     resume_ahead: Duration,
@@ -504,6 +512,8 @@ impl LazyInstant {
     }
 }
 
+/// Takes one back off a counter however the scope ends (the wait completes, is cancelled or
+/// the future is dropped), so `waiting` never stays raised.
 struct DecrementOnDrop<'a>(&'a AtomicUsize);
 
 impl Drop for DecrementOnDrop<'_> {
