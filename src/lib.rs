@@ -46,9 +46,10 @@
 //! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
 //! [`outcome`] (the words for what happens to a failed record: [`Disposition`], [`Reason`]),
 //! [`retry`] (policy, topic names, envelope headers, the next hop), [`dead_letter`],
-//! [`metrics`], [`admin`] (what the `sidetrack` CLI needs from the library), [`mocking`] (an
-//! embedded broker) and [`testing`] (a broker-free handler harness, and the embedded broker
-//! re-exported).
+//! [`metrics`], [`telemetry`] (W3C trace context in record headers; with the `otel` feature,
+//! OpenTelemetry spans over OTLP), [`admin`] (what the `sidetrack` CLI needs from the library),
+//! [`mocking`] (an embedded broker) and [`testing`] (a broker-free handler harness, and the
+//! embedded broker re-exported).
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 

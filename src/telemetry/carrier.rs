@@ -302,6 +302,7 @@ mod tests {
         Header::new(k, v)
     }
 
+    /// The headers the OpenTelemetry Java agent writes on a record are read as they are.
     #[test]
     fn reads_the_context_a_java_client_wrote() {
         let headers = vec![
@@ -318,6 +319,8 @@ mod tests {
         assert_eq!(cx.state.get("rojo"), Some("00f067aa0ba902b7"));
     }
 
+    /// Repeated `traceparent` headers: one value is one context; differing values, a null one,
+    /// or a `tracestate` alone give no context (a new trace starts).
     #[test]
     fn duplicates_agree_or_the_trace_restarts() {
         let same = vec![h(TRACEPARENT, JAVA), h("TraceParent", JAVA)];
@@ -336,6 +339,7 @@ mod tests {
         );
     }
 
+    /// A bad `tracestate` is not propagated, but the `traceparent` still is.
     #[test]
     fn an_invalid_tracestate_is_dropped_but_the_trace_continues() {
         let headers = vec![h(TRACEPARENT, JAVA), h(TRACESTATE, "foo=1,foo=2")];
@@ -343,6 +347,8 @@ mod tests {
         assert!(cx.state.is_empty());
     }
 
+    /// Injecting again and again leaves exactly one `traceparent` (any old spelling removed)
+    /// and the other headers untouched.
     #[test]
     fn inject_replaces_never_stacks() {
         let mut headers = vec![
@@ -362,6 +368,7 @@ mod tests {
         assert!(headers.contains(&h("k", "v")));
     }
 
+    /// The proxy's rule: a record that carries its own `traceparent` keeps it.
     #[test]
     fn a_client_supplied_traceparent_is_kept() {
         let mut headers = vec![h(TRACEPARENT, JAVA)];
@@ -377,6 +384,7 @@ mod tests {
         assert_eq!(extract(&empty).unwrap().parent, ours);
     }
 
+    /// Three hand-offs later the origin is the first producer's context, recorded once.
     #[test]
     fn the_origin_survives_every_hop() {
         let mut headers = vec![
@@ -412,6 +420,7 @@ mod tests {
         assert_eq!(headers.iter().filter(|x| named(x, TRACEPARENT)).count(), 1);
     }
 
+    /// A record without context gets no origin header and has no origin trace id.
     #[test]
     fn no_context_no_origin() {
         let mut headers = vec![h("k", "v")];

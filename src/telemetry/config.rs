@@ -363,6 +363,7 @@ fn traces_url_of(base: &str) -> String {
     format!("{}/v1/traces", base.trim().trim_end_matches('/'))
 }
 
+/// An `http://` or `https://` URL with a host, or an error naming `field`.
 fn check_url(field: &str, url: &str) -> Result<(), ConfigError> {
     let url = url.trim();
     let rest = url
@@ -377,6 +378,7 @@ fn check_url(field: &str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Only `http/protobuf` is built in; the others are refused with what to do instead.
 fn check_protocol(field: &str, protocol: Protocol) -> Result<(), ConfigError> {
     match protocol {
         Protocol::HttpProtobuf => Ok(()),
@@ -453,6 +455,7 @@ mod tests {
         toml::from_str::<File>(toml_text).unwrap().tracing
     }
 
+    /// An empty `[tracing]` resolves to the documented defaults (or, without `otel`, is refused).
     #[test]
     fn defaults_with_an_empty_section() {
         let r = parse("[tracing]").resolve_with("billing", env(&[]));
@@ -476,6 +479,8 @@ mod tests {
         assert!(!r.record_key);
     }
 
+    /// Every field set in the file beats its `OTEL_*` variable; resource attributes merge key by
+    /// key and are percent-decoded.
     #[test]
     fn the_file_wins_over_the_environment() {
         if !cfg!(feature = "otel") {
@@ -527,6 +532,8 @@ mod tests {
         assert!(r.record_key);
     }
 
+    /// Signal-specific variables beat generic ones; `OTEL_SDK_DISABLED` and
+    /// `OTEL_TRACES_EXPORTER=none` turn export off.
     #[test]
     fn the_environment_fills_what_the_file_leaves_out() {
         if !cfg!(feature = "otel") {
@@ -575,6 +582,7 @@ mod tests {
         assert!(!r.enabled);
     }
 
+    /// Each invalid value is rejected with the field or variable that holds it.
     #[test]
     fn bad_values_are_named() {
         let field =
@@ -636,6 +644,7 @@ mod tests {
         );
     }
 
+    /// A misspelt field is an error, not silently ignored.
     #[test]
     fn unknown_fields_are_rejected() {
         #[derive(Deserialize, Debug)]

@@ -131,6 +131,8 @@ mod tests {
     use crate::handler::Header;
     use crate::telemetry::carrier;
 
+    /// What the exporter receives: kind, attributes and links of a span, and a nested span
+    /// as its child in the same trace.
     #[test]
     fn spans_nest_link_and_carry_attributes() {
         let t = MemoryTracing::install();
@@ -168,6 +170,8 @@ mod tests {
         );
     }
 
+    /// A span made a child of a record's context continues its trace, and injecting its
+    /// context replaces the record's `traceparent`.
     #[test]
     fn a_child_continues_the_producers_trace_and_injection_replaces() {
         let t = MemoryTracing::install();

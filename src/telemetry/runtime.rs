@@ -222,6 +222,9 @@ mod tests {
         ProcessTracing::new(Some(&cfg), "billing", "partition").unwrap()
     }
 
+    /// Link mode: the `process` span is a new trace linked to the producer, with the
+    /// conventions' attributes and the outcome; its hand-off is its child and the record
+    /// written carries the hand-off's `traceparent` and the origin.
     #[test]
     fn process_links_to_the_producer_and_hand_off_replaces_the_traceparent() {
         let t = MemoryTracing::install();
@@ -298,6 +301,8 @@ mod tests {
         assert!(headers.contains(&Header::new("x", "y")));
     }
 
+    /// Child mode on a retried record: child of the hand-off that wrote it, linked to it and
+    /// to the origin.
     #[test]
     fn child_mode_continues_the_trace_and_retries_link_to_the_origin() {
         let t = MemoryTracing::install();
@@ -331,6 +336,7 @@ mod tests {
         );
     }
 
+    /// No context: no link; no subscriber: the user's headers are written as they are.
     #[test]
     fn no_context_means_no_links_and_untouched_headers() {
         let t = MemoryTracing::install();

@@ -558,6 +558,8 @@ mod tests {
         ),
     ];
 
+    /// Every `traceparent` of the W3C test suite is accepted or refused as the suite expects,
+    /// and an accepted one yields the trace id it spells.
     #[test]
     fn w3c_traceparent_vectors() {
         for &(value, valid) in TRACEPARENT_VECTORS {
@@ -570,6 +572,8 @@ mod tests {
         }
     }
 
+    /// Fields read from a valid value, and the value written back: always version `00`, a
+    /// future version's extra fields dropped.
     #[test]
     fn traceparent_fields_and_round_trip() {
         let tp = TraceParent::parse(TP.as_bytes()).unwrap();
@@ -679,6 +683,8 @@ mod tests {
         ]
     }
 
+    /// Every `tracestate` case of the W3C test suite: combined in order, OWS ignored, and the
+    /// whole state dropped on a duplicate key, a bad key or value, or a 33rd member.
     #[test]
     fn w3c_tracestate_vectors() {
         for (values, expected) in tracestate_vectors() {
@@ -701,6 +707,7 @@ mod tests {
         }
     }
 
+    /// The written value has no white space, keeps the order, and parses back to itself.
     #[test]
     fn tracestate_header_value_is_canonical() {
         let state = TraceState::parse(b" rojo=00f067aa0ba902b7 ,\tcongo=t61rcWkgMzE ").unwrap();
