@@ -25,7 +25,8 @@ fn untraced(route: &str) -> bool {
 /// context when its headers carry a valid one (several differing `traceparent` headers, or an
 /// invalid one, start a new trace, as the W3C rules say). `None` for probe routes.
 pub(crate) fn server_span(method: &Method, route: &str, headers: &HeaderMap) -> Option<Span> {
-    if untraced(route) {
+    // No exporter started: no span, so the proxy logs and costs what it does without `otel`.
+    if untraced(route) || !crate::telemetry::export::active() {
         return None;
     }
     let name = format!("{method} {route}");
@@ -68,8 +69,11 @@ pub(crate) fn finish_server(span: &Span, status: u16, error: Option<ErrorKind>) 
 
 /// The `send {topic}` span (kind producer) of one produce, child of the request's span, with
 /// the messaging conventions' attributes; each record without a `traceparent` of its own gets
-/// this span's.
+/// this span's. A disabled span when no exporter was started.
 pub(crate) fn send_span(topic: &str, records: &mut [ProduceRecord]) -> Span {
+    if !crate::telemetry::export::active() {
+        return Span::none();
+    }
     let name = format!("send {topic}");
     let span = tracing::info_span!(
         "send",

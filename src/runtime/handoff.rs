@@ -226,8 +226,22 @@ impl HandOff {
             let (hop, written_at) = hop_for(decision, &error)?;
             let envelope = hop.envelope;
             target = hop.topic;
-            let attempts: [(Option<&[u8]>, &[Header]); 3] =
-                [(msg.key(), user_headers), (msg.key(), &[]), (None, &[])];
+            // Feature `otel`: the stripped attempts keep the trace context headers (the
+            // hand-off's `traceparent` and the origin), a few hundred bytes at most.
+            #[cfg(feature = "otel")]
+            let stripped: Vec<Header> = traced.as_ref().map_or_else(Vec::new, |(_, h)| {
+                h.iter()
+                    .filter(|h| crate::telemetry::carrier::is_trace_header(h))
+                    .cloned()
+                    .collect()
+            });
+            #[cfg(not(feature = "otel"))]
+            let stripped: [Header; 0] = [];
+            let attempts: [(Option<&[u8]>, &[Header]); 3] = [
+                (msg.key(), user_headers),
+                (msg.key(), &stripped[..]),
+                (None, &stripped[..]),
+            ];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self
                     .send_durably(target, key, None, headers, (&envelope, written_at), msg)

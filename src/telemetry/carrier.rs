@@ -133,6 +133,19 @@ pub fn extract_origin(headers: &[Header]) -> Option<RecordContext> {
     }
 }
 
+/// True for the headers that carry trace context: `traceparent`, `tracestate` and the origin
+/// headers (any case).
+pub fn is_trace_header(header: &Header) -> bool {
+    [
+        TRACEPARENT,
+        TRACESTATE,
+        ORIGIN_TRACEPARENT,
+        ORIGIN_TRACESTATE,
+    ]
+    .iter()
+    .any(|n| named(header, n))
+}
+
 /// Removes every header named `name` (any case) and appends `value` under it.
 fn replace(headers: &mut Vec<Header>, name: &str, value: Option<&[u8]>) {
     headers.retain(|h| !named(h, name));

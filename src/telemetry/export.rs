@@ -25,6 +25,22 @@ use super::config::{ResolvedTracing, Sampling, TracingConfig};
 /// Name of the instrumentation scope of sidetrack's spans.
 pub const SCOPE: &str = "sidetrack";
 
+/// Whether spans are being recorded by an OpenTelemetry layer of ours (see [`active`]).
+static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once an exporter was started ([`Telemetry::start`], [`install`], or the in-memory test
+/// subscriber). The proxy makes its request spans only then: without it a build with `otel`
+/// behaves (and logs) like one without. An embedder that installs its own OpenTelemetry layer
+/// calls [`set_active`].
+pub fn active() -> bool {
+    ACTIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Declares that an OpenTelemetry layer records sidetrack's spans (or no longer does).
+pub fn set_active(on: bool) {
+    ACTIVE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Largest response body read from the receiver; OTLP answers are a few bytes (partial
 /// success), so anything bigger is a misconfigured endpoint, not a reason to buffer.
 const MAX_RESPONSE: u64 = 64 * 1024;
@@ -170,6 +186,7 @@ impl Telemetry {
         }
         let provider = provider(cfg)?;
         let tracer = tracer(&provider);
+        set_active(true);
         Ok(Some((
             Telemetry {
                 provider: Some(provider),

@@ -86,6 +86,7 @@ impl MemoryTracing {
         let layer = super::export::layer(provider.tracer(super::export::SCOPE));
         let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
         let guard = tracing::dispatcher::set_default(&dispatch);
+        super::export::set_active(true);
         MemoryTracing {
             exporter,
             provider,
