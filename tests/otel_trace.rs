@@ -6,7 +6,9 @@
 //! with the OpenTelemetry agent sends) to the proxy on the embedded broker; the record fails
 //! its first attempt, is retried once, fails again and is dead-lettered. With
 //! `process_parent = "child"` every span is in the client's trace, each a child of the one
-//! before, and each attempt links back to the producer's span. A record produced directly by a
+//! before, and each attempt links back to the producer's span. The same flow runs in link mode
+//! (the default) on a second topic: each attempt is then a trace of its own, connected by links
+//! to the span that wrote the record and to the origin. A record produced directly by a
 //! "Java client" (its `traceparent`/`tracestate` headers as the agent writes them) is continued
 //! too.
 #![cfg(all(feature = "otel", feature = "proxy"))]
@@ -70,6 +72,24 @@ fn spans_of(base: &str, trace_id: &str, ready: impl Fn(&[Value]) -> bool) -> Vec
     }
 }
 
+/// One retry tier of 200 ms: a failing record is tried twice, then dead-lettered.
+fn config_retry() -> sidetrack::config::RetryConfig {
+    sidetrack::config::RetryConfig::tiers([Tier::new(Duration::from_millis(200), 1)])
+}
+
+/// Every span the receiver holds (all runs, all traces).
+fn all_spans(base: &str) -> Vec<Value> {
+    ureq::get(&format!("{base}/spans"))
+        .call()
+        .expect("receiver answers")
+        .into_body()
+        .read_to_string()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn find<'a>(spans: &'a [Value], what: &str, f: impl Fn(&Value) -> bool) -> &'a Value {
     spans.iter().find(|s| f(s)).unwrap_or_else(|| {
         let names: Vec<_> = spans.iter().map(|s| s["name"].to_string()).collect();
@@ -105,8 +125,7 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
     let cluster = EmbeddedCluster::start().expect("embedded cluster");
     cluster.create_topic("orders", 1).unwrap();
     let mut config = Config::new("unused", "billing", ["orders"]);
-    config.retry =
-        sidetrack::config::RetryConfig::tiers([Tier::new(Duration::from_millis(200), 1)]);
+    config.retry = config_retry();
     config.handoff.timeout = Duration::from_secs(2);
     config.shutdown_timeout = Duration::from_secs(5);
     config.tracing = Some(tracing_config.clone());
@@ -136,6 +155,27 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
         .await
         .unwrap();
 
+    // The same flow in link mode (the default) on a second topic and group.
+    cluster.create_topic("payments", 1).unwrap();
+    let mut link_config = Config::new("unused", "billing-link", ["payments"]);
+    link_config.retry = config_retry();
+    link_config.handoff.timeout = Duration::from_secs(2);
+    link_config.shutdown_timeout = Duration::from_secs(5);
+    link_config.tracing = Some(TracingConfig {
+        process_parent: ProcessParent::Link,
+        ..tracing_config.clone()
+    });
+    let link_runtime = sidetrack::Runtime::builder(link_config)
+        .embedded(&cluster)
+        .handler(handler_fn(|_: Message, _: Context| async move {
+            Err(HandlerError::retryable("payment service down"))
+        }))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
     let proxy_config = ProxyConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..ProxyConfig::default()
@@ -152,6 +192,16 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
         .header("tracestate", "congo=t61rcWkgMzE")
         .header("content-type", "application/vnd.kafka.json.v2+json")
         .send(r#"{"records":[{"key":"customer-7","value":{"amount":12}}]}"#)
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let link_trace = run_trace_id("4bf92f3577b34da6a3ce929d0e0e4736");
+    let answer = ureq::post(&format!("{}/topics/payments", proxy.url()))
+        .header(
+            "traceparent",
+            &format!("00-{link_trace}-b7ad6b7169203331-01"),
+        )
+        .header("content-type", "application/vnd.kafka.json.v2+json")
+        .send(r#"{"records":[{"value":{"amount":5}}]}"#)
         .unwrap();
     assert_eq!(answer.status(), 200);
 
@@ -197,8 +247,19 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    while link_runtime.stats().dead_lettered.is_empty()
+        || link_runtime
+            .stats()
+            .dead_lettered
+            .iter()
+            .all(|(_, n)| *n == 0)
+    {
+        assert!(Instant::now() < deadline, "no dead letter in link mode");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     proxy.shutdown().await;
     runtime.shutdown().await.unwrap();
+    link_runtime.shutdown().await.unwrap();
     tokio::task::spawn_blocking(move || telemetry.flush())
         .await
         .unwrap();
@@ -333,4 +394,31 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
     assert_eq!(process["parent_span_id"], "00f067aa0ba902b7");
     assert_eq!(process["trace_state"], "rojo=00f067aa0ba902b7");
     assert_eq!(process["attributes"]["sidetrack.outcome"], "success");
+
+    // Link mode: each attempt is a trace of its own, connected by links to the span that wrote
+    // the record and to the origin; hand-offs are children of the attempt that failed.
+    let caller_side = spans_of(&base, &link_trace, |s| s.len() >= 2);
+    let send2 = find(&caller_side, "send payments", |s| {
+        s["name"] == "send payments"
+    });
+    let all = all_spans(&base);
+    let p1 = find(&all, "first process (link mode)", |s| {
+        s["name"] == "process payments" && linked_to(s, send2)
+    });
+    assert_ne!(p1["trace_id"], link_trace.as_str(), "a trace of its own");
+    assert_eq!(p1["parent_span_id"], "");
+    assert_eq!(p1["links"][0]["attributes"]["sidetrack.link"], "producer");
+    let hop1 = find(&all, "retry hand-off (link mode)", |s| {
+        s["parent_span_id"] == p1["span_id"] && s["attributes"]["sidetrack.hop"] == "retry"
+    });
+    assert_eq!(hop1["trace_id"], p1["trace_id"]);
+    let p2 = find(&all, "second process (link mode)", |s| {
+        s["kind"] == "SPAN_KIND_CONSUMER" && linked_to(s, hop1)
+    });
+    assert!(linked_to(p2, send2), "the retry links back to the origin");
+    assert_ne!(p2["trace_id"], p1["trace_id"]);
+    let dead2 = find(&all, "dead-letter hand-off (link mode)", |s| {
+        s["parent_span_id"] == p2["span_id"]
+    });
+    assert_eq!(dead2["attributes"]["sidetrack.hop"], "dead_letter");
 }
