@@ -8,10 +8,12 @@
 //! `process_parent = "child"` every span is in the client's trace, each a child of the one
 //! before, and each attempt links back to the producer's span. The same flow runs in link mode
 //! (the default) on a second topic: each attempt is then a trace of its own, connected by links
-//! to the span that wrote the record and to the origin. A record produced directly by a
+//! to the span that wrote the record and to the origin; its dead letter is then replayed with
+//! `sidetrack dlq replay`, and the replayed record's attempt links to the dead letter's hand-off.
+//! A record produced directly by a
 //! "Java client" (its `traceparent`/`tracestate` headers as the agent writes them) is continued
 //! too.
-#![cfg(all(feature = "otel", feature = "proxy"))]
+#![cfg(all(feature = "otel", feature = "proxy", feature = "cli"))]
 
 use std::time::{Duration, Instant};
 
@@ -257,6 +259,39 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
         assert!(Instant::now() < deadline, "no dead letter in link mode");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Replay the link-mode dead letter (`sidetrack dlq replay`): it fails again, and its new
+    // attempt links to the dead letter's hand-off span.
+    let bootstrap = cluster.bootstrap_servers().to_owned();
+    let replay = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sidetrack"))
+            .args(["--brokers", &bootstrap, "dlq", "replay"])
+            .args(["--topic", "payments.billing-link.dlq", "--yes"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while link_runtime
+        .stats()
+        .dead_lettered
+        .iter()
+        .map(|(_, n)| n)
+        .sum::<u64>()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replayed record was not dead-lettered again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     proxy.shutdown().await;
     runtime.shutdown().await.unwrap();
     link_runtime.shutdown().await.unwrap();
@@ -421,4 +456,10 @@ async fn one_trace_from_the_request_to_the_dead_letter() {
         s["parent_span_id"] == p2["span_id"]
     });
     assert_eq!(dead2["attributes"]["sidetrack.hop"], "dead_letter");
+
+    // The replayed record's first attempt links to the dead letter it came from.
+    let replayed = find(&all, "process of the replayed record", |s| {
+        s["kind"] == "SPAN_KIND_CONSUMER" && linked_to(s, dead2)
+    });
+    assert!(linked_to(replayed, send2), "and still to the origin");
 }
