@@ -48,7 +48,7 @@ use crate::config::Ordering as RecordOrdering;
 use crate::handler::Handler;
 
 use super::breaker::{Breaker, BreakerControl};
-use super::group::{GroupConsumer, Role};
+use super::consumer::{GroupConsumer, Role};
 use super::handoff::HandOff;
 use super::pause::Pause;
 use super::shared::Shared;
