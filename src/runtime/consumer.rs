@@ -9,14 +9,23 @@
 //! that the stages below a group member — supervisor, partition task, pause — depend on this
 //! file and not on the file that starts them: the context does not name the supervisor, it
 //! calls a [`StartPartition`] that `group.rs` gives it (once per assignment, never per record).
+//!
+//! The rebalance bookkeeping every consumer-group member of the crate needs — counting
+//! assignments and revocations, keeping the last rebalance error, waking whoever waits for a
+//! change — is written once here, as the [`Member`] context around a member's own
+//! [`MemberHooks`]. Two members use it: the runtime's ([`GroupState`]) and the replay lock of
+//! `sidetrack dlq replay` ([`ProgressGroup`](crate::admin::ProgressGroup)), which owns
+//! partitions without reading them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use rdkafka::client::ClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
@@ -56,8 +65,12 @@ pub(super) struct Slot {
 /// holds it.
 pub(crate) type Queue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<GroupContext>;
 
-/// The consumer's context: rebalance hook and the table of partition tasks.
-pub(crate) struct GroupContext {
+/// The runtime consumer's context: the shared [`Member`] bookkeeping around [`GroupState`].
+pub(crate) type GroupContext = Member<GroupState>;
+
+/// The runtime member's own state, behind its [`Member`] context: the rebalance hooks (see
+/// [`MemberHooks`]) and the table of partition tasks.
+pub(crate) struct GroupState {
     pub(super) role: Role,
     pub(super) group_id: String,
     pub(super) shared: Arc<Shared>,
@@ -90,7 +103,7 @@ pub(crate) struct GroupContext {
     pub(super) revoke_commits: Mutex<HashMap<(String, i32), i64>>,
 }
 
-impl GroupContext {
+impl GroupState {
     pub(super) fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Slot>> {
         // A panic while holding this lock can only come from our own code between two map
         // operations; the map is still consistent, so keep going.
@@ -226,13 +239,7 @@ impl GroupContext {
         tracing::info!(role = ?self.role, topic, partition, "partition assigned");
     }
 
-    fn revoke(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        topic: &str,
-        partition: i32,
-        lost: bool,
-    ) {
+    fn revoke(&self, base: &BaseConsumer<GroupContext>, topic: &str, partition: i32, lost: bool) {
         let slot = self.slots().remove(&(topic.to_owned(), partition));
         if !lost {
             // The task stores its frontier in batches; store the latest one now, while the
@@ -282,7 +289,7 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {
+impl MemberHooks for GroupState {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         forward_log(level, fac, message);
     }
@@ -296,14 +303,8 @@ impl ClientContext for GroupContext {
             forward_error(error, reason);
         }
     }
-}
 
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
+    fn before_rebalance(&self, base: &BaseConsumer<GroupContext>, rebalance: &Rebalance<'_>) {
         self.set_fenced(false);
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -333,11 +334,7 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
+    fn after_rebalance(&self, base: &BaseConsumer<GroupContext>, rebalance: &Rebalance<'_>) {
         // A partition paused by a previous owner-task (hand-off failing, or a retry record not
         // yet due) must not stay paused when it comes back to us.
         if let Rebalance::Assign(tpl) = rebalance {
@@ -347,7 +344,7 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+    fn commit_result(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         use rdkafka::types::RDKafkaErrorCode as C;
         match &result {
             Ok(()) => self.set_fenced(false),
@@ -421,4 +418,144 @@ pub(crate) struct Assigned {
 pub(crate) trait StartPartition: Send + Sync + 'static {
     /// Spawns the partition's supervisor and returns its handle.
     fn start(&self, assigned: Assigned) -> JoinHandle<()>;
+}
+
+/// The consumer context of every consumer-group member of the crate: the member's own hooks
+/// (`H`), and the rebalance bookkeeping they all share ([`Membership`]). librdkafka calls it
+/// on the thread that polls the consumer; nothing here is on the per-record path.
+pub(crate) struct Member<H> {
+    hooks: H,
+    membership: Membership,
+}
+
+impl<H: MemberHooks> Member<H> {
+    /// Wraps a member's hooks.
+    pub(crate) fn new(hooks: H) -> Self {
+        Member {
+            hooks,
+            membership: Membership::default(),
+        }
+    }
+
+    /// What the rebalances of this member were so far.
+    pub(crate) fn membership(&self) -> &Membership {
+        &self.membership
+    }
+}
+
+impl<H> std::ops::Deref for Member<H> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        &self.hooks
+    }
+}
+
+/// What a member does on its group's events, inside the shared [`Member`] context. Every
+/// method has a default: do nothing, or librdkafka's own handling for logs and errors.
+pub(crate) trait MemberHooks: Send + Sync + Sized + 'static {
+    /// A log line of librdkafka's.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        DefaultClientContext.log(level, fac, message);
+    }
+    /// A client error.
+    fn error(&self, error: KafkaError, reason: &str) {
+        DefaultClientContext.error(error, reason);
+    }
+    /// Before librdkafka applies a rebalance (after the bookkeeping counted it).
+    fn before_rebalance(&self, _base: &BaseConsumer<Member<Self>>, _rebalance: &Rebalance<'_>) {}
+    /// After librdkafka applied a rebalance (before the bookkeeping counts an assignment, so
+    /// whoever waits for one sees what this did).
+    fn after_rebalance(&self, _base: &BaseConsumer<Member<Self>>, _rebalance: &Rebalance<'_>) {}
+    /// The result of an offset commit.
+    fn commit_result(&self, _result: KafkaResult<()>, _offsets: &TopicPartitionList) {}
+}
+
+impl<H: MemberHooks> ClientContext for Member<H> {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.hooks.log(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.hooks.error(error, reason);
+    }
+}
+
+impl<H: MemberHooks> ConsumerContext for Member<H> {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) if tpl.count() > 0 => self.membership.update(|r| r.revokes += 1),
+            Rebalance::Error(e) => self.membership.update(|r| {
+                r.revokes += 1;
+                r.error = Some(e.to_string());
+            }),
+            _ => {}
+        }
+        self.hooks.before_rebalance(base, rebalance);
+    }
+
+    fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.hooks.after_rebalance(base, rebalance);
+        if let Rebalance::Assign(_) = rebalance {
+            self.membership.update(|r| r.assigns += 1);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.hooks.commit_result(result, offsets);
+    }
+}
+
+/// A member's rebalances so far, guarded by a mutex and signalled by a condition variable
+/// (the callbacks run on the thread polling the consumer; a waiter may be any thread).
+#[derive(Default)]
+pub(crate) struct Membership {
+    rebalances: Mutex<Rebalances>,
+    changed: Condvar,
+}
+
+/// See [`Membership`].
+#[derive(Default)]
+pub(crate) struct Rebalances {
+    /// Assignments received (each rebalance ends with one, possibly empty).
+    pub(crate) assigns: u32,
+    /// Revocations (or losses) of partitions, and rebalance errors: another member joined,
+    /// or this one was dropped.
+    pub(crate) revokes: u32,
+    /// The last rebalance error: this member cannot be trusted with the group any more.
+    pub(crate) error: Option<String>,
+    /// The last error polling the member, if its poller records one (shown if joining takes
+    /// too long).
+    pub(crate) poll_error: Option<String>,
+}
+
+impl Membership {
+    /// The rebalances so far (a lock held only while read or changed).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Rebalances> {
+        // Only counters and texts behind it: still consistent after a panic elsewhere.
+        self.rebalances.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `timeout` for a change; the guard back, relocked.
+    pub(crate) fn wait<'a>(
+        &self,
+        guard: MutexGuard<'a, Rebalances>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Rebalances> {
+        self.changed
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Waits up to `timeout` until `until` holds.
+    pub(crate) fn wait_until(&self, timeout: Duration, mut until: impl FnMut(&Rebalances) -> bool) {
+        let guard = self.lock();
+        let _ = self
+            .changed
+            .wait_timeout_while(guard, timeout, |r| !until(r));
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Rebalances)) {
+        change(&mut self.lock());
+        self.changed.notify_all();
+    }
 }

@@ -17,7 +17,9 @@ use crate::error::Error;
 use crate::metrics::lag;
 
 use super::client::consumer_config;
-use super::consumer::{Assigned, GroupConsumer, GroupContext, Role, Slot, StartPartition};
+use super::consumer::{
+    Assigned, GroupConsumer, GroupContext, GroupState, Member, Role, Slot, StartPartition,
+};
 use super::partition::offsets::Progress;
 use super::partition::RunPartition;
 use super::shared::Shared;
@@ -74,7 +76,7 @@ impl Group {
             Role::Main => shared.topology.group(),
             Role::Retry => shared.topology.retry_group(),
         };
-        let context = GroupContext {
+        let context = Member::new(GroupState {
             role,
             group_id: group_id.to_owned(),
             shared: Arc::clone(shared),
@@ -93,7 +95,7 @@ impl Group {
             unfenced: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
             revoke_commits: Mutex::new(HashMap::new()),
-        };
+        });
         let consumer: GroupConsumer =
             consumer_config(&shared.config, group_id, role == Role::Retry)
                 .create_with_context(context)

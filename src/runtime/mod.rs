@@ -16,7 +16,7 @@
 
 mod breaker;
 mod client;
-mod consumer;
+pub(crate) mod consumer;
 mod group;
 mod handoff;
 pub(crate) mod partition;
