@@ -16,6 +16,7 @@
 
 mod breaker;
 mod client;
+pub(crate) mod consumer;
 mod group;
 mod handoff;
 pub(crate) mod partition;
@@ -43,7 +44,8 @@ use crate::mocking::EmbeddedCluster;
 use crate::retry::{RetryPolicy, Topology};
 
 pub(crate) use client::{forward_error, forward_log};
-use group::{Group, Role};
+use consumer::Role;
+use group::Group;
 use partition::RunPartition;
 use producer::HandoffProducer;
 use provision::TopicCreator;
@@ -227,7 +229,6 @@ impl Runtime {
             config: self.config,
             policy: self.policy,
             topology: self.topology,
-            handler: self.handler,
             producer,
             partitions,
             shutdown: shutdown.clone(),
@@ -241,7 +242,7 @@ impl Runtime {
             .iter()
             .map(|s| s.topic.clone())
             .collect();
-        let main = Group::start(&shared, Role::Main, &sources)?;
+        let main = Group::start(&shared, &self.handler, Role::Main, &sources)?;
         let retry_topics: Vec<String> = shared
             .topology
             .retry_topics()
@@ -251,7 +252,12 @@ impl Runtime {
         let retry = if retry_topics.is_empty() {
             None
         } else {
-            Some(Group::start(&shared, Role::Retry, &retry_topics)?)
+            Some(Group::start(
+                &shared,
+                &self.handler,
+                Role::Retry,
+                &retry_topics,
+            )?)
         };
         if let Some(signal) = self.shutdown {
             let token = shutdown.clone();

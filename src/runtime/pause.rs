@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
 
-use super::group::GroupConsumer;
+use super::consumer::GroupConsumer;
 use crate::metrics as m;
 
 /// The pause state of one partition.

@@ -15,6 +15,7 @@
 //! | [`offsets`]     | frontier, progress, settle, store: the at-least-once rule     |
 //! | [`meters`]      | metric handles and the counts published in batches            |
 //! | [`sequential`], [`concurrent`] | the two record loops, and nothing else         |
+//! | [`next`]        | the top both loops share: take a record or wait for one      |
 //! | [`task`]        | the task's state and the steps both loops share               |
 //!
 //! This file builds the task from one struct of its parts ([`Parts`]) and erases the handler
@@ -23,7 +24,8 @@
 //! finished record leaves to do, flushing, draining) are in [`task`].
 //!
 //! The files depend on each other in one direction only (no import circles):
-//! `offsets`, `meters` ← `intake` ← `call` ← `task` ← `sequential`, `concurrent` ← `mod.rs`.
+//! `offsets`, `meters` ← `intake` ← `call` ← `task` ← `next` ← `sequential`, `concurrent` ←
+//! `mod.rs`.
 //!
 //! The per-record path is kept lean: the handler is called through static dispatch (the
 //! handler type is erased once per task, not per record), it reads the record in librdkafka's
@@ -36,6 +38,7 @@ pub(crate) mod call;
 mod concurrent;
 mod intake;
 pub(crate) mod meters;
+mod next;
 pub(crate) mod offsets;
 mod sequential;
 mod task;
@@ -48,7 +51,7 @@ use crate::config::Ordering as RecordOrdering;
 use crate::handler::Handler;
 
 use super::breaker::{Breaker, BreakerControl};
-use super::group::{GroupConsumer, Role};
+use super::consumer::{GroupConsumer, Role};
 use super::handoff::HandOff;
 use super::pause::Pause;
 use super::shared::Shared;

@@ -18,7 +18,7 @@ use crate::config::Ordering as RecordOrdering;
 use crate::outcome::Disposition;
 use crate::retry::scheduler::now_ms;
 use crate::runtime::breaker::{Breaker, BreakerControl};
-use crate::runtime::group::{GroupConsumer, GroupContext};
+use crate::runtime::consumer::{GroupConsumer, GroupContext};
 use crate::runtime::handoff::{Abandoned, HandOff, MAX_PENDING};
 use crate::runtime::shared::Shared;
 use crate::runtime::signal::Signal;
