@@ -91,8 +91,8 @@ impl ProducerContext for ProxyContext {
 }
 
 /// One request's records in the producer. Holds the request's admission: the in-flight
-/// bounds are released when the last record is settled (the batch is dropped with the last
-/// slot), also when the client has hung up meanwhile.
+/// bounds are released when the last record is settled, before the request is answered, also
+/// when the client has hung up meanwhile.
 struct Batch {
     /// One slot per record, in request order, filled by the delivery callbacks.
     outcomes: Mutex<Vec<Option<Outcome>>>,
@@ -100,8 +100,11 @@ struct Batch {
     remaining: std::sync::atomic::AtomicUsize,
     /// Fired when `remaining` reaches zero (the request's task waits on it).
     done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    /// The request's in-flight budget, given back when the batch is dropped.
-    _admission: Admission,
+    /// The request's in-flight budget, given back when the last record is settled, before
+    /// the request is woken: so once a request is answered, its records no longer count
+    /// against `max_in_flight_*` (the slots themselves may be dropped a moment later, on
+    /// librdkafka's thread). Also given back if the batch is dropped unsettled.
+    admission: Mutex<Option<Admission>>,
 }
 
 impl Batch {
@@ -120,6 +123,7 @@ impl Batch {
     /// when it was the last.
     fn release(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            drop(self.admission.lock().ok().and_then(|mut a| a.take()));
             if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
                 let _ = tx.send(());
             }
@@ -492,7 +496,7 @@ impl SharedProducer {
             outcomes: Mutex::new(vec![None; n]),
             remaining: std::sync::atomic::AtomicUsize::new(1),
             done: Mutex::new(Some(tx)),
-            _admission: admission,
+            admission: Mutex::new(Some(admission)),
         });
         // Records without a timestamp get the time they were queued (what librdkafka would
         // give them), set here so the answer can tell it.
