@@ -27,7 +27,7 @@
 //! record whose `traceparent` has a sampled flag follows it (sampled or not, in `link` and
 //! `child` mode alike), any other record is drawn at the configured ratio. Only a sampled record
 //! gets a `process` span, and only its hand-off a `send` span and restamped headers; the span
-//! then carries a [`Presampled`](super::export::Presampled) mark that the provider's
+//! then carries a [`Presampled`] mark that the provider's
 //! [`RuntimeSampler`](super::export::RuntimeSampler) honours, so the SDK does not draw again.
 //! An unsampled record costs one header scan and one random draw; its headers travel on
 //! unchanged (its own `traceparent`, flag and all, and its origin headers if it had them).
