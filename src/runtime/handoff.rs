@@ -179,11 +179,14 @@ impl HandOff {
             },
             written_at,
         ) = hop_for(decision, &error)?;
-        // Feature `otel` with `[tracing]`: the hand-off's `send` span (child of the failed
+        // Feature `otel` with `[tracing]`, sampled record: the hand-off's `send` span (child of the failed
         // attempt's `process` span); the record written carries its `traceparent`, replacing
         // the one it had, and keeps its origin's context in `sidetrack-origin-traceparent`.
         #[cfg(feature = "otel")]
-        let traced = shared.config.tracing.is_some().then(|| {
+        // Only a record whose attempt was traced (sampled, see `telemetry::runtime`): an
+        // unsampled record is written with its headers as they were (its own `traceparent`,
+        // whose flag keeps the next attempt unsampled, and its origin headers if any).
+        let traced = (shared.config.tracing.is_some() && msg.trace().is_some()).then(|| {
             let span = crate::telemetry::runtime::hand_off_span(msg, target, decision);
             let headers = crate::telemetry::runtime::stamp(msg.headers(), &span);
             (span, headers)

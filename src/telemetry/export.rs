@@ -17,7 +17,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample,
+};
 use opentelemetry_sdk::Resource;
 
 use super::config::{ResolvedTracing, Sampling, TracingConfig};
@@ -113,6 +115,63 @@ pub fn sampler(sampling: Sampling) -> Sampler {
     }
 }
 
+/// Marks the parent context of a span whose sampling sidetrack already decided (the runtime's
+/// `process` spans, see [`runtime`](super::runtime)): [`RuntimeSampler`] records it without a
+/// second draw. A value in the OpenTelemetry `Context`, so it travels with the span's parent and
+/// adds no attribute to the exported span.
+#[derive(Debug, Clone, Copy)]
+pub struct Presampled;
+
+/// The provider's sampler: `inner` (see [`sampler`]) for every span, except a span whose
+/// parent context carries [`Presampled`], which is recorded and sampled (keeping the parent's
+/// `tracestate`). Without it a new trace the runtime drew at ratio *r* would be drawn again by
+/// the SDK, sampling *r*² of the records. An embedder with its own provider wraps its sampler
+/// in one ([`RuntimeSampler::new`]) to get the configured ratio.
+#[derive(Debug, Clone)]
+pub struct RuntimeSampler {
+    inner: Sampler,
+}
+
+impl RuntimeSampler {
+    /// `inner` for every span not decided by sidetrack.
+    pub fn new(inner: Sampler) -> Self {
+        RuntimeSampler { inner }
+    }
+}
+
+impl ShouldSample for RuntimeSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        use opentelemetry::trace::TraceContextExt as _;
+        match parent_context {
+            Some(cx) if cx.get::<Presampled>().is_some() => SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: if cx.has_active_span() {
+                    cx.span().span_context().trace_state().clone()
+                } else {
+                    Default::default()
+                },
+            },
+            _ => self.inner.should_sample(
+                parent_context,
+                trace_id,
+                name,
+                span_kind,
+                attributes,
+                links,
+            ),
+        }
+    }
+}
+
 /// The resource of every span: `service.name`, the configured attributes, and
 /// `telemetry.sdk.*` from the SDK.
 pub fn resource(cfg: &ResolvedTracing) -> Resource {
@@ -140,7 +199,7 @@ pub fn provider(cfg: &ResolvedTracing) -> Result<SdkTracerProvider, ExportError>
         .build()
         .map_err(|e| ExportError::Build(e.to_string()))?;
     Ok(SdkTracerProvider::builder()
-        .with_sampler(sampler(cfg.sampling))
+        .with_sampler(RuntimeSampler::new(sampler(cfg.sampling)))
         .with_resource(resource(cfg))
         .with_batch_exporter(exporter)
         .build())

@@ -237,11 +237,15 @@ impl Caller {
         let concluded = self.conclude(msg, result, elapsed, policy);
         // Feature `otel`: the outcome on the record's `process` span (given here, or entered
         // around the whole record by the concurrent loop).
+        // Only a traced record (its context remembered): an unsampled one has no span to
+        // record on, and looking up the current span would cost every record.
         #[cfg(feature = "otel")]
-        crate::telemetry::runtime::record_outcome(
-            &traced.unwrap_or_else(tracing::Span::current),
-            concluded.as_ref().map(|(d, _)| *d),
-        );
+        if msg.trace().is_some() {
+            crate::telemetry::runtime::record_outcome(
+                &traced.unwrap_or_else(tracing::Span::current),
+                concluded.as_ref().map(|(d, _)| *d),
+            );
+        }
         Ok(concluded)
     }
 
