@@ -22,7 +22,7 @@ mod handoff;
 mod partition;
 mod pause;
 mod provision;
-mod scheduler;
+pub(crate) mod scheduler;
 mod signal;
 mod supervisor;
 mod watchdog;
