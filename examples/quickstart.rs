@@ -21,7 +21,7 @@ use clap::Parser;
 use serde::Deserialize;
 use sidetrack::config::RetryConfig;
 use sidetrack::testing::{read_all, EmbeddedCluster};
-use sidetrack::{Config, Context, DeadLetterReason, Handler, HandlerError, Message, Runtime, Tier};
+use sidetrack::{Config, Context, Handler, HandlerError, Message, Reason, Runtime, Tier};
 
 #[derive(Parser, Debug)]
 #[command(about = "sidetrack quickstart: a handler with retry topics and a dead-letter topic")]
@@ -250,7 +250,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let label = format!("retried via {name}:");
         println!("{label:<50}{n}");
     }
-    for reason in DeadLetterReason::ALL {
+    for reason in Reason::ALL {
         let label = format!("dead-lettered ({reason}):");
         println!("{label:<50}{}", stats.dead_lettered(reason));
     }

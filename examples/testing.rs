@@ -2,7 +2,7 @@
 //! dead-letter decisions, with no broker and no waiting. `cargo run --example testing`; in a
 //! project the same lines go in a `#[tokio::test]`.
 use sidetrack::testing::{Outcome, TestRuntime};
-use sidetrack::{handler_fn, Context, DeadLetterReason, HandlerError, Message};
+use sidetrack::{handler_fn, Context, HandlerError, Message, Reason};
 
 #[tokio::main]
 async fn main() {
@@ -27,7 +27,7 @@ async fn main() {
     assert!(matches!(
         refused,
         Outcome::DeadLettered {
-            reason: DeadLetterReason::Permanent,
+            reason: Reason::Permanent,
             ..
         }
     ));
@@ -37,7 +37,7 @@ async fn main() {
     assert!(matches!(
         poison,
         Outcome::DeadLettered {
-            reason: DeadLetterReason::Poison,
+            reason: Reason::Poison,
             ..
         }
     ));

@@ -44,10 +44,12 @@
 //! ```
 //!
 //! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
-//! [`retry`] (policy, topic names, envelope headers), [`dead_letter`], [`metrics`] and
-//! [`testing`] (an embedded broker and a broker-free handler harness).
+//! [`outcome`] (the words for what happens to a failed record: [`Disposition`], [`Reason`]),
+//! [`retry`] (policy, topic names, envelope headers, the next hop), [`dead_letter`],
+//! [`metrics`] and [`testing`] (an embedded broker and a broker-free handler harness).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod dead_letter;
 mod error;
@@ -57,6 +59,7 @@ pub mod handler;
 #[allow(dead_code)]
 mod key_order;
 pub mod metrics;
+pub mod outcome;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod retry;
@@ -64,9 +67,9 @@ pub mod runtime;
 pub mod testing;
 
 pub use config::Config;
-pub use dead_letter::DeadLetterReason;
 pub use error::Error;
 pub use handler::{handler_fn, Context, Handler, HandlerError, Header, Message, ResultExt};
+pub use outcome::{Disposition, FailureKind, Reason};
 pub use retry::{Envelope, RetryPolicy, Tier};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle, StatsSnapshot};
 

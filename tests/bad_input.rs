@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use sidetrack::retry::headers as h;
-use sidetrack::{DeadLetterReason, HandlerError};
+use sidetrack::{HandlerError, Reason};
 
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
@@ -84,8 +84,8 @@ async fn each_bad_record_gets_its_reason_and_later_records_still_flow(cluster: E
         .await;
     }
     let stats = rt.shutdown().await.unwrap();
-    assert_eq!(stats.dead_lettered(DeadLetterReason::Poison), 3);
-    assert_eq!(stats.dead_lettered(DeadLetterReason::Oversized), 1);
+    assert_eq!(stats.dead_lettered(Reason::Poison), 3);
+    assert_eq!(stats.dead_lettered(Reason::Oversized), 1);
 
     let dlq = cluster.read_all(&cluster.dlq()).await;
     assert_eq!(dlq.len(), 4);

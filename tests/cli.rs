@@ -300,7 +300,7 @@ async fn replay_to_first_retry_carries_a_fresh_envelope(cluster: Env) {
     let r = tier.last().unwrap();
     let (user, env) = r.envelope().unwrap();
     assert_eq!(env.attempts, 1);
-    assert_eq!(env.error_kind.as_str(), "retryable");
+    assert_eq!(sidetrack::outcome::error_kind_str(env.reason), "retryable");
     assert_eq!(env.original_topic, cluster.topic());
     assert_eq!(user[0], Header::new("trace", b"t-1".to_vec()));
 
@@ -596,8 +596,8 @@ use std::collections::HashMap;
 use std::process::{Child, Stdio};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sidetrack::retry::ErrorKind;
 use sidetrack::Envelope;
+use sidetrack::Reason;
 
 /// The CLI as a child process (stdout and stderr captured).
 fn spawn(cluster: &EmbeddedCluster, args: &[&str]) -> Child {
@@ -623,7 +623,7 @@ fn finish(child: Child) -> (i32, String, String) {
     )
 }
 
-fn envelope(kind: ErrorKind, original: (&str, i32, i64)) -> Envelope {
+fn envelope(kind: Reason, original: (&str, i32, i64)) -> Envelope {
     Envelope {
         original_topic: original.0.to_owned(),
         original_partition: original.1,
@@ -633,7 +633,7 @@ fn envelope(kind: ErrorKind, original: (&str, i32, i64)) -> Envelope {
         attempts: 1,
         first_failure: 1_700_000_000_000,
         due: None,
-        error_kind: kind,
+        reason: Some(kind),
         error: "rejected".to_owned(),
     }
 }
@@ -704,7 +704,7 @@ async fn dead_letters(producer: &FutureProducer, from: usize, n: usize) {
             key.as_bytes(),
             Some(format!("payload {i}").as_bytes()),
             &[],
-            &envelope(ErrorKind::Permanent, (TOPIC, 0, i as i64)),
+            &envelope(Reason::Permanent, (TOPIC, 0, i as i64)),
         )
         .await;
     }
@@ -976,7 +976,7 @@ async fn oversized_dead_letters_are_replayed_from_their_original_or_skipped() {
         (b"big-key", (TOPIC, 0, 0)),
     ];
     for (key, at) in cases {
-        let env = envelope(ErrorKind::Oversized, at);
+        let env = envelope(Reason::Oversized, at);
         dead_letter(&producer, Some(0), key, None, &[], &env).await;
     }
     let before = cluster.read_all(TOPIC).await.unwrap().len();
@@ -1023,7 +1023,7 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
     cluster.create_topic(DLQ, 1).unwrap();
     let producer = cluster.producer().unwrap();
     let odd = Header::new(vec![0xc3, 0x28, b'-', 0xff], vec![0xfe, 0x00, 0x41]);
-    let mut env = envelope(ErrorKind::Permanent, (TOPIC, 0, 5));
+    let mut env = envelope(Reason::Permanent, (TOPIC, 0, 5));
     env.first_failure = i64::MIN;
     env.original_timestamp = Some(i64::MAX);
     env.due = Some(i64::MAX);
@@ -1039,7 +1039,7 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
     // DLQ records stamped at the ends of time.
     for ts in [i64::MIN, i64::MAX, -2] {
         let mut headers = vec![odd.clone()];
-        headers.extend(envelope(ErrorKind::Permanent, (TOPIC, 0, 6)).to_headers());
+        headers.extend(envelope(Reason::Permanent, (TOPIC, 0, 6)).to_headers());
         let rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(DLQ)
             .partition(0)
             .key(&b"t"[..])
@@ -1053,7 +1053,7 @@ async fn hostile_dead_letters_are_listed_shown_and_replayed_byte_for_byte() {
     }
     // Envelopes naming topics no broker can have.
     for bad in ["", "no such/topic"] {
-        let env = envelope(ErrorKind::Permanent, (bad, 0, 7));
+        let env = envelope(Reason::Permanent, (bad, 0, 7));
         dead_letter(&producer, Some(0), b"bad", Some(b"p"), &[], &env).await;
     }
     let rows = json_rows_on(&cluster, &[]);
@@ -1117,7 +1117,7 @@ async fn hostile_keys_and_errors_are_escaped_in_list_show_and_the_replay_dry_run
             4 => "E".repeat(100_000),
             _ => "rejected\r\nforged line".to_owned(),
         };
-        let mut headers = envelope(ErrorKind::Permanent, (&topic, 0, i as i64)).to_headers();
+        let mut headers = envelope(Reason::Permanent, (&topic, 0, i as i64)).to_headers();
         for h in headers.iter_mut() {
             if h.is(sidetrack::retry::headers::ERROR) {
                 h.value = Some(error.clone().into_bytes());

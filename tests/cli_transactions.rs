@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use rdkafka::producer::{FutureProducer, Producer};
-use sidetrack::retry::ErrorKind;
+use sidetrack::Reason;
 use sidetrack::{Envelope, Header};
 
 const T: Duration = Duration::from_secs(30);
@@ -77,7 +77,7 @@ async fn in_transaction(
                 attempts: 1,
                 first_failure: 1_700_000_000_000,
                 due: None,
-                error_kind: ErrorKind::Permanent,
+                reason: Some(Reason::Permanent),
                 error: format!("rejected {key}"),
             }
             .to_headers(),

@@ -21,7 +21,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sidetrack::config::RetryConfig;
 use sidetrack::metrics as m;
-use sidetrack::{Context, DeadLetterReason, Error, Handler, HandlerError, Message, Tier};
+use sidetrack::{Context, Error, Handler, HandlerError, Message, Reason, Tier};
 
 // ------------------------------------------------------------------ recorder
 
@@ -211,7 +211,7 @@ async fn a_fast_writer_clock_neither_dead_letters_nor_delays(env: Env) {
         attempts: 1,
         first_failure: written,
         due: Some(written + 200),
-        error_kind: sidetrack::retry::ErrorKind::Retryable,
+        reason: None,
         error: "x".into(),
     };
     let producer = env.producer();
@@ -228,7 +228,7 @@ async fn a_fast_writer_clock_neither_dead_letters_nor_delays(env: Env) {
         .unwrap();
     wait_for("the skewed retry handled", || rt.stats().handled == 1).await;
     let stats = rt.shutdown().await.unwrap();
-    assert_eq!(stats.dead_lettered(DeadLetterReason::InvalidEnvelope), 0);
+    assert_eq!(stats.dead_lettered(Reason::InvalidEnvelope), 0);
     assert_eq!(recorder.all()[0].attempt, 2);
 }
 on_every_broker!(
@@ -941,7 +941,7 @@ async fn a_retry_sent_after_a_minute_long_outage_is_retried_not_dead_lettered() 
     .await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(
-        stats.dead_lettered(DeadLetterReason::InvalidEnvelope),
+        stats.dead_lettered(Reason::InvalidEnvelope),
         0,
         "a genuine retry was dead-lettered as forged: {stats:?}"
     );

@@ -10,7 +10,7 @@ use common::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sidetrack::retry::headers as h;
 use sidetrack::testing::{wait_until, Record};
-use sidetrack::{DeadLetterReason, Error, HandlerError, Header};
+use sidetrack::{Error, HandlerError, Header, Reason};
 
 fn payloads(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
@@ -85,7 +85,7 @@ async fn transient_failure_is_retried_via_tier_topic_then_succeeds(cluster: Env)
     assert_eq!(tier.len(), 1);
     let (_, env) = tier[0].envelope().unwrap();
     assert_eq!(env.attempts, 1);
-    assert_eq!(env.error_kind.as_str(), "retryable");
+    assert_eq!(sidetrack::outcome::error_kind_str(env.reason), "retryable");
     assert!(
         env.error
             .contains("handler panicked: simulated crash in handler"),
@@ -119,7 +119,7 @@ async fn exhausted_retries_go_to_dlq_with_full_envelope(cluster: Env) {
     let stats = rt.shutdown().await.unwrap();
     // 1 delivery + 2 retries on tier 0 + 1 on tier 1 = 4 attempts.
     assert_eq!(stats.retried, vec![2, 1]);
-    assert_eq!(stats.dead_lettered(DeadLetterReason::Exhausted), 1);
+    assert_eq!(stats.dead_lettered(Reason::Exhausted), 1);
     assert_eq!(recorder.count(), 4);
 
     let records = cluster.read_all(&cluster.dlq()).await;
@@ -193,8 +193,8 @@ async fn permanent_and_undecodable_go_to_dlq_at_once(cluster: Env) {
     .await;
     let stats = rt.shutdown().await.unwrap();
     assert_eq!(stats.total_retried(), 0);
-    assert_eq!(stats.dead_lettered(DeadLetterReason::Permanent), 1);
-    assert_eq!(stats.dead_lettered(DeadLetterReason::Poison), 1);
+    assert_eq!(stats.dead_lettered(Reason::Permanent), 1);
+    assert_eq!(stats.dead_lettered(Reason::Poison), 1);
     assert_eq!(recorder.count(), 3, "no record was tried twice");
     let records = cluster.read_all(&cluster.dlq()).await;
     let kinds: HashSet<(String, String)> = records
@@ -301,7 +301,7 @@ async fn key_payload_and_user_headers_survive_to_dlq_byte_for_byte(cluster: Env)
     let (user, env) = r.envelope().unwrap();
     assert_eq!(user, &headers[..]);
     assert_eq!(env.attempts, 2);
-    assert_eq!(env.error_kind.as_str(), "permanent");
+    assert_eq!(sidetrack::outcome::error_kind_str(env.reason), "permanent");
     // The handler saw exactly the user's headers on both attempts.
     let seen = recorder.all();
     assert_eq!(seen.len(), 2);
@@ -503,7 +503,7 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid(cluster
         // Due as it was written: a due time is checked against the retry record's own
         // timestamp (the writer's clock).
         due: Some(now_ms()),
-        error_kind: sidetrack::retry::ErrorKind::Retryable,
+        reason: None,
         error: "x".into(),
     };
     let with = |edit: &dyn Fn(&mut Vec<Header>)| {
@@ -550,7 +550,7 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid(cluster
     }
     wait_for("all retry records resolved", || {
         let s = rt.stats();
-        s.handled == 1 && s.dead_lettered(DeadLetterReason::InvalidEnvelope) == 9
+        s.handled == 1 && s.dead_lettered(Reason::InvalidEnvelope) == 9
     })
     .await;
     rt.shutdown().await.unwrap();

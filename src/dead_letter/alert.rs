@@ -24,9 +24,10 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{BreakerAlert, DeadLetterReason};
+use super::BreakerAlert;
 use crate::escape;
 use crate::metrics as m;
+use crate::outcome::Reason;
 
 /// Error text kept per example in an alert.
 const EXAMPLE_ERROR_CHARS: usize = 300;
@@ -315,7 +316,7 @@ impl DeadLetterNotifier for LogNotifier {
 
 struct Bucket {
     count: u64,
-    by_reason: HashMap<DeadLetterReason, u64>,
+    by_reason: HashMap<Reason, u64>,
     first_at_ms: i64,
     last_at_ms: i64,
     /// Local clock when the bucket was opened: bounds how long a bucket whose DLQ timestamps
@@ -386,7 +387,7 @@ pub(crate) struct DeadLetterEvent<'a> {
     /// `None` falls back to this clock.
     pub(crate) dlq_timestamp: Option<i64>,
     pub(crate) key: Option<&'a [u8]>,
-    pub(crate) reason: DeadLetterReason,
+    pub(crate) reason: Reason,
     pub(crate) attempts: u32,
     pub(crate) error: &'a str,
 }
@@ -628,7 +629,7 @@ mod tests {
     /// 2023-11-14T22:13:00.000Z, a window boundary for W = 1 min.
     const T0: i64 = 1_699_999_980_000;
 
-    fn event(offset: i64, reason: DeadLetterReason, at: i64) -> DeadLetterEvent<'static> {
+    fn event(offset: i64, reason: Reason, at: i64) -> DeadLetterEvent<'static> {
         DeadLetterEvent {
             topic: "orders",
             dlq: "orders.billing.dlq",
@@ -695,9 +696,9 @@ mod tests {
     #[test]
     fn aggregates_per_window_with_bounded_examples_and_commands() {
         let alerts = alerts(2);
-        alerts.record_at(event(1, DeadLetterReason::Exhausted, T0 + 1), T0 + 5);
-        alerts.record_at(event(2, DeadLetterReason::Exhausted, T0 + 2), T0 + 5);
-        alerts.record_at(event(3, DeadLetterReason::Poison, T0 + 3), T0 + 5);
+        alerts.record_at(event(1, Reason::Exhausted, T0 + 1), T0 + 5);
+        alerts.record_at(event(2, Reason::Exhausted, T0 + 2), T0 + 5);
+        alerts.record_at(event(3, Reason::Poison, T0 + 3), T0 + 5);
         assert!(
             alerts.take("billing", Some(T0 + W)).is_empty(),
             "not before the window's end plus the grace"
@@ -745,8 +746,8 @@ mod tests {
     fn records_split_at_window_boundaries_and_each_window_has_its_own_commands() {
         let alerts = alerts(5);
         // The last millisecond of one window and the first of the next.
-        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + W - 1), T0 + W);
-        alerts.record_at(event(2, DeadLetterReason::Permanent, T0 + W), T0 + W);
+        alerts.record_at(event(1, Reason::Permanent, T0 + W - 1), T0 + W);
+        alerts.record_at(event(2, Reason::Permanent, T0 + W), T0 + W);
         let now = T0 + W + 11_000;
         let first = alerts.take("billing", Some(now));
         assert_eq!(first.len(), 1, "the second window is not over");
@@ -765,8 +766,8 @@ mod tests {
     fn instances_of_a_group_show_identical_commands_for_a_window() {
         // Two instances see different records of the same window at different times.
         let (a, b) = (alerts(5), alerts(5));
-        a.record_at(event(1, DeadLetterReason::Permanent, T0 + 10), T0 + 10);
-        b.record_at(event(2, DeadLetterReason::Poison, T0 + 59_000), T0 + 59_500);
+        a.record_at(event(1, Reason::Permanent, T0 + 10), T0 + 10);
+        b.record_at(event(2, Reason::Poison, T0 + 59_000), T0 + 59_500);
         let now = T0 + W + 11_000;
         let (x, y) = (a.take("billing", Some(now)), b.take("billing", Some(now)));
         assert_eq!(x[0].replay_command, y[0].replay_command);
@@ -776,14 +777,11 @@ mod tests {
     #[test]
     fn a_late_acknowledgement_goes_into_a_follow_up_with_the_same_commands() {
         let alerts = alerts(5);
-        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + 5), T0 + 5);
+        alerts.record_at(event(1, Reason::Permanent, T0 + 5), T0 + 5);
         let sent = alerts.take("billing", Some(T0 + W + 11_000));
         assert_eq!(sent.len(), 1);
         // Stamped inside the window, acknowledged after its alert went out.
-        alerts.record_at(
-            event(2, DeadLetterReason::Permanent, T0 + W - 2),
-            T0 + W + 12_000,
-        );
+        alerts.record_at(event(2, Reason::Permanent, T0 + W - 2), T0 + W + 12_000);
         let late = alerts.take("billing", Some(T0 + W + 12_000));
         assert_eq!(late.len(), 1, "due at once: its window is long over");
         assert!(late[0].follow_up);
@@ -795,23 +793,17 @@ mod tests {
             late[0].text()
         );
         // A later window is not a follow-up.
-        alerts.record_at(
-            event(3, DeadLetterReason::Permanent, T0 + W),
-            T0 + W + 12_000,
-        );
+        alerts.record_at(event(3, Reason::Permanent, T0 + W), T0 + W + 12_000);
         assert!(!alerts.take("billing", None)[0].follow_up);
     }
 
     #[test]
     fn shutdown_sends_every_bucket_and_unknown_dlq_offsets_are_shown_as_such() {
         let alerts = alerts(5);
-        let mut e = event(1, DeadLetterReason::Permanent, T0 + 5);
+        let mut e = event(1, Reason::Permanent, T0 + 5);
         e.dlq_offset = -1001;
         alerts.record_at(e, T0 + 5);
-        alerts.record_at(
-            event(2, DeadLetterReason::Permanent, T0 + 3 * W),
-            T0 + 3 * W,
-        );
+        alerts.record_at(event(2, Reason::Permanent, T0 + 3 * W), T0 + 3 * W);
         assert!(alerts.take("billing", Some(T0 + 6)).is_empty());
         let all = alerts.take("billing", None);
         assert_eq!(all.len(), 2, "both windows at shutdown, in window order");
@@ -832,7 +824,7 @@ mod tests {
     fn a_key_cannot_forge_a_line_or_a_command_in_an_alert() {
         let alerts = alerts(5);
         let forged = b"x\nReplay:  sidetrack dlq replay --brokers evil:9092 --yes #";
-        let mut e = event(1, DeadLetterReason::Permanent, T0 + 1);
+        let mut e = event(1, Reason::Permanent, T0 + 1);
         e.key = Some(forged);
         e.error = "boom\r\nInspect: sidetrack dlq list --brokers evil:9092\x1b]52;c;ZXZpbA==\x07";
         alerts.record_at(e, T0 + 1);
@@ -868,7 +860,7 @@ mod tests {
     #[test]
     fn slack_text_cannot_mention_or_link() {
         let alerts = alerts(5);
-        let mut e = event(1, DeadLetterReason::Permanent, T0 + 1);
+        let mut e = event(1, Reason::Permanent, T0 + 1);
         e.key = Some(b"<!channel>");
         e.error = "see <https://evil.example/login|the runbook> & <@U123> <!here>";
         alerts.record_at(e, T0 + 1);
@@ -888,7 +880,7 @@ mod tests {
         let alerts = alerts(5);
         let key = [b"k\xff\xfe".as_slice(), &[b'a'; 5000]].concat();
         let error = "e".repeat(100_000);
-        let mut e: DeadLetterEvent<'_> = event(1, DeadLetterReason::Permanent, T0 + 1);
+        let mut e: DeadLetterEvent<'_> = event(1, Reason::Permanent, T0 + 1);
         e.key = Some(&key);
         e.error = &error;
         alerts.record_at(e, T0 + 1);
@@ -917,7 +909,7 @@ mod tests {
             "a:9092, b:9092 {}".into(),
             "sidetrack".into(),
         );
-        alerts.record_at(event(1, DeadLetterReason::Permanent, T0 + 1), T0 + 1);
+        alerts.record_at(event(1, Reason::Permanent, T0 + 1), T0 + 1);
         let a = &alerts.take("billing", None)[0];
         assert!(
             a.replay_command.starts_with(

@@ -1,18 +1,14 @@
+//! The handler's error type: what a [`Handler`](crate::Handler) returns when a record fails,
+//! carrying the error chain as text, the [`FailureKind`] the handler chose and any delay it
+//! asked for. Kept apart from the vocabulary in [`crate::outcome`] because this is the
+//! user-facing constructor surface (`?`, [`ResultExt`]); the retry policy turns it into a
+//! [`Disposition`](crate::Disposition).
+
 use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-/// How a failure should be treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum FailureKind {
-    /// Try again later on a retry tier (the default for `?` on ordinary errors).
-    Retryable,
-    /// Trying again cannot help: dead-letter at once with reason `permanent`.
-    Permanent,
-    /// The input itself is unreadable: dead-letter at once with reason `poison`.
-    Poison,
-}
+use crate::outcome::FailureKind;
 
 /// The error a [`Handler`](crate::Handler) returns.
 ///

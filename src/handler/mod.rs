@@ -36,8 +36,9 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::outcome::FailureKind;
 pub(crate) use error::panic_text;
-pub use error::{FailureKind, HandlerError, ResultExt};
+pub use error::{HandlerError, ResultExt};
 pub use header::to_owned_headers as rdkafka_headers;
 pub(crate) use header::to_owned_headers;
 pub use header::Header;

@@ -6,7 +6,7 @@
 //!
 //! Labels are of low cardinality: `group`, `topic` (a topic actually read: source or retry
 //! tier), `source` (the source topic), `tier` (retry tier index), `reason`
-//! ([`DeadLetterReason`](crate::DeadLetterReason)), `outcome` (`handled`, `retry`,
+//! ([`Reason`](crate::Reason)), `outcome` (`handled`, `retry`,
 //! `dead_letter`), and `partition` only on per-partition gauges.
 //!
 //! The README's "Monitoring" section lists every metric with a suggested alert.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::handler::Header;
 
-use super::envelope::{Envelope, ErrorKind};
+use super::envelope::Envelope;
 use super::scheduler;
 
 /// What a tier partition expects of the envelopes it reads.
@@ -52,11 +52,8 @@ pub(crate) fn read_retry_envelope(
             envelope.attempts, expected.max_retries
         ));
     }
-    if envelope.error_kind != ErrorKind::Retryable {
-        return Err(format!(
-            "envelope error kind `{}` on a retry topic",
-            envelope.error_kind
-        ));
+    if let Some(reason) = envelope.reason {
+        return Err(format!("envelope error kind `{reason}` on a retry topic"));
     }
     scheduler::check_due(envelope.due, timestamp, now, expected.max_due_delay)?;
     Ok((user, envelope))
@@ -90,7 +87,7 @@ mod tests {
             attempts: 1,
             first_failure: TS,
             due: Some(TS + 1000),
-            error_kind: ErrorKind::Retryable,
+            reason: None,
             error: "boom".into(),
         }
     }

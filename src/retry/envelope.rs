@@ -1,9 +1,14 @@
+//! The envelope: the `sidetrack-*` headers every retry and dead-letter record carries after
+//! the user's own, saying where the record came from, how often it failed, when it is due and
+//! why it is where it is. It is the only state a retry tier has (the tier topic is the queue),
+//! so reading it is strict ([`Envelope::split`]) and its wire format is versioned; the
+//! `sidetrack-error-kind` values come from [`crate::outcome`] and never change.
+
 use std::collections::HashSet;
-use std::fmt;
 use std::str::FromStr;
 
-use crate::dead_letter::DeadLetterReason;
 use crate::handler::Header;
+use crate::outcome::{error_kind_str, parse_error_kind, Reason};
 
 /// Header names of envelope version 1. Values are UTF-8 text; times are milliseconds since the
 /// Unix epoch, written in decimal.
@@ -40,72 +45,6 @@ pub const ENVELOPE_VERSION: u32 = 1;
 /// Longest error text, in bytes, stored in the `sidetrack-error` header. Longer texts are cut
 /// at a character boundary and end with `…`.
 pub const MAX_ERROR_TEXT: usize = 1024;
-
-/// The kind of failure recorded in an envelope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The record is on a retry topic and will be tried again.
-    Retryable,
-    /// The handler said the failure is permanent.
-    Permanent,
-    /// The payload could not be decoded.
-    Poison,
-    /// All retries failed.
-    Exhausted,
-    /// The record was on a retry topic with a missing or corrupt envelope.
-    InvalidEnvelope,
-    /// The record (with its envelope) was too large for the retry or dead-letter topic; it
-    /// was dead-lettered without its payload (see the error text).
-    Oversized,
-}
-
-impl ErrorKind {
-    /// The header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Retryable => "retryable",
-            ErrorKind::Permanent => "permanent",
-            ErrorKind::Poison => "poison",
-            ErrorKind::Exhausted => "exhausted",
-            ErrorKind::InvalidEnvelope => "invalid-envelope",
-            ErrorKind::Oversized => "oversized",
-        }
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ErrorKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "retryable" => ErrorKind::Retryable,
-            "permanent" => ErrorKind::Permanent,
-            "poison" => ErrorKind::Poison,
-            "exhausted" => ErrorKind::Exhausted,
-            "invalid-envelope" => ErrorKind::InvalidEnvelope,
-            "oversized" => ErrorKind::Oversized,
-            other => return Err(format!("unknown error kind `{other}`")),
-        })
-    }
-}
-
-impl From<DeadLetterReason> for ErrorKind {
-    fn from(r: DeadLetterReason) -> Self {
-        match r {
-            DeadLetterReason::Permanent => ErrorKind::Permanent,
-            DeadLetterReason::Poison => ErrorKind::Poison,
-            DeadLetterReason::Exhausted => ErrorKind::Exhausted,
-            DeadLetterReason::InvalidEnvelope => ErrorKind::InvalidEnvelope,
-            DeadLetterReason::Oversized => ErrorKind::Oversized,
-        }
-    }
-}
 
 /// Why an envelope could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,8 +84,10 @@ pub struct Envelope {
     pub first_failure: i64,
     /// When the record becomes due, ms since the epoch (retry topics only).
     pub due: Option<i64>,
-    /// Kind of the last failure.
-    pub error_kind: ErrorKind,
+    /// Why the record is where it is: `None` on a retry tier (header value `retryable`), the
+    /// dead-letter [`Reason`] on the dead-letter topic. Written as `sidetrack-error-kind`
+    /// (see [`error_kind_str`](crate::outcome::error_kind_str)).
+    pub reason: Option<Reason>,
     /// The last error as text (at most [`MAX_ERROR_TEXT`] bytes).
     pub error: String,
 }
@@ -170,7 +111,7 @@ impl Envelope {
         if let Some(due) = self.due {
             put(DUE, due.to_string());
         }
-        put(ERROR_KIND, self.error_kind.as_str().to_owned());
+        put(ERROR_KIND, error_kind_str(self.reason).to_owned());
         put(ERROR, truncate_error(&self.error));
         out
     }
@@ -231,9 +172,8 @@ impl Envelope {
             attempts: parse(ATTEMPTS, required(ATTEMPTS)?)?,
             first_failure: parse(FIRST_FAILURE, required(FIRST_FAILURE)?)?,
             due: get(DUE)?.map(|v| parse(DUE, v)).transpose()?,
-            error_kind: required(ERROR_KIND)?
-                .parse()
-                .map_err(|e: String| corrupt(format!("header `{ERROR_KIND}`: {e}")))?,
+            reason: parse_error_kind(required(ERROR_KIND)?)
+                .map_err(|e| corrupt(format!("header `{ERROR_KIND}`: {e}")))?,
             error: get(ERROR)?.unwrap_or_default().to_owned(),
         };
         if envelope.original_partition < 0 || envelope.original_offset < 0 {
@@ -278,7 +218,7 @@ mod tests {
             attempts: 2,
             first_failure: 1_700_000_001_000,
             due: Some(1_700_000_031_000),
-            error_kind: ErrorKind::Retryable,
+            reason: None,
             error: "connection refused".into(),
         }
     }
@@ -318,7 +258,7 @@ mod tests {
         let env = Envelope {
             original_timestamp: None,
             due: None,
-            error_kind: ErrorKind::Exhausted,
+            reason: Some(Reason::Exhausted),
             ..sample()
         };
         let (_, back) = Envelope::split(&env.to_headers()).unwrap();

@@ -1,9 +1,14 @@
+//! The retry policy: the tiers (a delay and a number of attempts each), jitter, and
+//! [`RetryPolicy::decide`], which turns a handler's failure and attempt number into a
+//! [`Disposition`]. Pure arithmetic with no topic names: those are the topology's
+//! ([`super::topics`]), and the envelope of the next hop is [`super::next_hop`]'s.
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dead_letter::DeadLetterReason;
-use crate::handler::{FailureKind, HandlerError};
+use crate::handler::HandlerError;
+use crate::outcome::{Disposition, Reason};
 
 /// One retry tier: a fixed delay and how many retries are made with it.
 ///
@@ -47,20 +52,6 @@ impl Default for RetryPolicy {
             0.0,
         )
     }
-}
-
-/// What happens to a record whose handler failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Publish to retry tier `tier` (0-based), due `delay` from now (before jitter).
-    Retry {
-        /// Index of the tier topic.
-        tier: usize,
-        /// Delay until the record is due.
-        delay: Duration,
-    },
-    /// Publish to the dead-letter topic.
-    DeadLetter(DeadLetterReason),
 }
 
 impl RetryPolicy {
@@ -115,17 +106,15 @@ impl RetryPolicy {
     /// order, so a record due sooner than its tier's delay waits behind the records written
     /// before it: never early, possibly late by their wait. It does not change how many
     /// attempts are left.
-    pub fn decide(&self, attempt: u32, error: &HandlerError) -> Decision {
-        match error.kind() {
-            FailureKind::Permanent => return Decision::DeadLetter(DeadLetterReason::Permanent),
-            FailureKind::Poison => return Decision::DeadLetter(DeadLetterReason::Poison),
-            FailureKind::Retryable => {}
+    pub fn decide(&self, attempt: u32, error: &HandlerError) -> Disposition {
+        if let Some(reason) = error.kind().dead_letter_reason() {
+            return Disposition::DeadLetter(reason);
         }
         let Some(normal) = self.tier_for_retry(attempt) else {
-            return Decision::DeadLetter(DeadLetterReason::Exhausted);
+            return Disposition::DeadLetter(Reason::Exhausted);
         };
         match error.requested_delay() {
-            None => Decision::Retry {
+            None => Disposition::Retry {
                 tier: normal,
                 delay: self.tiers[normal].delay,
             },
@@ -135,7 +124,7 @@ impl RetryPolicy {
                     .iter()
                     .position(|t| t.delay >= requested)
                     .unwrap_or(self.tiers.len() - 1);
-                Decision::Retry {
+                Disposition::Retry {
                     tier,
                     delay: requested.min(self.tiers[tier].delay),
                 }
@@ -219,34 +208,34 @@ mod tests {
         let retryable = HandlerError::retryable("boom");
         assert_eq!(
             p.decide(1, &retryable),
-            Decision::Retry {
+            Disposition::Retry {
                 tier: 0,
                 delay: secs(1)
             }
         );
         assert_eq!(
             p.decide(4, &retryable),
-            Decision::Retry {
+            Disposition::Retry {
                 tier: 1,
                 delay: secs(30)
             }
         );
         assert_eq!(
             p.decide(7, &retryable),
-            Decision::DeadLetter(DeadLetterReason::Exhausted)
+            Disposition::DeadLetter(Reason::Exhausted)
         );
         assert_eq!(
             p.decide(1, &HandlerError::permanent("no")),
-            Decision::DeadLetter(DeadLetterReason::Permanent)
+            Disposition::DeadLetter(Reason::Permanent)
         );
         assert_eq!(
             p.decide(1, &HandlerError::poison("bad json")),
-            Decision::DeadLetter(DeadLetterReason::Poison)
+            Disposition::DeadLetter(Reason::Poison)
         );
         let none = RetryPolicy::new(vec![], 0.0);
         assert_eq!(
             none.decide(1, &retryable),
-            Decision::DeadLetter(DeadLetterReason::Exhausted)
+            Disposition::DeadLetter(Reason::Exhausted)
         );
     }
 
@@ -256,7 +245,7 @@ mod tests {
         let e = HandlerError::retryable("later").retry_after(secs(10));
         assert_eq!(
             p.decide(1, &e),
-            Decision::Retry {
+            Disposition::Retry {
                 tier: 1,
                 delay: secs(10)
             }
@@ -264,16 +253,13 @@ mod tests {
         let e = HandlerError::retryable("much later").retry_after(secs(3600));
         assert_eq!(
             p.decide(1, &e),
-            Decision::Retry {
+            Disposition::Retry {
                 tier: 2,
                 delay: secs(600)
             }
         );
         // A requested delay never buys extra attempts.
-        assert_eq!(
-            p.decide(7, &e),
-            Decision::DeadLetter(DeadLetterReason::Exhausted)
-        );
+        assert_eq!(p.decide(7, &e), Disposition::DeadLetter(Reason::Exhausted));
     }
 
     #[test]

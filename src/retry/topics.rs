@@ -1,3 +1,8 @@
+//! The topology: every retry-tier and dead-letter topic name, rendered once from the configured
+//! patterns and checked to be legal and distinct, plus the inverse ([`tier_delay_of`]) for tools
+//! that find tiers by name. Kept apart from the policy because names depend on the
+//! configuration's patterns, group and source topics, delays do not.
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -152,6 +157,23 @@ fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> S
     out
 }
 
+/// The delay a retry tier's topic name encodes: `Some(delay)` if `name` is exactly what
+/// `pattern` (a [`RetryConfig::topic`](crate::config::RetryConfig::topic) pattern) renders for
+/// `topic`, `group` and that delay, written the way [`format_delay`] writes it.
+///
+/// The inverse of the naming [`Topology::new`] uses, for tools that must find existing tiers
+/// by name without the configuration that created them (`sidetrack dlq replay --to
+/// first-retry` without `--config`). `None` for any other name, and for a pattern without
+/// `{delay}` (its tiers cannot be told apart by name).
+pub fn tier_delay_of(pattern: &str, topic: &str, group: &str, name: &str) -> Option<Duration> {
+    let rendered = pattern.replace("{topic}", topic).replace("{group}", group);
+    let (prefix, suffix) = rendered.split_once("{delay}")?;
+    let written = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    let delay = humantime::parse_duration(written).ok()?;
+    // One spelling per delay: `60s` is not the tier `1m`.
+    (format_delay(delay) == written).then_some(delay)
+}
+
 /// Writes a delay compactly and usably in a topic name: `500ms`, `30s`, `1m30s`, `2h`,
 /// `1s250ms`.
 pub fn format_delay(delay: Duration) -> String {
@@ -224,5 +246,33 @@ mod tests {
         config.dead_letter.topic = "retry-{topic}".into();
         let err = Topology::new(&config, &policy).unwrap_err();
         assert!(err.to_string().contains("dead_letter.topic"), "{err}");
+    }
+
+    #[test]
+    fn tier_names_parse_back_to_their_delay() {
+        let pattern = RetryConfig::default().topic;
+        for ms in [1u64, 500, 1_000, 30_000, 90_000, 600_000, 7_200_000, 1_250] {
+            let d = Duration::from_millis(ms);
+            let name = render(&pattern, "orders", "billing", Some(d));
+            assert_eq!(
+                tier_delay_of(&pattern, "orders", "billing", &name),
+                Some(d),
+                "{name}"
+            );
+        }
+        let parse = |name: &str| tier_delay_of(&pattern, "orders", "billing", name);
+        assert_eq!(
+            parse("orders.billing.retry.60s"),
+            None,
+            "not how 1m is written"
+        );
+        assert_eq!(parse("orders.other.retry.1s"), None);
+        assert_eq!(parse("orders.billing.retry."), None);
+        assert_eq!(parse("orders.billing.dlq"), None);
+        assert_eq!(
+            tier_delay_of("{topic}-retry-{delay}-x", "o", "g", "o-retry-2h-x"),
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(tier_delay_of("{topic}.retry", "o", "g", "o.retry"), None);
     }
 }

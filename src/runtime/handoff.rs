@@ -15,13 +15,14 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
-use crate::dead_letter::{DeadLetterEvent, DeadLetterReason};
+use crate::dead_letter::DeadLetterEvent;
 use crate::error::Error;
 use crate::escape;
 use crate::handler::{to_owned_headers, Header, Message};
 use crate::metrics as m;
+use crate::outcome::{Disposition, Reason};
 use crate::retry::scheduler::now_ms;
-use crate::retry::{next_envelope, Decision, Envelope};
+use crate::retry::{next_hop, Envelope, Hop};
 
 use super::client::TracingContext;
 use super::partition::{Abandoned, PartitionTask};
@@ -163,35 +164,38 @@ impl PartitionTask {
     pub(crate) async fn hand_off(
         &self,
         msg: &Message,
-        decision: Decision,
+        decision: Disposition,
         error: &str,
     ) -> Result<(), Abandoned> {
         let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
-        let target_of = |d: Decision| match d {
-            Decision::Retry { tier, .. } => source.retry[tier].name.as_str(),
-            Decision::DeadLetter(_) => source.dead_letter.as_str(),
-        };
         // One clock reading for the envelope and the record's timestamp, kept across resends:
         // a retry tier checks the due time against the record's own timestamp, and a resend
         // after an outage must not look like a due time from the past.
-        let envelope_for = |d: Decision, error: &str| {
+        let hop_for = |d: Disposition, error: &str| -> Result<(Hop<'_>, i64), Abandoned> {
             let now = now_ms();
-            let envelope = next_envelope(
+            let hop = next_hop(
                 msg,
-                shared.topology.group(),
                 d,
                 error,
+                &shared.topology,
                 &shared.policy,
                 now,
                 fastrand::f64(),
-            );
-            (envelope, now)
+            )
+            .map_err(|e| Abandoned::Failed(e.to_string()))?;
+            Ok((hop, now))
         };
         let mut decision = decision;
         let mut error = error.to_owned();
-        let mut target = target_of(decision);
-        let (envelope, written_at) = envelope_for(decision, &error);
+        let (
+            Hop {
+                topic: mut target,
+                envelope,
+                ..
+            },
+            written_at,
+        ) = hop_for(decision, &error)?;
         let mut delivery = match self
             .send_durably(
                 target,
@@ -213,13 +217,14 @@ impl PartitionTask {
                     msg.partition(),
                     msg.offset()
                 );
-                decision = Decision::DeadLetter(DeadLetterReason::Oversized);
-                target = target_of(decision);
+                decision = Disposition::DeadLetter(Reason::Oversized);
                 None
             }
         };
         if delivery.is_none() {
-            let (envelope, written_at) = envelope_for(decision, &error);
+            let (hop, written_at) = hop_for(decision, &error)?;
+            let envelope = hop.envelope;
+            target = hop.topic;
             let attempts: [(Option<&[u8]>, &[Header]); 3] =
                 [(msg.key(), msg.headers()), (msg.key(), &[]), (None, &[])];
             for (key, headers) in attempts {
@@ -243,7 +248,7 @@ impl PartitionTask {
         };
         let error = error.as_str();
         match decision {
-            Decision::Retry { tier, .. } => {
+            Disposition::Retry { tier, .. } => {
                 shared.stats.retried(tier);
                 metrics::counter!(m::RETRIES_SCHEDULED, "source" => source.topic.clone(), "tier" => tier.to_string()).increment(1);
                 // Where the broker acknowledged it, like the dead-letter line: what was
@@ -260,7 +265,7 @@ impl PartitionTask {
                     "retry scheduled"
                 );
             }
-            Decision::DeadLetter(reason) => {
+            Disposition::DeadLetter(reason) => {
                 shared.stats.dead_lettered(reason);
                 metrics::counter!(m::DEAD_LETTERED, "source" => source.topic.clone(), "reason" => reason.as_str()).increment(1);
                 tracing::warn!(

@@ -37,11 +37,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dead_letter::{
-    Alerts, DeadLetterNotifier, DeadLetterReason, ErasedNotifier, LogNotifier,
-};
+use crate::dead_letter::{Alerts, DeadLetterNotifier, ErasedNotifier, LogNotifier};
 use crate::error::Error;
 use crate::handler::{Context, Handler};
+use crate::outcome::Reason;
 use crate::retry::{RetryPolicy, Topology};
 use crate::testing::EmbeddedCluster;
 
@@ -442,7 +441,7 @@ impl Stats {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
-    pub(crate) fn dead_lettered(&self, reason: DeadLetterReason) {
+    pub(crate) fn dead_lettered(&self, reason: Reason) {
         self.dead_lettered[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn handoff_failed(&self) {
@@ -455,7 +454,7 @@ impl Stats {
             consumed: load(&self.consumed),
             handled: load(&self.handled),
             retried: self.retried.iter().map(load).collect(),
-            dead_lettered: DeadLetterReason::ALL
+            dead_lettered: Reason::ALL
                 .iter()
                 .map(|r| (*r, load(&self.dead_lettered[r.index()])))
                 .collect(),
@@ -476,14 +475,14 @@ pub struct StatsSnapshot {
     /// Records written to each retry tier, by tier index.
     pub retried: Vec<u64>,
     /// Records written to the dead-letter topic, by reason.
-    pub dead_lettered: Vec<(DeadLetterReason, u64)>,
+    pub dead_lettered: Vec<(Reason, u64)>,
     /// Failed hand-off attempts (each was retried until it succeeded or was abandoned).
     pub handoff_failures: u64,
 }
 
 impl StatsSnapshot {
     /// Dead-lettered records for one reason.
-    pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+    pub fn dead_lettered(&self, reason: Reason) -> u64 {
         self.dead_lettered
             .iter()
             .find(|(r, _)| *r == reason)

@@ -31,13 +31,12 @@ use rdkafka::Message as _;
 use tracing::Instrument;
 
 use crate::config::Ordering as RecordOrdering;
-use crate::dead_letter::DeadLetterReason;
 use crate::handler::{headers_of, invoke_static, Handler, Message};
 use crate::metrics as m;
 use crate::metrics::lag::Progress;
+use crate::outcome::{Disposition, Reason};
 use crate::retry::decode::{read_retry_envelope, Expected};
 use crate::retry::scheduler::{self, elapsed_secs, now_ms};
-use crate::retry::Decision;
 
 use super::breaker::{Breaker, BreakerControl};
 use super::frontier::{Frontier, Seq};
@@ -105,7 +104,7 @@ pub(crate) enum Step {
     /// Handled: durable.
     Done,
     /// Failed: to be handed to a retry tier or the DLQ, with the error text.
-    HandOff(Message, Decision, String),
+    HandOff(Message, Disposition, String),
 }
 
 /// A consumed librdkafka message whose lifetime is no longer tied to the queue borrow.
@@ -724,7 +723,7 @@ impl PartitionTask {
         batch: &mut Batch,
         handoffs: &mut FuturesUnordered<HandOffFuture<'a>>,
     ) {
-        let dead = matches!(step, Step::HandOff(_, Decision::DeadLetter(_), _));
+        let dead = matches!(step, Step::HandOff(_, Disposition::DeadLetter(_), _));
         if !self.breaker_admits(&mut batch.breaker, dead, raw.offset()) {
             // Held by the open breaker: no outcome, so nothing at or past it is stored; the
             // task is started again from it after the cool-down.
@@ -1057,7 +1056,7 @@ impl PartitionTask {
         );
         Step::HandOff(
             msg,
-            Decision::DeadLetter(DeadLetterReason::InvalidEnvelope),
+            Disposition::DeadLetter(Reason::InvalidEnvelope),
             reason,
         )
     }
@@ -1137,7 +1136,7 @@ impl PartitionTask {
         msg: &Message,
         result: Result<(), crate::HandlerError>,
         elapsed: Option<Duration>,
-    ) -> Option<(Decision, String)> {
+    ) -> Option<(Disposition, String)> {
         let elapsed = elapsed.map(|d| d.as_secs_f64());
         match result {
             Ok(()) => {
@@ -1150,8 +1149,8 @@ impl PartitionTask {
                 let decision = self.shared.policy.decide(msg.attempt(), &error);
                 if let Some(e) = elapsed {
                     match decision {
-                        Decision::Retry { .. } => self.meters.processing_retry.record(e),
-                        Decision::DeadLetter(_) => self.meters.processing_dead_letter.record(e),
+                        Disposition::Retry { .. } => self.meters.processing_retry.record(e),
+                        Disposition::DeadLetter(_) => self.meters.processing_dead_letter.record(e),
                     }
                 }
                 tracing::debug!(

@@ -1,14 +1,24 @@
+//! [`TestRuntime`]: a handler run through the runtime's retry and dead-letter routing with no
+//! broker. Separate from the embedded cluster because it needs no Kafka at all: each failure
+//! is decided by [`RetryPolicy::decide`] and routed by [`next_hop`], the function the
+//! production hand-off calls, so a test sees the topics and envelopes production would write.
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::dead_letter::DeadLetterReason;
 use crate::handler::{invoke, Context, ErasedHandler, Handler, Message};
-use crate::retry::{next_envelope, Decision, Envelope, RetryPolicy, Topology};
+use crate::outcome::{Disposition, Reason};
+use crate::retry::{next_hop, Envelope, RetryPolicy, Topology};
 
 /// What happened to one delivery in a [`TestRuntime`].
+///
+/// A report for assertions, not a second vocabulary: the failure variants are the
+/// [`Disposition`] the retry policy decided plus what a test wants to see of the
+/// [`next_hop`](crate::retry::next_hop) (the rendered retry topic, the error text as the envelope
+/// carries it), and [`Outcome::Handled`] is the one result a `Disposition` has no word for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The handler succeeded.
@@ -26,7 +36,7 @@ pub enum Outcome {
     /// The record would be written to the dead-letter topic.
     DeadLettered {
         /// Why.
-        reason: DeadLetterReason,
+        reason: Reason,
         /// The error text as the envelope would carry it.
         error: String,
     },
@@ -72,7 +82,7 @@ impl TestRuntime {
             Ok(()) => Outcome::Handled,
             Err(e) => {
                 let decision = self.policy.decide(msg.attempt(), &e);
-                self.outcome(msg, decision, e.message())
+                self.outcome(msg, decision, e.message()).0
             }
         }
     }
@@ -93,21 +103,12 @@ impl TestRuntime {
                     e.message().to_owned(),
                 ),
             };
-            let outcome = self.outcome(&msg, decision, &error);
-            let Outcome::Retry { topic, .. } = &outcome else {
+            let (outcome, envelope) = self.outcome(&msg, decision, &error);
+            let (Outcome::Retry { topic, .. }, Some(envelope)) = (&outcome, envelope) else {
                 outcomes.push(outcome);
                 return outcomes;
             };
             // Round-trip the envelope through headers, as the retry consumer would read it.
-            let envelope = next_envelope(
-                &msg,
-                &self.config.group,
-                decision,
-                &error,
-                &self.policy,
-                0,
-                0.0,
-            );
             let mut headers = msg.headers().to_vec();
             headers.extend(envelope.to_headers());
             let next = match Envelope::split(&headers) {
@@ -128,7 +129,7 @@ impl TestRuntime {
                 }
                 Err(e) => {
                     outcomes.push(Outcome::DeadLettered {
-                        reason: DeadLetterReason::InvalidEnvelope,
+                        reason: Reason::InvalidEnvelope,
                         error: e.to_string(),
                     });
                     return outcomes;
@@ -139,22 +140,37 @@ impl TestRuntime {
         }
     }
 
-    fn outcome(&self, msg: &Message, decision: Decision, error: &str) -> Outcome {
-        match decision {
-            Decision::Retry { tier, delay } => {
-                let mut config = self.config.clone();
-                config.topics = vec![msg.topic().to_owned()];
-                let topic = Topology::new(&config, &self.policy)
-                    .ok()
-                    .and_then(|t| t.sources().first().map(|s| s.retry[tier].name.clone()))
-                    .unwrap_or_default();
-                Outcome::Retry { tier, topic, delay }
-            }
-            Decision::DeadLetter(reason) => Outcome::DeadLettered {
+    /// What the runtime would do with `msg` after it failed with `error` and the policy
+    /// decided `decision`: the route comes from [`next_hop`], as in production (time 0 and no
+    /// jitter, so due times are reproducible). Also returns the hop's envelope, which the next
+    /// delivery of a retry carries; `None` only if no topology can be rendered for the
+    /// message's topic (a retry then reports an empty topic and is not delivered again).
+    fn outcome(
+        &self,
+        msg: &Message,
+        decision: Disposition,
+        error: &str,
+    ) -> (Outcome, Option<Envelope>) {
+        let mut config = self.config.clone();
+        config.topics = vec![msg.topic().to_owned()];
+        let hop = Topology::new(&config, &self.policy)
+            .ok()
+            .and_then(|topology| {
+                let hop = next_hop(msg, decision, error, &topology, &self.policy, 0, 0.0).ok()?;
+                Some((hop.topic.to_owned(), hop.envelope))
+            });
+        let outcome = match decision {
+            Disposition::Retry { tier, delay } => Outcome::Retry {
+                tier,
+                topic: hop.as_ref().map(|(t, _)| t.clone()).unwrap_or_default(),
+                delay,
+            },
+            Disposition::DeadLetter(reason) => Outcome::DeadLettered {
                 reason,
                 error: crate::retry::truncate_error(error),
             },
-        }
+        };
+        (outcome, hop.map(|(_, envelope)| envelope))
     }
 }
 
@@ -209,7 +225,7 @@ mod tests {
         assert_eq!(
             outcomes[2],
             Outcome::DeadLettered {
-                reason: DeadLetterReason::Exhausted,
+                reason: Reason::Exhausted,
                 error: "down".into()
             }
         );

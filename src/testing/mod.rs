@@ -4,7 +4,7 @@
 //!
 //! ```
 //! use sidetrack::testing::{Outcome, TestRuntime};
-//! use sidetrack::{handler_fn, DeadLetterReason, HandlerError, Message, Context};
+//! use sidetrack::{handler_fn, Reason, HandlerError, Message, Context};
 //!
 //! # tokio_test_block_on(async {
 //! let rt = TestRuntime::new(handler_fn(|msg: Message, _cx: Context| async move {
@@ -15,7 +15,7 @@
 //! assert_eq!(rt.deliver(&Message::new("orders", "5")).await, Outcome::Handled);
 //! assert!(matches!(
 //!     rt.deliver(&Message::new("orders", "-1")).await,
-//!     Outcome::DeadLettered { reason: DeadLetterReason::Permanent, .. }
+//!     Outcome::DeadLettered { reason: Reason::Permanent, .. }
 //! ));
 //! # });
 //! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {

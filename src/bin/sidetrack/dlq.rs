@@ -5,8 +5,10 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+use sidetrack::admin::now_ms;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::{for_cell, for_terminal, json_for_terminal};
+use sidetrack::outcome::error_kind_str;
 use sidetrack::Header;
 
 use crate::kafka::{held_back, Kafka};
@@ -70,7 +72,7 @@ impl Row {
                 row.original_offset = Some(e.original_offset);
                 row.group = Some(e.group);
                 row.attempts = Some(e.attempts);
-                row.reason = Some(e.error_kind.as_str().to_owned());
+                row.reason = Some(error_kind_str(e.reason).to_owned());
                 row.error = e.error;
             }
             Provenance::Spring(s) => {
@@ -335,7 +337,7 @@ pub fn describe_at(r: &Record, now: i64) -> String {
         Provenance::Sidetrack(e) => {
             out += "envelope (sidetrack, version 1):\n";
             let mut field = |k: &str, v: String| out += &format!("  {k:<18} {v}\n");
-            field("reason", e.error_kind.as_str().to_owned());
+            field("reason", error_kind_str(e.reason).to_owned());
             field("error", for_terminal(&e.error, TEXT));
             field(
                 "original",
@@ -487,16 +489,12 @@ pub fn time(ms: i64) -> String {
     format!("{ms} ms since the epoch (not a calendar time)")
 }
 
-pub fn now_ms() -> i64 {
-    crate::ms(std::time::SystemTime::now())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Reason, TimeArg};
     use proptest::prelude::*;
-    use sidetrack::retry::{headers as names, ErrorKind};
+    use sidetrack::retry::headers as names;
     use sidetrack::Envelope;
     use std::time::Duration;
 
@@ -603,13 +601,7 @@ mod tests {
             proptest::option::of(time_arg()),
             proptest::option::of(time_arg()),
             proptest::option::of("[a-zA-Z ]{0,6}"),
-            proptest::option::of(proptest::sample::select(vec![
-                Reason::Permanent,
-                Reason::Exhausted,
-                Reason::InvalidEnvelope,
-                Reason::Poison,
-                Reason::Oversized,
-            ])),
+            proptest::option::of(proptest::sample::select(Reason::ALL.to_vec())),
             proptest::option::of("[a-z]{0,3}"),
         )
             .prop_map(|(since, until, error_contains, reason, key)| Filters {
@@ -632,13 +624,7 @@ mod tests {
             any::<u32>(),
             any::<i64>(),
             proptest::option::of(any::<i64>()),
-            proptest::sample::select(vec![
-                ErrorKind::Permanent,
-                ErrorKind::Poison,
-                ErrorKind::Exhausted,
-                ErrorKind::InvalidEnvelope,
-                ErrorKind::Oversized,
-            ]),
+            proptest::sample::select(Reason::ALL.to_vec()),
             ".{0,40}",
         )
             .prop_map(
@@ -651,7 +637,7 @@ mod tests {
                     attempts,
                     first_failure: first,
                     due,
-                    error_kind: kind,
+                    reason: Some(kind),
                     error,
                 },
             )
@@ -686,7 +672,7 @@ mod tests {
                     prop_assert_eq!(row.original_topic.as_deref(), Some(e.original_topic.as_str()));
                     prop_assert_eq!(row.original_partition, Some(e.original_partition));
                     prop_assert_eq!(row.original_offset, Some(e.original_offset));
-                    prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+                    prop_assert_eq!(row.reason.as_deref(), Some(error_kind_str(e.reason)));
                     prop_assert!(text.contains("envelope (sidetrack, version 1)"));
                 }
                 Provenance::Spring(s) => {
@@ -721,7 +707,7 @@ mod tests {
             prop_assert_eq!(row.original_offset, Some(e.original_offset));
             prop_assert_eq!(row.group, Some(e.group.clone()));
             prop_assert_eq!(row.attempts, Some(e.attempts));
-            prop_assert_eq!(row.reason.as_deref(), Some(e.error_kind.as_str()));
+            prop_assert_eq!(row.reason.as_deref(), Some(error_kind_str(e.reason)));
             prop_assert_eq!(r.user_headers(), &user[..]);
             let shown = user.iter().filter(|h| !h.key.starts_with(b"kafka_dlt-")).count();
             let needle = format!("user headers ({shown}):");
@@ -735,7 +721,7 @@ mod tests {
             if (0..=MAX_RFC3339_MS).contains(&ms) {
                 // Read back to the millisecond.
                 let back = humantime::parse_rfc3339_weak(&shown).unwrap();
-                prop_assert_eq!(crate::ms(back), ms);
+                prop_assert_eq!(sidetrack::admin::epoch_ms(back), ms);
             } else {
                 prop_assert!(shown.contains("not a calendar time"));
             }

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sidetrack::admin::epoch_ms;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -98,7 +99,7 @@ pub struct Filters {
     #[arg(long, value_name = "TEXT")]
     pub error_contains: Option<String>,
     /// Only records dead-lettered for this reason.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = reason_parser())]
     pub reason: Option<Reason>,
     /// Only records with exactly this key.
     #[arg(long)]
@@ -140,31 +141,18 @@ impl TimeArg {
     }
 }
 
-/// A dead-letter reason, as written in `sidetrack-error-kind`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The handler said the failure is permanent.
-    Permanent,
-    /// All retries failed.
-    Exhausted,
-    /// A retry record had a missing or corrupt envelope.
-    InvalidEnvelope,
-    /// The payload could not be decoded.
-    Poison,
-    /// Too large for the retry/dead-letter topic; dead-lettered without its payload.
-    Oversized,
-}
+/// A dead-letter reason, as written in `sidetrack-error-kind`: the library's own type, so the
+/// CLI accepts exactly the values the runtime writes.
+pub use sidetrack::Reason;
 
-impl Reason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::Permanent => "permanent",
-            Reason::Exhausted => "exhausted",
-            Reason::InvalidEnvelope => "invalid-envelope",
-            Reason::Poison => "poison",
-            Reason::Oversized => "oversized",
-        }
-    }
+/// `--reason` values: every [`Reason`] in its wire form, with the library's description as
+/// help (so `--help` and the "possible values" of an error list them).
+fn reason_parser() -> impl clap::builder::TypedValueParser<Value = Reason> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new(
+        Reason::ALL.map(|r| PossibleValue::new(r.as_str()).help(r.description())),
+    )
+    .try_map(|s| s.parse::<Reason>())
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,20 +308,13 @@ fn parse_time(s: &str) -> Result<TimeArg, String> {
         return Ok(TimeArg::Ago(d));
     }
     humantime::parse_rfc3339_weak(s)
-        .map(|t| TimeArg::At(ms(t)))
+        .map(|t| TimeArg::At(epoch_ms(t)))
         .map_err(|_| {
             format!(
                 "`{s}` is neither a duration (30m, 2h) nor an RFC 3339 time in UTC \
                  (2026-11-25T15:40:00Z, 2026-11-25T15:40:00.250Z)"
             )
         })
-}
-
-/// ms since the epoch (0 before it, `i64::MAX` past what an i64 holds).
-fn ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn parse_position(s: &str) -> Result<(i32, i64), String> {

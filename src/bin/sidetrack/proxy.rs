@@ -9,12 +9,17 @@ use sidetrack::testing::EmbeddedCluster;
 
 use crate::Failure;
 
+/// How the proxy writes its logs (access logs included) on stderr. (The variants carry `//`
+/// comments, not doc comments: clap would print doc comments in `--help`.)
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    // One human-readable line per event.
     Text,
+    // One JSON object per line, for a log collector.
     Json,
 }
 
+/// `sidetrack proxy`'s own arguments (`--brokers` and `-X` are global).
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
     /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
@@ -34,6 +39,12 @@ pub struct ProxyArgs {
     pub log_format: LogFormat,
 }
 
+/// Serves the proxy until Ctrl-C or SIGTERM, then drains it (requests in flight finish, the
+/// producer is flushed).
+///
+/// The config file is read first; `--listen`, `-X` properties (added to the producer's) and
+/// `--brokers` override it. Without brokers an embedded broker (librdkafka's mock cluster)
+/// is started with one demo topic, so the proxy can be tried with nothing else running.
 pub async fn run(
     brokers: Option<String>,
     props: &[String],
@@ -107,6 +118,7 @@ pub async fn run(
     Ok(())
 }
 
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`, librdkafka at `warn`).
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,librdkafka=warn".into());

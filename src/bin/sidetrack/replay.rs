@@ -17,13 +17,15 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sidetrack::admin::{fnv1a64, is_legal_topic as legal_topic, now_ms};
+use sidetrack::config::RetryConfig;
 use sidetrack::dead_letter::{Provenance, Record, StartAt};
 use sidetrack::escape::for_terminal;
-use sidetrack::retry::{format_delay, ErrorKind};
-use sidetrack::{Config, Envelope, Header};
+use sidetrack::retry::{next_hop, tier_delay_of, RetryPolicy, Topology};
+use sidetrack::{Config, Disposition, Envelope, Header, Message, Reason, Tier};
 use tokio::sync::mpsc;
 
-use crate::dlq::{now_ms, Row, Verdict};
+use crate::dlq::{Row, Verdict};
 use crate::kafka::{held_back, Kafka, Member};
 use crate::{Failure, ReplayArgs};
 
@@ -566,7 +568,7 @@ async fn plan_one(
     // The record's content: its own, or for an `oversized` dead letter (kept without its
     // payload) the original's, read back from where the envelope says it is.
     let (key, payload, user) = match record.provenance() {
-        Provenance::Sidetrack(e) if e.error_kind == ErrorKind::Oversized => {
+        Provenance::Sidetrack(e) if e.reason == Some(Reason::Oversized) => {
             if !legal_topic(&e.original_topic) {
                 return Ok(Err(format!(
                     "oversized: its original topic `{}` is not a legal topic name",
@@ -653,16 +655,6 @@ async fn plan_one(
     }))
 }
 
-/// Kafka's rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-fn legal_topic(name: &str) -> bool {
-    (1..=249).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// The topic a record goes to and, for a retry tier, its fresh envelope.
 fn target_of(
     to: &str,
@@ -685,51 +677,73 @@ fn target_of(
             let Provenance::Sidetrack(e) = r.provenance() else {
                 return Err("has no sidetrack envelope; a retry tier needs one (use --to original or --to TOPIC)".into());
             };
-            let tier = first_tier(&e, config, all_topics)?;
-            let now = now_ms();
-            let fresh = Envelope {
-                attempts: 1,
-                first_failure: now,
-                due: Some(now),
-                error_kind: ErrorKind::Retryable,
-                error: format!("replayed from the dead-letter topic (was: {})", e.error),
-                ..e
+            let (topology, policy) = retry_route(&e, config, all_topics)?;
+            // The record as its source first delivered it (attempt 1, no envelope), sent to
+            // the first tier due at once: the library's next hop, as the runtime would write
+            // it (a fresh envelope: one attempt, first failure and due time now).
+            let mut original = Message::new(e.original_topic.clone(), Vec::new())
+                .with_position(e.original_partition, e.original_offset);
+            if let Some(ts) = e.original_timestamp {
+                original = original.with_timestamp(ts);
+            }
+            let at_once = Disposition::Retry {
+                tier: 0,
+                delay: Duration::ZERO,
             };
-            Ok((tier, Some(fresh)))
+            let error = format!("replayed from the dead-letter topic (was: {})", e.error);
+            let hop = next_hop(
+                &original,
+                at_once,
+                &error,
+                &topology,
+                &policy,
+                now_ms(),
+                0.0,
+            )
+            .map_err(|x| x.to_string())?;
+            Ok((hop.topic.to_owned(), Some(hop.envelope)))
         }
         topic => Ok((topic.to_owned(), None)),
     }
 }
 
-fn first_tier(
+/// The retry topology of the envelope's source topic and group: from `--config` when given,
+/// else from the tiers that exist on the broker under the default naming pattern (the one with
+/// the shortest delay becomes tier 0). Names are rendered and parsed by the library
+/// ([`Topology`], [`tier_delay_of`]), never by a pattern of the CLI's own.
+fn retry_route(
     e: &Envelope,
     config: Option<&Config>,
     all_topics: &[String],
-) -> Result<String, String> {
-    if let Some(c) = config {
-        let mut c = c.clone();
-        c.topics = vec![e.original_topic.clone()];
-        c.group = e.group.clone();
-        let policy = c.retry.policy().map_err(|x| x.to_string())?;
-        let topology = sidetrack::retry::Topology::new(&c, &policy).map_err(|x| x.to_string())?;
-        return topology
-            .sources()
-            .first()
-            .and_then(|s| s.retry.first())
-            .map(|t| t.name.clone())
-            .ok_or_else(|| "the config has no retry tiers".to_owned());
+) -> Result<(Topology, RetryPolicy), String> {
+    let mut c = match config {
+        Some(c) => c.clone(),
+        None => {
+            let pattern = RetryConfig::default().topic;
+            let shortest = all_topics
+                .iter()
+                .filter_map(|t| tier_delay_of(&pattern, &e.original_topic, &e.group, t))
+                .min()
+                .ok_or_else(|| {
+                    let wildcard = pattern
+                        .replace("{topic}", &e.original_topic)
+                        .replace("{group}", &e.group)
+                        .replace("{delay}", "*");
+                    format!("no retry topic `{wildcard}` exists; pass --config")
+                })?;
+            let mut c = Config::new("", e.group.clone(), [e.original_topic.clone()]);
+            c.retry = RetryConfig::tiers([Tier::new(shortest, 1)]);
+            c
+        }
+    };
+    c.topics = vec![e.original_topic.clone()];
+    c.group = e.group.clone();
+    let policy = c.retry.policy().map_err(|x| x.to_string())?;
+    if policy.tiers().is_empty() {
+        return Err("the config has no retry tiers".to_owned());
     }
-    let prefix = format!("{}.{}.retry.", e.original_topic, e.group);
-    all_topics
-        .iter()
-        .filter_map(|t| {
-            let suffix = t.strip_prefix(&prefix)?;
-            let d = humantime::parse_duration(suffix).ok()?;
-            (format_delay(d) == suffix).then_some((d, t))
-        })
-        .min()
-        .map(|(_, t)| t.clone())
-        .ok_or_else(|| format!("no retry topic `{prefix}*` exists; pass --config"))
+    let topology = Topology::new(&c, &policy).map_err(|x| x.to_string())?;
+    Ok((topology, policy))
 }
 
 /// The progress group a replay uses unless `--progress-group` names one: derived from the
@@ -761,15 +775,6 @@ pub fn default_group(a: &ReplayArgs) -> String {
         f.topic,
         fnv1a64(text.as_bytes())
     )
-}
-
-/// 64-bit FNV-1a.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
 }
 
 /// A running count on stderr when it is a terminal.
@@ -813,22 +818,6 @@ mod tests {
         assert_eq!(next_send(t0, t0 + ms(30), 10.0), t0 + ms(130));
         // After a 5 s pause the next record waits its 100 ms like any other.
         assert_eq!(next_send(t0, t0 + ms(5_000), 10.0), t0 + ms(5_100));
-    }
-
-    #[test]
-    fn only_legal_topic_names_reach_the_broker() {
-        assert!(legal_topic("orders.billing-retry_1"));
-        assert!(legal_topic(&"a".repeat(249)));
-        for bad in ["", ".", "..", "a b", "a/b", "ü", "a\0b", &"a".repeat(250)] {
-            assert!(!legal_topic(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn fnv1a64_matches_the_reference_vectors() {
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     fn args(since: Option<TimeArg>) -> ReplayArgs {
@@ -887,5 +876,92 @@ mod tests {
         paced.limit = Some(5);
         paced.dry_run = true;
         assert_eq!(a, default_group(&paced));
+    }
+
+    fn dead_letter() -> Envelope {
+        Envelope {
+            original_topic: "orders".into(),
+            original_partition: 2,
+            original_offset: 17,
+            original_timestamp: Some(1_700_000_000_000),
+            group: "billing".into(),
+            attempts: 4,
+            first_failure: 1_700_000_000_500,
+            due: None,
+            reason: Some(Reason::Exhausted),
+            error: "down".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_retry_tier_comes_from_the_library_topology() {
+        let e = dead_letter();
+        // With a config: its pattern and first tier, whatever the broker holds.
+        let mut c = Config::new("b", "other-group", ["other-topic"]);
+        c.retry = RetryConfig::tiers([
+            Tier::new(Duration::from_secs(5), 1),
+            Tier::new(Duration::from_secs(60), 1),
+        ]);
+        c.retry.topic = "{group}-{topic}-r{delay}".into();
+        let (topology, _) = retry_route(&e, Some(&c), &[]).unwrap();
+        assert_eq!(topology.sources()[0].retry[0].name, "billing-orders-r5s");
+        // Without: the shortest tier on the broker under the default pattern.
+        let topics = [
+            "orders.billing.retry.1m",
+            "orders.billing.retry.60s",
+            "orders.billing.retry.250ms",
+            "orders.other.retry.1ms",
+            "orders.billing.dlq",
+        ]
+        .map(String::from);
+        let (topology, _) = retry_route(&e, None, &topics).unwrap();
+        assert_eq!(
+            topology.sources()[0].retry[0].name,
+            "orders.billing.retry.250ms"
+        );
+        // The envelope the record is replayed with: one attempt, due now, the original's
+        // position; the same `next_hop` the runtime uses.
+        let (to, fresh) = target_of(
+            "first-retry",
+            &Record {
+                topic: "orders.billing.dlq".into(),
+                partition: 0,
+                offset: 3,
+                timestamp: None,
+                key: None,
+                payload: None,
+                headers: dead_letter().to_headers(),
+            },
+            None,
+            &topics,
+        )
+        .unwrap();
+        assert_eq!(to, "orders.billing.retry.250ms");
+        let fresh = fresh.unwrap();
+        assert_eq!((fresh.attempts, fresh.reason), (1, None));
+        assert_eq!(fresh.due, Some(fresh.first_failure), "due at once");
+        assert_eq!(
+            (
+                fresh.original_partition,
+                fresh.original_offset,
+                fresh.group.as_str()
+            ),
+            (2, 17, "billing")
+        );
+        assert_eq!(fresh.original_timestamp, Some(1_700_000_000_000));
+        assert_eq!(
+            fresh.error,
+            "replayed from the dead-letter topic (was: down)"
+        );
+        assert_eq!(
+            retry_route(&e, None, &topics[3..]).unwrap_err(),
+            "no retry topic `orders.billing.retry.*` exists; pass --config"
+        );
+        let mut none = c.clone();
+        none.retry = RetryConfig::tiers([]);
+        assert_eq!(
+            retry_route(&e, Some(&none), &[]).unwrap_err(),
+            "the config has no retry tiers"
+        );
     }
 }

@@ -1,4 +1,8 @@
-//! `topology` and `lag`.
+//! `topology` and `lag`: what a runtime's side topics are, and how far behind its groups are.
+//!
+//! Both only read (except `topology --create`, which creates missing side topics through the
+//! library's own provisioning, [`sidetrack::runtime::check_topics`], so the topics it makes
+//! are the ones a runtime would make).
 
 use std::path::Path;
 
@@ -9,6 +13,13 @@ use sidetrack::Config;
 use crate::kafka::Kafka;
 use crate::Failure;
 
+/// Prints the retry tiers and dead-letter topic of each source topic, with whether each
+/// exists, and creates the missing ones when `create` is set.
+///
+/// The names come from the library's [`Topology`], rendered from `--config` (or the defaults)
+/// with `--topic`/`--group` laid over it, so they are exactly the names a runtime with that
+/// config uses. `-X` properties are passed to the provisioning client. A config that does not
+/// validate is a usage error (exit 2).
 pub async fn topology(
     kafka: &Kafka,
     topics: &[String],
@@ -111,6 +122,12 @@ pub async fn topology(
     Ok(())
 }
 
+/// Prints committed offset, end offset and lag per partition of `group` on its source topics,
+/// of `GROUP.retry` on the retry tiers, and how many records each dead-letter topic holds.
+///
+/// Without `--topic` the sources are every topic the group has committed offsets on. Retry
+/// tiers are found by the default naming pattern (`{topic}.{group}.retry.{delay}`), sorted by
+/// delay; lag is clamped at 0, since a broker may report an end offset below a commit.
 pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), Failure> {
     let all = kafka.topic_names().await?;
     let sources: Vec<String> = match topic {
