@@ -108,7 +108,7 @@ async fn produce_demo(
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         // One record per batch: Tansu 0.6 mis-reports watermarks and fetches from the middle
-        // of a multi-record batch (see the README's compatibility table).
+        // of a multi-record batch (see docs/brokers.md).
         .set("batch.num.messages", "1")
         .create()?;
     let mut pending = Vec::with_capacity(count);

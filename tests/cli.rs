@@ -27,7 +27,7 @@ fn cli(cluster: &Env) -> Command {
 fn run(cluster: &Env, args: &[&str]) -> (i32, String, String) {
     let mut c = cli(cluster);
     // Tansu 0.6 cannot read a multi-record batch past its first record: replay sends one
-    // record per batch there, as the README tells Tansu users to.
+    // record per batch there, as docs/brokers.md tells Tansu users to.
     if matches!(cluster.broker, Broker::Tansu(_)) && args.starts_with(&["dlq", "replay"]) {
         c.args(["-X", "batch.num.messages=1"]);
     }

@@ -543,7 +543,7 @@ on_every_broker!(
 // ------------------------------------------------------------------ pauses
 
 /// A hand-off failing when its partition is revoked used to leave +1 in
-/// `sidetrack_partitions_paused` for ever (the README's suggested alert fires on it). Pauses
+/// `sidetrack_partitions_paused` for ever (the suggested alert in docs/monitoring.md fires on it). Pauses
 /// are now counted holds released on every way out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_mid_backoff_leaves_no_pause_behind() {

@@ -11,8 +11,6 @@
 #![cfg(all(feature = "cli", feature = "proxy"))]
 
 mod common;
-#[allow(unused_macros)]
-mod proxy_support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -502,13 +500,13 @@ async fn spring_dead_letters_written_in_transactions_are_listed_and_replayed() {
 /// (binary, empty, null, repeated) and an explicit timestamp, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn java_consumer_reads_what_the_proxy_produced() {
-    use proxy_support::{b64, request, BINARY_V2};
+    use common::proxy::{b64, request, BINARY_V2};
     let Some((java, env)) = setup("proxied", "unused", 2).await else {
         return;
     };
     within_limit(async {
         let topic = env.topic().to_owned();
-        let broker = proxy_support::Broker::Real("SIDETRACK_TEST_APACHE_KAFKA", env.bootstrap());
+        let broker = common::proxy::Broker::Real(Backend::ApacheKafka, env.bootstrap());
         let proxy = broker.start(ProxyConfig::default()).await;
         let addr = proxy.local_addr();
         let now = || {

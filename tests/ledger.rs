@@ -536,40 +536,19 @@ async fn commits_resumed(env: &Env) {
     assert!(ok, "offset commits did not resume after the faults");
 }
 
-/// One ledger per back end: `NAME::embedded` (with injected broker faults), `NAME::apache_kafka`,
-/// `NAME::tansu` and `NAME::kfake` (crashes and rebalances only; each passes after printing why when its
-/// variable is unset).
-macro_rules! ledger_on_every_broker {
-    ($name:ident, $ordering:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                ledger(Backend::Embedded, $ordering).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn apache_kafka() {
-                ledger(Backend::ApacheKafka, $ordering).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tansu() {
-                ledger(Backend::Tansu, $ordering).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn kfake() {
-                ledger(Backend::Kfake, $ordering).await
-            }
-        }
-    };
-}
-
-ledger_on_every_broker!(
+// One ledger per back end (`on_every_broker!`): `NAME::embedded` with injected broker faults;
+// `NAME::apache_kafka`, `NAME::tansu` and `NAME::kfake` with crashes and rebalances only (each
+// passes after printing why when its variable is unset). No `within_limit`: a ledger runs
+// longer than a scenario may.
+on_every_broker!(
     nothing_is_lost_across_crashes_rebalances_and_broker_faults,
-    "partition"
+    |backend| ledger(backend, "partition")
 );
 // The same ledger with `ordering = "key"`: many records per partition in handler calls at
 // once, finishing out of order, across the same crashes, rebalances and faults.
-ledger_on_every_broker!(nothing_is_lost_in_key_ordering, "key");
+on_every_broker!(nothing_is_lost_in_key_ordering, |backend| ledger(
+    backend, "key"
+));
 
 async fn ledger(backend: Backend, ordering: &'static str) {
     let n: u64 = std::env::var("SIDETRACK_LEDGER_RECORDS")
@@ -662,7 +641,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
                 // mock re-binds its listener when it comes back and aborts the whole test
                 // process when that fails, which happened here on a loaded machine. Nothing is
                 // killed until commits work again: the duplicate bound is about crashes (see
-                // README).
+                // docs/guarantees.md).
                 cluster.fail_requests(
                     RDKafkaApiKey::OffsetCommit,
                     &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10],
@@ -967,8 +946,7 @@ async fn sigterm_under_load_loses_nothing_and_handles_nothing_twice() {
 
 // ------------------------------------------------- the replication-fault ledger (3 brokers)
 
-mod kafka_cluster;
-use kafka_cluster::KafkaCluster;
+use common::kafka_cluster::{self, KafkaCluster};
 
 /// How long the stalled broker stays stopped: longer than the brokers' own session
 /// (`broker.session.timeout.ms`, 9 s by default: the controller fences it and moves its

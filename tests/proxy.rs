@@ -5,7 +5,7 @@
 //! (`SIDETRACK_TEST_KFAKE`).
 #![cfg(feature = "proxy")]
 
-mod proxy_support;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::proxy::*;
 use hyper::StatusCode;
-use proxy_support::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde_json::json;
 use sidetrack::proxy::{ProduceRecord, ProxyConfig, Rejection, RequestInfo, TokenConfig};
@@ -138,7 +138,7 @@ async fn produce_and_read_back(broker: Broker) {
     assert_eq!(records.len(), 6, "nothing else written");
     proxy.shutdown().await;
 }
-on_all_brokers!(produce_and_read_back_, produce_and_read_back);
+on_every_broker!(produce_and_read_back, produce_and_read_back);
 
 /// Every client error of the status table: status, error code, and nothing written.
 async fn client_errors(broker: Broker) {
@@ -219,7 +219,7 @@ async fn client_errors(broker: Broker) {
     assert!(broker.read_all(&topic).await.is_empty());
     proxy.shutdown().await;
 }
-on_all_brokers!(client_errors_, client_errors);
+on_every_broker!(client_errors, client_errors);
 
 async fn request_streamed<B>(addr: std::net::SocketAddr, path: &str, body: B) -> (u16, Option<u64>)
 where
@@ -285,7 +285,7 @@ async fn auth(broker: Broker) {
     assert!(broker.read_all(&other).await.is_empty());
     proxy.shutdown().await;
 }
-on_all_brokers!(auth_, auth);
+on_every_broker!(auth, auth);
 
 /// A record too large for the producer fails the request with 413 after the records before
 /// it were written: their offsets are in the answer, the rest are marked not sent, and the
@@ -340,7 +340,7 @@ async fn partial_failure(broker: Broker) {
     assert_eq!(payloads, ["\"a\"", "\"b\"", "\"c\"", "\"d\""]);
     proxy.shutdown().await;
 }
-on_all_brokers!(partial_failure_, partial_failure);
+on_every_broker!(partial_failure, partial_failure);
 
 /// The same request with the same Idempotency-Key is answered from memory and written once;
 /// the key travels as record headers; the same key with another body is refused.
@@ -391,7 +391,7 @@ async fn idempotency_key(broker: Broker) {
     assert_eq!(idx, [&b"0"[..], &b"1"[..]]);
     proxy.shutdown().await;
 }
-on_all_brokers!(idempotency_key_, idempotency_key);
+on_every_broker!(idempotency_key, idempotency_key);
 
 /// Graceful shutdown under load: every record answered 200 is in the log at its acknowledged
 /// offset, and no record is in the log twice.
@@ -476,7 +476,7 @@ async fn shutdown_under_load(broker: Broker) {
     }
     assert!(acked.len() >= 200, "{} acknowledged", acked.len());
 }
-on_all_brokers!(shutdown_under_load_, shutdown_under_load);
+on_every_broker!(shutdown_under_load, shutdown_under_load);
 
 /// Broker down: 503 with Retry-After at the request deadline (nothing written), readyz 503;
 /// after it is back, 200.
@@ -2025,8 +2025,8 @@ async fn idempotency_replay_after_the_rules(broker: Broker) {
         .all(|r| header(r, "tenant") == Some(&b"acme"[..])));
     proxy.shutdown().await;
 }
-on_all_brokers!(
-    idempotency_replay_after_the_rules_,
+on_every_broker!(
+    idempotency_replay_after_the_rules,
     idempotency_replay_after_the_rules
 );
 
@@ -2380,8 +2380,8 @@ async fn authentication_before_path_checks(broker: Broker) {
     assert_eq!(broker.read_all(&topic).await.len(), 1);
     proxy.shutdown().await;
 }
-on_all_brokers!(
-    authentication_before_path_checks_,
+on_every_broker!(
+    authentication_before_path_checks,
     authentication_before_path_checks
 );
 
@@ -2434,7 +2434,7 @@ async fn added_partitions_are_seen(broker: Broker) {
     assert!(ok, "partition 1 becomes writable through the proxy");
     proxy.shutdown().await;
 }
-on_all_brokers!(added_partitions_are_seen_, added_partitions_are_seen);
+on_every_broker!(added_partitions_are_seen, added_partitions_are_seen);
 
 /// HTTP/2 (prior knowledge, as a gRPC-style client or a service mesh sends it): several
 /// concurrent streams on one connection, each answered with its own offsets.

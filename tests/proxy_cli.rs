@@ -2,13 +2,13 @@
 //! HTTP, graceful exit on SIGTERM; configuration errors name the field.
 #![cfg(feature = "proxy")]
 
-mod proxy_support;
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use proxy_support::*;
+use common::proxy::*;
 
 fn sidetrack() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sidetrack"));

@@ -1,21 +1,20 @@
 //! The HTTP produce proxy on three brokers (`SIDETRACK_TEST_KAFKA_CLUSTER` and
-//! `SIDETRACK_TEST_KAFKA_CLUSTER_DIR`, see `tests/kafka_cluster`): requests keep coming while
+//! `SIDETRACK_TEST_KAFKA_CLUSTER_DIR`, see `tests/common/kafka_cluster.rs`): requests keep coming while
 //! the broker leading their partition is SIGKILLed. A 200 must mean every record of the
 //! request is in the log at the offset the proxy returned; any other answer must tell the
 //! client to come back (503 or 429 with `Retry-After`).
 #![cfg(feature = "proxy")]
 
-mod kafka_cluster;
-mod proxy_support;
+mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::kafka_cluster::{self, KafkaCluster};
+use common::proxy::*;
 use hyper::StatusCode;
-use kafka_cluster::KafkaCluster;
-use proxy_support::*;
 use serde_json::json;
 use sidetrack::proxy::ProxyConfig;
 use sidetrack::testing::wait_until;
@@ -47,7 +46,7 @@ async fn a_leader_killed_mid_request_never_gets_a_200_for_a_record_not_in_the_lo
         return;
     };
     within_limit(async {
-        let broker = Broker::Real(kafka_cluster::VAR, cluster.bootstrap.clone());
+        let broker = Broker::Real(Backend::KafkaCluster, cluster.bootstrap.clone());
         let topic = broker.topic("orders", 2).await;
         // A short deadline, so that requests waiting for the new leader are answered in the
         // meantime (the default is 10 s).

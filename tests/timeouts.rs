@@ -116,55 +116,18 @@ fn events(topic: &str, text: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Like `on_every_broker!`, with the log capture installed before anything logs.
-macro_rules! on_every_broker_captured {
-    ($name:ident, $partitions:expr, $body:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                logs();
-                recorder();
-                let env = Env::embedded_named(stringify!($name), "timeouts-g", $partitions);
-                within_limit($body(env)).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn apache_kafka() {
-                logs();
-                recorder();
-                if let Some(env) = Env::on(
-                    Backend::ApacheKafka,
-                    stringify!($name),
-                    "timeouts-g",
-                    $partitions,
-                )
-                .await
-                {
-                    within_limit($body(env)).await
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tansu() {
-                logs();
-                recorder();
-                if let Some(env) =
-                    Env::on(Backend::Tansu, stringify!($name), "timeouts-g", $partitions).await
-                {
-                    within_limit($body(env)).await
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn kfake() {
-                logs();
-                recorder();
-                if let Some(env) =
-                    Env::on(Backend::Kfake, stringify!($name), "timeouts-g", $partitions).await
-                {
-                    within_limit($body(env)).await
-                }
-            }
-        }
-    };
+/// A scenario of this suite on `backend` (`on_every_broker!`'s general form), with the log
+/// capture and the metrics recorder installed before anything logs; `topic` is the test's
+/// name, the group `timeouts-g`.
+async fn captured<F>(backend: Backend, topic: &str, partitions: i32, body: impl FnOnce(Env) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    logs();
+    recorder();
+    if let Some(env) = Env::on(backend, topic, "timeouts-g", partitions).await {
+        within_limit(body(env)).await
+    }
 }
 
 // ------------------------------------------------------------------ handlers
@@ -267,12 +230,22 @@ async fn a_call_that_never_returns_is_timed_out(env: Env, ordering: RecordOrderi
 async fn partition_ordering(env: Env) {
     a_call_that_never_returns_is_timed_out(env, RecordOrdering::Partition).await
 }
-on_every_broker_captured!(hanging_call_in_partition_ordering, 1, partition_ordering);
+on_every_broker!(hanging_call_in_partition_ordering, |backend| captured(
+    backend,
+    "hanging_call_in_partition_ordering",
+    1,
+    partition_ordering
+));
 
 async fn key_ordering(env: Env) {
     a_call_that_never_returns_is_timed_out(env, RecordOrdering::Key).await
 }
-on_every_broker_captured!(hanging_call_in_key_ordering, 1, key_ordering);
+on_every_broker!(hanging_call_in_key_ordering, |backend| captured(
+    backend,
+    "hanging_call_in_key_ordering",
+    1,
+    key_ordering
+));
 
 /// With no retries left, a call that times out is dead-lettered as `exhausted`, and the reason
 /// says it timed out.
@@ -302,11 +275,12 @@ async fn a_call_that_always_hangs_is_dead_lettered_with_the_reason(env: Env) {
         Some(2)
     );
 }
-on_every_broker_captured!(
-    hanging_call_dead_lettered,
+on_every_broker!(hanging_call_dead_lettered, |backend| captured(
+    backend,
+    "hanging_call_dead_lettered",
     1,
     a_call_that_always_hangs_is_dead_lettered_with_the_reason
-);
+));
 
 /// A handler's own limit ([`Handler::timeout`], here through `handler_fn(..).with_timeout`)
 /// wins over the config's.

@@ -9,7 +9,7 @@
 //! ([`Reason`](crate::Reason)), `outcome` (`handled`, `retry`,
 //! `dead_letter`), and `partition` only on per-partition gauges.
 //!
-//! The README's "Monitoring" section lists every metric with a suggested alert.
+//! `docs/monitoring.md` lists every metric with a suggested alert.
 
 #[cfg(feature = "prometheus")]
 mod exporter;
@@ -263,7 +263,7 @@ pub fn describe() {
 // ---- HTTP produce proxy (feature `proxy`) -------------------------------------------------
 // Labels: `route` (the route template, e.g. `/topics/{topic}`), `status`, `topic` (`-` until
 // the topic is known to exist and be allowed, so invented names add no series), `outcome`
-// (`acknowledged`, `failed`), `reason` (the error kind, see `sidetrack::proxy::ErrorKind`).
+// (`acknowledged`, `failed`), `reason` (the error kind, the `reason` values in `docs/proxy.md`).
 
 /// HTTP requests answered. Labels: `route`, `status`, `topic`.
 pub const PROXY_REQUESTS: &str = "sidetrack_proxy_requests_total";

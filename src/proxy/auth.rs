@@ -15,16 +15,25 @@ pub struct Caller {
     pub token: Option<String>,
 }
 
+/// One configured token, as held in memory: its name (for logs and `Caller`), the SHA-256
+/// of its secret (never the secret itself, whatever its source), and the topic patterns it
+/// may produce to.
 struct Token {
+    /// The name logs and rules see (`Caller::token`).
     name: String,
+    /// SHA-256 of the secret, compared in constant time.
     hash: [u8; 32],
+    /// Glob patterns of the topics it may produce to.
     topics: Vec<String>,
 }
 
 /// The access rules of one proxy instance.
 pub(crate) struct Access {
+    /// The configured tokens; empty means authentication is off (every caller anonymous).
     tokens: Vec<Token>,
+    /// `denied_topics`: patterns nobody may produce to, whatever their token allows.
     denied: Vec<String>,
+    /// `allow_internal_topics`: whether `__`-prefixed topics may be written.
     allow_internal: bool,
 }
 
@@ -135,6 +144,10 @@ impl Access {
     }
 }
 
+/// The SHA-256 of a token's secret as read from the configuration or a file.
+///
+/// # Errors
+/// An empty secret, named by `field` (an empty bearer token would let anyone in).
 fn secret_hash(token: &str, field: &str) -> Result<[u8; 32], ConfigError> {
     if token.is_empty() {
         return Err(ConfigError::invalid(field, "the token is empty"));
@@ -144,7 +157,7 @@ fn secret_hash(token: &str, field: &str) -> Result<[u8; 32], ConfigError> {
 
 /// The token of an `Authorization: Bearer <token>` header, as bytes (any bytes a client sent;
 /// `None` when there is no such header or it is not a bearer token).
-pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     let v = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = v.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -154,6 +167,8 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
+/// 64 hex digits (either case) as 32 bytes; `None` for anything else (`sha256` in the
+/// configuration).
 fn parse_hex(hex: &str) -> Option<[u8; 32]> {
     let b = hex.as_bytes();
     if b.len() != 64 {
@@ -167,6 +182,8 @@ fn parse_hex(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Equality in constant time: how long a comparison takes says nothing about how many
+/// leading bytes of a guessed token's hash matched.
 fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -272,8 +272,11 @@ const MANAGED: &[(&str, &str)] = &[
     ("allow.auto.create.topics", "the proxy never creates topics"),
 ];
 
+/// A configuration file as the proxy reads it: only its `[proxy]` table (a runtime's
+/// sections in the same file are not the proxy's to check).
 #[derive(Deserialize)]
 struct File {
+    /// The `[proxy]` table, if any.
     proxy: Option<ProxyConfig>,
 }
 

@@ -29,14 +29,14 @@ use sha2::{Digest, Sha256};
 use super::status::{ApiError, ErrorKind};
 
 /// The request header clients send.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The record header carrying the key.
-pub const KEY_HEADER: &str = "sidetrack-idempotency-key";
+pub(crate) const KEY_HEADER: &str = "sidetrack-idempotency-key";
 /// The record header carrying the record's index within its request (decimal).
-pub const RECORD_HEADER: &str = "sidetrack-idempotency-record";
+pub(crate) const RECORD_HEADER: &str = "sidetrack-idempotency-record";
 
 /// Reads the `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(v) = values.next() else {
         return Ok(None);
@@ -64,18 +64,27 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
 /// A finished answer, as sent.
 #[derive(Clone, Debug)]
 pub(crate) struct Answer {
-    pub status: StatusCode,
-    pub body: Bytes,
+    /// The status it was sent with.
+    pub(crate) status: StatusCode,
+    /// The JSON body, byte for byte (a replay sends exactly this).
+    pub(crate) body: Bytes,
 }
 
+/// Where the request that first used a key is.
 enum State {
+    /// Still producing: a second request with the key is 409 until it ends.
     Running,
+    /// Answered: a second identical request gets this answer again.
     Done(Answer),
 }
 
+/// What is remembered under one key.
 struct Entry {
+    /// Of the request that first used the key: another request under the key is 422.
     fingerprint: [u8; 32],
+    /// Running or answered.
     state: State,
+    /// When the key was first used (the `window` runs from here).
     at: Instant,
     /// What this entry is charged in `Inner::bytes`.
     cost: usize,
@@ -86,22 +95,29 @@ struct Entry {
 const ENTRY_OVERHEAD: usize =
     std::mem::size_of::<(String, Entry)>() + std::mem::size_of::<(String, Instant)>() + 64;
 
+/// What an entry is charged against `idempotency.max_bytes`.
 fn entry_cost(key: &str, answer: usize) -> usize {
     2 * key.len() + answer + ENTRY_OVERHEAD
 }
 
+/// The store behind the lock: the entries, their order of arrival, and what they cost.
 struct Inner {
     entries: HashMap<String, Entry>,
     /// Keys in insertion order, for expiry and the size bounds.
     order: VecDeque<(String, Instant)>,
     /// Sum of the entries' costs.
     bytes: usize,
+    /// How long an answer is remembered (`idempotency.window`).
     window: Duration,
+    /// `idempotency.max_keys`.
     max_keys: usize,
+    /// `idempotency.max_bytes`.
     max_bytes: usize,
 }
 
 impl Inner {
+    /// Forgets `key` and gives back what it was charged (its slot in `order` goes when it
+    /// reaches the front).
     fn remove(&mut self, key: &str) {
         if let Some(e) = self.entries.remove(key) {
             self.bytes = self.bytes.saturating_sub(e.cost);
@@ -136,6 +152,8 @@ impl Inner {
 /// The remembered answers of one instance.
 #[derive(Clone)]
 pub(crate) struct Idempotency {
+    /// Shared with every [`Guard`], which must be able to free its key after the request's
+    /// handler is gone.
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -153,7 +171,10 @@ pub(crate) enum Begin {
 
 /// Holds a running key; frees it when dropped without [`Guard::finish`].
 pub(crate) struct Guard {
+    /// The store the key is in.
     inner: Arc<Mutex<Inner>>,
+    /// The key as stored (the caller's scope, NUL, the key); `None` once finished or when
+    /// the store was unusable (then the drop does nothing).
     key: Option<String>,
 }
 
@@ -208,6 +229,7 @@ impl Drop for Guard {
 pub(crate) struct Fingerprint(Sha256);
 
 impl Fingerprint {
+    /// An empty fingerprint.
     pub(crate) fn new() -> Self {
         Fingerprint(Sha256::new())
     }
@@ -231,12 +253,15 @@ impl Fingerprint {
         self
     }
 
+    /// The digest of every part added.
     pub(crate) fn finish(self) -> [u8; 32] {
         self.0.finalize().into()
     }
 }
 
 impl Idempotency {
+    /// An empty store remembering answers for `window`, at most `max_keys` keys costing at
+    /// most `max_bytes` in all (the oldest are forgotten first).
     pub(crate) fn new(window: Duration, max_keys: usize, max_bytes: usize) -> Self {
         Idempotency {
             inner: Arc::new(Mutex::new(Inner {

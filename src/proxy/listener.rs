@@ -45,9 +45,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::app::App;
 use super::auth::Access;
 use super::config::ProxyConfig;
-use super::server::{self, App, Peer, Tls};
+use super::observe::Peer;
+use super::routes;
+use super::tls::Tls;
 use crate::metrics as m;
 
 /// How long a connection closed for idleness may take to finish after its GOAWAY before it is
@@ -69,22 +72,30 @@ pub struct Connections {
 
 /// The connection slots: `max_connections` in all, at most `max_unproven` of them unproven.
 pub(crate) struct Gate {
+    /// `max_connections`.
     max: usize,
+    /// `max_unproven_connections` (or its default share of `max`).
     max_unproven: usize,
+    /// The counts; a std mutex, held for a few instructions and never across an await.
     inner: Mutex<GateInner>,
     /// A slot was freed or a connection became unproven (the accept loop may go on).
     changed: Notify,
 }
 
+/// The counts behind the [`Gate`]'s lock.
 #[derive(Default)]
 struct GateInner {
+    /// Connections holding a slot (proven or not).
     open: usize,
     /// Unproven connections by age (ids grow); each one's eviction signal.
     unproven: BTreeMap<u64, CancellationToken>,
+    /// The id of the next connection (its age among the unproven).
     next_id: u64,
 }
 
 impl Gate {
+    /// The gate of an instance: `max_connections` slots, of which at most
+    /// `max_unproven_connections` (or its default share) unproven.
     pub(crate) fn new(config: &ProxyConfig) -> Arc<Gate> {
         Arc::new(Gate {
             max: config.max_connections,
@@ -94,11 +105,13 @@ impl Gate {
         })
     }
 
+    /// The counts, whatever a panicking holder left (they stay consistent: see below).
     fn lock(&self) -> MutexGuard<'_, GateInner> {
         // Nothing under this lock can panic half-way; a poisoned lock still holds counts.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The open and unproven connections now (for [`ProxyHandle::connections`](super::ProxyHandle::connections)).
     pub(crate) fn stats(&self) -> Connections {
         let g = self.lock();
         Connections {
@@ -167,6 +180,8 @@ impl Gate {
 
 /// A connection's slot, freed when its task ends.
 struct Ticket {
+    /// The connection holding the slot (its id and whether it is proven decide what the
+    /// drop gives back).
     conn: Arc<ConnState>,
     /// Cancelled when a newer connection evicts this (unproven) one.
     evict: CancellationToken,
@@ -192,10 +207,13 @@ impl Drop for Ticket {
 
 /// What one connection's task and its requests share.
 struct ConnState {
+    /// The gate its slot is in.
     gate: Arc<Gate>,
+    /// Its id at the gate (ids grow: the smallest unproven id is the oldest).
     id: u64,
     /// Accepted at; the times below are milliseconds after it, plus one (0: never).
     base: Instant,
+    /// Set once the connection has proven itself (see the module doc); never unset.
     proven: AtomicBool,
     /// Requests whose head arrived (the first one ends the accept-time head deadline).
     requests: AtomicU64,
@@ -356,16 +374,22 @@ impl Drop for InProgress {
 /// The timers of every connection, from the configuration.
 #[derive(Clone, Copy)]
 struct Limits {
+    /// `head_timeout`.
     head: Duration,
+    /// `idle_timeout`.
     idle: Duration,
 }
 
+/// A byte stream a connection can run on (plain TCP or TLS), boxed so that one connection
+/// type serves both.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// The socket, telling the connection's state when bytes arrive.
 struct Watched {
+    /// The stream.
     inner: Box<dyn Io>,
+    /// Told of every read, for the head and idle timers.
     conn: Arc<ConnState>,
 }
 
@@ -410,6 +434,7 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Counts a connection closed by the proxy, by `reason` (a `CLOSE_*` label of `metrics`).
 fn closed(reason: &'static str) {
     metrics::counter!(m::PROXY_CONNECTIONS_CLOSED, "reason" => reason).increment(1);
 }
@@ -424,7 +449,7 @@ pub(crate) async fn serve(
     gate: Arc<Gate>,
     stop: CancellationToken,
 ) {
-    let router = server::router(app.clone());
+    let router = routes::router(app.clone());
     let mut conns = JoinSet::new();
     let closing = CancellationToken::new();
     let limits = Limits {

@@ -31,18 +31,32 @@
 //! # }
 //! ```
 //!
-//! The README's "Produce over HTTP" section has the status table, the configuration and
+//! `docs/proxy.md` has the status table, the configuration and
 //! how to deploy several instances.
 
+#![warn(unreachable_pub)]
+
+// The stages of a request, outside in: `listener` (accept loop, connections, with `tls`),
+// `routes` (the router and its layers; `observe` logs and counts every answer), `extract`
+// (authentication, the path, admission, the body: everything that refuses a request before
+// a rule sees it), `produce` (rules, idempotency, the producer), `render` (every answer's
+// bytes). Beside them: `app` (the state they share), `wire` (the body formats), `status`
+// (the error table), `auth`, `idempotency`, `rules`, `producer`, `config`, `openapi`.
+mod app;
 mod auth;
 mod config;
+mod extract;
 mod idempotency;
 mod listener;
+mod observe;
 mod openapi;
+mod produce;
 mod producer;
+mod render;
+mod routes;
 mod rules;
-mod server;
 mod status;
+mod tls;
 mod wire;
 
 use std::future::Future;
@@ -54,18 +68,19 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{bearer_token, token_sha256, Caller};
+// The public surface is what an application embedding the proxy needs: the builder and
+// its handle, the configuration (and the types its fields are made of), and a record rule
+// with what it is shown. Everything wire-level (decoders, error codes, the OpenAPI text,
+// idempotency headers) is crate-private: the HTTP API is the contract, not these types.
+pub use auth::{token_sha256, Caller};
 pub use config::{AuthConfig, IdempotencyConfig, ProxyConfig, TlsConfig, TokenConfig};
-pub use idempotency::{idempotency_key, IDEMPOTENCY_KEY, KEY_HEADER, RECORD_HEADER};
 pub use listener::Connections;
-pub use openapi::DOCUMENT as OPENAPI;
 pub use rules::{RecordRule, Rejection, RequestInfo};
-pub use status::{ApiError, ErrorKind};
-pub use wire::{
-    decode_v2, decode_v2_capped, decode_v2_limited, decode_v3, decode_v3_limited, format_of,
-    ErrorBody, Format, OffsetEntry, ProduceRecord, V2Response, V3Type, HEADER_OVERHEAD,
-    RECORD_OVERHEAD, RESERVED_HEADER_PREFIX,
-};
+pub use wire::ProduceRecord;
+/// What holding a record or a header costs in flight besides its bytes. Not part of the API:
+/// exported only so that `tests/proxy.rs` can check the accounting to the byte.
+#[doc(hidden)]
+pub use wire::{HEADER_OVERHEAD, RECORD_OVERHEAD};
 
 use crate::config::ConfigError;
 use crate::testing::EmbeddedCluster;
@@ -94,15 +109,26 @@ pub enum ProxyError {
     Kafka(#[from] KafkaError),
 }
 
+/// A shutdown signal as stored by the builder (boxed: its type is the caller's future).
 type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Builds a [`Proxy`]: configuration, rules, an embedded broker, a shutdown signal.
+///
+/// Nothing is checked until [`build`](Self::build), which validates the whole configuration
+/// at once (so the error names the first bad field, as the `sidetrack proxy` command does).
 pub struct ProxyBuilder {
+    /// The configuration, as given and then amended by `embedded` / `producer_property`.
     config: ProxyConfig,
+    /// The record rules, in the order added.
     rules: Vec<Arc<dyn RecordRule>>,
+    /// librdkafka properties the embedding adds before the user's `[proxy.producer]` ones.
     extra: Vec<(String, String)>,
+    /// Kept alive as long as the proxy runs.
     embedded: Option<EmbeddedCluster>,
+    /// For [`Proxy::run`].
     signal: Option<Signal>,
+    /// `Some(Some(h))` from [`prometheus`](Self::prometheus): render `/metrics` from `h`;
+    /// `None`: the process's recorder, installed on first use, when `metrics` is on.
     prometheus: Option<Option<metrics_exporter_prometheus::PrometheusHandle>>,
 }
 
@@ -146,7 +172,13 @@ impl ProxyBuilder {
         self
     }
 
-    /// Validates the configuration and loads the tokens.
+    /// Validates the configuration and loads the tokens (reading `env` and `file` token
+    /// sources now, so a missing one fails here and not on the first request).
+    ///
+    /// # Errors
+    /// [`ProxyError::Config`] naming the field: no `brokers` (and no embedded broker), a
+    /// value out of range, a refused producer property, a token that is empty, malformed or
+    /// unreadable (then [`ConfigError::Io`] inside).
     pub fn build(self) -> Result<Proxy, ProxyError> {
         if self.config.brokers.trim().is_empty() {
             return Err(ConfigError::invalid(
@@ -164,22 +196,37 @@ impl ProxyBuilder {
     }
 }
 
-/// A configured proxy, not started yet.
+/// A configured proxy, not started yet: [`start`](Self::start) it to get a
+/// [`ProxyHandle`], or [`run`](Self::run) it until its shutdown signal.
 pub struct Proxy {
+    /// What the builder was given (consumed by `start`).
     builder: ProxyBuilder,
+    /// The tokens, loaded by `build`.
     access: auth::Access,
 }
 
-/// A running proxy.
+/// A running proxy: its address, its gauges, and [`shutdown`](Self::shutdown).
+///
+/// Dropping the handle does not stop the proxy (its accept loop is a task of its own); call
+/// `shutdown` to stop it gracefully.
 pub struct ProxyHandle {
+    /// The bound address.
     addr: SocketAddr,
+    /// As served by `GET /v3/clusters`.
     cluster_id: String,
+    /// Cancelled by `shutdown`.
     stop: CancellationToken,
+    /// The accept loop; ends when shutdown has finished.
     task: tokio::task::JoinHandle<()>,
+    /// For `in_flight`.
     producer: Arc<producer::SharedProducer>,
+    /// The body budget and its size, for `buffered_bytes`.
     buffered: (Arc<tokio::sync::Semaphore>, usize),
+    /// For `idempotency_usage`.
     idempotency: idempotency::Idempotency,
+    /// For `connections`.
     gate: Arc<listener::Gate>,
+    /// Kept alive as long as the proxy runs.
     _embedded: Option<EmbeddedCluster>,
 }
 
@@ -197,14 +244,20 @@ impl Proxy {
     }
 
     /// Binds the listener, creates the producer and starts serving. Returns once requests
-    /// are accepted.
+    /// are accepted. Without a configured `cluster_id`, asks the brokers for theirs (at most
+    /// `metadata_timeout`, 5 s at most) and falls back to `sidetrack`.
+    ///
+    /// # Errors
+    /// [`ProxyError::Tls`] when the certificate or key cannot be used,
+    /// [`ProxyError::Kafka`] when librdkafka refuses the producer's configuration,
+    /// [`ProxyError::Bind`] when `listen` cannot be bound.
     pub async fn start(self) -> Result<ProxyHandle, ProxyError> {
         let Proxy {
             mut builder,
             access,
         } = self;
         let config = builder.config.clone();
-        let tls = server::tls_acceptor(&config).map_err(ProxyError::Tls)?;
+        let tls = tls::tls_acceptor(&config).map_err(ProxyError::Tls)?;
         let client =
             producer::SharedProducer::client_config(&config, &config.brokers, &builder.extra);
         let producer = Arc::new(producer::SharedProducer::new(&config, &client)?);
@@ -234,7 +287,7 @@ impl Proxy {
             None if config.metrics => global_prometheus(),
             None => None,
         };
-        let app = Arc::new(server::App::new(
+        let app = Arc::new(app::App::new(
             config,
             producer.clone(),
             access,
@@ -269,6 +322,9 @@ impl Proxy {
 
     /// Starts and serves until the shutdown signal (if none was given, forever), then shuts
     /// down gracefully.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); once serving, it does not fail.
     pub async fn run(mut self) -> Result<(), ProxyError> {
         let signal = self.builder.signal.take();
         let handle = self.start().await?;

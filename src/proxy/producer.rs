@@ -85,10 +85,13 @@ impl ProducerContext for ProxyContext {
 /// bounds are released when the last record is settled (the batch is dropped with the last
 /// slot), also when the client has hung up meanwhile.
 struct Batch {
+    /// One slot per record, in request order, filled by the delivery callbacks.
     outcomes: Mutex<Vec<Option<Outcome>>>,
     /// Records not settled yet, plus one while records are still being queued.
     remaining: std::sync::atomic::AtomicUsize,
+    /// Fired when `remaining` reaches zero (the request's task waits on it).
     done: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The request's in-flight budget, given back when the batch is dropped.
     _admission: Admission,
 }
 
@@ -150,10 +153,14 @@ impl Drop for Admission {
     }
 }
 
+/// What the proxy knows of a topic's partitions, and since when (cached: the count
+/// checks every record's partition, and asking the broker per request would cost a round
+/// trip each).
 #[derive(Clone)]
 struct Known {
     /// Partition count; `None` for a topic the broker said does not exist.
     partitions: Option<i32>,
+    /// When the broker said so.
     at: Instant,
 }
 
@@ -163,16 +170,30 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// Most topics remembered (unknown names first to go), against clients inventing names.
 const MAX_KNOWN: usize = 10_000;
 
+/// The one producer of an instance, shared by every request: one idempotent producer batches
+/// the records of concurrent requests (a short `linger`), and its in-flight budgets bound
+/// what all requests together may have pending.
 pub(crate) struct SharedProducer {
+    /// librdkafka's producer (its own polling thread delivers the outcomes).
     producer: Arc<ThreadedProducer<ProxyContext>>,
+    /// Records admitted and not yet settled (`max_in_flight_records` permits).
     records: Arc<Semaphore>,
+    /// Bytes (records' cost) admitted and not yet settled (`max_in_flight_bytes` permits).
     bytes: Arc<Semaphore>,
+    /// `max_in_flight_records`, for [`in_flight`](Self::in_flight).
     max_records: usize,
+    /// `max_in_flight_bytes`, for [`in_flight`](Self::in_flight).
     max_bytes: usize,
+    /// Partition counts by topic (see [`Known`]), at most `MAX_KNOWN`.
     known: Mutex<HashMap<String, Known>>,
+    /// Metadata lookups running at once (4): a flood of unknown names waits here, not on
+    /// the broker.
     lookups: Semaphore,
+    /// How long a known partition count is trusted.
     metadata_max_age: Duration,
+    /// How long a metadata lookup may take.
     metadata_timeout: Duration,
+    /// Set by the context on a fatal producer error.
     fatal: Arc<AtomicBool>,
 }
 
@@ -226,6 +247,11 @@ impl SharedProducer {
         c
     }
 
+    /// The producer of an instance, with its in-flight budgets (`max_in_flight_records`,
+    /// `max_in_flight_bytes`) and an empty partition cache.
+    ///
+    /// # Errors
+    /// librdkafka refused the client configuration (`ProxyError::Kafka` from `start`).
     pub(crate) fn new(config: &ProxyConfig, client: &ClientConfig) -> Result<Self, KafkaError> {
         let fatal = Arc::new(AtomicBool::new(false));
         let producer = Arc::new(client.create_with_context(ProxyContext {
@@ -537,6 +563,8 @@ impl SharedProducer {
     }
 }
 
+/// The partition count of a topic looked up, or 404 40401 when the broker said it does not
+/// exist.
 fn known_partitions(topic: &str, partitions: Option<i32>) -> Result<i32, ApiError> {
     partitions.ok_or_else(|| {
         ApiError::new(

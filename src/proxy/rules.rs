@@ -47,6 +47,8 @@ impl Rejection {
         self
     }
 
+    /// The answer to a request one of whose records (`index`) was rejected: 42208 with the
+    /// rule's status and message, the record named so a client knows which to fix.
     pub(crate) fn into_api_error(self, index: usize) -> ApiError {
         let mut e = ApiError::new(
             ErrorKind::Rejected,

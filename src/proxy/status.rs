@@ -1,5 +1,5 @@
 //! Every way a request can fail, with its HTTP status, Confluent-style `error_code` and
-//! whether retrying the same request can succeed. The README's status table is this file.
+//! whether retrying the same request can succeed. The status table in `docs/proxy.md` is this file.
 //!
 //! Kafka and librdkafka errors are classified in [`ErrorKind::of_kafka`].
 
@@ -9,7 +9,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 /// What went wrong, as a client must react to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// 401 40101: no bearer token, or an unknown one.
     Unauthenticated,
     /// 403 40301: the token may not produce to this topic.
@@ -82,7 +82,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// The HTTP status.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         use ErrorKind::*;
         match self {
             BadRequestHeader => StatusCode::BAD_REQUEST,
@@ -105,7 +105,7 @@ impl ErrorKind {
     }
 
     /// The Confluent-style error code: the status followed by two digits.
-    pub fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         use ErrorKind::*;
         match self {
             BadRequestHeader => 40001,
@@ -143,7 +143,7 @@ impl ErrorKind {
     }
 
     /// Whether sending the same request again later can succeed.
-    pub fn retriable(self) -> bool {
+    pub(crate) fn retriable(self) -> bool {
         use ErrorKind::*;
         matches!(
             self,
@@ -152,7 +152,7 @@ impl ErrorKind {
     }
 
     /// Seconds for `Retry-After`, on the retriable statuses.
-    pub fn retry_after(self) -> Option<u32> {
+    pub(crate) fn retry_after(self) -> Option<u32> {
         use ErrorKind::*;
         match self {
             Saturated | IdempotencyInProgress | ShuttingDown => Some(1),
@@ -162,7 +162,7 @@ impl ErrorKind {
     }
 
     /// A short label for metrics (`reason`).
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         use ErrorKind::*;
         match self {
             BadRequestHeader => "bad_request_header",
@@ -200,7 +200,8 @@ impl ErrorKind {
     }
 
     /// Every kind, for the documentation tables and tests.
-    pub const ALL: &'static [ErrorKind] = &[
+    #[cfg(test)]
+    pub(crate) const ALL: &'static [ErrorKind] = &[
         ErrorKind::BadRequestHeader,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
@@ -243,7 +244,7 @@ impl ErrorKind {
     }
 
     /// Classifies a Kafka or librdkafka error that failed one record.
-    pub fn of_kafka(e: &KafkaError) -> ErrorKind {
+    pub(crate) fn of_kafka(e: &KafkaError) -> ErrorKind {
         use RDKafkaErrorCode as C;
         let Some(code) = e.rdkafka_error_code() else {
             return match e {
@@ -291,7 +292,7 @@ impl ErrorKind {
 
 /// One failure: its kind and a message for humans (never a payload, never a token).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// What kind of failure.
     pub kind: ErrorKind,
     /// What happened, in a sentence.
@@ -302,7 +303,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// A failure of `kind`.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError {
             kind,
             message: message.into(),
@@ -311,7 +312,7 @@ impl ApiError {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.status.unwrap_or_else(|| self.kind.status())
     }
 }

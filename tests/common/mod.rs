@@ -1,7 +1,17 @@
-//! Helpers shared by the integration tests: an embedded cluster per test, a fast test config,
-//! and a handler that records every attempt.
+//! The integration tests' one support module (`mod common;` in every suite): where a scenario
+//! runs (the [`Backend`]s, a scenario's [`Env`]), the broker matrix [`on_every_broker!`] that
+//! turns one scenario into a test per back end, [`within_limit`], a fast test config, and
+//! handlers that record what they saw. Its submodules hold what only some suites use:
+//! [`recording`] (a metrics recorder), [`proxy`] (a bare broker, a proxy and an HTTP client for
+//! the proxy suites), [`kafka_cluster`] (the three-broker cluster of the replication-fault
+//! tests and its faults).
+//!
+//! Every test binary compiles all of it, and each uses a part: hence `allow(dead_code)`.
 #![allow(dead_code)]
 
+pub mod kafka_cluster;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod recording;
 
 use std::collections::HashMap;
@@ -723,6 +733,9 @@ pub fn sidetrack_cli(bootstrap: &str, timeout: &str, args: &[&str]) -> (i32, Str
 pub use sidetrack::testing::produce as produce_with;
 
 /// A scenario that hangs fails with its name instead of stalling the whole test run.
+///
+/// The one limit of every suite (the proxy suites had 240 s of their own before; a hang is a
+/// failure either way, and a longer limit cannot fail a test that passed).
 pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
     const LIMIT: Duration = Duration::from_secs(300);
     if tokio::time::timeout(LIMIT, scenario).await.is_err() {
@@ -730,44 +743,75 @@ pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// Runs a scenario body on every back end: the embedded broker, Apache Kafka at
-/// `SIDETRACK_TEST_APACHE_KAFKA`, Tansu at `SIDETRACK_TEST_TANSU` and kfake at
-/// `SIDETRACK_TEST_KFAKE` (each external one passes after printing why when its variable is
-/// unset). One test body, four tests: `NAME::embedded`, `NAME::apache_kafka`, `NAME::tansu`,
-/// `NAME::kfake`. `names = (TOPIC, GROUP)` chooses the scenario's topic
-/// and group (made unique on external brokers), for tests that share global state by name.
+/// The broker matrix: one scenario, one test per back end, in a module named after it:
+/// `NAME::embedded` (librdkafka's mock cluster, always runs), `NAME::apache_kafka`
+/// (`SIDETRACK_TEST_APACHE_KAFKA`), `NAME::tansu` (`SIDETRACK_TEST_TANSU`) and `NAME::kfake`
+/// (`SIDETRACK_TEST_KFAKE`). A test on an external back end whose variable is unset passes
+/// after printing why ([`Backend::bootstrap`]). Every test runs on a two-thread tokio runtime.
+///
+/// Three forms, by what the scenario is given:
+///
+/// - `on_every_broker!(NAME, PARTITIONS, BODY)`: `BODY(env: Env)`, an async fn, with the
+///   scenario's topic made (`PARTITIONS` partitions) and a group to use; on an external broker
+///   both names get a unique suffix. `, names = (TOPIC, GROUP)` after `BODY` chooses the base
+///   names (default [`TOPIC`], [`GROUP`]), for scenarios that share global state by name.
+///   `BODY` runs [`within_limit`].
+/// - `on_every_broker!(NAME, BODY)`: `BODY(broker: proxy::Broker)`, a bare broker with no
+///   topic made (the proxy suites make their own); also [`within_limit`].
+/// - `on_every_broker!(NAME, |backend| FUTURE)`: anything else; `FUTURE` is awaited with
+///   `backend` bound to the [`Backend`], and does its own setup, skipping and time limit (the
+///   crash ledgers, which run longer than [`within_limit`] allows, and scenarios that must
+///   install something before the broker is set up).
+///
+/// One test on one back end: `cargo test --all-features --test SUITE NAME::kfake`.
 #[macro_export]
 macro_rules! on_every_broker {
-    ($name:ident, $partitions:expr, $body:ident) => {
-        $crate::on_every_broker!($name, $partitions, $body, names = (TOPIC, GROUP));
-    };
-    ($name:ident, $partitions:expr, $body:ident, names = ($topic:expr, $group:expr)) => {
+    ($name:ident, |$backend:ident| $test:expr $(,)?) => {
         mod $name {
+            #[allow(unused_imports)]
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
-                let env = Env::embedded_named($topic, $group, $partitions);
-                within_limit($body(env)).await
+                let $backend = $crate::common::Backend::Embedded;
+                $test.await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn apache_kafka() {
-                if let Some(env) = Env::on(Backend::ApacheKafka, $topic, $group, $partitions).await
-                {
-                    within_limit($body(env)).await
-                }
+                let $backend = $crate::common::Backend::ApacheKafka;
+                $test.await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn tansu() {
-                if let Some(env) = Env::on(Backend::Tansu, $topic, $group, $partitions).await {
-                    within_limit($body(env)).await
-                }
+                let $backend = $crate::common::Backend::Tansu;
+                $test.await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kfake() {
-                if let Some(env) = Env::on(Backend::Kfake, $topic, $group, $partitions).await {
-                    within_limit($body(env)).await
-                }
+                let $backend = $crate::common::Backend::Kfake;
+                $test.await
             }
         }
+    };
+    ($name:ident, $partitions:expr, $body:ident $(,)?) => {
+        $crate::on_every_broker!(
+            $name,
+            $partitions,
+            $body,
+            names = ($crate::common::TOPIC, $crate::common::GROUP)
+        );
+    };
+    ($name:ident, $partitions:expr, $body:ident, names = ($topic:expr, $group:expr) $(,)?) => {
+        $crate::on_every_broker!($name, |backend| async move {
+            if let Some(env) = $crate::common::Env::on(backend, $topic, $group, $partitions).await {
+                $crate::common::within_limit($body(env)).await
+            }
+        });
+    };
+    ($name:ident, $body:ident $(,)?) => {
+        $crate::on_every_broker!($name, |backend| async move {
+            if let Some(broker) = $crate::common::proxy::Broker::on(backend) {
+                $crate::common::within_limit($body(broker)).await
+            }
+        });
     };
 }

@@ -25,7 +25,7 @@ pub struct ProxyArgs {
     /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
-    /// Configuration file with a [proxy] section (see the README).
+    /// Configuration file with a [proxy] section (see docs/proxy.md).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Without brokers: the topic created on the embedded broker.

@@ -1,7 +1,12 @@
-//! Helpers of the proxy tests: the four back ends (embedded, `SIDETRACK_TEST_APACHE_KAFKA`,
-//! `SIDETRACK_TEST_TANSU`, `SIDETRACK_TEST_KFAKE`), a proxy on a free loopback port, and a small real HTTP/1.1 client
-//! (hyper).
-#![allow(dead_code)]
+//! The proxy tests' side of the support module: a bare broker to point a proxy at (a
+//! [`Broker`]: the embedded cluster or an external back end, with topics made on demand rather
+//! than one per scenario as [`super::Env`] does), a proxy on a free loopback port, and a small
+//! real HTTP/1.1 client (hyper). Separate from `common`'s root because only the proxy suites
+//! (and one interop test) use it, and it needs the `proxy` feature.
+//!
+//! The helpers every suite shares (the broker matrix, [`within_limit`], [`WAIT`],
+//! [`init_tracing`], [`Backend`]) live in `common` and are re-exported here, so a proxy suite
+//! needs one `use common::proxy::*;`.
 
 use std::time::Duration;
 
@@ -12,24 +17,17 @@ use hyper::StatusCode;
 use sidetrack::proxy::{Proxy, ProxyBuilder, ProxyConfig, ProxyHandle};
 use sidetrack::testing::{wait_until, EmbeddedCluster, Record};
 
-pub const WAIT: Duration = Duration::from_secs(30);
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,librdkafka=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
+// Re-exported for the proxy suites' `use common::proxy::*`; a suite that does not use one of
+// them must not warn.
+#[allow(unused_imports)]
+pub use super::{init_tracing, within_limit, Backend, WAIT};
 
 /// The broker a scenario runs on.
 #[derive(Clone)]
 pub enum Broker {
     Embedded(EmbeddedCluster),
-    /// A real broker: its variable's name and bootstrap servers.
-    Real(&'static str, String),
+    /// An external back end and its bootstrap servers.
+    Real(Backend, String),
 }
 
 impl Broker {
@@ -38,15 +36,13 @@ impl Broker {
         Broker::Embedded(EmbeddedCluster::start().expect("embedded cluster"))
     }
 
-    /// The broker named by `var`, or `None` (after printing why the test passes anyway).
-    pub fn real(var: &'static str) -> Option<Broker> {
+    /// The broker of `backend`, or `None` when it is an external one whose variable is unset
+    /// (after printing why the test passes anyway: [`Backend::bootstrap`]).
+    pub fn on(backend: Backend) -> Option<Broker> {
         init_tracing();
-        match std::env::var(var) {
-            Ok(b) if !b.trim().is_empty() => Some(Broker::Real(var, b)),
-            _ => {
-                eprintln!("skipped on this broker: {var} is not set (see .ci/run)");
-                None
-            }
+        match backend {
+            Backend::Embedded => Some(Broker::embedded()),
+            external => Some(Broker::Real(external, external.bootstrap()?)),
         }
     }
 
@@ -77,7 +73,7 @@ impl Broker {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match self {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Real(var, b) => {
+            Broker::Real(backend, b) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
                 let admin: AdminClient<rdkafka::client::DefaultClientContext> =
                     rdkafka::ClientConfig::new()
@@ -85,7 +81,7 @@ impl Broker {
                         .create()
                         .unwrap();
                 // Every replica on the three-broker cluster: its tests kill partition leaders.
-                let replicas = if *var == "SIDETRACK_TEST_KAFKA_CLUSTER" {
+                let replicas = if *backend == Backend::KafkaCluster {
                     3
                 } else {
                     1
@@ -134,10 +130,10 @@ impl Broker {
         config.metadata_timeout = Duration::from_secs(5);
         match self {
             Broker::Embedded(c) => Proxy::builder(config).embedded(c),
-            Broker::Real(var, b) => {
+            Broker::Real(backend, b) => {
                 config.brokers = b.clone();
                 let builder = Proxy::builder(config);
-                if *var == "SIDETRACK_TEST_TANSU" {
+                if *backend == Backend::Tansu {
                     // Tansu 0.6 makes only the first record of a multi-record batch readable.
                     builder.producer_property("batch.num.messages", "1")
                 } else {
@@ -253,46 +249,4 @@ pub async fn get(handle: &ProxyHandle, path: &str) -> Answer {
 pub fn b64(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-/// A scenario that hangs fails with its name instead of stalling the whole test run.
-pub async fn within_limit(scenario: impl std::future::Future<Output = ()>) {
-    const LIMIT: Duration = Duration::from_secs(240);
-    if tokio::time::timeout(LIMIT, scenario).await.is_err() {
-        panic!("scenario still running after {LIMIT:?}: hung");
-    }
-}
-
-/// Runs a scenario on the embedded broker, on Apache Kafka (`SIDETRACK_TEST_APACHE_KAFKA`), on
-/// Tansu (`SIDETRACK_TEST_TANSU`) and on kfake (`SIDETRACK_TEST_KFAKE`); an external broker whose
-/// variable is unset passes after saying so.
-#[macro_export]
-macro_rules! on_all_brokers {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                within_limit($body(Broker::embedded())).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn apache_kafka() {
-                if let Some(b) = Broker::real("SIDETRACK_TEST_APACHE_KAFKA") {
-                    within_limit($body(b)).await
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn tansu() {
-                if let Some(b) = Broker::real("SIDETRACK_TEST_TANSU") {
-                    within_limit($body(b)).await
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn kfake() {
-                if let Some(b) = Broker::real("SIDETRACK_TEST_KFAKE") {
-                    within_limit($body(b)).await
-                }
-            }
-        }
-    };
 }
