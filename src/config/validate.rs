@@ -255,7 +255,10 @@ impl Config {
             ("retry.max_held_per_key", r.max_held_per_key),
         ] {
             if !(1..=MAX_QUEUED).contains(&value) {
-                return Err(ConfigError::invalid(field, format!("must be 1 to {MAX_QUEUED}")));
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be 1 to {MAX_QUEUED}"),
+                ));
             }
         }
         if r.max_key_wait < Duration::from_secs(1) || r.max_key_wait > MAX_TIER_DELAY {
