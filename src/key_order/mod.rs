@@ -9,6 +9,8 @@
 //! |-----------|-------------------------------------------------------------------------|
 //! | [`state`] | the pure state of one partition: waiting keys, held records, caps, and what every record and log event leads to (ordering, never early, never lost) |
 //! | [`wire`]  | the log's record format and its decoder of untrusted bytes                |
+//! | [`log`]   | the log as a Kafka partition: append (acked) and read from the committed position |
 
+pub(crate) mod log;
 pub(crate) mod state;
 pub(crate) mod wire;

@@ -15,7 +15,7 @@
 //!   offsets), commits, and leaves the groups.
 
 mod breaker;
-mod client;
+pub(crate) mod client;
 mod frontier;
 mod group;
 mod handoff;
