@@ -46,7 +46,9 @@
 //! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
 //! [`outcome`] (the words for what happens to a failed record: [`Disposition`], [`Reason`]),
 //! [`retry`] (policy, topic names, envelope headers, the next hop), [`dead_letter`],
-//! [`metrics`] and [`testing`] (an embedded broker and a broker-free handler harness).
+//! [`metrics`], [`admin`] (what the `sidetrack` CLI needs from the library), [`mocking`] (an
+//! embedded broker) and [`testing`] (a broker-free handler harness, and the embedded broker
+//! re-exported).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -59,6 +61,7 @@ pub mod handler;
 #[allow(dead_code)]
 mod key_order;
 pub mod metrics;
+pub mod mocking;
 pub mod outcome;
 #[cfg(feature = "proxy")]
 pub mod proxy;

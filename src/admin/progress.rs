@@ -569,7 +569,7 @@ mod tests {
     /// first notices the revocation, then regains every partition with its progress intact.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_member_is_refused_and_the_first_goes_on() {
-        let cluster = crate::testing::EmbeddedCluster::start().unwrap();
+        let cluster = crate::mocking::EmbeddedCluster::start().unwrap();
         cluster.create_topic("p.dlq", 2).unwrap();
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", cluster.bootstrap_servers());

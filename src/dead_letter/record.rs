@@ -476,7 +476,7 @@ mod tests {
     /// partitions was reported read up to its end, so its records were never replayed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn partitions_not_asked_for_are_not_reported() {
-        let cluster = crate::testing::EmbeddedCluster::start().unwrap();
+        let cluster = crate::mocking::EmbeddedCluster::start().unwrap();
         cluster.create_topic("d.dlq", 2).unwrap();
         let producer = cluster.producer().unwrap();
         for p in [0, 1, 1] {

@@ -32,8 +32,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::outcome::FailureKind;
@@ -184,25 +182,6 @@ impl Context {
     }
 }
 
-/// Object-safe form of [`Handler`], so the runtime is not generic over the handler type.
-pub(crate) trait ErasedHandler: Send + Sync + 'static {
-    fn handle_boxed<'a>(
-        &'a self,
-        msg: &'a Message,
-        cx: &'a Context,
-    ) -> BoxFuture<'a, Result<(), HandlerError>>;
-}
-
-impl<H: Handler> ErasedHandler for H {
-    fn handle_boxed<'a>(
-        &'a self,
-        msg: &'a Message,
-        cx: &'a Context,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(self.handle(msg, cx))
-    }
-}
-
 /// Runs a handler of a known type (static dispatch, no boxing), turning a panic into a
 /// retryable error: both a panic while the future is created and one while it runs.
 pub(crate) fn invoke_static<'a, H: Handler>(
@@ -251,27 +230,6 @@ impl<F: Future<Output = Result<(), HandlerError>>> Future for CatchPanics<F> {
     }
 }
 
-/// Runs the handler, turning a panic into a retryable error.
-pub(crate) async fn invoke(
-    handler: &dyn ErasedHandler,
-    msg: &Message,
-    cx: &Context,
-) -> Result<(), HandlerError> {
-    // The handler is only borrowed; after a panic we do not touch any state it may have left
-    // half-updated, we only record the failure. Hence AssertUnwindSafe. Two places can panic:
-    // creating the future (a `handler_fn` closure, or an `fn handle() -> impl Future` that
-    // works before its `async move`), and polling it.
-    let future = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle_boxed(msg, cx)))
-    {
-        Ok(future) => future,
-        Err(payload) => return Err(HandlerError::panicked(&*payload)),
-    };
-    match AssertUnwindSafe(future).catch_unwind().await {
-        Ok(result) => result,
-        Err(payload) => Err(HandlerError::panicked(&*payload)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,7 +245,7 @@ mod tests {
     async fn panics_become_retryable_errors() {
         let cx = Context::new("g".into(), CancellationToken::new());
         let msg = Message::new("t", b"x".to_vec());
-        let err = invoke(&Panics, &msg, &cx).await.unwrap_err();
+        let err = invoke_static(&Panics, &msg, &cx).await.unwrap_err();
         assert_eq!(err.kind(), FailureKind::Retryable);
         assert_eq!(err.message(), "handler panicked: kaboom");
     }
@@ -300,7 +258,7 @@ mod tests {
             async move { Ok(()) }
         });
         let cx = Context::new("g".into(), CancellationToken::new());
-        let err = invoke(&h, &Message::new("t", b"boom".to_vec()), &cx)
+        let err = invoke_static(&h, &Message::new("t", b"boom".to_vec()), &cx)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), FailureKind::Retryable);
@@ -324,7 +282,7 @@ mod tests {
                 }
             }
         }
-        let err = invoke(&Eager, &Message::new("t", b"not a number".to_vec()), &cx)
+        let err = invoke_static(&Eager, &Message::new("t", b"not a number".to_vec()), &cx)
             .await
             .unwrap_err();
         assert!(
@@ -341,10 +299,10 @@ mod tests {
             m.json::<u32>().map(|_| ())
         });
         let cx = Context::new("g".into(), CancellationToken::new());
-        assert!(invoke(&h, &Message::new("t", b"7".to_vec()), &cx)
+        assert!(invoke_static(&h, &Message::new("t", b"7".to_vec()), &cx)
             .await
             .is_ok());
-        let err = invoke(&h, &Message::new("t", b"x".to_vec()), &cx)
+        let err = invoke_static(&h, &Message::new("t", b"x".to_vec()), &cx)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), FailureKind::Poison);

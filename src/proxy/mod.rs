@@ -83,7 +83,7 @@ pub use wire::ProduceRecord;
 pub use wire::{HEADER_OVERHEAD, RECORD_OVERHEAD};
 
 use crate::config::ConfigError;
-use crate::testing::EmbeddedCluster;
+use crate::mocking::EmbeddedCluster;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]

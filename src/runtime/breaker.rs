@@ -39,12 +39,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::BreakerConfig;
-use crate::dead_letter::{BreakerAlert, BreakerTransition};
+use crate::dead_letter::{Alerts, BreakerAlert, BreakerTransition};
 use crate::metrics as m;
 
-use super::partition::PartitionTask;
 use super::signal::Signal;
-use super::Shared;
 
 /// Where the breaker stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,20 +313,6 @@ impl BreakerControl {
         }
     }
 
-    /// A control nobody reaches (a task not started by a supervisor).
-    pub(crate) fn detached() -> Self {
-        BreakerControl {
-            group: String::new(),
-            topic: String::new(),
-            partition: -1,
-            open: AtomicBool::new(false),
-            close_requested: AtomicBool::new(false),
-            wake: Notify::new(),
-            gauge: metrics::Gauge::noop(),
-            trips: metrics::Counter::noop(),
-        }
-    }
-
     pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::SeqCst)
     }
@@ -366,10 +350,10 @@ impl BreakerControl {
         self.close_requested.swap(false, Ordering::SeqCst)
     }
 
-    /// Logs a transition and sends it to the notifiers.
+    /// Logs a transition and sends it to the notifiers (`alerts`).
     fn announce(
         &self,
-        shared: &Shared,
+        alerts: &Alerts,
         breaker: &Breaker,
         transition: BreakerTransition,
         offset: Option<i64>,
@@ -404,7 +388,7 @@ impl BreakerControl {
                 transition = transition.as_str(), "dead-letter breaker closed: partition resumed"
             ),
         }
-        shared.alerts.breaker(alert);
+        alerts.breaker(alert);
     }
 }
 
@@ -481,16 +465,26 @@ impl Drop for Registered {
     }
 }
 
-impl PartitionTask {
-    /// Feeds one record's outcome to the breaker (`dead`: it is to be dead-lettered). False:
+impl BreakerControl {
+    /// Feeds one record's outcome to `breaker`, the partition task's own state, and announces
+    /// what changed through this control (`dead`: the record is to be dead-lettered). False:
     /// the breaker is open and the record must not be dead-lettered; it gets no outcome.
+    ///
+    /// Called for every record: the common case (admitted, nothing changed) is one call into
+    /// the state machine and no lock.
     #[inline]
-    pub(super) fn breaker_admits(&self, breaker: &mut Breaker, dead: bool, offset: i64) -> bool {
+    pub(crate) fn admits(
+        &self,
+        alerts: &Alerts,
+        breaker: &mut Breaker,
+        dead: bool,
+        offset: i64,
+    ) -> bool {
         let verdict = breaker.outcome(dead, Instant::now);
         if verdict == Verdict::Admit {
             return true;
         }
-        let control = &self.breaker_control;
+        let control = self;
         match verdict {
             Verdict::Trip | Verdict::Reopen => {
                 control.opened(verdict == Verdict::Trip);
@@ -502,13 +496,13 @@ impl PartitionTask {
                 } else {
                     BreakerTransition::Reopened
                 };
-                control.announce(&self.shared, breaker, transition, Some(offset), cool_down);
+                control.announce(alerts, breaker, transition, Some(offset), cool_down);
                 true
             }
             Verdict::Close => {
                 control.closed();
                 control.announce(
-                    &self.shared,
+                    alerts,
                     breaker,
                     BreakerTransition::Closed,
                     Some(offset),
@@ -530,20 +524,19 @@ impl PartitionTask {
 
 /// Waits out an open breaker for its supervisor, the partition paused by the caller: until
 /// the cool-down ends (half-open) or an operator closes it. False if the partition was
-/// revoked or the runtime stops first.
+/// revoked or the runtime stops (`stop`) first. Transitions go to `alerts`.
 pub(crate) async fn wait_out(
-    shared: &Shared,
+    (alerts, stop): (&Alerts, &Signal),
     control: &BreakerControl,
     breaker: &mut Breaker,
     revoked: &Signal,
 ) -> bool {
-    let stop = &shared.shutdown;
     loop {
         if control.take_close_request() {
             breaker.close();
             control.closed();
             control.announce(
-                shared,
+                alerts,
                 breaker,
                 BreakerTransition::ClosedByOperator,
                 None,

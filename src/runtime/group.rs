@@ -18,12 +18,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::metrics::lag::{self, Progress};
+use crate::metrics::lag;
 
 use super::client::{consumer_config, forward_error, forward_log};
+use super::partition::offsets::Progress;
+use super::shared::Shared;
 use super::signal::Signal;
 use super::supervisor::Supervisor;
-use super::Shared;
 
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
 

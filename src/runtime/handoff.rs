@@ -1,22 +1,24 @@
-//! The hand-off of a failed record to its retry tier or the dead-letter topic: the shared
-//! producer (rebuilt after a fatal error) and sending until the broker acknowledges. Hand-offs
+//! The hand-off of a failed record to its retry tier or the dead-letter topic: sending until
+//! the broker acknowledges, on the shared producer (`producer.rs`, rebuilt after a fatal
+//! error). Hand-offs
 //! are pipelined: the partition goes on while up to [`MAX_PENDING`] of them wait for their
-//! acknowledgement, and the frontier (see [`super::frontier`]) keeps the stored offset before
+//! acknowledgement, and the frontier (see `partition::offsets`) keeps the stored offset before
 //! every one still waiting.
+//!
+//! [`HandOff`] is a stage of its own: it gets what it needs of the partition it serves (which
+//! source, its stop and revoke signals, its pause) when the partition task is built, and never
+//! names the task. The partition task depends on it, not the other way round, so the
+//! hand-off can be read (and tested) without the record loops.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
-use rdkafka::ClientConfig;
 
 use crate::dead_letter::DeadLetterEvent;
-use crate::error::Error;
 use crate::escape;
 use crate::handler::{to_owned_headers, Header, Message};
 use crate::metrics as m;
@@ -24,119 +26,58 @@ use crate::outcome::{Disposition, Reason};
 use crate::retry::scheduler::now_ms;
 use crate::retry::{next_hop, Envelope, Hop};
 
-use super::client::TracingContext;
-use super::partition::{Abandoned, PartitionTask};
+use super::pause::{Pause, PauseHold};
+use super::shared::Shared;
+use super::signal::Signal;
 
 /// At most this many hand-offs of one partition wait for their ack at a time (each holds its
 /// record in memory); then the partition takes no new record until the oldest is durable.
 pub(crate) const MAX_PENDING: usize = 64;
 
-/// After this many producer rebuilds within [`REBUILD_WINDOW`], a fatal error is taken as one
-/// a new producer cannot get past: the runtime stops with an error instead of spinning.
-const MAX_REBUILDS: usize = 5;
-const REBUILD_WINDOW: Duration = Duration::from_secs(600);
-
-/// One producer instance; replaced as a whole after a fatal error.
-pub(crate) struct Generation {
-    id: u64,
-    pub(crate) producer: FutureProducer<TracingContext>,
+/// Why a piece of work of a partition ended without a durable outcome. Its offset is not
+/// stored (see `partition::offsets`): the record is handled again by whoever reads the
+/// partition next.
+#[derive(Debug)]
+pub(crate) enum Abandoned {
+    /// The task was told to stop (shutdown, revoke, or the runtime is failing).
+    Told,
+    /// Something went wrong that the task cannot get past; its supervisor restarts it.
+    Failed(String),
 }
 
-/// The hand-off producer shared by every partition task (idempotent, `acks=all`).
+/// The hand-off stage of one partition task: sends its failed records to their retry tier or
+/// the DLQ, and pauses the partition while a send keeps failing.
 ///
-/// An idempotent producer that hits a fatal error (e.g. a sequence the broker rejects) fails
-/// every later send for ever. The first send that sees it replaces the producer with a new one
-/// (a new producer id), and the waiting hand-offs are sent again on it. A producer that keeps
-/// failing fatally (more than [`MAX_REBUILDS`] replacements in [`REBUILD_WINDOW`]) cannot be
-/// helped by another one: [`HandoffProducer::recover`] then returns the error, and the runtime
-/// stops with it.
-pub(crate) struct HandoffProducer {
-    config: ClientConfig,
-    current: RwLock<Arc<Generation>>,
-    next_id: AtomicU64,
-    rebuilds: Mutex<VecDeque<Instant>>,
+/// Built once per partition task (off the per-record path); each hand-off borrows it.
+pub(crate) struct HandOff {
+    shared: Arc<Shared>,
+    /// Index of the source topic the partition belongs to (its tiers and DLQ).
+    source: usize,
+    /// Raised on shutdown: a failing send stops retrying, the record gets no outcome.
+    stop: Signal,
+    /// Raised on revoke: likewise, and the new owner handles the record again.
+    revoked: Signal,
+    /// The partition's pause, held while a hand-off fails.
+    pause: Arc<Pause>,
+    /// Hand-offs of this partition being retried after a failure. While any is, the partition
+    /// is paused and takes no new record.
+    failing: AtomicUsize,
 }
 
-impl HandoffProducer {
-    pub(crate) fn new(config: ClientConfig) -> Result<Self, Error> {
-        let first = Self::create(&config, 0)?;
-        Ok(HandoffProducer {
-            config,
-            current: RwLock::new(Arc::new(first)),
-            next_id: AtomicU64::new(1),
-            rebuilds: Mutex::new(VecDeque::new()),
-        })
-    }
+/// Held while a hand-off of this partition fails: the partition is paused and takes no new
+/// record.
+struct Failing<'a> {
+    count: &'a AtomicUsize,
+    _pause: PauseHold<'a>,
+}
 
-    fn create(config: &ClientConfig, id: u64) -> Result<Generation, Error> {
-        let producer = config
-            .create_with_context(TracingContext)
-            .map_err(Error::kafka("creating the hand-off producer"))?;
-        Ok(Generation { id, producer })
-    }
-
-    /// The producer to send with now.
-    pub(crate) fn current(&self) -> Arc<Generation> {
-        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// A send on `used` failed: if that producer hit a fatal error, replace it (once, whoever
-    /// asks first). `Ok(true)`: replaced or already replaced, send again; `Ok(false)`: not a
-    /// fatal error; `Err`: not recoverable.
-    ///
-    /// librdkafka reports the first failed send with the broker's error (e.g.
-    /// OUT_OF_ORDER_SEQUENCE_NUMBER) and later ones with `Fatal`; only the client knows which
-    /// errors were fatal, so it is asked (failures are rare; this is off the per-record path).
-    pub(crate) fn recover(&self, used: &Generation) -> Result<bool, Error> {
-        let Some((code, text)) = used.producer.client().fatal_error() else {
-            return Ok(false);
-        };
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.id != used.id {
-            return Ok(true);
-        }
-        let reason = format!("{code:?}: {text}");
-        metrics::counter!(m::CLIENT_FATAL_ERRORS, "client" => "producer").increment(1);
-        {
-            let mut recent = self.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            while recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > REBUILD_WINDOW)
-            {
-                recent.pop_front();
-            }
-            if recent.len() >= MAX_REBUILDS {
-                return Err(Error::Fatal {
-                    client: "hand-off producer",
-                    reason: format!(
-                        "{reason} (still failing after {MAX_REBUILDS} new producers in {}s)",
-                        REBUILD_WINDOW.as_secs()
-                    ),
-                });
-            }
-            recent.push_back(now);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let fresh = Self::create(&self.config, id).map_err(|e| Error::Fatal {
-            client: "hand-off producer",
-            reason: format!("{reason}; a new producer could not be created: {e}"),
-        })?;
-        let old = std::mem::replace(&mut *current, Arc::new(fresh));
-        drop(current);
-        tracing::error!(%reason, generation = id, "hand-off producer replaced after a fatal error; waiting hand-offs are sent again");
-        // Dropping a producer purges and flushes for up to 500 ms: not on this thread.
-        std::thread::spawn(move || drop(old));
-        Ok(true)
-    }
-
-    /// Flushes the current producer (shutdown).
-    pub(crate) fn flush(&self, timeout: Duration) {
-        let _ = self.current().producer.flush(timeout);
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// Result of [`PartitionTask::send_durably`].
+/// Result of [`HandOff::send_durably`].
 enum Sent {
     /// Acknowledged: (partition, offset, timestamp we set). The offset is negative when
     /// librdkafka acknowledged the record implicitly (see `send_durably`).
@@ -152,7 +93,42 @@ fn is_too_large(e: &KafkaError) -> bool {
     )
 }
 
-impl PartitionTask {
+impl HandOff {
+    /// The hand-off stage of the partition of source `source` (an index into the topology's
+    /// sources), stopping on `stop` or `revoked` and pausing through `pause`.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        source: usize,
+        stop: Signal,
+        revoked: Signal,
+        pause: Arc<Pause>,
+    ) -> Self {
+        HandOff {
+            shared,
+            source,
+            stop,
+            revoked,
+            pause,
+            failing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether a hand-off of this partition is failing (the partition then takes no new
+    /// record); one relaxed load, checked per record.
+    #[inline]
+    pub(crate) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) != 0
+    }
+
+    /// Marks a hand-off of this partition as failing until the returned guard is dropped.
+    fn failing(&self) -> Failing<'_> {
+        self.failing.fetch_add(1, Ordering::SeqCst);
+        Failing {
+            count: &self.failing,
+            _pause: self.pause.hold(),
+        }
+    }
+
     /// Publishes the record to its retry tier or the DLQ and waits for the broker's ack,
     /// retrying with backoff (partition paused) until it succeeds or the task is stopped.
     ///

@@ -16,21 +16,20 @@
 
 mod breaker;
 pub(crate) mod client;
-mod frontier;
 mod group;
-mod handoff;
-mod partition;
+pub(crate) mod handoff;
+pub(crate) mod partition;
 mod pause;
+mod producer;
 mod provision;
 pub(crate) mod scheduler;
+mod shared;
 mod signal;
 mod supervisor;
-mod watchdog;
+pub(crate) mod watchdog;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,16 +39,17 @@ use crate::config::Config;
 use crate::dead_letter::{Alerts, DeadLetterNotifier, ErasedNotifier, LogNotifier};
 use crate::error::Error;
 use crate::handler::{Context, Handler};
-use crate::outcome::Reason;
+use crate::mocking::EmbeddedCluster;
 use crate::retry::{RetryPolicy, Topology};
-use crate::testing::EmbeddedCluster;
 
 pub(crate) use client::{forward_error, forward_log};
 use group::{Group, Role};
-use handoff::HandoffProducer;
 use partition::RunPartition;
+use producer::HandoffProducer;
 use provision::TopicCreator;
 pub use provision::{check_topics, TopicStatus};
+pub use shared::StatsSnapshot;
+use shared::{Shared, Stats};
 
 /// Builds a [`Runtime`] from a [`Config`] and the things that live in code.
 pub struct RuntimeBuilder {
@@ -371,132 +371,5 @@ impl RuntimeHandle {
         }
         tracing::info!(?stats, "sidetrack runtime stopped");
         Ok(stats)
-    }
-}
-
-/// State shared by every partition task.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) policy: RetryPolicy,
-    pub(crate) topology: Topology,
-    pub(crate) handler: Arc<dyn RunPartition>,
-    pub(crate) producer: HandoffProducer,
-    /// Partition count of every source and side topic.
-    pub(crate) partitions: HashMap<String, i32>,
-    pub(crate) stats: Stats,
-    pub(crate) alerts: Arc<Alerts>,
-    pub(crate) shutdown: signal::Signal,
-    pub(crate) cx: Context,
-    /// The fatal error that stopped the runtime, returned by [`RuntimeHandle::wait`].
-    pub(crate) fatal: std::sync::Mutex<Option<Error>>,
-    /// Watches handler calls from a thread of its own (oldest-call gauge, blocking handlers).
-    pub(crate) watchdog: Arc<watchdog::Watchdog>,
-    /// Every partition's dead-letter breaker, for the operator's commands.
-    pub(crate) breakers: Arc<breaker::Breakers>,
-}
-
-impl Shared {
-    /// Stops the runtime because of `error`, which [`RuntimeHandle::wait`] returns once the
-    /// graceful stop is done. The first error wins.
-    pub(crate) fn fail(&self, error: Error) {
-        {
-            let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
-            if fatal.is_none() {
-                tracing::error!(%error, "sidetrack runtime stopping");
-                *fatal = Some(error);
-            }
-        }
-        self.shutdown.cancel();
-    }
-}
-
-/// Live counters; read them through [`RuntimeHandle::stats`].
-pub(crate) struct Stats {
-    consumed: AtomicU64,
-    handled: AtomicU64,
-    retried: Vec<AtomicU64>,
-    dead_lettered: [AtomicU64; 5],
-    handoff_failures: AtomicU64,
-}
-
-impl Stats {
-    fn new(tiers: usize) -> Self {
-        Stats {
-            consumed: AtomicU64::new(0),
-            handled: AtomicU64::new(0),
-            retried: (0..tiers).map(|_| AtomicU64::new(0)).collect(),
-            dead_lettered: Default::default(),
-            handoff_failures: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn consumed(&self, n: u64) {
-        self.consumed.fetch_add(n, Ordering::Relaxed);
-    }
-    pub(crate) fn handled(&self, n: u64) {
-        self.handled.fetch_add(n, Ordering::Relaxed);
-    }
-    pub(crate) fn retried(&self, tier: usize) {
-        if let Some(c) = self.retried.get(tier) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    pub(crate) fn dead_lettered(&self, reason: Reason) {
-        self.dead_lettered[reason.index()].fetch_add(1, Ordering::Relaxed);
-    }
-    pub(crate) fn handoff_failed(&self) {
-        self.handoff_failures.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> StatsSnapshot {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StatsSnapshot {
-            consumed: load(&self.consumed),
-            handled: load(&self.handled),
-            retried: self.retried.iter().map(load).collect(),
-            dead_lettered: Reason::ALL
-                .iter()
-                .map(|r| (*r, load(&self.dead_lettered[r.index()])))
-                .collect(),
-            handoff_failures: load(&self.handoff_failures),
-        }
-    }
-}
-
-/// What a runtime did so far. Counts are of durable outcomes (a retry or dead letter counts
-/// once the broker acknowledged it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StatsSnapshot {
-    /// Records read, from source and retry topics.
-    pub consumed: u64,
-    /// Records whose handler succeeded (on any attempt).
-    pub handled: u64,
-    /// Records written to each retry tier, by tier index.
-    pub retried: Vec<u64>,
-    /// Records written to the dead-letter topic, by reason.
-    pub dead_lettered: Vec<(Reason, u64)>,
-    /// Failed hand-off attempts (each was retried until it succeeded or was abandoned).
-    pub handoff_failures: u64,
-}
-
-impl StatsSnapshot {
-    /// Dead-lettered records for one reason.
-    pub fn dead_lettered(&self, reason: Reason) -> u64 {
-        self.dead_lettered
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
-    }
-
-    /// Dead-lettered records, all reasons.
-    pub fn total_dead_lettered(&self) -> u64 {
-        self.dead_lettered.iter().map(|(_, n)| n).sum()
-    }
-
-    /// Records written to any retry tier.
-    pub fn total_retried(&self) -> u64 {
-        self.retried.iter().sum()
     }
 }

@@ -11,8 +11,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::mocking::EmbeddedCluster;
 use crate::retry::Topology;
-use crate::testing::EmbeddedCluster;
 
 use super::client::{admin_config, TracingContext};
 

@@ -17,13 +17,13 @@ use tokio::task::JoinHandle;
 use crate::escape;
 use crate::handler::panic_text;
 use crate::metrics as m;
-use crate::metrics::lag::Progress;
 
 use super::breaker::{self, Breaker, BreakerControl};
 use super::group::{GroupConsumer, GroupContext, Role};
-use super::partition::{End, PartitionTask};
+use super::partition::offsets::Progress;
+use super::partition::{End, PartitionTask, Parts};
 use super::pause::Pause;
-use super::Shared;
+use super::shared::Shared;
 
 /// First pause before a failed partition task is started again; doubled per consecutive
 /// failure up to [`MAX_RESTART_BACKOFF`].
@@ -99,16 +99,6 @@ impl Supervisor {
             let Some(q) = queue.as_ref().map(Arc::clone) else {
                 return;
             };
-            let mut task = PartitionTask::new(
-                Arc::clone(&self.shared),
-                self.role,
-                &self.group_id,
-                Arc::clone(&self.consumer),
-                &self.topic,
-                self.partition,
-                self.revoked.clone(),
-                Arc::clone(&self.progress),
-            );
             if !control.is_open() {
                 // Closed by its last task's probe (or never opened).
                 breaker.close();
@@ -117,8 +107,18 @@ impl Supervisor {
                 // state went with it; try one record.
                 breaker.resume_after_failure();
             }
-            task.breaker = breaker.clone();
-            task.breaker_control = Arc::clone(&control);
+            let task = PartitionTask::new(Parts {
+                shared: Arc::clone(&self.shared),
+                role: self.role,
+                group_id: self.group_id.clone(),
+                consumer: Arc::clone(&self.consumer),
+                topic: self.topic.clone(),
+                partition: self.partition,
+                revoked: self.revoked.clone(),
+                progress: Arc::clone(&self.progress),
+                breaker: breaker.clone(),
+                breaker_control: Arc::clone(&control),
+            });
             let run = AssertUnwindSafe(self.shared.handler.run(task, q)).catch_unwind();
             tokio::pin!(run);
             let ended = tokio::select! {
@@ -147,8 +147,13 @@ impl Supervisor {
                     let letting_go = self.revoked.is_cancelled() || stop.is_cancelled();
                     let hold = (!letting_go).then(|| pause.hold());
                     let resumed = hold.is_some()
-                        && breaker::wait_out(&self.shared, &control, &mut breaker, &self.revoked)
-                            .await;
+                        && breaker::wait_out(
+                            (&self.shared.alerts, &self.shared.shutdown),
+                            &control,
+                            &mut breaker,
+                            &self.revoked,
+                        )
+                        .await;
                     if !resumed {
                         // Not silent: the breaker's state stays here, and the partition's next
                         // owner (or the next start of this process) begins closed.

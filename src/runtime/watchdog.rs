@@ -170,6 +170,27 @@ impl Calls {
         }
     }
 
+    /// Calls that no watchdog checks (a caller outside a runtime: the test kit), with one
+    /// slot and metric handles that record nothing. Marking calls still works; nobody reads
+    /// the marks.
+    pub(crate) fn detached() -> Arc<Calls> {
+        Arc::new(Calls {
+            watchdog: Arc::new(Watchdog {
+                tick: AtomicU64::new(1),
+                blocking_ticks: u64::MAX,
+                partitions: Mutex::new(Vec::new()),
+            }),
+            topic: String::new(),
+            partition: -1,
+            polling_since: AtomicU64::new(0),
+            polling_offset: AtomicI64::new(-1),
+            reported: AtomicU64::new(0),
+            started: Box::new([AtomicU64::new(0)]),
+            oldest: metrics::Gauge::noop(),
+            blocking: metrics::Counter::noop(),
+        })
+    }
+
     /// Makes the handler call in slot `slot` of the record at `offset` (watched too: a
     /// handler may block before it returns its future) and wraps it.
     pub(crate) fn watched<F: Future>(

@@ -9,9 +9,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::handler::{invoke, Context, ErasedHandler, Handler, Message};
+use crate::handler::{Context, Handler, Message};
 use crate::outcome::{Disposition, Reason};
 use crate::retry::{next_hop, Envelope, RetryPolicy, Topology};
+use crate::runtime::partition::call::{Caller, ErasedCall};
+use crate::runtime::partition::meters::CallMeters;
+use crate::runtime::watchdog::Calls;
 
 /// What happened to one delivery in a [`TestRuntime`].
 ///
@@ -44,11 +47,21 @@ pub enum Outcome {
 
 /// Runs a handler through the runtime's retry and dead-letter decisions, with no broker and
 /// no waiting: retries are delivered at once, with the envelope the runtime would write.
+///
+/// The handler is called by the runtime's own call stage, the code a partition task runs for
+/// every record: a panic becomes a retryable failure, and a call that outlives its time limit
+/// (`handler_timeout`, or [`Handler::timeout`]) is cancelled and fails as retryable, with the
+/// same error text. A call that waits needs a Tokio runtime with its time driver enabled (as
+/// `#[tokio::test]` gives).
 pub struct TestRuntime {
-    handler: Arc<dyn ErasedHandler>,
+    handler: Arc<dyn ErasedCall>,
     config: Config,
     policy: RetryPolicy,
     cx: Context,
+    /// The runtime's own call stage (the code its partition tasks run): panics caught, the
+    /// time limit (`handler_timeout`, or the handler's own) enforced, the result classified
+    /// by the policy. Its metrics record nothing and no watchdog thread runs.
+    caller: Caller,
 }
 
 impl TestRuntime {
@@ -66,24 +79,35 @@ impl TestRuntime {
         Ok(Self::from_parts(Arc::new(handler), config.clone(), policy))
     }
 
-    fn from_parts(handler: Arc<dyn ErasedHandler>, config: Config, policy: RetryPolicy) -> Self {
+    fn from_parts(handler: Arc<dyn ErasedCall>, config: Config, policy: RetryPolicy) -> Self {
         let cx = Context::new(config.group.clone(), CancellationToken::new());
+        let caller = Caller::new(
+            handler.limits(&config),
+            CallMeters::noop(),
+            Calls::detached(),
+        );
         TestRuntime {
             handler,
             config,
             policy,
             cx,
+            caller,
         }
+    }
+
+    /// Calls the handler once through the runtime's call stage: `None` when handled, else
+    /// the decision and the error text.
+    async fn call(&self, msg: &Message) -> Option<(Disposition, String)> {
+        self.handler
+            .call(&self.caller, msg, &self.cx, &self.policy)
+            .await
     }
 
     /// Delivers `msg` once (at its attempt number) and says what the runtime would do.
     pub async fn deliver(&self, msg: &Message) -> Outcome {
-        match invoke(&*self.handler, msg, &self.cx).await {
-            Ok(()) => Outcome::Handled,
-            Err(e) => {
-                let decision = self.policy.decide(msg.attempt(), &e);
-                self.outcome(msg, decision, e.message()).0
-            }
+        match self.call(msg).await {
+            None => Outcome::Handled,
+            Some((decision, error)) => self.outcome(msg, decision, &error).0,
         }
     }
 
@@ -93,15 +117,9 @@ impl TestRuntime {
         let mut outcomes = Vec::new();
         let mut msg = msg;
         loop {
-            let (decision, error) = match invoke(&*self.handler, &msg, &self.cx).await {
-                Ok(()) => {
-                    outcomes.push(Outcome::Handled);
-                    return outcomes;
-                }
-                Err(e) => (
-                    self.policy.decide(msg.attempt(), &e),
-                    e.message().to_owned(),
-                ),
+            let Some((decision, error)) = self.call(&msg).await else {
+                outcomes.push(Outcome::Handled);
+                return outcomes;
             };
             let (outcome, envelope) = self.outcome(&msg, decision, &error);
             let (Outcome::Retry { topic, .. }, Some(envelope)) = (&outcome, envelope) else {
@@ -209,6 +227,39 @@ mod tests {
         assert!(
             matches!(&outcomes[0], Outcome::Retry { topic, .. } if topic == "orders.test.retry.1s")
         );
+    }
+
+    /// The harness calls through the runtime's call stage: the time limit and panic catching
+    /// apply as in production, and the outcome carries the runtime's error text.
+    #[tokio::test]
+    async fn the_time_limit_and_panics_apply_as_in_the_runtime() {
+        let mut config = Config::new("b", "billing", ["orders"]);
+        config.retry = RetryConfig::tiers([Tier::new(Duration::from_millis(500), 1)]);
+        let rt = TestRuntime::with_config(
+            handler_fn(|m: Message, _cx: Context| async move {
+                if m.attempt() == 1 {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                } else {
+                    panic!("boom on attempt {}", m.attempt())
+                }
+            })
+            .with_timeout(Duration::from_millis(20)),
+            &config,
+        )
+        .unwrap();
+        let outcomes = rt.deliver_until_done(Message::new("orders", "x")).await;
+        assert!(
+            matches!(&outcomes[0], Outcome::Retry { tier: 0, .. }),
+            "{outcomes:?}"
+        );
+        match &outcomes[1] {
+            Outcome::DeadLettered { reason, error } => {
+                assert_eq!(*reason, Reason::Exhausted);
+                assert!(error.contains("boom on attempt 2"), "{error}");
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -23,11 +23,12 @@
 //! # }
 //! ```
 
-mod embedded;
 mod harness;
 
 pub use crate::dead_letter::Record;
-pub use embedded::{committed_offset, produce, read_all, EmbeddedCluster};
+/// Re-exported from [`crate::mocking`], where the embedded cluster lives (so the runtime does
+/// not depend on the test kit); these paths keep working.
+pub use crate::mocking::{committed_offset, produce, read_all, EmbeddedCluster};
 pub use harness::{Outcome, TestRuntime};
 
 use std::future::Future;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::proxy::{Proxy, ProxyConfig};
-use sidetrack::testing::EmbeddedCluster;
 
 use crate::Failure;
 

@@ -1,3 +1,11 @@
+//! An embedded Kafka cluster: librdkafka's in-process mock broker ([`EmbeddedCluster`]), and
+//! a few helpers to produce to it and read it back.
+//!
+//! A module of its own, like rust-rdkafka's `mocking`, because both the runtime
+//! ([`RuntimeBuilder::embedded`](crate::RuntimeBuilder::embedded)) and the test kit use it:
+//! production code depends on this module, never on [`crate::testing`], which only re-exports
+//! it (`sidetrack::testing::EmbeddedCluster` keeps working).
+
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 use std::time::Duration;

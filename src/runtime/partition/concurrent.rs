@@ -1,0 +1,244 @@
+//! The record loop of `key` and `unordered` ordering: up to `max_in_flight` handler calls at
+//! once; in `key` ordering the records of one key one at a time, in offset order (which
+//! records may start is decided by [`Scheduler`]).
+//!
+//! Only the loop lives here, and [`PartitionTask::process`], the future each record runs in;
+//! every stage they drive is in a file of its own (see the parent module).
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures_util::future::Either;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use rdkafka::consumer::Consumer as _;
+use tracing::Instrument;
+
+use crate::config::Ordering as RecordOrdering;
+use crate::handler::Handler;
+use crate::retry::scheduler::now_ms;
+use crate::runtime::handoff::Abandoned;
+use crate::runtime::scheduler::Scheduler;
+
+use super::call::{self, Nothing, Step};
+use super::intake::{detach, Decoded, Invalid, Taken};
+use super::offsets::Frontier;
+use super::task::{End, Finished, PartitionTask, Queue, FLUSH_EVERY};
+
+impl PartitionTask {
+    /// `key` and `unordered` ordering: up to `max_in_flight` handler calls at once; in `key`
+    /// ordering the records of one key one at a time, in offset order.
+    pub(super) async fn run_concurrent<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
+        let stop = self.stop.clone();
+        let revoked = self.revoked.clone();
+        let mut stopped = pin!(stop.cancelled());
+        let mut revoked_wait = pin!(revoked.cancelled());
+        let config = &self.shared.config;
+        let mut scheduler = Scheduler::new(
+            self.ordering == RecordOrdering::Key,
+            config.max_in_flight,
+            config.max_waiting,
+        );
+        let mut frontier = Frontier::default();
+        let mut running = FuturesUnordered::new();
+        // Watchdog slots of calls not running; the scheduler never runs more than there are.
+        let mut free: Vec<usize> = (0..config.max_in_flight).rev().collect();
+        let mut handoffs = FuturesUnordered::new();
+        let mut batch = self.batch();
+        loop {
+            if revoked.is_cancelled() {
+                // The queue goes at once (see `run_sequential`); handler calls in progress are
+                // finished, nothing more is stored (the partition is no longer ours).
+                drop(queue);
+                while running.next().await.is_some() {}
+                return End::Revoked;
+            }
+            if stop.is_cancelled() || batch.breaker.is_open() {
+                // Shutdown, or an open breaker: the handler calls in progress finish (records
+                // waiting behind a busy key are not started), then the hand-offs sent are
+                // acknowledged.
+                while let Some(finished) = running.next().await {
+                    if let Err(end) =
+                        self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
+                    {
+                        if !matches!(end, End::Stopped) {
+                            self.flush(&mut frontier, &mut batch, 0, 0);
+                            return end;
+                        }
+                    }
+                }
+                return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
+            }
+            // Completions first, without waiting: they free room for new records.
+            while let Some(Some(finished)) = running.next().now_or_never() {
+                let (key, slot) = (finished.key, finished.slot);
+                if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
+                {
+                    if matches!(end, End::Stopped) {
+                        break;
+                    }
+                    return end;
+                }
+                match scheduler.finish(key) {
+                    Some(next) if batch.breaker.may_take() => {
+                        running.push(self.process(handler, next, slot))
+                    }
+                    // Not started once the breaker opened: no outcome, taken again later.
+                    _ => free.push(slot),
+                }
+            }
+            if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
+                return end;
+            }
+            if batch.since_flush >= FLUSH_EVERY {
+                self.flush(
+                    &mut frontier,
+                    &mut batch,
+                    scheduler.in_flight(),
+                    scheduler.waiting(),
+                );
+            }
+            let take_more = scheduler.has_room()
+                && self.has_room(&frontier, handoffs.len())
+                && !self.due.is_waiting()
+                && batch.breaker.may_take();
+            let ctx = self.consumer.context();
+            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
+                continue;
+            }
+            let next = {
+                let mut recv = pin!(queue.recv());
+                let ready = if take_more {
+                    futures_util::poll!(recv.as_mut())
+                } else {
+                    Poll::Pending
+                };
+                match ready {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => {
+                        self.flush(
+                            &mut frontier,
+                            &mut batch,
+                            scheduler.in_flight(),
+                            scheduler.waiting(),
+                        );
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopped => continue,
+                            _ = &mut revoked_wait => continue,
+                            Some(finished) = running.next(), if !running.is_empty() => {
+                                let (key, slot) = (finished.key, finished.slot);
+                                if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
+                                    if !matches!(end, End::Stopped) {
+                                        return end;
+                                    }
+                                }
+                                match scheduler.finish(key) {
+                                    Some(next) if batch.breaker.may_take() => {
+                                        running.push(self.process(handler, next, slot))
+                                    }
+                                    // Not started once the breaker opened: no outcome, taken again later.
+                                    _ => free.push(slot),
+                                }
+                                continue;
+                            }
+                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            r = recv, if take_more => {
+                                batch.now = now_ms();
+                                r
+                            }
+                        }
+                    }
+                }
+            };
+            let raw = match next {
+                Ok(raw) => raw,
+                Err(e) => {
+                    self.fetch_error(&e);
+                    continue;
+                }
+            };
+            let taken = self.take(detach(raw), &mut frontier, &mut batch);
+            if let Some(start) = scheduler.offer(taken.key, taken) {
+                // A free slot exists: the scheduler runs at most `max_in_flight` calls.
+                let slot = free.pop().unwrap_or(0);
+                running.push(self.process(handler, start, slot));
+            }
+        }
+    }
+
+    /// Runs one record in a future of its own: waits until it is due (retry tiers), calls the
+    /// handler, decides what comes next.
+    fn process<'a, H: Handler>(
+        &'a self,
+        handler: &'a H,
+        taken: Taken,
+        slot: usize,
+    ) -> impl Future<Output = Finished> + Send + 'a {
+        let Taken {
+            seq,
+            key,
+            decoded,
+            raw,
+        } = taken;
+        let span = self.intake.record_span(&raw, &decoded);
+        let run = async move {
+            let outcome = self.outcome(handler, decoded, slot).await;
+            Finished {
+                seq,
+                key,
+                slot,
+                outcome,
+                raw,
+            }
+        };
+        match span {
+            Some(span) => Either::Left(run.instrument(span)),
+            None => Either::Right(run),
+        }
+    }
+
+    /// The due-time wait and the call of one record (its span is already entered).
+    async fn outcome<H: Handler>(
+        &self,
+        handler: &H,
+        decoded: Result<Decoded, Box<Invalid>>,
+        slot: usize,
+    ) -> Result<Step, Abandoned> {
+        let (msg, due) = match decoded {
+            Ok(Decoded { msg, due }) => (msg, due),
+            Err(invalid) => return Ok(call::invalid(*invalid)),
+        };
+        if let Some((due, written_at)) = due {
+            // Boxed: the wait (timers and cancellation futures) is large, and only retried
+            // records need it; inline it would make every record's future that large.
+            Box::pin(self.due.until_due(due, written_at)).await?;
+            call::retried_metrics(&self.meters, &msg, due);
+        }
+        let timer = pin!(None);
+        let concluded = self
+            .caller
+            .call(
+                handler,
+                &msg,
+                (&self.shared.cx, &self.shared.policy),
+                slot,
+                None,
+                timer,
+                &mut Nothing,
+            )
+            .await;
+        Ok(match concluded {
+            Ok(None) => Step::Done,
+            Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
+            Err(never) => match never {},
+        })
+    }
+}

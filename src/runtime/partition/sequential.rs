@@ -1,0 +1,208 @@
+//! The record loop of `partition` ordering: records one at a time, in offset order.
+//!
+//! Only the loop lives here; every stage it drives is in a file of its own (see the parent
+//! module). A record is handled right in the loop, not in a future of its own: nothing to
+//! allocate and nothing large to move per record. A record that failed is handed to its retry
+//! tier or the DLQ without waiting for the broker's acknowledgement: the next records are
+//! handled meanwhile, up to [`MAX_PENDING`](crate::runtime::handoff::MAX_PENDING) hand-offs
+//! waiting, and they keep settling while a handler call or a due-time wait waits.
+
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::Consumer as _;
+use tokio_util::sync::WaitForCancellationFuture;
+
+use crate::handler::Handler;
+use crate::retry::scheduler::now_ms;
+
+use super::call::{self, Interrupt, Meanwhile, Step};
+use super::intake::{detach, Decoded};
+use super::meters::Batch;
+use super::offsets::Frontier;
+use super::task::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
+
+impl PartitionTask {
+    /// `partition` ordering: records one at a time, in offset order.
+    pub(super) async fn run_sequential<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
+        let stop = self.stop.clone();
+        let revoked = self.revoked.clone();
+        // Registered once, polled only when the queue is empty: a fresh cancellation future
+        // per record takes the token's lock twice.
+        let mut stopped = pin!(stop.cancelled());
+        let mut revoked_wait = pin!(revoked.cancelled());
+        // One timer for the task, set again for each handler call that waits.
+        let mut timer = pin!(None);
+        let mut frontier = Frontier::default();
+        let mut handoffs = FuturesUnordered::new();
+        let mut batch = self.batch();
+        let mut queue = Some(queue);
+        loop {
+            if revoked.is_cancelled() {
+                return End::Revoked;
+            }
+            // An open breaker ends the task like a shutdown (see `drain`).
+            if stop.is_cancelled() || batch.breaker.is_open() {
+                return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
+            }
+            if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
+                return end;
+            }
+            if batch.since_flush >= FLUSH_EVERY {
+                self.flush(&mut frontier, &mut batch, 0, 0);
+            }
+            let take_more = self.has_room(&frontier, handoffs.len()) && batch.breaker.may_take();
+            let ctx = self.consumer.context();
+            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
+                continue;
+            }
+            let Some(q) = queue.as_deref() else {
+                return End::Revoked;
+            };
+            let next = {
+                let mut recv = pin!(q.recv());
+                let ready = if take_more {
+                    futures_util::poll!(recv.as_mut())
+                } else {
+                    Poll::Pending
+                };
+                match ready {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => {
+                        // Nothing to do right now: publish what the batch did, then wait.
+                        self.flush(&mut frontier, &mut batch, 0, 0);
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopped => None,
+                            _ = &mut revoked_wait => return End::Revoked,
+                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            r = recv, if take_more => {
+                                batch.now = now_ms();
+                                Some(r)
+                            }
+                        }
+                    }
+                }
+            };
+            let raw = match next {
+                None => return self.drain(&mut handoffs, &mut frontier, &mut batch).await,
+                Some(Ok(raw)) => raw,
+                Some(Err(e)) => {
+                    self.fetch_error(&e);
+                    continue;
+                }
+            };
+            let raw = detach(raw);
+            let seq = self.mark_taken(&raw, &mut frontier, &mut batch);
+            let decoded = self.intake.decode(&raw, &mut batch, &self.meters);
+            let span = self.intake.record_span(&raw, &decoded);
+            let step = match decoded {
+                Err(invalid) => call::invalid(*invalid),
+                Ok(Decoded { msg, due }) => {
+                    if let Some((due, written_at)) = due {
+                        // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
+                        let mut wait = pin!(self.due.until_due(due, written_at));
+                        let waited = loop {
+                            tokio::select! {
+                                biased;
+                                waited = &mut wait => break waited,
+                                Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
+                                    if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                        return end;
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(abandoned) = waited {
+                            // Stopped or revoked while waiting: the record has no outcome.
+                            drop(msg);
+                            drop(raw);
+                            return match self.end(abandoned) {
+                                End::Stopped => {
+                                    self.drain(&mut handoffs, &mut frontier, &mut batch).await
+                                }
+                                end => end,
+                            };
+                        }
+                        call::retried_metrics(&self.meters, &msg, due);
+                    }
+                    let mut meanwhile = Settling {
+                        task: &self,
+                        handoffs: &mut handoffs,
+                        frontier: &mut frontier,
+                        batch: &mut batch,
+                        revoked: revoked_wait.as_mut(),
+                        queue: &mut queue,
+                    };
+                    let concluded = self
+                        .caller
+                        .call(
+                            handler,
+                            &msg,
+                            (&self.shared.cx, &self.shared.policy),
+                            0,
+                            span,
+                            timer.as_mut(),
+                            &mut meanwhile,
+                        )
+                        .await;
+                    match concluded {
+                        Ok(None) => Step::Done,
+                        Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
+                        Err(end) => return end,
+                    }
+                }
+            };
+            self.step(seq, step, raw, &mut frontier, &mut batch, &mut handoffs);
+        }
+    }
+}
+
+/// What the sequential loop does while its handler call waits: store the frontier once, settle
+/// earlier hand-offs as they are acknowledged, and watch for a revoke.
+struct Settling<'t, 'a, 'w> {
+    task: &'t PartitionTask,
+    handoffs: &'t mut FuturesUnordered<HandOffFuture<'a>>,
+    frontier: &'t mut Frontier,
+    batch: &'t mut Batch,
+    revoked: Pin<&'t mut WaitForCancellationFuture<'w>>,
+    queue: &'t mut Option<Arc<Queue>>,
+}
+
+impl Meanwhile for Settling<'_, '_, '_> {
+    type End = End;
+
+    fn call_waits(&mut self) {
+        // The handler waits: a good moment to store the frontier (with slow handlers and a
+        // full queue, every 256 records could be seconds of work redone after a crash).
+        self.task.flush(self.frontier, self.batch, 1, 0);
+    }
+
+    async fn interrupted(&mut self) -> Interrupt<End> {
+        loop {
+            tokio::select! {
+                biased;
+                Some((seq, settled)) = self.handoffs.next(), if !self.handoffs.is_empty() => {
+                    if let Err(end) = self.task.settled(seq, settled, self.frontier) {
+                        return Interrupt::Abandon(end);
+                    }
+                }
+                _ = self.revoked.as_mut() => {
+                    // Drop the queue now: a new queue for this partition may be split
+                    // soon, and an old handle alive beside it stops its wake-ups. The next
+                    // owner in this process waits for this task to end before it takes a
+                    // record, so the record is never in two handler calls at once.
+                    drop(self.queue.take());
+                    return Interrupt::Finish(End::Revoked);
+                }
+            }
+        }
+    }
+}
