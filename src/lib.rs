@@ -57,8 +57,6 @@ pub mod dead_letter;
 mod error;
 pub mod escape;
 pub mod handler;
-// Not yet called by the record loops (wired when the partition stages land).
-#[allow(dead_code)]
 mod key_order;
 pub mod metrics;
 pub mod mocking;

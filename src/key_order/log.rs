@@ -13,7 +13,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord, ProducerContext};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -164,7 +164,7 @@ impl LogReader {
 /// Appends `event` for `key` to partition `partition` of the log `topic` and waits for the
 /// broker's acknowledgement (one attempt: the caller retries with its own backoff and stop
 /// signals, as it does for hand-offs). Returns the event's offset in the log.
-pub(crate) async fn append<C: ClientContext + ProducerContext + 'static>(
+pub(crate) async fn append<C: ClientContext + 'static>(
     producer: &FutureProducer<C>,
     (topic, partition): (&str, i32),
     key: &[u8],

@@ -15,12 +15,12 @@
 //! still on a tier or in the log.
 //!
 //! Events are applied idempotently, because the log is replayed after every crash and
-//! rebalance: a `head` the state already has is a no-op, a `held` at or below the last held
-//! offset seen for its key is a duplicate, and a `release` that does not name the key's current
+//! rebalance: a `head` the state already has is a no-op, a `held` of a record already read
+//! for its key is a duplicate, and a `release` that does not name the key's current
 //! head is ignored (a duplicate copy of an older head ending late) — so nothing replayed can
 //! release a key early.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 
 use crate::runtime::scheduler::KeyHashHasher;
@@ -128,13 +128,15 @@ struct Key<R, L> {
     last_head: i64,
     /// `held` events sent by this owner and not yet read back.
     forwarded: usize,
-    /// Held records read back, waiting for their turn, oldest first.
-    queue: VecDeque<R>,
+    /// Held records read back, waiting for their turn, by source offset (oldest first).
+    queue: VecDeque<(i64, R)>,
     /// A held record of this key is being run (one at a time, in order).
     running: bool,
-    /// The highest source offset of a held record read for this key (duplicates are at or
-    /// below it).
-    last_held: i64,
+    /// Source offsets of the held records read for this key while it has an entry: a `held`
+    /// event for one of them again is a duplicate (a re-forward after a crash). Exact, not a
+    /// high-water mark: an append that failed and was sent again can land after a later
+    /// record's, and must not be taken for a duplicate.
+    seen: BTreeSet<i64>,
     /// The head that was dead-lettered, while its held records follow it.
     dead_head: Option<i64>,
 }
@@ -147,7 +149,7 @@ impl<R, L> Key<R, L> {
             forwarded: 0,
             queue: VecDeque::new(),
             running: false,
-            last_held: -1,
+            seen: BTreeSet::new(),
             dead_head: None,
         }
     }
@@ -376,15 +378,14 @@ impl<R, L: Copy> KeyOrder<R, L> {
             forwarded: 0,
             queue: VecDeque::new(),
             running: false,
-            last_held: -1,
+            seen: BTreeSet::new(),
             dead_head: None,
         });
         k.forwarded = k.forwarded.saturating_sub(1);
-        if offset <= k.last_held {
+        if !k.seen.insert(offset) {
             self.free_if_done(key);
             return HeldRead::Duplicate;
         }
-        k.last_held = offset;
         if self.after_dead_letter == AfterDeadLetter::DeadLetterKey
             && k.dead_head == Some(head)
             && k.head.is_none()
@@ -393,7 +394,10 @@ impl<R, L: Copy> KeyOrder<R, L> {
             self.free_if_done(key);
             return HeldRead::Now(Next::DeadLetter { record, head });
         }
-        k.queue.push_back(record);
+        // In source order: a held event that landed late (its append was sent again) still
+        // runs before the later records of its key that have not run yet.
+        let at = k.queue.partition_point(|(o, _)| *o < offset);
+        k.queue.insert(at, (offset, record));
         self.held += 1;
         match self.next_of(key) {
             Some(next) => HeldRead::Now(next),
@@ -422,7 +426,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
                     next.extend(
                         k.queue
                             .drain(..)
-                            .map(|record| Next::DeadLetter { record, head }),
+                            .map(|(_, record)| Next::DeadLetter { record, head }),
                     );
                 }
                 AfterDeadLetter::Release => {
@@ -448,7 +452,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
         if k.head.is_some() || k.running {
             return None;
         }
-        let record = k.queue.pop_front()?;
+        let (_, record) = k.queue.pop_front()?;
         k.running = true;
         // The first record after a dead-lettered head carries the note; later ones do not.
         let after_dead_letter = match (self.after_dead_letter, k.dead_head) {

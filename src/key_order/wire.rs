@@ -168,15 +168,6 @@ impl Event {
             Event::Release { .. } => 9,
         }
     }
-
-    /// The head offset this event names.
-    pub(crate) fn head(&self) -> i64 {
-        match self {
-            Event::Head { head, .. } | Event::Held { head, .. } | Event::Release { head, .. } => {
-                *head
-            }
-        }
-    }
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {

@@ -47,6 +47,12 @@ impl PartitionTask {
         let mut free: Vec<usize> = (0..config.max_in_flight).rev().collect();
         let mut handoffs = FuturesUnordered::new();
         let mut batch = self.batch();
+        // `keep_key_order`: the held records running (one per key at most), and the log read
+        // first (see `key_order`).
+        let mut held = FuturesUnordered::new();
+        if let Err(end) = self.key_order_open().await {
+            return end;
+        }
         loop {
             if revoked.is_cancelled() {
                 // The queue goes at once (see `run_sequential`); handler calls in progress are
@@ -100,7 +106,11 @@ impl PartitionTask {
                     scheduler.waiting(),
                 );
             }
-            let take_more = scheduler.has_room()
+            if let Err(end) = self.key_order_poll(handler, &mut held) {
+                return end;
+            }
+            let take_more = self.key_order_may_take(held.len())
+                && scheduler.has_room()
                 && self.has_room(&frontier, handoffs.len())
                 && !self.due.is_waiting()
                 && batch.breaker.may_take();
@@ -146,6 +156,12 @@ impl PartitionTask {
                             }
                             Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
                                 if let Err(end) = self.settled(seq, settled, &mut frontier) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            r = self.key_order_next(handler, &mut held), if self.key_order.is_some() => {
+                                if let Err(end) = r {
                                     return end;
                                 }
                                 continue;
@@ -222,6 +238,12 @@ impl PartitionTask {
             Box::pin(self.due.until_due(due, written_at)).await?;
             call::retried_metrics(&self.meters, &msg, due);
         }
+        // `keep_key_order`: decided when the record starts (the scheduler starts a key's next
+        // record only after the previous one's step, which marks its key waiting).
+        let msg = match self.key_order_before_call(msg) {
+            Ok(msg) => msg,
+            Err(step) => return Ok(step),
+        };
         let timer = pin!(None);
         let concluded = self
             .caller
@@ -236,7 +258,7 @@ impl PartitionTask {
             )
             .await;
         Ok(match concluded {
-            Ok(None) => Step::Done,
+            Ok(None) => self.key_order_done(msg),
             Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
             Err(never) => match never {},
         })

@@ -39,6 +39,12 @@ impl PartitionTask {
         let mut handoffs = FuturesUnordered::new();
         let mut batch = self.batch();
         let mut queue = Some(queue);
+        // `keep_key_order`: the held records running (one at a time here), and the log read
+        // first (see `key_order`).
+        let mut held = FuturesUnordered::new();
+        if let Err(end) = self.key_order_open().await {
+            return end;
+        }
         loop {
             if revoked.is_cancelled() {
                 return End::Revoked;
@@ -53,7 +59,12 @@ impl PartitionTask {
             if batch.since_flush >= FLUSH_EVERY {
                 self.flush(&mut frontier, &mut batch, 0, 0);
             }
-            let take_more = self.has_room(&frontier, handoffs.len()) && batch.breaker.may_take();
+            if let Err(end) = self.key_order_poll(handler, &mut held) {
+                return end;
+            }
+            let take_more = self.has_room(&frontier, handoffs.len())
+                && batch.breaker.may_take()
+                && self.key_order_may_take(held.len());
             let ctx = self.consumer.context();
             if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
                 continue;
@@ -83,6 +94,12 @@ impl PartitionTask {
                                 }
                                 continue;
                             }
+                            r = self.key_order_next(handler, &mut held), if self.key_order.is_some() => {
+                                if let Err(end) = r {
+                                    return end;
+                                }
+                                continue;
+                            }
                             r = recv, if take_more => {
                                 batch.now = now_ms();
                                 Some(r)
@@ -105,7 +122,7 @@ impl PartitionTask {
             let span = self.intake.record_span(&raw, &decoded);
             let step = match decoded {
                 Err(invalid) => call::invalid(*invalid),
-                Ok(Decoded { msg, due }) => {
+                Ok(Decoded { msg, due }) => 'call: {
                     if let Some((due, written_at)) = due {
                         // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
                         let mut wait = pin!(self.due.until_due(due, written_at));
@@ -133,6 +150,10 @@ impl PartitionTask {
                         }
                         call::retried_metrics(&self.meters, &msg, due);
                     }
+                    let msg = match self.key_order_before_call(msg) {
+                        Ok(msg) => msg,
+                        Err(step) => break 'call step,
+                    };
                     let mut meanwhile = Settling {
                         task: &self,
                         handoffs: &mut handoffs,
@@ -154,7 +175,7 @@ impl PartitionTask {
                         )
                         .await;
                     match concluded {
-                        Ok(None) => Step::Done,
+                        Ok(None) => self.key_order_done(msg),
                         Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
                         Err(end) => return end,
                     }
