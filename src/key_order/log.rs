@@ -82,8 +82,24 @@ impl LogReader {
         let consumer: StreamConsumer<LogContext> = cc
             .create_with_context(LogContext)
             .map_err(Error::kafka("creating the key-order log reader"))?;
+        // The group's committed position, asked for explicitly: an assign-only consumer with
+        // `Offset::Stored` fails for ever on a broker that answers a group without members as
+        // unknown (kfake), where Kafka answers "no offset". No position: the log's beginning.
+        let mut ask = TopicPartitionList::new();
+        ask.add_partition(topic, partition);
+        let start = consumer
+            .committed_offsets(ask, timeout)
+            .ok()
+            .and_then(|tpl| {
+                tpl.find_partition(topic, partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some(o),
+                        _ => None,
+                    })
+            })
+            .map_or(Offset::Beginning, Offset::Offset);
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Stored)
+        tpl.add_partition_offset(topic, partition, start)
             .map_err(Error::kafka("assigning the key-order log"))?;
         consumer
             .assign(&tpl)
