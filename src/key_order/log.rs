@@ -107,6 +107,7 @@ impl LogReader {
         let (_, high) = consumer
             .fetch_watermarks(topic, partition, timeout)
             .map_err(Error::kafka("reading the key-order log's end"))?;
+        tracing::debug!(topic, partition, ?start, end = high, "key-order log opened");
         Ok(LogReader {
             consumer,
             topic: topic.to_owned(),

@@ -105,6 +105,10 @@ pub(crate) enum HeldRead<R> {
 pub(crate) struct Released<R, L> {
     /// The log position of the released head's own `head` event (done now), if it was read.
     pub(crate) head_log: Option<L>,
+    /// The log position of the `held` event of the released head, when the head was a held
+    /// record that failed (done now: until its head ends, a replay must see it again, or it
+    /// would take its key for free).
+    pub(crate) held_log: Option<L>,
     /// The key's held records to run or dead-letter now, in order.
     pub(crate) next: Vec<Next<R>>,
 }
@@ -116,6 +120,8 @@ struct Head<L> {
     since_ms: i64,
     /// Where its `head` event is in the log, once read back (`None` before).
     log: Option<L>,
+    /// Where its own `held` event is, when the head is a held record that failed.
+    held_log: Option<L>,
 }
 
 /// One key with an entry: waiting on a head, or still draining its held records.
@@ -266,13 +272,27 @@ impl<R, L: Copy> KeyOrder<R, L> {
 
     /// A record of `key` at `offset` failed and goes to a retry tier (a source record that ran,
     /// or a held record): `key` waits behind it from `now_ms`. Returns whether a `head` event
-    /// must be appended first (not when it already is the key's head, run again after a
-    /// crash).
+    /// must be appended first — not when the key already waits (on this record, read again
+    /// after a crash, or on a later one an earlier owner made its head while this one ran
+    /// again during the replay: then this record's tier copy is a duplicate).
     pub(crate) fn failed(&mut self, key: u64, offset: i64, now_ms: i64) -> bool {
+        self.failed_at(key, offset, now_ms, None)
+    }
+
+    /// [`KeyOrder::failed`] for a held record read back from the log at `held_log`: that
+    /// position stays open until the head's release is read ([`Released::held_log`]), so a
+    /// replay from an earlier committed position sees the record again instead of taking its
+    /// key for free. `false` (no new head) leaves `held_log` to the caller, done at once.
+    pub(crate) fn failed_held(&mut self, key: u64, offset: i64, now_ms: i64, held_log: L) -> bool {
+        self.failed_at(key, offset, now_ms, Some(held_log))
+    }
+
+    fn failed_at(&mut self, key: u64, offset: i64, now_ms: i64, held_log: Option<L>) -> bool {
         let head = Head {
             offset,
             since_ms: now_ms,
             log: None,
+            held_log,
         };
         match self.keys.get_mut(&key) {
             None => {
@@ -281,20 +301,22 @@ impl<R, L: Copy> KeyOrder<R, L> {
                 true
             }
             Some(k) => {
-                if k.head.is_some_and(|h| h.offset == offset) {
-                    return false;
-                }
-                if k.head.is_none() {
-                    self.waiting += 1;
-                } else {
-                    // A held record can only run once its key's head was released; a second
-                    // head over an unreleased one would mean a record ran out of turn.
-                    debug_assert!(false, "a key failed while waiting on another head");
-                }
+                // A held record that ran (read back from the log) is no longer running, whatever
+                // follows.
                 if k.running {
                     k.running = false;
                     self.held -= 1;
                 }
+                if k.head.is_some() {
+                    // Already waiting: on this record (read again after a crash, or a held
+                    // record whose `head` event an earlier owner wrote, read while it ran
+                    // again), or on a later one whose `head` an earlier owner wrote while this
+                    // one, a duplicate run during the replay, was running. Either way the key
+                    // keeps its head; this record's copy on the tier is a duplicate, and the
+                    // `release` it brings names a head that is not current (ignored).
+                    return false;
+                }
+                self.waiting += 1;
                 k.head = Some(head);
                 k.last_head = offset;
                 true
@@ -336,6 +358,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
                     offset: head,
                     since_ms,
                     log: None,
+                    held_log: None,
                 };
                 h.log = Some(log);
                 self.keys.insert(key, Key::waiting(h));
@@ -361,6 +384,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
                         offset: head,
                         since_ms,
                         log: Some(log),
+                        held_log: None,
                     });
                     k.last_head = head;
                     self.waiting += 1;
@@ -442,6 +466,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
         }
         Some(Released {
             head_log: current.log,
+            held_log: current.held_log,
             next,
         })
     }

@@ -46,6 +46,9 @@ pub(crate) struct Held {
 /// and maybe the next record of its key may run.
 pub(crate) struct HeldEnd {
     log_seq: Seq,
+    /// Whether its log position is done now (not when it became its key's head: then it is
+    /// done when the head's release is read).
+    done: bool,
     result: Result<Option<Next<Held>>, Abandoned>,
 }
 
@@ -92,6 +95,12 @@ pub(crate) struct SourceStage {
     source_topic: Arc<str>,
     partition: i32,
     reader: tokio::sync::Mutex<Option<LogReader>>,
+    /// Held while one event of this partition is appended, from its send to its ack: the
+    /// log gets the events in the order the partition made them (a lock that is fair, first
+    /// come first served). Pipelined appends would be faster, but one that fails and is sent
+    /// again would land behind later ones, and a replay would then run a key's records out of
+    /// order.
+    appends: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
     caller: Caller,
     sequential: bool,
@@ -136,6 +145,7 @@ impl SourceStage {
             source_topic,
             partition,
             reader: tokio::sync::Mutex::new(None),
+            appends: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 state: KeyOrder::new(caps, after),
                 log: Frontier::default(),
@@ -212,7 +222,9 @@ impl PartitionTask {
             return Routed::Run;
         }
         let k = key_hash(key);
-        match inner.state.route(k, msg.offset()) {
+        let route = inner.state.route(k, msg.offset());
+        tracing::debug!(offset = msg.offset(), key_hash = %format_args!("{k:016x}"), ?route, "key-order route");
+        match route {
             Route::Run => {
                 if let Some(head) = inner.state.take_note(k) {
                     inner.notes.push((msg.offset(), head));
@@ -340,6 +352,7 @@ impl PartitionTask {
         }
         let now = now_ms();
         let head = inner.state.failed(key_hash(key), msg.offset(), now);
+        tracing::debug!(offset = msg.offset(), key_hash = %format_args!("{:016x}", key_hash(key)), head, "key-order: failed to a retry tier");
         mark.since = Some(now);
         (mark, head)
     }
@@ -362,6 +375,11 @@ impl PartitionTask {
         event: &Event,
     ) -> Result<(), Abandoned> {
         let shared = &self.shared;
+        let (event_kind, event_head) = match event {
+            Event::Head { head, .. } => ("head", *head),
+            Event::Held { record, .. } => ("held", record.offset),
+            Event::Release { head, .. } => ("release", *head),
+        };
         let mut backoff = shared.config.handoff.backoff_initial;
         loop {
             let generation = shared.producer.current();
@@ -374,7 +392,10 @@ impl PartitionTask {
             )
             .await
             {
-                Ok(_) => return Ok(()),
+                Ok(at) => {
+                    tracing::debug!(topic, partition, at, key_hash = %format_args!("{:016x}", key_hash(key)), ?event_kind, head = event_head, "key-order event appended");
+                    return Ok(());
+                }
                 Err(_) if self.revoked.is_cancelled() || self.stop.is_cancelled() => {
                     return Err(Abandoned::Told)
                 }
@@ -411,9 +432,11 @@ impl PartitionTask {
             },
         };
         let key = msg.key().unwrap_or_default();
-        let appended = self
-            .append_durably((&s.log_topic, s.partition), key, &event)
-            .await;
+        let appended = {
+            let _in_order = s.appends.lock().await;
+            self.append_durably((&s.log_topic, s.partition), key, &event)
+                .await
+        };
         if appended.is_err() {
             s.inner().state.hold_abandoned(key_hash(key));
         }
@@ -429,6 +452,7 @@ impl PartitionTask {
             head: msg.offset(),
             since_ms: since,
         };
+        let _in_order = s.appends.lock().await;
         self.append_durably(
             (&s.log_topic, s.partition),
             msg.key().unwrap_or_default(),
@@ -459,6 +483,10 @@ impl PartitionTask {
             None => return Ok(()),
         };
         let event = Event::Release { head, ended };
+        let _in_order = match &self.key_order {
+            Some(KeyOrderStage::Source(s)) => Some(s.appends.lock().await),
+            _ => None,
+        };
         self.append_durably((&topic, partition), msg.key().unwrap_or_default(), &event)
             .await
     }
@@ -554,6 +582,7 @@ impl PartitionTask {
             return;
         };
         let k = key_hash(&key);
+        tracing::debug!(topic = %s.log_topic, partition = s.partition, offset = read.offset, key_hash = %format_args!("{k:016x}"), ?event, "key-order event read");
         let mut next = Vec::new();
         match event.clone() {
             Event::Head { head, since_ms } => {
@@ -579,7 +608,7 @@ impl PartitionTask {
             Event::Release { head, ended } => {
                 inner.log.durable(seq);
                 if let Some(released) = inner.state.on_release(k, head, ended) {
-                    if let Some(h) = released.head_log {
+                    for h in [released.head_log, released.held_log].into_iter().flatten() {
                         inner.log.durable(h);
                     }
                     next = released.next;
@@ -603,7 +632,9 @@ impl PartitionTask {
             return Ok(());
         };
         let next = end.result.map_err(|a| self.end(a))?;
-        s.inner().log.durable(end.log_seq);
+        if end.done {
+            s.inner().log.durable(end.log_seq);
+        }
         if let Some(n) = next {
             held.push(self.launch(handler, n));
         }
@@ -665,6 +696,7 @@ impl PartitionTask {
                     }
                 }
             };
+            let mut done = true;
             let result = match concluded {
                 None => {
                     self.shared.stats.handled(1);
@@ -679,7 +711,9 @@ impl PartitionTask {
                     let mut head = false;
                     if retry {
                         let now = now_ms();
-                        head = s.inner().state.failed(k, offset, now);
+                        head = s.inner().state.failed_held(k, offset, now, log_seq);
+                        // Its log position is done when its release is read, not now.
+                        done = !head;
                         mark.since = Some(now);
                     }
                     let sent = async {
@@ -699,7 +733,11 @@ impl PartitionTask {
                     }
                 }
             };
-            HeldEnd { log_seq, result }
+            HeldEnd {
+                log_seq,
+                done,
+                result,
+            }
         })
     }
 }
