@@ -446,7 +446,13 @@ async fn log_uncommitted(env: &Env) -> usize {
         let Ok((low, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) else {
             continue;
         };
-        let committed = env.committed_offset(&group, &topic, p).await.unwrap_or(low);
+        // A broker may answer a group that never committed as unknown (kfake): nothing
+        // committed, then.
+        let committed = sidetrack::testing::committed_offset(&env.bootstrap(), &group, &topic, p)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(low);
         n += (high - committed.max(low)).max(0) as usize;
     }
     n
@@ -568,8 +574,20 @@ async fn produce_ids_keyed(env: &Env, n: u64, seed: Option<u64>, shared_keys: bo
     }
 }
 
+/// With `LEDGER_KEEP_LOGS`: copies the workers' logs and the ledger there, one folder per test
+/// (they run at once).
+fn keep_logs(run: &Run) {
+    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
+        let keep = Path::new(&keep).join(format!("{:?}-{}", run.backend, run.ordering));
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+        }
+    }
+}
+
 /// Waits until the main group's committed offset moved on every partition that is not done.
-async fn commits_resumed(env: &Env) {
+async fn commits_resumed(env: &Env, run: &Run) {
     let mut before = HashMap::new();
     for p in 0..PARTITIONS {
         before.insert(p, env.committed_offset(env.group(), env.topic(), p).await);
@@ -593,6 +611,9 @@ async fn commits_resumed(env: &Env) {
         }
     })
     .await;
+    if !ok {
+        keep_logs(run);
+    }
     assert!(ok, "offset commits did not resume after the faults");
 }
 
@@ -734,7 +755,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
                 faults.push("broker stalled 2 s");
-                commits_resumed(&env).await;
+                commits_resumed(&env, &run).await;
             }
             _ => {
                 if let Some(mut bb) = b.take() {
@@ -846,14 +867,7 @@ async fn settle(env: &Env, run: &Run, n: u64, mut a: Worker, mut b: Option<Worke
     if let Some(mut bb) = b.take() {
         sigterm(&mut bb);
     }
-    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
-        // The workers' logs and the ledger, one folder per test (they run at once).
-        let keep = Path::new(&keep).join(format!("{:?}-{}", run.backend, run.ordering));
-        let _ = std::fs::create_dir_all(&keep);
-        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
-        }
-    }
+    keep_logs(run);
     if !done {
         let ok: HashSet<u64> = read_ledger(&run.ledger())
             .into_iter()

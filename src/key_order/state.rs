@@ -137,7 +137,8 @@ struct Key<R, L> {
     /// Held records read back, waiting for their turn, by source offset (oldest first).
     queue: VecDeque<(i64, R)>,
     /// A held record of this key is being run (one at a time, in order).
-    running: bool,
+    /// A held record of this key is being run (one at a time, in order): its source offset.
+    running: Option<i64>,
     /// Source offsets of the held records read for this key while it has an entry: a `held`
     /// event for one of them again is a duplicate (a re-forward after a crash). Exact, not a
     /// high-water mark: an append that failed and was sent again can land after a later
@@ -154,17 +155,20 @@ impl<R, L> Key<R, L> {
             head: Some(head),
             forwarded: 0,
             queue: VecDeque::new(),
-            running: false,
+            running: None,
             seen: BTreeSet::new(),
             dead_head: None,
         }
     }
     /// Records counted against `max_held_per_key`.
     fn held(&self) -> usize {
-        self.forwarded + self.queue.len() + usize::from(self.running)
+        self.forwarded + self.queue.len() + usize::from(self.running.is_some())
     }
     fn is_free(&self) -> bool {
-        self.head.is_none() && self.forwarded == 0 && self.queue.is_empty() && !self.running
+        self.head.is_none()
+            && self.forwarded == 0
+            && self.queue.is_empty()
+            && self.running.is_none()
     }
 }
 
@@ -303,8 +307,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
             Some(k) => {
                 // A held record that ran (read back from the log) is no longer running, whatever
                 // follows.
-                if k.running {
-                    k.running = false;
+                if k.running.take().is_some() {
                     self.held -= 1;
                 }
                 if k.head.is_some() {
@@ -324,12 +327,20 @@ impl<R, L: Copy> KeyOrder<R, L> {
         }
     }
 
+    /// Whether the held record of `key` at `offset` (running) is the key's head: handled, its
+    /// `release` must be appended (by the owner, as for a source record read again) before
+    /// the key may follow.
+    pub(crate) fn runs_head(&self, key: u64, offset: i64) -> bool {
+        self.keys
+            .get(&key)
+            .is_some_and(|k| k.head.is_some_and(|h| h.offset == offset))
+    }
+
     /// A held record of `key` that ran was handled, or dead-lettered, or (as `failed` already
     /// said) handed to a tier: the next one of its key, if it may run now.
     pub(crate) fn finished(&mut self, key: u64) -> Option<Next<R>> {
         let k = self.keys.get_mut(&key)?;
-        if k.running {
-            k.running = false;
+        if k.running.take().is_some() {
             self.held -= 1;
         }
         let next = self.next_of(key);
@@ -401,7 +412,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
             last_head: head,
             forwarded: 0,
             queue: VecDeque::new(),
-            running: false,
+            running: None,
             seen: BTreeSet::new(),
             dead_head: None,
         });
@@ -471,14 +482,21 @@ impl<R, L: Copy> KeyOrder<R, L> {
         })
     }
 
-    /// The key's next queued record, if it may run now (released, none running).
+    /// The key's next queued record, if it may run now: none running, and the key released —
+    /// or the record is the key's head itself (its `head` event, written by an earlier owner,
+    /// was read back: it may never have reached its tier, so it runs again, as a source record
+    /// read again after a crash does; see [`KeyOrder::runs_head`]).
     fn next_of(&mut self, key: u64) -> Option<Next<R>> {
         let k = self.keys.get_mut(&key)?;
-        if k.head.is_some() || k.running {
+        if k.running.is_some() {
             return None;
         }
-        let (_, record) = k.queue.pop_front()?;
-        k.running = true;
+        let front = k.queue.front()?.0;
+        if k.head.is_some_and(|h| h.offset != front) {
+            return None;
+        }
+        let (offset, record) = k.queue.pop_front()?;
+        k.running = Some(offset);
         // The first record after a dead-lettered head carries the note; later ones do not.
         let after_dead_letter = match (self.after_dead_letter, k.dead_head) {
             (AfterDeadLetter::Release, Some(h)) => {

@@ -374,6 +374,9 @@ mod model {
                     }
                     let (key, offset) = self.running.remove(i % self.running.len());
                     if self.attempt(offset) {
+                        if self.state.runs_head(key, offset) {
+                            self.log.push(Log::Release(key, offset, Ended::Handled));
+                        }
                         if let Some(n) = self.state.finished(key) {
                             self.next(key, n);
                         }

@@ -700,7 +700,15 @@ impl PartitionTask {
             let result = match concluded {
                 None => {
                     self.shared.stats.handled(1);
-                    Ok(s.inner().state.finished(k))
+                    // Its key's own head (an earlier owner's `head` event read back): its
+                    // release first, as for a source record read again.
+                    let own_head = s.inner().state.runs_head(k, offset);
+                    let released = if own_head {
+                        self.append_release(&msg, Ended::Handled).await
+                    } else {
+                        Ok(())
+                    };
+                    released.map(|()| s.inner().state.finished(k))
                 }
                 Some((disposition, error)) => {
                     let mut mark = Mark {
