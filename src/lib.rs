@@ -102,4 +102,6 @@ mod doc_pages {
     struct Performance;
     #[doc = include_str!("../docs/brokers.md")]
     struct Brokers;
+    #[doc = include_str!("../docs/key-order.md")]
+    struct KeyOrder;
 }

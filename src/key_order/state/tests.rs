@@ -190,6 +190,55 @@ fn a_held_record_of_an_earlier_owner_whose_key_is_free_runs_at_once() {
     assert_eq!(o.route(4, 10), Route::Hold { head: 3 });
 }
 
+#[test]
+fn a_held_event_that_lands_late_still_runs_before_the_later_records_of_its_key() {
+    let mut o = order(AfterDeadLetter::Release);
+    assert!(o.failed(1, 1, 0));
+    for off in [2, 3] {
+        assert_eq!(o.route(1, off), Route::Hold { head: 1 });
+    }
+    // The append of 2 failed and was sent again: 3 is in the log first.
+    assert_eq!(o.on_held(1, 3, 1, 3), HeldRead::Queued);
+    assert_eq!(o.on_held(1, 2, 1, 2), HeldRead::Queued);
+    assert_eq!(
+        o.on_release(1, 1, Ended::Handled).unwrap().next,
+        vec![run(2)]
+    );
+    assert_eq!(o.finished(1), Some(run(3)));
+}
+
+#[test]
+fn a_held_record_whose_head_event_is_replayed_runs_again_and_releases_itself() {
+    let mut o = order(AfterDeadLetter::Release);
+    // Replay: 5 was held behind 4, ran, failed and became the head (an earlier owner wrote
+    // `head(5)`, then crashed before its hand-off was acknowledged: no copy on a tier).
+    assert!(o.on_head(1, 4, 0, 0));
+    assert_eq!(o.on_held(1, 5, 4, 5), HeldRead::Queued);
+    assert_eq!(o.on_held(1, 6, 4, 6), HeldRead::Queued);
+    assert_eq!(
+        o.on_release(1, 4, Ended::Handled).unwrap().next,
+        vec![run(5)]
+    );
+    assert!(o.on_head(1, 5, 0, 1));
+    // 5 runs again (it is running), and is handled: it is its key's head, so the owner
+    // appends its release; 6 waits for that release, not for a tier copy that may not exist.
+    assert!(o.runs_head(1, 5));
+    assert_eq!(o.finished(1), None);
+    let released = o.on_release(1, 5, Ended::Handled).unwrap();
+    assert_eq!(released.head_log, Some(1));
+    assert_eq!(released.next, vec![run(6)]);
+}
+
+#[test]
+fn a_queued_held_record_that_is_its_keys_head_is_not_stuck_behind_itself() {
+    let mut o = order(AfterDeadLetter::Release);
+    // Replay from a position after 5's release: `held(5)` then `head(5)` (no release).
+    assert_eq!(o.on_held(1, 5, 4, 5), HeldRead::Now(run(5)));
+    assert!(o.on_head(1, 5, 0, 1));
+    assert_eq!(o.on_held(1, 6, 5, 6), HeldRead::Queued);
+    assert!(o.runs_head(1, 5));
+}
+
 /// Model check.
 mod model {
     use super::*;
