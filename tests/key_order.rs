@@ -259,3 +259,80 @@ async fn dead_letter_key_takes_the_held_records(env: Env) {
     assert_eq!(handler.successes(), 0);
 }
 on_every_broker!(dead_letter_key, 1, dead_letter_key_takes_the_held_records);
+
+/// `on_dead_letter = "release"` (the default): after a head is dead-lettered its held records
+/// are handled in order, and the next one, if it fails too, says so in its envelope
+/// (`sidetrack-key-order-after-dead-letter` = the dead head's offset) all the way to the DLQ.
+async fn released_key_notes_the_dead_letter(env: Env) {
+    // Records 0 and 1 of key0 always fail: 0 is exhausted, 1 (released after it) too.
+    let handler = Keyed::new(|_, seq, _| seq < 2);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 4).await;
+    wait_for("both exhausted, the rest handled", || {
+        rt.stats().dead_lettered(Reason::Exhausted) == 2 && handler.successes() == 2
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.first_successes()["key0"], vec![2, 3]);
+    let dead = env.read_all(&env.dlq()).await;
+    let note = |payload: &str| {
+        dead.iter()
+            .find(|r| r.payload.as_deref() == Some(payload.as_bytes()))
+            .unwrap_or_else(|| panic!("{payload} in the DLQ"))
+            .headers
+            .iter()
+            .find(|h| h.key == b"sidetrack-key-order-after-dead-letter")
+            .and_then(|h| h.value.clone())
+    };
+    assert_eq!(note("key0-0"), None);
+    assert_eq!(note("key0-1"), Some(b"0".to_vec()));
+}
+on_every_broker!(dead_letter_note, 1, released_key_notes_the_dead_letter);
+
+/// `max_key_wait`: a head whose key waited longer when it comes due on its tier is
+/// dead-lettered as `key-order-timeout` instead of run, which releases its key: the held
+/// records follow, in order.
+async fn key_wait_cap_dead_letters_the_head(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_key_wait: Duration::from_secs(1),
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 3).await;
+    wait_for("head timed out, held records handled", || {
+        rt.stats().dead_lettered(Reason::KeyOrderTimeout) == 1 && handler.successes() == 2
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.first_successes()["key0"], vec![1, 2]);
+    // The head was never run again: it was dead-lettered when it came due.
+    assert_eq!(handler.calls().iter().filter(|c| c.seq == 0).count(), 1);
+}
+on_every_broker!(key_wait_cap, 1, key_wait_cap_dead_letters_the_head);
+
+/// `max_waiting_keys = 1`: while one key waits the partition takes no new record (records
+/// already taken go on); every key's first record fails once, and everything still ends
+/// handled, each key in order — the pause never deadlocks, since the log keeps being read.
+async fn waiting_keys_cap_pauses_intake(env: Env) {
+    let handler = Keyed::new(|_, seq, attempt| seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_waiting_keys: 1,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 3, 4).await;
+    wait_for("every record handled once", || handler.successes() == 12).await;
+    rt.shutdown().await.unwrap();
+    assert_in_order(&handler.first_successes());
+}
+on_every_broker!(waiting_keys_cap, 1, waiting_keys_cap_pauses_intake);

@@ -109,6 +109,7 @@ pub(crate) struct SourceStage {
     oldest_gauge: metrics::Gauge,
     held_total: metrics::Counter,
     full_total: metrics::Counter,
+    waiting_cap_total: metrics::Counter,
 }
 
 impl SourceStage {
@@ -141,6 +142,7 @@ impl SourceStage {
             oldest_gauge: gauge(m::KEY_ORDER_OLDEST_WAIT_SECONDS),
             held_total: metrics::counter!(m::KEY_ORDER_HELD, "group" => g.clone(), "topic" => t.clone()),
             full_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "held_per_key"),
+            waiting_cap_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "waiting_keys"),
             log_topic: Arc::from(log_topic),
             source_topic,
             partition,
@@ -286,6 +288,7 @@ impl PartitionTask {
             return Ok(msg);
         }
         if self.key_order_expired(&msg) {
+            metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => self.shared.topology.group().to_owned(), "topic" => msg.topic().to_owned(), "cap" => "key_wait").increment(1);
             return Err(Step::HandOff(
                 msg,
                 Disposition::DeadLetter(Reason::KeyOrderTimeout),
@@ -352,6 +355,10 @@ impl PartitionTask {
         }
         let now = now_ms();
         let head = inner.state.failed(key_hash(key), msg.offset(), now);
+        if head && !inner.state.may_take() {
+            // The key just made the partition reach `max_waiting_keys`: intake pauses.
+            s.waiting_cap_total.increment(1);
+        }
         tracing::debug!(offset = msg.offset(), key_hash = %format_args!("{:016x}", key_hash(key)), head, "key-order: failed to a retry tier");
         mark.since = Some(now);
         (mark, head)
