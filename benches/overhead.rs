@@ -12,6 +12,9 @@
 //! SIDETRACK_BENCH_BROKERS=127.0.0.1:9092 cargo bench --bench overhead
 //! SIDETRACK_BENCH_CONSUMER_PROPS=fetch.wait.max.ms=10 cargo bench --bench overhead
 //! SIDETRACK_BENCH_ONLY=sidetrack cargo bench --bench overhead   # one side alone (profiling)
+//! # OpenTelemetry on (feature `otel`): a `[tracing]` section sampling this ratio of traces,
+//! # spans exported over OTLP/HTTP to SIDETRACK_BENCH_OTLP (default http://localhost:4318)
+//! SIDETRACK_BENCH_OTEL_SAMPLING=0.01 cargo bench --features otel --bench overhead
 //! ```
 //!
 //! The raw loops get the runtime's prefetch bounds and the benchmark's consumer properties
@@ -37,6 +40,9 @@ const PARTITIONS: i32 = 4;
 /// The benchmark's consumer properties, for the raw loops (the runtime gets them from
 /// `Bench::builder`).
 static PROPS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+/// Feature `otel`: the runtime's `[tracing]` section when `SIDETRACK_BENCH_OTEL_SAMPLING` is set.
+#[cfg(feature = "otel")]
+static OTEL: OnceLock<Option<sidetrack::telemetry::TracingConfig>> = OnceLock::new();
 
 #[derive(Default)]
 struct SplitContext {
@@ -183,6 +189,10 @@ async fn sidetrack(
     config.shutdown_timeout = Duration::from_secs(5);
     config.ordering = ordering;
     config.max_in_flight = max_in_flight;
+    #[cfg(feature = "otel")]
+    {
+        config.tracing = OTEL.get().cloned().flatten();
+    }
     let handle = if work.is_zero() {
         bench.start_runtime(config, NoOp).await
     } else {
@@ -201,6 +211,28 @@ async fn main() {
         common::env_u64("SIDETRACK_BENCH_ROUNDS", 5).max(1)
     ));
     let _ = PROPS.set(bench.consumer_props());
+    #[cfg(feature = "otel")]
+    let _telemetry = {
+        let tracing = std::env::var("SIDETRACK_BENCH_OTEL_SAMPLING")
+            .ok()
+            .map(|r| sidetrack::telemetry::TracingConfig {
+                sampling_ratio: Some(r.parse().expect("SIDETRACK_BENCH_OTEL_SAMPLING: a ratio")),
+                endpoint: std::env::var("SIDETRACK_BENCH_OTLP").ok(),
+                service_name: Some("sidetrack-bench".into()),
+                ..Default::default()
+            });
+        if let Some(t) = &tracing {
+            println!(
+                "otel on: sampling {:?}, endpoint {:?}",
+                t.sampling_ratio, t.endpoint
+            );
+        }
+        let _ = OTEL.set(tracing.clone());
+        tracing.as_ref().map(|t| {
+            sidetrack::telemetry::export::install(Some(t), "sidetrack-bench", false)
+                .expect("tracing config")
+        })
+    };
     let rounds = common::env_u64("SIDETRACK_BENCH_ROUNDS", 5).max(1);
     for size in [100usize, 1024] {
         let topic = bench

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sidetrack::testing::EmbeddedCluster;
+use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::{Config, Context, Handler, HandlerError, Message, Runtime};
 
 #[derive(Deserialize)]

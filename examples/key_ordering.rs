@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::{collections::BTreeMap, time::Duration};
 
-use sidetrack::testing::EmbeddedCluster;
+use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::{config::Ordering, handler_fn, Config, Context, Message, Runtime};
 
 #[derive(Default)]

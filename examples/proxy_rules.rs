@@ -8,8 +8,8 @@
 //! ```
 
 use http_body_util::{BodyExt, Full};
+use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::proxy::{ProduceRecord, Proxy, ProxyConfig, RecordRule, Rejection, RequestInfo};
-use sidetrack::testing::EmbeddedCluster;
 use sidetrack::Header;
 
 /// The company's rule.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde::Deserialize;
 use sidetrack::config::RetryConfig;
-use sidetrack::testing::{read_all, EmbeddedCluster};
+use sidetrack::mocking::{read_all, EmbeddedCluster};
 use sidetrack::{Config, Context, Handler, HandlerError, Message, Reason, Runtime, Tier};
 
 #[derive(Parser, Debug)]

@@ -1,3 +1,13 @@
+//! The crate's one error type, [`Error`]: what stops a runtime from starting or running.
+//!
+//! Kept apart from every stage's own errors (`ConfigError`, `EnvelopeError`, `HopError`, the
+//! proxy's `ApiError`) because it is what an application matches on at the top: each variant
+//! says what to do (fix the config, create a topic, restart), and the stage errors are carried
+//! inside it with `#[from]` rather than flattened into text. A handler's failure is never an
+//! `Error`: it becomes a retry or a dead letter, and the runtime goes on.
+//!
+//! `#[non_exhaustive]`, so a new way to fail is not a breaking change; match with a `_` arm.
+
 use rdkafka::error::KafkaError;
 
 use crate::config::ConfigError;

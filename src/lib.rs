@@ -46,10 +46,12 @@
 //! The crate is laid out one module per concern: [`config`], [`handler`], [`runtime`],
 //! [`outcome`] (the words for what happens to a failed record: [`Disposition`], [`Reason`]),
 //! [`retry`] (policy, topic names, envelope headers, the next hop), [`dead_letter`],
-//! [`metrics`], [`admin`] (what the `sidetrack` CLI needs from the library), [`mocking`] (an
-//! embedded broker) and [`testing`] (a broker-free handler harness, and the embedded broker
-//! re-exported).
+//! [`metrics`], [`telemetry`] (W3C trace context in record headers; with the `otel` feature,
+//! OpenTelemetry spans over OTLP), [`admin`] (what the `sidetrack` CLI needs from the library),
+//! [`mocking`] (an embedded broker) and [`testing`] (a broker-free handler harness, and the
+//! embedded broker re-exported).
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod config;
@@ -65,6 +67,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod retry;
 pub mod runtime;
+pub mod telemetry;
 pub mod testing;
 
 pub use config::Config;
@@ -104,4 +107,6 @@ mod doc_pages {
     struct Brokers;
     #[doc = include_str!("../docs/key-order.md")]
     struct KeyOrder;
+    #[doc = include_str!("../docs/tracing.md")]
+    struct Tracing;
 }

@@ -35,13 +35,43 @@ use std::ops::ControlFlow;
 /// the runtime use this method). Faults can be injected per request type. The cluster keeps
 /// about 5 MiB per partition. Cloning shares the same cluster; it stops when the last clone is
 /// dropped.
+/// # Example
+///
+/// A topic on the embedded cluster, a record produced to it and read back (what an
+/// integration test does before pointing a runtime at it with
+/// [`RuntimeBuilder::embedded`](crate::RuntimeBuilder::embedded)):
+///
+/// ```
+/// use sidetrack::mocking::{produce, read_all, EmbeddedCluster};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), sidetrack::Error> {
+/// let cluster = EmbeddedCluster::start()?;
+/// cluster.create_topic("orders", 3)?;
+/// let producer = cluster.producer()?;
+/// let (partition, _offset) =
+///     produce(&producer, "orders", Some(1), Some(b"k".as_slice()), Some(b"{}".as_slice()), &[])
+///         .await?;
+/// assert_eq!(partition, 1);
+/// let records = read_all(cluster.bootstrap_servers(), "orders").await?;
+/// assert_eq!(records.len(), 1);
+/// assert_eq!(records[0].key.as_deref(), Some(b"k".as_slice()));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct EmbeddedCluster {
+    /// Shared by every clone: the cluster is destroyed when the last clone (and so the last
+    /// `Arc`) is dropped, never while a handle can still reach it.
     inner: Arc<Inner>,
 }
 
+/// The owned mock cluster and the client handle it lives in.
 struct Inner {
+    /// The cluster, created by `rd_kafka_mock_cluster_new`, destroyed in `Drop` (exactly once:
+    /// `Inner` is never cloned).
     mock: *mut rdsys::rd_kafka_mock_cluster_t,
+    /// Its `host:port` list, copied out once (the C string belongs to the cluster).
     bootstrap: String,
     // The client handle the mock cluster belongs to; must outlive `mock`.
     _owner: BaseProducer<Quiet>,
@@ -70,6 +100,8 @@ impl ProducerContext for Quiet {
     fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }
 
+/// librdkafka's mock API answers with a response code, not a `Result`: `NO_ERROR` becomes
+/// `Ok`, anything else an [`Error::Kafka`] naming what was being done.
 fn mock_err(context: &'static str, code: rdsys::rd_kafka_resp_err_t) -> Result<(), Error> {
     if code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
         Ok(())
@@ -310,6 +342,9 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error
     }
 }
 
+/// [`read_all`] on the calling thread: the scan polls a `BaseConsumer`, which blocks, so
+/// the async wrapper runs this on a blocking thread. A 10 s bound per poll: the data is local
+/// or a test broker's.
 fn read_all_blocking(bootstrap: &str, topic: &str) -> Result<Vec<Record>, Error> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);

@@ -20,6 +20,21 @@ use std::time::Duration;
 ///
 /// Its [`as_str`](Reason::as_str) form is the `sidetrack-error-kind` header value of a dead
 /// letter, the `reason` label of the dead-letter metric and the value of the CLI's `--reason`.
+///
+/// # Example
+///
+/// The wire form round-trips, and is what a `sidetrack-error-kind` header, a metric label and
+/// `sidetrack dlq list --reason` use:
+///
+/// ```
+/// use sidetrack::Reason;
+///
+/// for reason in Reason::ALL {
+///     assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+/// }
+/// assert_eq!(Reason::InvalidEnvelope.to_string(), "invalid-envelope");
+/// assert!("Exhausted".parse::<Reason>().is_err()); // exact, as the header is written
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Reason {
@@ -151,6 +166,19 @@ pub fn error_kind_str(reason: Option<Reason>) -> &'static str {
 
 /// Reads a `sidetrack-error-kind` header value: `Ok(None)` for [`RETRYABLE`], `Ok(Some(_))` for
 /// a dead-letter reason. The inverse of [`error_kind_str`].
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::outcome::{error_kind_str, parse_error_kind, RETRYABLE};
+/// use sidetrack::Reason;
+///
+/// assert_eq!(parse_error_kind(RETRYABLE), Ok(None));
+/// assert_eq!(parse_error_kind("exhausted"), Ok(Some(Reason::Exhausted)));
+/// assert_eq!(error_kind_str(Some(Reason::Poison)), "poison");
+/// // Exact and case-sensitive, as the header is written.
+/// assert!(parse_error_kind("Exhausted").is_err());
+/// ```
 pub fn parse_error_kind(s: &str) -> Result<Option<Reason>, UnknownReason> {
     if s == RETRYABLE {
         Ok(None)
@@ -179,6 +207,15 @@ pub enum FailureKind {
 impl FailureKind {
     /// The reason a record failing this way is dead-lettered for at once, or `None` if it is
     /// worth retrying.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use sidetrack::{FailureKind, Reason};
+    ///
+    /// assert_eq!(FailureKind::Retryable.dead_letter_reason(), None);
+    /// assert_eq!(FailureKind::Poison.dead_letter_reason(), Some(Reason::Poison));
+    /// ```
     pub fn dead_letter_reason(self) -> Option<Reason> {
         match self {
             FailureKind::Retryable => None,
@@ -193,6 +230,17 @@ impl FailureKind {
 /// Decided by [`RetryPolicy::decide`](crate::RetryPolicy::decide) (or by the runtime itself for
 /// `invalid-envelope` and `oversized`), and turned into a topic and an envelope by
 /// [`next_hop`](crate::retry::next_hop).
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::{Disposition, Reason};
+///
+/// let retry = Disposition::Retry { tier: 0, delay: Duration::from_secs(1) };
+/// assert_eq!(retry.reason(), None); // written as `sidetrack-error-kind: retryable`
+/// assert_eq!(Disposition::DeadLetter(Reason::Exhausted).reason(), Some(Reason::Exhausted));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
     /// Publish to retry tier `tier` (0-based), due `delay` from now (before jitter).

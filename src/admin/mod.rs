@@ -37,6 +37,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The same rule [`Config::validate`](crate::Config::validate) applies to configured topics
 /// (it also says what is wrong; this only answers yes or no). Useful for names that come from
 /// records: asking a broker about an illegal name gives an error that looks like an outage.
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::admin::is_legal_topic;
+///
+/// assert!(is_legal_topic("orders.billing.retry.30s"));
+/// assert!(!is_legal_topic(".."));
+/// assert!(!is_legal_topic("orders billing")); // a space: not in [a-zA-Z0-9._-]
+/// assert!(!is_legal_topic(&"x".repeat(250))); // longer than 249
+/// ```
 pub fn is_legal_topic(name: &str) -> bool {
     crate::config::check_topic_name(name).is_ok()
 }
@@ -57,6 +68,16 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 /// `t` in milliseconds since the Unix epoch, the unit of Kafka timestamps and of every time in
 /// a sidetrack envelope: 0 for a time before the epoch, `i64::MAX` past what an `i64` holds
 /// (saturating, so a clock set to the far future cannot make a time negative).
+///
+/// # Example
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use sidetrack::admin::epoch_ms;
+///
+/// assert_eq!(epoch_ms(UNIX_EPOCH + Duration::from_millis(1_500)), 1_500);
+/// assert_eq!(epoch_ms(UNIX_EPOCH - Duration::from_secs(1)), 0); // before the epoch
+/// ```
 pub fn epoch_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

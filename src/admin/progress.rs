@@ -6,24 +6,27 @@
 //! every partition: so a second replay of the same selection is refused instead of sending
 //! everything again, and a replay that loses a partition stops before its next batch.
 //!
-//! This is not the runtime's group member ([`runtime`](crate::runtime)'s `group.rs`): that one
-//! owns partitions to *read* them, splitting each into a queue with a task of its own; this
-//! one owns them and never reads (its partitions are paused as they are assigned), it only
-//! holds the group so that its commits are refused once someone else owns the progress. The
-//! two share the group protocol through librdkafka and nothing else; putting the lock behind
-//! the runtime's member would drag handler tasks, metrics and the hand-off into a tool that
-//! runs none of them. It lives in the library so the CLI holds no copy of group logic.
+//! This is not the runtime's partition-reading member: that one owns partitions to *read*
+//! them, splitting each into a queue with a task of its own; this one owns them and never
+//! reads (its partitions are paused as they are assigned), it only holds the group so that its
+//! commits are refused once someone else owns the progress. The group membership itself — the
+//! consumer context, the rebalance bookkeeping (assignments, revocations, rebalance errors)
+//! and waiting for a change — is the runtime's one implementation
+//! ([`Member`](crate::runtime::consumer::Member)); this file adds only what the lock does with
+//! it (pause what is assigned, refuse unless every partition is owned, regain after a
+//! revocation). It lives in the library so the CLI holds no copy of group logic.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::runtime::consumer::{Member, MemberHooks, Membership};
 
 /// Why a [`ProgressGroup`] could not be joined, read, or committed through, or why it may not
 /// send any more. The texts are written for the person running the replay.
@@ -139,8 +142,7 @@ const MEMBER_DEFAULTS: &[(&str, &str)] = &[
 /// owning only some partitions, refuses and leaves; this replay goes on once it owns every
 /// partition again and the group's progress is still its own ([`ProgressGroup::regain`]).
 pub struct ProgressGroup {
-    consumer: Option<Arc<BaseConsumer<MemberContext>>>,
-    state: Arc<MemberState>,
+    consumer: Option<Arc<LockConsumer>>,
     stop: Arc<AtomicBool>,
     keeper: Option<std::thread::JoinHandle<()>>,
     group: String,
@@ -153,68 +155,23 @@ pub struct ProgressGroup {
     settle: Duration,
 }
 
-/// What the rebalance callbacks tell the waiting side; guarded by a mutex and signalled by a
-/// condition variable, since the callbacks run on the keeper thread.
-#[derive(Default)]
-struct MemberState {
-    flags: Mutex<Flags>,
-    changed: Condvar,
-}
+/// The lock's consumer: the shared member context around the lock's one hook.
+type LockConsumer = BaseConsumer<Member<ReplayLock>>;
 
-#[derive(Default)]
-struct Flags {
-    /// Assignments received (each rebalance ends with one, possibly empty).
-    assigns: u32,
-    /// Revocations (or losses) of partitions: another member joined, or this one was dropped.
-    revokes: u32,
-    /// A rebalance error: this member cannot be trusted with the group any more.
-    error: Option<String>,
-    /// The last error polling the member (shown if joining takes too long).
-    poll_error: Option<String>,
-}
+/// What the replay lock does on its group's events beyond the shared bookkeeping: pause what
+/// it gets (only the ownership matters; the scan reads the records).
+struct ReplayLock;
 
-impl MemberState {
-    fn flags(&self) -> std::sync::MutexGuard<'_, Flags> {
-        self.flags.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The member's rebalance hook: counts revocations and assignments, pauses what it gets.
-struct MemberContext {
-    state: Arc<MemberState>,
-}
-
-impl ClientContext for MemberContext {}
-
-impl ConsumerContext for MemberContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) if tpl.count() > 0 => {
-                // Not waiting here for the batch in flight: this member could not rejoin until
-                // it ends, and a commit during a rebalance may be refused until it rejoins
-                // (the embedded broker refuses every commit while members are rejoining).
-                self.state.flags().revokes += 1;
-                self.state.changed.notify_all();
-            }
-            Rebalance::Error(e) => {
-                let mut f = self.state.flags();
-                f.revokes += 1;
-                f.error = Some(e.to_string());
-                self.state.changed.notify_all();
-            }
-            _ => {}
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+impl MemberHooks for ReplayLock {
+    // Revocations are only counted (by the shared bookkeeping); not waiting there for the
+    // batch in flight: this member could not rejoin until it ends, and a commit during a
+    // rebalance may be refused until it rejoins (the embedded broker refuses every commit
+    // while members are rejoining).
+    fn after_rebalance(&self, consumer: &LockConsumer, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            // Only the ownership matters; the scan reads the records.
             if tpl.count() > 0 {
                 let _ = consumer.pause(tpl);
             }
-            let mut f = self.state.flags();
-            f.assigns += 1;
-            self.state.changed.notify_all();
         }
     }
 }
@@ -266,18 +223,14 @@ impl ProgressGroup {
         let (group, topic) = (group.to_owned(), topic.to_owned());
         let want: BTreeSet<i32> = partitions.iter().copied().collect();
         blocking(move || {
-            let state = Arc::new(MemberState::default());
-            let consumer: BaseConsumer<MemberContext> = config
-                .create_with_context(MemberContext {
-                    state: Arc::clone(&state),
-                })
+            let consumer: LockConsumer = config
+                .create_with_context(Member::new(ReplayLock))
                 .map_err(ProgressError::Settings)?;
             let consumer = Arc::new(consumer);
             consumer.subscribe(&[&topic])?;
             let stop = Arc::new(AtomicBool::new(false));
             let keeper = {
-                let (consumer, stop, state) =
-                    (Arc::clone(&consumer), Arc::clone(&stop), Arc::clone(&state));
+                let (consumer, stop) = (Arc::clone(&consumer), Arc::clone(&stop));
                 std::thread::Builder::new()
                     .name("replay-member".into())
                     .spawn(move || {
@@ -285,7 +238,10 @@ impl ProgressGroup {
                             match consumer.poll(Duration::from_millis(100)) {
                                 // Paused on assignment: nothing is expected; drop it if so.
                                 Some(Ok(_)) | None => {}
-                                Some(Err(e)) => state.flags().poll_error = Some(e.to_string()),
+                                Some(Err(e)) => {
+                                    consumer.context().membership().lock().poll_error =
+                                        Some(e.to_string())
+                                }
                             }
                         }
                     })
@@ -293,7 +249,6 @@ impl ProgressGroup {
             };
             let member = ProgressGroup {
                 consumer: Some(consumer),
-                state,
                 stop,
                 keeper: Some(keeper),
                 group,
@@ -310,7 +265,8 @@ impl ProgressGroup {
             let deadline = begun + within;
             let mut waiting = Some(waiting);
             {
-                let mut f = member.state.flags();
+                let membership = member.membership();
+                let mut f = membership.lock();
                 while f.assigns == 0 {
                     if let Some(e) = &f.error {
                         return Err(ProgressError::JoinFailed {
@@ -335,12 +291,7 @@ impl ProgressGroup {
                             last_error: f.poll_error.clone(),
                         });
                     }
-                    f = member
-                        .state
-                        .changed
-                        .wait_timeout(f, left.min(Duration::from_millis(200)))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    f = membership.wait(f, left.min(Duration::from_millis(200)));
                 }
             }
             let owned = member.owned()?;
@@ -357,8 +308,17 @@ impl ProgressGroup {
         .await
     }
 
-    fn consumer(&self) -> Result<Arc<BaseConsumer<MemberContext>>, ProgressError> {
+    fn consumer(&self) -> Result<Arc<LockConsumer>, ProgressError> {
         self.consumer.clone().ok_or(ProgressError::Closed)
+    }
+
+    /// The member's rebalances so far (the consumer is there until the member is dropped).
+    fn membership(&self) -> &Membership {
+        self.consumer
+            .as_deref()
+            .expect("the consumer is kept until drop")
+            .context()
+            .membership()
     }
 
     /// Partitions of the topic this member owns now.
@@ -385,7 +345,7 @@ impl ProgressGroup {
     /// must not send ([`ProgressError::Failed`] or [`ProgressError::Joined`]). One lock and one
     /// atomic load: cheap enough before every batch.
     pub fn check(&self) -> Result<(), ProgressError> {
-        let f = self.state.flags();
+        let f = self.membership().lock();
         if f.revokes == self.cleared.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -408,7 +368,7 @@ impl ProgressGroup {
         let deadline = Instant::now() + self.settle + self.settle;
         loop {
             let (revokes, error) = {
-                let f = self.state.flags();
+                let f = self.membership().lock();
                 (f.revokes, f.error.clone())
             };
             if let Some(error) = error {
@@ -425,7 +385,7 @@ impl ProgressGroup {
                         group: self.group.clone(),
                     });
                 }
-                if self.state.flags().revokes == revokes {
+                if self.membership().lock().revokes == revokes {
                     self.cleared.store(revokes, Ordering::SeqCst);
                     return Ok(());
                 }
@@ -436,13 +396,11 @@ impl ProgressGroup {
                     group: self.group.clone(),
                 });
             }
-            let state = Arc::clone(&self.state);
+            let consumer = self.consumer()?;
             let _ = tokio::task::spawn_blocking(move || {
-                let f = state.flags();
-                let assigns = f.assigns;
-                let _ = state
-                    .changed
-                    .wait_timeout_while(f, Duration::from_millis(200), |f| f.assigns == assigns);
+                let membership = consumer.context().membership();
+                let assigns = membership.lock().assigns;
+                membership.wait_until(Duration::from_millis(200), |r| r.assigns != assigns);
             })
             .await;
         }

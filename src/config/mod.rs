@@ -39,6 +39,7 @@ mod managed;
 mod tests;
 mod validate;
 
+pub use crate::telemetry::config::{ProcessParent, TracingConfig};
 pub(crate) use managed::canonical_property;
 pub(crate) use validate::check_topic_name;
 pub use validate::ConfigError;
@@ -82,6 +83,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Dead-letter alerts.
     pub alerts: AlertsConfig,
+    /// `[tracing]`: OpenTelemetry spans over OTLP (feature `otel`); absent, nothing is
+    /// exported. See [`TracingConfig`] and `docs/tracing.md`.
+    pub tracing: Option<TracingConfig>,
     /// How long shutdown waits for in-flight handlers before abandoning them (their offsets are
     /// then not stored, so they are delivered again after a restart). Default 30 s, at most
     /// 24 h. Longer lets slow handlers finish (fewer records handled twice) but delays a
@@ -149,6 +153,7 @@ impl Default for Config {
             handoff: HandoffConfig::default(),
             metrics: MetricsConfig::default(),
             alerts: AlertsConfig::default(),
+            tracing: None,
             shutdown_timeout: Duration::from_secs(30),
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             handler_warn_after: Duration::from_secs(10),

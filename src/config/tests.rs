@@ -1,12 +1,22 @@
 //! Tests of the configuration: TOML parsing, defaults, every validation rule and the managed
 //! properties, including property tests that any text parses or is refused without a panic.
+//!
+//! What they pin, because users depend on it: an invalid configuration is refused at load
+//! with the dotted name of the field at fault (`handoff.timeout`, `retry.tiers[1].delay`), a
+//! property that would void a guarantee is refused with the reason, and no text, however
+//! absurd (a duration of 584,942,417,355 years, a `NaN` jitter), makes loading panic or
+//! overflow later when the runtime adds a duration to an `Instant`.
 
 use super::*;
 
+/// The smallest valid configuration (one broker, group `billing`, topic `orders`): each test
+/// changes one field of it, so a failure names that field's rule.
 fn base() -> Config {
     Config::new("localhost:9092", "billing", ["orders"])
 }
 
+/// The dotted field an `Invalid` error names: what the tests assert, since the message
+/// wording may change but the field it points at may not.
 fn field_of(err: ConfigError) -> String {
     match err {
         ConfigError::Invalid { field, .. } => field,
@@ -22,6 +32,10 @@ fn defaults_validate() {
     assert_eq!(policy.max_retries(), 6);
 }
 
+/// The breaker's defaults (100 in a row, or 100 of the last 200), and each bound of its
+/// limits refused under its own dotted name: a zero count, a window past
+/// `MAX_BREAKER_WINDOW`, more dead letters than the window holds, a zero cool-down, a maximum
+/// below the cool-down.
 #[test]
 fn breaker_limits_are_checked_when_enabled() {
     let b = BreakerConfig::default();
@@ -71,6 +85,8 @@ fn breaker_limits_are_checked_when_enabled() {
     c.validate().unwrap();
 }
 
+/// A configuration file as the guide writes one: durations as text, tiers in order, and a
+/// raw librdkafka property passed through untouched.
 #[test]
 fn toml_with_tiers_and_raw_properties() {
     let c = Config::from_toml_str(
@@ -99,6 +115,8 @@ fn toml_with_tiers_and_raw_properties() {
     assert_eq!(c.consumer["session.timeout.ms"], "6000");
 }
 
+/// A misspelt field (`groupp`, `atempts`) is an error naming it, at any depth: a typo must
+/// not silently fall back to a default.
 #[test]
 fn unknown_field_is_rejected_with_its_name() {
     let err = Config::from_toml_str("brokers = \"b\"\ngroupp = \"g\"").unwrap_err();
@@ -108,12 +126,15 @@ fn unknown_field_is_rejected_with_its_name() {
     assert!(err.to_string().contains("atempts"), "{err}");
 }
 
+/// A duration that does not parse is refused at load, as a parse error (not a validation one).
 #[test]
 fn bad_duration_is_a_parse_error() {
     let err = Config::from_toml_str("shutdown_timeout = \"soon\"").unwrap_err();
     assert!(matches!(err, ConfigError::Parse(_)), "{err}");
 }
 
+/// Each validation rule names the field at fault by its dotted path, list index included
+/// (`topics[1]`, `retry.tiers[1].delay`), so the message points at the line to fix.
 #[test]
 fn invalid_fields_are_named() {
     let mut c = base();
@@ -175,6 +196,7 @@ fn invalid_fields_are_named() {
     assert_eq!(field_of(c.validate().unwrap_err()), "dead_letter.topic");
 }
 
+/// `field: reason` of an `Invalid` error, for tests that also check why.
 fn reason_of(err: ConfigError) -> String {
     match err {
         ConfigError::Invalid { field, reason } => format!("{field}: {reason}"),
@@ -226,6 +248,9 @@ fn managed_properties_are_refused_with_their_reason() {
     c.validate().unwrap();
 }
 
+/// Values that are legal numbers but would overflow later (a delay of 400 days added to an
+/// `Instant`, `u32::MAX` attempts summed over tiers) are refused at validation, naming the
+/// field, instead of panicking in the runtime.
 #[test]
 fn absurd_sizes_are_refused_before_they_overflow() {
     let mut c = base();
@@ -255,6 +280,8 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
+    /// Text a duration field may hold: well-formed durations of every unit (some far too long
+    /// for a `Duration`), near-misses, and the exact overflow edges humantime must refuse.
     fn duration_text() -> impl Strategy<Value = String> {
         prop_oneof![
             "[0-9]{1,25}(ns|us|ms|s|m|h|d|w|y)",
@@ -264,6 +291,7 @@ mod properties {
         ]
     }
 
+    /// Text a numeric field may hold: any integer, any float (NaN and infinities included).
     fn number_text() -> impl Strategy<Value = String> {
         prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),
@@ -339,6 +367,8 @@ mod properties {
     }
 }
 
+/// `RetryConfig::disabled()` is a valid configuration with no tiers: every failure goes
+/// straight to the dead-letter topic (a retryable one as `exhausted`).
 #[test]
 fn disabled_retries_validate() {
     let mut c = base();

@@ -180,6 +180,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(tracing) = &self.tracing {
+            tracing.validate()?;
+        }
         if self.alerts.webhook.is_some() && !cfg!(feature = "webhook") {
             return Err(ConfigError::invalid(
                 "alerts.webhook",

@@ -56,6 +56,11 @@ pub struct DeadLetterExample {
     pub attempts: u32,
     /// The error, escaped like `key` and cut at 300 characters.
     pub error: String,
+    /// Trace id (32 lowercase hex digits) of the record's origin: the producer's span, as
+    /// the record's `traceparent` (or, once handed off, its `sidetrack-origin-traceparent`)
+    /// named it. `None` when the record carried no valid trace context. Open this trace to
+    /// see the request that produced the record and every attempt.
+    pub trace_id: Option<String>,
 }
 
 /// Everything on-call needs about the records dead-lettered for one (topic, group) in one
@@ -126,7 +131,7 @@ impl DeadLetterAlert {
         );
         for e in &self.examples {
             out.push_str(&format!(
-                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {})\n",
+                "• {}[{}]@{} key={} {} after {} attempt{}: {} (DLQ {}{})\n",
                 name(&self.topic),
                 e.partition,
                 e.offset,
@@ -139,6 +144,11 @@ impl DeadLetterAlert {
                     Some(o) => format!("{}:{o}", e.dlq_partition),
                     None => format!("partition {}, offset unknown", e.dlq_partition),
                 },
+                // Validated lowercase hex when set (never record text), so safe as it is.
+                e.trace_id
+                    .as_deref()
+                    .map(|t| format!(", trace {t}"))
+                    .unwrap_or_default(),
             ));
         }
         if (self.examples.len() as u64) < self.count {
@@ -226,6 +236,7 @@ pub enum NotifyError {
 /// ```
 pub trait DeadLetterNotifier: Send + Sync + 'static {
     /// A short name for logs and the `notifier` metric label.
+    /// The notifier's name, for the failure counter's `notifier` label and the log.
     fn name(&self) -> &str;
     /// Delivers one alert. It runs on its own task under a timeout.
     fn notify(
@@ -245,12 +256,18 @@ pub trait DeadLetterNotifier: Send + Sync + 'static {
     }
 }
 
+/// [`DeadLetterNotifier`] with its futures boxed, so the runtime can hold notifiers of
+/// different types in one `Vec<Arc<dyn ErasedNotifier>>`. The user's trait keeps `async fn`
+/// (no boxing in what they write); the one allocation per alert happens here, off the record
+/// path, on the task that sends alerts. Implemented for every notifier by the blanket impl below.
 pub(crate) trait ErasedNotifier: Send + Sync + 'static {
     fn name(&self) -> &str;
+    /// [`DeadLetterNotifier::notify`], boxed.
     fn notify_boxed<'a>(
         &'a self,
         alert: &'a DeadLetterAlert,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
+    /// [`DeadLetterNotifier::notify_breaker`], boxed.
     fn notify_breaker_boxed<'a>(
         &'a self,
         alert: &'a BreakerAlert,
@@ -314,23 +331,36 @@ impl DeadLetterNotifier for LogNotifier {
     }
 }
 
+/// The dead letters of one (source topic, dead-letter topic, window) collected so far: what
+/// its alert will say. Counts are exact; examples stop at `alerts.max_examples`, so a flood
+/// costs a counter increment per record, not memory.
 struct Bucket {
+    /// Dead letters in the bucket.
     count: u64,
+    /// The count per [`Reason`] (a handful of keys: `Reason` is a closed set).
     by_reason: HashMap<Reason, u64>,
+    /// Earliest DLQ timestamp seen (ms since the epoch).
     first_at_ms: i64,
+    /// Latest DLQ timestamp seen.
     last_at_ms: i64,
     /// Local clock when the bucket was opened: bounds how long a bucket whose DLQ timestamps
     /// lie in the future (a broker clock ahead of ours) is held.
     opened_ms: i64,
+    /// True when an alert for this window was already sent: this one says it is a follow-up,
+    /// so a reader does not add the counts twice.
     follow_up: bool,
+    /// The first few dead letters, escaped for a terminal when they were taken.
     examples: Vec<DeadLetterExample>,
 }
 
 /// (source topic, dead-letter topic, window index).
 type BucketKey = (String, String, i64);
 
+/// Everything behind the one lock of [`Alerts`]: buckets waiting and what was sent.
 #[derive(Default)]
 struct State {
+    /// Open buckets; a `BTreeMap` so that shutdown sends them in a stable order (the test
+    /// reads them back).
     buckets: BTreeMap<BucketKey, Bucket>,
     /// Highest window already sent per (source topic, dead-letter topic): a dead letter of that
     /// window or an earlier one goes into a follow-up alert.
@@ -364,34 +394,54 @@ pub(crate) fn is_due(k: i64, window_ms: i64, grace_ms: i64, opened_ms: i64, now_
 
 /// Collects dead letters and sends one alert per (topic, group) and window.
 pub(crate) struct Alerts {
+    /// Buckets and flush marks. A `std` mutex held for a map update only, never across an
+    /// `.await`: adding a dead letter never waits on a notifier.
     state: Mutex<State>,
+    /// The configured notifiers; empty means alerts are off and recording is a no-op.
     notifiers: Vec<Arc<dyn ErasedNotifier>>,
+    /// `alerts.max_examples`: examples kept per bucket.
     max_examples: usize,
+    /// `alerts.timeout`: the bound on each notifier call.
     timeout: Duration,
+    /// `alerts.window` in ms, at least 1.
     window_ms: i64,
+    /// How long after a window's end its alert waits for late acknowledgements.
     grace_ms: i64,
+    /// The bootstrap servers, written into the commands an alert shows.
     brokers: String,
+    /// `alerts.command`: how on-call runs the CLI (`sidetrack` by default).
     cli: String,
 }
 
 /// What the runtime knows about one durable dead letter.
 pub(crate) struct DeadLetterEvent<'a> {
+    /// Source topic the record was consumed from (the alert's subject).
     pub(crate) topic: &'a str,
+    /// Dead-letter topic it now sits in.
     pub(crate) dlq: &'a str,
+    /// Source partition and offset (for the example).
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    /// Where it landed on the DLQ: what `dlq show` takes.
     pub(crate) dlq_partition: i32,
     /// Negative when the acknowledgement carried no offset (librdkafka's -1001).
     pub(crate) dlq_offset: i64,
     /// Timestamp of the DLQ record: it decides the window, since the CLI filters on it.
     /// `None` falls back to this clock.
     pub(crate) dlq_timestamp: Option<i64>,
+    /// The record's key, escaped and cut when kept as an example.
     pub(crate) key: Option<&'a [u8]>,
+    /// Why it was dead-lettered.
     pub(crate) reason: Reason,
+    /// Handler calls it had.
     pub(crate) attempts: u32,
+    /// The last error's text, escaped and cut when kept as an example.
     pub(crate) error: &'a str,
+    /// The origin's trace id, if the record carried a trace context (validated hex).
+    pub(crate) trace_id: Option<&'a str>,
 }
 
+/// `d` in whole milliseconds, saturating (a config duration may exceed `i64` ms).
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -425,6 +475,9 @@ impl Alerts {
         self.record_at(event, now_ms());
     }
 
+    /// [`Alerts::record`] at a given clock, for tests. The window is that of the DLQ timestamp
+    /// (what the CLI's `--since`/`--until` filter on), falling back to `now`; a window already
+    /// sent gets a new bucket marked as a follow-up.
     fn record_at(&self, event: DeadLetterEvent<'_>, now: i64) {
         if self.notifiers.is_empty() {
             return;
@@ -464,6 +517,7 @@ impl Alerts {
                 reason: event.reason.as_str().to_owned(),
                 attempts: event.attempts,
                 error: escape::for_terminal(event.error, EXAMPLE_ERROR_CHARS),
+                trace_id: event.trace_id.map(str::to_owned),
             });
         }
     }
@@ -497,6 +551,10 @@ impl Alerts {
         alerts
     }
 
+    /// Turns one due bucket into its alert: counts by reason (in name order), examples, and the
+    /// `dlq list` and `dlq replay --dry-run` commands for exactly that window, built from the
+    /// configuration only (names shell-quoted, the command escaped), so every instance writes the
+    /// same commands and a pasted replay uses one progress group.
     fn alert(&self, group: &str, topic: String, dlq: String, k: i64, b: Bucket) -> DeadLetterAlert {
         let (start, end) = window_bounds(k, self.window_ms);
         // From the configuration and the window only. `alerts.command` may be several words
@@ -642,7 +700,33 @@ mod tests {
             reason,
             attempts: 3,
             error: "payment service down",
+            trace_id: None,
         }
+    }
+
+    #[test]
+    fn the_origin_trace_id_is_printed_with_its_example() {
+        let a = alerts(5);
+        a.record_at(
+            DeadLetterEvent {
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+                ..event(7, Reason::Exhausted, T0 + 1)
+            },
+            T0 + 1,
+        );
+        let all = a.take("billing", None);
+        assert_eq!(
+            all[0].examples[0].trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert!(all[0]
+            .text()
+            .contains("(DLQ 1:107, trace 4bf92f3577b34da6a3ce929d0e0e4736)"));
+        let json = serde_json::to_value(&all[0]).unwrap();
+        assert_eq!(
+            json["examples"][0]["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     fn alerts(max_examples: usize) -> Alerts {

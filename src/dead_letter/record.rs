@@ -1,6 +1,19 @@
 //! Reading records back from a topic (the DLQ, mostly): a bounded scan from a start position to
 //! the end offsets seen when the scan began, and a view of a dead-letter record that understands
 //! sidetrack's envelope and Spring Kafka's `kafka_dlt-*` headers.
+//!
+//! The library's, not the CLI's, because the runtime's tests, the test kit
+//! ([`read_all`](crate::mocking::read_all)) and every `sidetrack dlq` command read dead letters
+//! the same way. Two rules make a scan safe to resume from:
+//! - **Bounded.** A scan stops at the end offsets taken when it began, so a DLQ that keeps
+//!   growing (a replay whose records fail again) still ends.
+//! - **Committed only.** It reads with `isolation.level=read_committed` up to each partition's
+//!   last stable offset; records of an open transaction are not skipped but *held back*
+//!   ([`Scanned::open`]), and [`Scanned::reached`] never passes them, so progress saved there
+//!   cannot jump over a record that commits later.
+//!
+//! A [`Record`] holds any bytes a producer wrote: its [`Provenance`] is sidetrack's envelope,
+//! Spring's headers, or neither (with why), and nothing here panics on what it reads.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -90,6 +103,8 @@ impl Record {
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// The value of the last header named `key`: the last, because an envelope comes after the
+    /// user's headers and a user header may carry the same name.
     fn header_bytes(&self, key: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -126,6 +141,9 @@ impl Record {
         }
     }
 
+    /// Spring Kafka's `kafka_dlt-*` headers, read field by field: each one missing or unreadable
+    /// (Spring writes numbers as big-endian binary) is `None`, never an error, since a partial
+    /// record of where it came from is still worth showing.
     fn spring(&self) -> SpringDlt {
         let int = |k: &str| self.header_bytes(k).and_then(spring_int);
         let text = |k: &str| {

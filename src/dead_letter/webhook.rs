@@ -1,3 +1,12 @@
+//! The webhook dead-letter notifier: one HTTP `POST` of JSON per alert (config
+//! `alerts.webhook`, feature `webhook`).
+//!
+//! Separate from the alert aggregation (`alert.rs`) because it is only one way of telling
+//! people: the aggregation decides *what* to say and *when*; this file only says it over HTTP.
+//! The request is made with `ureq` on a blocking thread, since one request per alert window
+//! does not justify an async HTTP client in the dependency tree. Failures never reach the
+//! records: they are safe on the DLQ before an alert is built.
+
 use std::time::Duration;
 
 use serde::Serialize;
@@ -10,15 +19,40 @@ use super::{BreakerAlert, DeadLetterAlert, DeadLetterNotifier, NotifyError};
 ///
 /// HTTP and HTTPS (rustls, bundled web PKI roots) are supported. A status of 400 or more is a
 /// failure. Requires the `webhook` feature.
+///
+/// Usually configured (`[alerts] webhook = "https://…"`); adding one in code is the same:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use sidetrack::dead_letter::WebhookNotifier;
+/// # use sidetrack::{Config, Error, Handler};
+/// # fn build(config: Config, handler: impl Handler) -> Result<(), Error> {
+/// let runtime = sidetrack::Runtime::builder(config)
+///     .handler(handler)
+///     .dead_letter_notifier(
+///         WebhookNotifier::new("https://hooks.example.com/T000/B000/XXXX")
+///             .timeout(Duration::from_secs(5)),
+///     )
+///     .build()?;
+/// # let _ = runtime; Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct WebhookNotifier {
+    /// Where alerts are posted; any `http://` or `https://` URL (a Slack incoming webhook works).
     url: String,
+    /// Bound on one request, connect to response. The runtime also bounds the whole
+    /// notifier call by `alerts.timeout`, so a hanging endpoint never holds alerts back.
     timeout: Duration,
 }
 
+/// A dead-letter alert as posted: `text` for chat tools that show one field, `sidetrack`
+/// with every field of the alert for receivers that route or count.
 #[derive(Serialize)]
 struct Body<'a> {
+    /// The readable summary, escaped for Slack (see [`DeadLetterAlert::slack_text`]).
     text: String,
+    /// The alert itself, serialised as its public fields.
     sidetrack: &'a DeadLetterAlert,
 }
 
@@ -27,6 +61,7 @@ struct Body<'a> {
 #[derive(Serialize)]
 struct BreakerBody<'a> {
     text: String,
+    /// The breaker event itself: group, topic, partition, transition and counts.
     sidetrack_breaker: &'a BreakerAlert,
 }
 
@@ -71,6 +106,9 @@ impl DeadLetterNotifier for WebhookNotifier {
 }
 
 impl WebhookNotifier {
+    /// Posts `body` once (no retry: the next window's alert, or the log, is the fallback) on a
+    /// blocking thread. A transport error or a status of 400 or more is [`NotifyError::Failed`],
+    /// naming the URL; the caller counts it in `sidetrack_alert_failures_total`.
     async fn post(&self, body: Vec<u8>) -> Result<(), NotifyError> {
         let (url, timeout) = (self.url.clone(), self.timeout);
         // ureq is blocking; one short request per alert window does not deserve an async

@@ -21,14 +21,22 @@ use crate::outcome::FailureKind;
 /// that the blanket `From` conversion behind `?` can exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
+    /// What the handler says about the failure: retryable, permanent or poison. The retry
+    /// policy turns it, with the attempt count, into a [`Disposition`](crate::Disposition).
     kind: FailureKind,
+    /// The error chain as text (`outer: cause: root cause`), flattened once: it is what the
+    /// envelope's `sidetrack-error` header, the logs and the alerts show.
     message: String,
+    /// A delay the handler asked for ([`HandlerError::retry_after`]); the policy picks the
+    /// first tier whose delay is at least this long.
     retry_after: Option<Duration>,
 }
 
+/// Anything `?` or the constructors accept: an error, a `String` or a `&str`.
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 impl HandlerError {
+    /// One constructor behind the three public ones: the kind, and the chain flattened.
     fn from_boxed(kind: FailureKind, error: BoxError) -> Self {
         HandlerError {
             kind,
@@ -55,6 +63,18 @@ impl HandlerError {
     /// Asks for the next attempt no sooner than `delay` from now. The runtime picks the first
     /// retry tier whose delay is at least `delay` (the longest tier if none is); see
     /// [`RetryPolicy::decide`](crate::RetryPolicy::decide).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{FailureKind, HandlerError};
+    ///
+    /// let e = HandlerError::retryable("HTTP 429 from the payments API")
+    ///     .retry_after(Duration::from_secs(30));
+    /// assert_eq!(e.kind(), FailureKind::Retryable);
+    /// assert_eq!(e.requested_delay(), Some(Duration::from_secs(30)));
+    /// ```
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self
@@ -75,6 +95,8 @@ impl HandlerError {
         self.retry_after
     }
 
+    /// A handler that panicked (while creating its future or while it ran): retryable, since a
+    /// panic is most often a bug met by one input at one moment, with the panic's message kept.
     pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
         HandlerError {
             kind: FailureKind::Retryable,
@@ -113,6 +135,9 @@ where
     }
 }
 
+/// The error and its `source()` chain joined with `: `, skipping a cause whose text the
+/// previous message already ends with (many errors include their source in their own
+/// message).
 fn chain_text(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -129,6 +154,21 @@ fn chain_text(error: &(dyn StdError + 'static)) -> String {
 }
 
 /// Classifies the error of a `Result` in one call: `db.get(id).await.permanent()?`.
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::{FailureKind, HandlerError, ResultExt};
+///
+/// fn parse_amount(text: &str) -> Result<i64, HandlerError> {
+///     // A malformed amount will not parse better later: dead-letter it as poison.
+///     text.parse::<i64>().poison()
+/// }
+/// assert_eq!(parse_amount("12").unwrap(), 12);
+/// let e = parse_amount("twelve").unwrap_err();
+/// assert_eq!(e.kind(), FailureKind::Poison);
+/// assert_eq!(e.message(), "invalid digit found in string");
+/// ```
 pub trait ResultExt<T> {
     /// Maps the error to a retryable [`HandlerError`].
     fn retryable(self) -> Result<T, HandlerError>;

@@ -19,6 +19,18 @@ use rdkafka::types::RDKafkaRespErr;
 /// Names are almost always UTF-8 text; [`Header::key_str`] reads them as such and
 /// [`Header::key_lossy`] for display. One limit comes from librdkafka, which hands names over as
 /// C strings: a name containing a NUL byte is read up to that byte.
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::Header;
+///
+/// let h = Header::new(b"tenant\xff".to_vec(), "acme"); // a name that is not UTF-8
+/// assert_eq!(h.key_str(), None);
+/// assert_eq!(h.key_lossy(), "tenant\u{fffd}");
+/// assert!(!h.is("tenant"));
+/// assert_eq!(Header::null("trace-id").value, None); // null, not empty
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Header {
     /// Header name, as on the wire.

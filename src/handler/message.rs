@@ -1,3 +1,17 @@
+//! [`Message`]: the record a handler sees, as a view of librdkafka's buffer.
+//!
+//! The per-record path hands the handler a message that points into the consumed librdkafka
+//! message (key, payload, topic name) instead of copying them: reading a record costs no
+//! allocation. The price is the `unsafe` contract of `Message::from_consumed` (the buffer
+//! outlives the message), which the partition task upholds by keeping the consumed message
+//! (its `Raw`) until the record's call and hand-off are over. A clone owns its
+//! bytes, so a handler may keep one past its call.
+//!
+//! Headers are parsed lazily (`OnceLock`): most handlers never read them, and asking
+//! librdkafka for them costs an allocation per record. On a retried record the envelope
+//! headers are not the user's: [`Message::headers`] shows only the user's own, and the
+//! envelope is [`Message::envelope`].
+
 use std::sync::{Arc, OnceLock};
 
 use rdkafka::bindings as rdsys;
@@ -21,23 +35,39 @@ use super::{HandlerError, Header};
 pub struct Message {
     /// The partition task's own name for it, borrowed: no copy or count per record.
     topic: Topic,
+    /// Partition of the original record (from the envelope when retried).
     partition: i32,
+    /// Offset of the original record: with topic and partition, the record's stable identity.
     offset: i64,
+    /// The original record's timestamp, ms since the epoch (`None`: the producer set none).
     timestamp: Option<i64>,
+    /// The key: borrowed from librdkafka's buffer in the runtime, owned in a clone or a test.
     key: Bytes,
+    /// The value, like the key; `Null` for a tombstone.
     payload: Bytes,
     /// The user's headers, read from `raw` on first use (most handlers never ask: reading
     /// costs librdkafka an allocation per record). `None` when there are none.
     headers: OnceLock<Option<Arc<[Header]>>>,
     /// The consumed librdkafka message the headers are read from; null once they are.
     raw: *mut rdsys::rd_kafka_message_t,
+    /// Which handler call this is for the record: 1 on the source topic, then one more per
+    /// retry tier hop (from the envelope's `attempts`).
     attempt: u32,
     /// Envelope and where it was read from, for a retried record (boxed: most are not).
     retry: Option<Arc<Retried>>,
+    /// Feature `otel`: the context of this record's `process` span, set when the span starts,
+    /// so that its hand-off (which runs after the call, outside the span) is the span's child.
+    /// A `OnceBox` (one pointer): the message stays as small as without the feature.
+    #[cfg(feature = "otel")]
+    trace: once_cell::race::OnceBox<opentelemetry::trace::SpanContext>,
 }
 
+/// What only a retried record has, kept apart so a first attempt carries one `None`.
 struct Retried {
+    /// The envelope it was read with, trusted (see `retry::decode`).
     envelope: Envelope,
+    /// The retry tier topic, partition and offset it was actually read from, for
+    /// [`Message::received_from`] and the logs.
     received_from: (Arc<str>, i32, i64),
 }
 
@@ -52,11 +82,14 @@ unsafe impl Sync for Message {}
 /// A topic name: borrowed from the partition task (the runtime's messages; same contract as
 /// `Bytes::Borrowed`) or shared.
 enum Topic {
+    /// The partition task's `&str`, as a pointer and a length (no lifetime: see `Send`).
     Borrowed { ptr: *const u8, len: usize },
+    /// An owned name shared by clones (a clone of a clone only counts a reference).
     Shared(Arc<str>),
 }
 
 impl Topic {
+    /// The name, whichever way it is held.
     fn as_str(&self) -> &str {
         match self {
             // SAFETY: see `Message::from_consumed`: the task's topic name outlives the message;
@@ -68,6 +101,8 @@ impl Topic {
         }
     }
 
+    /// A name a clone can keep: a borrowed one is copied into an `Arc<str>` (once), a shared one
+    /// only gains a reference.
     fn shared(&self) -> Self {
         match self {
             Topic::Borrowed { .. } => Topic::Shared(Arc::from(self.as_str())),
@@ -78,21 +113,22 @@ impl Topic {
 
 /// Key or payload bytes.
 enum Bytes {
+    /// No bytes (a null key, or a tombstone's payload): not the same as empty bytes.
     Null,
     /// Inside a consumed librdkafka message that the runtime keeps alive for longer than the
     /// message (see `Message::from_consumed`).
-    Borrowed {
-        ptr: *const u8,
-        len: usize,
-    },
+    Borrowed { ptr: *const u8, len: usize },
+    /// Bytes the message owns, shared by its clones.
     Owned(Arc<[u8]>),
 }
 
 impl Bytes {
+    /// Owned bytes from a vector (`None` is `Null`): messages built by tests and tools.
     fn of(bytes: Option<Vec<u8>>) -> Self {
         bytes.map_or(Bytes::Null, |b| Bytes::Owned(Arc::from(b)))
     }
 
+    /// The bytes, whichever way they are held (`None` for `Null`).
     fn get(&self) -> Option<&[u8]> {
         match self {
             Bytes::Null => None,
@@ -111,6 +147,8 @@ impl Bytes {
         }
     }
 
+    /// A view of bytes that outlive the message, without copying them (the runtime's intake;
+    /// the caller upholds `Message::from_consumed`'s contract).
     fn borrowed(bytes: Option<&[u8]>) -> Self {
         match bytes {
             None => Bytes::Null,
@@ -136,6 +174,8 @@ impl Clone for Message {
             raw: std::ptr::null_mut(),
             attempt: self.attempt,
             retry: self.retry.clone(),
+            #[cfg(feature = "otel")]
+            trace: once_cell::race::OnceBox::new(),
         }
     }
 }
@@ -155,6 +195,18 @@ impl std::fmt::Debug for Message {
 }
 
 impl Message {
+    /// Feature `otel`: remembers the context of this record's `process` span (first call wins).
+    #[cfg(feature = "otel")]
+    pub(crate) fn set_trace(&self, cx: opentelemetry::trace::SpanContext) {
+        let _ = self.trace.set(Box::new(cx));
+    }
+
+    /// Feature `otel`: the context of this record's `process` span, if one was recorded.
+    #[cfg(feature = "otel")]
+    pub(crate) fn trace(&self) -> Option<&opentelemetry::trace::SpanContext> {
+        self.trace.get()
+    }
+
     /// A message for tests: partition 0, offset 0, attempt 1, no key, no headers.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
         Message {
@@ -168,6 +220,8 @@ impl Message {
             raw: std::ptr::null_mut(),
             attempt: 1,
             retry: None,
+            #[cfg(feature = "otel")]
+            trace: once_cell::race::OnceBox::new(),
         }
     }
 
@@ -292,6 +346,8 @@ impl Message {
                 raw: std::ptr::null_mut(),
                 attempt: 1,
                 retry: None,
+                #[cfg(feature = "otel")]
+                trace: once_cell::race::OnceBox::new(),
             },
             Some(env) => Message {
                 topic: Topic::Shared(Arc::from(env.original_topic.as_str())),
@@ -307,6 +363,8 @@ impl Message {
                     envelope: env,
                     received_from: (Arc::clone(received_topic), partition, offset),
                 })),
+                #[cfg(feature = "otel")]
+                trace: once_cell::race::OnceBox::new(),
             },
         }
     }
@@ -391,6 +449,22 @@ impl Message {
 
     /// Decodes the payload as JSON. A failure is a poison error: the record is dead-lettered
     /// at once, since retrying cannot make bad bytes good.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use serde::Deserialize;
+    /// use sidetrack::{FailureKind, Message};
+    ///
+    /// #[derive(Debug, Deserialize)]
+    /// struct Order { id: String }
+    ///
+    /// let good = Message::new("orders", r#"{"id":"o-1"}"#);
+    /// assert_eq!(good.json::<Order>().unwrap().id, "o-1");
+    /// // Bytes that are not an `Order` are poison: dead-lettered at once, never retried.
+    /// let bad = Message::new("orders", "not json");
+    /// assert_eq!(bad.json::<Order>().unwrap_err().kind(), FailureKind::Poison);
+    /// ```
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         let bytes = self
             .payload()
@@ -410,6 +484,16 @@ impl Message {
 
     /// The value of the first user header named `key` (`Some(None)` for a null value). `key`
     /// may be text or bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use sidetrack::Message;
+    ///
+    /// let msg = Message::new("orders", "{}").with_header("trace-id", "abc");
+    /// assert_eq!(msg.header("trace-id"), Some(Some(b"abc".as_slice())));
+    /// assert_eq!(msg.header(b"tenant".as_slice()), None); // no such header
+    /// ```
     pub fn header(&self, key: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
         let key = key.as_ref();
         self.headers()

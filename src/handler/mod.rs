@@ -106,7 +106,9 @@ pub trait Handler: Send + Sync + 'static {
 /// A [`Handler`] made from an async closure; see [`handler_fn`].
 #[derive(Clone)]
 pub struct HandlerFn<F> {
+    /// The closure, called with a clone of each message (owned, so its future may be `'static`).
     f: F,
+    /// The time limit set by [`HandlerFn::with_timeout`]; `None` uses `handler_timeout`.
     timeout: Option<Duration>,
 }
 
@@ -120,6 +122,28 @@ impl<F> HandlerFn<F> {
 
 /// Makes a [`Handler`] from a closure taking an owned [`Message`] and [`Context`] (both cheap
 /// to clone) and returning a future.
+///
+/// The message is cloned for each call (its bytes copied once) so that the closure's future
+/// may own it; a [`Handler`] implementation borrows it instead, and is the choice when that
+/// copy matters.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::{handler_fn, Context, HandlerError, Message};
+///
+/// let handler = handler_fn(|msg: Message, cx: Context| async move {
+///     if cx.is_shutting_down() {
+///         // Retried after the restart rather than cut off half way.
+///         return Err(HandlerError::retryable("shutting down"));
+///     }
+///     let _order: serde_json::Value = msg.json()?;
+///     Ok(())
+/// })
+/// .with_timeout(Duration::from_secs(5));
+/// # let _ = handler;
+/// ```
 pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
 where
     F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
@@ -149,16 +173,22 @@ where
 /// What the handler may want to know about the runtime around it.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// Shared by every clone: one allocation per runtime, and a clone per `handler_fn` call
+    /// costs one reference count.
     inner: Arc<ContextInner>,
 }
 
+/// What a [`Context`] shares.
 #[derive(Debug)]
 struct ContextInner {
+    /// The main consumer group's name.
     group: String,
+    /// Cancelled when the runtime begins shutting down.
     shutdown: CancellationToken,
 }
 
 impl Context {
+    /// The context of one runtime: its group and its shutdown signal.
     pub(crate) fn new(group: String, shutdown: CancellationToken) -> Self {
         Context {
             inner: Arc::new(ContextInner { group, shutdown }),
@@ -168,6 +198,23 @@ impl Context {
     /// The consumer group (of the main consumer, also for retried records).
     pub fn group(&self) -> &str {
         &self.inner.group
+    }
+
+    /// Feature `otel`: the trace context of the current span — the record's `process` span, or
+    /// a span of the handler's own nested in it — so the handler can call other services in the
+    /// same trace (write [`RecordContext::parent`](crate::telemetry::RecordContext) as their
+    /// `traceparent` header; [`Context::traceparent`] does). `None` when nothing records spans
+    /// (no `[tracing]`, or the span is filtered out).
+    #[cfg(feature = "otel")]
+    pub fn trace_context(&self) -> Option<crate::telemetry::RecordContext> {
+        crate::telemetry::span::context_of(&tracing::Span::current())
+    }
+
+    /// Feature `otel`: the `traceparent` header value of the current span (see
+    /// [`Context::trace_context`]).
+    #[cfg(feature = "otel")]
+    pub fn traceparent(&self) -> Option<String> {
+        self.trace_context().map(|cx| cx.parent.to_string())
     }
 
     /// True once shutdown has begun. Long handlers may check it and return a retryable error

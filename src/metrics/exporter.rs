@@ -1,3 +1,10 @@
+//! The built-in Prometheus exporter (feature `prometheus`), installed when
+//! `metrics.listen` is set.
+//!
+//! A file of its own so that everything else in [`crate::metrics`] stays exporter-agnostic:
+//! the runtime only records through the `metrics` facade, and an application that uses
+//! StatsD, Datadog or OpenTelemetry installs its own recorder and never compiles this.
+
 use std::net::SocketAddr;
 
 use crate::error::Error;

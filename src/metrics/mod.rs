@@ -22,36 +22,65 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 /// Offset lag of one partition: high watermark − next offset to handle. Labels: `group`,
 /// `topic`, `partition`. Measured with a watermark query, so it is right for paused partitions.
+///
+/// A gauge. Suggested alert (from `docs/monitoring.md`): none of its own: alert on
+/// [`CONSUMER_MAX_LAG`]; this one finds the hot partition.
 pub const CONSUMER_LAG: &str = "sidetrack_consumer_lag";
 /// Largest [`CONSUMER_LAG`] over the partitions of a topic this instance owns (the
 /// `max_offset_lag` signal). Labels: `group`, `topic`.
+///
+/// A gauge. Suggested alert (from `docs/monitoring.md`): `max by (topic) (…{group="billing",
+/// topic="orders"}) > 10000 for 10m`.
 pub const CONSUMER_MAX_LAG: &str = "sidetrack_consumer_max_lag";
 /// Records read. Labels: `group`, `topic`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `rate(…[5m]) == 0` while lag > 0
+/// (stuck), as for [`BYTES_CONSUMED`].
 pub const RECORDS_CONSUMED: &str = "sidetrack_records_consumed_total";
 /// Key + payload bytes read; its rate is bytes/s. Labels: `group`, `topic`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `rate(…[5m]) == 0` while lag > 0
+/// (stuck).
 pub const BYTES_CONSUMED: &str = "sidetrack_bytes_consumed_total";
 /// Latency from a record's timestamp. Labels: `topic`, `from`: `record` is receipt time −
 /// timestamp of the record read (producer → consumer); `original`, for retried records only,
 /// is the time the retry is handed to the handler − timestamp of the original record, so the
 /// cost of retries shows.
+///
+/// A summary. Suggested alert (from `docs/monitoring.md`): `{from="record",quantile="0.99"} >
+/// 30` for 10m.
 pub const END_TO_END_SECONDS: &str = "sidetrack_end_to_end_latency_seconds";
 /// Handler time, by outcome. Labels: `source`, `outcome`. A handler call that waits (returns
 /// `Pending` at least once) is always timed; of the calls that return at once, one in 16 is
 /// (the others cost no clock reads).
+///
+/// A summary. Suggested alert (from `docs/monitoring.md`): p99 of `handled` above your SLO.
 pub const PROCESSING_SECONDS: &str = "sidetrack_processing_seconds";
 /// Records whose handler succeeded. Labels: `source`.
 pub const RECORDS_HANDLED: &str = "sidetrack_records_handled_total";
 /// Records durably written to a retry tier. Labels: `source`, `tier`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): retry rate > 5% of consumed for 15m.
 pub const RETRIES_SCHEDULED: &str = "sidetrack_retries_scheduled_total";
 /// Records durably written to the dead-letter topic. Labels: `source`, `reason`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `increase(…[5m]) > 0` (page per
+/// reason as you see fit).
 pub const DEAD_LETTERED: &str = "sidetrack_dead_lettered_total";
 /// Failed attempts to hand a record to a retry or dead-letter topic (each is retried).
 /// Labels: `source`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `increase(…[5m]) > 0`: the partition
+/// is not moving.
 pub const HANDOFF_FAILURES: &str = "sidetrack_handoff_failures_total";
 /// Time a retried record was handled after its due time. Labels: `topic`.
+///
+/// A summary. Suggested alert (from `docs/monitoring.md`): p99 > 5 (retry consumer overloaded).
 pub const RETRY_LATENESS_SECONDS: &str = "sidetrack_retry_lateness_seconds";
 /// Partitions paused right now (retry records not yet due, or a failing hand-off).
 /// Labels: `group`.
+///
+/// A gauge. Suggested alert (from `docs/monitoring.md`): on the main group: `> 0 for 5m`.
 pub const PARTITIONS_PAUSED: &str = "sidetrack_partitions_paused";
 /// Handler calls running right now. Labels: `group`.
 pub const RECORDS_IN_FLIGHT: &str = "sidetrack_records_in_flight";
@@ -67,31 +96,51 @@ pub const PARTITION_WAITING: &str = "sidetrack_partition_waiting";
 pub const PARTITION_FRONTIER_LAG: &str = "sidetrack_partition_frontier_lag";
 /// Partition tasks that ended unexpectedly (a panic outside the handler, or an error the
 /// task cannot get past) and were restarted by their supervisor. Labels: `group`, `topic`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `increase(…[5m]) > 0` (the log line
+/// says why).
 pub const PARTITION_TASK_FAILURES: &str = "sidetrack_partition_task_failures_total";
 /// Handler calls cancelled at their time limit (`handler_timeout`, or the handler's own
 /// [`Handler::timeout`](crate::Handler::timeout)): the call's future was dropped and the record
 /// went to its retry tier (or the DLQ) as a retryable failure. Labels: `group`, `topic`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `rate(…[10m]) > 0`: a dependency
+/// hangs.
 pub const HANDLER_TIMEOUTS: &str = "sidetrack_handler_timeouts_total";
 /// Age of the oldest handler call running in one partition (0 when none runs), updated every
 /// half second. A value that keeps growing is a stuck call. Labels: `group`, `topic`,
 /// `partition`.
+///
+/// A gauge. Suggested alert (from `docs/monitoring.md`): `> 10` (`handler_warn_after`) for 5m.
 pub const HANDLER_OLDEST_CALL_SECONDS: &str = "sidetrack_handler_oldest_call_seconds";
 /// Handler calls that blocked their thread: one poll of the handler's future did not return
 /// for `handler_blocking_after` (`std::thread::sleep`, a blocking client, long computation
 /// between `.await`s). Such a call cannot be cancelled; each is also logged at ERROR.
 /// Labels: `group`, `topic`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `increase(…[5m]) > 0`: fix the
+/// handler (spawn_blocking).
 pub const HANDLER_BLOCKING: &str = "sidetrack_handler_blocking_total";
 /// Fatal errors raised by a Kafka client (`client` = `producer` or `consumer`). A fatal
 /// producer error replaces the hand-off producer; a fatal consumer error stops the runtime with
 /// an error.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): `increase(…[5m]) > 0`.
 pub const CLIENT_FATAL_ERRORS: &str = "sidetrack_client_fatal_errors_total";
 /// Dead-letter alerts a notifier failed to deliver (timeout or error). Labels: `notifier`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): failures `> 0` for 15m.
 pub const ALERT_FAILURES: &str = "sidetrack_alert_failures_total";
 /// Dead-letter alerts delivered. Labels: `notifier`.
+///
+/// A counter. Suggested alert (from `docs/monitoring.md`): on [`ALERT_FAILURES`], `> 0` for 15m.
 pub const ALERTS_SENT: &str = "sidetrack_alerts_sent_total";
 
 /// 1 while the dead-letter flood breaker of a partition holds it (open, or half-open until the
 /// record tried has an outcome), else 0. Labels: `group`, `topic`, `partition`.
+///
+/// A gauge. Suggested alert (from `docs/monitoring.md`): `== 1`: a partition is not consuming
+/// by design; fix and `close_breaker`.
 pub const DEAD_LETTER_BREAKER_OPEN: &str = "sidetrack_dead_letter_breaker_open";
 /// Times a dead-letter flood breaker opened (tripped while closed, or opened again because
 /// the record tried half-open was dead-lettered). Labels: `group`, `topic`.

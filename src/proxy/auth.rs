@@ -1,5 +1,15 @@
 //! Who may produce where: bearer tokens (kept as SHA-256 hashes in memory, whatever their
 //! source), per-token topic patterns, and the topics nobody may produce to.
+//!
+//! Two questions, asked in this order by the extractors: *who is it* ([`Access::authenticate`]:
+//! 401 when the bearer token is missing or unknown) and *may they write here*
+//! ([`Access::authorize`]: 403 40301 for a topic outside the token's patterns, 403 40302 for a
+//! topic nobody may write: Kafka's internal `__*` topics and `denied_topics`, which by default
+//! hold sidetrack's own retry and dead-letter topics, so a client cannot forge a retry).
+//!
+//! Tokens are compared by their SHA-256, in constant time: the configuration may hold the
+//! hash only (`sha256 = "…"`, see [`token_sha256`]), and a token read from `env` or `file`
+//! is hashed when loaded, so the process never keeps one to leak.
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -189,6 +199,20 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 /// SHA-256 of a token, hex: what goes into `proxy.auth.tokens[].sha256`.
+///
+/// The same as `printf %s "$TOKEN" | sha256sum`, so the hash can be made either way and the
+/// token itself never has to be written into a configuration file.
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::proxy::token_sha256;
+///
+/// assert_eq!(
+///     token_sha256("abc"),
+///     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+/// );
+/// ```
 pub fn token_sha256(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()

@@ -36,25 +36,39 @@ use crate::config::ConfigError;
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Bootstrap servers, `host:port,…`.
+    ///
+    /// Default: empty (the CLI then starts an embedded broker for the demo).
     pub brokers: String,
     /// Address to listen on. Loopback by default: serving other hosts is a decision.
+    ///
+    /// Default: `127.0.0.1:8082`.
     pub listen: SocketAddr,
     /// How long the shared producer waits for more records before sending a batch
     /// (librdkafka `linger.ms`). Concurrent requests share broker batches within it.
+    ///
+    /// Default: 1 ms. Longer fills broker batches better under load, and adds that much
+    /// latency to every request.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Longest time a produce request may take: records not acknowledged by then fail with
     /// 503 (librdkafka `message.timeout.ms` is set to it).
+    ///
+    /// Default: 10 s. Clients should time out later than this, or they retry requests that
+    /// are still being written.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Records queued in the producer and not yet acknowledged, over all requests; a request
     /// that would go beyond it is answered 429 at once.
+    ///
+    /// Default: 50,000.
     pub max_in_flight_records: usize,
     /// What those records cost in memory, over all requests; a request that would go beyond
     /// it is answered 429 at once (413 if it never fits). A record costs its key, value and
     /// header bytes plus [`RECORD_OVERHEAD`](super::RECORD_OVERHEAD) (512) and
     /// [`HEADER_OVERHEAD`](super::HEADER_OVERHEAD) (128) per header: what librdkafka and the
     /// proxy hold for it besides its bytes ([`ProduceRecord::cost`](super::ProduceRecord::cost)).
+    ///
+    /// Default: 64 MiB.
     pub max_in_flight_bytes: usize,
     /// Most headers one record of a request may carry; a record with more is answered 413
     /// (error code 41304) before its headers are decoded. Default 256. Headers a
@@ -62,16 +76,22 @@ pub struct ProxyConfig {
     /// count.
     pub max_headers_per_record: usize,
     /// Largest request body; a larger one is answered 413 before it is read.
+    ///
+    /// Default: 4 MiB.
     pub max_body_bytes: usize,
     /// Bytes of request bodies being read or decoded at once, over all requests (each request
     /// reserves its `Content-Length`, or `max_body_bytes` without one, and once decoded the
     /// [cost](super::ProduceRecord::cost) of its records if that is more, until they are
     /// admitted); beyond it, 429 at once. With the in-flight bounds this caps the memory
     /// requests can hold.
+    ///
+    /// Default: 128 MiB.
     pub max_buffered_bytes: usize,
     /// Open client connections. When all are taken, a new connection evicts the oldest
     /// unproven one (see `max_unproven_connections`); when every one is proven, new connections
     /// wait in the listen backlog.
+    ///
+    /// Default: 10,000.
     pub max_connections: usize,
     /// Connections that have not proven themselves yet: with authentication on, not yet sent a
     /// request with a valid bearer token; with it off, not yet completed a request head. Beyond
@@ -82,26 +102,41 @@ pub struct ProxyConfig {
     /// Time from accepting a connection until its first request head is complete (TLS
     /// handshake included), whatever the protocol; on HTTP/1 also the time from the first byte
     /// of each later head to its end. A connection that misses it is closed.
+    ///
+    /// Default: 10 s.
     #[serde(with = "humantime_serde")]
     pub head_timeout: Duration,
     /// A connection with no request in progress (HTTP/2: no open stream) for this long is
     /// closed (HTTP/2: GOAWAY). Keep it above the idle timeout of a load balancer in front, so
     /// that the balancer, not the proxy, closes idle connections.
+    ///
+    /// Default: 120 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// HTTP/2: interval of the keep-alive PINGs the proxy sends.
+    ///
+    /// Default: 30 s.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_interval: Duration,
     /// HTTP/2: a PING not answered within this is a dead peer; its connection is closed.
+    ///
+    /// Default: 20 s.
     #[serde(with = "humantime_serde")]
     pub http2_keep_alive_timeout: Duration,
     /// How long topic metadata (partition counts) is trusted before it is looked up again.
+    ///
+    /// Default: 30 s. Shorter notices new partitions sooner, at the cost of a metadata
+    /// request per topic that often.
     #[serde(with = "humantime_serde")]
     pub metadata_max_age: Duration,
     /// Longest wait for a metadata lookup (an unknown topic is answered within it).
+    ///
+    /// Default: 5 s.
     #[serde(with = "humantime_serde")]
     pub metadata_timeout: Duration,
     /// How long shutdown waits for requests in flight and the producer's flush.
+    ///
+    /// Default: 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Cluster id named by `GET /v3/clusters` and accepted in v3 paths; by default the
@@ -110,10 +145,16 @@ pub struct ProxyConfig {
     /// Topic patterns (`*` matches any run of characters) nobody may produce to. By default
     /// sidetrack's own retry and dead-letter topics; Kafka's internal topics (`__*`) are
     /// refused unless `allow_internal_topics` is set.
+    ///
+    /// Default: `["*.retry.*", "*.dlq"]`.
     pub denied_topics: Vec<String>,
     /// Allow producing to topics whose name starts with `__` (Kafka internals).
+    ///
+    /// Default: `false`.
     pub allow_internal_topics: bool,
     /// Serve Prometheus `GET /metrics` on the proxy's own listener.
+    ///
+    /// Default: `true`.
     pub metrics: bool,
     /// `Idempotency-Key` handling.
     pub idempotency: IdempotencyConfig,
@@ -123,6 +164,8 @@ pub struct ProxyConfig {
     pub tls: Option<TlsConfig>,
     /// Raw librdkafka properties for the shared producer. Properties the proxy's guarantees
     /// rest on are rejected by [`ProxyConfig::validate`], with the reason.
+    ///
+    /// Default: empty.
     pub producer: BTreeMap<String, String>,
 }
 

@@ -102,6 +102,8 @@ fn entry_cost(key: &str, answer: usize) -> usize {
 
 /// The store behind the lock: the entries, their order of arrival, and what they cost.
 struct Inner {
+    /// Each key in use, scoped to its caller (`caller NUL key`, so two tokens never share a
+    /// key), with its fingerprint and state.
     entries: HashMap<String, Entry>,
     /// Keys in insertion order, for expiry and the size bounds.
     order: VecDeque<(String, Instant)>,

@@ -57,6 +57,8 @@ mod routes;
 mod rules;
 mod status;
 mod tls;
+#[cfg(feature = "otel")]
+mod trace;
 mod wire;
 
 use std::future::Future;

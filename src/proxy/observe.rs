@@ -53,6 +53,16 @@ pub(crate) async fn observe(req: Request, next: axum::middleware::Next) -> Respo
         .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
     metrics::gauge!(m::PROXY_REQUESTS_IN_FLIGHT).increment(1.0);
+    // The server span (feature `otel`): everything answering the request runs inside it, and
+    // the access log line below is written in it, so it names the trace.
+    #[cfg(feature = "otel")]
+    let span = super::trace::server_span(&method, &route, req.headers());
+    #[cfg(feature = "otel")]
+    let resp = match &span {
+        Some(span) => tracing::Instrument::instrument(next.run(req), span.clone()).await,
+        None => next.run(req).await,
+    };
+    #[cfg(not(feature = "otel"))]
     let resp = next.run(req).await;
     metrics::gauge!(m::PROXY_REQUESTS_IN_FLIGHT).decrement(1.0);
     let elapsed = started.elapsed();
@@ -74,6 +84,11 @@ pub(crate) async fn observe(req: Request, next: axum::middleware::Next) -> Respo
     if let Some(kind) = note.error {
         metrics::counter!(m::PROXY_REJECTIONS, "reason" => kind.label()).increment(1);
     }
+    #[cfg(feature = "otel")]
+    let _in_span = span.as_ref().map(|span| {
+        super::trace::finish_server(span, status, note.error);
+        span.enter()
+    });
     tracing::info!(
         target: "sidetrack::proxy::access",
         method = %method,

@@ -40,7 +40,7 @@ use crate::Header;
 /// `Idempotency-Key` while they are still written (the retry would write them again).
 /// Dropping a task's handle does not cancel the task.
 pub(crate) async fn produce(State(app): State<Arc<App>>, request: ProduceRequest) -> Response {
-    let task = tokio::spawn(async move {
+    let work = async move {
         let mut note = Note::default();
         let result = produce_records(&app, request, &mut note).await;
         let mut resp = match result {
@@ -49,7 +49,12 @@ pub(crate) async fn produce(State(app): State<Arc<App>>, request: ProduceRequest
         };
         resp.extensions_mut().insert(note);
         resp
-    });
+    };
+    // A spawned task does not inherit the current span: the request's server span is passed
+    // on explicitly, so the send span below is its child.
+    #[cfg(feature = "otel")]
+    let work = tracing::Instrument::in_current_span(work);
+    let task = tokio::spawn(work);
     match task.await {
         Ok(resp) => resp,
         // A panic goes on to the panic layer, which answers 500 50002.
@@ -180,15 +185,19 @@ async fn produce_records(
     // Admitted: the records are now bounded by `max_in_flight_*`, no longer by
     // `max_buffered_bytes`.
     drop(reservation);
-    let outcomes = app
-        .producer
-        .produce(
-            topic.clone(),
-            records,
-            admission,
-            app.config.request_timeout + Duration::from_secs(10),
-        )
-        .await;
+    // Feature `otel`: the `send` span, whose context the records carry (unless they carry
+    // their own).
+    #[cfg(feature = "otel")]
+    let send_span = super::trace::send_span(&topic, &mut records);
+    let produced = app.producer.produce(
+        topic.clone(),
+        records,
+        admission,
+        app.config.request_timeout + Duration::from_secs(10),
+    );
+    #[cfg(feature = "otel")]
+    let produced = tracing::Instrument::instrument(produced, send_span.clone());
+    let outcomes = produced.await;
     note.acked = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::Acked { .. }))
@@ -201,6 +210,8 @@ async fn produce_records(
         })
         .max_by_key(|e| e.kind.severity())
         .cloned();
+    #[cfg(feature = "otel")]
+    super::trace::finish_send(&send_span, &outcomes, worst.as_ref().map(|e| e.kind));
     let status = worst.as_ref().map_or(StatusCode::OK, ApiError::status);
     note.error = worst.as_ref().map(|e| e.kind);
     let body = match shape {

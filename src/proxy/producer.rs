@@ -27,14 +27,18 @@ use crate::metrics as m;
 /// unusable after one: readiness turns red so the instance is replaced) and publishes the
 /// broker batch sizes from librdkafka's statistics.
 pub(crate) struct ProxyContext {
+    /// Set on any client error; read by readiness, which then asks the client whether the
+    /// error was fatal (shared with [`SharedProducer`]).
     fatal: Arc<AtomicBool>,
 }
 
 impl ClientContext for ProxyContext {
+    /// librdkafka's log lines to `tracing` (target `librdkafka`), as the runtime's clients do.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         crate::runtime::forward_log(level, fac, message);
     }
 
+    /// Notes the error for readiness, then logs it as the runtime's clients do.
     fn error(&self, error: KafkaError, reason: &str) {
         // A fatal error arrives here with its underlying code (e.g. OutOfOrderSequenceNumber),
         // not as `Fatal`: only the client knows it was fatal, and `Shared::is_fatal` asks it.
@@ -43,6 +47,9 @@ impl ClientContext for ProxyContext {
         crate::runtime::forward_error(error, reason);
     }
 
+    /// Publishes the average broker batch per topic ([`m::PROXY_BROKER_BATCH_RECORDS`],
+    /// [`m::PROXY_BROKER_BATCH_BYTES`]) from librdkafka's statistics: the evidence that records
+    /// of many requests share broker batches.
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             let labels = [("topic", topic.clone())];
@@ -53,6 +60,8 @@ impl ClientContext for ProxyContext {
 }
 
 impl ProducerContext for ProxyContext {
+    /// Each record carries its [`Slot`] through librdkafka and back to `delivery`: one box
+    /// per record, the price of settling without a lookup table or a lock per record.
     type DeliveryOpaque = Box<Slot>;
 
     /// Runs on the producer's polling thread, once per record: settles the record in its
@@ -96,6 +105,8 @@ struct Batch {
 }
 
 impl Batch {
+    /// Stores one record's outcome in its slot and counts it settled. A poisoned lock (a panic
+    /// elsewhere) leaves the slot empty, which the request reports as a failure, never a success.
     fn settle(&self, index: usize, outcome: Outcome) {
         if let Ok(mut outcomes) = self.outcomes.lock() {
             if let Some(o) = outcomes.get_mut(index) {
@@ -105,6 +116,8 @@ impl Batch {
         self.release();
     }
 
+    /// Counts one settlement (or the end of queueing) off `remaining`, and wakes the request
+    /// when it was the last.
     fn release(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
@@ -116,8 +129,12 @@ impl Batch {
 
 /// The delivery opaque of one record: its batch and index.
 pub(crate) struct Slot {
+    /// The request's batch: the last slot dropped releases its admission.
     batch: Arc<Batch>,
+    /// The record's position in the request, so the answer keeps request order.
     index: usize,
+    /// When the record was queued (ms since the epoch): the timestamp the answer reports unless
+    /// the topic uses broker time.
     created: i64,
 }
 
@@ -127,22 +144,31 @@ pub(crate) enum Outcome {
     /// Acknowledged by the broker; the offset is `None` for an acknowledgement without one
     /// (librdkafka's implicit ack on an idempotent producer, offset -1001).
     Acked {
+        /// The partition it was written to.
         partition: i32,
+        /// Its offset, when the acknowledgement carried one.
         offset: Option<i64>,
+        /// The broker's time on a `LogAppendTime` topic, else the time it was queued.
         timestamp: Option<i64>,
     },
     /// Not acknowledged.
     Failed {
+        /// The partition it was meant for, when librdkafka had chosen one.
         partition: Option<i32>,
+        /// Why, classified for the answer ([`ErrorKind::of_kafka`]).
         error: ApiError,
     },
 }
 
 /// Records and bytes admitted for one request; released when its records are settled.
 pub(crate) struct Admission {
+    /// The request's records out of `max_in_flight_records`.
     _records: OwnedSemaphorePermit,
+    /// Its bytes (see `ProduceRecord::cost`) out of `max_in_flight_bytes`.
     _bytes: OwnedSemaphorePermit,
+    /// Records admitted, taken back off [`m::PROXY_IN_FLIGHT_RECORDS`] on drop.
     records: usize,
+    /// Bytes admitted, taken back off [`m::PROXY_IN_FLIGHT_BYTES`] on drop.
     bytes: usize,
 }
 

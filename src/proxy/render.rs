@@ -168,21 +168,33 @@ pub(crate) type V3Sent = Option<(V3Type, usize)>;
 /// A v3 key or value in the answer: its type and size.
 #[derive(Serialize)]
 struct V3Data {
+    /// `type`: as the client sent it (`BINARY`, `JSON` or `STRING`).
     #[serde(rename = "type")]
     kind: V3Type,
+    /// `size`: its bytes as produced (after base64 decoding and the embedder's record rules).
     size: usize,
 }
 
 /// The v3 produce answer of an acknowledged record (`V3Result` in `openapi.json`).
 #[derive(Serialize)]
 struct V3Response<'a> {
+    /// 200: Confluent's v3 answers carry the HTTP status in the body too.
     error_code: u16,
+    /// The cluster from the path, which the proxy checked is its own.
     cluster_id: &'a str,
+    /// The topic written to.
     topic_name: &'a str,
+    /// The partition the record landed in.
     partition_id: i32,
+    /// Its offset; `null` when the acknowledgement carried none (an idempotent producer's
+    /// implicit ack).
     offset: Option<i64>,
+    /// RFC 3339 with milliseconds: the broker's time on a `LogAppendTime` topic, else the
+    /// queueing time.
     timestamp: Option<String>,
+    /// The key's type and size, `null` for a null key.
     key: Option<V3Data>,
+    /// The value's type and size, `null` for a tombstone.
     value: Option<V3Data>,
 }
 

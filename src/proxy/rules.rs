@@ -1,6 +1,12 @@
 //! The extension point for a company's own rules: a [`RecordRule`] sees every record after
 //! decoding and authentication, before anything is produced (and before an `Idempotency-Key`
 //! is answered from memory), and may reject it, add headers or choose its partition.
+//!
+//! Rules run on every record of a request before the first is produced, so a request is
+//! written whole or refused whole: one rejected record (422 42208, or the 4xx the rule chose)
+//! means nothing of the request reaches Kafka. A rule is plain synchronous code on the
+//! request's task: it should decide from the record and the [`RequestInfo`] (caller, topic,
+//! headers) and not wait on I/O. `examples/proxy_rules.rs` is a complete one.
 
 use axum::http::{HeaderMap, StatusCode};
 

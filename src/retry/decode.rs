@@ -1,6 +1,14 @@
 //! Reading the envelope of a record consumed from a retry tier, and deciding whether it can be
 //! trusted. Everything here is pure: the headers and timestamp come from the network and may
 //! be any bytes and any numbers; the answer is an envelope or a reason, never a panic.
+//!
+//! A retry tier is a topic anyone with write access can produce to, and its envelope decides
+//! what the runtime does next (which group's record it is, how many attempts are left, how
+//! long the partition waits). So an envelope is trusted only if it names this runtime's group
+//! and the tier's own source topic, counts between 1 and the policy's retries, carries no
+//! dead-letter reason, and is due no further ahead than the tier's delay plus jitter allow.
+//! A record that fails any of these is dead-lettered as `invalid-envelope`, with the reason
+//! as its error, instead of being handled or holding the partition.
 
 use std::time::Duration;
 

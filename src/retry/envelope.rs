@@ -12,7 +12,7 @@ use crate::outcome::{error_kind_str, parse_error_kind, Reason};
 
 /// Header names of envelope version 1. Values are UTF-8 text; times are milliseconds since the
 /// Unix epoch, written in decimal.
-pub mod names {
+pub(super) mod names {
     /// Every envelope header starts with this prefix.
     pub const PREFIX: &str = "sidetrack-";
     /// Envelope schema version (`1`). Always the first envelope header.
@@ -47,7 +47,7 @@ pub mod names {
 }
 
 /// The envelope schema version this build writes and reads.
-pub const ENVELOPE_VERSION: u32 = 1;
+pub(super) const ENVELOPE_VERSION: u32 = 1;
 
 /// Longest error text, in bytes, stored in the `sidetrack-error` header. Longer texts are cut
 /// at a character boundary and end with `…`.
@@ -73,6 +73,34 @@ pub enum EnvelopeError {
 /// It is written after the user's own headers and replaced, never appended to, on each hop.
 /// Reading takes the last `sidetrack-version` header as the start of the envelope, so user
 /// headers whose names collide with envelope names are kept as user headers.
+///
+/// # Example
+///
+/// Written after the user's headers, read back with the user's headers told apart:
+///
+/// ```
+/// use sidetrack::{Envelope, Header};
+///
+/// let envelope = Envelope {
+///     original_topic: "orders".into(),
+///     original_partition: 2,
+///     original_offset: 41,
+///     original_timestamp: Some(1_700_000_000_000),
+///     group: "billing".into(),
+///     attempts: 1,
+///     first_failure: 1_700_000_000_500,
+///     due: Some(1_700_000_030_500),
+///     reason: None, // on a retry tier: `sidetrack-error-kind: retryable`
+///     error: "timeout".into(),
+/// };
+/// let mut headers = vec![Header::new("trace-id", "abc")];
+/// headers.extend(envelope.to_headers());
+/// assert!(headers[1].is("sidetrack-version"));
+///
+/// let (user, read) = Envelope::split(&headers).unwrap();
+/// assert_eq!(user, 1); // headers[..1] are the user's
+/// assert_eq!(read, envelope);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// Topic the record was first consumed from.

@@ -70,6 +70,37 @@ pub enum HopError {
 ///
 /// # Errors
 /// [`HopError`] if `msg`'s topic or the tier is not in `topology`.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::config::RetryConfig;
+/// use sidetrack::retry::{next_hop, Topology};
+/// use sidetrack::{Config, Disposition, Message, Reason, Tier};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+/// config.retry = RetryConfig::tiers([Tier::new(Duration::from_secs(30), 3)]);
+/// let policy = config.retry.policy()?;
+/// let topology = Topology::new(&config, &policy)?;
+/// let msg = Message::new("orders", "{}").with_position(2, 41);
+/// let now = 1_700_000_000_000;
+///
+/// let retry = Disposition::Retry { tier: 0, delay: Duration::from_secs(30) };
+/// let hop = next_hop(&msg, retry, "timeout", &topology, &policy, now, 0.0)?;
+/// assert_eq!(hop.topic, "orders.billing.retry.30s");
+/// assert_eq!(hop.envelope.due, Some(now + 30_000)); // a jitter draw of 0 adds nothing
+/// assert_eq!((hop.envelope.original_partition, hop.envelope.original_offset), (2, 41));
+/// assert_eq!(hop.envelope.attempts, 1);
+///
+/// let dead = Disposition::DeadLetter(Reason::Permanent);
+/// let hop = next_hop(&msg, dead, "negative amount", &topology, &policy, now, 0.0)?;
+/// assert_eq!(hop.topic, "orders.billing.dlq");
+/// assert_eq!((hop.envelope.reason, hop.envelope.due), (Some(Reason::Permanent), None));
+/// # Ok(())
+/// # }
+/// ```
 pub fn next_hop<'t>(
     msg: &Message,
     disposition: Disposition,

@@ -36,7 +36,10 @@ impl Tier {
 /// `n + 1`. A record that fails attempt `1 + max_retries()` is dead-lettered as `exhausted`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
+    /// The tiers in order; a record moves to the next once a tier's attempts are used.
     tiers: Vec<Tier>,
+    /// Fraction of a delay that may be added at random (0 to 1): spreads records that failed
+    /// together so their retries do not arrive together.
     jitter: f64,
 }
 
@@ -85,6 +88,23 @@ impl RetryPolicy {
     }
 
     /// Tier used for retry number `retry` (1-based), or `None` once retries are exhausted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{RetryPolicy, Tier};
+    ///
+    /// let policy = RetryPolicy::new(
+    ///     vec![Tier::new(Duration::from_secs(1), 2), Tier::new(Duration::from_secs(60), 1)],
+    ///     0.0,
+    /// );
+    /// assert_eq!(policy.max_retries(), 3);
+    /// assert_eq!(policy.tier_for_retry(1), Some(0));
+    /// assert_eq!(policy.tier_for_retry(2), Some(0));
+    /// assert_eq!(policy.tier_for_retry(3), Some(1));
+    /// assert_eq!(policy.tier_for_retry(4), None); // exhausted
+    /// ```
     pub fn tier_for_retry(&self, retry: u32) -> Option<usize> {
         if retry == 0 {
             return None;
@@ -106,6 +126,27 @@ impl RetryPolicy {
     /// order, so a record due sooner than its tier's delay waits behind the records written
     /// before it: never early, possibly late by their wait. It does not change how many
     /// attempts are left.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sidetrack::{Disposition, HandlerError, Reason, RetryPolicy, Tier};
+    ///
+    /// let secs = Duration::from_secs;
+    /// let policy = RetryPolicy::new(vec![Tier::new(secs(1), 2), Tier::new(secs(60), 1)], 0.0);
+    /// let failed = HandlerError::retryable("timeout");
+    /// // Attempts 1 and 2 fail into the first tier, attempt 3 into the second, then it is over.
+    /// assert_eq!(policy.decide(1, &failed), Disposition::Retry { tier: 0, delay: secs(1) });
+    /// assert_eq!(policy.decide(3, &failed), Disposition::Retry { tier: 1, delay: secs(60) });
+    /// assert_eq!(policy.decide(4, &failed), Disposition::DeadLetter(Reason::Exhausted));
+    /// // What retrying cannot fix skips the tiers.
+    /// let bad = HandlerError::permanent("negative amount");
+    /// assert_eq!(policy.decide(1, &bad), Disposition::DeadLetter(Reason::Permanent));
+    /// // A requested delay picks the first tier at least that long, and is kept if shorter.
+    /// let later = HandlerError::retryable("rate limited").retry_after(secs(10));
+    /// assert_eq!(policy.decide(1, &later), Disposition::Retry { tier: 1, delay: secs(10) });
+    /// ```
     pub fn decide(&self, attempt: u32, error: &HandlerError) -> Disposition {
         if let Some(reason) = error.kind().dead_letter_reason() {
             return Disposition::DeadLetter(reason);
@@ -144,6 +185,19 @@ impl RetryPolicy {
 
 /// Expands the exponential shorthand into tiers: delay `n` is `initial × factor^n` capped at
 /// `max_delay` and rounded to whole milliseconds; equal consecutive delays share a tier.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::expand_exponential;
+/// use sidetrack::Tier;
+///
+/// let secs = Duration::from_secs;
+/// // 1s, 2s, 4s, then capped at 4s: the two 4s retries share one tier (one topic).
+/// let tiers = expand_exponential(secs(1), 2.0, secs(4), 4);
+/// assert_eq!(tiers, vec![Tier::new(secs(1), 1), Tier::new(secs(2), 1), Tier::new(secs(4), 2)]);
+/// ```
 pub fn expand_exponential(
     initial: Duration,
     factor: f64,
@@ -168,6 +222,18 @@ pub fn expand_exponential(
 /// Adds jitter to a delay: `delay × (1 + jitter × unit)`, with `unit` a random number in
 /// `[0, 1)`. Never shortens the delay, so a record is never due before its tier's delay.
 /// Saturates at `Duration::MAX` and treats a NaN jitter or unit as 0, so no input panics.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::jittered;
+///
+/// let ten = Duration::from_secs(10);
+/// assert_eq!(jittered(ten, 0.2, 0.5), Duration::from_secs(11)); // 10 s + 20 % × 0.5
+/// assert_eq!(jittered(ten, 0.2, 0.0), ten); // never shorter than the tier's delay
+/// assert_eq!(jittered(ten, f64::NAN, 0.5), ten); // a NaN adds nothing
+/// ```
 pub fn jittered(delay: Duration, jitter: f64, unit: f64) -> Duration {
     let fraction = |x: f64| if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
     let extra = fraction(jitter) * fraction(unit);

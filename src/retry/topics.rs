@@ -41,11 +41,43 @@ pub fn key_order_topic(topic: &str, group: &str) -> String {
 }
 
 /// Every topic name the runtime uses, rendered from the configured patterns.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::config::RetryConfig;
+/// use sidetrack::retry::Topology;
+/// use sidetrack::{Config, Tier};
+///
+/// # fn main() -> Result<(), sidetrack::config::ConfigError> {
+/// let mut config = Config::new("localhost:9092", "billing", ["orders"]);
+/// config.retry = RetryConfig::tiers([
+///     Tier::new(Duration::from_secs(1), 3),
+///     Tier::new(Duration::from_secs(30), 2),
+/// ]);
+/// let topology = Topology::new(&config, &config.retry.policy()?)?;
+/// assert_eq!(topology.retry_group(), "billing.retry");
+/// assert_eq!(
+///     topology.retry_topics(),
+///     ["orders.billing.retry.1s", "orders.billing.retry.30s"]
+/// );
+/// assert_eq!(topology.source("orders").unwrap().dead_letter, "orders.billing.dlq");
+/// // A record read from the second tier belongs to source 0, tier 1.
+/// assert_eq!(topology.locate_retry("orders.billing.retry.30s"), Some((0, 1)));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    /// The main consumer group.
     group: String,
+    /// The retry consumer group, rendered from `retry.group`.
     retry_group: String,
+    /// Each source topic with its tier topics and dead-letter topic, in configuration order.
     sources: Vec<SourceTopology>,
+    /// Tier topic name to (source index, tier index): what a record read from a tier belongs
+    /// to, answered without a scan ([`Topology::locate_retry`]).
     by_retry_topic: HashMap<String, (usize, usize)>,
 }
 
@@ -176,6 +208,8 @@ impl Topology {
     }
 }
 
+/// A naming pattern with `{topic}`, `{group}` and, for a tier, `{delay}` (as
+/// [`format_delay`] writes it) filled in. Checked for legality and uniqueness by the caller.
 fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> String {
     let mut out = pattern.replace("{topic}", topic).replace("{group}", group);
     if let Some(delay) = delay {
@@ -192,6 +226,20 @@ fn render(pattern: &str, topic: &str, group: &str, delay: Option<Duration>) -> S
 /// by name without the configuration that created them (`sidetrack dlq replay --to
 /// first-retry` without `--config`). `None` for any other name, and for a pattern without
 /// `{delay}` (its tiers cannot be told apart by name).
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::tier_delay_of;
+///
+/// let pattern = "{topic}.{group}.retry.{delay}";
+/// let tier = tier_delay_of(pattern, "orders", "billing", "orders.billing.retry.30s");
+/// assert_eq!(tier, Some(Duration::from_secs(30)));
+/// // `60s` is not how the runtime writes a minute (`1m`): not one of its tiers.
+/// assert_eq!(tier_delay_of(pattern, "orders", "billing", "orders.billing.retry.60s"), None);
+/// assert_eq!(tier_delay_of(pattern, "orders", "billing", "orders.billing.dlq"), None);
+/// ```
 pub fn tier_delay_of(pattern: &str, topic: &str, group: &str, name: &str) -> Option<Duration> {
     let rendered = pattern.replace("{topic}", topic).replace("{group}", group);
     let (prefix, suffix) = rendered.split_once("{delay}")?;
@@ -203,6 +251,18 @@ pub fn tier_delay_of(pattern: &str, topic: &str, group: &str, name: &str) -> Opt
 
 /// Writes a delay compactly and usably in a topic name: `500ms`, `30s`, `1m30s`, `2h`,
 /// `1s250ms`.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sidetrack::retry::format_delay;
+///
+/// assert_eq!(format_delay(Duration::from_millis(500)), "500ms");
+/// assert_eq!(format_delay(Duration::from_secs(90)), "1m30s");
+/// assert_eq!(format_delay(Duration::from_millis(1250)), "1s250ms");
+/// assert_eq!(format_delay(Duration::from_secs(7200)), "2h");
+/// ```
 pub fn format_delay(delay: Duration) -> String {
     let total_ms = delay.as_millis();
     if total_ms == 0 {

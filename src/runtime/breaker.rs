@@ -71,12 +71,20 @@ pub(crate) enum Verdict {
     Hold,
 }
 
+/// The configured limits, clamped once by [`Breaker::new`] (every count at least 1,
+/// `window_dead` within `window`, `max_cool_down` at least `cool_down`), so the state machine
+/// needs no checks of its own: see [`BreakerConfig`] for each field's meaning.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
+    /// Dead letters in a row that trip (at least 1).
     consecutive: u32,
+    /// Outcomes remembered in the ring (at least 1).
     window: u32,
+    /// Dead letters in the ring that trip (1 to `window`).
     window_dead: u32,
+    /// The first cool-down after tripping.
     cool_down: Duration,
+    /// The longest cool-down doubling may reach (at least `cool_down`).
     max_cool_down: Duration,
 }
 
@@ -85,6 +93,7 @@ struct Limits {
 pub(crate) struct Breaker {
     /// `None`: disabled (every verdict is [`Verdict::Admit`]).
     limits: Option<Limits>,
+    /// Closed, open until an instant, or half-open with one record being tried.
     state: State,
     /// Dead letters in a row.
     consecutive: u32,

@@ -1,4 +1,11 @@
 //! librdkafka client settings and the tracing bridge shared by every client we create.
+//!
+//! One place for every property sidetrack sets on librdkafka, with the reason next to each:
+//! the consumers store offsets themselves (`enable.auto.offset.store=false`) and let
+//! auto-commit send what was stored; the hand-off producer is idempotent with `acks=all`; no
+//! client ever creates a topic by asking about it. The user's `consumer`/`producer` tables
+//! are applied after these, and validation (`config/managed.rs`) has already refused any that
+//! would break a guarantee, so what remains there is tuning and security.
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;

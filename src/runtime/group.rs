@@ -1,395 +1,56 @@
-//! One consumer group member (main or retry) and its partition tasks.
-//!
-//! librdkafka calls our rebalance hook on the thread that polls the consumer's main queue. On
-//! assign we split each new partition into its own queue and spawn its task; on revoke we tell
-//! the task to drop its queue at once and abandon its in-flight record (its offset is not
-//! stored; the new owner handles it again).
+//! One consumer group member (main or retry): creates its consumer, subscribes, serves its
+//! main queue, samples its lag, starts a supervisor for each partition assigned to it, and
+//! stops it (tasks, final commit, close). The consumer's context — the rebalance hook and the
+//! table of partition tasks — is in [`consumer`](super::consumer).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::{Message as _, Offset, TopicPartitionList};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message as _, Offset};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::metrics::lag;
 
-use super::client::{consumer_config, forward_error, forward_log};
+use super::client::consumer_config;
+use super::consumer::{
+    Assigned, GroupConsumer, GroupContext, GroupState, Member, Role, Slot, StartPartition,
+};
 use super::partition::offsets::Progress;
+use super::partition::RunPartition;
 use super::shared::Shared;
-use super::signal::Signal;
 use super::supervisor::Supervisor;
 
-pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
-
-/// Which consumer this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// Reads the source topics.
-    Main,
-    /// Reads the retry tier topics.
-    Retry,
-}
-
-struct Slot {
-    revoked: Signal,
-    /// The partition's supervisor (which runs the partition task). It ends only after its
-    /// predecessor for the same partition in this process has ended.
-    task: JoinHandle<()>,
-    progress: Arc<Progress>,
-}
-
-/// A partition queue handle, one per partition for the life of the consumer while any task
-/// holds it.
-type Queue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<GroupContext>;
-
-/// The consumer's context: rebalance hook and the table of partition tasks.
-pub(crate) struct GroupContext {
+/// Starts the supervisor of each partition assigned to one member, on the async runtime the
+/// member was started on.
+struct Starter {
+    shared: Arc<Shared>,
     role: Role,
     group_id: String,
-    shared: Arc<Shared>,
-    /// Set right after the consumer is wrapped in an `Arc`: splitting a partition queue needs
-    /// the `Arc`, but the rebalance hook only gets the inner `BaseConsumer`.
-    consumer: OnceLock<Weak<GroupConsumer>>,
-    slots: Mutex<HashMap<(String, i32), Slot>>,
-    /// Revoked partitions whose supervisor may still be finishing a handler call: a new one
-    /// for the same partition waits for it (see [`Supervisor::previous`]), and shutdown waits
-    /// for the rest.
-    retiring: Mutex<HashMap<(String, i32), JoinHandle<()>>>,
-    /// The queue handle of each partition. A second handle on the same librdkafka queue
-    /// disables the first one's wake-ups when either is dropped, so a partition assigned back
-    /// while its previous task still holds its handle (a handler call blocking its thread)
-    /// gets that same handle again. Cleared before the consumer closes (each handle holds the
-    /// consumer).
-    queues: Mutex<HashMap<(String, i32), Arc<Queue>>>,
+    handler: Arc<dyn RunPartition>,
     runtime: tokio::runtime::Handle,
-    /// Set when a commit says this member is no longer in the group (unknown member, stale
-    /// generation): offsets stored now would never be committed, and the new owner would
-    /// handle those records again. Partition tasks take no new record until the next
-    /// rebalance or successful commit clears it.
-    fenced: std::sync::atomic::AtomicBool,
-    unfenced: tokio::sync::Notify,
-    /// Set when the group member starts stopping; see [`Group::stop`].
-    closing: std::sync::atomic::AtomicBool,
-    /// Revoked partitions whose handled records wait for the commit sent on revocation, with
-    /// how many records that is: if that commit fails, the next owner handles them again.
-    revoke_commits: Mutex<HashMap<(String, i32), i64>>,
 }
 
-impl GroupContext {
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Slot>> {
-        // A panic while holding this lock can only come from our own code between two map
-        // operations; the map is still consistent, so keep going.
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set_fenced(&self, fenced: bool) {
-        let was = self
-            .fenced
-            .swap(fenced, std::sync::atomic::Ordering::SeqCst);
-        if was && !fenced {
-            self.unfenced.notify_waiters();
-            tracing::info!(role = ?self.role, "back in the group; taking records again");
-        } else if !was && fenced {
-            tracing::warn!(role = ?self.role, "no longer a group member (commit refused); holding records until the group is rejoined");
-        }
-    }
-
-    /// Whether this member is fenced right now (see `fenced`); one atomic load.
-    pub(crate) fn is_fenced(&self) -> bool {
-        self.fenced.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Waits while this member is fenced (see `fenced`); false if `stop` or `revoked` was
-    /// cancelled first.
-    pub(crate) async fn wait_unfenced(&self, stop: &Signal, revoked: &Signal) -> bool {
-        // Per-record fast path: no waiter registered while we are in the group.
-        if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-            return true;
-        }
-        loop {
-            let notified = self.unfenced.notified();
-            if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-                return true;
-            }
-            // Also re-check now and then: a rejoin without a rebalance event is possible.
-            tokio::select! {
-                _ = tokio::time::timeout(Duration::from_millis(200), notified) => {}
-                _ = stop.cancelled() => return false,
-                _ = revoked.cancelled() => return false,
-            }
-        }
-    }
-
-    /// Stops the runtime if the consumer hit a fatal error (e.g. this static member was fenced
-    /// by another instance with the same `group.instance.id`): the consumer cannot go on, and
-    /// a healthy-looking process that consumes nothing is the worst outcome. librdkafka
-    /// reports such an error with the underlying code, as a client error or as a consumer
-    /// error; only the client knows it was fatal, so it is asked (errors are rare).
-    fn stop_if_fatal(&self, consumer: &GroupConsumer) -> bool {
-        let Some((code, text)) = consumer.client().fatal_error() else {
-            return false;
-        };
-        if self.shared.shutdown.is_cancelled() {
-            return true;
-        }
-        let detail = format!("{code:?}: {text}");
-        metrics::counter!(crate::metrics::CLIENT_FATAL_ERRORS, "client" => "consumer").increment(1);
-        tracing::error!(role = ?self.role, reason = %detail, "fatal consumer error; the runtime stops");
-        self.shared.fail(Error::Fatal {
-            client: match self.role {
-                Role::Main => "consumer (main)",
-                Role::Retry => "consumer (retry)",
-            },
-            reason: detail,
-        });
-        true
-    }
-
-    fn assign(&self, topic: &str, partition: i32) {
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            tracing::debug!(role = ?self.role, topic, partition, "partition assigned while closing; not started");
-            return;
-        }
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        let key = (topic.to_owned(), partition);
-        let queue = {
-            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            match queues.get(&key) {
-                // Still held by the previous task: share it (see `queues`).
-                Some(q) if Arc::strong_count(q) > 1 => Arc::clone(q),
-                _ => {
-                    // Only we hold it: drop it before splitting anew, so that the new
-                    // handle's wake-ups are the ones enabled.
-                    queues.remove(&key);
-                    let Some(q) = consumer.split_partition_queue(topic, partition) else {
-                        tracing::error!(topic, partition, "cannot split partition queue");
-                        return;
-                    };
-                    let q = Arc::new(q);
-                    queues.insert(key.clone(), Arc::clone(&q));
-                    q
-                }
-            }
-        };
-        let revoked = Signal::new();
-        let progress = Progress::new();
-        let mut slots = self.slots();
-        // The previous supervisor of this partition, if it may still be running: revoked
-        // earlier (and finishing its handler call), or still in the table (assigned twice).
-        let previous = match slots.remove(&key) {
-            Some(old) => {
-                old.revoked.cancel();
-                Some(old.task)
-            }
-            None => self
-                .retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key),
-        }
-        .filter(|t| !t.is_finished());
+impl StartPartition for Starter {
+    fn start(&self, assigned: Assigned) -> JoinHandle<()> {
         let supervisor = Supervisor {
             shared: Arc::clone(&self.shared),
+            handler: Arc::clone(&self.handler),
             role: self.role,
             group_id: self.group_id.clone(),
-            consumer: Arc::clone(&consumer),
-            topic: topic.to_owned(),
-            partition,
-            revoked: revoked.clone(),
-            progress: Arc::clone(&progress),
-            queue,
-            previous,
+            consumer: assigned.consumer,
+            topic: assigned.topic,
+            partition: assigned.partition,
+            revoked: assigned.revoked,
+            progress: assigned.progress,
+            queue: assigned.queue,
+            previous: assigned.previous,
         };
-        let handle = self.runtime.spawn(supervisor.run());
-        slots.insert(
-            key,
-            Slot {
-                revoked,
-                task: handle,
-                progress,
-            },
-        );
-        drop(slots);
-        tracing::info!(role = ?self.role, topic, partition, "partition assigned");
-    }
-
-    fn revoke(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        topic: &str,
-        partition: i32,
-        lost: bool,
-    ) {
-        let slot = self.slots().remove(&(topic.to_owned(), partition));
-        if !lost {
-            // The task stores its frontier in batches; store the latest one now, while the
-            // partition is still ours, so the commit sent below covers it.
-            if let Some(durable) = slot.as_ref().and_then(|s| s.progress.durable()) {
-                if base.store_offset(topic, partition, durable).is_ok() {
-                    if let Some(s) = &slot {
-                        s.progress.stored(durable);
-                    }
-                }
-            }
-        }
-        let uncommitted = slot.as_ref().map_or(0, |s| s.progress.uncommitted());
-        let unstored = slot.as_ref().map_or(0, |s| s.progress.unstored());
-        if let Some(slot) = slot {
-            slot.revoked.cancel();
-            if !slot.task.is_finished() {
-                self.retiring
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((topic.to_owned(), partition), slot.task);
-            }
-        }
-        lag::forget(&self.group_id, topic, partition);
-        if lost && uncommitted > 0 {
-            // The session ran out (broker unreachable, or a stalled rebalance): nothing more
-            // can be committed, so the next owner handles these records again.
-            tracing::warn!(role = ?self.role, topic, partition, uncommitted, "partition lost; records handled since the last commit will be handled again");
-        } else {
-            if uncommitted > 0 && !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                self.revoke_commits
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((topic.to_owned(), partition), uncommitted);
-            }
-            tracing::info!(role = ?self.role, topic, partition, uncommitted, "partition revoked");
-            if unstored > 0 {
-                // Records past the durable frontier (in a handler call, waiting behind a key,
-                // or their hand-off unacknowledged) were never stored: the commit sent now
-                // cannot cover them.
-                tracing::info!(
-                    role = ?self.role, topic, partition, uncommitted = unstored,
-                    "partition revoked with records not yet durable; those past the frontier will be handled again"
-                );
-            }
-        }
-    }
-}
-
-impl ClientContext for GroupContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        forward_log(level, fac, message);
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        let fatal = self
-            .consumer
-            .get()
-            .and_then(Weak::upgrade)
-            .is_some_and(|c| self.stop_if_fatal(&c));
-        if !fatal {
-            forward_error(error, reason);
-        }
-    }
-}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        self.set_fenced(false);
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                for e in tpl.elements() {
-                    self.assign(e.topic(), e.partition());
-                }
-            }
-            Rebalance::Revoke(tpl) => {
-                let lost = base.assignment_lost();
-                for e in tpl.elements() {
-                    self.revoke(base, e.topic(), e.partition(), lost);
-                }
-                // Commits refused while the group was rebalancing (a member joined, or one died
-                // and its session had not run out) leave handled records uncommitted; the next
-                // owner of these partitions would handle them again. The group is stable again
-                // now, so commit before letting them go. Async: this thread serves the group;
-                // the request is queued before the partitions are released, and the commit
-                // callback reports a failure (see `revoke_commits`). After a lost assignment the
-                // broker refuses it; those records were reported as lost above.
-                if !self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                    if let Err(e) = base.commit_consumer_state(CommitMode::Async) {
-                        tracing::debug!(role = ?self.role, error = %e, "commit on revoke not sent");
-                    }
-                }
-            }
-            Rebalance::Error(e) => tracing::warn!(role = ?self.role, error = %e, "rebalance error"),
-        }
-    }
-
-    fn post_rebalance(
-        &self,
-        base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        // A partition paused by a previous owner-task (hand-off failing, or a retry record not
-        // yet due) must not stay paused when it comes back to us.
-        if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                let _ = base.resume(tpl);
-            }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        use rdkafka::types::RDKafkaErrorCode as C;
-        match &result {
-            Ok(()) => self.set_fenced(false),
-            Err(KafkaError::ConsumerCommit(
-                C::UnknownMemberId | C::IllegalGeneration | C::FencedInstanceId,
-            )) => self.set_fenced(true),
-            Err(_) => {}
-        }
-        {
-            let mut pending = self
-                .revoke_commits
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if !pending.is_empty() {
-                for e in offsets.elements() {
-                    let key = (e.topic().to_owned(), e.partition());
-                    let Some(uncommitted) = pending.remove(&key) else {
-                        continue;
-                    };
-                    if let Err(err) = &result {
-                        tracing::warn!(role = ?self.role, topic = key.0, partition = key.1, uncommitted, error = %err, "commit on revocation failed; records handled since the last commit will be handled again");
-                    }
-                }
-            }
-        }
-        if result.is_ok() {
-            let slots = self.slots();
-            for e in offsets.elements() {
-                if let (Offset::Offset(o), Some(slot)) = (
-                    e.offset(),
-                    slots.get(&(e.topic().to_owned(), e.partition())),
-                ) {
-                    slot.progress.committed(o);
-                }
-            }
-        }
-        match result {
-            Ok(()) => {
-                tracing::trace!(role = ?self.role, count = offsets.count(), "offsets committed")
-            }
-            // Nothing new stored since the last commit.
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                tracing::warn!(role = ?self.role, error = %e, "offset commit failed; will retry")
-            }
-        }
+        self.runtime.spawn(supervisor.run())
     }
 }
 
@@ -403,9 +64,11 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    /// Creates the consumer, subscribes and starts serving its main queue.
+    /// Creates the consumer, subscribes and starts serving its main queue. `handler` is what
+    /// each partition's task runs.
     pub(crate) fn start(
         shared: &Arc<Shared>,
+        handler: &Arc<dyn RunPartition>,
         role: Role,
         topics: &[String],
     ) -> Result<Group, Error> {
@@ -413,7 +76,7 @@ impl Group {
             Role::Main => shared.topology.group(),
             Role::Retry => shared.topology.retry_group(),
         };
-        let context = GroupContext {
+        let context = Member::new(GroupState {
             role,
             group_id: group_id.to_owned(),
             shared: Arc::clone(shared),
@@ -421,12 +84,18 @@ impl Group {
             slots: Mutex::new(HashMap::new()),
             retiring: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
-            runtime: tokio::runtime::Handle::current(),
+            starter: Box::new(Starter {
+                shared: Arc::clone(shared),
+                role,
+                group_id: group_id.to_owned(),
+                handler: Arc::clone(handler),
+                runtime: tokio::runtime::Handle::current(),
+            }),
             fenced: std::sync::atomic::AtomicBool::new(false),
             unfenced: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
             revoke_commits: Mutex::new(HashMap::new()),
-        };
+        });
         let consumer: GroupConsumer =
             consumer_config(&shared.config, group_id, role == Role::Retry)
                 .create_with_context(context)

@@ -61,6 +61,8 @@ pub(crate) enum Abandoned {
 ///
 /// Built once per partition task (off the per-record path); each hand-off borrows it.
 pub(crate) struct HandOff {
+    /// The runtime's shared state: the producer to send on, the topology and policy of the
+    /// next hop, the stats and the alerts a durable dead letter feeds.
     shared: Arc<Shared>,
     /// Index of the source topic the partition belongs to (its tiers and DLQ).
     source: usize,
@@ -78,7 +80,9 @@ pub(crate) struct HandOff {
 /// Held while a hand-off of this partition fails: the partition is paused and takes no new
 /// record.
 struct Failing<'a> {
+    /// The partition's `failing` count, taken back when this hand-off stops failing.
     count: &'a AtomicUsize,
+    /// Keeps the partition paused while the hand-off is retried (released on drop).
     _pause: PauseHold<'a>,
 }
 
@@ -97,6 +101,9 @@ enum Sent {
     TooLarge(KafkaError),
 }
 
+/// Whether a send failed because of the record's size (librdkafka's own limit or the
+/// broker's): resending cannot help, so the record is dead-lettered as `oversized` (without
+/// its payload) instead of being retried for ever.
 fn is_too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -203,17 +210,35 @@ impl HandOff {
             },
             written_at,
         ) = hop_for(decision, &error)?;
-        let mut delivery = match self
-            .send_durably(
-                target,
-                msg.key(),
-                msg.payload(),
-                msg.headers(),
-                (&envelope, written_at),
-                msg,
-            )
-            .await?
-        {
+        // Feature `otel` with `[tracing]`: the hand-off's `send` span (child of the failed
+        // attempt's `process` span); the record written carries its `traceparent`, replacing
+        // the one it had, and keeps its origin's context in `sidetrack-origin-traceparent`.
+        #[cfg(feature = "otel")]
+        let traced = shared.config.tracing.is_some().then(|| {
+            let span = crate::telemetry::runtime::hand_off_span(msg, target, decision);
+            let headers = crate::telemetry::runtime::stamp(msg.headers(), &span);
+            (span, headers)
+        });
+        #[cfg(feature = "otel")]
+        let user_headers: &[Header] = traced.as_ref().map_or(msg.headers(), |(_, h)| h.as_slice());
+        #[cfg(not(feature = "otel"))]
+        let user_headers: &[Header] = msg.headers();
+        let first = self.send_durably(
+            target,
+            msg.key(),
+            msg.payload(),
+            user_headers,
+            (&envelope, written_at),
+            msg,
+        );
+        #[cfg(feature = "otel")]
+        let first = tracing::Instrument::instrument(
+            first,
+            traced
+                .as_ref()
+                .map_or_else(tracing::Span::none, |(span, _)| span.clone()),
+        );
+        let mut delivery = match first.await? {
             Sent::Acked(d) => Some(d),
             Sent::TooLarge(e) => {
                 let size = msg.payload().map_or(0, <[u8]>::len);
@@ -232,8 +257,22 @@ impl HandOff {
             let (hop, written_at) = hop_for(decision, &error)?;
             let envelope = hop.envelope;
             target = hop.topic;
-            let attempts: [(Option<&[u8]>, &[Header]); 3] =
-                [(msg.key(), msg.headers()), (msg.key(), &[]), (None, &[])];
+            // Feature `otel`: the stripped attempts keep the trace context headers (the
+            // hand-off's `traceparent` and the origin), a few hundred bytes at most.
+            #[cfg(feature = "otel")]
+            let stripped: Vec<Header> = traced.as_ref().map_or_else(Vec::new, |(_, h)| {
+                h.iter()
+                    .filter(|h| crate::telemetry::carrier::is_trace_header(h))
+                    .cloned()
+                    .collect()
+            });
+            #[cfg(not(feature = "otel"))]
+            let stripped: [Header; 0] = [];
+            let attempts: [(Option<&[u8]>, &[Header]); 3] = [
+                (msg.key(), user_headers),
+                (msg.key(), &stripped[..]),
+                (None, &stripped[..]),
+            ];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self
                     .send_durably(target, key, None, headers, (&envelope, written_at), msg)
@@ -254,6 +293,12 @@ impl HandOff {
             )));
         };
         let error = error.as_str();
+        // The log lines below are written in the hand-off's span (they name its trace).
+        #[cfg(feature = "otel")]
+        let _in_span = traced.as_ref().map(|(span, _)| {
+            crate::telemetry::runtime::record_delivery(span, delivery.0, delivery.1);
+            span.enter()
+        });
         match decision {
             Disposition::Retry { tier, .. } => {
                 shared.stats.retried(tier);
@@ -282,6 +327,8 @@ impl HandOff {
                     error = %escape::for_terminal(error, escape::LOG_FIELD_CHARS),
                     "record dead-lettered"
                 );
+                // The origin's trace id, so on-call goes from the alert to the trace.
+                let trace_id = crate::telemetry::carrier::origin_trace_id(msg.headers());
                 shared.alerts.record(DeadLetterEvent {
                     topic: &source.topic,
                     dlq: target,
@@ -294,6 +341,7 @@ impl HandOff {
                     reason,
                     attempts: msg.attempt(),
                     error,
+                    trace_id: trace_id.as_deref(),
                 });
             }
         }

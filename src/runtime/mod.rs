@@ -16,6 +16,7 @@
 
 mod breaker;
 pub(crate) mod client;
+pub(crate) mod consumer;
 mod group;
 pub(crate) mod handoff;
 pub(crate) mod partition;
@@ -43,7 +44,8 @@ use crate::mocking::EmbeddedCluster;
 use crate::retry::{RetryPolicy, Topology};
 
 pub(crate) use client::{forward_error, forward_log};
-use group::{Group, Role};
+use consumer::Role;
+use group::Group;
 use partition::RunPartition;
 use producer::HandoffProducer;
 use provision::TopicCreator;
@@ -53,12 +55,22 @@ use shared::{Shared, Stats};
 
 /// Builds a [`Runtime`] from a [`Config`] and the things that live in code.
 pub struct RuntimeBuilder {
+    /// The configuration as given; validated by [`RuntimeBuilder::build`], not before.
     config: Config,
+    /// The handler, its type erased once here (not per record): each partition task calls it
+    /// through [`RunPartition`]. `None` until [`RuntimeBuilder::handler`]; building without one
+    /// fails with [`Error::NoHandler`].
     handler: Option<Arc<dyn RunPartition>>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// How missing retry and dead-letter topics are created: the broker's CreateTopics API, or
+    /// the embedded cluster's own method ([`RuntimeBuilder::embedded`]).
     creator: TopicCreator,
+    /// librdkafka properties set in code for the consumers, merged over the config's before
+    /// validation, so the managed properties refuse them like the config's own.
     consumer_overrides: Vec<(String, String)>,
+    /// The same for the hand-off producer.
     producer_overrides: Vec<(String, String)>,
+    /// Dead-letter notifiers added in code, beside those the config declares (the webhook).
     notifiers: Vec<Arc<dyn ErasedNotifier>>,
 }
 
@@ -152,7 +164,9 @@ impl RuntimeBuilder {
 /// A configured, not yet started runtime. See the [module docs](self) for its guarantees.
 pub struct Runtime {
     config: Config,
+    /// The retry policy resolved from `config.retry` (tiers, jitter), checked.
     policy: RetryPolicy,
+    /// Every retry-tier and dead-letter topic name, rendered and checked once.
     topology: Topology,
     handler: Arc<dyn RunPartition>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -215,7 +229,6 @@ impl Runtime {
             config: self.config,
             policy: self.policy,
             topology: self.topology,
-            handler: self.handler,
             producer,
             partitions,
             shutdown: shutdown.clone(),
@@ -229,7 +242,7 @@ impl Runtime {
             .iter()
             .map(|s| s.topic.clone())
             .collect();
-        let main = Group::start(&shared, Role::Main, &sources)?;
+        let main = Group::start(&shared, &self.handler, Role::Main, &sources)?;
         let retry_topics: Vec<String> = shared
             .topology
             .retry_topics()
@@ -239,7 +252,12 @@ impl Runtime {
         let retry = if retry_topics.is_empty() {
             None
         } else {
-            Some(Group::start(&shared, Role::Retry, &retry_topics)?)
+            Some(Group::start(
+                &shared,
+                &self.handler,
+                Role::Retry,
+                &retry_topics,
+            )?)
         };
         if let Some(signal) = self.shutdown {
             let token = shutdown.clone();
@@ -274,9 +292,16 @@ impl Runtime {
 
 /// A running runtime.
 pub struct RuntimeHandle {
+    /// State every task of both groups reads: config, policy, topology, the erased handler, the
+    /// hand-off producer, stats, alerts and the shutdown signal.
     shared: Arc<Shared>,
+    /// The consumer group reading the source topics.
     main: Group,
+    /// The consumer group reading the retry tiers (`retry.group`); `None` when no tier is
+    /// configured.
     retry: Option<Group>,
+    /// The task that sends dead-letter alerts, and its stop: cancelled after both groups ended,
+    /// so dead letters of the last moments are still announced.
     alerts: (tokio::task::JoinHandle<()>, CancellationToken),
 }
 

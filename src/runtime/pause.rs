@@ -11,14 +11,19 @@ use std::sync::{Arc, Mutex};
 use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
 
-use super::group::GroupConsumer;
+use super::consumer::GroupConsumer;
 use crate::metrics as m;
 
 /// The pause state of one partition.
 pub(crate) struct Pause {
+    /// The consumer that owns the partition: pausing is a call on it.
     consumer: Arc<GroupConsumer>,
+    /// The partition's topic (shared with its task).
     topic: Arc<str>,
+    /// The partition paused and resumed.
     partition: i32,
+    /// [`m::PARTITIONS_PAUSED`] of the group: +1 on each pause, -1 on each resume, so it counts
+    /// paused partitions across every task of the group.
     gauge: metrics::Gauge,
     /// Reasons to stay paused right now. A mutex, not an atomic: pausing or resuming must
     /// happen in the same order as the count changes.
@@ -29,6 +34,8 @@ pub(crate) struct Pause {
 pub(crate) struct PauseHold<'a>(&'a Pause);
 
 impl Pause {
+    /// The pause state of `topic`/`partition` on `consumer`, not paused, counted in `group`'s
+    /// gauge.
     pub(crate) fn new(
         consumer: Arc<GroupConsumer>,
         topic: Arc<str>,
@@ -55,6 +62,7 @@ impl Pause {
         PauseHold(self)
     }
 
+    /// Drops one hold; resumes the partition when it was the last.
     fn release(&self) {
         let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
         *holds = holds.saturating_sub(1);
@@ -63,6 +71,8 @@ impl Pause {
         }
     }
 
+    /// Pauses or resumes the partition on the consumer and moves the gauge. A failure (the
+    /// partition was revoked meanwhile) is logged at `DEBUG`: there is nothing left to pause.
     fn set(&self, paused: bool) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, self.partition);

@@ -21,11 +21,16 @@ use super::client::TracingContext;
 /// After this many producer rebuilds within [`REBUILD_WINDOW`], a fatal error is taken as one
 /// a new producer cannot get past: the runtime stops with an error instead of spinning.
 const MAX_REBUILDS: usize = 5;
+/// The window [`MAX_REBUILDS`] is counted in: long enough that a broker bug met every few
+/// minutes stops the runtime, short enough that rare fatal errors over weeks never add up.
 const REBUILD_WINDOW: Duration = Duration::from_secs(600);
 
 /// One producer instance; replaced as a whole after a fatal error.
 pub(crate) struct Generation {
+    /// Which producer this is (0 for the first): a sender that failed on generation `n` only
+    /// replaces it if it is still the current one, so a burst of failures replaces it once.
     id: u64,
+    /// The librdkafka producer; its log and errors go to `tracing`.
     pub(crate) producer: FutureProducer<TracingContext>,
 }
 
@@ -38,13 +43,24 @@ pub(crate) struct Generation {
 /// helped by another one: [`HandoffProducer::recover`] then returns the error, and the runtime
 /// stops with it.
 pub(crate) struct HandoffProducer {
+    /// The configuration every generation is created from (idempotence and `acks=all` set).
     config: ClientConfig,
+    /// The generation to send on. Read once per hand-off (not per record handled), written
+    /// only when replacing; senders hold an `Arc`, so a replaced producer lives until its last
+    /// send settles.
     current: RwLock<Arc<Generation>>,
+    /// The id of the next generation.
     next_id: AtomicU64,
+    /// When each recent replacement happened, pruned to [`REBUILD_WINDOW`].
     rebuilds: Mutex<VecDeque<Instant>>,
 }
 
 impl HandoffProducer {
+    /// The first generation, from `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kafka`] when librdkafka refuses the configuration.
     pub(crate) fn new(config: ClientConfig) -> Result<Self, Error> {
         let first = Self::create(&config, 0)?;
         Ok(HandoffProducer {
@@ -55,6 +71,7 @@ impl HandoffProducer {
         })
     }
 
+    /// One generation: a producer created from `config`, numbered `id`.
     fn create(config: &ClientConfig, id: u64) -> Result<Generation, Error> {
         let producer = config
             .create_with_context(TracingContext)

@@ -1,6 +1,14 @@
 //! Start-up check of the topology: the source topics must exist; retry and dead-letter topics
 //! are created with the source topic's partition count when allowed, otherwise start-up fails
 //! naming them.
+//!
+//! Side topics get the source's partition count so that the hand-off can keep a record's
+//! partition number (and with it per-key locality) on its way through the tiers. A side topic
+//! that already exists is used as it is, whatever its count: the hand-off then keeps the
+//! partition number only where the topic has it, and lets the key choose otherwise.
+//! `sidetrack topology --create` runs this same code ([`check_topics`]), so the CLI makes
+//! exactly the topics a runtime would. Metadata lookups are retried on a fresh client,
+//! because one stalled broker can otherwise hold a lookup for librdkafka's socket timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -43,12 +43,17 @@ pub(crate) fn key_hash(key: &[u8]) -> u64 {
 
 /// The records of one partition that may start, run, or wait behind their key.
 pub(crate) struct Scheduler<T> {
+    /// `key` ordering: records of one key run one at a time; otherwise every record may start.
     by_key: bool,
+    /// `max_in_flight`: handler calls of the partition at once (at least 1).
     max_in_flight: usize,
+    /// `max_waiting`: records held behind busy keys before intake stops taking more.
     max_waiting: usize,
+    /// Records started and not finished.
     in_flight: usize,
     /// Keys with a record in flight, and the records of that key waiting behind it.
     busy: HashMap<u64, VecDeque<T>, BuildHasherDefault<KeyHashHasher>>,
+    /// Records in `busy`'s queues, kept beside the map so the bound check is one comparison.
     waiting: usize,
 }
 

@@ -1,11 +1,13 @@
 //! The state every partition task of a runtime reads: its configuration, policy and topic
-//! names, the erased handler, the hand-off producer, counters, alerts, the shutdown signal,
+//! names, the hand-off producer, counters, alerts, the shutdown signal,
 //! the watchdog and the breakers. Made once by [`Runtime::start`](super::Runtime::start) and
 //! shared (an `Arc`) by every group, supervisor and task; read off the per-record path or
 //! through plain field access.
 //!
 //! A file of its own (not `runtime/mod.rs`) so that the stages that read it depend on this
-//! file and not on the runtime's public front, which depends on them.
+//! file and not on the runtime's public front, which depends on them. The erased handler is
+//! not here: it names the partition task, which reads this file, so it is handed to each
+//! group member and supervisor instead (no import circle).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,6 @@ use crate::outcome::Reason;
 use crate::retry::{RetryPolicy, Topology};
 
 use super::breaker::Breakers;
-use super::partition::RunPartition;
 use super::producer::HandoffProducer;
 use super::signal::Signal;
 use super::watchdog::Watchdog;
@@ -29,8 +30,6 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) policy: RetryPolicy,
     pub(crate) topology: Topology,
-    /// The handler, erased once (see [`RunPartition`]): supervisors start tasks with it.
-    pub(crate) handler: Arc<dyn RunPartition>,
     pub(crate) producer: HandoffProducer,
     /// Partition count of every source and side topic.
     pub(crate) partitions: HashMap<String, i32>,

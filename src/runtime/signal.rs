@@ -1,5 +1,9 @@
 //! A cancellation cheap enough to check for every record: tokio-util's `CancellationToken`
 //! takes a lock in `is_cancelled`, so an atomic flag stands beside it.
+//!
+//! The record loops ask "stopped?" once per record and wait for it in `select!`s; the flag
+//! answers the first without a lock, the token serves the second. `cancel` sets both, flag
+//! first, so whoever the token wakes also sees the flag.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

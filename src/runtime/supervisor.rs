@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use super::signal::Signal;
 use futures_util::FutureExt;
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 use tokio::task::JoinHandle;
@@ -19,9 +18,9 @@ use crate::handler::panic_text;
 use crate::metrics as m;
 
 use super::breaker::{self, Breaker, BreakerControl};
-use super::group::{GroupConsumer, GroupContext, Role};
+use super::consumer::{GroupConsumer, Queue, Role};
 use super::partition::offsets::Progress;
-use super::partition::{End, PartitionTask, Parts};
+use super::partition::{End, PartitionTask, Parts, RunPartition};
 use super::pause::Pause;
 use super::shared::Shared;
 
@@ -33,6 +32,8 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 /// Everything needed to (re)start the task of one partition.
 pub(crate) struct Supervisor {
     pub(crate) shared: Arc<Shared>,
+    /// The handler, erased once (see [`RunPartition`]): each (re)start of the task runs it.
+    pub(crate) handler: Arc<dyn RunPartition>,
     pub(crate) role: Role,
     pub(crate) group_id: String,
     pub(crate) consumer: Arc<GroupConsumer>,
@@ -40,7 +41,7 @@ pub(crate) struct Supervisor {
     pub(crate) partition: i32,
     pub(crate) revoked: Signal,
     pub(crate) progress: Arc<Progress>,
-    pub(crate) queue: Arc<StreamPartitionQueue<GroupContext>>,
+    pub(crate) queue: Arc<Queue>,
     /// This partition's previous supervisor in this process, if it may still be running (it
     /// may be finishing a handler call after a revoke): a record must never be in two handler
     /// calls at once, so nothing starts before it ends.
@@ -119,7 +120,7 @@ impl Supervisor {
                 breaker: breaker.clone(),
                 breaker_control: Arc::clone(&control),
             });
-            let run = AssertUnwindSafe(self.shared.handler.run(task, q)).catch_unwind();
+            let run = AssertUnwindSafe(self.handler.run(task, q)).catch_unwind();
             tokio::pin!(run);
             let ended = tokio::select! {
                 ended = &mut run => ended,

@@ -42,6 +42,9 @@ pub(crate) struct Watchdog {
     tick: AtomicU64,
     /// A poll running this many ticks is blocking.
     blocking_ticks: u64,
+    /// The partitions to check, held weakly: a task that ends drops its [`Calls`] and the next
+    /// check forgets it, with no unregistering on the task's way out. Locked once per tick by the
+    /// watchdog thread and once per task start, never per record.
     partitions: Mutex<Vec<Weak<Calls>>>,
 }
 
@@ -121,7 +124,9 @@ impl Watchdog {
 pub(crate) struct Calls {
     /// Keeps the clock running while the task lives.
     watchdog: Arc<Watchdog>,
+    /// The partition's topic, for the blocking-poll log line.
     topic: String,
+    /// The partition, for the log line (-1 for the test kit's detached calls).
     partition: i32,
     /// Tick at which the handler poll now running began (0: none running). A partition task
     /// polls one handler future at a time, so one mark per partition is enough.
@@ -133,11 +138,18 @@ pub(crate) struct Calls {
     /// Per call slot: tick at which a call that waits began (0: free, or a call that has not
     /// waited yet).
     started: Box<[AtomicU64]>,
+    /// [`HANDLER_OLDEST_CALL_SECONDS`](crate::metrics::HANDLER_OLDEST_CALL_SECONDS): age of
+    /// the oldest running call, 0 when none runs.
     oldest: metrics::Gauge,
+    /// [`HANDLER_BLOCKING`](crate::metrics::HANDLER_BLOCKING): polls that held their thread
+    /// past `handler_blocking_after`, each counted once.
     blocking: metrics::Counter,
 }
 
 impl Calls {
+    /// One look at the partition at tick `now`: reports (once) a poll running for
+    /// `blocking_ticks` or more, with the record's offset and what to do about it, and, when
+    /// `gauges`, sets the oldest-call gauge from the oldest mark (the running poll included).
     fn check(&self, now: u64, blocking_ticks: u64, gauges: bool) {
         let since = self.polling_since.load(Ordering::Relaxed);
         if since != 0

@@ -53,10 +53,34 @@ pub enum Outcome {
 /// (`handler_timeout`, or [`Handler::timeout`]) is cancelled and fails as retryable, with the
 /// same error text. A call that waits needs a Tokio runtime with its time driver enabled (as
 /// `#[tokio::test]` gives).
+///
+/// # Example
+///
+/// ```
+/// use sidetrack::testing::{Outcome, TestRuntime};
+/// use sidetrack::{handler_fn, Context, HandlerError, Message, Reason};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let rt = TestRuntime::new(handler_fn(|msg: Message, _cx: Context| async move {
+///     match msg.payload_str()? {
+///         "ok" => Ok(()),
+///         other => Err(HandlerError::permanent(format!("unknown command `{other}`"))),
+///     }
+/// }));
+/// assert_eq!(rt.deliver(&Message::new("orders", "ok")).await, Outcome::Handled);
+/// let outcome = rt.deliver(&Message::new("orders", "launch")).await;
+/// assert!(matches!(outcome, Outcome::DeadLettered { reason: Reason::Permanent, .. }));
+/// # }
+/// ```
 pub struct TestRuntime {
+    /// The handler, erased as the runtime erases it (one box per call is fine in tests).
     handler: Arc<dyn ErasedCall>,
+    /// The configuration: group, retry tiers, topic naming and `handler_timeout`.
     config: Config,
+    /// The retry policy resolved from `config` (validated by [`TestRuntime::with_config`]).
     policy: RetryPolicy,
+    /// The handler's [`Context`]: the config's group, and a shutdown that never comes.
     cx: Context,
     /// The runtime's own call stage (the code its partition tasks run): panics caught, the
     /// time limit (`handler_timeout`, or the handler's own) enforced, the result classified
@@ -79,6 +103,7 @@ impl TestRuntime {
         Ok(Self::from_parts(Arc::new(handler), config.clone(), policy))
     }
 
+    /// The harness around an erased handler: its call stage with no-op metrics and no watchdog.
     fn from_parts(handler: Arc<dyn ErasedCall>, config: Config, policy: RetryPolicy) -> Self {
         let cx = Context::new(config.group.clone(), CancellationToken::new());
         let caller = Caller::new(

@@ -1,4 +1,14 @@
-//! `dlq list` and `dlq show`.
+//! `dlq list` and `dlq show`: reading a dead-letter topic for a person or for `jq`.
+//!
+//! Both only read. A record is turned into a [`Row`] once (what the table, the JSON and the
+//! filters see), and the filters ([`Filters::verdict`]) are the same code `dlq replay` selects
+//! with, so `list` with the replay's filters shows exactly what the replay would send.
+//!
+//! Everything shown comes from the network: topic names, keys, headers and payloads are any
+//! bytes a producer wrote. Every value goes through [`sidetrack::escape`] before it reaches
+//! the terminal (control characters and bidi overrides are shown, not obeyed), every width is
+//! capped ([`NAME`], [`TEXT`], [`JSON`]), and every number (timestamps, offsets, ages) is
+//! formatted without overflow or panic, whatever an envelope says.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -17,20 +27,32 @@ use crate::{Failure, Filters};
 /// What `dlq list` shows of one record, also its JSON form.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// DLQ partition of the record.
     pub partition: i32,
+    /// DLQ offset of the record; with the partition, what `dlq show` names.
     pub offset: i64,
     /// When it was dead-lettered, ms since the epoch.
     pub timestamp: Option<i64>,
+    /// Seconds since it was dead-lettered, at the time the run started (0 if in the future).
     pub age_seconds: Option<i64>,
     /// `sidetrack`, `spring` or `none`.
     pub envelope: &'static str,
+    /// Where the record was consumed from, per its envelope (`None` without one).
     pub original_topic: Option<String>,
+    /// Partition it was consumed from; `dlq replay` sends to it again when the target has it.
     pub original_partition: Option<i32>,
+    /// Offset it was consumed from.
     pub original_offset: Option<i64>,
+    /// Consumer group that dead-lettered it.
     pub group: Option<String>,
+    /// Handler calls it had, the failing ones included (sidetrack envelopes only).
     pub attempts: Option<u32>,
+    /// `sidetrack-error-kind` (`permanent`, `exhausted`, …): what `--reason` matches.
     pub reason: Option<String>,
+    /// The error text (sidetrack), or `class: message` of a Spring dead letter, or why there is no
+    /// envelope; `--error-contains` matches it case-insensitively.
     pub error: String,
+    /// The key as lossy UTF-8: what `--key` matches and what JSON shows.
     pub key: Option<String>,
     /// The key's bytes as they are, for display: `key` is lossy UTF-8 (for `--key` and JSON),
     /// which would show a non-UTF-8 byte as U+FFFD instead of what it is.
@@ -39,6 +61,7 @@ pub struct Row {
 }
 
 impl Row {
+    /// [`Row::at`] with the wall clock now.
     pub fn of(r: &Record) -> Row {
         Row::at(r, now_ms())
     }
@@ -93,6 +116,7 @@ impl Row {
         row
     }
 
+    /// `topic[partition]@offset` of the original, the topic alone, or `-`, for the table's cell.
     pub fn original(&self) -> String {
         match (
             &self.original_topic,
@@ -169,6 +193,8 @@ impl Filters {
         self.verdict(r, row, now) == Verdict::Yes
     }
 
+    /// Refuses filters no record can pass (`--since` after `--until`, both resolved at `now`)
+    /// with [`Failure::Usage`], so a typo is exit code 2, not an empty list.
     pub fn check(&self, now: i64) -> Result<(), Failure> {
         if let (Some(s), Some(u)) = (self.since, self.until) {
             if s.resolve(now) > u.resolve(now) {
@@ -214,7 +240,11 @@ async fn select_rows(
     Ok((v, held))
 }
 
-pub async fn list(
+/// `dlq list`: the selected records as a table (escaped, one line each, cells cut to width)
+/// or, with `--json`, as pretty JSON whose strings are escaped as `\uXXXX` so the same bytes
+/// are safe on a terminal and exact for `jq`. What an open transaction held back is said on
+/// stderr first: the list is complete only up to it.
+pub(crate) async fn list(
     kafka: &Kafka,
     filters: &Filters,
     limit: Option<usize>,
@@ -270,7 +300,14 @@ pub async fn list(
     Ok(())
 }
 
-pub async fn show(
+/// `dlq show PARTITION:OFFSET`: one record in full ([`describe`]).
+///
+/// # Errors
+///
+/// [`Failure::UnknownTopic`] when the topic does not exist and [`Failure::NotFound`] when the
+/// partition or the offset does not (deleted by retention, past the end, or held back by an
+/// open transaction, which the message says).
+pub(crate) async fn show(
     kafka: &Kafka,
     topic: &str,
     (partition, offset): (i32, i64),
@@ -316,12 +353,12 @@ pub async fn show(
 }
 
 /// The full, human-readable description of one record. Any record, any bytes: never panics.
-pub fn describe(r: &Record) -> String {
+pub(crate) fn describe(r: &Record) -> String {
     describe_at(r, now_ms())
 }
 
 /// [`describe`] as seen at `now`.
-pub fn describe_at(r: &Record, now: i64) -> String {
+pub(crate) fn describe_at(r: &Record, now: i64) -> String {
     let mut out = String::new();
     let when = r
         .timestamp
@@ -393,6 +430,11 @@ pub fn describe_at(r: &Record, now: i64) -> String {
             )
         }
     }
+    // The origin's trace (the producer's span, kept across every hand-off): validated hex,
+    // printed as is, so on-call goes from a dead letter to its trace in one step.
+    if let Some(trace) = sidetrack::telemetry::carrier::origin_trace_id(r.user_headers()) {
+        out += &format!("origin trace: {trace}\n");
+    }
     let user: Vec<&Header> = r
         .user_headers()
         .iter()
@@ -457,7 +499,9 @@ const TEXT: usize = 2048;
 /// Characters shown of a JSON payload (pretty-printed).
 const JSON: usize = 16 * 1024;
 
-pub fn age(secs: i64) -> String {
+/// An age for the table's `AGE` column, as short as stays readable: seconds under two
+/// minutes, minutes under two hours, hours under two days, then days.
+pub(crate) fn age(secs: i64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -468,7 +512,7 @@ pub fn age(secs: i64) -> String {
 
 /// Whole seconds from `t` to `now` (ms since the epoch), 0 for a time in the future. Both
 /// come from the network or the clock: saturating, never an overflow.
-pub fn age_secs(now: i64, t: i64) -> i64 {
+pub(crate) fn age_secs(now: i64, t: i64) -> i64 {
     (now.saturating_sub(t) / 1000).max(0)
 }
 
@@ -477,7 +521,7 @@ const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
 
 /// `ms` since the epoch as RFC 3339 with milliseconds; a time before 1970 or after 9999 (a
 /// timestamp or envelope field can hold any i64) is shown as the raw number instead.
-pub fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     use std::fmt::Write as _;
     if (0..=MAX_RFC3339_MS).contains(&ms) {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
@@ -753,6 +797,28 @@ mod tests {
             reason: None,
             key: None,
         }
+    }
+
+    /// `dlq show` names the origin's trace: the kept origin context when the record was handed
+    /// off (its own `traceparent` is then the hand-off's), else its own `traceparent`.
+    #[test]
+    fn show_prints_the_origin_trace_id() {
+        let origin = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let hand_off = "00-12345678901234567890123456789012-1234567890123456-01";
+        let r = Record {
+            headers: vec![
+                Header::new("traceparent", hand_off.as_bytes().to_vec()),
+                Header::new("sidetrack-origin-traceparent", origin.as_bytes().to_vec()),
+            ],
+            ..rec(None)
+        };
+        assert!(describe_at(&r, 0).contains("origin trace: 4bf92f3577b34da6a3ce929d0e0e4736\n"));
+        let own = Record {
+            headers: vec![Header::new("traceparent", origin.as_bytes().to_vec())],
+            ..rec(None)
+        };
+        assert!(describe_at(&own, 0).contains("origin trace: 4bf92f3577b34da6a3ce929d0e0e4736\n"));
+        assert!(!describe_at(&rec(None), 0).contains("origin trace"));
     }
 
     /// As Spring Kafka 4.1's `DeadLetterPublishingRecoverer` writes them after a listener

@@ -20,7 +20,7 @@ use sidetrack::dead_letter::{scan_report, Record, Scanned, StartAt};
 use crate::Failure;
 
 /// Connection settings, checked against the brokers once.
-pub struct Kafka {
+pub(crate) struct Kafka {
     /// `--brokers` as given (`host:port,..`).
     pub brokers: String,
     /// `bootstrap.servers` plus every `-X` property.
@@ -31,7 +31,7 @@ pub struct Kafka {
 
 impl Kafka {
     /// Parses `-X` properties and checks that the brokers answer within `timeout`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         brokers: &str,
         props: &[String],
         timeout: Duration,
@@ -69,12 +69,12 @@ impl Kafka {
 
     /// A copy of the client settings: each query creates a client of its own on a blocking
     /// thread (and `committed` sets the group it asks about).
-    pub fn clone_config(&self) -> ClientConfig {
+    pub(crate) fn clone_config(&self) -> ClientConfig {
         self.config.clone()
     }
 
     /// Partition ids of `topic`, or `UnknownTopic`.
-    pub async fn partitions(&self, topic: &str) -> Result<Vec<i32>, Failure> {
+    pub(crate) async fn partitions(&self, topic: &str) -> Result<Vec<i32>, Failure> {
         let config = self.clone_config();
         let (topic, timeout) = (topic.to_owned(), self.timeout);
         blocking(move || {
@@ -91,7 +91,7 @@ impl Kafka {
     }
 
     /// Every topic name on the cluster.
-    pub async fn topic_names(&self) -> Result<Vec<String>, Failure> {
+    pub(crate) async fn topic_names(&self) -> Result<Vec<String>, Failure> {
         let config = self.clone_config();
         let timeout = self.timeout;
         blocking(move || {
@@ -103,7 +103,10 @@ impl Kafka {
     }
 
     /// (low, high) watermarks per partition.
-    pub async fn watermarks(&self, topic: &str) -> Result<HashMap<i32, (i64, i64)>, Failure> {
+    pub(crate) async fn watermarks(
+        &self,
+        topic: &str,
+    ) -> Result<HashMap<i32, (i64, i64)>, Failure> {
         let parts = self.partitions(topic).await?;
         let config = self.clone_config();
         let (topic, timeout) = (topic.to_owned(), self.timeout);
@@ -122,7 +125,11 @@ impl Kafka {
     }
 
     /// Committed offsets of `group` on `topic` (partitions without one are absent).
-    pub async fn committed(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, Failure> {
+    pub(crate) async fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<HashMap<i32, i64>, Failure> {
         let parts = self.partitions(topic).await?;
         let mut config = self.clone_config();
         config.set("group.id", group);
@@ -138,7 +145,12 @@ impl Kafka {
     /// offsets seen at the start (or `f` breaks). Returns how far each partition was read (see
     /// [`sidetrack::dead_letter::scan_report`]): progress may be saved there, never further;
     /// and which partitions an open transaction held back ([`held_back`] says so to the user).
-    pub async fn scan<F>(&self, topic: &str, start: StartAt, f: F) -> Result<Scanned, Failure>
+    pub(crate) async fn scan<F>(
+        &self,
+        topic: &str,
+        start: StartAt,
+        f: F,
+    ) -> Result<Scanned, Failure>
     where
         F: FnMut(Record) -> ControlFlow<()> + Send + 'static,
     {
@@ -152,7 +164,7 @@ impl Kafka {
     /// The record at exactly `topic[partition]@offset`, or why it is not there (the topic or
     /// partition does not exist, the offset is past the end or no longer retained). Broker
     /// failures are errors, not absence.
-    pub async fn read_at(
+    pub(crate) async fn read_at(
         &self,
         topic: &str,
         partition: i32,
@@ -207,7 +219,7 @@ impl Kafka {
 /// its DLT inside the listener's transaction); one whose producer died is aborted by the broker
 /// after the producer's `transaction.timeout.ms`. So this is reported, not an error: what was
 /// read is every committed record before it, and nothing past it is lost to a later run.
-pub fn held_back(topic: &str, scanned: &Scanned, then: &str) -> Vec<String> {
+pub(crate) fn held_back(topic: &str, scanned: &Scanned, then: &str) -> Vec<String> {
     // Only where the scan got to the stable end: one stopped earlier (`--limit`) was not held.
     let mut parts: Vec<_> = scanned
         .open
@@ -232,13 +244,13 @@ pub fn held_back(topic: &str, scanned: &Scanned, then: &str) -> Vec<String> {
 /// A replay's membership of its progress group: the library's [`ProgressGroup`] (the lock that
 /// keeps two replays of the same selection from both sending), joined with this tool's
 /// connection settings. Everything else is the library's: see [`ProgressGroup`].
-pub struct Member(ProgressGroup);
+pub(crate) struct Member(ProgressGroup);
 
 impl Member {
     /// Joins `group` on `topic`; refuses unless this member owns every partition in
     /// `partitions` (another replay of the same selection is running). Tells the user on
     /// stderr when the join has to wait.
-    pub async fn join(
+    pub(crate) async fn join(
         kafka: &Kafka,
         group: &str,
         topic: &str,
@@ -259,7 +271,7 @@ impl Member {
     }
 
     /// Leaves the group.
-    pub async fn leave(self) {
+    pub(crate) async fn leave(self) {
         self.0.leave().await
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 other failure, 2 bad arguments or filters, 3 brokers unreachable,
 //! 4 unknown topic, 5 record not found.
+#![warn(unreachable_pub)]
 
 mod dlq;
 mod kafka;
@@ -17,6 +18,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sidetrack::admin::epoch_ms;
 
+/// Printed after `--help`: one example per subcommand and the exit codes, so on-call has a
+/// command to adapt without opening the runbook. Kept in step with `docs/runbook.md`.
 const AFTER_HELP: &str = "\
 Examples:
   sidetrack dlq list --topic orders.billing.dlq --since 1h
@@ -263,6 +266,8 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The process exit code: 1 other, 2 usage, 3 unreachable, 4 unknown topic, 5 not found.
+    /// Scripts (and the alert's pasted commands) branch on these: they never change meaning.
     fn code(&self) -> u8 {
         match self {
             Failure::Other(_) => 1,
@@ -272,6 +277,7 @@ impl Failure {
             Failure::NotFound(_) => 5,
         }
     }
+    /// The message printed after `error: ` (escaped there: it may quote broker answers).
     fn message(&self) -> &str {
         match self {
             Failure::Usage(m)
@@ -284,6 +290,8 @@ impl Failure {
 }
 
 impl From<sidetrack::Error> for Failure {
+    /// Library errors by what the user can do about them: a missing topic is exit 4, a bad
+    /// `--config` is a usage error (2), anything else is 1 with the library's message.
     fn from(e: sidetrack::Error) -> Self {
         match e {
             sidetrack::Error::SourceTopicMissing(t) => {
@@ -295,6 +303,8 @@ impl From<sidetrack::Error> for Failure {
     }
 }
 
+/// A `humantime` duration (`30s`, `2m`, `1h 30m`) for `--timeout` and friends; the error
+/// says what form is expected, since clap prints it as is.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 2m: {e}"))
 }
@@ -317,6 +327,8 @@ fn parse_time(s: &str) -> Result<TimeArg, String> {
         })
 }
 
+/// `PARTITION:OFFSET` as `dlq show` takes it (what `dlq list` prints in its first column),
+/// both non-negative; whitespace around either number is allowed.
 fn parse_position(s: &str) -> Result<(i32, i64), String> {
     let (p, o) = s
         .split_once(':')
@@ -335,6 +347,7 @@ fn parse_position(s: &str) -> Result<(i32, i64), String> {
     Ok((p, o))
 }
 
+/// `--limit`: a positive number of records (0 would select nothing and look like an empty DLQ).
 fn parse_limit(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -346,6 +359,8 @@ fn parse_limit(s: &str) -> Result<usize, String> {
 /// between two records (1/rate) must fit a `Duration` (`1e-20/s` overflowed it: a panic).
 const MIN_RATE: f64 = 0.001;
 
+/// `--rate`: records per second, written `100` or `100/s`, finite and at least [`MIN_RATE`]
+/// (a rate too slow is refused with the lowest one, not rounded).
 fn parse_rate(s: &str) -> Result<f64, String> {
     let n = s.strip_suffix("/s").unwrap_or(s);
     match n.trim().parse::<f64>() {
@@ -358,6 +373,8 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Parses the command line, runs it, and turns a [`Failure`] into its message on stderr and
+/// its exit code. Nothing else prints `error:`.
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -374,6 +391,8 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Dispatches a parsed command line: the proxy first (it needs no `--brokers`), then the
+/// broker connection is checked once ([`kafka::Kafka`]) and handed to the subcommand.
 async fn run(cli: Cli) -> Result<(), Failure> {
     // The proxy needs no brokers (it starts an embedded one), so it is dispatched first.
     #[cfg(feature = "proxy")]

@@ -1,4 +1,10 @@
 //! `sidetrack proxy`: the HTTP produce proxy as a service.
+//!
+//! Only the process around the library's [`Proxy`]: arguments, the log format, the config
+//! file, and the demo mode. With `--brokers` it serves that cluster; without, it starts an
+//! [`EmbeddedCluster`] with one demo topic, so `sidetrack proxy` alone answers real produce
+//! requests on a laptop. Everything a request meets (authentication, decoding, rules,
+//! producing, shutdown) is the library's, so an embedder and this command behave the same.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,13 +12,14 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use sidetrack::mocking::EmbeddedCluster;
 use sidetrack::proxy::{Proxy, ProxyConfig};
+use sidetrack::telemetry::TracingConfig;
 
 use crate::Failure;
 
 /// How the proxy writes its logs (access logs included) on stderr. (The variants carry `//`
 /// comments, not doc comments: clap would print doc comments in `--help`.)
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     // One human-readable line per event.
     Text,
     // One JSON object per line, for a log collector.
@@ -21,7 +28,7 @@ pub enum LogFormat {
 
 /// `sidetrack proxy`'s own arguments (`--brokers` and `-X` are global).
 #[derive(Args, Debug)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// Address to listen on [default: the config's `listen`, else 127.0.0.1:8082].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
@@ -45,14 +52,25 @@ pub struct ProxyArgs {
 /// The config file is read first; `--listen`, `-X` properties (added to the producer's) and
 /// `--brokers` override it. Without brokers an embedded broker (librdkafka's mock cluster)
 /// is started with one demo topic, so the proxy can be tried with nothing else running.
-pub async fn run(
+pub(crate) async fn run(
     brokers: Option<String>,
     props: &[String],
     args: ProxyArgs,
 ) -> Result<(), Failure> {
-    init_logs(args.log_format);
-    let mut config = match &args.config {
-        Some(path) => ProxyConfig::from_file(path).map_err(|e| Failure::Usage(e.to_string()))?,
+    let text = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let tracing_config = match &text {
+        Some(t) => TracingConfig::from_toml_str(t).map_err(|e| Failure::Usage(e.to_string()))?,
+        None => None,
+    };
+    let telemetry = init_logs(args.log_format, tracing_config.as_ref())?;
+    let mut config = match &text {
+        Some(t) => ProxyConfig::from_toml_str(t).map_err(|e| Failure::Usage(e.to_string()))?,
         None => ProxyConfig::default(),
     };
     if let Some(listen) = args.listen {
@@ -115,20 +133,71 @@ pub async fn run(
     println!("shutting down: finishing requests in flight, flushing the producer");
     handle.shutdown().await;
     drop(embedded);
+    #[cfg(feature = "otel")]
+    if let Some(t) = telemetry {
+        // The last requests' spans are exported before the process exits (blocking).
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = telemetry;
     Ok(())
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`, librdkafka at `warn`).
-fn init_logs(format: LogFormat) {
+/// What keeps the span exporter running (feature `otel`); nothing without the feature.
+#[cfg(feature = "otel")]
+type Telemetry = Option<sidetrack::telemetry::export::Telemetry>;
+#[cfg(not(feature = "otel"))]
+type Telemetry = Option<std::convert::Infallible>;
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`, librdkafka at `warn`),
+/// and, with a `[tracing]` section (feature `otel`), exports spans over OTLP. Log lines written
+/// inside a request carry its `trace_id` and `span_id` (text: in the span prefix; JSON: in
+/// `span`).
+fn init_logs(format: LogFormat, tracing: Option<&TracingConfig>) -> Result<Telemetry, Failure> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    if let Some(t) = tracing {
+        t.validate().map_err(|e| Failure::Usage(e.to_string()))?;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,librdkafka=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().with_current_span(true).boxed(),
     };
+    #[cfg(feature = "otel")]
+    {
+        use sidetrack::telemetry::export;
+        use tracing_subscriber::filter::LevelFilter;
+        let started = match tracing {
+            Some(t) => {
+                let resolved = t
+                    .resolve("sidetrack-proxy")
+                    .map_err(|e| Failure::Usage(e.to_string()))?;
+                export::Telemetry::start(&resolved).map_err(|e| Failure::Other(e.to_string()))?
+            }
+            None => None,
+        };
+        let (telemetry, tracer) = match started {
+            Some((t, tracer)) => (Some(t), Some(tracer)),
+            None => (None, None),
+        };
+        let _ = tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .with(tracer.map(|t| export::layer(t).with_filter(LevelFilter::INFO)))
+            .try_init();
+        Ok(telemetry)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .try_init();
+        Ok(None)
+    }
 }
 
 /// Ctrl-C or SIGTERM.

@@ -50,9 +50,14 @@ const KEY: usize = 256;
 /// Characters shown of why a record is skipped.
 const TEXT: usize = 2048;
 
-/// Provenance headers written on every replayed record (earlier ones are replaced).
+/// Provenance headers written on every replayed record (earlier ones are replaced). This
+/// one: one random id per run (128 bits, hex), the same on every record that run sent, so the
+/// records of one replay can be found again (or told apart from a second run's).
 const REPLAY_ID: &str = "sidetrack-replay-id";
+/// Provenance header: when the run started, in milliseconds since the Unix epoch (decimal).
 const REPLAYED_AT: &str = "sidetrack-replayed-at";
+/// Provenance header: `dlq-topic:partition:offset` of the dead letter the record was copied
+/// from, so a record that fails again and comes back to the DLQ points at its earlier copy.
 const REPLAYED_FROM: &str = "sidetrack-replayed-from";
 
 /// What the scan hands the sender.
@@ -66,16 +71,32 @@ enum Item {
 
 /// One record ready to send.
 struct Planned {
+    /// Where the record came from in the DLQ: progress and messages name it by this position.
     dlq_partition: i32,
     dlq_offset: i64,
+    /// The topic it is sent to: the original, a retry tier or `--to TOPIC`.
     topic: String,
+    /// The original partition when the target has that many, else `None` (the key decides).
     partition: Option<i32>,
+    /// The key to send: the dead letter's own, or the original's for an `oversized` one.
     key: Option<Vec<u8>>,
+    /// The value to send, read back from the original topic for an `oversized` dead letter.
     payload: Option<Vec<u8>>,
+    /// User headers, then the replay's provenance headers, then a fresh envelope for a retry tier.
     headers: Vec<Header>,
 }
 
-pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
+/// Runs `dlq replay` to its end: checks the filters, resolves the progress group (given or
+/// [`default_group`]), joins it as a member when sending for real, scans and sends, then leaves
+/// the group whatever happened.
+///
+/// # Errors
+///
+/// [`Failure::Usage`] for bad filters or an unreadable `--config`, [`Failure::UnknownTopic`]
+/// when the DLQ or a fixed `--to` topic does not exist, and any broker failure of the scan, the
+/// membership or the producer ([`Failure::Other`] and friends). A failed run keeps the progress
+/// of its last acknowledged batch, so running the same command again resumes.
+pub(crate) async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
     let dlq = args.filters.topic.clone();
     let now = now_ms();
     args.filters.check(now)?;
@@ -130,16 +151,30 @@ pub async fn replay(kafka: &Kafka, args: &ReplayArgs) -> Result<(), Failure> {
 
 /// Everything a selected record needs to become a [`Planned`] one.
 struct Plan {
+    /// The DLQ being replayed (its name as given).
     dlq: String,
+    /// The progress group: where progress is committed, and the lock while sending.
     group: String,
+    /// When the run started (ms since the epoch): relative filters and `sidetrack-replayed-at`.
     now: i64,
+    /// `--config`: the retry tiers of `--to first-retry`, instead of the topics found on the
+    /// broker.
     config: Option<Config>,
+    /// Every topic on the broker, listed once for `--to first-retry` without `--config`.
     all_topics: Vec<String>,
+    /// This run's [`REPLAY_ID`].
     replay_id: String,
     /// Partition count of each target topic seen (`None`: it does not exist).
     partitions: HashMap<String, Option<i32>>,
 }
 
+/// The body of a replay once the membership (the lock) is held: reads the saved progress
+/// (or starts at 0 with `--restart`), scans the DLQ on a blocking thread while the sender plans
+/// and sends what the scan selects, and commits progress no further than both what the scan
+/// read and the first held-back record of each partition.
+///
+/// The scan and the sender are joined, not raced: the sender's error is reported first,
+/// because a closed channel is how the sender stops the scan.
 async fn run(
     kafka: &Kafka,
     args: &ReplayArgs,
@@ -243,11 +278,17 @@ async fn run(
 
 /// Sends batches, commits progress through the member, reports.
 struct Sender<'a> {
+    /// The command line: filters, `--rate`, `--yes`, `--dry-run`.
     args: &'a ReplayArgs,
+    /// The progress group's name, for messages.
     group: &'a str,
+    /// The membership when sending for real; `None` in a dry run (nothing is sent or committed).
     member: Option<&'a Member>,
+    /// Idempotent, `acks=all` producer; created only when there is a member.
     producer: Option<FutureProducer>,
+    /// Records planned and not yet sent: at most `batch_size`.
     batch: Vec<Planned>,
+    /// [`BATCH`], or fewer with `--rate` so a batch takes about [`BATCH_TIME`].
     batch_size: usize,
     /// Next offset to consider per partition, as far as records were planned or skipped.
     seen: HashMap<i32, i64>,
@@ -257,16 +298,24 @@ struct Sender<'a> {
     saved: HashMap<i32, i64>,
     /// The progress group's committed offsets as this run left them.
     group_committed: HashMap<i32, i64>,
+    /// Records selected (sent or, in a dry run, listed).
     planned: usize,
+    /// Records acknowledged by the broker in this run.
     sent: usize,
+    /// Records selected but not sendable (target missing, original gone), each reported once.
     skipped: usize,
+    /// Every topic sent to, for the closing summary.
     targets: BTreeSet<String>,
     /// With `--rate`: when the next record may go.
     next_send: Instant,
+    /// The terminal's running count.
     bar: Progress,
 }
 
 impl<'a> Sender<'a> {
+    /// Creates the sender; for a real run, the producer too: idempotent and `acks=all` (so a
+    /// retried send is not duplicated within the run), `message.max.bytes` raised to
+    /// [`MAX_MESSAGE_BYTES`] unless `-X` set it, and a delivery timeout no shorter than 1 s.
     fn new(
         kafka: &Kafka,
         args: &'a ReplayArgs,
@@ -321,6 +370,9 @@ impl<'a> Sender<'a> {
         })
     }
 
+    /// Takes one planned record: in a dry run prints what would be sent (one escaped line per
+    /// record), otherwise adds it to the batch and flushes a full batch with the progress seen so
+    /// far.
     async fn add(&mut self, p: Planned, row: &Row) -> Result<(), Failure> {
         self.planned += 1;
         self.targets.insert(p.topic.clone());
@@ -348,6 +400,8 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
+    /// Counts a selected record that cannot be sent and says why (escaped: `why` may quote
+    /// envelope fields). Its offset still counts as done: a later run would skip it again.
     fn skip(&mut self, partition: i32, offset: i64, why: &str) {
         self.skipped += 1;
         // `why` may quote envelope fields (topic names): escaped here, once.
@@ -456,6 +510,8 @@ impl<'a> Sender<'a> {
         Ok(())
     }
 
+    /// Ends the run: flushes the last batch with the progress up to `end` (what the scan read,
+    /// capped by holds), then prints the summary: what was sent where, or why nothing was.
     async fn finish(mut self, dlq: &str, end: HashMap<i32, i64>) -> Result<(), Failure> {
         // Names as given on the command line (an alert's command, pasted): shown escaped too.
         let (dlq, group) = (&for_terminal(dlq, NAME), for_terminal(self.group, NAME));
@@ -750,7 +806,7 @@ fn retry_route(
 /// arguments as given (a relative `--since 1h` is the duration, not the time it resolves to),
 /// so the same command run again, or by an alert on another instance, uses the same group and
 /// sends nothing new. Stable across builds and Rust releases (FNV-1a, not `DefaultHasher`).
-pub fn default_group(a: &ReplayArgs) -> String {
+pub(crate) fn default_group(a: &ReplayArgs) -> String {
     let f = &a.filters;
     let fields: [(&str, Option<String>); 7] = [
         ("topic", Some(f.topic.clone())),
@@ -779,17 +835,22 @@ pub fn default_group(a: &ReplayArgs) -> String {
 
 /// A running count on stderr when it is a terminal.
 struct Progress {
+    /// Records acknowledged so far.
     done: usize,
+    /// Whether stderr is a terminal (a pipe or a log gets no carriage returns).
     on: bool,
 }
 
 impl Progress {
+    /// A count at zero, shown only if stderr is a terminal.
     fn new() -> Self {
         Progress {
             done: 0,
             on: std::io::stderr().is_terminal(),
         }
     }
+    /// Counts one acknowledged record: the first hundred one by one, then every hundredth, so a
+    /// fast replay does not spend its time redrawing the line.
     fn tick(&mut self) {
         self.done += 1;
         if self.on && (self.done < 100 || self.done % 100 == 0) {
@@ -797,6 +858,7 @@ impl Progress {
             let _ = std::io::stderr().flush();
         }
     }
+    /// Ends the line with the final count, if anything was shown.
     fn finish(&self) {
         if self.on && self.done > 0 {
             eprintln!("\rreplaying: {} acknowledged", self.done);

@@ -20,7 +20,7 @@ use crate::Failure;
 /// with `--topic`/`--group` laid over it, so they are exactly the names a runtime with that
 /// config uses. `-X` properties are passed to the provisioning client. A config that does not
 /// validate is a usage error (exit 2).
-pub async fn topology(
+pub(crate) async fn topology(
     kafka: &Kafka,
     topics: &[String],
     group: Option<&str>,
@@ -137,7 +137,7 @@ pub async fn topology(
 /// Without `--topic` the sources are every topic the group has committed offsets on. Retry
 /// tiers are found by the default naming pattern (`{topic}.{group}.retry.{delay}`), sorted by
 /// delay; lag is clamped at 0, since a broker may report an end offset below a commit.
-pub async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), Failure> {
+pub(crate) async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Result<(), Failure> {
     let all = kafka.topic_names().await?;
     let sources: Vec<String> = match topic {
         Some(t) => {

@@ -1,5 +1,11 @@
 //! Tests of the decoders: examples for every refusal, and properties (any bytes decode or
 //! are refused, never a panic).
+//!
+//! The examples pin the answer a client gets for each fault (status and `error_code`, see
+//! `status.rs`), several of them found by schemathesis against `openapi.json`; the properties
+//! pin that the decoders are total over their input (a body, a path partition, a
+//! `Content-Type` header of any bytes) and that binary keys and values survive a round trip
+//! byte for byte.
 
 use super::v2::*;
 use super::v3::*;
@@ -7,6 +13,7 @@ use super::*;
 use crate::proxy::status::ErrorKind;
 use proptest::prelude::*;
 
+/// Standard padded base64, as a binary-format client writes keys, values and header values.
 fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
@@ -141,6 +148,8 @@ fn binary_format_and_headers() {
     assert_eq!(r[0].size(), 2 + 7 + 5 + 2 + 1);
 }
 
+/// The [`ErrorKind`] a v2 body is refused with: the tests assert the kind (and so the status
+/// and `error_code` a client sees), not the wording of the message.
 fn kind(body: &[u8], f: Format) -> ErrorKind {
     decode_v2(body, f, None).map(|r| r.len()).unwrap_err().kind
 }
@@ -311,6 +320,8 @@ fn v3_body() {
     );
 }
 
+/// Any JSON value up to four levels deep, strings of any characters included: what a client
+/// may send as a JSON-format key or value.
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),

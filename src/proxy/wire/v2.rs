@@ -1,6 +1,18 @@
 //! Confluent REST v2 produce bodies (`POST /topics/{topic}` and
 //! `/topics/{topic}/partitions/{partition}`): one or more records, keys and values as JSON
 //! text or base64 by the request's `Content-Type`.
+//!
+//! ```text
+//! Content-Type: application/vnd.kafka.json.v2+json
+//! {"records":[{"key":"k1","value":{"hello":"world"},"partition":1,
+//!              "headers":[{"key":"trace","value":"YWJj"}]}]}
+//! ```
+//!
+//! With `application/vnd.kafka.binary.v2+json` the key and value are base64 strings. The
+//! decoding is strict (unknown fields are 422 42202) and bounded before it allocates: the
+//! record count is capped at `max_in_flight_records` while the array is read, headers at
+//! `max_headers_per_record`, JSON nesting at [`MAX_JSON_DEPTH`](super::MAX_JSON_DEPTH), and
+//! keys and values stay borrowed from the body until they are copied into the record.
 
 use std::borrow::Cow;
 
@@ -62,10 +74,12 @@ pub(crate) fn format_of(content_type: Option<&[u8]>) -> Result<Format, ApiError>
 struct V2Body<'a> {
     // Kept as text and parsed by `records_capped`, which stops at the record cap instead of
     // allocating whatever count a body spells out (`{}` is 2 bytes, a record ~100).
+    /// `records`: a non-empty array of [`V2Record`]s (422 42202 when missing or empty).
     #[serde(borrow)]
     records: &'a RawValue,
     // Schema fields of the Avro/Protobuf formats, meaningless for JSON and binary: accepted
     // and ignored, as Confluent's proxy does.
+    /// `key_schema`, ignored.
     #[serde(default, rename = "key_schema")]
     _key_schema: serde::de::IgnoredAny,
     #[serde(default, rename = "value_schema")]
@@ -78,6 +92,7 @@ struct V2Body<'a> {
 
 /// The records of a v2 body, parsed up to the record cap.
 struct V2Records<'a> {
+    /// At most `max_in_flight_records` of them: more is 413 41303 before any is decoded.
     records: Vec<V2Record<'a>>,
 }
 
@@ -97,13 +112,19 @@ fn records_capped(raw: &RawValue, cap: usize) -> Result<Vec<V2Record<'_>>, ApiEr
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Record<'a> {
+    /// `key`: JSON text (`application/vnd.kafka.json.v2+json`) or a base64 string (binary
+    /// format, 422 42203 when not base64); absent or `null` is a null key.
     #[serde(borrow, default)]
     key: Option<&'a RawValue>,
+    /// `value`, read like the key; absent or `null` produces a tombstone.
     #[serde(borrow, default)]
     value: Option<&'a RawValue>,
+    /// `partition`: an integer in `[0, 2^31)` (422 42204 otherwise), equal to the path's when the
+    /// path names one; absent lets the key (or librdkafka's partitioner) decide.
     #[serde(default)]
     partition: Option<serde_json::Number>,
     // Kept as text and parsed by `headers_capped`.
+    /// `headers`: an array of [`V2Header`], at most `max_headers_per_record` (413 41304).
     #[serde(borrow, default)]
     headers: Option<&'a RawValue>,
 }
@@ -112,8 +133,11 @@ struct V2Record<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V2Header<'a> {
+    /// The header name: no NUL and not starting with `sidetrack-` (422 42205), borrowed from the
+    /// body unless it had escapes.
     #[serde(borrow)]
     key: Cow<'a, str>,
+    /// The value as base64 (422 42203 otherwise); absent or `null` is a null header value.
     #[serde(borrow, default)]
     value: Option<Cow<'a, str>>,
 }

@@ -1,6 +1,17 @@
 //! The v3 produce body (`POST /v3/clusters/{cluster_id}/topics/{topic}/records`): one
 //! record whose key and value each say their type (`BINARY`, `JSON`, `STRING`), with an
 //! optional RFC 3339 timestamp.
+//!
+//! ```text
+//! {"partition_id":0,"headers":[{"name":"trace","value":"YWJj"}],
+//!  "key":{"type":"STRING","data":"k1"},"value":{"type":"JSON","data":{"hello":"world"}},
+//!  "timestamp":"2026-11-25T15:40:00Z"}
+//! ```
+//!
+//! The answer echoes each part's type and size, so the decoder reports them ([`V3Type`]).
+//! Schema-registry fields (`schema_id`, `subject`, …) are recognised only to be answered 415
+//! 41502: this proxy does not use a registry, and silently writing the data without its
+//! schema would hand consumers bytes they cannot read.
 
 use std::borrow::Cow;
 
@@ -125,15 +136,21 @@ pub(super) fn rfc3339_millis(s: &str) -> Option<i64> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Body<'a> {
+    /// `partition_id`: an integer in `[0, 2^31)` (422 42204 otherwise); absent lets the key decide.
     #[serde(default)]
     partition_id: Option<serde_json::Number>,
     // Kept as text and parsed by `headers_capped`.
+    /// `headers`: an array of [`V3Header`], at most `max_headers_per_record` (413 41304).
     #[serde(borrow, default)]
     headers: Option<&'a RawValue>,
+    /// `key`: a typed [`V3Data`] object; absent or `null` is a null key.
     #[serde(borrow, default)]
     key: Option<Obj<V3Data<'a>>>,
+    /// `value`: a typed [`V3Data`] object; absent or `null` produces a tombstone.
     #[serde(borrow, default)]
     value: Option<Obj<V3Data<'a>>>,
+    /// `timestamp`: RFC 3339, not before 1970 (422 42202 otherwise); absent lets the producer
+    /// stamp the record.
     #[serde(borrow, default)]
     timestamp: Option<Cow<'a, str>>,
 }
@@ -142,8 +159,10 @@ struct V3Body<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Header<'a> {
+    /// The header name: no NUL and not starting with `sidetrack-` (422 42205).
     #[serde(borrow)]
     name: Cow<'a, str>,
+    /// The value as base64 (422 42203 otherwise); absent or `null` is a null header value.
     #[serde(borrow, default)]
     value: Option<Cow<'a, str>>,
 }
@@ -153,8 +172,10 @@ struct V3Header<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V3Data<'a> {
+    /// `type`: `BINARY` (base64 data), `JSON` (any JSON value, the default) or `STRING`.
     #[serde(borrow, default, rename = "type")]
     kind: Option<Cow<'a, str>>,
+    /// `data`, read as `type` says; kept as raw text so JSON data is written as sent.
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
     // Schema-registry fields: answered with 415.

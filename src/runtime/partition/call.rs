@@ -74,6 +74,7 @@ pub(crate) type Concluded = Option<(Disposition, String)>;
 pub(crate) struct Limits {
     /// `None` when not shorter than the limit (the timeout is reported instead).
     warn_after: Option<Duration>,
+    /// When the call is cancelled and the record retried (`handler_timeout`, or the handler's own).
     timeout: Duration,
 }
 
@@ -143,9 +144,11 @@ impl Meanwhile for Nothing {
 /// The call stage of one partition task (or of the test kit): its limits, sampling and
 /// metric handles. Built once; every call borrows it.
 pub(crate) struct Caller {
+    /// The warn and cancel times of every call, resolved once from the config and the handler.
     limits: Limits,
     /// Handler calls so far, for sampling their duration.
     calls: AtomicU32,
+    /// Processing time by outcome and the timeout counter, registered once per task.
     meters: CallMeters,
     /// The handler calls as the watchdog sees them (oldest-call gauge, blocking polls).
     watched: Arc<Calls>,
@@ -186,6 +189,8 @@ impl Caller {
         mut timer: Pin<&mut Option<Sleep>>,
         meanwhile: &mut M,
     ) -> Result<Concluded, M::End> {
+        #[cfg(feature = "otel")]
+        let traced = span.clone();
         let (sampled, started) = self.clock_for_call();
         let (result, elapsed) = {
             let call = self
@@ -236,7 +241,15 @@ impl Caller {
                 }
             }
         };
-        Ok(self.conclude(msg, result, elapsed, policy))
+        let concluded = self.conclude(msg, result, elapsed, policy);
+        // Feature `otel`: the outcome on the record's `process` span (given here, or entered
+        // around the whole record by the concurrent loop).
+        #[cfg(feature = "otel")]
+        crate::telemetry::runtime::record_outcome(
+            &traced.unwrap_or_else(tracing::Span::current),
+            concluded.as_ref().map(|(d, _)| *d),
+        );
+        Ok(concluded)
     }
 
     /// The first deadline of a call that waits: its slow-call warning, or its time limit.
@@ -346,6 +359,7 @@ pub(crate) fn invalid(Invalid { msg, reason }: Invalid) -> Step {
 /// task instead (`RunPartition`), so its per-record calls stay static.
 pub(crate) trait ErasedCall: Send + Sync + 'static {
     /// This handler's limits under `config`.
+    /// [`Limits::of`] for this handler type.
     fn limits(&self, config: &Config) -> Limits;
     /// Calls the handler on `msg` through `caller` and concludes (see [`Caller::call`]).
     fn call<'a>(
@@ -362,6 +376,8 @@ impl<H: Handler> ErasedCall for H {
         Limits::of(config, self)
     }
 
+    /// One call through the call stage with nothing to do meanwhile, boxed: the test kit's way in,
+    /// where one allocation per call is no cost.
     fn call<'a>(
         &'a self,
         caller: &'a Caller,
@@ -389,7 +405,9 @@ pub(crate) struct DueWait {
     waiting: AtomicUsize,
     /// The partition's pause, held during long waits.
     pause: Arc<Pause>,
+    /// The task is stopping: a wait for a due time ends at once (the record is not called).
     stop: Signal,
+    /// The partition was revoked: the same, another consumer takes it from the frontier.
     revoked: Signal,
     /// How long before the due time a paused partition is resumed (see [`resume_ahead`]).
     resume_ahead: Duration,
@@ -501,6 +519,8 @@ impl LazyInstant {
     }
 }
 
+/// Takes one back off a counter however the scope ends (the wait completes, is cancelled or
+/// the future is dropped), so `waiting` never stays raised.
 struct DecrementOnDrop<'a>(&'a AtomicUsize);
 
 impl Drop for DecrementOnDrop<'_> {

@@ -3,27 +3,27 @@
 //! records may start is decided by [`Scheduler`]).
 //!
 //! Only the loop lives here, and [`PartitionTask::process`], the future each record runs in;
-//! every stage they drive is in a file of its own (see the parent module).
+//! every stage they drive is in a file of its own (see the parent module), and the top of the
+//! loop (fenced wait, taking a record or waiting for one) is [`next`](super::next), shared
+//! with the sequential loop.
 
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
-use std::task::Poll;
 
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use rdkafka::consumer::Consumer as _;
 use tracing::Instrument;
 
 use crate::config::Ordering as RecordOrdering;
 use crate::handler::Handler;
-use crate::retry::scheduler::now_ms;
 use crate::runtime::handoff::Abandoned;
 use crate::runtime::scheduler::Scheduler;
 
 use super::call::{self, Nothing, Step};
 use super::intake::{detach, Decoded, Invalid, Taken};
+use super::next::{Next, Waits};
 use super::offsets::Frontier;
 use super::task::{End, Finished, PartitionTask, Queue, FLUSH_EVERY};
 
@@ -33,8 +33,10 @@ impl PartitionTask {
     pub(super) async fn run_concurrent<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
         let stop = self.stop.clone();
         let revoked = self.revoked.clone();
-        let mut stopped = pin!(stop.cancelled());
-        let mut revoked_wait = pin!(revoked.cancelled());
+        let mut waits = Waits {
+            stopped: pin!(stop.cancelled()),
+            revoked: pin!(revoked.cancelled()),
+        };
         let config = &self.shared.config;
         let mut scheduler = Scheduler::new(
             self.ordering == RecordOrdering::Key,
@@ -114,70 +116,57 @@ impl PartitionTask {
                 && self.has_room(&frontier, handoffs.len())
                 && !self.due.is_waiting()
                 && batch.breaker.may_take();
-            let ctx = self.consumer.context();
-            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
-                continue;
-            }
-            let next = {
-                let mut recv = pin!(queue.recv());
-                let ready = if take_more {
-                    futures_util::poll!(recv.as_mut())
-                } else {
-                    Poll::Pending
-                };
-                match ready {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => {
-                        self.flush(
-                            &mut frontier,
-                            &mut batch,
-                            scheduler.in_flight(),
-                            scheduler.waiting(),
-                        );
-                        tokio::select! {
-                            biased;
-                            _ = &mut stopped => continue,
-                            _ = &mut revoked_wait => continue,
-                            Some(finished) = running.next(), if !running.is_empty() => {
-                                let (key, slot) = (finished.key, finished.slot);
-                                if let Err(end) = self.finished(finished, &mut frontier, &mut batch, &mut handoffs) {
-                                    if !matches!(end, End::Stopped) {
-                                        return end;
-                                    }
-                                }
-                                match scheduler.finish(key) {
-                                    Some(next) if batch.breaker.may_take() => {
-                                        running.push(self.process(handler, next, slot))
-                                    }
-                                    // Not started once the breaker opened: no outcome, taken again later.
-                                    _ => free.push(slot),
-                                }
-                                continue;
-                            }
-                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
-                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
-                                    return end;
-                                }
-                                continue;
-                            }
-                            r = self.key_order_next(handler, &mut held), if self.key_order.is_some() => {
-                                if let Err(end) = r {
-                                    return end;
-                                }
-                                continue;
-                            }
-                            r = recv, if take_more => {
-                                batch.now = now_ms();
-                                r
-                            }
-                        }
-                    }
+            let calls_running = !running.is_empty();
+            let key_order = self.key_order.is_some();
+            // The loop's own events: a finished handler call, or (keep_key_order) the
+            // key-order log.
+            let own = async {
+                tokio::select! {
+                    biased;
+                    Some(f) = running.next(), if calls_running => Some(Ok(f)),
+                    r = self.key_order_next(handler, &mut held), if key_order => Some(Err(r)),
+                    else => None,
                 }
             };
+            let next = self
+                .next(
+                    &queue,
+                    take_more,
+                    &mut waits,
+                    &mut handoffs,
+                    &mut frontier,
+                    &mut batch,
+                    || (scheduler.in_flight(), scheduler.waiting()),
+                    (own, calls_running || key_order),
+                )
+                .await;
             let raw = match next {
-                Ok(raw) => raw,
-                Err(e) => {
+                Next::Record(Ok(raw)) => raw,
+                Next::Record(Err(e)) => {
                     self.fetch_error(&e);
+                    continue;
+                }
+                // The top of the loop deals with them.
+                Next::Stopped | Next::Revoked | Next::Again => continue,
+                Next::End(end) => return end,
+                Next::Other(Err(Err(end))) => return end,
+                Next::Other(Err(Ok(()))) => continue,
+                Next::Other(Ok(finished)) => {
+                    let (key, slot) = (finished.key, finished.slot);
+                    if let Err(end) =
+                        self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
+                    {
+                        if !matches!(end, End::Stopped) {
+                            return end;
+                        }
+                    }
+                    match scheduler.finish(key) {
+                        Some(next) if batch.breaker.may_take() => {
+                            running.push(self.process(handler, next, slot))
+                        }
+                        // Not started once the breaker opened: no outcome, taken again later.
+                        _ => free.push(slot),
+                    }
                     continue;
                 }
             };

@@ -40,32 +40,47 @@ pub(crate) fn detach(raw: BorrowedMessage<'_>) -> Raw {
 
 /// A record taken from the partition.
 pub(crate) struct Taken {
+    /// Its place in the partition's [`Frontier`](super::offsets::Frontier) window: the frontier
+    /// moves past it only when it has a durable outcome.
     pub(crate) seq: Seq,
     /// Its key's identity for `key` ordering.
     pub(crate) key: Option<u64>,
     /// Views into `raw`: declared (and so dropped) before it.
     pub(crate) decoded: Result<Decoded, Box<Invalid>>,
+    /// The consumed librdkafka message the views point into; dropped last, once the record's
+    /// handler call and hand-off are done with it.
     pub(crate) raw: Raw,
 }
 
 /// A decoded record: the message and, on a retry tier, when it is due and the retry record's
 /// own timestamp (the writer's clock; see [`crate::retry::scheduler::wait_for`]).
 pub(crate) struct Decoded {
+    /// The message the handler sees (the original's identity on a retry tier).
     pub(crate) msg: Message,
+    /// On a retry tier: the envelope's due time and the retry record's timestamp, both ms since
+    /// the epoch; `None` on a source topic.
     pub(crate) due: Option<(i64, Option<i64>)>,
 }
 
 /// A retry-topic record whose envelope cannot be trusted (boxed where it travels: rare).
 pub(crate) struct Invalid {
+    /// The record as read (its own topic and offset: the envelope could not say otherwise).
     pub(crate) msg: Message,
+    /// Why the envelope is refused (e.g. missing, another group's, more retries than
+    /// configured, a due time too far ahead): the dead letter's error text.
     pub(crate) reason: String,
 }
 
 /// What a retry tier's envelopes must match (copied once per task, read per record).
 struct TierCheck {
+    /// The consumer group the envelope must name: a record another group wrote is not ours.
     group: String,
+    /// The source topic this tier belongs to, which the envelope's original topic must be.
     source_topic: String,
+    /// More attempts than the policy allows means the envelope was tampered with or is stale.
     max_retries: u32,
+    /// The furthest ahead a due time may be (tier delay plus the most jitter): a later one would
+    /// hold the partition for as long as it says.
     max_due_delay: Duration,
 }
 
@@ -73,11 +88,15 @@ struct TierCheck {
 pub(crate) struct Intake {
     /// Shared with every [`Message`] read here.
     pub(crate) topic: Arc<str>,
+    /// The partition read.
     pub(crate) partition: i32,
     /// `key` ordering: each record carries its key's hash for the scheduler.
     by_key: bool,
     /// Retry tier partitions only.
     tier: Option<TierCheck>,
+    /// Feature `otel`: how to make each call's `process` span; `None` without `[tracing]`.
+    #[cfg(feature = "otel")]
+    otel: Option<Arc<crate::telemetry::runtime::ProcessTracing>>,
 }
 
 impl Intake {
@@ -88,6 +107,8 @@ impl Intake {
             partition,
             by_key,
             tier: None,
+            #[cfg(feature = "otel")]
+            otel: None,
         }
     }
 
@@ -111,7 +132,20 @@ impl Intake {
                 max_retries,
                 max_due_delay,
             }),
+            #[cfg(feature = "otel")]
+            otel: None,
         }
+    }
+
+    /// Feature `otel`: makes a `process` span per handler call with `tracing` (see
+    /// [`ProcessTracing`](crate::telemetry::runtime::ProcessTracing)).
+    #[cfg(feature = "otel")]
+    pub(crate) fn traced(
+        mut self,
+        tracing: Option<Arc<crate::telemetry::runtime::ProcessTracing>>,
+    ) -> Self {
+        self.otel = tracing;
+        self
     }
 
     /// The key's identity for `key` ordering (`None` in other orderings, or without a key).
@@ -200,6 +234,14 @@ impl Intake {
         raw: &Raw,
         decoded: &Result<Decoded, Box<Invalid>>,
     ) -> Option<tracing::Span> {
+        // Feature `otel` with `[tracing]`: the conventions' `process` span (INFO, so it is
+        // exported under the default filter), instead of the debug `record` span.
+        #[cfg(feature = "otel")]
+        if let (Some(otel), Ok(d)) = (&self.otel, decoded) {
+            if tracing::enabled!(tracing::Level::INFO) {
+                return Some(otel.process_span(&self.topic, self.partition, raw.offset(), &d.msg));
+            }
+        }
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return None;
         }

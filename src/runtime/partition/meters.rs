@@ -15,8 +15,11 @@ use crate::runtime::breaker::Breaker;
 /// Counts kept locally and published in batches (see `FLUSH_EVERY`).
 #[derive(Default)]
 pub(crate) struct Batch {
+    /// Records taken since the last flush, for [`m::RECORDS_CONSUMED`].
     pub(crate) consumed: u64,
+    /// Key + payload bytes of those records, for [`m::BYTES_CONSUMED`].
     pub(crate) bytes: u64,
+    /// Records whose handler succeeded since the last flush, for [`m::RECORDS_HANDLED`].
     pub(crate) handled: u64,
     /// Records taken since the last flush.
     pub(crate) since_flush: u32,
@@ -28,24 +31,36 @@ pub(crate) struct Batch {
 
 /// Metrics of records read from a retry tier.
 pub(crate) struct RetryMeters {
+    /// [`m::END_TO_END_SECONDS`] with `from="original"`: hand-over to the handler minus the
+    /// original record's timestamp (from the envelope), the whole cost of the retries.
     pub(crate) e2e_original: metrics::Histogram,
+    /// [`m::RETRY_LATENESS_SECONDS`]: handled time minus due time, never negative.
     pub(crate) lateness: metrics::Histogram,
 }
 
 /// The metric handles of one partition task's intake and offsets (the call stage has its own,
 /// [`CallMeters`]).
 pub(crate) struct Meters {
+    /// [`m::RECORDS_CONSUMED`], labels `group`, `topic`; incremented by [`Batch::consumed`].
     pub(crate) consumed: metrics::Counter,
+    /// [`m::BYTES_CONSUMED`], labels `group`, `topic`.
     pub(crate) bytes: metrics::Counter,
+    /// [`m::END_TO_END_SECONDS`] with `from="record"`: receipt minus the record's timestamp.
     pub(crate) e2e_record: metrics::Histogram,
     /// Only on retry tier partitions.
     pub(crate) retry: Option<RetryMeters>,
+    /// [`m::RECORDS_IN_FLIGHT`], shared by every task of the group: moved only by differences
+    /// (see `published_in_flight`), never set.
     in_flight: metrics::Gauge,
+    /// [`m::PARTITION_IN_FLIGHT`]: handler calls running in this partition.
     partition_in_flight: metrics::Gauge,
+    /// [`m::PARTITION_WAITING`]: records waiting behind a busy key (`key` ordering).
     partition_waiting: metrics::Gauge,
+    /// [`m::PARTITION_FRONTIER_LAG`]: records done but ahead of the frontier.
     partition_frontier_lag: metrics::Gauge,
     /// What was last added to the group's in-flight gauge.
     published_in_flight: AtomicI64,
+    /// [`m::RECORDS_HANDLED`], label `source`; incremented by [`Batch::handled`].
     pub(crate) handled: metrics::Counter,
 }
 
@@ -102,9 +117,14 @@ impl Drop for Meters {
 /// The metric handles of the call stage (see `call`): how long calls took by outcome, and
 /// how many hit their time limit.
 pub(crate) struct CallMeters {
+    /// [`m::PROCESSING_SECONDS`] with `outcome="handled"`.
     pub(crate) processing_handled: metrics::Histogram,
+    /// [`m::PROCESSING_SECONDS`] with `outcome="retry"`: the call failed and the record goes
+    /// to a tier.
     pub(crate) processing_retry: metrics::Histogram,
+    /// [`m::PROCESSING_SECONDS`] with `outcome="dead_letter"`.
     pub(crate) processing_dead_letter: metrics::Histogram,
+    /// [`m::HANDLER_TIMEOUTS`]: calls cancelled at their time limit, labels `group`, `topic`.
     pub(crate) timeouts: metrics::Counter,
 }
 

@@ -15,6 +15,7 @@
 //! | [`offsets`]     | frontier, progress, settle, store: the at-least-once rule     |
 //! | [`meters`]      | metric handles and the counts published in batches            |
 //! | [`sequential`], [`concurrent`] | the two record loops, and nothing else         |
+//! | [`next`]        | the top both loops share: take a record or wait for one      |
 //! | [`task`]        | the task's state and the steps both loops share               |
 //! | [`key_order`]   | `keep_key_order`: route, hold, read the key-order log, release |
 //!
@@ -24,7 +25,8 @@
 //! finished record leaves to do, flushing, draining) are in [`task`].
 //!
 //! The files depend on each other in one direction only (no import circles):
-//! `offsets`, `meters` ← `intake` ← `call` ← `task` ← `sequential`, `concurrent` ← `mod.rs`.
+//! `offsets`, `meters` ← `intake` ← `call` ← `task` ← `next` ← `sequential`, `concurrent` ←
+//! `mod.rs`.
 //!
 //! The per-record path is kept lean: the handler is called through static dispatch (the
 //! handler type is erased once per task, not per record), it reads the record in librdkafka's
@@ -38,6 +40,7 @@ mod concurrent;
 mod intake;
 mod key_order;
 pub(crate) mod meters;
+mod next;
 pub(crate) mod offsets;
 mod sequential;
 mod task;
@@ -50,7 +53,7 @@ use crate::config::Ordering as RecordOrdering;
 use crate::handler::Handler;
 
 use super::breaker::{Breaker, BreakerControl};
-use super::group::{GroupConsumer, Role};
+use super::consumer::{GroupConsumer, Role};
 use super::handoff::HandOff;
 use super::pause::Pause;
 use super::shared::Shared;
@@ -164,6 +167,17 @@ impl PartitionTask {
                 ),
             ),
         };
+        // Feature `otel`: the `process` span of every handler call, when `[tracing]` is set.
+        #[cfg(feature = "otel")]
+        let intake = intake.traced(crate::telemetry::runtime::ProcessTracing::new(
+            config.tracing.as_ref(),
+            group_id,
+            match config.ordering {
+                RecordOrdering::Partition => "partition",
+                RecordOrdering::Key => "key",
+                _ => "unordered",
+            },
+        ));
         let pause = Arc::new(Pause::new(
             Arc::clone(&consumer),
             Arc::clone(&topic),

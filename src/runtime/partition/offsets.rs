@@ -133,7 +133,10 @@ impl Frontier {
 /// one), and the last offset the group committed for it (`-1` until known).
 #[derive(Debug)]
 pub(crate) struct Progress {
+    /// The offset of the record the task is on: the lag sampler's "next offset to handle".
     at: AtomicI64,
+    /// What the group last committed for the partition: reported by the commit callback, and
+    /// taken as the first record's offset of an assignment until one is (only ever raised).
     committed: AtomicI64,
     /// The next offset to handle as far as stored offsets go (`-1`: nothing stored yet): where
     /// a restarted task starts again.
@@ -147,6 +150,8 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// A partition's progress before anything is known: every offset `-1`. Shared (`Arc`) by
+    /// the task, the lag sampler, the rebalance hook and the supervisor.
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Progress {
             at: AtomicI64::new(-1),
@@ -244,7 +249,9 @@ impl Progress {
 pub(crate) struct Offsets {
     /// Read by the lag sampler, the rebalance hook and the supervisor.
     progress: Arc<Progress>,
+    /// The partition's topic, for the offset store call.
     topic: Arc<str>,
+    /// The partition whose offset this stores.
     partition: i32,
 }
 

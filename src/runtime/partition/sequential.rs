@@ -1,26 +1,26 @@
 //! The record loop of `partition` ordering: records one at a time, in offset order.
 //!
 //! Only the loop lives here; every stage it drives is in a file of its own (see the parent
-//! module). A record is handled right in the loop, not in a future of its own: nothing to
-//! allocate and nothing large to move per record. A record that failed is handed to its retry
-//! tier or the DLQ without waiting for the broker's acknowledgement: the next records are
-//! handled meanwhile, up to [`MAX_PENDING`](crate::runtime::handoff::MAX_PENDING) hand-offs
-//! waiting, and they keep settling while a handler call or a due-time wait waits.
+//! module), and the top of the loop (fenced wait, taking a record or waiting for one) is
+//! [`next`](super::next), shared with the concurrent loop. A record is handled right in the
+//! loop, not in a future of its own: nothing to allocate and nothing large to move per record.
+//! A record that failed is handed to its retry tier or the DLQ without waiting for the
+//! broker's acknowledgement: the next records are handled meanwhile, up to
+//! [`MAX_PENDING`](crate::runtime::handoff::MAX_PENDING) hand-offs waiting, and they keep
+//! settling while a handler call or a due-time wait waits.
 
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::Poll;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::Consumer as _;
 use tokio_util::sync::WaitForCancellationFuture;
 
 use crate::handler::Handler;
-use crate::retry::scheduler::now_ms;
 
 use super::call::{self, Interrupt, Meanwhile, Step};
 use super::intake::{detach, Decoded};
 use super::meters::Batch;
+use super::next::{Next, Waits};
 use super::offsets::Frontier;
 use super::task::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
 
@@ -31,8 +31,10 @@ impl PartitionTask {
         let revoked = self.revoked.clone();
         // Registered once, polled only when the queue is empty: a fresh cancellation future
         // per record takes the token's lock twice.
-        let mut stopped = pin!(stop.cancelled());
-        let mut revoked_wait = pin!(revoked.cancelled());
+        let mut waits = Waits {
+            stopped: pin!(stop.cancelled()),
+            revoked: pin!(revoked.cancelled()),
+        };
         // One timer for the task, set again for each handler call that waits.
         let mut timer = pin!(None);
         let mut frontier = Frontier::default();
@@ -65,56 +67,37 @@ impl PartitionTask {
             let take_more = self.has_room(&frontier, handoffs.len())
                 && batch.breaker.may_take()
                 && self.key_order_may_take(held.len());
-            let ctx = self.consumer.context();
-            if take_more && ctx.is_fenced() && !ctx.wait_unfenced(&stop, &revoked).await {
-                continue;
-            }
             let Some(q) = queue.as_deref() else {
                 return End::Revoked;
             };
-            let next = {
-                let mut recv = pin!(q.recv());
-                let ready = if take_more {
-                    futures_util::poll!(recv.as_mut())
-                } else {
-                    Poll::Pending
-                };
-                match ready {
-                    Poll::Ready(r) => Some(r),
-                    Poll::Pending => {
-                        // Nothing to do right now: publish what the batch did, then wait.
-                        self.flush(&mut frontier, &mut batch, 0, 0);
-                        tokio::select! {
-                            biased;
-                            _ = &mut stopped => None,
-                            _ = &mut revoked_wait => return End::Revoked,
-                            Some((seq, settled)) = handoffs.next(), if !handoffs.is_empty() => {
-                                if let Err(end) = self.settled(seq, settled, &mut frontier) {
-                                    return end;
-                                }
-                                continue;
-                            }
-                            r = self.key_order_next(handler, &mut held), if self.key_order.is_some() => {
-                                if let Err(end) = r {
-                                    return end;
-                                }
-                                continue;
-                            }
-                            r = recv, if take_more => {
-                                batch.now = now_ms();
-                                Some(r)
-                            }
-                        }
-                    }
-                }
-            };
+            let next = self
+                .next(
+                    q,
+                    take_more,
+                    &mut waits,
+                    &mut handoffs,
+                    &mut frontier,
+                    &mut batch,
+                    || (0, 0),
+                    // The loop's own event: the key-order log (never without the stage).
+                    (
+                        async { Some(self.key_order_next(handler, &mut held).await) },
+                        self.key_order.is_some(),
+                    ),
+                )
+                .await;
             let raw = match next {
-                None => return self.drain(&mut handoffs, &mut frontier, &mut batch).await,
-                Some(Ok(raw)) => raw,
-                Some(Err(e)) => {
+                Next::Record(Ok(raw)) => raw,
+                Next::Record(Err(e)) => {
                     self.fetch_error(&e);
                     continue;
                 }
+                Next::Stopped => return self.drain(&mut handoffs, &mut frontier, &mut batch).await,
+                Next::Revoked => return End::Revoked,
+                Next::Again => continue,
+                Next::End(end) => return end,
+                Next::Other(Err(end)) => return end,
+                Next::Other(Ok(())) => continue,
             };
             let raw = detach(raw);
             let seq = self.mark_taken(&raw, &mut frontier, &mut batch);
@@ -159,7 +142,7 @@ impl PartitionTask {
                         handoffs: &mut handoffs,
                         frontier: &mut frontier,
                         batch: &mut batch,
-                        revoked: revoked_wait.as_mut(),
+                        revoked: waits.revoked.as_mut(),
                         queue: &mut queue,
                     };
                     let concluded = self

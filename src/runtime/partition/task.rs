@@ -18,7 +18,7 @@ use crate::config::Ordering as RecordOrdering;
 use crate::outcome::Disposition;
 use crate::retry::scheduler::now_ms;
 use crate::runtime::breaker::{Breaker, BreakerControl};
-use crate::runtime::group::{GroupConsumer, GroupContext};
+use crate::runtime::consumer::{GroupConsumer, GroupContext};
 use crate::runtime::handoff::{Abandoned, HandOff, MAX_PENDING};
 use crate::runtime::shared::Shared;
 use crate::runtime::signal::Signal;
@@ -59,19 +59,26 @@ pub(crate) enum End {
 
 /// A record whose handler call (or due-time wait) ended.
 pub(crate) struct Finished {
+    /// Its place in the offsets window, to mark it done (or handed off).
     pub(super) seq: Seq,
+    /// Its key's hash: in `key` ordering, the next record of that key may start now.
     pub(super) key: Option<u64>,
     /// The watchdog slot its call used, free again.
     pub(super) slot: usize,
     /// Views into `raw`: declared (and so dropped) before it.
     pub(super) outcome: Result<Step, Abandoned>,
+    /// The consumed librdkafka message, kept alive until the record's hand-off is done with it.
     pub(super) raw: Raw,
 }
 
 /// One partition's task: its stages, and what both record loops share.
 pub(crate) struct PartitionTask {
+    /// The runtime's shared state: config, policy, topology, handler, producer, stats.
     pub(super) shared: Arc<Shared>,
+    /// The group's consumer, for the partition's queue, pauses and the offset store.
     pub(super) consumer: Arc<GroupConsumer>,
+    /// Which record loop runs (`partition`: sequential; `key` or `unordered`: concurrent) and
+    /// its bounds.
     pub(super) ordering: RecordOrdering,
     /// Cancelled on shutdown: finish the current record, take no new ones.
     pub(super) stop: Signal,
@@ -91,6 +98,8 @@ pub(crate) struct PartitionTask {
     pub(super) meters: Meters,
     /// The breaker state this task starts with, and its partition's control.
     pub(super) breaker: Breaker,
+    /// The partition's entry in the runtime's breaker registry: how
+    /// [`RuntimeHandle::close_breaker`](crate::RuntimeHandle::close_breaker) reaches this task.
     pub(super) breaker_control: Arc<BreakerControl>,
     /// `keep_key_order`: the key-order stage (`None` otherwise: one branch per record).
     pub(super) key_order: Option<KeyOrderStage>,
