@@ -12,17 +12,16 @@
 //! takes (never across an await), so the loops and the futures they drive share it without
 //! threading it through every step.
 
-use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex};
+use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
-use crate::config::{Config, OnDeadLetter};
 use crate::handler::{Handler, Message};
 use crate::key_order::log::{append, LogReader, Read};
-use crate::key_order::state::{AfterDeadLetter, Caps, HeldRead, KeyOrder, Next, Route};
+use crate::key_order::state::{HeldRead, Next, Route};
 use crate::key_order::wire::{Ended, Event, HeldRecord};
 use crate::metrics as m;
 use crate::outcome::{Disposition, Reason};
@@ -30,148 +29,9 @@ use crate::retry::scheduler::now_ms;
 use crate::runtime::handoff::{Abandoned, Mark};
 use crate::runtime::scheduler::key_hash;
 
-use super::call::{Caller, Nothing, Step};
-use super::offsets::{Frontier, Seq};
+use super::call::{Nothing, Step};
+use super::key_order_state::{Held, HeldEnd, HeldFuture, KeyOrderStage, Routed, SourceStage};
 use super::task::{End, PartitionTask};
-
-/// A held record as the state keeps it: where it is in the log, and the record itself.
-#[derive(Debug)]
-pub(crate) struct Held {
-    log_seq: Seq,
-    key: Vec<u8>,
-    record: HeldRecord,
-}
-
-/// A held record's run (or dead letter) ended: its log position is done (or the task ends),
-/// and maybe the next record of its key may run.
-pub(crate) struct HeldEnd {
-    log_seq: Seq,
-    /// Whether its log position is done now (not when it became its key's head: then it is
-    /// done when the head's release is read).
-    done: bool,
-    result: Result<Option<Next<Held>>, Abandoned>,
-}
-
-/// A held record's run in flight.
-pub(crate) type HeldFuture<'a> = Pin<Box<dyn std::future::Future<Output = HeldEnd> + Send + 'a>>;
-
-/// What the stage says about a source record about to start.
-pub(crate) enum Routed {
-    /// Run it (the key is free, or it is its key's own head read again).
-    Run,
-    /// Append it to the log behind `head` instead.
-    Hold(i64),
-    /// Its key holds `max_held_per_key` already: dead-letter it as `key-order-full`.
-    Full(i64),
-}
-
-struct Inner {
-    state: KeyOrder<Held, Seq>,
-    log: Frontier,
-    /// Free watchdog slots of the held records' calls.
-    slots: Vec<usize>,
-    /// Source records that run with a note: an earlier record of their key (this head) was
-    /// dead-lettered (by source offset).
-    notes: Vec<(i64, i64)>,
-}
-
-/// The key-order stage of a source partition (`Source`) or of a retry tier partition
-/// (`Tier`, which only appends releases and checks `max_key_wait`).
-pub(crate) enum KeyOrderStage {
-    /// A source partition: routes, holds, reads the log.
-    Source(Box<SourceStage>),
-    /// A retry tier partition of a source with a key-order log.
-    Tier {
-        /// The source's key-order log.
-        log_topic: Arc<str>,
-        /// `retry.max_key_wait`, in ms.
-        max_wait_ms: i64,
-    },
-}
-
-/// The source partition's part.
-pub(crate) struct SourceStage {
-    log_topic: Arc<str>,
-    source_topic: Arc<str>,
-    partition: i32,
-    reader: tokio::sync::Mutex<Option<LogReader>>,
-    /// Held while one event of this partition is appended, from its send to its ack: the
-    /// log gets the events in the order the partition made them (a lock that is fair, first
-    /// come first served). Pipelined appends would be faster, but one that fails and is sent
-    /// again would land behind later ones, and a replay would then run a key's records out of
-    /// order.
-    appends: tokio::sync::Mutex<()>,
-    inner: Mutex<Inner>,
-    caller: Caller,
-    sequential: bool,
-    waiting_gauge: metrics::Gauge,
-    held_gauge: metrics::Gauge,
-    oldest_gauge: metrics::Gauge,
-    held_total: metrics::Counter,
-    full_total: metrics::Counter,
-    waiting_cap_total: metrics::Counter,
-}
-
-impl SourceStage {
-    /// The stage of source partition `partition` of `source_topic`, whose log is `log_topic`.
-    pub(crate) fn new(
-        config: &Config,
-        (group, source_topic, partition): (&str, Arc<str>, i32),
-        log_topic: &str,
-        caller: Caller,
-    ) -> Self {
-        let r = &config.retry;
-        let caps = Caps {
-            max_waiting_keys: r.max_waiting_keys,
-            max_held_per_key: r.max_held_per_key,
-        };
-        let after = match r.on_dead_letter {
-            OnDeadLetter::DeadLetterKey => AfterDeadLetter::DeadLetterKey,
-            _ => AfterDeadLetter::Release,
-        };
-        let slots = config.max_in_flight.max(1);
-        let (g, t, p) = (
-            group.to_owned(),
-            source_topic.to_string(),
-            partition.to_string(),
-        );
-        let gauge = |name: &'static str| metrics::gauge!(name, "group" => g.clone(), "topic" => t.clone(), "partition" => p.clone());
-        SourceStage {
-            waiting_gauge: gauge(m::KEY_ORDER_WAITING_KEYS),
-            held_gauge: gauge(m::KEY_ORDER_HELD_RECORDS),
-            oldest_gauge: gauge(m::KEY_ORDER_OLDEST_WAIT_SECONDS),
-            held_total: metrics::counter!(m::KEY_ORDER_HELD, "group" => g.clone(), "topic" => t.clone()),
-            full_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "held_per_key"),
-            waiting_cap_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "waiting_keys"),
-            log_topic: Arc::from(log_topic),
-            source_topic,
-            partition,
-            reader: tokio::sync::Mutex::new(None),
-            appends: tokio::sync::Mutex::new(()),
-            inner: Mutex::new(Inner {
-                state: KeyOrder::new(caps, after),
-                log: Frontier::default(),
-                slots: (0..slots).rev().collect(),
-                notes: Vec::new(),
-            }),
-            caller,
-            sequential: config.ordering == crate::config::Ordering::Partition,
-        }
-    }
-
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Publishes the gauges (at flush time, not per record).
-    pub(crate) fn publish(&self) {
-        let inner = self.inner();
-        self.waiting_gauge.set(inner.state.waiting_keys() as f64);
-        self.held_gauge.set(inner.state.held_records() as f64);
-        self.oldest_gauge
-            .set(inner.state.oldest_wait_ms(now_ms()) as f64 / 1000.0);
-    }
-}
 
 impl PartitionTask {
     /// Opens the key-order log of a source partition (before the loop takes any record).

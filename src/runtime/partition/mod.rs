@@ -17,7 +17,7 @@
 //! | [`sequential`], [`concurrent`] | the two record loops, and nothing else         |
 //! | [`next`]        | the top both loops share: take a record or wait for one      |
 //! | [`task`]        | the task's state and the steps both loops share               |
-//! | [`key_order`]   | `keep_key_order`: route, hold, read the key-order log, release |
+//! | [`key_order`], [`key_order_state`] | `keep_key_order`: route, hold, read the key-order log, release; its state (below the task) |
 //!
 //! This file builds the task from one struct of its parts ([`Parts`]) and erases the handler
 //! type once per task ([`RunPartition`]), which dispatches to the loop of the configured
@@ -39,6 +39,7 @@ pub(crate) mod call;
 mod concurrent;
 mod intake;
 mod key_order;
+mod key_order_state;
 pub(crate) mod meters;
 mod next;
 pub(crate) mod offsets;
@@ -61,7 +62,7 @@ use super::signal::Signal;
 
 use call::{Caller, DueWait, Limits};
 use intake::Intake;
-use key_order::{KeyOrderStage, SourceStage};
+use key_order_state::{KeyOrderStage, SourceStage};
 use meters::{CallMeters, Meters};
 use offsets::{Offsets, Progress};
 pub(crate) use task::{End, PartitionTask, Queue};

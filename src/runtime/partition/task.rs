@@ -27,7 +27,7 @@ use crate::key_order::wire::Ended;
 
 use super::call::{Caller, DueWait, Step};
 use super::intake::{Intake, Raw, Taken};
-use super::key_order::KeyOrderStage;
+use super::key_order_state::KeyOrderStage;
 use super::meters::{Batch, Meters};
 use super::offsets::{Frontier, Offsets, Seq};
 
