@@ -47,6 +47,10 @@ struct Args {
     /// Serve Prometheus metrics here while running.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_listen: std::net::SocketAddr,
+    /// Keep each customer's order through retries (`ordering = "key"`, `[retry]
+    /// keep_key_order = true`): a retried order holds its customer's later orders back.
+    #[arg(long)]
+    keep_key_order: bool,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +164,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tier::new(Duration::from_secs(2), 1),
     ]);
     config.shutdown_timeout = Duration::from_secs(10);
+    if args.keep_key_order {
+        config.ordering = sidetrack::config::Ordering::Key;
+        config.retry.keep_key_order = true;
+    }
     if args.brokers.is_some() {
         // Portable across brokers: Tansu 0.6 counts a multi-record batch as one offset, so
         // hand-offs sent in one batch would not all be readable from its DLQ.
@@ -257,6 +265,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{:<50}{}", "hand-off failures:", stats.handoff_failures);
 
     print_signals(&scraped, &args.group, &args.topic, &tiers, consuming);
+    if args.keep_key_order {
+        print_key_order(&scraped, &args.group, &args.topic);
+    }
 
     let dead = read_all(&brokers, &dlq_topic).await?;
     if let Some(record) = dead
@@ -328,6 +339,46 @@ fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
                     .all(|(k, v)| s.contains(&format!("{k}=\"{v}\"")))
         })
         .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+/// `--keep-key-order`: how many orders waited behind a retried order of their customer, and
+/// what the gauges showed last.
+fn print_key_order(text: &str, group: &str, topic: &str) {
+    println!();
+    println!("== keep_key_order (scraped from /metrics) ==");
+    let labels = [("group", group), ("topic", topic)];
+    let total = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(s, _)| {
+                s.split('{').next() == Some(name)
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    println!(
+        "{:<50}{}",
+        "orders held behind their customer's retry:",
+        total("sidetrack_key_order_held_total")
+    );
+    println!(
+        "{:<50}{} / {}",
+        "customers waiting / orders held now:",
+        total("sidetrack_key_order_waiting_keys"),
+        total("sidetrack_key_order_held_records")
+    );
+    println!(
+        "{:<50}{:.1} s",
+        "oldest wait (at the last scrape):",
+        text.lines()
+            .filter(|l| l.starts_with("sidetrack_key_order_oldest_wait_seconds{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .fold(0.0, f64::max)
+    );
 }
 
 /// The four signals the platform watches: max offset lag, bytes/s, producer→consumer latency,

@@ -59,6 +59,7 @@ pub mod dead_letter;
 mod error;
 pub mod escape;
 pub mod handler;
+mod key_order;
 pub mod metrics;
 pub mod mocking;
 pub mod outcome;
@@ -104,6 +105,8 @@ mod doc_pages {
     struct Performance;
     #[doc = include_str!("../docs/brokers.md")]
     struct Brokers;
+    #[doc = include_str!("../docs/key-order.md")]
+    struct KeyOrder;
     #[doc = include_str!("../docs/tracing.md")]
     struct Tracing;
 }

@@ -49,12 +49,21 @@ pub enum Reason {
     /// The record was too large for its retry or dead-letter topic; it was dead-lettered
     /// without its payload, which stays readable at its original position while retained.
     Oversized,
+    /// `keep_key_order`: the record would have been held behind its key's head, but the key
+    /// already holds `max_held_per_key` records.
+    KeyOrderFull,
+    /// `keep_key_order`: the record was its key's head and the key had waited longer than
+    /// `max_key_wait` when it came due; dead-lettering it releases the key.
+    KeyOrderTimeout,
+    /// `keep_key_order` with `on_dead_letter = "dead-letter-key"`: the record was held behind
+    /// its key's head, and that head was dead-lettered.
+    KeyDeadLettered,
 }
 
 /// The one table of reasons: the variant, its wire string, and a one-line description (CLI
 /// help, no final period: clap prints it in a list). In declaration order, so `REASONS[r as usize].0 == r` (a test checks it); that makes
 /// [`Reason::as_str`] an index, not a search.
-const REASONS: [(Reason, &str, &str); 5] = [
+const REASONS: [(Reason, &str, &str); 8] = [
     (
         Reason::Permanent,
         "permanent",
@@ -72,6 +81,21 @@ const REASONS: [(Reason, &str, &str); 5] = [
         "oversized",
         "Too large for the retry/dead-letter topic; dead-lettered without its payload",
     ),
+    (
+        Reason::KeyOrderFull,
+        "key-order-full",
+        "Its key already held max_held_per_key records behind a retried record (keep_key_order)",
+    ),
+    (
+        Reason::KeyOrderTimeout,
+        "key-order-timeout",
+        "Its key waited longer than max_key_wait behind it (keep_key_order)",
+    ),
+    (
+        Reason::KeyDeadLettered,
+        "key-dead-lettered",
+        "Held behind a record of its key that was dead-lettered (on_dead_letter = dead-letter-key)",
+    ),
 ];
 
 /// The `sidetrack-error-kind` value of a record on a retry tier (it failed, and is not dead):
@@ -81,12 +105,15 @@ pub const RETRYABLE: &str = "retryable";
 
 impl Reason {
     /// Every reason, in a stable order (the declaration order).
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Permanent,
         Reason::Poison,
         Reason::Exhausted,
         Reason::InvalidEnvelope,
         Reason::Oversized,
+        Reason::KeyOrderFull,
+        Reason::KeyOrderTimeout,
+        Reason::KeyDeadLettered,
     ];
 
     /// The wire form: `sidetrack-error-kind` header value, metric label, CLI value.
@@ -245,13 +272,16 @@ mod tests {
 
     /// The wire strings written to Kafka and metrics by earlier versions: they must never
     /// change, or old dead letters stop parsing and dashboards lose their series.
-    const FROZEN: [(&str, Option<Reason>); 6] = [
+    const FROZEN: [(&str, Option<Reason>); 9] = [
         ("retryable", None),
         ("permanent", Some(Reason::Permanent)),
         ("poison", Some(Reason::Poison)),
         ("exhausted", Some(Reason::Exhausted)),
         ("invalid-envelope", Some(Reason::InvalidEnvelope)),
         ("oversized", Some(Reason::Oversized)),
+        ("key-order-full", Some(Reason::KeyOrderFull)),
+        ("key-order-timeout", Some(Reason::KeyOrderTimeout)),
+        ("key-dead-lettered", Some(Reason::KeyDeadLettered)),
     ];
 
     #[test]

@@ -625,6 +625,8 @@ fn finish(child: Child) -> (i32, String, String) {
 
 fn envelope(kind: Reason, original: (&str, i32, i64)) -> Envelope {
     Envelope {
+        key_order_since: None,
+        after_dead_letter: None,
         original_topic: original.0.to_owned(),
         original_partition: original.1,
         original_offset: original.2,

@@ -69,6 +69,8 @@ async fn in_transaction(
         let mut headers = vec![Header::new("trace", key.as_bytes().to_vec())];
         headers.extend(
             Envelope {
+                key_order_since: None,
+                after_dead_letter: None,
                 original_topic: cluster.topic().to_owned(),
                 original_partition: 0,
                 original_offset: i as i64,

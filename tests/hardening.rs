@@ -203,6 +203,8 @@ async fn a_fast_writer_clock_neither_dead_letters_nor_delays(env: Env) {
     let skew = 3_600_000;
     let written = now_ms() + skew;
     let envelope = sidetrack::Envelope {
+        key_order_since: None,
+        after_dead_letter: None,
         original_topic: env.topic().into(),
         original_partition: 0,
         original_offset: 0,

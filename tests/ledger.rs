@@ -179,8 +179,13 @@ fn ledger_worker() {
         // The replication ledger lets the runtime create its retry and dead-letter topics (with
         // the broker's default replication factor); the others create them up front.
         config.provisioning.auto_create = std::env::var("LW_AUTO_CREATE").is_ok();
-        if std::env::var("LW_ORDERING").as_deref() == Ok("key") {
-            config.ordering = sidetrack::config::Ordering::Key;
+        match std::env::var("LW_ORDERING").as_deref() {
+            Ok("key") => config.ordering = sidetrack::config::Ordering::Key,
+            Ok("key-keep") => {
+                config.ordering = sidetrack::config::Ordering::Key;
+                config.retry.keep_key_order = true;
+            }
+            _ => {}
         }
         // The group's rebalance timeout (librdkafka's `max.poll.interval.ms`, 60 s by
         // default here): a worker killed while its join waits at the coordinator holds every
@@ -424,6 +429,35 @@ async fn uncommitted_at_kill(env: &Env, ledger: &[Line], incarnation: &str) -> u
     n
 }
 
+/// `keep_key_order`: the events of the key-order logs past their committed position (held
+/// records, and their markers) — each held record among them may be run again by the next
+/// owner, so they join the duplicate bound beside the source's uncommitted records.
+async fn log_uncommitted(env: &Env) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = sidetrack::retry::key_order_topic(env.topic(), env.group());
+    let group = format!("{}.key-order", env.group());
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.bootstrap())
+        .set("group.id", format!("{group}-watermarks"))
+        .create()
+        .unwrap();
+    let mut n = 0;
+    for p in 0..PARTITIONS {
+        let Ok((low, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) else {
+            continue;
+        };
+        // A broker may answer a group that never committed as unknown (kfake): nothing
+        // committed, then.
+        let committed = sidetrack::testing::committed_offset(&env.bootstrap(), &group, &topic, p)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(low);
+        n += (high - committed.max(low)).max(0) as usize;
+    }
+    n
+}
+
 /// Fails the test (with the end of its log) if worker `name` is no longer running: the
 /// runtime must never exit on its own.
 fn assert_alive(run: &Run, w: &mut Worker) {
@@ -479,7 +513,39 @@ async fn prepare(backend: Backend) -> Option<(Env, Run)> {
     Some((env, run))
 }
 
+/// The id of a record (a dead letter): its key, or, where records share keys
+/// (`keep_key_order`), the number after `"id": ` in its payload (undecodable ones included).
+fn id_of(r: &sidetrack::testing::Record) -> Option<u64> {
+    if let Some(id) = r
+        .key
+        .as_deref()
+        .and_then(|k| String::from_utf8_lossy(k).parse().ok())
+    {
+        return Some(id);
+    }
+    let payload = String::from_utf8_lossy(r.payload.as_deref()?).into_owned();
+    let rest = payload.split("\"id\":").nth(1)?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Keys shared by many records in the `key-keep` ledger (`keep_key_order`): id % this.
+const SHARED_KEYS: u64 = 64;
+
+/// The key of record `id`: its id, or in the `key-keep` ledger one of [`SHARED_KEYS`] keys.
+fn key_of(id: u64, shared: bool) -> String {
+    if shared {
+        format!("k{}", id % SHARED_KEYS)
+    } else {
+        id.to_string()
+    }
+}
+
 async fn produce_ids(env: &Env, n: u64, seed: Option<u64>) {
+    produce_ids_keyed(env, n, seed, false).await
+}
+
+async fn produce_ids_keyed(env: &Env, n: u64, seed: Option<u64>, shared_keys: bool) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let mut config = rdkafka::ClientConfig::new();
     config.set("bootstrap.servers", env.bootstrap());
@@ -492,7 +558,7 @@ async fn produce_ids(env: &Env, n: u64, seed: Option<u64>) {
     let producer: FutureProducer = config.create().unwrap();
     let mut pending = Vec::new();
     for id in 0..n {
-        let key = id.to_string();
+        let key = key_of(id, shared_keys);
         let payload = match seed.map(|s| fate(s, id)) {
             Some(Fate::Undecodable) => format!("{{\"id\": {id}, "),
             _ => format!("{{\"id\": {id}}}"),
@@ -508,8 +574,20 @@ async fn produce_ids(env: &Env, n: u64, seed: Option<u64>) {
     }
 }
 
+/// With `LEDGER_KEEP_LOGS`: copies the workers' logs and the ledger there, one folder per test
+/// (they run at once).
+fn keep_logs(run: &Run) {
+    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
+        let keep = Path::new(&keep).join(format!("{:?}-{}", run.backend, run.ordering));
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+        }
+    }
+}
+
 /// Waits until the main group's committed offset moved on every partition that is not done.
-async fn commits_resumed(env: &Env) {
+async fn commits_resumed(env: &Env, run: &Run) {
     let mut before = HashMap::new();
     for p in 0..PARTITIONS {
         before.insert(p, env.committed_offset(env.group(), env.topic(), p).await);
@@ -533,6 +611,9 @@ async fn commits_resumed(env: &Env) {
         }
     })
     .await;
+    if !ok {
+        keep_logs(run);
+    }
     assert!(ok, "offset commits did not resume after the faults");
 }
 
@@ -550,6 +631,15 @@ on_every_broker!(nothing_is_lost_in_key_ordering, |backend| ledger(
     backend, "key"
 ));
 
+// The same ledger with `ordering = "key"` and `[retry] keep_key_order = true`, records sharing
+// 64 keys: a failing record's key waits (its later records held in the key-order log) across
+// the same kills, rebalances and faults. Also asserted: per key, the first successful
+// handlings are in offset order.
+on_every_broker!(
+    nothing_is_lost_and_key_order_kept_with_keep_key_order,
+    |backend| ledger(backend, "key-keep")
+);
+
 async fn ledger(backend: Backend, ordering: &'static str) {
     let n: u64 = std::env::var("SIDETRACK_LEDGER_RECORDS")
         .ok()
@@ -559,7 +649,18 @@ async fn ledger(backend: Backend, ordering: &'static str) {
         return;
     };
     run.ordering = ordering;
-    produce_ids(&env, n, Some(run.seed)).await;
+    let keep = ordering == "key-keep";
+    if keep && std::env::var("LEDGER_KEY_ORDER_DEBUG").is_ok() {
+        run.log = Some("warn,sidetrack::runtime::group=info,sidetrack::runtime::partition::key_order=debug,sidetrack::key_order=debug");
+    }
+    if keep {
+        env.create_topic(
+            &sidetrack::retry::key_order_topic(env.topic(), env.group()),
+            PARTITIONS,
+        )
+        .await;
+    }
+    produce_ids_keyed(&env, n, Some(run.seed), keep).await;
     let (expected_ok, _) = expected(run.seed, n);
 
     // Crash points: random fractions of the successes, from the seed.
@@ -606,13 +707,15 @@ async fn ledger(backend: Backend, ordering: &'static str) {
         assert_alive(&run, &mut a);
         sigkill(&mut a);
         crashes += 1;
+        let log = if keep { log_uncommitted(&env).await } else { 0 };
         uncommitted.push(
             uncommitted_at_kill(
                 &env,
                 &read_ledger(&run.ledger()),
                 &format!("a{incarnation}"),
             )
-            .await,
+            .await
+                + log,
         );
         incarnation += 1;
         a = run.spawn(&format!("a{incarnation}"));
@@ -652,7 +755,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 cluster.set_broker_rtt(1, Duration::ZERO).unwrap();
                 faults.push("broker stalled 2 s");
-                commits_resumed(&env).await;
+                commits_resumed(&env, &run).await;
             }
             _ => {
                 if let Some(mut bb) = b.take() {
@@ -667,6 +770,11 @@ async fn ledger(backend: Backend, ordering: &'static str) {
         }
     }
     let settled = settle(&env, &run, n, a, b).await;
+    let extra = if keep {
+        key_order_kept(&settled.lines)
+    } else {
+        String::new()
+    };
     check(
         &run,
         &settled,
@@ -676,8 +784,32 @@ async fn ledger(backend: Backend, ordering: &'static str) {
             faults,
         },
         started,
-        "",
+        &extra,
     );
+}
+
+/// `keep_key_order`: per key, the ids in the order of their first successful handling (the
+/// ledger's line order) are increasing. Returns the figures for the ledger's line.
+fn key_order_kept(lines: &[Line]) -> String {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    let mut out_of_order = Vec::new();
+    for l in lines {
+        if !seen.insert(l.0) {
+            continue;
+        }
+        let key = l.0 % SHARED_KEYS;
+        if let Some(prev) = last.insert(key, l.0) {
+            if prev > l.0 {
+                out_of_order.push((key, prev, l.0));
+            }
+        }
+    }
+    assert!(
+        out_of_order.is_empty(),
+        "first successful handlings out of key order (key, earlier handled, later id): {out_of_order:?}"
+    );
+    format!(" key-order: {SHARED_KEYS} keys, first handlings in order")
 }
 
 /// The ids that must end in the success ledger and the ids that must end in the DLQ, of a
@@ -721,7 +853,7 @@ async fn settle(env: &Env, run: &Run, n: u64, mut a: Worker, mut b: Option<Worke
             .read_all(&env.dlq())
             .await
             .iter()
-            .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
+            .filter_map(id_of)
             .collect();
         expected_dlq.is_subset(&dead)
     })
@@ -735,24 +867,14 @@ async fn settle(env: &Env, run: &Run, n: u64, mut a: Worker, mut b: Option<Worke
     if let Some(mut bb) = b.take() {
         sigterm(&mut bb);
     }
-    if let Ok(keep) = std::env::var("LEDGER_KEEP_LOGS") {
-        // The workers' logs and the ledger, one folder per test (they run at once).
-        let keep = Path::new(&keep).join(format!("{:?}-{}", run.backend, run.ordering));
-        let _ = std::fs::create_dir_all(&keep);
-        for entry in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
-            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
-        }
-    }
+    keep_logs(run);
     if !done {
         let ok: HashSet<u64> = read_ledger(&run.ledger())
             .into_iter()
             .map(|l| l.0)
             .collect();
         let dlq = env.read_all(&env.dlq()).await;
-        let dead: HashSet<u64> = dlq
-            .iter()
-            .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
-            .collect();
+        let dead: HashSet<u64> = dlq.iter().filter_map(id_of).collect();
         let mut per_partition: HashMap<i32, (usize, i64)> = HashMap::new();
         for r in &dlq {
             let e = per_partition.entry(r.partition).or_default();
@@ -798,10 +920,7 @@ fn check(run: &Run, settled: &Settled, crashes: &Crashes, started: Instant, extr
     for l in lines {
         *seen.entry(l.0).or_default() += 1;
     }
-    let dead: Vec<u64> = dlq
-        .iter()
-        .filter_map(|r| String::from_utf8_lossy(r.key.as_deref()?).parse().ok())
-        .collect();
+    let dead: Vec<u64> = dlq.iter().filter_map(id_of).collect();
     let dead_set: HashSet<u64> = dead.iter().copied().collect();
     let lost: Vec<u64> = (0..n)
         .filter(|i| !seen.contains_key(i) && !dead_set.contains(i))

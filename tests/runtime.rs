@@ -493,6 +493,8 @@ async fn corrupt_envelopes_on_a_retry_topic_are_dead_lettered_as_invalid(cluster
     let tier = &cluster.retry("200ms");
     let producer = cluster.producer();
     let valid = sidetrack::Envelope {
+        key_order_since: None,
+        after_dead_letter: None,
         original_topic: cluster.topic().into(),
         original_partition: 0,
         original_offset: 0,

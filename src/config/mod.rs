@@ -225,6 +225,45 @@ pub struct RetryConfig {
     /// must differ from `group`). A separate group keeps the retry consumer's rebalances from
     /// disturbing the main consumer.
     pub group: String,
+    /// Keep each key's order through retries (default `false`; `partition` and `key`
+    /// ordering only). While a record is on a retry tier its key *waits*: the key's later
+    /// records are held in the source partition's key-order log
+    /// (`{topic}.{group}.key-order`) instead of being handled, and follow in order when it
+    /// ends. Costs one small write per failure, one write and one read per held record, and
+    /// one log partition per source partition; a partition where nothing fails pays one branch
+    /// per record. See `docs/key-order.md`.
+    pub keep_key_order: bool,
+    /// What happens to the held records of a key whose head is dead-lettered (default
+    /// `release`). Only with `keep_key_order`.
+    pub on_dead_letter: OnDeadLetter,
+    /// Keys that may wait at once per partition (default 1,000; 1 to 1,000,000). At the cap
+    /// the partition takes no new record until a key is released; held records never count.
+    pub max_waiting_keys: usize,
+    /// Records that may be held behind one key (default 1,000; 1 to 1,000,000). A record past
+    /// it is dead-lettered as `key-order-full` and its key keeps waiting, so one hot key never
+    /// freezes its partition.
+    pub max_held_per_key: usize,
+    /// Longest a key may wait (default 24 h; 1 s to 365 d). A head whose key waited longer is
+    /// dead-lettered as `key-order-timeout` by its retry tier when it next comes due, which
+    /// releases the key: the wait is bounded by this plus one tier delay.
+    #[serde(with = "humantime_serde")]
+    pub max_key_wait: Duration,
+}
+
+/// What happens to the records held behind a head that is dead-lettered
+/// (`[retry] on_dead_letter`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum OnDeadLetter {
+    /// The held records are handled, in order; the envelope of the key's next record, if it
+    /// is retried or dead-lettered, says that an earlier record of its key was dead-lettered
+    /// (the default).
+    #[default]
+    Release,
+    /// Every record held behind the head is dead-lettered with it, in order
+    /// (`key-dead-lettered`).
+    DeadLetterKey,
 }
 
 impl Default for RetryConfig {
@@ -234,6 +273,11 @@ impl Default for RetryConfig {
             exponential: None,
             topic: "{topic}.{group}.retry.{delay}".to_owned(),
             group: "{group}.retry".to_owned(),
+            keep_key_order: false,
+            on_dead_letter: OnDeadLetter::Release,
+            max_waiting_keys: 1_000,
+            max_held_per_key: 1_000,
+            max_key_wait: Duration::from_secs(24 * 3600),
         }
     }
 }

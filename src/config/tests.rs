@@ -376,3 +376,68 @@ fn disabled_retries_validate() {
     c.validate().unwrap();
     assert_eq!(c.retry.policy().unwrap().max_retries(), 0);
 }
+
+#[test]
+fn keep_key_order_parses_and_its_rules_name_their_field() {
+    let c = Config::from_toml_str(
+        r#"
+        brokers = "b:9092"
+        group = "g"
+        topics = ["t"]
+        ordering = "key"
+        [retry]
+        keep_key_order = true
+        on_dead_letter = "dead-letter-key"
+        max_waiting_keys = 10
+        max_held_per_key = 5
+        max_key_wait = "1h"
+        "#,
+    )
+    .unwrap();
+    assert!(c.retry.keep_key_order);
+    assert_eq!(c.retry.on_dead_letter, OnDeadLetter::DeadLetterKey);
+    assert_eq!(
+        (c.retry.max_waiting_keys, c.retry.max_held_per_key),
+        (10, 5)
+    );
+    assert_eq!(c.retry.max_key_wait, Duration::from_secs(3600));
+    c.validate().unwrap();
+    let d = RetryConfig::default();
+    assert!(!d.keep_key_order);
+    assert_eq!(d.on_dead_letter, OnDeadLetter::Release);
+    assert!(Config::from_toml_str(
+        "brokers = \"b\"\ngroup = \"g\"\ntopics = [\"t\"]\n[retry]\non_dead_letter = \"drop\"\n"
+    )
+    .is_err());
+
+    type Change = fn(&mut Config);
+    let bad: [(&str, Change); 6] = [
+        ("retry.keep_key_order", |c| c.ordering = Ordering::Unordered),
+        ("retry.keep_key_order", |c| c.retry.tiers = Some(Vec::new())),
+        ("retry.max_waiting_keys", |c| c.retry.max_waiting_keys = 0),
+        ("retry.max_held_per_key", |c| {
+            c.retry.max_held_per_key = MAX_QUEUED + 1
+        }),
+        ("retry.max_key_wait", |c| {
+            c.retry.max_key_wait = Duration::from_millis(10)
+        }),
+        ("retry.max_key_wait", |c| {
+            c.retry.max_key_wait = MAX_TIER_DELAY + Duration::from_secs(1)
+        }),
+    ];
+    for (field, change) in bad {
+        let mut c = base();
+        c.retry.keep_key_order = true;
+        change(&mut c);
+        assert_eq!(field_of(c.validate().unwrap_err()), field);
+        // Without keep_key_order the same values are not looked at.
+        c.retry.keep_key_order = false;
+        if field != "retry.keep_key_order" {
+            c.validate().unwrap();
+        }
+    }
+    // Partition ordering keeps it too.
+    let mut c = base();
+    c.retry.keep_key_order = true;
+    c.validate().unwrap();
+}

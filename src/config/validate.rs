@@ -226,8 +226,50 @@ impl Config {
                 format!("must be 1 to {MAX_QUEUED}"),
             ));
         }
+        self.check_key_order()?;
         check_consumer(&self.consumer)?;
         check_producer(&self.producer)?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The `keep_key_order` rules: an ordering that has an order to keep, a tier to wait on,
+    /// and caps in range.
+    fn check_key_order(&self) -> Result<(), ConfigError> {
+        let r = &self.retry;
+        if !r.keep_key_order {
+            return Ok(());
+        }
+        if self.ordering == super::Ordering::Unordered {
+            return Err(ConfigError::invalid(
+                "retry.keep_key_order",
+                "needs `ordering = \"partition\"` or `\"key\"`: `unordered` keeps no order",
+            ));
+        }
+        if r.tiers.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ConfigError::invalid(
+                "retry.keep_key_order",
+                "needs at least one retry tier (with `tiers = []` nothing ever waits)",
+            ));
+        }
+        for (field, value) in [
+            ("retry.max_waiting_keys", r.max_waiting_keys),
+            ("retry.max_held_per_key", r.max_held_per_key),
+        ] {
+            if !(1..=MAX_QUEUED).contains(&value) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be 1 to {MAX_QUEUED}"),
+                ));
+            }
+        }
+        if r.max_key_wait < Duration::from_secs(1) || r.max_key_wait > MAX_TIER_DELAY {
+            return Err(ConfigError::invalid(
+                "retry.max_key_wait",
+                "must be 1s to 365d",
+            ));
+        }
         Ok(())
     }
 }

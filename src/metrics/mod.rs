@@ -146,8 +146,50 @@ pub const DEAD_LETTER_BREAKER_OPEN: &str = "sidetrack_dead_letter_breaker_open";
 /// the record tried half-open was dead-lettered). Labels: `group`, `topic`.
 pub const DEAD_LETTER_BREAKER_TRIPS: &str = "sidetrack_dead_letter_breaker_trips_total";
 
+/// Keys of a source partition waiting behind a head on a retry tier (`keep_key_order`).
+/// Labels: `group`, `topic`, `partition`.
+pub const KEY_ORDER_WAITING_KEYS: &str = "sidetrack_key_order_waiting_keys";
+/// Records of a source partition held behind their key's head and read back from its
+/// key-order log, in memory (`keep_key_order`). Labels: `group`, `topic`, `partition`.
+pub const KEY_ORDER_HELD_RECORDS: &str = "sidetrack_key_order_held_records";
+/// Seconds the oldest waiting key of a partition has waited (0 when none waits).
+/// Labels: `group`, `topic`, `partition`.
+pub const KEY_ORDER_OLDEST_WAIT_SECONDS: &str = "sidetrack_key_order_oldest_wait_seconds";
+/// Records held behind a key (appended to its key-order log instead of being handled).
+/// Labels: `group`, `topic`.
+pub const KEY_ORDER_HELD: &str = "sidetrack_key_order_held_total";
+/// Times a key-order cap acted. Labels: `group`, `topic`, `cap` (`waiting_keys`: intake
+/// paused; `held_per_key`: a record dead-lettered as `key-order-full`; `key_wait`: a head
+/// dead-lettered as `key-order-timeout`).
+pub const KEY_ORDER_CAP_REACHED: &str = "sidetrack_key_order_cap_reached_total";
+
 /// Registers unit and help text for every metric. Called when a runtime starts.
 pub fn describe() {
+    describe_gauge!(
+        KEY_ORDER_WAITING_KEYS,
+        Unit::Count,
+        "Keys waiting behind a head on a retry tier, per partition (keep_key_order)."
+    );
+    describe_gauge!(
+        KEY_ORDER_HELD_RECORDS,
+        Unit::Count,
+        "Records held behind their key's head and read back from the key-order log, per partition."
+    );
+    describe_gauge!(
+        KEY_ORDER_OLDEST_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long the oldest waiting key of a partition has waited."
+    );
+    describe_counter!(
+        KEY_ORDER_HELD,
+        Unit::Count,
+        "Records held behind their key (appended to the key-order log)."
+    );
+    describe_counter!(
+        KEY_ORDER_CAP_REACHED,
+        Unit::Count,
+        "Times a key-order cap acted, by cap."
+    );
     describe_gauge!(
         CONSUMER_LAG,
         Unit::Count,

@@ -87,6 +87,8 @@ mod tests {
 
     fn envelope() -> Envelope {
         Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             original_topic: "orders".into(),
             original_partition: 0,
             original_offset: 7,
@@ -190,6 +192,8 @@ mod tests {
             error in ".{0,64}",
         ) {
             let env = Envelope {
+                key_order_since: None,
+                after_dead_letter: None,
                 original_partition: partition,
                 original_offset: offset,
                 original_timestamp: original_ts,

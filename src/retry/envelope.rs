@@ -37,6 +37,13 @@ pub(super) mod names {
     pub const ERROR_KIND: &str = "sidetrack-error-kind";
     /// The last error, as text, truncated to [`MAX_ERROR_TEXT`](super::MAX_ERROR_TEXT) bytes.
     pub const ERROR: &str = "sidetrack-error";
+    /// `keep_key_order` only: this record is its key's *head* — the key's later records wait
+    /// behind it, since this time (ms since the epoch). Its retry tier appends a `release` to
+    /// the source partition's key-order log when it ends (see `docs/key-order.md`).
+    pub const KEY_ORDER_HEAD: &str = "sidetrack-key-order-head";
+    /// `keep_key_order` only: an earlier record of this record's key (at this original offset)
+    /// was dead-lettered, and this record was released after it.
+    pub const KEY_ORDER_AFTER_DEAD_LETTER: &str = "sidetrack-key-order-after-dead-letter";
 }
 
 /// The envelope schema version this build writes and reads.
@@ -118,13 +125,19 @@ pub struct Envelope {
     pub reason: Option<Reason>,
     /// The last error as text (at most [`MAX_ERROR_TEXT`] bytes).
     pub error: String,
+    /// `keep_key_order`: the record is its key's head, and the key waits since this time (ms
+    /// since the epoch); `None` otherwise. Carried from hop to hop.
+    pub key_order_since: Option<i64>,
+    /// `keep_key_order`: the original offset of an earlier record of the same key that was
+    /// dead-lettered before this one was released; `None` otherwise. Carried from hop to hop.
+    pub after_dead_letter: Option<i64>,
 }
 
 impl Envelope {
     /// Encodes the envelope as headers, in a fixed order, starting with `sidetrack-version`.
     pub fn to_headers(&self) -> Vec<Header> {
         use names::*;
-        let mut out = Vec::with_capacity(11);
+        let mut out = Vec::with_capacity(13);
         let mut put = |k: &str, v: String| out.push(Header::new(k, v.into_bytes()));
         put(VERSION, ENVELOPE_VERSION.to_string());
         put(ORIGINAL_TOPIC, self.original_topic.clone());
@@ -141,6 +154,12 @@ impl Envelope {
         }
         put(ERROR_KIND, error_kind_str(self.reason).to_owned());
         put(ERROR, truncate_error(&self.error));
+        if let Some(since) = self.key_order_since {
+            put(KEY_ORDER_HEAD, since.to_string());
+        }
+        if let Some(offset) = self.after_dead_letter {
+            put(KEY_ORDER_AFTER_DEAD_LETTER, offset.to_string());
+        }
         out
     }
 
@@ -190,6 +209,12 @@ impl Envelope {
             return Err(EnvelopeError::UnsupportedVersion(version.to_owned()));
         }
         let envelope = Envelope {
+            key_order_since: get(KEY_ORDER_HEAD)?
+                .map(|v| parse(KEY_ORDER_HEAD, v))
+                .transpose()?,
+            after_dead_letter: get(KEY_ORDER_AFTER_DEAD_LETTER)?
+                .map(|v| parse(KEY_ORDER_AFTER_DEAD_LETTER, v))
+                .transpose()?,
             original_topic: required(ORIGINAL_TOPIC)?.to_owned(),
             original_partition: parse(ORIGINAL_PARTITION, required(ORIGINAL_PARTITION)?)?,
             original_offset: parse(ORIGINAL_OFFSET, required(ORIGINAL_OFFSET)?)?,
@@ -238,6 +263,8 @@ mod tests {
 
     fn sample() -> Envelope {
         Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             original_topic: "orders".into(),
             original_partition: 3,
             original_offset: 42,
@@ -249,6 +276,24 @@ mod tests {
             reason: None,
             error: "connection refused".into(),
         }
+    }
+
+    #[test]
+    fn key_order_marks_round_trip_and_are_absent_by_default() {
+        let plain = sample().to_headers();
+        assert!(!plain
+            .iter()
+            .any(|h| h.key.starts_with(b"sidetrack-key-order")));
+        let marked = Envelope {
+            key_order_since: Some(1_700_000_000_500),
+            after_dead_letter: Some(7),
+            ..sample()
+        };
+        let (_, back) = Envelope::split(&marked.to_headers()).unwrap();
+        assert_eq!(back, marked);
+        let mut bad = marked.to_headers();
+        bad.last_mut().unwrap().value = Some(b"x".to_vec());
+        assert!(Envelope::split(&bad).is_err());
     }
 
     #[test]
@@ -284,6 +329,8 @@ mod tests {
     #[test]
     fn optional_fields_may_be_absent() {
         let env = Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             original_timestamp: None,
             due: None,
             reason: Some(Reason::Exhausted),
@@ -375,6 +422,8 @@ mod tests {
         assert!(cut.ends_with('…'));
         assert_eq!(truncate_error("a\nb\tc"), "a b c");
         let env = Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             error: "x".repeat(5000),
             ..sample()
         };

@@ -133,6 +133,8 @@ pub fn next_hop<'t>(
         Disposition::DeadLetter(_) => (source.dead_letter.as_str(), None),
     };
     let envelope = Envelope {
+        key_order_since: msg.envelope().and_then(|e| e.key_order_since),
+        after_dead_letter: msg.envelope().and_then(|e| e.after_dead_letter),
         original_topic: msg.topic().to_owned(),
         original_partition: msg.partition(),
         original_offset: msg.offset(),
@@ -180,6 +182,8 @@ mod tests {
     /// The message a retry tier hands the handler for attempt `attempt` (> 1).
     fn retried(attempt: u32, first_failure: i64) -> Message {
         let envelope = Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             original_topic: "orders".into(),
             original_partition: 3,
             original_offset: 42,

@@ -27,7 +27,9 @@ pub(crate) use envelope::truncate_error;
 pub use envelope::{Envelope, EnvelopeError, MAX_ERROR_TEXT};
 pub use hop::{next_hop, Hop, HopError};
 pub use policy::{expand_exponential, jittered, RetryPolicy, Tier};
-pub use topics::{format_delay, tier_delay_of, SourceTopology, TierTopic, Topology};
+pub use topics::{
+    format_delay, key_order_topic, tier_delay_of, SourceTopology, TierTopic, Topology,
+};
 
 /// Names of the envelope headers (all start with `sidetrack-`).
 pub mod headers {

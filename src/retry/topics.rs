@@ -30,6 +30,14 @@ pub struct SourceTopology {
     pub retry: Vec<TierTopic>,
     /// Its dead-letter topic.
     pub dead_letter: String,
+    /// Its key-order log (`{topic}.{group}.key-order`, as many partitions as the source:
+    /// partition *p* serves source partition *p*), when `retry.keep_key_order` is set.
+    pub key_order: Option<String>,
+}
+
+/// The key-order log's name for source `topic` read by `group` (see `docs/key-order.md`).
+pub fn key_order_topic(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}.key-order")
 }
 
 /// Every topic name the runtime uses, rendered from the configured patterns.
@@ -109,10 +117,22 @@ impl Topology {
                 "dead_letter.topic",
                 format!("the dead-letter topic of `{topic}`"),
             )?;
+            let key_order = config
+                .retry
+                .keep_key_order
+                .then(|| {
+                    claim(
+                        key_order_topic(topic, &config.group),
+                        "retry.keep_key_order",
+                        format!("the key-order log of `{topic}`"),
+                    )
+                })
+                .transpose()?;
             sources.push(SourceTopology {
                 topic: topic.clone(),
                 retry,
                 dead_letter,
+                key_order,
             });
         }
         let by_retry_topic = sources
@@ -166,7 +186,7 @@ impl Topology {
             .collect()
     }
 
-    /// All retry and dead-letter topics, each with its source topic.
+    /// All retry and dead-letter topics (and key-order logs), each with its source topic.
     pub fn side_topics(&self) -> Vec<(&str, &str)> {
         self.sources
             .iter()
@@ -175,9 +195,16 @@ impl Topology {
                     .iter()
                     .map(|t| t.name.as_str())
                     .chain(std::iter::once(s.dead_letter.as_str()))
+                    .chain(s.key_order.as_deref())
                     .map(move |name| (name, s.topic.as_str()))
             })
             .collect()
+    }
+
+    /// The consumer group whose committed offsets are the key-order logs' read positions
+    /// (`{group}.key-order`; it never has members: the logs are read by assignment).
+    pub fn key_order_group(&self) -> String {
+        format!("{}.key-order", self.group)
     }
 }
 

@@ -34,6 +34,17 @@ use super::signal::Signal;
 /// record in memory); then the partition takes no new record until the oldest is durable.
 pub(crate) const MAX_PENDING: usize = 64;
 
+/// What a hand-off adds to the envelope for `keep_key_order` (see `docs/key-order.md`): both
+/// `None` for every other record, so the envelope is what it always was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Mark {
+    /// The record is its key's head, waiting since this time (ms): `sidetrack-key-order-head`.
+    pub(crate) since: Option<i64>,
+    /// An earlier record of its key (this original offset) was dead-lettered before it was
+    /// released: `sidetrack-key-order-after-dead-letter`.
+    pub(crate) after_dead_letter: Option<i64>,
+}
+
 /// Why a piece of work of a partition ended without a durable outcome. Its offset is not
 /// stored (see `partition::offsets`): the record is handled again by whoever reads the
 /// partition next.
@@ -150,6 +161,19 @@ impl HandOff {
         decision: Disposition,
         error: &str,
     ) -> Result<(), Abandoned> {
+        self.hand_off_marked(msg, decision, error, Mark::default())
+            .await
+    }
+
+    /// [`HandOff::hand_off`], with `mark` laid over the envelope `next_hop` makes (which
+    /// already carries the marks of a retried record's own envelope forward).
+    pub(crate) async fn hand_off_marked(
+        &self,
+        msg: &Message,
+        decision: Disposition,
+        error: &str,
+        mark: Mark,
+    ) -> Result<(), Abandoned> {
         let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
         // One clock reading for the envelope and the record's timestamp, kept across resends:
@@ -167,6 +191,13 @@ impl HandOff {
                 fastrand::f64(),
             )
             .map_err(|e| Abandoned::Failed(e.to_string()))?;
+            let mut hop = hop;
+            if mark.since.is_some() {
+                hop.envelope.key_order_since = mark.since;
+            }
+            if mark.after_dead_letter.is_some() {
+                hop.envelope.after_dead_letter = mark.after_dead_letter;
+            }
             Ok((hop, now))
         };
         let mut decision = decision;

@@ -15,15 +15,15 @@
 //!   offsets), commits, and leaves the groups.
 
 mod breaker;
-mod client;
+pub(crate) mod client;
 pub(crate) mod consumer;
 mod group;
-mod handoff;
+pub(crate) mod handoff;
 pub(crate) mod partition;
 mod pause;
 mod producer;
 mod provision;
-mod scheduler;
+pub(crate) mod scheduler;
 mod shared;
 mod signal;
 mod supervisor;

@@ -235,6 +235,7 @@ pub async fn check_topics(config: &Config, create: bool) -> Result<Vec<TopicStat
             std::iter::once(s.topic.clone())
                 .chain(s.retry.iter().map(|t| t.name.clone()))
                 .chain(std::iter::once(s.dead_letter.clone()))
+                .chain(s.key_order.clone())
         })
         .collect();
     let mut before = Vec::with_capacity(names.len());

@@ -67,7 +67,7 @@ pub(crate) struct Stats {
     consumed: AtomicU64,
     handled: AtomicU64,
     retried: Vec<AtomicU64>,
-    dead_lettered: [AtomicU64; 5],
+    dead_lettered: [AtomicU64; Reason::ALL.len()],
     handoff_failures: AtomicU64,
 }
 

@@ -673,6 +673,8 @@ mod tests {
         )
             .prop_map(
                 |(topic, p, o, ts, group, attempts, first, due, kind, error)| Envelope {
+                    key_order_since: None,
+                    after_dead_letter: None,
                     original_topic: topic,
                     original_partition: p,
                     original_offset: o,

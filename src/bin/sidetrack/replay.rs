@@ -942,6 +942,8 @@ mod tests {
 
     fn dead_letter() -> Envelope {
         Envelope {
+            key_order_since: None,
+            after_dead_letter: None,
             original_topic: "orders".into(),
             original_partition: 2,
             original_offset: 17,

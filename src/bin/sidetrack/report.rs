@@ -104,6 +104,13 @@ pub(crate) async fn topology(
             state(&s.dead_letter)
         );
         println!("{:<16} {:<44} {what}", "dead letters", name(&s.dead_letter));
+        if let Some(log) = &s.key_order {
+            let what = format!(
+                "keep_key_order: records held behind a retried record of their key; {}",
+                state(log)
+            );
+            println!("{:<16} {:<44} {what}", "key-order log", name(log));
+        }
         attempt = 1;
     }
     let missing: Vec<&str> = status
@@ -123,7 +130,9 @@ pub(crate) async fn topology(
 }
 
 /// Prints committed offset, end offset and lag per partition of `group` on its source topics,
-/// of `GROUP.retry` on the retry tiers, and how many records each dead-letter topic holds.
+/// of `GROUP.retry` on the retry tiers, how many events of each key-order log (`keep_key_order`)
+/// are not yet done (held records and their markers: `N held`), and how many records each
+/// dead-letter topic holds.
 ///
 /// Without `--topic` the sources are every topic the group has committed offsets on. Retry
 /// tiers are found by the default naming pattern (`{topic}.{group}.retry.{delay}`), sorted by
@@ -189,6 +198,28 @@ pub(crate) async fn lag(kafka: &Kafka, group: &str, topic: Option<&str>) -> Resu
                     c.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     high,
                     lag
+                );
+            }
+        }
+        // keep_key_order: the key-order log, read from `GROUP.key-order`'s position; what is
+        // past it are held records (and their head/release markers) not yet done.
+        let log = sidetrack::retry::key_order_topic(source, group);
+        if all.contains(&log) {
+            let log_group = format!("{group}.key-order");
+            let committed = kafka.committed(&log_group, &log).await?;
+            let mut parts: Vec<_> = kafka.watermarks(&log).await?.into_iter().collect();
+            parts.sort();
+            for (p, (low, high)) in parts {
+                let c = committed.get(&p).copied();
+                let held = (high - c.unwrap_or(low).max(low)).max(0);
+                println!(
+                    "{:<44} {:>9}  {:<24} {:>12} {:>12} {:>10}",
+                    name(&log),
+                    p,
+                    name(&log_group),
+                    c.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    high,
+                    format!("{held} held")
                 );
             }
         }

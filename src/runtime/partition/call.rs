@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::handler::{invoke_static, Context, Handler, HandlerError, Message};
+use crate::key_order::wire::Ended;
 use crate::outcome::Disposition;
 use crate::outcome::Reason;
 use crate::retry::scheduler::{self, elapsed_secs, now_ms};
@@ -56,6 +57,12 @@ pub(crate) enum Step {
     Done,
     /// Failed: to be handed to a retry tier or the DLQ, with the error text.
     HandOff(Message, Disposition, String),
+    /// `keep_key_order`: its key waits behind the head at this source offset; appended to the
+    /// key-order log instead of run, durable when the log acknowledges it.
+    Hold(Message, i64),
+    /// `keep_key_order`: a head handled (on its tier, or read again on its source); durable
+    /// once its `release` is in the key-order log.
+    Release(Message, Ended),
 }
 
 /// What a handler's result means: `None` when handled, else where the record goes next and

@@ -49,6 +49,12 @@ impl PartitionTask {
         let mut free: Vec<usize> = (0..config.max_in_flight).rev().collect();
         let mut handoffs = FuturesUnordered::new();
         let mut batch = self.batch();
+        // `keep_key_order`: the held records running (one per key at most), and the log read
+        // first (see `key_order`).
+        let mut held = FuturesUnordered::new();
+        if let Err(end) = self.key_order_open().await {
+            return end;
+        }
         loop {
             if revoked.is_cancelled() {
                 // The queue goes at once (see `run_sequential`); handler calls in progress are
@@ -102,11 +108,26 @@ impl PartitionTask {
                     scheduler.waiting(),
                 );
             }
-            let take_more = scheduler.has_room()
+            if let Err(end) = self.key_order_poll(handler, &mut held) {
+                return end;
+            }
+            let take_more = self.key_order_may_take(held.len())
+                && scheduler.has_room()
                 && self.has_room(&frontier, handoffs.len())
                 && !self.due.is_waiting()
                 && batch.breaker.may_take();
             let calls_running = !running.is_empty();
+            let key_order = self.key_order.is_some();
+            // The loop's own events: a finished handler call, or (keep_key_order) the
+            // key-order log.
+            let own = async {
+                tokio::select! {
+                    biased;
+                    Some(f) = running.next(), if calls_running => Some(Ok(f)),
+                    r = self.key_order_next(handler, &mut held), if key_order => Some(Err(r)),
+                    else => None,
+                }
+            };
             let next = self
                 .next(
                     &queue,
@@ -116,7 +137,7 @@ impl PartitionTask {
                     &mut frontier,
                     &mut batch,
                     || (scheduler.in_flight(), scheduler.waiting()),
-                    (running.next(), calls_running),
+                    (own, calls_running || key_order),
                 )
                 .await;
             let raw = match next {
@@ -128,7 +149,9 @@ impl PartitionTask {
                 // The top of the loop deals with them.
                 Next::Stopped | Next::Revoked | Next::Again => continue,
                 Next::End(end) => return end,
-                Next::Other(finished) => {
+                Next::Other(Err(Err(end))) => return end,
+                Next::Other(Err(Ok(()))) => continue,
+                Next::Other(Ok(finished)) => {
                     let (key, slot) = (finished.key, finished.slot);
                     if let Err(end) =
                         self.finished(finished, &mut frontier, &mut batch, &mut handoffs)
@@ -204,6 +227,12 @@ impl PartitionTask {
             Box::pin(self.due.until_due(due, written_at)).await?;
             call::retried_metrics(&self.meters, &msg, due);
         }
+        // `keep_key_order`: decided when the record starts (the scheduler starts a key's next
+        // record only after the previous one's step, which marks its key waiting).
+        let msg = match self.key_order_before_call(msg) {
+            Ok(msg) => msg,
+            Err(step) => return Ok(step),
+        };
         let timer = pin!(None);
         let concluded = self
             .caller
@@ -218,7 +247,7 @@ impl PartitionTask {
             )
             .await;
         Ok(match concluded {
-            Ok(None) => Step::Done,
+            Ok(None) => self.key_order_done(msg),
             Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
             Err(never) => match never {},
         })

@@ -17,6 +17,7 @@
 //! | [`sequential`], [`concurrent`] | the two record loops, and nothing else         |
 //! | [`next`]        | the top both loops share: take a record or wait for one      |
 //! | [`task`]        | the task's state and the steps both loops share               |
+//! | [`key_order`], [`key_order_state`] | `keep_key_order`: route, hold, read the key-order log, release; its state (below the task) |
 //!
 //! This file builds the task from one struct of its parts ([`Parts`]) and erases the handler
 //! type once per task ([`RunPartition`]), which dispatches to the loop of the configured
@@ -37,6 +38,8 @@
 pub(crate) mod call;
 mod concurrent;
 mod intake;
+mod key_order;
+mod key_order_state;
 pub(crate) mod meters;
 mod next;
 pub(crate) mod offsets;
@@ -59,6 +62,7 @@ use super::signal::Signal;
 
 use call::{Caller, DueWait, Limits};
 use intake::Intake;
+use key_order_state::{KeyOrderStage, SourceStage};
 use meters::{CallMeters, Meters};
 use offsets::{Offsets, Progress};
 pub(crate) use task::{End, PartitionTask, Queue};
@@ -181,7 +185,33 @@ impl PartitionTask {
             partition,
             group_id,
         ));
+        let key_order = match (role, shared.topology.sources()[source].key_order.as_deref()) {
+            (_, None) => None,
+            (Role::Main, Some(log)) => {
+                // Held records' calls are watched under the log's name: they run beside the
+                // partition's own calls (`key` ordering), in slots of their own.
+                let held_caller = Caller::new(
+                    Limits::new(config, config.handler_timeout),
+                    CallMeters::new(group_id, log, source_topic),
+                    shared
+                        .watchdog
+                        .watch(group_id, log, partition, config.max_in_flight.max(1)),
+                );
+                Some(KeyOrderStage::Source(Box::new(SourceStage::new(
+                    config,
+                    (group_id, Arc::clone(&topic), partition),
+                    log,
+                    held_caller,
+                ))))
+            }
+            (Role::Retry, Some(log)) => Some(KeyOrderStage::Tier {
+                log_topic: Arc::from(log),
+                max_wait_ms: i64::try_from(config.retry.max_key_wait.as_millis())
+                    .unwrap_or(i64::MAX),
+            }),
+        };
         PartitionTask {
+            key_order,
             due: DueWait::new(config, Arc::clone(&pause), stop.clone(), revoked.clone()),
             handoff: HandOff::new(
                 Arc::clone(&shared),

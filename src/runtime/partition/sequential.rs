@@ -9,7 +9,6 @@
 //! [`MAX_PENDING`](crate::runtime::handoff::MAX_PENDING) hand-offs waiting, and they keep
 //! settling while a handler call or a due-time wait waits.
 
-use std::convert::Infallible;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 
@@ -42,6 +41,12 @@ impl PartitionTask {
         let mut handoffs = FuturesUnordered::new();
         let mut batch = self.batch();
         let mut queue = Some(queue);
+        // `keep_key_order`: the held records running (one at a time here), and the log read
+        // first (see `key_order`).
+        let mut held = FuturesUnordered::new();
+        if let Err(end) = self.key_order_open().await {
+            return end;
+        }
         loop {
             if revoked.is_cancelled() {
                 return End::Revoked;
@@ -56,7 +61,12 @@ impl PartitionTask {
             if batch.since_flush >= FLUSH_EVERY {
                 self.flush(&mut frontier, &mut batch, 0, 0);
             }
-            let take_more = self.has_room(&frontier, handoffs.len()) && batch.breaker.may_take();
+            if let Err(end) = self.key_order_poll(handler, &mut held) {
+                return end;
+            }
+            let take_more = self.has_room(&frontier, handoffs.len())
+                && batch.breaker.may_take()
+                && self.key_order_may_take(held.len());
             let Some(q) = queue.as_deref() else {
                 return End::Revoked;
             };
@@ -69,7 +79,11 @@ impl PartitionTask {
                     &mut frontier,
                     &mut batch,
                     || (0, 0),
-                    (std::future::pending::<Option<Infallible>>(), false),
+                    // The loop's own event: the key-order log (never without the stage).
+                    (
+                        async { Some(self.key_order_next(handler, &mut held).await) },
+                        self.key_order.is_some(),
+                    ),
                 )
                 .await;
             let raw = match next {
@@ -82,7 +96,8 @@ impl PartitionTask {
                 Next::Revoked => return End::Revoked,
                 Next::Again => continue,
                 Next::End(end) => return end,
-                Next::Other(never) => match never {},
+                Next::Other(Err(end)) => return end,
+                Next::Other(Ok(())) => continue,
             };
             let raw = detach(raw);
             let seq = self.mark_taken(&raw, &mut frontier, &mut batch);
@@ -90,7 +105,7 @@ impl PartitionTask {
             let span = self.intake.record_span(&raw, &decoded);
             let step = match decoded {
                 Err(invalid) => call::invalid(*invalid),
-                Ok(Decoded { msg, due }) => {
+                Ok(Decoded { msg, due }) => 'call: {
                     if let Some((due, written_at)) = due {
                         // Retry tiers: wait until the record is due, hand-offs settling meanwhile.
                         let mut wait = pin!(self.due.until_due(due, written_at));
@@ -118,6 +133,10 @@ impl PartitionTask {
                         }
                         call::retried_metrics(&self.meters, &msg, due);
                     }
+                    let msg = match self.key_order_before_call(msg) {
+                        Ok(msg) => msg,
+                        Err(step) => break 'call step,
+                    };
                     let mut meanwhile = Settling {
                         task: &self,
                         handoffs: &mut handoffs,
@@ -139,7 +158,7 @@ impl PartitionTask {
                         )
                         .await;
                     match concluded {
-                        Ok(None) => Step::Done,
+                        Ok(None) => self.key_order_done(msg),
                         Ok(Some((decision, error))) => Step::HandOff(msg, decision, error),
                         Err(end) => return end,
                     }

@@ -23,8 +23,11 @@ use crate::runtime::handoff::{Abandoned, HandOff, MAX_PENDING};
 use crate::runtime::shared::Shared;
 use crate::runtime::signal::Signal;
 
+use crate::key_order::wire::Ended;
+
 use super::call::{Caller, DueWait, Step};
 use super::intake::{Intake, Raw, Taken};
+use super::key_order_state::KeyOrderStage;
 use super::meters::{Batch, Meters};
 use super::offsets::{Frontier, Offsets, Seq};
 
@@ -98,6 +101,8 @@ pub(crate) struct PartitionTask {
     /// The partition's entry in the runtime's breaker registry: how
     /// [`RuntimeHandle::close_breaker`](crate::RuntimeHandle::close_breaker) reaches this task.
     pub(super) breaker_control: Arc<BreakerControl>,
+    /// `keep_key_order`: the key-order stage (`None` otherwise: one branch per record).
+    pub(super) key_order: Option<KeyOrderStage>,
 }
 
 impl PartitionTask {
@@ -180,10 +185,52 @@ impl PartitionTask {
                 batch.handled += 1;
                 self.offsets.durable(seq, frontier);
             }
-            Step::HandOff(msg, decision, error) => {
+            Step::HandOff(msg, decision, error) if self.key_order.is_none() => {
                 handoffs.push(Box::pin(async move {
                     let settled = self.handoff.hand_off(&msg, decision, &error).await;
                     // The message's views into librdkafka's buffer go before the buffer.
+                    drop(msg);
+                    drop(raw);
+                    (seq, settled)
+                }));
+            }
+            Step::HandOff(msg, decision, error) => {
+                // `keep_key_order`: decided now, before the scheduler lets the key's next
+                // record start (it must see the key waiting).
+                let (mark, head) = self.key_order_failed(&msg, decision);
+                let release = self.key_order_releases_dead(&msg, decision);
+                handoffs.push(Box::pin(async move {
+                    let settled = async {
+                        if head {
+                            self.append_head(&msg, mark.since.unwrap_or_default())
+                                .await?;
+                        }
+                        self.handoff
+                            .hand_off_marked(&msg, decision, &error, mark)
+                            .await?;
+                        if release {
+                            self.append_release(&msg, Ended::DeadLettered).await?;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    drop(msg);
+                    drop(raw);
+                    (seq, settled)
+                }));
+            }
+            Step::Hold(msg, head) => {
+                handoffs.push(Box::pin(async move {
+                    let settled = self.append_held(&msg, head).await;
+                    drop(msg);
+                    drop(raw);
+                    (seq, settled)
+                }));
+            }
+            Step::Release(msg, ended) => {
+                batch.handled += 1;
+                handoffs.push(Box::pin(async move {
+                    let settled = self.append_release(&msg, ended).await;
                     drop(msg);
                     drop(raw);
                     (seq, settled)
@@ -237,6 +284,9 @@ impl PartitionTask {
         }
         self.meters
             .publish(in_flight, waiting, frontier.durable_ahead());
+        if let Some(KeyOrderStage::Source(s)) = &self.key_order {
+            s.publish();
+        }
         batch.consumed = 0;
         batch.bytes = 0;
         batch.handled = 0;
@@ -267,6 +317,7 @@ impl PartitionTask {
             }
         }
         self.flush(frontier, batch, 0, 0);
+        self.key_order_commit();
         if batch.breaker.is_open() {
             End::BreakerOpen(batch.breaker.clone())
         } else {

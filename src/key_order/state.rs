@@ -1,0 +1,536 @@
+//! The key-order state of one source partition: which keys wait behind a head on a retry tier,
+//! which records are held behind them, and what to do with each record and each event of the
+//! key-order log. Pure: no Kafka, no clock, no I/O — the partition task feeds it what happened
+//! and does what it answers, so every rule of `docs/key-order.md` is tested here without a
+//! broker.
+//!
+//! It is separate from the record loops because it is the whole of the ordering promise: the
+//! loops only ask it two questions per record ("may this record run?" and "this one failed")
+//! and one per log event.
+//!
+//! A key has an entry from the moment it starts waiting (its first record handed to a retry
+//! tier) until it is *free* again: its head was released **and** every record forwarded to the
+//! log for it was read back and has finished. While a key has an entry, its new source records
+//! are held (forwarded to the log), never run: so a record of a key never overtakes one that is
+//! still on a tier or in the log.
+//!
+//! Events are applied idempotently, because the log is replayed after every crash and
+//! rebalance: a `head` the state already has is a no-op, a `held` of a record already read
+//! for its key is a duplicate, and a `release` that does not name the key's current
+//! head is ignored (a duplicate copy of an older head ending late) — so nothing replayed can
+//! release a key early.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+
+use crate::runtime::scheduler::KeyHashHasher;
+
+use super::wire::Ended;
+
+/// What happens to a dead-lettered head's held records (`[retry] on_dead_letter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterDeadLetter {
+    /// Handled in order; the key's next record carries a note of the dead-lettered head.
+    Release,
+    /// Dead-lettered with it, in order.
+    DeadLetterKey,
+}
+
+/// The bounds of one partition's key-order state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Keys waiting on a head at once; at the cap the source takes no new record.
+    pub(crate) max_waiting_keys: usize,
+    /// Records held (forwarded, read back or running) per key; past it a record is
+    /// dead-lettered as `key-order-full`.
+    pub(crate) max_held_per_key: usize,
+}
+
+/// What to do with a source record, asked just before it would start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Its key is free: run it as usual.
+    Run,
+    /// It is its key's own head, read again after a crash: run it again (not held). If it
+    /// fails it goes to its tier again without a new `head` event; if it is handled, the
+    /// owner appends `release(head)` itself.
+    RunHead,
+    /// Its key waits: append `held(key, record, head)` to the log instead of running it.
+    Hold {
+        /// The head it waits behind.
+        head: i64,
+    },
+    /// Its key waits and holds `max_held_per_key` records already: dead-letter it as
+    /// `key-order-full`; the key keeps waiting.
+    Full {
+        /// The head it was behind (named in its envelope).
+        head: i64,
+    },
+}
+
+/// What the log reader does with a record that was held (read back from the log).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next<R> {
+    /// Run it now, as if it were the source record. `after_dead_letter`: an earlier record of
+    /// its key (this head offset) was dead-lettered, and its envelope says so if it fails.
+    Run {
+        /// The record.
+        record: R,
+        /// The dead-lettered head before it, if any.
+        after_dead_letter: Option<i64>,
+    },
+    /// Dead-letter it as `key-dead-lettered` (`on_dead_letter = "dead-letter-key"`): the head
+    /// it was held behind was dead-lettered.
+    DeadLetter {
+        /// The record.
+        record: R,
+        /// The dead-lettered head.
+        head: i64,
+    },
+}
+
+/// What reading a `held` event left to do.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeldRead<R> {
+    /// Already seen (a re-forward after a crash): its log offset is done at once.
+    Duplicate,
+    /// Waits in memory behind its key's head (or the key's earlier held records).
+    Queued,
+    /// Nothing of its key is before it any more.
+    Now(Next<R>),
+}
+
+/// What a `release` event of a key's current head left.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Released<R, L> {
+    /// The log position of the released head's own `head` event (done now), if it was read.
+    pub(crate) head_log: Option<L>,
+    /// The log position of the `held` event of the released head, when the head was a held
+    /// record that failed (done now: until its head ends, a replay must see it again, or it
+    /// would take its key for free).
+    pub(crate) held_log: Option<L>,
+    /// The key's held records to run or dead-letter now, in order.
+    pub(crate) next: Vec<Next<R>>,
+}
+
+/// The head a key waits behind.
+#[derive(Debug, Clone, Copy)]
+struct Head<L> {
+    offset: i64,
+    since_ms: i64,
+    /// Where its `head` event is in the log, once read back (`None` before).
+    log: Option<L>,
+    /// Where its own `held` event is, when the head is a held record that failed.
+    held_log: Option<L>,
+}
+
+/// One key with an entry: waiting on a head, or still draining its held records.
+#[derive(Debug)]
+struct Key<R, L> {
+    /// The head it waits behind; `None` once released (the key drains its held records).
+    head: Option<Head<L>>,
+    /// The last head of this key: named in the `held` events of records forwarded while the
+    /// key drains.
+    last_head: i64,
+    /// `held` events sent by this owner and not yet read back.
+    forwarded: usize,
+    /// Held records read back, waiting for their turn, by source offset (oldest first).
+    queue: VecDeque<(i64, R)>,
+    /// A held record of this key is being run (one at a time, in order).
+    /// A held record of this key is being run (one at a time, in order): its source offset.
+    running: Option<i64>,
+    /// Source offsets of the held records read for this key while it has an entry: a `held`
+    /// event for one of them again is a duplicate (a re-forward after a crash). Exact, not a
+    /// high-water mark: an append that failed and was sent again can land after a later
+    /// record's, and must not be taken for a duplicate.
+    seen: BTreeSet<i64>,
+    /// The head that was dead-lettered, while its held records follow it.
+    dead_head: Option<i64>,
+}
+
+impl<R, L> Key<R, L> {
+    fn waiting(head: Head<L>) -> Self {
+        Key {
+            last_head: head.offset,
+            head: Some(head),
+            forwarded: 0,
+            queue: VecDeque::new(),
+            running: None,
+            seen: BTreeSet::new(),
+            dead_head: None,
+        }
+    }
+    /// Records counted against `max_held_per_key`.
+    fn held(&self) -> usize {
+        self.forwarded + self.queue.len() + usize::from(self.running.is_some())
+    }
+    fn is_free(&self) -> bool {
+        self.head.is_none()
+            && self.forwarded == 0
+            && self.queue.is_empty()
+            && self.running.is_none()
+    }
+}
+
+type Keys<R, L> = HashMap<u64, Key<R, L>, BuildHasherDefault<KeyHashHasher>>;
+
+/// The key-order state of one source partition. `R` is a held record as the task keeps it,
+/// `L` a position in the key-order log (both opaque here).
+#[derive(Debug)]
+pub(crate) struct KeyOrder<R, L> {
+    keys: Keys<R, L>,
+    caps: Caps,
+    after_dead_letter: AfterDeadLetter,
+    /// Keys with an unreleased head.
+    waiting: usize,
+    /// Held records read back and in memory (queued or running).
+    held: usize,
+    /// Keys whose head was dead-lettered and released, freed before another record of theirs
+    /// came: that record's envelope notes the dead letter (memory only; at most
+    /// `max_waiting_keys` notes are kept, the oldest dropped first).
+    notes: VecDeque<(u64, i64)>,
+}
+
+impl<R, L: Copy> KeyOrder<R, L> {
+    /// An empty state (a newly assigned partition, before its log is read).
+    pub(crate) fn new(caps: Caps, after_dead_letter: AfterDeadLetter) -> Self {
+        KeyOrder {
+            keys: HashMap::default(),
+            caps,
+            after_dead_letter,
+            waiting: 0,
+            held: 0,
+            notes: VecDeque::new(),
+        }
+    }
+
+    /// Whether the source may take another record: fewer than `max_waiting_keys` keys wait.
+    /// Held records do not count (they never keep a new key out).
+    #[inline]
+    pub(crate) fn may_take(&self) -> bool {
+        self.waiting < self.caps.max_waiting_keys
+    }
+
+    /// Whether any key has an entry; while none has, [`KeyOrder::route`] is never needed (one
+    /// branch per record on a healthy partition).
+    #[inline]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Keys waiting on a head.
+    pub(crate) fn waiting_keys(&self) -> usize {
+        self.waiting
+    }
+
+    /// Held records in memory (read back from the log, queued or running).
+    pub(crate) fn held_records(&self) -> usize {
+        self.held
+    }
+
+    /// Milliseconds the oldest waiting key has waited at `now_ms` (0 when none waits). A scan:
+    /// called when gauges are published, not per record.
+    pub(crate) fn oldest_wait_ms(&self, now_ms: i64) -> i64 {
+        self.keys
+            .values()
+            .filter_map(|k| k.head.map(|h| h.since_ms))
+            .min()
+            .map_or(0, |since| now_ms.saturating_sub(since).max(0))
+    }
+
+    /// A source record of `key` at `offset` is about to start: run it, or hold it. A `Hold`
+    /// is counted as forwarded at once (before its event is acknowledged), so the key cannot
+    /// become free while it is on its way.
+    pub(crate) fn route(&mut self, key: u64, offset: i64) -> Route {
+        let Some(k) = self.keys.get_mut(&key) else {
+            return Route::Run;
+        };
+        if k.head.is_some_and(|h| h.offset == offset) {
+            return Route::RunHead;
+        }
+        let head = k.head.map_or(k.last_head, |h| h.offset);
+        if k.held() >= self.caps.max_held_per_key {
+            return Route::Full { head };
+        }
+        k.forwarded += 1;
+        Route::Hold { head }
+    }
+
+    /// A `held` event for `key` could not be written and the record will be read again from
+    /// the source (the task is stopping): it no longer counts as forwarded.
+    pub(crate) fn hold_abandoned(&mut self, key: u64) {
+        if let Some(k) = self.keys.get_mut(&key) {
+            k.forwarded = k.forwarded.saturating_sub(1);
+        }
+        self.free_if_done(key);
+    }
+
+    /// The dead-lettered head noted for `key`'s next record, taken (a source record that runs).
+    pub(crate) fn take_note(&mut self, key: u64) -> Option<i64> {
+        if self.notes.is_empty() {
+            return None;
+        }
+        let i = self.notes.iter().position(|(k, _)| *k == key)?;
+        self.notes.remove(i).map(|(_, head)| head)
+    }
+
+    /// A record of `key` at `offset` failed and goes to a retry tier (a source record that ran,
+    /// or a held record): `key` waits behind it from `now_ms`. Returns whether a `head` event
+    /// must be appended first — not when the key already waits (on this record, read again
+    /// after a crash, or on a later one an earlier owner made its head while this one ran
+    /// again during the replay: then this record's tier copy is a duplicate).
+    pub(crate) fn failed(&mut self, key: u64, offset: i64, now_ms: i64) -> bool {
+        self.failed_at(key, offset, now_ms, None)
+    }
+
+    /// [`KeyOrder::failed`] for a held record read back from the log at `held_log`: that
+    /// position stays open until the head's release is read ([`Released::held_log`]), so a
+    /// replay from an earlier committed position sees the record again instead of taking its
+    /// key for free. `false` (no new head) leaves `held_log` to the caller, done at once.
+    pub(crate) fn failed_held(&mut self, key: u64, offset: i64, now_ms: i64, held_log: L) -> bool {
+        self.failed_at(key, offset, now_ms, Some(held_log))
+    }
+
+    fn failed_at(&mut self, key: u64, offset: i64, now_ms: i64, held_log: Option<L>) -> bool {
+        let head = Head {
+            offset,
+            since_ms: now_ms,
+            log: None,
+            held_log,
+        };
+        match self.keys.get_mut(&key) {
+            None => {
+                self.keys.insert(key, Key::waiting(head));
+                self.waiting += 1;
+                true
+            }
+            Some(k) => {
+                // A held record that ran (read back from the log) is no longer running, whatever
+                // follows.
+                if k.running.take().is_some() {
+                    self.held -= 1;
+                }
+                if k.head.is_some() {
+                    // Already waiting: on this record (read again after a crash, or a held
+                    // record whose `head` event an earlier owner wrote, read while it ran
+                    // again), or on a later one whose `head` an earlier owner wrote while this
+                    // one, a duplicate run during the replay, was running. Either way the key
+                    // keeps its head; this record's copy on the tier is a duplicate, and the
+                    // `release` it brings names a head that is not current (ignored).
+                    return false;
+                }
+                self.waiting += 1;
+                k.head = Some(head);
+                k.last_head = offset;
+                true
+            }
+        }
+    }
+
+    /// Whether the held record of `key` at `offset` (running) is the key's head: handled, its
+    /// `release` must be appended (by the owner, as for a source record read again) before
+    /// the key may follow.
+    pub(crate) fn runs_head(&self, key: u64, offset: i64) -> bool {
+        self.keys
+            .get(&key)
+            .is_some_and(|k| k.head.is_some_and(|h| h.offset == offset))
+    }
+
+    /// A held record of `key` that ran was handled, or dead-lettered, or (as `failed` already
+    /// said) handed to a tier: the next one of its key, if it may run now.
+    pub(crate) fn finished(&mut self, key: u64) -> Option<Next<R>> {
+        let k = self.keys.get_mut(&key)?;
+        if k.running.take().is_some() {
+            self.held -= 1;
+        }
+        let next = self.next_of(key);
+        if next.is_none() {
+            self.free_if_done(key);
+        }
+        next
+    }
+
+    /// The key's own head, run again after a crash, was handled: the owner appends
+    /// `release(head, handled)` and the key follows when that is read back.
+    ///
+    /// (Nothing to change here: the release is applied when read, like any other.)
+    pub(crate) fn head_handled(&self, key: u64, offset: i64) -> bool {
+        self.keys
+            .get(&key)
+            .is_some_and(|k| k.head.is_some_and(|h| h.offset == offset))
+    }
+
+    /// Reads a `head` event at log position `log`. Returns whether its log position stays open
+    /// (until the head's release is read); `false`: done at once (a duplicate or stale event).
+    pub(crate) fn on_head(&mut self, key: u64, head: i64, since_ms: i64, log: L) -> bool {
+        match self.keys.get_mut(&key) {
+            None => {
+                let mut h = Head {
+                    offset: head,
+                    since_ms,
+                    log: None,
+                    held_log: None,
+                };
+                h.log = Some(log);
+                self.keys.insert(key, Key::waiting(h));
+                self.waiting += 1;
+                true
+            }
+            Some(k) => match &mut k.head {
+                Some(h) if h.offset == head && h.log.is_none() => {
+                    h.log = Some(log);
+                    true
+                }
+                // Already known (or another head is current): nothing waits on this event.
+                Some(_) => false,
+                None => {
+                    if k.last_head >= head {
+                        // Released already (an older or replayed head event).
+                        return false;
+                    }
+                    // A head written by an earlier owner for a held record that this owner
+                    // ran again (and handled): keep waiting for its copy on the tier — later,
+                    // never early.
+                    k.head = Some(Head {
+                        offset: head,
+                        since_ms,
+                        log: Some(log),
+                        held_log: None,
+                    });
+                    k.last_head = head;
+                    self.waiting += 1;
+                    true
+                }
+            },
+        }
+    }
+
+    /// Reads a `held` event of `key` for the record at `offset`, held behind `head`.
+    pub(crate) fn on_held(&mut self, key: u64, offset: i64, head: i64, record: R) -> HeldRead<R> {
+        let k = self.keys.entry(key).or_insert_with(|| Key {
+            head: None,
+            last_head: head,
+            forwarded: 0,
+            queue: VecDeque::new(),
+            running: None,
+            seen: BTreeSet::new(),
+            dead_head: None,
+        });
+        k.forwarded = k.forwarded.saturating_sub(1);
+        if !k.seen.insert(offset) {
+            self.free_if_done(key);
+            return HeldRead::Duplicate;
+        }
+        if self.after_dead_letter == AfterDeadLetter::DeadLetterKey
+            && k.dead_head == Some(head)
+            && k.head.is_none()
+        {
+            // `dead-letter-key`: everything held behind the dead head follows it to the DLQ.
+            self.free_if_done(key);
+            return HeldRead::Now(Next::DeadLetter { record, head });
+        }
+        // In source order: a held event that landed late (its append was sent again) still
+        // runs before the later records of its key that have not run yet.
+        let at = k.queue.partition_point(|(o, _)| *o < offset);
+        k.queue.insert(at, (offset, record));
+        self.held += 1;
+        match self.next_of(key) {
+            Some(next) => HeldRead::Now(next),
+            None => HeldRead::Queued,
+        }
+    }
+
+    /// Reads a `release` event: if it names `key`'s current head, the key is released and its
+    /// held records follow; otherwise (a duplicate or a stale copy) it is ignored — `None`.
+    pub(crate) fn on_release(
+        &mut self,
+        key: u64,
+        head: i64,
+        ended: Ended,
+    ) -> Option<Released<R, L>> {
+        let k = self.keys.get_mut(&key)?;
+        let current = k.head.filter(|h| h.offset == head)?;
+        k.head = None;
+        self.waiting -= 1;
+        let mut next = Vec::new();
+        if ended == Ended::DeadLettered {
+            match self.after_dead_letter {
+                AfterDeadLetter::DeadLetterKey => {
+                    k.dead_head = Some(head);
+                    self.held -= k.queue.len();
+                    next.extend(
+                        k.queue
+                            .drain(..)
+                            .map(|(_, record)| Next::DeadLetter { record, head }),
+                    );
+                }
+                AfterDeadLetter::Release => {
+                    k.dead_head = Some(head);
+                }
+            }
+        } else {
+            k.dead_head = None;
+        }
+        next.extend(self.next_of(key));
+        if next.iter().all(|n| matches!(n, Next::DeadLetter { .. })) {
+            self.free_if_done(key);
+        }
+        Some(Released {
+            head_log: current.log,
+            held_log: current.held_log,
+            next,
+        })
+    }
+
+    /// The key's next queued record, if it may run now: none running, and the key released —
+    /// or the record is the key's head itself (its `head` event, written by an earlier owner,
+    /// was read back: it may never have reached its tier, so it runs again, as a source record
+    /// read again after a crash does; see [`KeyOrder::runs_head`]).
+    fn next_of(&mut self, key: u64) -> Option<Next<R>> {
+        let k = self.keys.get_mut(&key)?;
+        if k.running.is_some() {
+            return None;
+        }
+        let front = k.queue.front()?.0;
+        if k.head.is_some_and(|h| h.offset != front) {
+            return None;
+        }
+        let (offset, record) = k.queue.pop_front()?;
+        k.running = Some(offset);
+        // The first record after a dead-lettered head carries the note; later ones do not.
+        let after_dead_letter = match (self.after_dead_letter, k.dead_head) {
+            (AfterDeadLetter::Release, Some(h)) => {
+                k.dead_head = None;
+                Some(h)
+            }
+            _ => None,
+        };
+        Some(Next::Run {
+            record,
+            after_dead_letter,
+        })
+    }
+
+    /// Drops `key`'s entry once it is free; a dead-lettered head not yet followed by a record
+    /// becomes a note for the key's next source record.
+    fn free_if_done(&mut self, key: u64) {
+        let Some(k) = self.keys.get(&key) else { return };
+        if !k.is_free() {
+            return;
+        }
+        let note = match (self.after_dead_letter, k.dead_head) {
+            (AfterDeadLetter::Release, Some(h)) => Some(h),
+            _ => None,
+        };
+        self.keys.remove(&key);
+        if let Some(head) = note {
+            if self.notes.len() >= self.caps.max_waiting_keys.max(1) {
+                self.notes.pop_front();
+            }
+            self.notes.push_back((key, head));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

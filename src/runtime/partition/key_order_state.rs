@@ -1,0 +1,160 @@
+//! The key-order stage's state (`[retry] keep_key_order`): what a source partition task keeps
+//! for it — the pure state model behind a lock, the log reader, the held records' caller and
+//! metric handles — and what a retry tier partition keeps (its source's log, `max_key_wait`).
+//!
+//! Separate from the stage's steps (`key_order.rs`, which are methods of the partition task):
+//! the task holds this state as a field, so it must sit below the task in the partition's
+//! files, while the steps sit above it (no import circle).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, OnDeadLetter};
+use crate::key_order::log::LogReader;
+use crate::key_order::state::{AfterDeadLetter, Caps, KeyOrder, Next};
+use crate::key_order::wire::HeldRecord;
+use crate::metrics as m;
+use crate::retry::scheduler::now_ms;
+use crate::runtime::handoff::Abandoned;
+
+use super::call::Caller;
+use super::offsets::{Frontier, Seq};
+
+/// A held record as the state keeps it: where it is in the log, and the record itself.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(super) log_seq: Seq,
+    pub(super) key: Vec<u8>,
+    pub(super) record: HeldRecord,
+}
+
+/// A held record's run (or dead letter) ended: its log position is done (or the task ends),
+/// and maybe the next record of its key may run.
+pub(crate) struct HeldEnd {
+    pub(super) log_seq: Seq,
+    /// Whether its log position is done now (not when it became its key's head: then it is
+    /// done when the head's release is read).
+    pub(super) done: bool,
+    pub(super) result: Result<Option<Next<Held>>, Abandoned>,
+}
+
+/// A held record's run in flight.
+pub(crate) type HeldFuture<'a> = Pin<Box<dyn std::future::Future<Output = HeldEnd> + Send + 'a>>;
+
+/// What the stage says about a source record about to start.
+pub(crate) enum Routed {
+    /// Run it (the key is free, or it is its key's own head read again).
+    Run,
+    /// Append it to the log behind `head` instead.
+    Hold(i64),
+    /// Its key holds `max_held_per_key` already: dead-letter it as `key-order-full`.
+    Full(i64),
+}
+
+pub(super) struct Inner {
+    pub(super) state: KeyOrder<Held, Seq>,
+    pub(super) log: Frontier,
+    /// Free watchdog slots of the held records' calls.
+    pub(super) slots: Vec<usize>,
+    /// Source records that run with a note: an earlier record of their key (this head) was
+    /// dead-lettered (by source offset).
+    pub(super) notes: Vec<(i64, i64)>,
+}
+
+/// The key-order stage of a source partition (`Source`) or of a retry tier partition
+/// (`Tier`, which only appends releases and checks `max_key_wait`).
+pub(crate) enum KeyOrderStage {
+    /// A source partition: routes, holds, reads the log.
+    Source(Box<SourceStage>),
+    /// A retry tier partition of a source with a key-order log.
+    Tier {
+        /// The source's key-order log.
+        log_topic: Arc<str>,
+        /// `retry.max_key_wait`, in ms.
+        max_wait_ms: i64,
+    },
+}
+
+/// The source partition's part.
+pub(crate) struct SourceStage {
+    pub(super) log_topic: Arc<str>,
+    pub(super) source_topic: Arc<str>,
+    pub(super) partition: i32,
+    pub(super) reader: tokio::sync::Mutex<Option<LogReader>>,
+    /// Held while one event of this partition is appended, from its send to its ack: the
+    /// log gets the events in the order the partition made them (a lock that is fair, first
+    /// come first served). Pipelined appends would be faster, but one that fails and is sent
+    /// again would land behind later ones, and a replay would then run a key's records out of
+    /// order.
+    pub(super) appends: tokio::sync::Mutex<()>,
+    pub(super) inner: Mutex<Inner>,
+    pub(super) caller: Caller,
+    pub(super) sequential: bool,
+    pub(super) waiting_gauge: metrics::Gauge,
+    pub(super) held_gauge: metrics::Gauge,
+    pub(super) oldest_gauge: metrics::Gauge,
+    pub(super) held_total: metrics::Counter,
+    pub(super) full_total: metrics::Counter,
+    pub(super) waiting_cap_total: metrics::Counter,
+}
+
+impl SourceStage {
+    /// The stage of source partition `partition` of `source_topic`, whose log is `log_topic`.
+    pub(crate) fn new(
+        config: &Config,
+        (group, source_topic, partition): (&str, Arc<str>, i32),
+        log_topic: &str,
+        caller: Caller,
+    ) -> Self {
+        let r = &config.retry;
+        let caps = Caps {
+            max_waiting_keys: r.max_waiting_keys,
+            max_held_per_key: r.max_held_per_key,
+        };
+        let after = match r.on_dead_letter {
+            OnDeadLetter::DeadLetterKey => AfterDeadLetter::DeadLetterKey,
+            _ => AfterDeadLetter::Release,
+        };
+        let slots = config.max_in_flight.max(1);
+        let (g, t, p) = (
+            group.to_owned(),
+            source_topic.to_string(),
+            partition.to_string(),
+        );
+        let gauge = |name: &'static str| metrics::gauge!(name, "group" => g.clone(), "topic" => t.clone(), "partition" => p.clone());
+        SourceStage {
+            waiting_gauge: gauge(m::KEY_ORDER_WAITING_KEYS),
+            held_gauge: gauge(m::KEY_ORDER_HELD_RECORDS),
+            oldest_gauge: gauge(m::KEY_ORDER_OLDEST_WAIT_SECONDS),
+            held_total: metrics::counter!(m::KEY_ORDER_HELD, "group" => g.clone(), "topic" => t.clone()),
+            full_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "held_per_key"),
+            waiting_cap_total: metrics::counter!(m::KEY_ORDER_CAP_REACHED, "group" => g.clone(), "topic" => t.clone(), "cap" => "waiting_keys"),
+            log_topic: Arc::from(log_topic),
+            source_topic,
+            partition,
+            reader: tokio::sync::Mutex::new(None),
+            appends: tokio::sync::Mutex::new(()),
+            inner: Mutex::new(Inner {
+                state: KeyOrder::new(caps, after),
+                log: Frontier::default(),
+                slots: (0..slots).rev().collect(),
+                notes: Vec::new(),
+            }),
+            caller,
+            sequential: config.ordering == crate::config::Ordering::Partition,
+        }
+    }
+
+    pub(super) fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the gauges (at flush time, not per record).
+    pub(crate) fn publish(&self) {
+        let inner = self.inner();
+        self.waiting_gauge.set(inner.state.waiting_keys() as f64);
+        self.held_gauge.set(inner.state.held_records() as f64);
+        self.oldest_gauge
+            .set(inner.state.oldest_wait_ms(now_ms()) as f64 / 1000.0);
+    }
+}

@@ -1,0 +1,338 @@
+//! `[retry] keep_key_order`: per-key order of successful handlings kept through retries, in
+//! `partition` and `key` ordering; other keys flowing while a key waits; a restart mid-hold;
+//! the caps and `on_dead_letter`. Each scenario runs on every back end (`on_every_broker!`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::producer::FutureRecord;
+use sidetrack::config::{OnDeadLetter, Ordering as RecordOrdering, RetryConfig};
+use sidetrack::{Context, Handler, HandlerError, Message, Reason, Tier};
+
+/// One handler call: key, the record's sequence number in its key, attempt, and whether it
+/// succeeded.
+#[derive(Debug, Clone)]
+struct Call {
+    key: String,
+    seq: u64,
+    ok: bool,
+    at: Instant,
+}
+
+/// Whether the handler fails record `seq` of `key` on attempt `attempt`.
+type FailRule = dyn Fn(&str, u64, u32) -> bool + Send + Sync;
+
+/// Fails the records `fail(key, seq, attempt)` says, records every call.
+#[derive(Clone)]
+struct Keyed {
+    calls: Arc<Mutex<Vec<Call>>>,
+    fail: Arc<FailRule>,
+}
+
+impl Keyed {
+    fn new(fail: impl Fn(&str, u64, u32) -> bool + Send + Sync + 'static) -> Self {
+        Keyed {
+            calls: Arc::new(Mutex::new(Vec::new())),
+            fail: Arc::new(fail),
+        }
+    }
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+    /// Per key, the sequence numbers in the order of their first successful handling.
+    fn first_successes(&self) -> HashMap<String, Vec<u64>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+        for c in self.calls().into_iter().filter(|c| c.ok) {
+            if seen.insert((c.key.clone(), c.seq)) {
+                out.entry(c.key).or_default().push(c.seq);
+            }
+        }
+        out
+    }
+    fn successes(&self) -> usize {
+        self.first_successes().values().map(Vec::len).sum()
+    }
+}
+
+impl Handler for Keyed {
+    async fn handle(&self, msg: &Message, _cx: &Context) -> Result<(), HandlerError> {
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        let payload = String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned();
+        let seq: u64 = payload.rsplit('-').next().unwrap().parse().unwrap();
+        let ok = !(self.fail)(&key, seq, msg.attempt());
+        self.calls.lock().unwrap().push(Call {
+            key,
+            seq,
+            ok,
+            at: Instant::now(),
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(HandlerError::retryable("told to fail"))
+        }
+    }
+}
+
+/// `keys` keys, `per_key` records each, interleaved: payload `KEY-SEQ`; all to partition 0.
+async fn produce_keys(env: &Env, keys: usize, per_key: u64) -> Vec<(String, String)> {
+    let producer = env.producer();
+    let mut records = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            records.push((format!("key{k}"), format!("key{k}-{seq}")));
+        }
+    }
+    for (k, v) in &records {
+        let record: FutureRecord<'_, str, str> = FutureRecord::to(env.topic())
+            .key(k.as_str())
+            .payload(v.as_str())
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    records
+}
+
+fn keep_order(env: &Env, ordering: RecordOrdering) -> sidetrack::Config {
+    let mut c = env.config();
+    c.ordering = ordering;
+    c.max_in_flight = 8;
+    c.retry.keep_key_order = true;
+    c
+}
+
+fn assert_in_order(firsts: &HashMap<String, Vec<u64>>) {
+    for (key, seqs) in firsts {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            seqs, &sorted,
+            "key {key}: first successful handlings out of order"
+        );
+    }
+}
+
+/// Every 5th record of each key fails on its first attempt (from the source or read back from
+/// the key-order log); every record ends handled, each key's first successful handlings in
+/// order.
+async fn order_kept_through_retries(env: Env, ordering: RecordOrdering) {
+    let handler = Keyed::new(|_, seq, attempt| seq % 5 == 2 && attempt == 1);
+    let rt = env
+        .builder(keep_order(&env, ordering))
+        .handler(handler.clone())
+        .started()
+        .await;
+    let (keys, per_key) = (4, 20);
+    produce_keys(&env, keys, per_key).await;
+    wait_for("every record handled once", || {
+        handler.successes() == keys * per_key as usize
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    let firsts = handler.first_successes();
+    assert_eq!(firsts.len(), keys);
+    assert_in_order(&firsts);
+    for seqs in firsts.values() {
+        assert_eq!(seqs.len(), per_key as usize);
+    }
+}
+
+async fn order_kept_key(env: Env) {
+    order_kept_through_retries(env, RecordOrdering::Key).await
+}
+async fn order_kept_partition(env: Env) {
+    order_kept_through_retries(env, RecordOrdering::Partition).await
+}
+on_every_broker!(order_key_ordering, 1, order_kept_key);
+on_every_broker!(order_partition_ordering, 1, order_kept_partition);
+
+/// While `key0` waits behind its head (on a 2 s tier), every record of the other keys is
+/// handled; `key0`'s later records are handled only after its head.
+async fn other_keys_flow_while_a_key_waits(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 3, 10).await;
+    wait_for("every record handled once", || handler.successes() == 30).await;
+    rt.shutdown().await.unwrap();
+    let calls = handler.calls();
+    let head_ok = calls
+        .iter()
+        .find(|c| c.key == "key0" && c.seq == 0 && c.ok)
+        .unwrap()
+        .at;
+    let others_done = calls
+        .iter()
+        .filter(|c| c.key != "key0" && c.ok)
+        .map(|c| c.at)
+        .max()
+        .unwrap();
+    assert!(others_done < head_ok, "other keys waited for key0's head");
+    for c in calls.iter().filter(|c| c.key == "key0" && c.seq > 0) {
+        assert!(
+            c.at >= head_ok,
+            "key0's record {} ran before its head",
+            c.seq
+        );
+    }
+    assert_in_order(&handler.first_successes());
+}
+on_every_broker!(other_keys_flow, 1, other_keys_flow_while_a_key_waits);
+
+/// A runtime stopped while a key waits (its head on a tier, records held) and started again:
+/// nothing lost, the key still waits for its head, order kept.
+async fn restart_mid_hold(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key1" && seq == 1 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(3), 1)])
+    };
+    let rt = env
+        .builder(config.clone())
+        .handler(handler.clone())
+        .started()
+        .await;
+    produce_keys(&env, 2, 6).await;
+    // key0 all handled, key1's 0 handled, 1 on its tier, 2..5 held.
+    wait_for("the other key handled", || handler.successes() == 7).await;
+    rt.shutdown().await.unwrap();
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    wait_for("every record handled once", || handler.successes() == 12).await;
+    rt.shutdown().await.unwrap();
+    assert_in_order(&handler.first_successes());
+}
+on_every_broker!(restart_while_holding, 1, restart_mid_hold);
+
+/// `max_held_per_key = 2`: the third record held behind a waiting key goes to the DLQ as
+/// `key-order-full`; the key keeps waiting, the others follow its head in order.
+async fn held_cap_dead_letters_the_overflow(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_held_per_key: 2,
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 6).await;
+    wait_for("head and held handled, overflow dead-lettered", || {
+        handler.successes() == 3 && rt.stats().dead_lettered(Reason::KeyOrderFull) == 3
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.first_successes()["key0"], vec![0, 1, 2]);
+}
+on_every_broker!(held_cap, 1, held_cap_dead_letters_the_overflow);
+
+/// `on_dead_letter = "dead-letter-key"`: a head that is dead-lettered takes its held records
+/// with it; the key's records after them are handled.
+async fn dead_letter_key_takes_the_held_records(env: Env) {
+    // key0's record 0 always fails: retried once, then exhausted.
+    let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        on_dead_letter: OnDeadLetter::DeadLetterKey,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(500), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 4).await;
+    wait_for("head exhausted, held records dead-lettered", || {
+        rt.stats().dead_lettered(Reason::Exhausted) == 1
+            && rt.stats().dead_lettered(Reason::KeyDeadLettered) == 3
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.successes(), 0);
+}
+on_every_broker!(dead_letter_key, 1, dead_letter_key_takes_the_held_records);
+
+/// `on_dead_letter = "release"` (the default): after a head is dead-lettered its held records
+/// are handled in order, and the next one, if it fails too, says so in its envelope
+/// (`sidetrack-key-order-after-dead-letter` = the dead head's offset) all the way to the DLQ.
+async fn released_key_notes_the_dead_letter(env: Env) {
+    // Records 0 and 1 of key0 always fail: 0 is exhausted, 1 (released after it) too.
+    let handler = Keyed::new(|_, seq, _| seq < 2);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 4).await;
+    wait_for("both exhausted, the rest handled", || {
+        rt.stats().dead_lettered(Reason::Exhausted) == 2 && handler.successes() == 2
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.first_successes()["key0"], vec![2, 3]);
+    let dead = env.read_all(&env.dlq()).await;
+    let note = |payload: &str| {
+        dead.iter()
+            .find(|r| r.payload.as_deref() == Some(payload.as_bytes()))
+            .unwrap_or_else(|| panic!("{payload} in the DLQ"))
+            .headers
+            .iter()
+            .find(|h| h.key == b"sidetrack-key-order-after-dead-letter")
+            .and_then(|h| h.value.clone())
+    };
+    assert_eq!(note("key0-0"), None);
+    assert_eq!(note("key0-1"), Some(b"0".to_vec()));
+}
+on_every_broker!(dead_letter_note, 1, released_key_notes_the_dead_letter);
+
+/// `max_key_wait`: a head whose key waited longer when it comes due on its tier is
+/// dead-lettered as `key-order-timeout` instead of run, which releases its key: the held
+/// records follow, in order.
+async fn key_wait_cap_dead_letters_the_head(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_key_wait: Duration::from_secs(1),
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 1, 3).await;
+    wait_for("head timed out, held records handled", || {
+        rt.stats().dead_lettered(Reason::KeyOrderTimeout) == 1 && handler.successes() == 2
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    assert_eq!(handler.first_successes()["key0"], vec![1, 2]);
+    // The head was never run again: it was dead-lettered when it came due.
+    assert_eq!(handler.calls().iter().filter(|c| c.seq == 0).count(), 1);
+}
+on_every_broker!(key_wait_cap, 1, key_wait_cap_dead_letters_the_head);
+
+/// `max_waiting_keys = 1`: while one key waits the partition takes no new record (records
+/// already taken go on); every key's first record fails once, and everything still ends
+/// handled, each key in order — the pause never deadlocks, since the log keeps being read.
+async fn waiting_keys_cap_pauses_intake(env: Env) {
+    let handler = Keyed::new(|_, seq, attempt| seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_waiting_keys: 1,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    produce_keys(&env, 3, 4).await;
+    wait_for("every record handled once", || handler.successes() == 12).await;
+    rt.shutdown().await.unwrap();
+    assert_in_order(&handler.first_successes());
+}
+on_every_broker!(waiting_keys_cap, 1, waiting_keys_cap_pauses_intake);
