@@ -30,6 +30,14 @@ use super::task::{End, Finished, PartitionTask, Queue, FLUSH_EVERY};
 impl PartitionTask {
     /// `key` and `unordered` ordering: up to `max_in_flight` handler calls at once; in `key`
     /// ordering the records of one key one at a time, in offset order.
+    ///
+    /// Every record runs in a future of its own ([`process`](Self::process)): its due-time
+    /// wait and its call, so a slow record never holds up the others. The loop only takes
+    /// records (while `max_in_flight`, `max_waiting` and `max_ahead` leave room), starts the
+    /// ones whose key is free, and concludes the finished ones in whatever order they end.
+    /// The frontier still stores offsets in offset order: a record that finished early waits,
+    /// unstored, behind any earlier record still running, so a crash redoes at most the
+    /// window and never skips a record without a durable outcome.
     pub(super) async fn run_concurrent<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
         let stop = self.stop.clone();
         let revoked = self.revoked.clone();

@@ -11,6 +11,30 @@
 //! [`crate::key_order::wire`]. Its mutable state sits behind a `Mutex` that only this task
 //! takes (never across an await), so the loops and the futures they drive share it without
 //! threading it through every step.
+//!
+//! # The rules this stage keeps
+//!
+//! The order of writes is what makes the promise survive a crash, a rebalance or a restart
+//! (each crash point and what it leaves is tabled in `docs/key-order.md`):
+//!
+//! 1. A source record that fails while its key is free: its `head` event is acknowledged by the
+//!    log **before** its hand-off to the retry tier starts, and its source offset is durable
+//!    only once both are acknowledged ([`key_order_failed`](PartitionTask::key_order_failed)
+//!    says whether a `head` is owed; [`append_head`](PartitionTask::append_head) writes it).
+//! 2. A source record of a waiting key is not called: its `held` event (the whole record) is
+//!    appended instead, and its source offset is durable when that is acknowledged.
+//! 3. A head that ends on its retry tier (handled, or acknowledged by the DLQ) appends its
+//!    `release` **before** the tier's offset may be stored; a head that fails again moves on
+//!    to its next tier carrying its marker and writes nothing.
+//! 4. A new owner reads its log partition up to where it ended at the assignment before it
+//!    takes any source record ([`key_order_may_take`](PartitionTask::key_order_may_take) is
+//!    false until then), so the waiting keys and their held records are rebuilt first.
+//! 5. Appends of one partition go one at a time, from send to acknowledgement, so a resent
+//!    append never lands behind a later one.
+//!
+//! What it never does: store a source offset whose record has no durable outcome, store a log
+//! offset past a `head` whose `release` was not read, or release a key on anything but its
+//! current head's `release` (the caps dead-letter rather than release).
 
 use std::pin::pin;
 use std::sync::Arc;

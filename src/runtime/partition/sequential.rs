@@ -26,6 +26,19 @@ use super::task::{End, HandOffFuture, PartitionTask, Queue, FLUSH_EVERY};
 
 impl PartitionTask {
     /// `partition` ordering: records one at a time, in offset order.
+    ///
+    /// Each turn of the loop, in this order: a revoke ends the task at once (the next owner
+    /// starts from the stored offset); a stop or an open breaker drains the hand-offs still
+    /// waiting and stores the frontier ([`drain`](PartitionTask::drain)); acknowledged
+    /// hand-offs are settled; the frontier is stored every [`FLUSH_EVERY`] records; then
+    /// [`next`](PartitionTask::next) takes one record when there is room (at most
+    /// [`MAX_PENDING`](crate::runtime::handoff::MAX_PENDING) hand-offs waiting, the breaker
+    /// closed, the key-order stage willing) or waits for whatever comes first.
+    ///
+    /// A taken record is marked in the frontier *before* its call, so its offset cannot be
+    /// stored until its step (handled, held, or handed off and acknowledged) settles it. A
+    /// record on a retry tier first waits until it is due, with hand-offs settling meanwhile;
+    /// a stop or revoke during that wait leaves it without an outcome, so it is read again.
     pub(super) async fn run_sequential<H: Handler>(self, handler: &H, queue: Arc<Queue>) -> End {
         let stop = self.stop.clone();
         let revoked = self.revoked.clone();
