@@ -226,8 +226,12 @@ impl HandOff {
             let (hop, written_at) = hop_for(decision, &error)?;
             let envelope = hop.envelope;
             target = hop.topic;
-            // Feature `otel`: the stripped attempts keep the trace context headers (the
-            // hand-off's `traceparent` and the origin), a few hundred bytes at most.
+            // Feature `otel`: the middle attempt keeps the trace context headers. They are
+            // all rebuilt by `telemetry::runtime::stamp` from parsed values (the hand-off's
+            // 55-byte `traceparent`, the origin's, and `tracestate`s cut to
+            // `TRACESTATE_COPY_MAX`), so about 1.2 KB at most whatever the record carried.
+            // The last attempt has no header and no key: an envelope alone always fits, so an
+            // oversized record always reaches its target.
             #[cfg(feature = "otel")]
             let stripped: Vec<Header> = traced.as_ref().map_or_else(Vec::new, |(_, h)| {
                 h.iter()
@@ -240,7 +244,7 @@ impl HandOff {
             let attempts: [(Option<&[u8]>, &[Header]); 3] = [
                 (msg.key(), user_headers),
                 (msg.key(), &stripped[..]),
-                (None, &stripped[..]),
+                (None, &[]),
             ];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self

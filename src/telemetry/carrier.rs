@@ -17,7 +17,7 @@
 
 use crate::handler::Header;
 
-use super::w3c::{TraceParent, TraceParentError, TraceState};
+use super::w3c::{TraceParent, TraceParentError, TraceState, TRACESTATE_COPY_MAX};
 
 /// Name of the W3C parent header, as the Java, Go and Python instrumentations write it.
 pub const TRACEPARENT: &str = "traceparent";
@@ -156,11 +156,17 @@ fn replace(headers: &mut Vec<Header>, name: &str, value: Option<&[u8]>) {
 
 /// Writes `parent` and `state` as the record's context, **replacing** any `traceparent` and
 /// `tracestate` it had: a record carries exactly one context, that of the span that wrote it.
-/// An empty `state` removes the `tracestate` header.
+/// An empty `state` removes the `tracestate` header. The state is cut to
+/// [`TRACESTATE_COPY_MAX`] bytes ([`TraceState::truncated`]), so what this adds to a record
+/// is bounded (about 600 bytes) whatever the caller's context carried.
 pub fn inject(headers: &mut Vec<Header>, parent: &TraceParent, state: &TraceState) {
     replace(headers, TRACEPARENT, Some(&parent.to_bytes()));
-    let state = (!state.is_empty()).then(|| state.header_value());
-    replace(headers, TRACESTATE, state.as_deref().map(str::as_bytes));
+    let state = (!state.is_empty()).then(|| state.truncated(TRACESTATE_COPY_MAX).header_value());
+    replace(
+        headers,
+        TRACESTATE,
+        state.as_deref().filter(|s| !s.is_empty()).map(str::as_bytes),
+    );
 }
 
 /// [`inject`] unless the record already has a `traceparent`: the proxy keeps a context the
@@ -178,33 +184,33 @@ pub fn inject_if_absent(
     true
 }
 
-/// Copies the record's current `traceparent`/`tracestate` into the origin headers, unless an
-/// origin is already recorded (a later hop keeps the first producer's context). Called when a
-/// record is first handed off to a retry tier or the DLQ, before its own context is replaced.
-/// Copies bytes as they are: a malformed origin is kept for forensics, and is ignored by
-/// [`extract_origin`].
+/// Records the origin context in the origin headers, rebuilt from parsed values only. Called
+/// at every hand-off, before the record's own context is replaced.
+///
+/// - A valid origin already recorded (a later hop) is kept, re-written canonically.
+/// - Otherwise the record's own context is the origin, if [`try_extract`] accepts it: a
+///   malformed `traceparent`, or several conflicting ones, give no origin (the same answer
+///   [`extract`] gives, so a record reports the same origin whatever its path).
+/// - Any origin header that does not parse (for example one a producer wrote itself) is
+///   removed, never copied.
+///
+/// What is written is the 55-byte canonical `traceparent` and a `tracestate` cut to
+/// [`TRACESTATE_COPY_MAX`] bytes, so the origin headers stay small whatever the record
+/// carried: the oversized fallbacks of a hand-off keep them and must still fit.
 pub fn keep_origin(headers: &mut Vec<Header>) {
-    if headers.iter().any(|h| named(h, ORIGIN_TRACEPARENT)) {
-        return;
-    }
-    let parent = headers.iter().find(|h| named(h, TRACEPARENT)).cloned();
-    let Some(Header {
-        value: Some(parent),
-        ..
-    }) = parent
-    else {
+    let origin = match try_extract_named(headers, ORIGIN_TRACEPARENT, ORIGIN_TRACESTATE) {
+        Ok(Some(origin)) => Some(origin),
+        Ok(None) | Err(_) => try_extract(headers).ok().flatten(),
+    };
+    replace(headers, ORIGIN_TRACEPARENT, None);
+    replace(headers, ORIGIN_TRACESTATE, None);
+    let Some(origin) = origin else {
         return;
     };
-    let state: Vec<u8> = headers
-        .iter()
-        .filter(|h| named(h, TRACESTATE))
-        .filter_map(|h| h.value.as_deref())
-        .filter(|v| !v.is_empty())
-        .collect::<Vec<_>>()
-        .join(&b','); // repeated headers combine as one comma-joined list
-    headers.push(Header::new(ORIGIN_TRACEPARENT, parent));
+    headers.push(Header::new(ORIGIN_TRACEPARENT, origin.parent.to_bytes()));
+    let state = origin.state.truncated(TRACESTATE_COPY_MAX);
     if !state.is_empty() {
-        headers.push(Header::new(ORIGIN_TRACESTATE, state));
+        headers.push(Header::new(ORIGIN_TRACESTATE, state.header_value()));
     }
 }
 
