@@ -392,7 +392,10 @@ impl TraceState {
         };
         let mut members = self.members.clone();
         while len(&members) > max {
-            match members.iter().rposition(|(k, v)| k.len() + v.len() + 1 > 128) {
+            match members
+                .iter()
+                .rposition(|(k, v)| k.len() + v.len() + 1 > 128)
+            {
                 Some(i) => {
                     members.remove(i);
                 }
@@ -738,6 +741,18 @@ mod tests {
     }
 
     /// The written value has no white space, keeps the order, and parses back to itself.
+    /// The W3C truncation order: long members first, then from the right.
+    #[test]
+    fn truncated_drops_long_members_then_from_the_right() {
+        let long = "l".repeat(200);
+        let raw = format!("a=1,big={long},b=2,c=3");
+        let state = TraceState::parse(raw.as_bytes()).unwrap();
+        assert_eq!(state.truncated(1000), state);
+        assert_eq!(state.truncated(11).header_value(), "a=1,b=2,c=3");
+        assert_eq!(state.truncated(10).header_value(), "a=1,b=2");
+        assert_eq!(state.truncated(2).header_value(), "");
+    }
+
     #[test]
     fn tracestate_header_value_is_canonical() {
         let state = TraceState::parse(b" rojo=00f067aa0ba902b7 ,\tcongo=t61rcWkgMzE ").unwrap();
