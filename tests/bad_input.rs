@@ -185,6 +185,66 @@ async fn a_header_name_that_is_not_utf8_is_handled_and_kept_byte_for_byte(cluste
     assert_eq!(dlq[0].header_str(h::ERROR), Some("saw the binary header"));
 }
 
+/// Review 18 #2: an oversized record whose size is mostly trace headers (a huge invalid
+/// `traceparent`, huge `sidetrack-origin-*` headers written by the producer) and a huge key
+/// still reaches the DLQ: the fallbacks keep only trace headers rebuilt from parsed values,
+/// and the last one is an envelope alone, which always fits. Before, the fallbacks kept
+/// those headers raw, every attempt was too large, and the partition was stuck.
+#[cfg(feature = "otel")]
+async fn an_oversized_record_with_huge_trace_headers_still_reaches_the_dlq(cluster: Env) {
+    let recorder = Recorder::new(|_| Err(HandlerError::retryable("downstream rejected it")));
+    let mut cfg = cluster.config();
+    cfg.producer
+        .insert("message.max.bytes".into(), "100000".into());
+    cfg.tracing = Some(sidetrack::telemetry::TracingConfig::default());
+    let rt = cluster
+        .builder(cfg)
+        .handler(recorder.clone())
+        .started()
+        .await;
+    let producer = cluster.producer();
+    let huge = |c: &str| c.repeat(60_000);
+    let headers = [
+        sidetrack::Header::new("traceparent", huge("0")),
+        sidetrack::Header::new("tracestate", huge("a")),
+        sidetrack::Header::new("sidetrack-origin-traceparent", huge("1")),
+        sidetrack::Header::new("sidetrack-origin-tracestate", huge("b")),
+    ];
+    let key = vec![b'k'; 110_000];
+    cluster
+        .produce(
+            &producer,
+            cluster.topic(),
+            Some(0),
+            Some(&key),
+            Some(b"{}"),
+            &headers,
+        )
+        .await
+        .unwrap();
+    wait_for("the oversized record dead-lettered", || {
+        rt.stats().dead_lettered(Reason::Oversized) == 1
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    let dlq = cluster.read_all(&cluster.dlq()).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header_str(h::ERROR_KIND), Some("oversized"));
+    assert_eq!(dlq[0].key, None, "the last fallback: no key");
+    assert_eq!(
+        dlq[0].user_headers(),
+        &[][..],
+        "and no header but the envelope"
+    );
+}
+
+#[cfg(feature = "otel")]
+on_every_broker!(
+    an_oversized_record_with_huge_trace_headers_still_reaches_the_dlq,
+    1,
+    an_oversized_record_with_huge_trace_headers_still_reaches_the_dlq
+);
+
 on_every_broker!(
     each_bad_record_gets_its_reason_and_later_records_still_flow,
     1,

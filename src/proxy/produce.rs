@@ -177,6 +177,11 @@ async fn produce_records(
         v3_types.1.map(|t| (t, sizes.1)),
     );
     note.bytes = records.iter().map(ProduceRecord::size).sum();
+    // Feature `otel`: the `send` span, whose context the records carry (unless they carry
+    // their own). Written before the cost is taken, so the admission charges the trace
+    // headers too (`max_in_flight_bytes`/`max_buffered_bytes` bound what librdkafka holds).
+    #[cfg(feature = "otel")]
+    let send_span = super::trace::send_span(&topic, &mut records);
     let cost = records
         .iter()
         .map(ProduceRecord::cost)
@@ -185,10 +190,6 @@ async fn produce_records(
     // Admitted: the records are now bounded by `max_in_flight_*`, no longer by
     // `max_buffered_bytes`.
     drop(reservation);
-    // Feature `otel`: the `send` span, whose context the records carry (unless they carry
-    // their own).
-    #[cfg(feature = "otel")]
-    let send_span = super::trace::send_span(&topic, &mut records);
     let produced = app.producer.produce(
         topic.clone(),
         records,

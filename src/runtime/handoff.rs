@@ -260,21 +260,22 @@ impl HandOff {
             let (hop, written_at) = hop_for(decision, &error)?;
             let envelope = hop.envelope;
             target = hop.topic;
-            // Feature `otel`: the stripped attempts keep the trace context headers (the
-            // hand-off's `traceparent` and the origin), a few hundred bytes at most.
+            // Feature `otel`: the middle attempt keeps the trace context headers, rebuilt
+            // from parsed values only (`carrier::rebuilt_trace_headers`: 55-byte
+            // `traceparent`s and `tracestate`s cut to `TRACESTATE_COPY_MAX`), so about
+            // 1.2 KB at most whatever the record carried, even without an exporter.
+            // The last attempt has no header and no key: an envelope alone always fits, so an
+            // oversized record always reaches its target.
             #[cfg(feature = "otel")]
             let stripped: Vec<Header> = traced.as_ref().map_or_else(Vec::new, |(_, h)| {
-                h.iter()
-                    .filter(|h| crate::telemetry::carrier::is_trace_header(h))
-                    .cloned()
-                    .collect()
+                crate::telemetry::carrier::rebuilt_trace_headers(h)
             });
             #[cfg(not(feature = "otel"))]
             let stripped: [Header; 0] = [];
             let attempts: [(Option<&[u8]>, &[Header]); 3] = [
                 (msg.key(), user_headers),
                 (msg.key(), &stripped[..]),
-                (None, &stripped[..]),
+                (None, &[]),
             ];
             for (key, headers) in attempts {
                 if let Sent::Acked(d) = self

@@ -17,7 +17,7 @@
 
 use crate::handler::Header;
 
-use super::w3c::{TraceParent, TraceParentError, TraceState};
+use super::w3c::{TraceParent, TraceParentError, TraceState, TRACESTATE_COPY_MAX};
 
 /// Name of the W3C parent header, as the Java, Go and Python instrumentations write it.
 pub const TRACEPARENT: &str = "traceparent";
@@ -156,11 +156,20 @@ fn replace(headers: &mut Vec<Header>, name: &str, value: Option<&[u8]>) {
 
 /// Writes `parent` and `state` as the record's context, **replacing** any `traceparent` and
 /// `tracestate` it had: a record carries exactly one context, that of the span that wrote it.
-/// An empty `state` removes the `tracestate` header.
+/// An empty `state` removes the `tracestate` header. The state is cut to
+/// [`TRACESTATE_COPY_MAX`] bytes ([`TraceState::truncated`]), so what this adds to a record
+/// is bounded (about 600 bytes) whatever the caller's context carried.
 pub fn inject(headers: &mut Vec<Header>, parent: &TraceParent, state: &TraceState) {
     replace(headers, TRACEPARENT, Some(&parent.to_bytes()));
-    let state = (!state.is_empty()).then(|| state.header_value());
-    replace(headers, TRACESTATE, state.as_deref().map(str::as_bytes));
+    let state = (!state.is_empty()).then(|| state.truncated(TRACESTATE_COPY_MAX).header_value());
+    replace(
+        headers,
+        TRACESTATE,
+        state
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(str::as_bytes),
+    );
 }
 
 /// [`inject`] unless the record already has a `traceparent`: the proxy keeps a context the
@@ -178,34 +187,53 @@ pub fn inject_if_absent(
     true
 }
 
-/// Copies the record's current `traceparent`/`tracestate` into the origin headers, unless an
-/// origin is already recorded (a later hop keeps the first producer's context). Called when a
-/// record is first handed off to a retry tier or the DLQ, before its own context is replaced.
-/// Copies bytes as they are: a malformed origin is kept for forensics, and is ignored by
-/// [`extract_origin`].
+/// Records the origin context in the origin headers, rebuilt from parsed values only. Called
+/// at every hand-off, before the record's own context is replaced.
+///
+/// - A valid origin already recorded (a later hop) is kept, re-written canonically.
+/// - Otherwise the record's own context is the origin, if [`try_extract`] accepts it: a
+///   malformed `traceparent`, or several conflicting ones, give no origin (the same answer
+///   [`extract`] gives, so a record reports the same origin whatever its path).
+/// - Any origin header that does not parse (for example one a producer wrote itself) is
+///   removed, never copied.
+///
+/// What is written is the 55-byte canonical `traceparent` and a `tracestate` cut to
+/// [`TRACESTATE_COPY_MAX`] bytes, so the origin headers stay small whatever the record
+/// carried: the oversized fallbacks of a hand-off keep them and must still fit.
 pub fn keep_origin(headers: &mut Vec<Header>) {
-    if headers.iter().any(|h| named(h, ORIGIN_TRACEPARENT)) {
-        return;
-    }
-    let parent = headers.iter().find(|h| named(h, TRACEPARENT)).cloned();
-    let Some(Header {
-        value: Some(parent),
-        ..
-    }) = parent
-    else {
+    let origin = match try_extract_named(headers, ORIGIN_TRACEPARENT, ORIGIN_TRACESTATE) {
+        Ok(Some(origin)) => Some(origin),
+        Ok(None) | Err(_) => try_extract(headers).ok().flatten(),
+    };
+    replace(headers, ORIGIN_TRACEPARENT, None);
+    replace(headers, ORIGIN_TRACESTATE, None);
+    let Some(origin) = origin else {
         return;
     };
-    let state: Vec<u8> = headers
-        .iter()
-        .filter(|h| named(h, TRACESTATE))
-        .filter_map(|h| h.value.as_deref())
-        .filter(|v| !v.is_empty())
-        .collect::<Vec<_>>()
-        .join(&b','); // repeated headers combine as one comma-joined list
-    headers.push(Header::new(ORIGIN_TRACEPARENT, parent));
+    headers.push(Header::new(ORIGIN_TRACEPARENT, origin.parent.to_bytes()));
+    let state = origin.state.truncated(TRACESTATE_COPY_MAX);
     if !state.is_empty() {
-        headers.push(Header::new(ORIGIN_TRACESTATE, state));
+        headers.push(Header::new(ORIGIN_TRACESTATE, state.header_value()));
     }
+}
+
+/// The record's trace context headers rebuilt from parsed values only: its `traceparent`
+/// (canonical 55 bytes) and `tracestate` (cut to [`TRACESTATE_COPY_MAX`]) if [`extract`]
+/// accepts them, and the origin pair if it parses. Never more than about 1.2 KB in all,
+/// whatever the record carried: what the oversized fallbacks of a hand-off keep.
+pub fn rebuilt_trace_headers(headers: &[Header]) -> Vec<Header> {
+    let mut out = Vec::new();
+    if let Some(cx) = extract(headers) {
+        inject(&mut out, &cx.parent, &cx.state);
+    }
+    if let Ok(Some(origin)) = try_extract_named(headers, ORIGIN_TRACEPARENT, ORIGIN_TRACESTATE) {
+        out.push(Header::new(ORIGIN_TRACEPARENT, origin.parent.to_bytes()));
+        let state = origin.state.truncated(TRACESTATE_COPY_MAX);
+        if !state.is_empty() {
+            out.push(Header::new(ORIGIN_TRACESTATE, state.header_value()));
+        }
+    }
+    out
 }
 
 /// The trace id of the record's origin as lowercase hex, for the dead-letter alert and
@@ -431,6 +459,96 @@ mod tests {
             1
         );
         assert_eq!(headers.iter().filter(|x| named(x, TRACEPARENT)).count(), 1);
+    }
+
+    /// A valid `tracestate` at the grammar's limit: 32 members of 256-byte values (~8.5 KB).
+    fn huge_state() -> String {
+        (0..32)
+            .map(|i| format!("k{i}={}", "v".repeat(256)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn total(headers: &[Header]) -> usize {
+        headers
+            .iter()
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+
+    /// Review 18 #2: a 200 KB invalid `traceparent` and producer-written origin headers of
+    /// 200 KB are never copied; what `keep_origin` writes is rebuilt and bounded.
+    #[test]
+    fn keep_origin_copies_only_what_parses_and_bounds_it() {
+        let garbage = "0".repeat(200_000);
+        let mut headers = vec![
+            h(TRACEPARENT, &garbage),
+            h(ORIGIN_TRACEPARENT, &garbage),
+            h(ORIGIN_TRACESTATE, &garbage),
+        ];
+        keep_origin(&mut headers);
+        assert!(
+            !headers
+                .iter()
+                .any(|x| named(x, ORIGIN_TRACEPARENT) || named(x, ORIGIN_TRACESTATE)),
+            "invalid origin headers are removed, the invalid traceparent not copied"
+        );
+        assert!(rebuilt_trace_headers(&headers).is_empty());
+
+        // A valid context with a huge state: the origin is canonical, its state capped.
+        let state = huge_state();
+        let mut headers = vec![
+            h(TRACEPARENT, &format!(" {JAVA} ")),
+            h(TRACESTATE, &state),
+            h(ORIGIN_TRACEPARENT, &garbage),
+        ];
+        keep_origin(&mut headers);
+        let origin = extract_origin(&headers).unwrap();
+        assert_eq!(origin.parent.to_string(), JAVA);
+        let origin_headers: Vec<Header> = headers
+            .iter()
+            .filter(|x| named(x, ORIGIN_TRACEPARENT) || named(x, ORIGIN_TRACESTATE))
+            .cloned()
+            .collect();
+        assert_eq!(origin_headers[0].value.as_deref(), Some(JAVA.as_bytes()));
+        assert!(
+            total(&origin_headers) <= 55 + 512 + 60,
+            "{}",
+            total(&origin_headers)
+        );
+        assert!(!origin.state.is_empty(), "the left-most members are kept");
+        let rebuilt = rebuilt_trace_headers(&headers);
+        assert!(
+            total(&rebuilt) <= 2 * (55 + 512 + 40),
+            "{}",
+            total(&rebuilt)
+        );
+    }
+
+    /// Review 18 #3: conflicting `traceparent`s give no context to `extract`, so no origin.
+    #[test]
+    fn conflicting_traceparents_give_no_origin() {
+        let mut headers = vec![h(TRACEPARENT, JAVA), h(TRACEPARENT, OTHER)];
+        assert_eq!(extract(&headers), None);
+        keep_origin(&mut headers);
+        assert!(!headers.iter().any(|x| named(x, ORIGIN_TRACEPARENT)));
+        assert_eq!(origin_trace_id(&headers), None);
+    }
+
+    /// Review 18 #1: `inject` never writes more than `TRACESTATE_COPY_MAX` of state.
+    #[test]
+    fn inject_caps_the_tracestate() {
+        let state = TraceState::parse(huge_state().as_bytes()).unwrap();
+        let mut headers = Vec::new();
+        inject(
+            &mut headers,
+            &TraceParent::parse(JAVA.as_bytes()).unwrap(),
+            &state,
+        );
+        let written = headers.iter().find(|x| named(x, TRACESTATE)).unwrap();
+        assert!(written.value.as_ref().unwrap().len() <= TRACESTATE_COPY_MAX);
+        let kept = TraceState::parse(written.value.as_deref().unwrap()).unwrap();
+        assert_eq!(kept.iter().next(), state.iter().next(), "left-most kept");
     }
 
     /// A record without context gets no origin header and has no origin trace id.

@@ -34,6 +34,10 @@
 
 use std::sync::Arc;
 
+/// Most characters of a record key recorded on the `process` span (opt-in
+/// `record_key`); a longer key is cut with `…[N more bytes]`.
+const KEY_MAX_CHARS: usize = 256;
+
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::field::Empty;
 use tracing::Span;
@@ -166,7 +170,10 @@ impl ProcessTracing {
         );
         if self.record_key {
             if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                span.record("messaging.kafka.message.key", key);
+                // Span fields reach the log formatter too: escaped and bounded by the project's
+                // one rule for bytes shown to people (control/bidi characters never printed raw).
+                let key = crate::escape::for_terminal(key, KEY_MAX_CHARS);
+                span.record("messaging.kafka.message.key", key.as_str());
             }
         }
         if msg.payload().is_none() {

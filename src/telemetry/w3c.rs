@@ -29,6 +29,13 @@ pub const TRACEPARENT_LEN: usize = 55;
 
 /// Most members a `tracestate` may hold.
 pub const TRACESTATE_MAX_MEMBERS: usize = 32;
+/// Most bytes of `tracestate` sidetrack ever writes into a record (see
+/// [`TraceState::truncated`]). A valid `tracestate` can reach ~16 KB (32 members of 256-byte
+/// values); copying that into every record of a batch, or into the envelope of an oversized
+/// record, would let a caller multiply memory use past the configured limits. The W3C spec
+/// lets a vendor truncate the list, and 512 bytes is the limit the spec names as the least a
+/// platform should propagate (and what the other OpenTelemetry clients keep).
+pub const TRACESTATE_COPY_MAX: usize = 512;
 
 /// A 16-byte trace id. The all-zero id is invalid and never parsed.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -374,6 +381,32 @@ impl TraceState {
         self.members.is_empty()
     }
 
+    /// This state cut to a header value of at most `max` bytes, by the W3C truncation rule:
+    /// members longer than 128 bytes go first (right-most first), then members from the right
+    /// (the left-most is the most recent vendor, the one most worth keeping). Unchanged when it
+    /// already fits.
+    pub fn truncated(&self, max: usize) -> TraceState {
+        // Length of `k=v` members joined by `,`.
+        let len = |m: &[(String, String)]| {
+            m.iter().map(|(k, v)| k.len() + v.len() + 1).sum::<usize>() + m.len().saturating_sub(1)
+        };
+        let mut members = self.members.clone();
+        while len(&members) > max {
+            match members
+                .iter()
+                .rposition(|(k, v)| k.len() + v.len() + 1 > 128)
+            {
+                Some(i) => {
+                    members.remove(i);
+                }
+                None => {
+                    members.pop();
+                }
+            }
+        }
+        TraceState { members }
+    }
+
     /// The header value: members joined by `,` without white space.
     pub fn header_value(&self) -> String {
         let mut out = String::new();
@@ -708,6 +741,18 @@ mod tests {
     }
 
     /// The written value has no white space, keeps the order, and parses back to itself.
+    /// The W3C truncation order: long members first, then from the right.
+    #[test]
+    fn truncated_drops_long_members_then_from_the_right() {
+        let long = "l".repeat(200);
+        let raw = format!("a=1,big={long},b=2,c=3");
+        let state = TraceState::parse(raw.as_bytes()).unwrap();
+        assert_eq!(state.truncated(1000), state);
+        assert_eq!(state.truncated(11).header_value(), "a=1,b=2,c=3");
+        assert_eq!(state.truncated(10).header_value(), "a=1,b=2");
+        assert_eq!(state.truncated(2).header_value(), "");
+    }
+
     #[test]
     fn tracestate_header_value_is_canonical() {
         let state = TraceState::parse(b" rojo=00f067aa0ba902b7 ,\tcongo=t61rcWkgMzE ").unwrap();
