@@ -92,6 +92,8 @@ pub enum EnvelopeError {
 ///     due: Some(1_700_000_030_500),
 ///     reason: None, // on a retry tier: `sidetrack-error-kind: retryable`
 ///     error: "timeout".into(),
+///     key_order_since: None,   // set only with `keep_key_order`, on a key's head
+///     after_dead_letter: None, // set only with `keep_key_order`, after a dead-lettered head
 /// };
 /// let mut headers = vec![Header::new("trace-id", "abc")];
 /// headers.extend(envelope.to_headers());
