@@ -68,6 +68,11 @@ KNOWN = {
     "| `ledger.rs` `nothing_is_lost_": "'see the brokers table' became a link to docs/brokers.md",
     "| `ledger.rs` `replication_faults_": "'the full command in Set up' became a link to CONTRIBUTING.md",
     "  instance itself (see Performance below).": "became a link to docs/performance.md",
+    # Issue 19 built what these lines said was missing, and added dead-letter reasons.
+    "  a later record of its key. (Durable per-key parking": "issue 19 built durable per-key order: docs/key-order.md",
+    "  wait for it, is the next capability;": "issue 19 built durable per-key order: docs/key-order.md",
+    "  must never overtake a failed one.) Keys are compared": "issue 19 built durable per-key order: docs/key-order.md",
+    "| `sidetrack-error-kind` |": "issue 19 added dead-letter reasons: the guide's envelope table lists them all",
     "| Tansu 0.6.0 |": "'the CLI runbook above' became a link to docs/runbook.md",
     # After the split, issue 18 renamed what these lines name; the docs say the new names.
     "    assert!(matches!(outcome, Outcome::DeadLettered { reason: DeadLetterReason":
