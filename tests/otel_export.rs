@@ -5,9 +5,11 @@
 //! `.ci/run`); without it each test prints why it skipped.
 #![cfg(feature = "otel")]
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::BTreeMap;
+
+use common::otlp::{receiver, spans_of};
 use opentelemetry::trace::TraceContextExt;
 use serde_json::Value;
 use sidetrack::handler::Header;
@@ -16,40 +18,6 @@ use sidetrack::telemetry::export::{layer, Telemetry};
 use sidetrack::telemetry::TracingConfig;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
-
-/// The receiver's base URL, or `None` after printing why the test is skipped.
-fn receiver() -> Option<String> {
-    match std::env::var("SIDETRACK_TEST_OTLP") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!(
-                "skipped: SIDETRACK_TEST_OTLP is not set (start testbeds/otlp/start.sh, as .ci/run does)"
-            );
-            None
-        }
-    }
-}
-
-/// The spans of `trace_id` the receiver decoded, waiting up to 10 s for `want` of them.
-fn spans_of(base: &str, trace_id: &str, want: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let body = ureq::get(&format!("{base}/spans?trace_id={trace_id}"))
-            .call()
-            .expect("receiver answers")
-            .into_body()
-            .read_to_string()
-            .unwrap();
-        let spans: Vec<Value> = body
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if spans.len() >= want || Instant::now() > deadline {
-            return spans;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn by_name<'a>(spans: &'a [Value], name: &str) -> &'a Value {
     spans
@@ -106,7 +74,7 @@ fn producer_and_consumer_spans_reach_the_receiver_linked() {
     });
     telemetry.flush();
 
-    let spans = spans_of(&base, &trace_id, 1);
+    let spans = spans_of(&base, &trace_id, |s| !s.is_empty());
     let send = by_name(&spans, "send orders");
     assert_eq!(send["kind"], "SPAN_KIND_PRODUCER");
     assert_eq!(send["attributes"]["messaging.system"], "kafka");
@@ -171,7 +139,7 @@ fn a_w3c_spec_traceparent_is_continued() {
         process.in_scope(|| {});
     });
     telemetry.flush();
-    let spans = spans_of(&base, "0af7651916cd43dd8448eb211c80319c", 1);
+    let spans = spans_of(&base, "0af7651916cd43dd8448eb211c80319c", |s| !s.is_empty());
     let process = by_name(&spans, "process payments");
     assert_eq!(process["parent_span_id"], "b7ad6b7169203331");
     assert_eq!(process["trace_state"], "congo=t61rcWkgMzE");

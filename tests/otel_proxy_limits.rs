@@ -8,6 +8,8 @@
 //! without one. Its own test binary because the exporter is installed once per process.
 #![cfg(all(feature = "otel", feature = "proxy"))]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -34,8 +36,7 @@ fn body(n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_headers_are_charged_and_the_tracestate_is_capped() {
-    let Ok(base) = std::env::var("SIDETRACK_TEST_OTLP") else {
-        eprintln!("skipped: SIDETRACK_TEST_OTLP is not set (start testbeds/otlp/start.sh)");
+    let Some(base) = common::otlp::receiver() else {
         return;
     };
     let tracing_config = TracingConfig {

@@ -15,8 +15,11 @@
 //! too.
 #![cfg(all(feature = "otel", feature = "proxy", feature = "cli"))]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::otlp::{receiver, spans_of};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header as KHeader, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -39,39 +42,6 @@ fn run_trace_id(spec_id: &str) -> String {
         .subsec_nanos()
         ^ std::process::id();
     format!("{nanos:08x}{}", &spec_id[8..])
-}
-
-fn receiver() -> Option<String> {
-    match std::env::var("SIDETRACK_TEST_OTLP") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!(
-                "skipped: SIDETRACK_TEST_OTLP is not set (start testbeds/otlp/start.sh, as .ci/run does)"
-            );
-            None
-        }
-    }
-}
-
-/// The spans of `trace_id` the receiver decoded, once `ready` holds (or after 20 s).
-fn spans_of(base: &str, trace_id: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let body = ureq::get(&format!("{base}/spans?trace_id={trace_id}"))
-            .call()
-            .expect("receiver answers")
-            .into_body()
-            .read_to_string()
-            .unwrap();
-        let spans: Vec<Value> = body
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if ready(&spans) || Instant::now() > deadline {
-            return spans;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// One retry tier of 200 ms: a failing record is tried twice, then dead-lettered.

@@ -10,6 +10,8 @@
 #![allow(dead_code)]
 
 pub mod kafka_cluster;
+#[cfg(feature = "otel")]
+pub mod otlp;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod recording;
@@ -601,58 +603,11 @@ impl Env {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match &self.broker {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
-            Broker::Tansu(b)
-            | Broker::Kfake(b)
-            | Broker::ApacheKafka(b)
-            | Broker::KafkaCluster(b) => {
-                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                    rdkafka::ClientConfig::new()
-                        .set("bootstrap.servers", b)
-                        .create()
-                        .unwrap();
-                // Every replica on the three-broker cluster: its tests kill partition leaders.
-                let replicas = if matches!(self.broker, Broker::KafkaCluster(_)) {
-                    3
-                } else {
-                    1
-                };
-                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
-                let r = admin
-                    .create_topics(
-                        [&t],
-                        &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
-                    )
-                    .await
-                    .unwrap();
-                assert!(r[0].is_ok(), "creating {name}: {:?}", r[0]);
-                // Wait until the topic shows in metadata.
-                let b = b.clone();
-                let name = name.to_owned();
-                let ok = wait_until(WAIT, || {
-                    let (b, name) = (b.clone(), name.clone());
-                    async move {
-                        tokio::task::spawn_blocking(move || {
-                            let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-                                .set("bootstrap.servers", &b)
-                                .create()
-                                .unwrap();
-                            use rdkafka::consumer::Consumer;
-                            c.fetch_metadata(Some(&name), Duration::from_secs(5))
-                                .map(|m| {
-                                    m.topics()
-                                        .iter()
-                                        .any(|t| t.name() == name && !t.partitions().is_empty())
-                                })
-                                .unwrap_or(false)
-                        })
-                        .await
-                        .unwrap_or(false)
-                    }
-                })
-                .await;
-                assert!(ok, "topic {name} never appeared");
+            Broker::Tansu(b) | Broker::Kfake(b) | Broker::ApacheKafka(b) => {
+                create_topic_on(b, name, partitions, 1).await
             }
+            // Every replica on the three-broker cluster: its tests kill partition leaders.
+            Broker::KafkaCluster(b) => create_topic_on(b, name, partitions, 3).await,
         }
     }
 
@@ -814,4 +769,48 @@ macro_rules! on_every_broker {
             }
         });
     };
+}
+
+/// Creates `name` with `partitions` partitions and `replicas` replicas on the broker at
+/// `bootstrap`, and waits until metadata shows every partition (a producer that looks a topic
+/// up too early sees it missing, or with fewer partitions than asked).
+pub async fn create_topic_on(bootstrap: &str, name: &str, partitions: i32, replicas: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
+    let r = admin
+        .create_topics(
+            [&t],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "creating {name}: {:?}", r[0]);
+    let (b, name) = (bootstrap.to_owned(), name.to_owned());
+    let ok = wait_until(WAIT, || {
+        let (b, name) = (b.clone(), name.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::Consumer;
+                let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &b)
+                    .create()
+                    .unwrap();
+                c.fetch_metadata(Some(&name), Duration::from_secs(5))
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .any(|t| t.name() == name && t.partitions().len() as i32 == partitions)
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(ok, "topic {name} never appeared");
 }

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderMap;
 use hyper::StatusCode;
 use sidetrack::proxy::{Proxy, ProxyBuilder, ProxyConfig, ProxyHandle};
-use sidetrack::testing::{wait_until, EmbeddedCluster, Record};
+use sidetrack::testing::{EmbeddedCluster, Record};
 
 // Re-exported for the proxy suites' `use common::proxy::*`; a suite that does not use one of
 // them must not warn.
@@ -74,52 +74,13 @@ impl Broker {
         match self {
             Broker::Embedded(c) => c.create_topic(name, partitions).unwrap(),
             Broker::Real(backend, b) => {
-                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                    rdkafka::ClientConfig::new()
-                        .set("bootstrap.servers", b)
-                        .create()
-                        .unwrap();
                 // Every replica on the three-broker cluster: its tests kill partition leaders.
                 let replicas = if *backend == Backend::KafkaCluster {
                     3
                 } else {
                     1
                 };
-                let t = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
-                let r = admin
-                    .create_topics(
-                        [&t],
-                        &AdminOptions::new().request_timeout(Some(Duration::from_secs(20))),
-                    )
-                    .await
-                    .unwrap();
-                assert!(r[0].is_ok(), "creating {name}: {:?}", r[0]);
-                let (b, name) = (b.clone(), name.to_owned());
-                let ok = wait_until(WAIT, || {
-                    let (b, name) = (b.clone(), name.clone());
-                    async move {
-                        tokio::task::spawn_blocking(move || {
-                            use rdkafka::consumer::Consumer;
-                            let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-                                .set("bootstrap.servers", &b)
-                                .create()
-                                .unwrap();
-                            c.fetch_metadata(Some(&name), Duration::from_secs(5))
-                                .map(|m| {
-                                    m.topics().iter().any(|t| {
-                                        t.name() == name
-                                            && t.partitions().len() as i32 == partitions
-                                    })
-                                })
-                                .unwrap_or(false)
-                        })
-                        .await
-                        .unwrap_or(false)
-                    }
-                })
-                .await;
-                assert!(ok, "topic {name} never appeared");
+                super::create_topic_on(b, name, partitions, replicas).await
             }
         }
     }
