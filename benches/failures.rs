@@ -16,10 +16,9 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{now_ms, quantile, Bench};
-use rdkafka::producer::FutureRecord;
+use common::{now_ms, Bench};
 use sidetrack::config::RetryConfig;
 use sidetrack::{Config, Context, Handler, HandlerError, Message, Tier};
 
@@ -110,30 +109,17 @@ async fn latency(
         .await;
     // Let the group settle before the clock matters.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let producer = bench.producer();
-    let started = Instant::now();
-    let mut healthy = 0;
-    for i in 0..n {
-        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        if !bad.failing(i) {
-            healthy += 1;
-        }
-        let body = i.to_string();
-        let rec = FutureRecord::to(topic)
-            .key(&body)
-            .payload(&body)
-            .partition((i % PARTITIONS as u64) as i32);
-        let _ = producer.send_result(rec);
-    }
-    let deadline = Instant::now() + WINDOW;
-    while bad.healthy.load(Ordering::Relaxed) < healthy && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let healthy = common::produce_paced(
+        &bench.producer(),
+        topic,
+        (n, rate, PARTITIONS),
+        |i| i.to_string(),
+        |i| bad.failing(i),
+        (|| bad.healthy.load(Ordering::Relaxed), WINDOW),
+    )
+    .await;
     let _ = h.shutdown().await;
-    let mut l = bad.latencies.lock().map(|v| v.clone()).unwrap_or_default();
-    let share = l.len() as f64 / healthy as f64;
-    (quantile(&mut l, 0.5), quantile(&mut l, 0.99), share)
+    common::latency_summary(&bad.latencies, healthy)
 }
 
 #[tokio::main]

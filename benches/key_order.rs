@@ -18,10 +18,9 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{now_ms, quantile, Bench};
-use rdkafka::producer::FutureRecord;
+use common::{now_ms, Bench};
 use sidetrack::config::{Ordering as RecordOrdering, RetryConfig};
 use sidetrack::{Config, Context, Handler, HandlerError, Message, Tier};
 
@@ -110,30 +109,17 @@ async fn latency(
         .start_runtime(config(bench, topic, group, keep), H(Arc::clone(&c)))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let producer = bench.producer();
-    let started = Instant::now();
-    let mut healthy = 0;
-    for i in 0..n {
-        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        if i % FAIL_EVERY != 0 {
-            healthy += 1;
-        }
-        let (key, body) = ((i % KEYS).to_string(), i.to_string());
-        let rec = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&body)
-            .partition((i % PARTITIONS as u64) as i32);
-        let _ = producer.send_result(rec);
-    }
-    let deadline = Instant::now() + WINDOW;
-    while c.healthy.load(Ordering::Relaxed) < healthy && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let healthy = common::produce_paced(
+        &bench.producer(),
+        topic,
+        (n, rate, PARTITIONS),
+        |i| (i % KEYS).to_string(),
+        |i| i % FAIL_EVERY == 0,
+        (|| c.healthy.load(Ordering::Relaxed), WINDOW),
+    )
+    .await;
     let _ = h.shutdown().await;
-    let mut l = c.latencies.lock().map(|v| v.clone()).unwrap_or_default();
-    let share = l.len() as f64 / healthy as f64;
-    (quantile(&mut l, 0.5), quantile(&mut l, 0.99), share)
+    common::latency_summary(&c.latencies, healthy)
 }
 
 #[tokio::main]

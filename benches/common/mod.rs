@@ -309,3 +309,46 @@ fn parse_props(spec: &str) -> Vec<(String, String)> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect()
 }
+
+/// Produces `n` records to `topic` at `rate`/s (record `i` to partition `i % partitions`, key
+/// `key(i)`, payload `i`), then waits up to `window` until `handled()` reaches the number of
+/// records `failing(i)` called healthy, and returns that number. The paced half of the
+/// failure benchmarks; [`latency_summary`] reads the result.
+#[allow(dead_code)] // each bench binary compiles this module; not all use it
+pub async fn produce_paced(
+    producer: &FutureProducer,
+    topic: &str,
+    (n, rate, partitions): (u64, u64, i32),
+    key: impl Fn(u64) -> String,
+    failing: impl Fn(u64) -> bool,
+    (handled, window): (impl Fn() -> u64, Duration),
+) -> u64 {
+    let started = Instant::now();
+    let mut healthy = 0;
+    for i in 0..n {
+        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        if !failing(i) {
+            healthy += 1;
+        }
+        let (key, body) = (key(i), i.to_string());
+        let rec = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&body)
+            .partition((i % partitions as u64) as i32);
+        let _ = producer.send_result(rec);
+    }
+    let deadline = Instant::now() + window;
+    while handled() < healthy && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    healthy
+}
+
+/// The p50 and p99 of `latencies` (ms), and the share of the `healthy` records they cover.
+#[allow(dead_code)]
+pub fn latency_summary(latencies: &std::sync::Mutex<Vec<f64>>, healthy: u64) -> (f64, f64, f64) {
+    let mut l = latencies.lock().map(|v| v.clone()).unwrap_or_default();
+    let share = l.len() as f64 / healthy as f64;
+    (quantile(&mut l, 0.5), quantile(&mut l, 0.99), share)
+}
