@@ -163,8 +163,10 @@ fn ledger_worker() {
                     // records that were not committed, revocations with hand-offs waiting are
                     // info lines with the records not stored: the test adds them up for the
                     // bound.
-                    std::env::var("LW_LOG")
-                        .unwrap_or_else(|_| "warn,sidetrack::runtime::group=info".into()),
+                    std::env::var("LW_LOG").unwrap_or_else(|_| {
+                        "warn,sidetrack::runtime::group=info,sidetrack::runtime::consumer=info"
+                            .into()
+                    }),
                 ))
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(file))
@@ -651,7 +653,7 @@ async fn ledger(backend: Backend, ordering: &'static str) {
     run.ordering = ordering;
     let keep = ordering == "key-keep";
     if keep && std::env::var("LEDGER_KEY_ORDER_DEBUG").is_ok() {
-        run.log = Some("warn,sidetrack::runtime::group=info,sidetrack::runtime::partition::key_order=debug,sidetrack::key_order=debug");
+        run.log = Some("warn,sidetrack::runtime::group=info,sidetrack::runtime::consumer=info,sidetrack::runtime::partition::key_order=debug,sidetrack::key_order=debug");
     }
     if keep {
         env.create_topic(
@@ -702,6 +704,9 @@ async fn ledger(backend: Backend, ordering: &'static str) {
                 }))
             })
             .await;
+            if !joined {
+                keep_logs(&run);
+            }
             assert!(joined, "a{incarnation} did not join both groups in 60 s");
         }
         assert_alive(&run, &mut a);
@@ -1359,7 +1364,7 @@ async fn replication_faults_lose_nothing_on_three_brokers() {
         ordering: "partition",
         auto_create: true,
         // Each retry hand-off's acknowledgement is a debug line of the hand-off module.
-        log: Some("warn,sidetrack::runtime::group=info,sidetrack::runtime::handoff=debug"),
+        log: Some("warn,sidetrack::runtime::group=info,sidetrack::runtime::consumer=info,sidetrack::runtime::handoff=debug"),
         calls: true,
     };
     let source = env.topic().to_owned();
