@@ -206,13 +206,66 @@ async fn restart_mid_hold(env: Env) {
         .started()
         .await;
     produce_keys(&env, 2, 6).await;
-    // key0 all handled, key1's 0 handled, 1 on its tier, 2..5 held.
+    // key0 all handled, key1's 0 handled, 1 on its tier, 2..5 held: in the log, its head and
+    // the four held records.
+    let log = sidetrack::retry::key_order_topic(env.topic(), env.group());
     wait_for("the other key handled", || handler.successes() == 7).await;
+    wait_until_held(&env, &log, 5).await;
     rt.shutdown().await.unwrap();
+    // On-call sees them: `sidetrack lag` counts the log's events not yet done (all of them:
+    // the head's event stays open until its release is read).
+    #[cfg(feature = "cli")]
+    {
+        let events = env.read_all(&log).await.len() as i64;
+        assert_eq!(lag_held(&env, &log), vec![(0, events)]);
+    }
     let rt = env.builder(config).handler(handler.clone()).started().await;
     wait_for("every record handled once", || handler.successes() == 12).await;
     rt.shutdown().await.unwrap();
     assert_in_order(&handler.first_successes());
+    // Released and done: the log's position was committed past every event.
+    #[cfg(feature = "cli")]
+    assert_eq!(lag_held(&env, &log), vec![(0, 0)]);
+}
+
+/// Waits until the key-order log `log` holds `n` events.
+async fn wait_until_held(env: &Env, log: &str, n: usize) {
+    let reached = sidetrack::testing::wait_until(Duration::from_secs(30), || async {
+        env.read_all(log).await.len() >= n
+    })
+    .await;
+    assert!(reached, "{n} events in {log} within 30 s");
+}
+
+/// `sidetrack lag` on `env`'s group and topic: the key-order log's rows as (partition, held),
+/// for the partitions where the test's records are (partition 0; the others hold nothing).
+#[cfg(feature = "cli")]
+fn lag_held(env: &Env, log: &str) -> Vec<(i32, i64)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidetrack"))
+        .args(["--brokers", &env.bootstrap(), "--timeout", "5s", "lag"])
+        .args(["--group", env.group(), "--topic", env.topic()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(i32, i64)> = stdout
+        .lines()
+        .filter(|l| l.starts_with(&format!("{log} ")))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(cols.last(), Some(&"held"), "{l}");
+            (
+                cols[1].parse().unwrap(),
+                cols[cols.len() - 2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert!(!rows.is_empty(), "a row per partition of {log}:\n{stdout}");
+    rows.into_iter().filter(|(p, _)| *p == 0).collect()
 }
 on_every_broker!(restart_while_holding, 1, restart_mid_hold);
 

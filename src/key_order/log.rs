@@ -104,16 +104,33 @@ impl LogReader {
         consumer
             .assign(&tpl)
             .map_err(Error::kafka("assigning the key-order log"))?;
-        let (_, high) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(topic, partition, timeout)
             .map_err(Error::kafka("reading the key-order log's end"))?;
-        tracing::debug!(topic, partition, ?start, end = high, "key-order log opened");
+        // Caught up at once when nothing is left to read from where the reader starts. Decided
+        // here, from the offsets asked for, not later from the consumer's position: that is
+        // unknown until its first fetch, and a log with nothing past the committed position
+        // delivers no record that could say so — the partition would wait for an event that
+        // never comes (seen: a partition that took no record after a restart, under load).
+        // (A committed position below the log's start, after retention, reads from its start.)
+        let from = match start {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        tracing::debug!(
+            topic,
+            partition,
+            ?start,
+            low,
+            end = high,
+            "key-order log opened"
+        );
         Ok(LogReader {
             consumer,
             topic: topic.to_owned(),
             partition,
             end_at_start: high,
-            caught_up: high <= 0,
+            caught_up: from >= high,
         })
     }
 
@@ -198,4 +215,64 @@ pub(crate) async fn append<C: ClientContext + 'static>(
         .await
         .map(|d| d.offset)
         .map_err(|(e, _)| e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key_order::wire::Ended;
+
+    /// "Read first" ends by itself when nothing is past the committed position: a reader that
+    /// starts at the log's end is caught up as soon as it is open, before any fetch. (It used to
+    /// wait for the consumer's position, unknown until a fetch, and a partition with nothing
+    /// left in its log then took no record until an unrelated event arrived.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_at_the_logs_end_is_caught_up_when_opened() {
+        let cluster = crate::mocking::EmbeddedCluster::start().unwrap();
+        let topic = "t.g.key-order";
+        cluster.create_topic(topic, 1).unwrap();
+        let producer = cluster.producer().unwrap();
+        let timeout = Duration::from_secs(10);
+        for head in 0..3 {
+            let event = Event::Release {
+                head,
+                ended: Ended::Handled,
+            };
+            append(&producer, (topic, 0), b"k", &event, timeout)
+                .await
+                .unwrap();
+        }
+        let config = Config {
+            brokers: cluster.bootstrap_servers().to_owned(),
+            ..Config::default()
+        };
+        let open = |config: &Config| {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                LogReader::open(&config, "g.key-order", topic, 0, Duration::from_secs(10))
+            })
+        };
+
+        // No committed position: three events to read before the source may take a record.
+        let mut reader = open(&config).await.unwrap().unwrap();
+        assert!(!reader.caught_up(), "three events are left to read");
+        for expected in 0..3 {
+            let read = tokio::time::timeout(timeout, reader.next())
+                .await
+                .expect("an event within 10 s")
+                .unwrap();
+            assert_eq!(read.offset, expected);
+        }
+        assert!(reader.caught_up(), "the last event was read");
+        reader.store(2);
+        reader.commit();
+        drop(reader);
+
+        // Committed at the end: caught up at once, with no record ever coming to say so.
+        let reader = open(&config).await.unwrap().unwrap();
+        assert!(
+            reader.caught_up(),
+            "a reader whose committed position is the log's end has nothing to read first"
+        );
+    }
 }

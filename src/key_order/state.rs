@@ -9,16 +9,25 @@
 //! and one per log event.
 //!
 //! A key has an entry from the moment it starts waiting (its first record handed to a retry
-//! tier) until it is *free* again: its head was released **and** every record forwarded to the
-//! log for it was read back and has finished. While a key has an entry, its new source records
-//! are held (forwarded to the log), never run: so a record of a key never overtakes one that is
-//! still on a tier or in the log.
+//! tier) until it is *free* again: every one of its *pending* records (failed, on a tier) was
+//! released **and** every record forwarded to the log for it was read back and has finished.
+//! While a key has an entry, its new source records are held (forwarded to the log), never run;
+//! a held record runs only when no pending record of its key is before it: so a record of a
+//! key never overtakes one that is still on a tier or in the log.
+//!
+//! A key usually has one pending record (its *head*). It has more after crashes: a replay from
+//! the log's committed position can read an earlier owner's `head` while a held record runs,
+//! and if that record fails too, the key waits for both (one head per key, as this model first
+//! had, forgot the second and let later records overtake it; the model check below found it
+//! once crashes replayed from the committed position instead of the log's start).
 //!
 //! Events are applied idempotently, because the log is replayed after every crash and
-//! rebalance: a `head` the state already has is a no-op, a `held` of a record already read
-//! for its key is a duplicate, and a `release` that does not name the key's current
-//! head is ignored (a duplicate copy of an older head ending late) — so nothing replayed can
-//! release a key early.
+//! rebalance: a `head` of a record already pending only adds a log position that closes with
+//! it, a `held` of a record already read for its key is a duplicate, and a `release` that names
+//! no pending record is ignored (a duplicate copy ending late) — so nothing replayed can release
+//! a key early. Every position that a replay needs (a pending record's `head` events, and its
+//! own `held` events when it was a held record) stays open until the record's `release` is
+//! read.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
@@ -100,43 +109,45 @@ pub(crate) enum HeldRead<R> {
     Now(Next<R>),
 }
 
-/// What a `release` event of a key's current head left.
+/// What a `release` event of a pending head left.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Released<R, L> {
-    /// The log position of the released head's own `head` event (done now), if it was read.
-    pub(crate) head_log: Option<L>,
-    /// The log position of the `held` event of the released head, when the head was a held
-    /// record that failed (done now: until its head ends, a replay must see it again, or it
-    /// would take its key for free).
-    pub(crate) held_log: Option<L>,
+    /// The log positions done now: the released head's `head` events, and its own `held`
+    /// event when the head was a held record that failed (until its head ends, a replay must
+    /// see it again, or it would take its key for free).
+    pub(crate) done: Vec<L>,
     /// The key's held records to run or dead-letter now, in order.
     pub(crate) next: Vec<Next<R>>,
 }
 
-/// The head a key waits behind.
-#[derive(Debug, Clone, Copy)]
-struct Head<L> {
-    offset: i64,
+/// A record of a key that failed and is on a retry tier (or on its way there): the key's
+/// later records wait until its `release` is read.
+#[derive(Debug, Clone)]
+struct Pending<L> {
     since_ms: i64,
-    /// Where its `head` event is in the log, once read back (`None` before).
-    log: Option<L>,
-    /// Where its own `held` event is, when the head is a held record that failed.
-    held_log: Option<L>,
+    /// The log positions that stay open until its release is read: its `head` events, once
+    /// read back (more than one when a run again after a crash failed too), and its own `held`
+    /// events when it is a held record that failed.
+    logs: Vec<L>,
 }
 
-/// One key with an entry: waiting on a head, or still draining its held records.
+/// One key with an entry: waiting on one or more pending records, or still draining its held
+/// records.
 #[derive(Debug)]
 struct Key<R, L> {
-    /// The head it waits behind; `None` once released (the key drains its held records).
-    head: Option<Head<L>>,
+    /// The key's records on a retry tier, by source offset: every one of them must end before
+    /// a later record of the key runs. Usually one; more after crashes, when a replay reads
+    /// the `head` events of several owners (a record that ran again while an earlier owner's
+    /// failed record was still on its tier).
+    pending: std::collections::BTreeMap<i64, Pending<L>>,
     /// The last head of this key: named in the `held` events of records forwarded while the
     /// key drains.
     last_head: i64,
     /// `held` events sent by this owner and not yet read back.
     forwarded: usize,
-    /// Held records read back, waiting for their turn, by source offset (oldest first).
-    queue: VecDeque<(i64, R)>,
-    /// A held record of this key is being run (one at a time, in order).
+    /// Held records read back, waiting for their turn, by source offset (oldest first), each
+    /// with the dead-lettered head it follows to the DLQ (`dead-letter-key`), if it does.
+    queue: VecDeque<(i64, R, Option<i64>)>,
     /// A held record of this key is being run (one at a time, in order): its source offset.
     running: Option<i64>,
     /// Source offsets of the held records read for this key while it has an entry: a `held`
@@ -149,10 +160,10 @@ struct Key<R, L> {
 }
 
 impl<R, L> Key<R, L> {
-    fn waiting(head: Head<L>) -> Self {
+    fn new(last_head: i64) -> Self {
         Key {
-            last_head: head.offset,
-            head: Some(head),
+            pending: std::collections::BTreeMap::new(),
+            last_head,
             forwarded: 0,
             queue: VecDeque::new(),
             running: None,
@@ -165,10 +176,14 @@ impl<R, L> Key<R, L> {
         self.forwarded + self.queue.len() + usize::from(self.running.is_some())
     }
     fn is_free(&self) -> bool {
-        self.head.is_none()
+        self.pending.is_empty()
             && self.forwarded == 0
             && self.queue.is_empty()
             && self.running.is_none()
+    }
+    /// The earliest pending record.
+    fn first_pending(&self) -> Option<i64> {
+        self.pending.keys().next().copied()
     }
 }
 
@@ -181,7 +196,7 @@ pub(crate) struct KeyOrder<R, L> {
     keys: Keys<R, L>,
     caps: Caps,
     after_dead_letter: AfterDeadLetter,
-    /// Keys with an unreleased head.
+    /// Keys with at least one pending record.
     waiting: usize,
     /// Held records read back and in memory (queued or running).
     held: usize,
@@ -218,7 +233,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
         self.keys.is_empty()
     }
 
-    /// Keys waiting on a head.
+    /// Keys waiting on a pending record.
     pub(crate) fn waiting_keys(&self) -> usize {
         self.waiting
     }
@@ -233,9 +248,21 @@ impl<R, L: Copy> KeyOrder<R, L> {
     pub(crate) fn oldest_wait_ms(&self, now_ms: i64) -> i64 {
         self.keys
             .values()
-            .filter_map(|k| k.head.map(|h| h.since_ms))
+            .flat_map(|k| k.pending.values().map(|p| p.since_ms))
             .min()
             .map_or(0, |since| now_ms.saturating_sub(since).max(0))
+    }
+
+    /// Adds `offset` to `key`'s pending records (the key's entry exists).
+    fn add_pending(&mut self, key: u64, offset: i64, pending: Pending<L>) {
+        let Some(k) = self.keys.get_mut(&key) else {
+            return;
+        };
+        if k.pending.is_empty() {
+            self.waiting += 1;
+        }
+        k.pending.insert(offset, pending);
+        k.last_head = k.last_head.max(offset);
     }
 
     /// A source record of `key` at `offset` is about to start: run it, or hold it. A `Hold`
@@ -245,10 +272,16 @@ impl<R, L: Copy> KeyOrder<R, L> {
         let Some(k) = self.keys.get_mut(&key) else {
             return Route::Run;
         };
-        if k.head.is_some_and(|h| h.offset == offset) {
+        // Its key's own earliest pending record, read again after a crash, with nothing of its
+        // key before it still to run: run it again.
+        if k.first_pending() == Some(offset)
+            && k.running.is_none()
+            && k.forwarded == 0
+            && k.queue.front().is_none_or(|(o, ..)| *o > offset)
+        {
             return Route::RunHead;
         }
-        let head = k.head.map_or(k.last_head, |h| h.offset);
+        let head = k.first_pending().unwrap_or(k.last_head);
         if k.held() >= self.caps.max_held_per_key {
             return Route::Full { head };
         }
@@ -274,70 +307,56 @@ impl<R, L: Copy> KeyOrder<R, L> {
         self.notes.remove(i).map(|(_, head)| head)
     }
 
-    /// A record of `key` at `offset` failed and goes to a retry tier (a source record that ran,
-    /// or a held record): `key` waits behind it from `now_ms`. Returns whether a `head` event
-    /// must be appended first — not when the key already waits (on this record, read again
-    /// after a crash, or on a later one an earlier owner made its head while this one ran
-    /// again during the replay: then this record's tier copy is a duplicate).
+    /// A source record of `key` at `offset` failed and goes to a retry tier: `key` waits behind
+    /// it from `now_ms`. Returns whether a `head` event must be appended first — not when the
+    /// record is already pending (read again after a crash: its copy on the tier is a
+    /// duplicate, and the first `release` of either ends it).
     pub(crate) fn failed(&mut self, key: u64, offset: i64, now_ms: i64) -> bool {
         self.failed_at(key, offset, now_ms, None)
     }
 
     /// [`KeyOrder::failed`] for a held record read back from the log at `held_log`: that
-    /// position stays open until the head's release is read ([`Released::held_log`]), so a
-    /// replay from an earlier committed position sees the record again instead of taking its
-    /// key for free. `false` (no new head) leaves `held_log` to the caller, done at once.
+    /// position stays open until the record's release is read ([`Released::done`]) — also when
+    /// the record was pending already (`false`) — so a replay from an earlier committed position
+    /// sees the record again before the records held behind it, instead of taking its key for
+    /// free while its `head` event is further on in the log.
     pub(crate) fn failed_held(&mut self, key: u64, offset: i64, now_ms: i64, held_log: L) -> bool {
+        if let Some(k) = self.keys.get_mut(&key) {
+            // A held record that ran is no longer running, whatever follows.
+            if k.running.take().is_some() {
+                self.held -= 1;
+            }
+        }
         self.failed_at(key, offset, now_ms, Some(held_log))
     }
 
     fn failed_at(&mut self, key: u64, offset: i64, now_ms: i64, held_log: Option<L>) -> bool {
-        let head = Head {
-            offset,
+        let pending = Pending {
             since_ms: now_ms,
-            log: None,
-            held_log,
+            logs: held_log.into_iter().collect(),
         };
-        match self.keys.get_mut(&key) {
-            None => {
-                self.keys.insert(key, Key::waiting(head));
-                self.waiting += 1;
-                true
-            }
-            Some(k) => {
-                // A held record that ran (read back from the log) is no longer running, whatever
-                // follows.
-                if k.running.take().is_some() {
-                    self.held -= 1;
-                }
-                if k.head.is_some() {
-                    // Already waiting: on this record (read again after a crash, or a held
-                    // record whose `head` event an earlier owner wrote, read while it ran
-                    // again), or on a later one whose `head` an earlier owner wrote while this
-                    // one, a duplicate run during the replay, was running. Either way the key
-                    // keeps its head; this record's copy on the tier is a duplicate, and the
-                    // `release` it brings names a head that is not current (ignored).
-                    return false;
-                }
-                self.waiting += 1;
-                k.head = Some(head);
-                k.last_head = offset;
-                true
-            }
+        let k = self.keys.entry(key).or_insert_with(|| Key::new(offset));
+        if let Some(p) = k.pending.get_mut(&offset) {
+            p.logs.extend(held_log);
+            return false;
         }
+        // Whatever else the key waits on (an earlier owner's failed record, read while this
+        // one ran), this record waits too: its later records follow only when both ended.
+        self.add_pending(key, offset, pending);
+        true
     }
 
-    /// Whether the held record of `key` at `offset` (running) is the key's head: handled, its
+    /// Whether the held record of `key` at `offset` (running) is pending: handled, its
     /// `release` must be appended (by the owner, as for a source record read again) before
     /// the key may follow.
     pub(crate) fn runs_head(&self, key: u64, offset: i64) -> bool {
         self.keys
             .get(&key)
-            .is_some_and(|k| k.head.is_some_and(|h| h.offset == offset))
+            .is_some_and(|k| k.pending.contains_key(&offset))
     }
 
-    /// A held record of `key` that ran was handled, or dead-lettered, or (as `failed` already
-    /// said) handed to a tier: the next one of its key, if it may run now.
+    /// A held record of `key` that ran was handled, or dead-lettered, or (as `failed_held`
+    /// already said) handed to a tier: the next one of its key, if it may run now.
     pub(crate) fn finished(&mut self, key: u64) -> Option<Next<R>> {
         let k = self.keys.get_mut(&key)?;
         if k.running.take().is_some() {
@@ -350,89 +369,52 @@ impl<R, L: Copy> KeyOrder<R, L> {
         next
     }
 
-    /// The key's own head, run again after a crash, was handled: the owner appends
-    /// `release(head, handled)` and the key follows when that is read back.
-    ///
-    /// (Nothing to change here: the release is applied when read, like any other.)
+    /// Whether the source record of `key` at `offset`, run again after a crash and handled,
+    /// is pending: the owner appends `release(offset, handled)` and the key follows when that
+    /// is read back (the release is applied when read, like any other).
     pub(crate) fn head_handled(&self, key: u64, offset: i64) -> bool {
-        self.keys
-            .get(&key)
-            .is_some_and(|k| k.head.is_some_and(|h| h.offset == offset))
+        self.runs_head(key, offset)
     }
 
     /// Reads a `head` event at log position `log`. Returns whether its log position stays open
-    /// (until the head's release is read); `false`: done at once (a duplicate or stale event).
+    /// (until the record's release is read): always — every `head` is followed by a `release`
+    /// of its record (from the copy handed off after it, or, when the owner stopped before the
+    /// hand-off, from the record run again, since its outcome was not durable).
     pub(crate) fn on_head(&mut self, key: u64, head: i64, since_ms: i64, log: L) -> bool {
-        match self.keys.get_mut(&key) {
-            None => {
-                let mut h = Head {
-                    offset: head,
-                    since_ms,
-                    log: None,
-                    held_log: None,
-                };
-                h.log = Some(log);
-                self.keys.insert(key, Key::waiting(h));
-                self.waiting += 1;
-                true
-            }
-            Some(k) => match &mut k.head {
-                Some(h) if h.offset == head && h.log.is_none() => {
-                    h.log = Some(log);
-                    true
-                }
-                // Already known (or another head is current): nothing waits on this event.
-                Some(_) => false,
-                None => {
-                    if k.last_head >= head {
-                        // Released already (an older or replayed head event).
-                        return false;
-                    }
-                    // A head written by an earlier owner for a held record that this owner
-                    // ran again (and handled): keep waiting for its copy on the tier — later,
-                    // never early.
-                    k.head = Some(Head {
-                        offset: head,
-                        since_ms,
-                        log: Some(log),
-                        held_log: None,
-                    });
-                    k.last_head = head;
-                    self.waiting += 1;
-                    true
-                }
-            },
+        let k = self.keys.entry(key).or_insert_with(|| Key::new(head));
+        if let Some(p) = k.pending.get_mut(&head) {
+            p.logs.push(log);
+            return true;
         }
+        self.add_pending(
+            key,
+            head,
+            Pending {
+                since_ms,
+                logs: vec![log],
+            },
+        );
+        true
     }
 
     /// Reads a `held` event of `key` for the record at `offset`, held behind `head`.
     pub(crate) fn on_held(&mut self, key: u64, offset: i64, head: i64, record: R) -> HeldRead<R> {
-        let k = self.keys.entry(key).or_insert_with(|| Key {
-            head: None,
-            last_head: head,
-            forwarded: 0,
-            queue: VecDeque::new(),
-            running: None,
-            seen: BTreeSet::new(),
-            dead_head: None,
-        });
+        let k = self.keys.entry(key).or_insert_with(|| Key::new(head));
         k.forwarded = k.forwarded.saturating_sub(1);
         if !k.seen.insert(offset) {
             self.free_if_done(key);
             return HeldRead::Duplicate;
         }
-        if self.after_dead_letter == AfterDeadLetter::DeadLetterKey
+        // `dead-letter-key`: everything held behind the dead head follows it to the DLQ (in
+        // its turn: records of its key before it end first).
+        let dead = (self.after_dead_letter == AfterDeadLetter::DeadLetterKey
             && k.dead_head == Some(head)
-            && k.head.is_none()
-        {
-            // `dead-letter-key`: everything held behind the dead head follows it to the DLQ.
-            self.free_if_done(key);
-            return HeldRead::Now(Next::DeadLetter { record, head });
-        }
+            && k.pending.is_empty())
+        .then_some(head);
         // In source order: a held event that landed late (its append was sent again) still
         // runs before the later records of its key that have not run yet.
-        let at = k.queue.partition_point(|(o, _)| *o < offset);
-        k.queue.insert(at, (offset, record));
+        let at = k.queue.partition_point(|(o, ..)| *o < offset);
+        k.queue.insert(at, (offset, record, dead));
         self.held += 1;
         match self.next_of(key) {
             Some(next) => HeldRead::Now(next),
@@ -440,8 +422,9 @@ impl<R, L: Copy> KeyOrder<R, L> {
         }
     }
 
-    /// Reads a `release` event: if it names `key`'s current head, the key is released and its
-    /// held records follow; otherwise (a duplicate or a stale copy) it is ignored — `None`.
+    /// Reads a `release` event: if it names one of `key`'s pending records, that record ended
+    /// and the key's held records that no longer wait follow; otherwise (a duplicate, or a
+    /// copy of a record that ended already) it is ignored — `None`.
     pub(crate) fn on_release(
         &mut self,
         key: u64,
@@ -449,23 +432,21 @@ impl<R, L: Copy> KeyOrder<R, L> {
         ended: Ended,
     ) -> Option<Released<R, L>> {
         let k = self.keys.get_mut(&key)?;
-        let current = k.head.filter(|h| h.offset == head)?;
-        k.head = None;
-        self.waiting -= 1;
+        let pending = k.pending.remove(&head)?;
+        if k.pending.is_empty() {
+            self.waiting -= 1;
+        }
         let mut next = Vec::new();
         if ended == Ended::DeadLettered {
-            match self.after_dead_letter {
-                AfterDeadLetter::DeadLetterKey => {
-                    k.dead_head = Some(head);
-                    self.held -= k.queue.len();
-                    next.extend(
-                        k.queue
-                            .drain(..)
-                            .map(|(_, record)| Next::DeadLetter { record, head }),
-                    );
-                }
-                AfterDeadLetter::Release => {
-                    k.dead_head = Some(head);
+            k.dead_head = Some(head);
+            if self.after_dead_letter == AfterDeadLetter::DeadLetterKey {
+                // The records held behind it (after it, before the key's next pending record)
+                // follow it to the DLQ, each in its turn.
+                let until = k.pending.range(head..).next().map_or(i64::MAX, |(o, _)| *o);
+                for (o, _, dead) in k.queue.iter_mut() {
+                    if *o > head && *o < until {
+                        *dead = Some(head);
+                    }
                 }
             }
         } else {
@@ -476,30 +457,35 @@ impl<R, L: Copy> KeyOrder<R, L> {
             self.free_if_done(key);
         }
         Some(Released {
-            head_log: current.log,
-            held_log: current.held_log,
+            done: pending.logs,
             next,
         })
     }
 
-    /// The key's next queued record, if it may run now: none running, and the key released —
-    /// or the record is the key's head itself (its `head` event, written by an earlier owner,
-    /// was read back: it may never have reached its tier, so it runs again, as a source record
-    /// read again after a crash does; see [`KeyOrder::runs_head`]).
+    /// The key's next queued record, if it may run now: none running, and no pending record of
+    /// its key before it (the record itself may be pending: its `head` event, written by an
+    /// earlier owner, was read back, and it may never have reached its tier, so it runs again,
+    /// as a source record read again after a crash does; see [`KeyOrder::runs_head`]).
     fn next_of(&mut self, key: u64) -> Option<Next<R>> {
         let k = self.keys.get_mut(&key)?;
         if k.running.is_some() {
             return None;
         }
         let front = k.queue.front()?.0;
-        if k.head.is_some_and(|h| h.offset != front) {
+        if k.first_pending().is_some_and(|p| p < front) {
             return None;
         }
-        let (offset, record) = k.queue.pop_front()?;
+        let (offset, record, dead) = k.queue.pop_front()?;
+        if let Some(head) = dead {
+            // Out of memory now, never run: the caller dead-letters it, then asks for the
+            // next one (`finished`).
+            self.held -= 1;
+            return Some(Next::DeadLetter { record, head });
+        }
         k.running = Some(offset);
         // The first record after a dead-lettered head carries the note; later ones do not.
         let after_dead_letter = match (self.after_dead_letter, k.dead_head) {
-            (AfterDeadLetter::Release, Some(h)) => {
+            (AfterDeadLetter::Release, Some(h)) if k.pending.is_empty() => {
                 k.dead_head = None;
                 Some(h)
             }

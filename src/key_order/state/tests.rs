@@ -37,7 +37,7 @@ fn a_free_key_runs_and_a_failed_one_holds_its_later_records() {
     // A later record of the key, forwarded after the first: still held.
     assert_eq!(o.route(7, 13), Route::Hold { head: 10 });
     let released = o.on_release(7, 10, Ended::Handled).unwrap();
-    assert_eq!(released.head_log, Some(0));
+    assert_eq!(released.done, vec![0]);
     assert_eq!(released.next, vec![run(12)]);
     assert_eq!(o.waiting_keys(), 0);
     // 13 is still on its way through the log: the key is not free, new records are held.
@@ -101,7 +101,7 @@ fn a_held_record_that_fails_becomes_the_head_and_the_rest_stay_held() {
         o.on_release(1, 1, Ended::Handled).unwrap().next,
         vec![run(2)]
     );
-    assert!(o.failed(1, 2, 9));
+    assert!(o.failed_held(1, 2, 9, 7));
     assert_eq!(o.waiting_keys(), 1);
     assert_eq!(o.held_records(), 1);
     assert_eq!(o.route(1, 4), Route::Hold { head: 2 });
@@ -177,6 +177,8 @@ fn dead_letter_key_sends_the_held_records_after_their_head() {
         o.on_held(1, 3, 1, 3),
         HeldRead::Now(Next::DeadLetter { record: 3, head: 1 })
     );
+    // Dead-lettered: the caller says so, and the key is free.
+    assert_eq!(o.finished(1), None);
     assert!(o.is_idle());
     assert_eq!(o.route(1, 4), Route::Run);
     assert_eq!(o.take_note(1), None);
@@ -225,7 +227,7 @@ fn a_held_record_whose_head_event_is_replayed_runs_again_and_releases_itself() {
     assert!(o.runs_head(1, 5));
     assert_eq!(o.finished(1), None);
     let released = o.on_release(1, 5, Ended::Handled).unwrap();
-    assert_eq!(released.head_log, Some(1));
+    assert_eq!(released.done, vec![1]);
     assert_eq!(released.next, vec![run(6)]);
 }
 
@@ -261,8 +263,10 @@ mod model {
         EndTier(usize, bool),
         /// Finish the i-th running held record.
         Finish(usize),
-        /// Crash: the log is replayed from its start, the source re-read from `back` records
-        /// before where it was; records running are lost; the tiers keep their copies.
+        /// Crash: the log is replayed from its committed position (its first event not yet
+        /// done, by the partition task's rules), the source re-read from `back` records before
+        /// where it was (any of them: the source's committed offset can be far behind, held by
+        /// one slow record); records running are lost; the tiers keep their copies.
         Crash(usize),
     }
 
@@ -272,11 +276,11 @@ mod model {
             4 => Just(Op::Read),
             3 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(i, d)| Op::EndTier(i, d)),
             3 => any::<usize>().prop_map(Op::Finish),
-            1 => (0usize..6).prop_map(Op::Crash),
+            1 => (0usize..40).prop_map(Op::Crash),
         ]
     }
 
-    #[derive(Debug, Clone)]
+    #[derive(Clone)]
     enum Log {
         Head(u64, i64),
         Held(u64, i64, i64),
@@ -286,18 +290,33 @@ mod model {
     struct World {
         recs: Vec<Rec>,
         after: AfterDeadLetter,
-        state: KeyOrder<i64, usize>,
+        state: KeyOrder<(i64, usize), usize>,
         log: Vec<Log>,
+        /// Whether each event of the log is done (its position may be committed past).
+        done: Vec<bool>,
         read: usize,
         taken: usize,
         tier: Vec<(u64, i64)>,
-        running: Vec<(u64, i64)>,
+        /// Held records running: key, source offset, position of their `held` event.
+        running: Vec<(u64, i64, usize)>,
         /// Failures so far, per record.
         failures: BTreeMap<i64, u8>,
         /// First end of each record, in order, and whether it was a cap overflow.
         ends: Vec<(i64, bool)>,
         ended: BTreeSet<i64>,
         now: i64,
+    }
+
+    impl std::fmt::Debug for Log {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Log::Head(k, o) => write!(f, "H{k}:{o}"),
+                Log::Held(k, o, h) => write!(f, "h{k}:{o}<{h}"),
+                Log::Release(k, o, e) => {
+                    write!(f, "R{k}:{o}{}", if *e == Ended::Handled { "" } else { "D" })
+                }
+            }
+        }
     }
 
     impl World {
@@ -332,22 +351,51 @@ mod model {
             !fails
         }
 
+        fn append(&mut self, event: Log) {
+            self.log.push(event);
+            self.done.push(false);
+        }
+
+        /// Where a new owner starts reading: the first event read and not done.
+        fn committed(&self) -> usize {
+            (0..self.read).find(|&i| !self.done[i]).unwrap_or(self.read)
+        }
+
         fn failed(&mut self, key: u64, offset: i64) {
             self.now += 1;
             if self.state.failed(key, offset, self.now) {
-                self.log.push(Log::Head(key, offset));
+                self.append(Log::Head(key, offset));
             }
             self.tier.push((key, offset));
         }
 
-        fn next(&mut self, key: u64, next: Next<i64>) {
+        /// What the partition task does with a held record the state hands out (`launch`).
+        fn next(&mut self, key: u64, next: Next<(i64, usize)>) {
             match next {
-                Next::Run { record, .. } => self.running.push((key, record)),
-                Next::DeadLetter { record, .. } => self.end(record, false),
+                Next::Run {
+                    record: (offset, at),
+                    ..
+                } => self.running.push((key, offset, at)),
+                Next::DeadLetter {
+                    record: (offset, at),
+                    ..
+                } => {
+                    self.end(offset, false);
+                    self.done[at] = true;
+                    if let Some(n) = self.state.finished(key) {
+                        self.next(key, n);
+                    }
+                }
             }
         }
 
         fn step(&mut self, op: Op) -> bool {
+            if std::env::var("MODEL_TRACE").is_ok() {
+                eprintln!(
+                    "{op:?} log={:?} done={:?} read={} taken={} tier={:?} running={:?} ended={:?}",
+                    self.log, self.done, self.read, self.taken, self.tier, self.running, self.ended
+                );
+            }
             match op {
                 Op::Take => {
                     if self.taken >= self.recs.len() || !self.state.may_take() {
@@ -366,12 +414,12 @@ mod model {
                         Route::RunHead => {
                             if self.attempt(offset) {
                                 assert!(self.state.head_handled(key, offset));
-                                self.log.push(Log::Release(key, offset, Ended::Handled));
+                                self.append(Log::Release(key, offset, Ended::Handled));
                             } else {
                                 self.failed(key, offset);
                             }
                         }
-                        Route::Hold { head } => self.log.push(Log::Held(key, offset, head)),
+                        Route::Hold { head } => self.append(Log::Held(key, offset, head)),
                         Route::Full { .. } => self.end(offset, true),
                     }
                 }
@@ -383,15 +431,21 @@ mod model {
                     self.read += 1;
                     match event {
                         Log::Head(k, h) => {
-                            self.state.on_head(k, h, self.now, at);
-                        }
-                        Log::Held(k, o, h) => {
-                            if let HeldRead::Now(n) = self.state.on_held(k, o, h, o) {
-                                self.next(k, n);
+                            if !self.state.on_head(k, h, self.now, at) {
+                                self.done[at] = true;
                             }
                         }
+                        Log::Held(k, o, h) => match self.state.on_held(k, o, h, (o, at)) {
+                            HeldRead::Duplicate => self.done[at] = true,
+                            HeldRead::Queued => {}
+                            HeldRead::Now(n) => self.next(k, n),
+                        },
                         Log::Release(k, h, e) => {
+                            self.done[at] = true;
                             if let Some(r) = self.state.on_release(k, h, e) {
+                                for l in r.done {
+                                    self.done[l] = true;
+                                }
                                 for n in r.next {
                                     self.next(k, n);
                                 }
@@ -415,27 +469,38 @@ mod model {
                     } else {
                         Ended::Handled
                     };
-                    self.log.push(Log::Release(key, offset, ended));
+                    self.append(Log::Release(key, offset, ended));
                 }
                 Op::Finish(i) => {
                     if self.running.is_empty() {
                         return false;
                     }
-                    let (key, offset) = self.running.remove(i % self.running.len());
+                    let (key, offset, at) = self.running.remove(i % self.running.len());
                     if self.attempt(offset) {
                         if self.state.runs_head(key, offset) {
-                            self.log.push(Log::Release(key, offset, Ended::Handled));
+                            self.append(Log::Release(key, offset, Ended::Handled));
                         }
+                        self.done[at] = true;
                         if let Some(n) = self.state.finished(key) {
                             self.next(key, n);
                         }
                     } else {
-                        self.failed(key, offset);
+                        // As `launch`: a held record that fails keeps its `held` position
+                        // open until its release is read.
+                        self.now += 1;
+                        if self.state.failed_held(key, offset, self.now, at) {
+                            self.append(Log::Head(key, offset));
+                        }
+                        self.tier.push((key, offset));
                     }
                 }
                 Op::Crash(back) => {
                     self.state = KeyOrder::new(CAPS, self.after);
-                    self.read = 0;
+                    self.read = self.committed();
+                    // The new owner's frontier starts there: nothing past it is done yet.
+                    for d in &mut self.done[self.read..] {
+                        *d = false;
+                    }
                     self.running.clear();
                     self.taken = self.taken.saturating_sub(back);
                     // Read first: the log up to its end as of the assignment, before any
@@ -456,6 +521,7 @@ mod model {
             after,
             state: KeyOrder::new(CAPS, after),
             log: Vec::new(),
+            done: Vec::new(),
             read: 0,
             taken: 0,
             tier: Vec::new(),
@@ -516,7 +582,10 @@ mod model {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1_000))]
+        // `MODEL_CASES` runs more (the default keeps `cargo test` quick).
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000)
+        ))]
 
         #[test]
         fn order_kept_and_nothing_lost_with_release(

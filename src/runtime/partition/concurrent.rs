@@ -85,6 +85,10 @@ impl PartitionTask {
                         }
                     }
                 }
+                // Held records running are dropped, not waited for: a later ticket of theirs
+                // must not wait for one no longer polled; their log positions stay open, so
+                // the next owner runs them again.
+                drop(held);
                 return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
             }
             // Completions first, without waiting: they free room for new records.

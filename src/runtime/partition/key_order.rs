@@ -29,8 +29,10 @@
 //! 4. A new owner reads its log partition up to where it ended at the assignment before it
 //!    takes any source record ([`key_order_may_take`](PartitionTask::key_order_may_take) is
 //!    false until then), so the waiting keys and their held records are rebuilt first.
-//! 5. Appends of one partition go one at a time, from send to acknowledgement, so a resent
-//!    append never lands behind a later one.
+//! 5. Appends of one partition go one at a time, from send to acknowledgement, in the order
+//!    the partition decided them (a ticket taken with the decision, [`Ticket`]): a resent append
+//!    never lands behind a later one, and a record held behind a head is never in the log
+//!    before that head's `head` event.
 //!
 //! What it never does: store a source offset whose record has no durable outcome, store a log
 //! offset past a `head` whose `release` was not read, or release a key on anything but its
@@ -54,7 +56,9 @@ use crate::runtime::handoff::{Abandoned, Mark};
 use crate::runtime::scheduler::key_hash;
 
 use super::call::{Nothing, Step};
-use super::key_order_state::{Held, HeldEnd, HeldFuture, KeyOrderStage, Routed, SourceStage};
+use super::key_order_state::{
+    Held, HeldEnd, HeldFuture, KeyOrderStage, Routed, SourceStage, Ticket,
+};
 use super::task::{End, PartitionTask};
 
 impl PartitionTask {
@@ -308,8 +312,23 @@ impl PartitionTask {
         }
     }
 
-    /// Appends `held(key, msg, head)` to this source partition's log.
-    pub(super) async fn append_held(&self, msg: &Message, head: i64) -> Result<(), Abandoned> {
+    /// A place in this source partition's append order (`None` on a retry tier, whose releases
+    /// need none: each follows its head's `head` event by causality). Taken when the decision
+    /// to append is made, before any await.
+    pub(super) fn key_order_ticket(&self) -> Option<Ticket<'_>> {
+        match &self.key_order {
+            Some(KeyOrderStage::Source(s)) => Some(s.appends.ticket()),
+            _ => None,
+        }
+    }
+
+    /// Appends `held(key, msg, head)` to this source partition's log, in `ticket`'s turn.
+    pub(super) async fn append_held(
+        &self,
+        msg: &Message,
+        head: i64,
+        ticket: Option<Ticket<'_>>,
+    ) -> Result<(), Abandoned> {
         let Some(KeyOrderStage::Source(s)) = &self.key_order else {
             return Ok(());
         };
@@ -324,9 +343,14 @@ impl PartitionTask {
         };
         let key = msg.key().unwrap_or_default();
         let appended = {
-            let _in_order = s.appends.lock().await;
-            self.append_durably((&s.log_topic, s.partition), key, &event)
-                .await
+            if let Some(t) = &ticket {
+                t.turn().await;
+            }
+            let appended = self
+                .append_durably((&s.log_topic, s.partition), key, &event)
+                .await;
+            drop(ticket);
+            appended
         };
         if appended.is_err() {
             s.inner().state.hold_abandoned(key_hash(key));
@@ -334,8 +358,14 @@ impl PartitionTask {
         appended
     }
 
-    /// Appends `head(key, msg)` to this source partition's log (before its hand-off).
-    pub(super) async fn append_head(&self, msg: &Message, since: i64) -> Result<(), Abandoned> {
+    /// Appends `head(key, msg)` to this source partition's log (before its hand-off), in
+    /// `ticket`'s turn.
+    pub(super) async fn append_head(
+        &self,
+        msg: &Message,
+        since: i64,
+        ticket: Option<Ticket<'_>>,
+    ) -> Result<(), Abandoned> {
         let Some(KeyOrderStage::Source(s)) = &self.key_order else {
             return Ok(());
         };
@@ -343,7 +373,9 @@ impl PartitionTask {
             head: msg.offset(),
             since_ms: since,
         };
-        let _in_order = s.appends.lock().await;
+        if let Some(t) = &ticket {
+            t.turn().await;
+        }
         self.append_durably(
             (&s.log_topic, s.partition),
             msg.key().unwrap_or_default(),
@@ -353,11 +385,13 @@ impl PartitionTask {
     }
 
     /// Appends `release(key, head, ended)` for `msg`, a head (read again on its source
-    /// partition, or ending on its retry tier), to its source partition's log.
+    /// partition, or ending on its retry tier), to its source partition's log, in `ticket`'s
+    /// turn on a source partition.
     pub(super) async fn append_release(
         &self,
         msg: &Message,
         ended: Ended,
+        ticket: Option<Ticket<'_>>,
     ) -> Result<(), Abandoned> {
         let (topic, partition, head) = match &self.key_order {
             Some(KeyOrderStage::Source(s)) => (Arc::clone(&s.log_topic), s.partition, msg.offset()),
@@ -374,10 +408,9 @@ impl PartitionTask {
             None => return Ok(()),
         };
         let event = Event::Release { head, ended };
-        let _in_order = match &self.key_order {
-            Some(KeyOrderStage::Source(s)) => Some(s.appends.lock().await),
-            _ => None,
-        };
+        if let Some(t) = &ticket {
+            t.turn().await;
+        }
         self.append_durably((&topic, partition), msg.key().unwrap_or_default(), &event)
             .await
     }
@@ -499,7 +532,7 @@ impl PartitionTask {
             Event::Release { head, ended } => {
                 inner.log.durable(seq);
                 if let Some(released) = inner.state.on_release(k, head, ended) {
-                    for h in [released.head_log, released.held_log].into_iter().flatten() {
+                    for h in released.done {
                         inner.log.durable(h);
                     }
                     next = released.next;
@@ -595,7 +628,8 @@ impl PartitionTask {
                     // release first, as for a source record read again.
                     let own_head = s.inner().state.runs_head(k, offset);
                     let released = if own_head {
-                        self.append_release(&msg, Ended::Handled).await
+                        let ticket = self.key_order_ticket();
+                        self.append_release(&msg, Ended::Handled, ticket).await
                     } else {
                         Ok(())
                     };
@@ -607,17 +641,21 @@ impl PartitionTask {
                         after_dead_letter: note,
                     };
                     let retry = matches!(disposition, Disposition::Retry { .. });
-                    let mut head = false;
+                    let mut ticket = None;
                     if retry {
                         let now = now_ms();
-                        head = s.inner().state.failed_held(k, offset, now, log_seq);
-                        // Its log position is done when its release is read, not now.
-                        done = !head;
+                        if s.inner().state.failed_held(k, offset, now, log_seq) {
+                            ticket = self.key_order_ticket();
+                        }
+                        // Its log position is done when its release is read, not now (also
+                        // when it was pending already: its `head` event may be further on in
+                        // the log than the records held behind it).
+                        done = false;
                         mark.since = Some(now);
                     }
                     let sent = async {
-                        if head {
-                            self.append_head(&msg, mark.since.unwrap_or_default())
+                        if ticket.is_some() {
+                            self.append_head(&msg, mark.since.unwrap_or_default(), ticket)
                                 .await?;
                         }
                         self.handoff

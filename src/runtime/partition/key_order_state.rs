@@ -81,12 +81,9 @@ pub(crate) struct SourceStage {
     pub(super) source_topic: Arc<str>,
     pub(super) partition: i32,
     pub(super) reader: tokio::sync::Mutex<Option<LogReader>>,
-    /// Held while one event of this partition is appended, from its send to its ack: the
-    /// log gets the events in the order the partition made them (a lock that is fair, first
-    /// come first served). Pipelined appends would be faster, but one that fails and is sent
-    /// again would land behind later ones, and a replay would then run a key's records out of
-    /// order.
-    pub(super) appends: tokio::sync::Mutex<()>,
+    /// The order of this partition's appends: each event goes in its turn, from its send to
+    /// its acknowledgement, in the order the partition *decided* them (see [`AppendOrder`]).
+    pub(super) appends: AppendOrder,
     pub(super) inner: Mutex<Inner>,
     pub(super) caller: Caller,
     pub(super) sequential: bool,
@@ -133,7 +130,7 @@ impl SourceStage {
             source_topic,
             partition,
             reader: tokio::sync::Mutex::new(None),
-            appends: tokio::sync::Mutex::new(()),
+            appends: AppendOrder::default(),
             inner: Mutex::new(Inner {
                 state: KeyOrder::new(caps, after),
                 log: Frontier::default(),
@@ -156,5 +153,116 @@ impl SourceStage {
         self.held_gauge.set(inner.state.held_records() as f64);
         self.oldest_gauge
             .set(inner.state.oldest_wait_ms(now_ms()) as f64 / 1000.0);
+    }
+}
+
+/// The order in which a source partition's events reach its key-order log: the order the
+/// partition decided them (a ticket is taken when the decision is made, synchronously), not
+/// the order their futures happen to be polled in. A replay relies on it: a record held behind
+/// a head must never be in the log before that head's `head` event, or a crash between the two
+/// appends would let a new owner run the held record while the head is still unfinished.
+///
+/// One append at a time, from its send to its acknowledgement: pipelined appends would be
+/// faster, but one that fails and is sent again would land behind later ones.
+#[derive(Debug)]
+pub(crate) struct AppendOrder {
+    turns: Mutex<Turns>,
+    serving: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Turns {
+    issued: u64,
+    serving: u64,
+    /// Tickets dropped before their turn (their future was dropped): skipped.
+    dropped: std::collections::BTreeSet<u64>,
+}
+
+impl Default for AppendOrder {
+    fn default() -> Self {
+        AppendOrder {
+            turns: Mutex::new(Turns::default()),
+            serving: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// A place in a partition's [`AppendOrder`]; its turn ends when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Ticket<'a> {
+    order: &'a AppendOrder,
+    n: u64,
+}
+
+impl AppendOrder {
+    /// The next place in line (take it when the decision to append is made).
+    pub(crate) fn ticket(&self) -> Ticket<'_> {
+        let mut t = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.issued;
+        t.issued += 1;
+        Ticket { order: self, n }
+    }
+}
+
+impl Ticket<'_> {
+    /// Waits until every earlier ticket was served (or dropped).
+    pub(crate) async fn turn(&self) {
+        let mut rx = self.order.serving.subscribe();
+        // The sender lives in `order`, which outlives the ticket: `wait_for` cannot fail.
+        let _ = rx.wait_for(|s| *s >= self.n).await;
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut t = self.order.turns.lock().unwrap_or_else(|e| e.into_inner());
+        if t.serving != self.n {
+            // Dropped before its turn (the task is ending): skipped when its turn comes.
+            t.dropped.insert(self.n);
+            return;
+        }
+        t.serving += 1;
+        loop {
+            let next = t.serving;
+            if !t.dropped.remove(&next) {
+                break;
+            }
+            t.serving += 1;
+        }
+        self.order.serving.send_replace(t.serving);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn go(t: Ticket<'_>, name: &'static str, served: &std::sync::Mutex<Vec<&'static str>>) {
+        t.turn().await;
+        served.lock().unwrap().push(name);
+        tokio::task::yield_now().await;
+        drop(t);
+    }
+
+    /// Tickets are served in the order they were taken, whatever order their holders ask in;
+    /// a ticket dropped before its turn is skipped.
+    #[tokio::test]
+    async fn appends_go_in_the_order_they_were_decided() {
+        let order = AppendOrder::default();
+        let (a, b, c, d) = (
+            order.ticket(),
+            order.ticket(),
+            order.ticket(),
+            order.ticket(),
+        );
+        let served = std::sync::Mutex::new(Vec::new());
+        drop(c);
+        // Asked in the reverse order.
+        tokio::join!(
+            go(d, "d", &served),
+            go(b, "b", &served),
+            go(a, "a", &served)
+        );
+        assert_eq!(*served.lock().unwrap(), vec!["a", "b", "d"]);
     }
 }

@@ -66,6 +66,10 @@ impl PartitionTask {
             }
             // An open breaker ends the task like a shutdown (see `drain`).
             if stop.is_cancelled() || batch.breaker.is_open() {
+                // Held records running are dropped, not waited for: a later ticket of theirs
+                // must not wait for one no longer polled; their log positions stay open, so
+                // the next owner runs them again.
+                drop(held);
                 return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
             }
             if let Err(end) = self.settle(&mut handoffs, &mut frontier) {
@@ -105,7 +109,10 @@ impl PartitionTask {
                     self.fetch_error(&e);
                     continue;
                 }
-                Next::Stopped => return self.drain(&mut handoffs, &mut frontier, &mut batch).await,
+                Next::Stopped => {
+                    drop(held);
+                    return self.drain(&mut handoffs, &mut frontier, &mut batch).await;
+                }
                 Next::Revoked => return End::Revoked,
                 Next::Again => continue,
                 Next::End(end) => return end,
@@ -139,6 +146,7 @@ impl PartitionTask {
                             drop(raw);
                             return match self.end(abandoned) {
                                 End::Stopped => {
+                                    drop(held);
                                     self.drain(&mut handoffs, &mut frontier, &mut batch).await
                                 }
                                 end => end,

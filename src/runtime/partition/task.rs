@@ -199,17 +199,19 @@ impl PartitionTask {
                 // record start (it must see the key waiting).
                 let (mark, head) = self.key_order_failed(&msg, decision);
                 let release = self.key_order_releases_dead(&msg, decision);
+                // Its place in the log's order is taken now, with the decision.
+                let ticket = head.then(|| self.key_order_ticket()).flatten();
                 handoffs.push(Box::pin(async move {
                     let settled = async {
                         if head {
-                            self.append_head(&msg, mark.since.unwrap_or_default())
+                            self.append_head(&msg, mark.since.unwrap_or_default(), ticket)
                                 .await?;
                         }
                         self.handoff
                             .hand_off_marked(&msg, decision, &error, mark)
                             .await?;
                         if release {
-                            self.append_release(&msg, Ended::DeadLettered).await?;
+                            self.append_release(&msg, Ended::DeadLettered, None).await?;
                         }
                         Ok(())
                     }
@@ -220,8 +222,9 @@ impl PartitionTask {
                 }));
             }
             Step::Hold(msg, head) => {
+                let ticket = self.key_order_ticket();
                 handoffs.push(Box::pin(async move {
-                    let settled = self.append_held(&msg, head).await;
+                    let settled = self.append_held(&msg, head, ticket).await;
                     drop(msg);
                     drop(raw);
                     (seq, settled)
@@ -229,8 +232,9 @@ impl PartitionTask {
             }
             Step::Release(msg, ended) => {
                 batch.handled += 1;
+                let ticket = self.key_order_ticket();
                 handoffs.push(Box::pin(async move {
-                    let settled = self.append_release(&msg, ended).await;
+                    let settled = self.append_release(&msg, ended, ticket).await;
                     drop(msg);
                     drop(raw);
                     (seq, settled)
