@@ -688,14 +688,20 @@ async fn ledger(backend: Backend, ordering: &'static str) {
             "no progress to {point:.2} (ledger {:.2})",
             ok_count(&run)
         );
-        if matches!(backend, Backend::Tansu) {
+        if matches!(backend, Backend::Tansu | Backend::Embedded) {
             // Tansu 0.6 (CI's real broker) cannot survive a member killed during its first
             // join: it keeps the dead member as the group's leader, answers the others'
             // SyncGroup at once with an empty assignment and never rebalances again, so
             // every partition of that group stays unowned while the survivors heartbeat
             // happily (seen in 3 of 4 runs of seed 11 with all ledgers at once). Kafka makes
             // the followers wait for the leader and drops it after the rebalance timeout;
-            // kills during a join are exercised on the embedded broker and on kfake.
+            // kills during a join are exercised on Apache Kafka and kfake.
+            // The embedded broker survives it but can take the whole test process down:
+            // the others' JoinGroup waits for the dead member up to the rebalance timeout
+            // (60 s), librdkafka sends it again 3 s after that, and on a loaded machine the
+            // mock's answer slips past those 3 s and it aborts on the second JoinGroup
+            // (`rd_kafka_mock_cgrp_classic_member_add: Assertion '!member->resp'`, seen twice
+            // in about 150 runs with 5 ledgers and 2 CPU burners on 2 cores).
             let log = run.dir.path().join(format!("a{incarnation}.log"));
             let joined = sidetrack::testing::wait_until(Duration::from_secs(60), || {
                 std::future::ready(std::fs::read_to_string(&log).is_ok_and(|s| {

@@ -407,8 +407,10 @@ impl ProgressGroup {
     }
 
     /// Commits `offsets` (next offset to consider, per partition). A commit refused while the
-    /// group rebalances is tried again for the time a rebalance may take; a member that lost
-    /// the group gets [`ProgressError::Commit`].
+    /// group rebalances is tried again for the time two rebalances may take (a second replay
+    /// joining makes two: its join, then its leave once it finds it may not send — as
+    /// [`regain`](Self::regain) allows); a member that lost the group gets
+    /// [`ProgressError::Commit`].
     pub async fn commit(&self, offsets: &HashMap<i32, i64>) -> Result<(), ProgressError> {
         let consumer = self.consumer()?;
         let (topic, group, settle) = (self.topic.clone(), self.group.clone(), self.settle);
@@ -418,7 +420,10 @@ impl ProgressGroup {
             for (p, o) in &offsets {
                 tpl.add_partition_offset(&topic, *p, Offset::Offset(*o))?;
             }
-            let deadline = Instant::now() + settle;
+            // One rebalance's worth was too short on a loaded machine: the batch was sent, the
+            // commit gave up while the newcomer was still leaving, and the replay failed
+            // although it still owned its progress (`two_replays_started_at_once_send_each_record_once`).
+            let deadline = Instant::now() + settle + settle;
             loop {
                 match consumer.commit(&tpl, CommitMode::Sync) {
                     Ok(()) => return Ok(()),
