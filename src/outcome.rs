@@ -126,6 +126,16 @@ impl Reason {
         REASONS[self as usize].2
     }
 
+    /// Whether `keep_key_order`'s rules made this dead letter (a cap, or a dead-lettered
+    /// head's followers), not the handler failing: the dead-letter breaker does not count
+    /// these, or one hot key would pause every key of its partition.
+    pub(crate) fn is_key_order(self) -> bool {
+        matches!(
+            self,
+            Reason::KeyOrderFull | Reason::KeyOrderTimeout | Reason::KeyDeadLettered
+        )
+    }
+
     /// Index into per-reason arrays (`0..ALL.len()`).
     pub(crate) fn index(self) -> usize {
         self as usize

@@ -389,3 +389,242 @@ async fn waiting_keys_cap_pauses_intake(env: Env) {
     assert_in_order(&handler.first_successes());
 }
 on_every_broker!(waiting_keys_cap, 1, waiting_keys_cap_pauses_intake);
+
+/// A failing record too large for its retry tier: its `head` event is appended (small), then
+/// its hand-off finds it too large and dead-letters it as `oversized` instead. It has ended (in
+/// the DLQ), so it appends its `release` and its key's later records follow, in order (found
+/// by a review that tried to break `keep_key_order`: the key used to wait for ever).
+async fn oversized_head_releases_its_key(env: Env) {
+    let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    // The side topics accept less than the source (as in tests/bad_input.rs).
+    config
+        .producer
+        .insert("message.max.bytes".into(), "100000".into());
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    let producer = env.producer();
+    let mut big = vec![b'x'; 150_000];
+    big.extend_from_slice(b"-0");
+    let records: Vec<(&str, Vec<u8>)> = vec![
+        ("key0", big),
+        ("key0", b"key0-1".to_vec()),
+        ("key1", b"key1-0".to_vec()),
+        ("key0", b"key0-2".to_vec()),
+    ];
+    for (k, v) in &records {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
+            .key(*k)
+            .payload(v.as_slice())
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    wait_for("the oversized head dead-lettered", || {
+        rt.stats().dead_lettered(Reason::Oversized) == 1
+    })
+    .await;
+    wait_for("key1 handled", || {
+        handler.first_successes().contains_key("key1")
+    })
+    .await;
+    // The head ended (in the DLQ): its key must follow, in order.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && handler.first_successes().get("key0").map_or(0, Vec::len) < 2
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key0 = handler.first_successes().get("key0").cloned();
+    rt.shutdown().await.unwrap();
+    assert_eq!(
+        key0,
+        Some(vec![1, 2]),
+        "key0's records after its oversized (dead-lettered) head were never handled: the key \
+         waits for ever on a head that no tier will release"
+    );
+}
+on_every_broker!(oversized_head, 1, oversized_head_releases_its_key);
+
+/// `on_dead_letter = "dead-letter-key"` on a busy key: its head (record 0) is exhausted and
+/// dead-lettered, and the records held behind it follow it. The key keeps receiving records,
+/// each held while the key drains; those taken after the release was read were never behind
+/// the head and are handled (they used to be dead-lettered without end).
+async fn dead_letter_key_on_a_busy_key_spares_later_records(env: Env) {
+    let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        on_dead_letter: OnDeadLetter::DeadLetterKey,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    let producer = env.producer();
+    let start = Instant::now();
+    let mut produced_at = Vec::new();
+    let mut dead_at: Option<Instant> = None;
+    let mut seq = 0u64;
+    while start.elapsed() < Duration::from_secs(4) {
+        // A burst of 10 at a time (a busy key).
+        let values: Vec<String> = (seq..seq + 10).map(|s| format!("key0-{s}")).collect();
+        let sends = values.iter().map(|v| {
+            let record: FutureRecord<'_, str, str> = FutureRecord::to(env.topic())
+                .key("key0")
+                .payload(v.as_str())
+                .partition(0);
+            producer.send(record, Duration::from_secs(10))
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r.unwrap();
+        }
+        let now = Instant::now();
+        produced_at.extend(std::iter::repeat_n(now, 10));
+        seq += 10;
+        if dead_at.is_none() && rt.stats().dead_lettered(Reason::Exhausted) == 1 {
+            dead_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let n = seq;
+    let dead_at = dead_at.expect("the head was exhausted within 4 s");
+    wait_for("every record handled or dead-lettered", || {
+        handler.successes() as u64 + rt.stats().dead_lettered(Reason::KeyDeadLettered) == n - 1
+    })
+    .await;
+    let dead_behind = rt.stats().dead_lettered(Reason::KeyDeadLettered);
+    let handled: std::collections::HashSet<u64> = handler
+        .first_successes()
+        .get("key0")
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    rt.shutdown().await.unwrap();
+    // Produced more than a second after the head was seen dead-lettered: never behind it.
+    let late: Vec<u64> = (1..n)
+        .filter(|&s| produced_at[s as usize] > dead_at + Duration::from_secs(1))
+        .collect();
+    let late_dead = late.iter().filter(|s| !handled.contains(s)).count();
+    assert!(
+        !late.is_empty(),
+        "records were produced after the head died"
+    );
+    assert_eq!(
+        late_dead,
+        0,
+        "{late_dead} of {} records produced more than 1 s after the head was dead-lettered \
+         were dead-lettered as key-dead-lettered ({dead_behind} of {n} in all)",
+        late.len()
+    );
+}
+on_every_broker!(
+    dead_letter_key_busy,
+    1,
+    dead_letter_key_on_a_busy_key_spares_later_records
+);
+
+async fn produce_keys_from(env: &Env, key: &str, n: u64) {
+    let producer = env.producer();
+    for seq in 0..n {
+        let v = format!("{key}-{seq}");
+        let record: FutureRecord<'_, str, str> = FutureRecord::to(env.topic())
+            .key(key)
+            .payload(v.as_str())
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+/// The same at `max_waiting_keys = 1`: a failing record too large for its tier must not leave
+/// the partition at its waiting-keys cap for ever (intake paused, no record of any key taken).
+async fn oversized_head_at_the_waiting_cap_lets_the_partition_go_on(env: Env) {
+    let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_waiting_keys: 1,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    config
+        .producer
+        .insert("message.max.bytes".into(), "100000".into());
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    let producer = env.producer();
+    let mut big = vec![b'x'; 150_000];
+    big.extend_from_slice(b"-0");
+    let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
+        .key("key0")
+        .payload(big.as_slice())
+        .partition(0);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_for("the oversized head dead-lettered", || {
+        rt.stats().dead_lettered(Reason::Oversized) == 1
+    })
+    .await;
+    produce_keys_from(&env, "key1", 2).await;
+    produce_keys_from(&env, "key2", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && handler.successes() < 4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handled = handler.successes();
+    rt.shutdown().await.unwrap();
+    assert_eq!(
+        handled, 4,
+        "after one oversized failing record the partition took no record of any key"
+    );
+}
+on_every_broker!(
+    oversized_head_waiting_cap,
+    1,
+    oversized_head_at_the_waiting_cap_lets_the_partition_go_on
+);
+
+/// `max_held_per_key` exists so that one hot key does not freeze the partition: its
+/// `key-order-full` dead letters (100 in a row behind one slow head) do not count for the
+/// dead-letter breaker, which would pause every key of the partition for its cool-down.
+async fn held_cap_dead_letters_do_not_trip_the_breaker(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        max_held_per_key: 2,
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
+    };
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    // The hot key: 150 records while its head (record 0) waits 2 s on its tier.
+    produce_keys_from(&env, "key0", 150).await;
+    wait_for("the hot key's overflow dead-lettered", || {
+        rt.stats().dead_lettered(Reason::KeyOrderFull) >= 100
+    })
+    .await;
+    // Another key: must go on.
+    produce_keys_from(&env, "key1", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && handler.first_successes().get("key1").map_or(0, Vec::len) < 3
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key1 = handler.first_successes().get("key1").cloned();
+    rt.shutdown().await.unwrap();
+    assert_eq!(
+        key1,
+        Some(vec![0, 1, 2]),
+        "another key's records were not handled within 20 s: the hot key's key-order-full \
+         dead letters opened the partition's dead-letter breaker"
+    );
+}
+on_every_broker!(
+    held_cap_and_breaker,
+    1,
+    held_cap_dead_letters_do_not_trip_the_breaker
+);

@@ -125,6 +125,11 @@ pub(crate) struct Released<R, L> {
 #[derive(Debug, Clone)]
 struct Pending<L> {
     since_ms: i64,
+    /// Known only from an earlier owner's `head` event, read in a replay: its hand-off may
+    /// have been lost with that owner, and then only reading the record again from the source
+    /// releases it — so it does not count against `max_waiting_keys`, which pauses that
+    /// source (a partition at the cap after a crash would wait for ever).
+    replayed: bool,
     /// The log positions that stay open until its release is read: its `head` events, once
     /// read back (more than one when a run again after a crash failed too), and its own `held`
     /// events when it is a held record that failed.
@@ -143,8 +148,11 @@ struct Key<R, L> {
     /// The last head of this key: named in the `held` events of records forwarded while the
     /// key drains.
     last_head: i64,
-    /// `held` events sent by this owner and not yet read back.
-    forwarded: usize,
+    /// Source offsets of the `held` events sent by this owner and not yet read back (a
+    /// multiset: the same record can be forwarded again). By offset, not a count: an append
+    /// sent again after a timeout can land twice, and the second copy must not count off
+    /// another record still on its way.
+    forwarded: std::collections::BTreeMap<i64, u32>,
     /// Held records read back, waiting for their turn, by source offset (oldest first), each
     /// with the dead-lettered head it follows to the DLQ (`dead-letter-key`), if it does.
     queue: VecDeque<(i64, R, Option<i64>)>,
@@ -157,6 +165,9 @@ struct Key<R, L> {
     seen: BTreeSet<i64>,
     /// The head that was dead-lettered, while its held records follow it.
     dead_head: Option<i64>,
+    /// `dead-letter-key`: the first source offset routed after the dead head's release was
+    /// read; records from it on came after the head ended and do not follow it to the DLQ.
+    dead_until: Option<i64>,
 }
 
 impl<R, L> Key<R, L> {
@@ -164,20 +175,28 @@ impl<R, L> Key<R, L> {
         Key {
             pending: std::collections::BTreeMap::new(),
             last_head,
-            forwarded: 0,
+            forwarded: std::collections::BTreeMap::new(),
             queue: VecDeque::new(),
             running: None,
             seen: BTreeSet::new(),
             dead_head: None,
+            dead_until: None,
         }
+    }
+    fn forwarded(&self) -> usize {
+        self.forwarded.values().map(|n| *n as usize).sum()
+    }
+    /// Whether a pending record counts against `max_waiting_keys` (see [`Pending::replayed`]).
+    fn counts(&self) -> bool {
+        self.pending.values().any(|p| !p.replayed)
     }
     /// Records counted against `max_held_per_key`.
     fn held(&self) -> usize {
-        self.forwarded + self.queue.len() + usize::from(self.running.is_some())
+        self.forwarded() + self.queue.len() + usize::from(self.running.is_some())
     }
     fn is_free(&self) -> bool {
         self.pending.is_empty()
-            && self.forwarded == 0
+            && self.forwarded.is_empty()
             && self.queue.is_empty()
             && self.running.is_none()
     }
@@ -198,6 +217,8 @@ pub(crate) struct KeyOrder<R, L> {
     after_dead_letter: AfterDeadLetter,
     /// Keys with at least one pending record.
     waiting: usize,
+    /// Keys with at least one pending record that counts against `max_waiting_keys`.
+    counted: usize,
     /// Held records read back and in memory (queued or running).
     held: usize,
     /// Keys whose head was dead-lettered and released, freed before another record of theirs
@@ -214,6 +235,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
             caps,
             after_dead_letter,
             waiting: 0,
+            counted: 0,
             held: 0,
             notes: VecDeque::new(),
         }
@@ -223,7 +245,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
     /// Held records do not count (they never keep a new key out).
     #[inline]
     pub(crate) fn may_take(&self) -> bool {
-        self.waiting < self.caps.max_waiting_keys
+        self.counted < self.caps.max_waiting_keys
     }
 
     /// Whether any key has an entry; while none has, [`KeyOrder::route`] is never needed (one
@@ -253,16 +275,24 @@ impl<R, L: Copy> KeyOrder<R, L> {
             .map_or(0, |since| now_ms.saturating_sub(since).max(0))
     }
 
-    /// Adds `offset` to `key`'s pending records (the key's entry exists).
-    fn add_pending(&mut self, key: u64, offset: i64, pending: Pending<L>) {
+    /// Changes `key`'s pending records with `change`, keeping the two key counts right.
+    fn with_pending(&mut self, key: u64, change: impl FnOnce(&mut Key<R, L>)) {
         let Some(k) = self.keys.get_mut(&key) else {
             return;
         };
-        if k.pending.is_empty() {
-            self.waiting += 1;
-        }
-        k.pending.insert(offset, pending);
-        k.last_head = k.last_head.max(offset);
+        let (was_waiting, was_counted) = (!k.pending.is_empty(), k.counts());
+        change(k);
+        let (waiting, counted) = (!k.pending.is_empty(), k.counts());
+        self.waiting = self.waiting + usize::from(waiting) - usize::from(was_waiting);
+        self.counted = self.counted + usize::from(counted) - usize::from(was_counted);
+    }
+
+    /// Adds `offset` to `key`'s pending records (the key's entry exists).
+    fn add_pending(&mut self, key: u64, offset: i64, pending: Pending<L>) {
+        self.with_pending(key, |k| {
+            k.pending.insert(offset, pending);
+            k.last_head = k.last_head.max(offset);
+        });
     }
 
     /// A source record of `key` at `offset` is about to start: run it, or hold it. A `Hold`
@@ -276,24 +306,30 @@ impl<R, L: Copy> KeyOrder<R, L> {
         // key before it still to run: run it again.
         if k.first_pending() == Some(offset)
             && k.running.is_none()
-            && k.forwarded == 0
+            && k.forwarded.is_empty()
             && k.queue.front().is_none_or(|(o, ..)| *o > offset)
         {
             return Route::RunHead;
         }
+        if k.pending.is_empty() && k.dead_head.is_some() && k.dead_until.is_none() {
+            // The first record after the dead head's release: from here on, not its followers.
+            k.dead_until = Some(offset);
+        }
         let head = k.first_pending().unwrap_or(k.last_head);
-        if k.held() >= self.caps.max_held_per_key {
+        // A pending record itself is never refused: only it (run again, or its release) can
+        // free its key, and a `key-order-full` dead letter writes no release.
+        if k.held() >= self.caps.max_held_per_key && !k.pending.contains_key(&offset) {
             return Route::Full { head };
         }
-        k.forwarded += 1;
+        *k.forwarded.entry(offset).or_default() += 1;
         Route::Hold { head }
     }
 
-    /// A `held` event for `key` could not be written and the record will be read again from
-    /// the source (the task is stopping): it no longer counts as forwarded.
-    pub(crate) fn hold_abandoned(&mut self, key: u64) {
+    /// A `held` event for `key`'s record at `offset` could not be written and the record will
+    /// be read again from the source (the task is stopping): it no longer counts as forwarded.
+    pub(crate) fn hold_abandoned(&mut self, key: u64, offset: i64) {
         if let Some(k) = self.keys.get_mut(&key) {
-            k.forwarded = k.forwarded.saturating_sub(1);
+            unforward(k, offset);
         }
         self.free_if_done(key);
     }
@@ -333,11 +369,19 @@ impl<R, L: Copy> KeyOrder<R, L> {
     fn failed_at(&mut self, key: u64, offset: i64, now_ms: i64, held_log: Option<L>) -> bool {
         let pending = Pending {
             since_ms: now_ms,
+            replayed: false,
             logs: held_log.into_iter().collect(),
         };
         let k = self.keys.entry(key).or_insert_with(|| Key::new(offset));
-        if let Some(p) = k.pending.get_mut(&offset) {
-            p.logs.extend(held_log);
+        if k.pending.contains_key(&offset) {
+            // Read again and failed again: its copy is on a tier now (this owner's), so it
+            // counts against the cap like any other.
+            self.with_pending(key, |k| {
+                if let Some(p) = k.pending.get_mut(&offset) {
+                    p.logs.extend(held_log);
+                    p.replayed = false;
+                }
+            });
             return false;
         }
         // Whatever else the key waits on (an earlier owner's failed record, read while this
@@ -391,6 +435,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
             head,
             Pending {
                 since_ms,
+                replayed: true,
                 logs: vec![log],
             },
         );
@@ -400,7 +445,7 @@ impl<R, L: Copy> KeyOrder<R, L> {
     /// Reads a `held` event of `key` for the record at `offset`, held behind `head`.
     pub(crate) fn on_held(&mut self, key: u64, offset: i64, head: i64, record: R) -> HeldRead<R> {
         let k = self.keys.entry(key).or_insert_with(|| Key::new(head));
-        k.forwarded = k.forwarded.saturating_sub(1);
+        unforward(k, offset);
         if !k.seen.insert(offset) {
             self.free_if_done(key);
             return HeldRead::Duplicate;
@@ -409,7 +454,8 @@ impl<R, L: Copy> KeyOrder<R, L> {
         // its turn: records of its key before it end first).
         let dead = (self.after_dead_letter == AfterDeadLetter::DeadLetterKey
             && k.dead_head == Some(head)
-            && k.pending.is_empty())
+            && k.pending.is_empty()
+            && k.dead_until.is_none_or(|until| offset < until))
         .then_some(head);
         // In source order: a held event that landed late (its append was sent again) still
         // runs before the later records of its key that have not run yet.
@@ -432,13 +478,15 @@ impl<R, L: Copy> KeyOrder<R, L> {
         ended: Ended,
     ) -> Option<Released<R, L>> {
         let k = self.keys.get_mut(&key)?;
-        let pending = k.pending.remove(&head)?;
-        if k.pending.is_empty() {
-            self.waiting -= 1;
-        }
+        k.pending.get(&head)?;
+        let mut removed = None;
+        self.with_pending(key, |k| removed = k.pending.remove(&head));
+        let pending = removed?;
+        let k = self.keys.get_mut(&key)?;
         let mut next = Vec::new();
         if ended == Ended::DeadLettered {
             k.dead_head = Some(head);
+            k.dead_until = None;
             if self.after_dead_letter == AfterDeadLetter::DeadLetterKey {
                 // The records held behind it (after it, before the key's next pending record)
                 // follow it to the DLQ, each in its turn.
@@ -514,6 +562,16 @@ impl<R, L: Copy> KeyOrder<R, L> {
                 self.notes.pop_front();
             }
             self.notes.push_back((key, head));
+        }
+    }
+}
+
+/// Counts off one `held` event of `offset` sent by this owner, if it sent one.
+fn unforward<R, L>(k: &mut Key<R, L>, offset: i64) {
+    if let Some(n) = k.forwarded.get_mut(&offset) {
+        *n -= 1;
+        if *n == 0 {
+            k.forwarded.remove(&offset);
         }
     }
 }

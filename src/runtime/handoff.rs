@@ -163,17 +163,21 @@ impl HandOff {
     ) -> Result<(), Abandoned> {
         self.hand_off_marked(msg, decision, error, Mark::default())
             .await
+            .map(|_| ())
     }
 
     /// [`HandOff::hand_off`], with `mark` laid over the envelope `next_hop` makes (which
-    /// already carries the marks of a retried record's own envelope forward).
+    /// already carries the marks of a retried record's own envelope forward). Returns where
+    /// the record went: `decision`, or the DLQ (`oversized`) when it was too large for its
+    /// retry tier — `keep_key_order` must know, since a record its key waits on that ends in
+    /// the DLQ owes a `release`.
     pub(crate) async fn hand_off_marked(
         &self,
         msg: &Message,
         decision: Disposition,
         error: &str,
         mark: Mark,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<Disposition, Abandoned> {
         let shared = &self.shared;
         let source = &shared.topology.sources()[self.source];
         // One clock reading for the envelope and the record's timestamp, kept across resends:
@@ -349,7 +353,7 @@ impl HandOff {
                 });
             }
         }
-        Ok(())
+        Ok(decision)
     }
 
     /// Produces one record and waits for its ack, retrying failures with backoff while the

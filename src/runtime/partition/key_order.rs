@@ -35,8 +35,8 @@
 //!    before that head's `head` event.
 //!
 //! What it never does: store a source offset whose record has no durable outcome, store a log
-//! offset past a `head` whose `release` was not read, or release a key on anything but its
-//! current head's `release` (the caps dead-letter rather than release).
+//! offset past a `head` whose `release` was not read, or release a key while any of its pending
+//! records has no `release` read (the caps dead-letter rather than release).
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -252,12 +252,33 @@ impl PartitionTask {
         (mark, head)
     }
 
-    /// Whether a record handed off as `disposition` is a head ending on its retry tier in the
-    /// DLQ: its `release` is appended after the dead letter is acknowledged.
-    pub(super) fn key_order_releases_dead(&self, msg: &Message, disposition: Disposition) -> bool {
-        matches!(self.key_order, Some(KeyOrderStage::Tier { .. }))
-            && matches!(disposition, Disposition::DeadLetter(_))
-            && msg.envelope().is_some_and(|e| e.key_order_since.is_some())
+    /// Whether a record that went to `went` (acknowledged) ended a record its key waits on in
+    /// the DLQ — a head on its retry tier, or, on the source, a pending record read again (or
+    /// just made pending and then too large for its tier) — so that its `release` is appended
+    /// now: `Some(ticket)` (the ticket is `None` on a tier, whose releases need no order).
+    pub(super) fn key_order_releases_dead(
+        &self,
+        msg: &Message,
+        went: Disposition,
+    ) -> Option<Option<Ticket<'_>>> {
+        if !matches!(went, Disposition::DeadLetter(_)) {
+            return None;
+        }
+        match &self.key_order {
+            Some(KeyOrderStage::Tier { .. })
+                if msg.envelope().is_some_and(|e| e.key_order_since.is_some()) =>
+            {
+                Some(None)
+            }
+            Some(KeyOrderStage::Source(s)) => {
+                let key = msg.key()?;
+                let pending = s.inner().state.runs_head(key_hash(key), msg.offset());
+                // The ticket is taken with the decision, before any await: what was decided
+                // before (records held behind it) is in the log before its release.
+                pending.then(|| Some(s.appends.ticket()))
+            }
+            _ => None,
+        }
     }
 
     /// Appends `event` for `key` to the log partition `partition` of `topic`, until the broker
@@ -353,7 +374,7 @@ impl PartitionTask {
             appended
         };
         if appended.is_err() {
-            s.inner().state.hold_abandoned(key_hash(key));
+            s.inner().state.hold_abandoned(key_hash(key), msg.offset());
         }
         appended
     }
@@ -658,9 +679,17 @@ impl PartitionTask {
                             self.append_head(&msg, mark.since.unwrap_or_default(), ticket)
                                 .await?;
                         }
-                        self.handoff
+                        let went = self
+                            .handoff
                             .hand_off_marked(&msg, disposition, &error, mark)
-                            .await
+                            .await?;
+                        // A held record its key waits on that ended in the DLQ (failed for
+                        // good when read again, or too large for its tier) releases its key.
+                        if let Some(ticket) = self.key_order_releases_dead(&msg, went) {
+                            self.append_release(&msg, Ended::DeadLettered, ticket)
+                                .await?;
+                        }
+                        Ok(())
                     }
                     .await;
                     match sent {

@@ -169,7 +169,13 @@ impl PartitionTask {
         batch: &mut Batch,
         handoffs: &mut FuturesUnordered<HandOffFuture<'a>>,
     ) {
-        let dead = matches!(step, Step::HandOff(_, Disposition::DeadLetter(_), _));
+        // `keep_key_order`'s own dead letters are not the handler failing: a hot key behind a
+        // slow head makes `key-order-full` by design, and must not open the breaker for every
+        // key of the partition.
+        let dead = matches!(
+            step,
+            Step::HandOff(_, Disposition::DeadLetter(r), _) if !r.is_key_order()
+        );
         if !self
             .breaker_control
             .admits(&self.shared.alerts, &mut batch.breaker, dead, raw.offset())
@@ -198,7 +204,6 @@ impl PartitionTask {
                 // `keep_key_order`: decided now, before the scheduler lets the key's next
                 // record start (it must see the key waiting).
                 let (mark, head) = self.key_order_failed(&msg, decision);
-                let release = self.key_order_releases_dead(&msg, decision);
                 // Its place in the log's order is taken now, with the decision.
                 let ticket = head.then(|| self.key_order_ticket()).flatten();
                 handoffs.push(Box::pin(async move {
@@ -207,11 +212,16 @@ impl PartitionTask {
                             self.append_head(&msg, mark.since.unwrap_or_default(), ticket)
                                 .await?;
                         }
-                        self.handoff
+                        let went = self
+                            .handoff
                             .hand_off_marked(&msg, decision, &error, mark)
                             .await?;
-                        if release {
-                            self.append_release(&msg, Ended::DeadLettered, None).await?;
+                        // Decided from where it went, not where it was sent: a record its key
+                        // waits on that ended in the DLQ (too large for its tier, say) owes
+                        // its key a release.
+                        if let Some(ticket) = self.key_order_releases_dead(&msg, went) {
+                            self.append_release(&msg, Ended::DeadLettered, ticket)
+                                .await?;
                         }
                         Ok(())
                     }
