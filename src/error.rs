@@ -34,6 +34,23 @@ pub enum Error {
         .0.join(", ")
     )]
     MissingTopics(Vec<String>),
+    /// `retry.keep_key_order`: a source topic has more partitions than its key-order log
+    /// (partitions were added to the source after the log was created). Partition *p* of the
+    /// log serves source partition *p*, so the extra partitions could not keep their order.
+    #[error(
+        "key-order log `{log}` has {has} partitions but its source `{source_topic}` has {needs}: \
+         add partitions to the log (kafka-topics --alter --partitions {needs}) before starting"
+    )]
+    KeyOrderLogTooSmall {
+        /// The key-order log.
+        log: String,
+        /// Its partition count.
+        has: i32,
+        /// The source topic.
+        source_topic: String,
+        /// The source's partition count.
+        needs: i32,
+    },
     /// Creating a retry or dead-letter topic failed.
     #[error("could not create topic `{topic}`: {reason}")]
     TopicCreation {

@@ -628,3 +628,35 @@ on_every_broker!(
     1,
     held_cap_dead_letters_do_not_trip_the_breaker
 );
+
+/// A source topic with more partitions than its key-order log (partitions added to the source
+/// after the log was created): the runtime refuses to start and says what to do, instead of
+/// starting with the extra partitions' tasks failing to open their log partition for ever
+/// (found by a review that tried to break `keep_key_order`).
+async fn a_source_with_more_partitions_than_its_log_is_refused(env: Env) {
+    let log = sidetrack::retry::key_order_topic(env.topic(), env.group());
+    env.create_topic(&log, 1).await;
+    let handler = Keyed::new(|_, _, _| false);
+    let started = env
+        .builder(keep_order(&env, RecordOrdering::Key))
+        .handler(handler)
+        .build()
+        .unwrap()
+        .start()
+        .await;
+    match started {
+        Err(sidetrack::Error::KeyOrderLogTooSmall {
+            log: l, has, needs, ..
+        }) => assert_eq!((l, has, needs), (log, 1, 2)),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(rt) => {
+            rt.shutdown().await.unwrap();
+            panic!("started with a key-order log of 1 partition for a source of 2");
+        }
+    }
+}
+on_every_broker!(
+    more_source_partitions,
+    2,
+    a_source_with_more_partitions_than_its_log_is_refused
+);

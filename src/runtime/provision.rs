@@ -134,6 +134,24 @@ pub(crate) async fn provision(
             }
         }
     }
+    // A key-order log with fewer partitions than its source (the source grew) would leave the
+    // extra partitions' tasks failing to open their log partition and restarting for ever:
+    // refuse to start instead, saying what to do.
+    for source in topology.sources() {
+        let (Some(log), Some(&needs)) = (&source.key_order, counts.get(&source.topic)) else {
+            continue;
+        };
+        if let Some(&has) = counts.get(log) {
+            if has < needs {
+                return Err(Error::KeyOrderLogTooSmall {
+                    log: log.clone(),
+                    has,
+                    source_topic: source.topic.clone(),
+                    needs,
+                });
+            }
+        }
+    }
     if missing.is_empty() {
         return Ok(counts);
     }
