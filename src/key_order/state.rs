@@ -171,6 +171,7 @@ struct Key<R, L> {
 }
 
 impl<R, L> Key<R, L> {
+    /// A key with no pending record yet, whose held events will name `last_head`.
     fn new(last_head: i64) -> Self {
         Key {
             pending: std::collections::BTreeMap::new(),
@@ -183,6 +184,7 @@ impl<R, L> Key<R, L> {
             dead_until: None,
         }
     }
+    /// `held` events of this owner on their way through the log.
     fn forwarded(&self) -> usize {
         self.forwarded.values().map(|n| *n as usize).sum()
     }
@@ -190,10 +192,12 @@ impl<R, L> Key<R, L> {
     fn counts(&self) -> bool {
         self.pending.values().any(|p| !p.replayed)
     }
-    /// Records counted against `max_held_per_key`.
+    /// Records counted against `max_held_per_key`: on their way through the log, queued, or
+    /// running.
     fn held(&self) -> usize {
         self.forwarded() + self.queue.len() + usize::from(self.running.is_some())
     }
+    /// Nothing pending, nothing on its way, nothing queued or running: the entry can go.
     fn is_free(&self) -> bool {
         self.pending.is_empty()
             && self.forwarded.is_empty()

@@ -4,15 +4,18 @@
 
 use super::*;
 
+/// Small caps, so the model runs into both of them.
 const CAPS: Caps = Caps {
     max_waiting_keys: 2,
     max_held_per_key: 3,
 };
 
+/// An empty state with [`CAPS`]; records and log positions are plain numbers.
 fn order(after: AfterDeadLetter) -> KeyOrder<i64, usize> {
     KeyOrder::new(CAPS, after)
 }
 
+/// What the state answers for a held record that may run now, without a note.
 fn run(record: i64) -> Next<i64> {
     Next::Run {
         record,
@@ -328,6 +331,7 @@ mod model {
 
     #[derive(Debug, Clone)]
     struct Rec {
+        /// Its key (few keys, so records share them).
         key: u64,
         /// Fails on its first this many runs (from the source or from the log; a run again
         /// after a crash counts, as a held record's attempt does).
@@ -349,6 +353,7 @@ mod model {
         Crash(usize),
     }
 
+    /// One step, weighted so that records are taken and read about as often as they end.
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Take),
@@ -366,15 +371,24 @@ mod model {
         Release(u64, i64, Ended),
     }
 
+    /// The partition as the model sees it: the source, the log, the tiers, the held records
+    /// running, and what ended in which order.
     struct World {
+        /// The source partition's records, by offset.
         recs: Vec<Rec>,
+        /// `on_dead_letter`.
         after: AfterDeadLetter,
+        /// The owner's state (a new one after each crash); a held record is (offset, log position).
         state: KeyOrder<(i64, usize), usize>,
+        /// The key-order log partition, in append order.
         log: Vec<Log>,
         /// Whether each event of the log is done (its position may be committed past).
         done: Vec<bool>,
+        /// The owner's read position in the log.
         read: usize,
+        /// The owner's position in the source (the next offset it takes).
         taken: usize,
+        /// Copies on retry tiers: key and source offset; they end in any order.
         tier: Vec<(u64, i64)>,
         /// Held records running: key, source offset, position of their `held` event.
         running: Vec<(u64, i64, usize)>,
@@ -382,10 +396,13 @@ mod model {
         failures: BTreeMap<i64, u8>,
         /// First end of each record, in order, and whether it was a cap overflow.
         ends: Vec<(i64, bool)>,
+        /// Records that ended at least once.
         ended: BTreeSet<i64>,
+        /// The model's clock, for `since`.
         now: i64,
     }
 
+    /// Short forms for `MODEL_TRACE`: `H` head, `h` held (`<` its head), `R` release (`D` dead).
     impl std::fmt::Debug for Log {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
@@ -399,6 +416,7 @@ mod model {
     }
 
     impl World {
+        /// Notes `offset`'s first end (`overflow`: a cap sent it to the DLQ).
         fn end(&mut self, offset: i64, overflow: bool) {
             if self.ended.insert(offset) {
                 self.ends.push((offset, overflow));
@@ -430,6 +448,7 @@ mod model {
             !fails
         }
 
+        /// Appends `event` to the log, not yet done.
         fn append(&mut self, event: Log) {
             self.log.push(event);
             self.done.push(false);
@@ -440,6 +459,7 @@ mod model {
             (0..self.read).find(|&i| !self.done[i]).unwrap_or(self.read)
         }
 
+        /// A source record failed retryably: a `head` if the state asks for one, and a tier copy.
         fn failed(&mut self, key: u64, offset: i64) {
             self.now += 1;
             if self.state.failed(key, offset, self.now) {
@@ -471,6 +491,7 @@ mod model {
             }
         }
 
+        /// Does `op` as the partition task would; `false` when it could not happen now.
         fn step(&mut self, op: Op) -> bool {
             if std::env::var("MODEL_TRACE").is_ok() {
                 eprintln!(
@@ -597,6 +618,7 @@ mod model {
         }
     }
 
+    /// A partition with `recs` and nothing done yet.
     fn world(recs: Vec<Rec>, after: AfterDeadLetter) -> World {
         World {
             recs,
@@ -615,6 +637,8 @@ mod model {
         }
     }
 
+    /// Runs `ops`, then everything that can still happen, and checks the promises: nothing
+    /// lost, first ends of each key in offset order, and the state empty at the end.
     fn check(recs: Vec<Rec>, ops: Vec<Op>, after: AfterDeadLetter) -> Result<(), TestCaseError> {
         let mut w = world(recs, after);
         for op in ops {
@@ -652,6 +676,7 @@ mod model {
         Ok(())
     }
 
+    /// Up to 39 records over 4 keys, most of them healthy.
     fn recs() -> impl Strategy<Value = Vec<Rec>> {
         proptest::collection::vec(
             (
@@ -705,6 +730,7 @@ mod model_with_faults {
 
     #[derive(Debug, Clone)]
     struct Rec {
+        /// Its key (few keys, so records share them).
         key: u64,
         /// Fails on its first this many runs (from the source or from the log; a run again
         /// after a crash counts, as a held record's attempt does).
@@ -734,6 +760,7 @@ mod model_with_faults {
         DupLast,
     }
 
+    /// One step, weighted so that records are taken and read about as often as they end.
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Take),
@@ -753,21 +780,31 @@ mod model_with_faults {
         Release(u64, i64, Ended),
     }
 
+    /// What one run of a record did.
     enum Outcome {
         Ok,
         Retry,
         Perm,
     }
 
+    /// The partition as the model sees it: the source, the log, the tiers, the held records
+    /// running, and what ended in which order.
     struct World {
+        /// The source partition's records, by offset.
         recs: Vec<Rec>,
+        /// `on_dead_letter`.
         after: AfterDeadLetter,
+        /// The owner's state (a new one after each crash); a held record is (offset, log position).
         state: KeyOrder<(i64, usize), usize>,
+        /// The key-order log partition, in append order.
         log: Vec<Log>,
         /// Whether each event of the log is done (its position may be committed past).
         done: Vec<bool>,
+        /// The owner's read position in the log.
         read: usize,
+        /// The owner's position in the source (the next offset it takes).
         taken: usize,
+        /// Copies on retry tiers: key and source offset; they end in any order.
         tier: Vec<(u64, i64)>,
         /// Held records running: key, source offset, position of their `held` event.
         running: Vec<(u64, i64, usize)>,
@@ -777,10 +814,13 @@ mod model_with_faults {
         failures: BTreeMap<i64, u8>,
         /// First end of each record, in order, and whether it was a cap overflow.
         ends: Vec<(i64, bool)>,
+        /// Records that ended at least once.
         ended: BTreeSet<i64>,
+        /// The model's clock, for `since`.
         now: i64,
     }
 
+    /// Short forms for `MODEL_TRACE`: `H` head, `h` held (`<` its head), `R` release (`D` dead).
     impl std::fmt::Debug for Log {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
@@ -794,6 +834,7 @@ mod model_with_faults {
     }
 
     impl World {
+        /// Notes `offset`'s first end (`overflow`: a cap sent it to the DLQ).
         fn end(&mut self, offset: i64, overflow: bool) {
             if self.ended.insert(offset) {
                 self.ends.push((offset, overflow));
@@ -828,6 +869,7 @@ mod model_with_faults {
             }
         }
 
+        /// Appends `event` to the log, not yet done.
         fn append(&mut self, event: Log) {
             self.log.push(event);
             self.done.push(false);
@@ -838,6 +880,7 @@ mod model_with_faults {
             (0..self.read).find(|&i| !self.done[i]).unwrap_or(self.read)
         }
 
+        /// A source record failed retryably: a `head` if the state asks for one, and a tier copy.
         fn failed(&mut self, key: u64, offset: i64) {
             self.now += 1;
             if self.state.failed(key, offset, self.now) {
@@ -866,6 +909,7 @@ mod model_with_faults {
             }
         }
 
+        /// Does `op` as the partition task would; `false` when it could not happen now.
         fn step(&mut self, op: Op) -> bool {
             if std::env::var("MODEL_TRACE").is_ok() {
                 eprintln!(
@@ -1031,6 +1075,7 @@ mod model_with_faults {
         }
     }
 
+    /// A partition with `recs` and nothing done yet.
     fn world(recs: Vec<Rec>, after: AfterDeadLetter) -> World {
         World {
             recs,
@@ -1050,6 +1095,8 @@ mod model_with_faults {
         }
     }
 
+    /// Runs `ops`, then everything that can still happen, and checks the promises: nothing
+    /// lost, first ends of each key in offset order, and the state empty at the end.
     fn check(recs: Vec<Rec>, ops: Vec<Op>, after: AfterDeadLetter) -> Result<(), TestCaseError> {
         let mut w = world(recs, after);
         for op in ops {
@@ -1087,6 +1134,7 @@ mod model_with_faults {
         Ok(())
     }
 
+    /// Up to 39 records over 4 keys, most of them healthy.
     fn recs() -> impl Strategy<Value = Vec<Rec>> {
         proptest::collection::vec(
             (
@@ -1099,6 +1147,7 @@ mod model_with_faults {
         )
     }
 
+    /// A record of `key` failing retryably `fails` times, never for good.
     fn rec(key: u64, fails: u8) -> Rec {
         Rec {
             key,

@@ -166,13 +166,18 @@ impl SourceStage {
 /// faster, but one that fails and is sent again would land behind later ones.
 #[derive(Debug)]
 pub(crate) struct AppendOrder {
+    /// The counter, changed under a plain lock (never held across an await).
     turns: Mutex<Turns>,
+    /// The ticket being served, for the holders that wait for their turn.
     serving: tokio::sync::watch::Sender<u64>,
 }
 
+/// The ticket counter behind [`AppendOrder`], under its lock.
 #[derive(Debug, Default)]
 struct Turns {
+    /// Tickets handed out (the next one gets this number).
     issued: u64,
+    /// The ticket whose turn it is.
     serving: u64,
     /// Tickets dropped before their turn (their future was dropped): skipped.
     dropped: std::collections::BTreeSet<u64>,
@@ -190,7 +195,9 @@ impl Default for AppendOrder {
 /// A place in a partition's [`AppendOrder`]; its turn ends when it is dropped.
 #[derive(Debug)]
 pub(crate) struct Ticket<'a> {
+    /// The order it belongs to.
     order: &'a AppendOrder,
+    /// Its number: its turn comes when every smaller one was served or dropped.
     n: u64,
 }
 
@@ -237,6 +244,8 @@ impl Drop for Ticket<'_> {
 mod tests {
     use super::*;
 
+    /// Waits for `t`'s turn, notes `name` as served, yields (so another holder could cut in if
+    /// the order were wrong), then ends the turn.
     async fn go(t: Ticket<'_>, name: &'static str, served: &std::sync::Mutex<Vec<&'static str>>) {
         t.turn().await;
         served.lock().unwrap().push(name);
