@@ -51,6 +51,20 @@ pub enum Error {
         /// The source's partition count.
         needs: i32,
     },
+    /// `retry.keep_key_order` is off, but a key-order log of this runtime still holds events
+    /// not yet done (held records, or heads waiting for their release): with the option off
+    /// nothing would read them, and the held records would never be handled.
+    #[error(
+        "key-order log `{log}` still holds {events} event(s) not yet done (held records or \
+         heads waiting for their release) and retry.keep_key_order is off: nothing would handle \
+         them; start with keep_key_order = true until `sidetrack lag` shows 0 held"
+    )]
+    KeyOrderLogNotDone {
+        /// The key-order log.
+        log: String,
+        /// Events past its committed position.
+        events: i64,
+    },
     /// Creating a retry or dead-letter topic failed.
     #[error("could not create topic `{topic}`: {reason}")]
     TopicCreation {

@@ -660,3 +660,57 @@ on_every_broker!(
     2,
     a_source_with_more_partitions_than_its_log_is_refused
 );
+
+/// `keep_key_order` turned off while a key waits (its held records in the key-order log): the
+/// runtime refuses to start, since nothing would read them; back on, everything is handled in
+/// order, and once the log is read to its end the option may be turned off (found by a review
+/// that tried to break `keep_key_order`: the held records were silently never handled).
+async fn turning_off_while_keys_wait_is_refused(env: Env) {
+    let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
+    let mut on = keep_order(&env, RecordOrdering::Key);
+    on.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_secs(3), 1)])
+    };
+    let rt = env
+        .builder(on.clone())
+        .handler(handler.clone())
+        .started()
+        .await;
+    produce_keys(&env, 2, 4).await;
+    // key1 handled; key0's 0 on its tier, 1..3 held in the log.
+    wait_for("the other key handled", || handler.successes() == 4).await;
+    let log = sidetrack::retry::key_order_topic(env.topic(), env.group());
+    wait_until_held(&env, &log, 4).await;
+    rt.shutdown().await.unwrap();
+
+    let mut off = on.clone();
+    off.retry.keep_key_order = false;
+    let refused = env
+        .builder(off.clone())
+        .handler(handler.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await;
+    match refused {
+        Err(sidetrack::Error::KeyOrderLogNotDone { log: l, events }) => {
+            assert_eq!(l, log);
+            assert!(events >= 4, "{events} events left");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(rt) => {
+            rt.shutdown().await.unwrap();
+            panic!("started with keep_key_order off while key0 waits");
+        }
+    }
+
+    let rt = env.builder(on).handler(handler.clone()).started().await;
+    wait_for("every record handled once", || handler.successes() == 8).await;
+    rt.shutdown().await.unwrap();
+    assert_in_order(&handler.first_successes());
+    // Read to its end: now it may be turned off.
+    let rt = env.builder(off).handler(handler.clone()).started().await;
+    rt.shutdown().await.unwrap();
+}
+on_every_broker!(off_while_waiting, 1, turning_off_while_keys_wait_is_refused);

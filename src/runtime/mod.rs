@@ -210,6 +210,7 @@ impl Runtime {
         }
         crate::metrics::describe();
         let partitions = provision::provision(&self.config, &self.topology, &self.creator).await?;
+        provision::key_order_logs_done(&self.config, &self.topology).await?;
         let producer = HandoffProducer::new(client::producer_config(&self.config))?;
         let shutdown = signal::Signal::new();
         let alerts = Arc::new(Alerts::new(

@@ -15,14 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::mocking::EmbeddedCluster;
 use crate::retry::Topology;
 
-use super::client::{admin_config, TracingContext};
+use super::client::{admin_config, consumer_config, TracingContext};
 
 /// How missing topics get created.
 #[derive(Clone)]
@@ -224,6 +226,81 @@ pub(crate) async fn provision(
         }
     }
     Ok(counts)
+}
+
+/// `keep_key_order` off: fails if a key-order log this runtime used before still holds events
+/// past its committed position. Turning the option off then would leave its held records
+/// unread for ever (lost, though their source offsets are committed), and a `head` in it would
+/// wait for a release no tier writes once the option is back on. A log that does not exist, or
+/// is read to its end, is fine.
+///
+/// Run by the runtime at start, not by `sidetrack topology` (which looks, and may create).
+pub(crate) async fn key_order_logs_done(config: &Config, topology: &Topology) -> Result<(), Error> {
+    if config.retry.keep_key_order {
+        return Ok(());
+    }
+    let timeout = config.provisioning.timeout;
+    let logs: Vec<String> = topology
+        .sources()
+        .iter()
+        .map(|s| crate::retry::key_order_topic(&s.topic, topology.group()))
+        .collect();
+    let client = consumer_config(config, &topology.key_order_group(), true);
+    // One client, on a blocking thread (its calls block, and dropping it waits for its
+    // threads); only at start-up.
+    let left = tokio::task::spawn_blocking(move || -> Result<Option<(String, i64)>, Error> {
+        let consumer: BaseConsumer = client
+            .create()
+            .map_err(Error::kafka("creating a key-order log reader"))?;
+        for log in logs {
+            let md = consumer
+                .fetch_metadata(Some(&log), timeout)
+                .map_err(Error::kafka("fetching topic metadata"))?;
+            let Some(partitions) = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == log)
+                .filter(|t| t.error().is_none())
+                .map(|t| t.partitions().len() as i32)
+            else {
+                continue;
+            };
+            let mut ask = TopicPartitionList::new();
+            for p in 0..partitions {
+                ask.add_partition(&log, p);
+            }
+            // No answer (a broker that knows no member-less group): nothing committed.
+            let committed = consumer.committed_offsets(ask, timeout).ok();
+            let mut events = 0;
+            for p in 0..partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(&log, p, timeout)
+                    .map_err(Error::kafka("reading the key-order log's end"))?;
+                let at = committed
+                    .as_ref()
+                    .and_then(|c| c.find_partition(&log, p))
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(low)
+                    .max(low);
+                events += (high - at).max(0);
+            }
+            if events > 0 {
+                return Ok(Some((log, events)));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    // The blocking task only panics if librdkafka does: count nothing left rather than
+    // refuse to start for it.
+    .unwrap_or(Ok(None))?;
+    match left {
+        Some((log, events)) => Err(Error::KeyOrderLogNotDone { log, events }),
+        None => Ok(()),
+    }
 }
 
 /// One topic of a runtime's topology, as the broker sees it.
