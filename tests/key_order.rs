@@ -714,3 +714,59 @@ async fn turning_off_while_keys_wait_is_refused(env: Env) {
     rt.shutdown().await.unwrap();
 }
 on_every_broker!(off_while_waiting, 1, turning_off_while_keys_wait_is_refused);
+
+/// A record of a waiting key too large for the key-order log (its `held` event is the whole
+/// record): it cannot wait in order, so it goes to the DLQ as `oversized`, the key's other
+/// records follow its head in order, and the partition's later appends are not stuck behind it
+/// (found by a review that tried to break `keep_key_order`: the append was sent again for ever
+/// and every later append of the partition waited behind it).
+async fn a_held_record_too_large_for_the_log_is_dead_lettered(env: Env) {
+    let handler = Keyed::new(|_, seq, attempt| seq == 0 && attempt == 1);
+    let mut config = keep_order(&env, RecordOrdering::Key);
+    config.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
+    };
+    // The side topics (and the log) accept less than the source, as in tests/bad_input.rs.
+    config
+        .producer
+        .insert("message.max.bytes".into(), "100000".into());
+    let rt = env.builder(config).handler(handler.clone()).started().await;
+    let producer = env.producer();
+    let mut big = vec![b'x'; 150_000];
+    big.extend_from_slice(b"-1");
+    let records: Vec<(&str, Vec<u8>)> = vec![
+        ("key0", b"key0-0".to_vec()),
+        ("key0", big),
+        ("key0", b"key0-2".to_vec()),
+    ];
+    for (k, v) in &records {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
+            .key(*k)
+            .payload(v.as_slice())
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    wait_for("the record too large for the log dead-lettered", || {
+        rt.stats().dead_lettered(Reason::Oversized) == 1
+    })
+    .await;
+    // Another key fails after it: its head must still be written, and it must follow.
+    produce_keys_from(&env, "key1", 3).await;
+    wait_for("key0's others and all of key1 handled", || {
+        handler.successes() == 5
+    })
+    .await;
+    rt.shutdown().await.unwrap();
+    let firsts = handler.first_successes();
+    assert_eq!(firsts["key0"], vec![0, 2]);
+    assert_eq!(firsts["key1"], vec![0, 1, 2]);
+}
+on_every_broker!(
+    held_too_large,
+    1,
+    a_held_record_too_large_for_the_log_is_dead_lettered
+);

@@ -104,7 +104,7 @@ enum Sent {
 /// Whether a send failed because of the record's size (librdkafka's own limit or the
 /// broker's): resending cannot help, so the record is dead-lettered as `oversized` (without
 /// its payload) instead of being retried for ever.
-fn is_too_large(e: &KafkaError) -> bool {
+pub(crate) fn is_too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)

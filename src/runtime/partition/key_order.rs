@@ -52,7 +52,7 @@ use crate::key_order::wire::{Ended, Event, HeldRecord};
 use crate::metrics as m;
 use crate::outcome::{Disposition, Reason};
 use crate::retry::scheduler::now_ms;
-use crate::runtime::handoff::{Abandoned, Mark};
+use crate::runtime::handoff::{is_too_large, Abandoned, Mark};
 use crate::runtime::scheduler::key_hash;
 
 use super::call::{Nothing, Step};
@@ -283,13 +283,15 @@ impl PartitionTask {
 
     /// Appends `event` for `key` to the log partition `partition` of `topic`, until the broker
     /// acknowledges it or the task is told to stop (then the record it stands for has no
-    /// outcome, and its offset is not stored).
+    /// outcome, and its offset is not stored). `Ok(false)`: the event is too large for the log
+    /// (librdkafka's or the broker's limit) — sending it again cannot help, and every later
+    /// append of the partition would wait behind it.
     pub(super) async fn append_durably(
         &self,
         (topic, partition): (&str, i32),
         key: &[u8],
         event: &Event,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<bool, Abandoned> {
         let shared = &self.shared;
         let (event_kind, event_head) = match event {
             Event::Head { head, .. } => ("head", *head),
@@ -310,7 +312,11 @@ impl PartitionTask {
             {
                 Ok(at) => {
                     tracing::debug!(topic, partition, at, key_hash = %format_args!("{:016x}", key_hash(key)), ?event_kind, head = event_head, "key-order event appended");
-                    return Ok(());
+                    return Ok(true);
+                }
+                Err(e) if is_too_large(&e) => {
+                    tracing::warn!(topic, partition, error = %e, ?event_kind, head = event_head, "key-order event too large for its log");
+                    return Ok(false);
                 }
                 Err(_) if self.revoked.is_cancelled() || self.stop.is_cancelled() => {
                     return Err(Abandoned::Told)
@@ -373,10 +379,26 @@ impl PartitionTask {
             drop(ticket);
             appended
         };
-        if appended.is_err() {
-            s.inner().state.hold_abandoned(key_hash(key), msg.offset());
+        match appended {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // Too large to be held: it cannot wait in order, so it goes to the DLQ as
+                // `oversized` (without its payload, which stays at its source position), as a
+                // record too large for a retry tier does; its key keeps waiting.
+                s.inner().state.hold_abandoned(key_hash(key), msg.offset());
+                self.handoff
+                    .hand_off(
+                        msg,
+                        Disposition::DeadLetter(Reason::Oversized),
+                        "too large for the key-order log, where its key's records wait",
+                    )
+                    .await
+            }
+            Err(a) => {
+                s.inner().state.hold_abandoned(key_hash(key), msg.offset());
+                Err(a)
+            }
         }
-        appended
     }
 
     /// Appends `head(key, msg)` to this source partition's log (before its hand-off), in
@@ -397,7 +419,7 @@ impl PartitionTask {
         if let Some(t) = &ticket {
             t.turn().await;
         }
-        self.append_durably(
+        self.append_small(
             (&s.log_topic, s.partition),
             msg.key().unwrap_or_default(),
             &event,
@@ -432,8 +454,27 @@ impl PartitionTask {
         if let Some(t) = &ticket {
             t.turn().await;
         }
-        self.append_durably((&topic, partition), msg.key().unwrap_or_default(), &event)
+        self.append_small((&topic, partition), msg.key().unwrap_or_default(), &event)
             .await
+    }
+
+    /// Appends a `head` or `release` event (a few bytes besides the record's key). One too large
+    /// for the log (a key near the log's size limit) ends the task, loudly: it cannot be left
+    /// out without breaking the order, and sending it again cannot help.
+    async fn append_small(
+        &self,
+        at: (&str, i32),
+        key: &[u8],
+        event: &Event,
+    ) -> Result<(), Abandoned> {
+        match self.append_durably(at, key, event).await? {
+            true => Ok(()),
+            false => Err(Abandoned::Failed(format!(
+                "a key-order event for a key of {} bytes is too large for the key-order log `{}`",
+                key.len(),
+                at.0
+            ))),
+        }
     }
 
     /// Serves the key-order log without waiting: events already fetched and held records
