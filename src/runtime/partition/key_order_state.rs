@@ -51,8 +51,12 @@ pub(crate) enum Routed {
     Full(i64),
 }
 
+/// The stage's mutable part, behind one lock that only this task takes (never across an
+/// await).
 pub(super) struct Inner {
+    /// Which keys wait, and their held records (the pure model).
     pub(super) state: KeyOrder<Held, Seq>,
+    /// The log's own frontier: its offset is stored only past events that are done.
     pub(super) log: Frontier,
     /// Free watchdog slots of the held records' calls.
     pub(super) slots: Vec<usize>,
