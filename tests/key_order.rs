@@ -406,7 +406,6 @@ async fn oversized_head_releases_its_key(env: Env) {
         .producer
         .insert("message.max.bytes".into(), "100000".into());
     let rt = env.builder(config).handler(handler.clone()).started().await;
-    let producer = env.producer();
     let mut big = vec![b'x'; 150_000];
     big.extend_from_slice(b"-0");
     let records: Vec<(&str, Vec<u8>)> = vec![
@@ -415,16 +414,7 @@ async fn oversized_head_releases_its_key(env: Env) {
         ("key1", b"key1-0".to_vec()),
         ("key0", b"key0-2".to_vec()),
     ];
-    for (k, v) in &records {
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
-            .key(*k)
-            .payload(v.as_slice())
-            .partition(0);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    produce_payloads(&env, &records).await;
     wait_for("the oversized head dead-lettered", || {
         rt.stats().dead_lettered(Reason::Oversized) == 1
     })
@@ -555,17 +545,9 @@ async fn oversized_head_at_the_waiting_cap_lets_the_partition_go_on(env: Env) {
         .producer
         .insert("message.max.bytes".into(), "100000".into());
     let rt = env.builder(config).handler(handler.clone()).started().await;
-    let producer = env.producer();
     let mut big = vec![b'x'; 150_000];
     big.extend_from_slice(b"-0");
-    let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
-        .key("key0")
-        .payload(big.as_slice())
-        .partition(0);
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .unwrap();
+    produce_payloads(&env, &[("key0", big)]).await;
     wait_for("the oversized head dead-lettered", || {
         rt.stats().dead_lettered(Reason::Oversized) == 1
     })
@@ -732,7 +714,6 @@ async fn a_held_record_too_large_for_the_log_is_dead_lettered(env: Env) {
         .producer
         .insert("message.max.bytes".into(), "100000".into());
     let rt = env.builder(config).handler(handler.clone()).started().await;
-    let producer = env.producer();
     let mut big = vec![b'x'; 150_000];
     big.extend_from_slice(b"-1");
     let records: Vec<(&str, Vec<u8>)> = vec![
@@ -740,16 +721,7 @@ async fn a_held_record_too_large_for_the_log_is_dead_lettered(env: Env) {
         ("key0", big),
         ("key0", b"key0-2".to_vec()),
     ];
-    for (k, v) in &records {
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
-            .key(*k)
-            .payload(v.as_slice())
-            .partition(0);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    produce_payloads(&env, &records).await;
     wait_for("the record too large for the log dead-lettered", || {
         rt.stats().dead_lettered(Reason::Oversized) == 1
     })
@@ -770,3 +742,18 @@ on_every_broker!(
     1,
     a_held_record_too_large_for_the_log_is_dead_lettered
 );
+
+/// `(key, payload)` records, in order, to partition 0.
+async fn produce_payloads(env: &Env, records: &[(&str, Vec<u8>)]) {
+    let producer = env.producer();
+    for (k, v) in records {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(env.topic())
+            .key(*k)
+            .payload(v.as_slice())
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
