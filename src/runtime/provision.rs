@@ -240,11 +240,21 @@ pub(crate) async fn key_order_logs_done(config: &Config, topology: &Topology) ->
         return Ok(());
     }
     let timeout = config.provisioning.timeout;
-    let logs: Vec<String> = topology
-        .sources()
-        .iter()
-        .map(|s| crate::retry::key_order_topic(&s.topic, topology.group()))
-        .collect();
+    // Which logs exist: the same retried lookup as the other topics (one stalled broker must
+    // not fail the start), and usually none does, so nothing more is asked.
+    let mut admin = Arc::new(new_admin(config)?);
+    let mut logs = Vec::new();
+    for source in topology.sources() {
+        let log = crate::retry::key_order_topic(&source.topic, topology.group());
+        if let Some(partitions) = partition_count(&mut admin, config, &log, timeout).await? {
+            logs.push((log, partitions));
+        }
+    }
+    // Dropping a client waits for its broker threads: not on this task.
+    std::thread::spawn(move || drop(admin));
+    if logs.is_empty() {
+        return Ok(());
+    }
     let client = consumer_config(config, &topology.key_order_group(), true);
     // One client, on a blocking thread (its calls block, and dropping it waits for its
     // threads); only at start-up.
@@ -252,19 +262,7 @@ pub(crate) async fn key_order_logs_done(config: &Config, topology: &Topology) ->
         let consumer: BaseConsumer = client
             .create()
             .map_err(Error::kafka("creating a key-order log reader"))?;
-        for log in logs {
-            let md = consumer
-                .fetch_metadata(Some(&log), timeout)
-                .map_err(Error::kafka("fetching topic metadata"))?;
-            let Some(partitions) = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == log)
-                .filter(|t| t.error().is_none())
-                .map(|t| t.partitions().len() as i32)
-            else {
-                continue;
-            };
+        for (log, partitions) in logs {
             let mut ask = TopicPartitionList::new();
             for p in 0..partitions {
                 ask.add_partition(&log, p);
