@@ -109,6 +109,16 @@ fn keep_order(env: &Env, ordering: RecordOrdering) -> sidetrack::Config {
     c
 }
 
+/// [`keep_order`] in `key` ordering with one retry tier of `delay` (one attempt).
+fn one_tier(env: &Env, delay: Duration) -> sidetrack::Config {
+    let mut c = keep_order(env, RecordOrdering::Key);
+    c.retry = RetryConfig {
+        keep_key_order: true,
+        ..RetryConfig::tiers([Tier::new(delay, 1)])
+    };
+    c
+}
+
 fn assert_in_order(firsts: &HashMap<String, Vec<u64>>) {
     for (key, seqs) in firsts {
         let mut sorted = seqs.clone();
@@ -158,11 +168,7 @@ on_every_broker!(order_partition_ordering, 1, order_kept_partition);
 /// handled; `key0`'s later records are handled only after its head.
 async fn other_keys_flow_while_a_key_waits(env: Env) {
     let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
-    };
+    let config = one_tier(&env, Duration::from_secs(2));
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 3, 10).await;
     wait_for("every record handled once", || handler.successes() == 30).await;
@@ -195,11 +201,7 @@ on_every_broker!(other_keys_flow, 1, other_keys_flow_while_a_key_waits);
 /// nothing lost, the key still waits for its head, order kept.
 async fn restart_mid_hold(env: Env) {
     let handler = Keyed::new(|key, seq, attempt| key == "key1" && seq == 1 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        ..RetryConfig::tiers([Tier::new(Duration::from_secs(3), 1)])
-    };
+    let config = one_tier(&env, Duration::from_secs(3));
     let rt = env
         .builder(config.clone())
         .handler(handler.clone())
@@ -273,12 +275,8 @@ on_every_broker!(restart_while_holding, 1, restart_mid_hold);
 /// `key-order-full`; the key keeps waiting, the others follow its head in order.
 async fn held_cap_dead_letters_the_overflow(env: Env) {
     let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        max_held_per_key: 2,
-        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_secs(2));
+    config.retry.max_held_per_key = 2;
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 1, 6).await;
     wait_for("head and held handled, overflow dead-lettered", || {
@@ -295,12 +293,8 @@ on_every_broker!(held_cap, 1, held_cap_dead_letters_the_overflow);
 async fn dead_letter_key_takes_the_held_records(env: Env) {
     // key0's record 0 always fails: retried once, then exhausted.
     let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        on_dead_letter: OnDeadLetter::DeadLetterKey,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(500), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(500));
+    config.retry.on_dead_letter = OnDeadLetter::DeadLetterKey;
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 1, 4).await;
     wait_for("head exhausted, held records dead-lettered", || {
@@ -319,11 +313,7 @@ on_every_broker!(dead_letter_key, 1, dead_letter_key_takes_the_held_records);
 async fn released_key_notes_the_dead_letter(env: Env) {
     // Records 0 and 1 of key0 always fail: 0 is exhausted, 1 (released after it) too.
     let handler = Keyed::new(|_, seq, _| seq < 2);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let config = one_tier(&env, Duration::from_millis(300));
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 1, 4).await;
     wait_for("both exhausted, the rest handled", || {
@@ -352,12 +342,8 @@ on_every_broker!(dead_letter_note, 1, released_key_notes_the_dead_letter);
 /// records follow, in order.
 async fn key_wait_cap_dead_letters_the_head(env: Env) {
     let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        max_key_wait: Duration::from_secs(1),
-        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_secs(2));
+    config.retry.max_key_wait = Duration::from_secs(1);
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 1, 3).await;
     wait_for("head timed out, held records handled", || {
@@ -376,12 +362,8 @@ on_every_broker!(key_wait_cap, 1, key_wait_cap_dead_letters_the_head);
 /// handled, each key in order — the pause never deadlocks, since the log keeps being read.
 async fn waiting_keys_cap_pauses_intake(env: Env) {
     let handler = Keyed::new(|_, seq, attempt| seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        max_waiting_keys: 1,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(300));
+    config.retry.max_waiting_keys = 1;
     let rt = env.builder(config).handler(handler.clone()).started().await;
     produce_keys(&env, 3, 4).await;
     wait_for("every record handled once", || handler.successes() == 12).await;
@@ -396,11 +378,7 @@ on_every_broker!(waiting_keys_cap, 1, waiting_keys_cap_pauses_intake);
 /// by a review that tried to break `keep_key_order`: the key used to wait for ever).
 async fn oversized_head_releases_its_key(env: Env) {
     let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(300));
     // The side topics accept less than the source (as in tests/bad_input.rs).
     config
         .producer
@@ -424,11 +402,10 @@ async fn oversized_head_releases_its_key(env: Env) {
     })
     .await;
     // The head ended (in the DLQ): its key must follow, in order.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && handler.first_successes().get("key0").map_or(0, Vec::len) < 2
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sidetrack::testing::wait_until(Duration::from_secs(20), || {
+        std::future::ready(handler.first_successes().get("key0").map_or(0, Vec::len) >= 2)
+    })
+    .await;
     let key0 = handler.first_successes().get("key0").cloned();
     rt.shutdown().await.unwrap();
     assert_eq!(
@@ -446,12 +423,8 @@ on_every_broker!(oversized_head, 1, oversized_head_releases_its_key);
 /// the head and are handled (they used to be dead-lettered without end).
 async fn dead_letter_key_on_a_busy_key_spares_later_records(env: Env) {
     let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        on_dead_letter: OnDeadLetter::DeadLetterKey,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(300));
+    config.retry.on_dead_letter = OnDeadLetter::DeadLetterKey;
     let rt = env.builder(config).handler(handler.clone()).started().await;
     let producer = env.producer();
     let start = Instant::now();
@@ -535,12 +508,8 @@ async fn produce_keys_from(env: &Env, key: &str, n: u64) {
 /// the partition at its waiting-keys cap for ever (intake paused, no record of any key taken).
 async fn oversized_head_at_the_waiting_cap_lets_the_partition_go_on(env: Env) {
     let handler = Keyed::new(|key, seq, _| key == "key0" && seq == 0);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        max_waiting_keys: 1,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(300));
+    config.retry.max_waiting_keys = 1;
     config
         .producer
         .insert("message.max.bytes".into(), "100000".into());
@@ -554,10 +523,10 @@ async fn oversized_head_at_the_waiting_cap_lets_the_partition_go_on(env: Env) {
     .await;
     produce_keys_from(&env, "key1", 2).await;
     produce_keys_from(&env, "key2", 2).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline && handler.successes() < 4 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sidetrack::testing::wait_until(Duration::from_secs(15), || {
+        std::future::ready(handler.successes() >= 4)
+    })
+    .await;
     let handled = handler.successes();
     rt.shutdown().await.unwrap();
     assert_eq!(
@@ -576,12 +545,8 @@ on_every_broker!(
 /// dead-letter breaker, which would pause every key of the partition for its cool-down.
 async fn held_cap_dead_letters_do_not_trip_the_breaker(env: Env) {
     let handler = Keyed::new(|key, seq, attempt| key == "key0" && seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        max_held_per_key: 2,
-        ..RetryConfig::tiers([Tier::new(Duration::from_secs(2), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_secs(2));
+    config.retry.max_held_per_key = 2;
     let rt = env.builder(config).handler(handler.clone()).started().await;
     // The hot key: 150 records while its head (record 0) waits 2 s on its tier.
     produce_keys_from(&env, "key0", 150).await;
@@ -591,11 +556,10 @@ async fn held_cap_dead_letters_do_not_trip_the_breaker(env: Env) {
     .await;
     // Another key: must go on.
     produce_keys_from(&env, "key1", 3).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && handler.first_successes().get("key1").map_or(0, Vec::len) < 3
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sidetrack::testing::wait_until(Duration::from_secs(20), || {
+        std::future::ready(handler.first_successes().get("key1").map_or(0, Vec::len) >= 3)
+    })
+    .await;
     let key1 = handler.first_successes().get("key1").cloned();
     rt.shutdown().await.unwrap();
     assert_eq!(
@@ -704,11 +668,7 @@ on_every_broker!(off_while_waiting, 1, turning_off_while_keys_wait_is_refused);
 /// and every later append of the partition waited behind it).
 async fn a_held_record_too_large_for_the_log_is_dead_lettered(env: Env) {
     let handler = Keyed::new(|_, seq, attempt| seq == 0 && attempt == 1);
-    let mut config = keep_order(&env, RecordOrdering::Key);
-    config.retry = RetryConfig {
-        keep_key_order: true,
-        ..RetryConfig::tiers([Tier::new(Duration::from_millis(300), 1)])
-    };
+    let mut config = one_tier(&env, Duration::from_millis(300));
     // The side topics (and the log) accept less than the source, as in tests/bad_input.rs.
     config
         .producer
